@@ -1,0 +1,11 @@
+//! The pure policy core shared by every filter: identity, decisions with reasons, and (as they
+//! arrive) token verification, NGSI request models, ACLs and ownership rules.
+//!
+//! No proxy-wasm, no I/O, no clock: time and fetched data are passed in, so everything here is
+//! tested natively and behaves the same inside Envoy.
+
+pub mod decision;
+pub mod identity;
+
+pub use decision::{Decision, DenyReason};
+pub use identity::{Identity, IdentityKind};

@@ -1,0 +1,89 @@
+//! The only place that talks to proxy-wasm on behalf of our filters: configuration loading,
+//! deny responses, metrics and the panic hook. Filter crates stay thin; policy stays pure.
+
+use policy::DenyReason;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MetricType};
+
+/// Logs panics through the host before the VM aborts, so the reason reaches Envoy's log. (Envoy
+/// then answers 503 for the request; a panic is never an allow.)
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(
+            proxy_wasm::types::LogLevel::Critical,
+            &format!("filter panicked: {info}"),
+        );
+    }));
+}
+
+/// Reads the plugin configuration (only available inside `on_configure`) and parses it. Every
+/// failure is logged with a message that says what is wrong; the caller returns false so Envoy
+/// rejects the configuration.
+pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Option<T> {
+    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => b"{}".to_vec(),
+        Err(status) => {
+            log::error!("{filter}: cannot read plugin configuration: {status:?}");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            log::error!("{filter}: configuration rejected: {e}");
+            None
+        }
+    }
+}
+
+/// Sends the one deny response every filter uses: the status of the reason, an NGSI error
+/// body, and any extra headers (e.g. `WWW-Authenticate`).
+pub fn send_deny(reason: &DenyReason, extra_headers: &[(&str, &str)]) {
+    let body = reason.ngsi_body();
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend_from_slice(extra_headers);
+    if let Err(status) =
+        hostcalls::send_http_response(reason.status(), headers, Some(body.as_bytes()))
+    {
+        // Without a local reply the stream would hang paused; resetting it is the closed way.
+        log::error!("cannot send deny response ({status:?}); resetting the stream");
+        let _ = hostcalls::reset_http_request();
+    }
+}
+
+/// A counter that never fails the request: if the host refuses, the metric is dropped and a
+/// log line says so.
+#[derive(Debug, Clone, Copy)]
+pub struct Counter(Option<u32>);
+
+impl Counter {
+    pub fn define(name: &str) -> Self {
+        match hostcalls::define_metric(MetricType::Counter, name) {
+            Ok(id) => Counter(Some(id)),
+            Err(status) => {
+                log::warn!("cannot define metric {name}: {status:?}");
+                Counter(None)
+            }
+        }
+    }
+
+    pub fn inc(&self) {
+        if let Some(id) = self.0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+}
+
+/// Reads a request header, returning every value (Envoy's single-value call hides repeats,
+/// which an authorization filter must see).
+pub fn request_header_values(name: &str) -> Vec<String> {
+    match hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}

@@ -1,0 +1,1113 @@
+//! A filter chain driven as Envoy's filter manager drives it.
+//!
+//! Request frames (headers, data, trailers) go through the filters in order, response frames
+//! in reverse. A filter that answers Pause holds everything after it: a paused header callback
+//! still receives the body (Envoy's StopIteration), and answering Continue from that body
+//! callback lets headers and body go on together; a paused body callback buffers
+//! (StopIterationAndBuffer) and sees the accumulated body next time. Local responses and
+//! continue calls take effect after the callback returns. Callouts are answered after all the
+//! downstream data has arrived, the order a fast client and a slower IdP produce in Envoy.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+
+use crate::abi::{Action, Pairs, StreamType, PEER_REMOTE};
+use crate::host::{CallResponse, Deferred, LocalResponse, PendingCall, SharedStream, StreamData};
+use crate::shared::{lock, Shared};
+use crate::vm::{PluginSpec, PluginVm, Runtime, VmFailure};
+
+/// How a callout is answered.
+#[derive(Debug, Clone)]
+pub enum CalloutAnswer {
+    Response(CallResponse),
+    /// The connection was reset: the guest sees zero headers.
+    Reset,
+}
+
+/// Answers HTTP callouts: scripted, or forwarded to a real server.
+pub trait CalloutResolver {
+    fn resolve(&mut self, call: &PendingCall, shared: &Shared) -> CalloutAnswer;
+}
+
+/// A resolver for chains that make no callouts: every call is reset.
+pub struct NoCallouts;
+
+impl CalloutResolver for NoCallouts {
+    fn resolve(&mut self, _: &PendingCall, _: &Shared) -> CalloutAnswer {
+        CalloutAnswer::Reset
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    /// Including pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`).
+    pub headers: Pairs,
+    /// Body as it arrives, chunk by chunk.
+    pub body: Vec<Vec<u8>>,
+    pub trailers: Pairs,
+    /// Stream properties (connection, source, TLS peer), already encoded.
+    pub properties: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    pub status: u32,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+}
+
+impl Default for UpstreamResponse {
+    fn default() -> Self {
+        UpstreamResponse {
+            status: 200,
+            headers: vec![("content-type".into(), b"application/json".to_vec())],
+            body: b"{}".to_vec(),
+            trailers: Vec::new(),
+        }
+    }
+}
+
+/// What reached the upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamRequest {
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CalloutRecord {
+    pub cluster: String,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+}
+
+/// What the client saw, and what happened on the way.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOutcome {
+    /// `:status` the client received; 0 if none (reset or stalled).
+    pub status: u32,
+    pub headers: Pairs,
+    pub body: Vec<u8>,
+    pub trailers: Pairs,
+    pub upstream: Option<UpstreamRequest>,
+    pub local_reply: Option<LocalResponse>,
+    pub reset: bool,
+    /// The stream neither completed nor was reset: a filter paused and nothing resumed it.
+    pub stalled: bool,
+    pub callouts: Vec<CalloutRecord>,
+}
+
+impl HttpOutcome {
+    pub fn header(&self, name: &str) -> Option<String> {
+        header(&self.headers, name)
+    }
+}
+
+pub fn header(pairs: &Pairs, name: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Request,
+    Response,
+}
+
+#[derive(Debug, Clone)]
+enum Frame {
+    Headers { eos: bool },
+    Data { chunk: Vec<u8>, eos: bool },
+    Trailers,
+}
+
+/// What a stopped filter holds back.
+#[derive(Debug, Default, Clone)]
+struct Hold {
+    stopped: bool,
+    headers: Option<bool>,
+    /// The filter buffers body (its data lives in StreamData's body field).
+    buffering: bool,
+    eos: bool,
+    trailers: bool,
+}
+
+/// A chain of plugins in one "Envoy": the VMs, the state they share, and the callout answers.
+pub struct Chain {
+    runtime: Arc<Runtime>,
+    pub shared: Arc<Shared>,
+    clusters: Arc<HashSet<String>>,
+    pub filters: Vec<PluginVm>,
+    pub resolver: Box<dyn CalloutResolver>,
+    next_connection_id: u64,
+}
+
+/// Per-stream bookkeeping of the HTTP driver.
+struct HttpRun {
+    data: SharedStream,
+    ctx: Vec<u32>,
+    holds: [Vec<Hold>; 2],
+    outcome: HttpOutcome,
+    upstream: UpstreamRequest,
+    response_started: bool,
+    ended: bool,
+}
+
+impl Chain {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        shared: Arc<Shared>,
+        clusters: HashSet<String>,
+        resolver: Box<dyn CalloutResolver>,
+    ) -> Self {
+        Chain {
+            runtime,
+            shared,
+            clusters: Arc::new(clusters),
+            filters: Vec::new(),
+            resolver,
+            next_connection_id: 0,
+        }
+    }
+
+    /// Loads a plugin at the end of the chain and runs its start sequence. The plugin is added
+    /// even if it rejects its configuration: Envoy then fails its requests closed.
+    pub fn add_filter(&mut self, spec: PluginSpec) -> Result<&PluginVm> {
+        let index = self.filters.len();
+        let vm = PluginVm::start(
+            &self.runtime,
+            spec,
+            self.shared.clone(),
+            self.clusters.clone(),
+            index,
+        )?;
+        self.filters.push(vm);
+        self.pump_background();
+        Ok(&self.filters[index])
+    }
+
+    /// Replaces a filter's configuration (or module) as ECDS does: a fresh VM is started with
+    /// the new configuration; if it rejects it, the old one stays in force. Returns whether
+    /// the new configuration took effect.
+    pub fn reconfigure(&mut self, index: usize, spec: PluginSpec) -> Result<Result<(), VmFailure>> {
+        let vm = PluginVm::start(
+            &self.runtime,
+            spec,
+            self.shared.clone(),
+            self.clusters.clone(),
+            index,
+        )?;
+        if let Some(failure) = vm.failure.clone() {
+            return Ok(Err(failure));
+        }
+        self.filters[index] = vm;
+        self.pump_background();
+        Ok(Ok(()))
+    }
+
+    /// Advances the clock and fires the ticks it crosses, then answers what they started.
+    pub fn advance_clock(&mut self, millis: u64) {
+        self.shared.advance_nanos(millis * 1_000_000);
+        let now = self.shared.now_nanos();
+        for vm in &mut self.filters {
+            let _ = vm.fire_ticks(now, 10_000);
+        }
+        self.pump_background();
+    }
+
+    /// Answers callouts made outside any stream (ticks, configure) and delivers queue
+    /// notifications, until nothing is left.
+    pub fn pump_background(&mut self) {
+        for _ in 0..1000 {
+            let mut progressed = false;
+            for (vm_index, root, queue) in self.shared.take_queue_ready() {
+                if let Some(vm) = self.filters.get_mut(vm_index) {
+                    if vm.is_serving() {
+                        let _ = vm.queue_ready(root, queue);
+                    }
+                }
+                progressed = true;
+            }
+            for i in 0..self.filters.len() {
+                for call in self.filters[i].take_pending_calls() {
+                    let answer = self.resolver.resolve(&call, &self.shared);
+                    let _ = self.filters[i].deliver_call_response(
+                        call.context_id,
+                        call.token,
+                        answer_to_response(answer),
+                    );
+                    progressed = true;
+                }
+                // Background callbacks have no stream: deferred stream actions are void.
+                self.filters[i].take_deferred();
+            }
+            if !progressed {
+                return;
+            }
+        }
+    }
+
+    fn order(&self, dir: Dir, k: usize) -> usize {
+        match dir {
+            Dir::Request => k,
+            Dir::Response => self.filters.len() - 1 - k,
+        }
+    }
+
+    fn connection_properties(&mut self, props: &mut BTreeMap<String, Vec<u8>>) {
+        self.next_connection_id += 1;
+        props
+            .entry("connection.id".into())
+            .or_insert_with(|| self.next_connection_id.to_le_bytes().to_vec());
+        props
+            .entry("connection.mtls".into())
+            .or_insert_with(|| vec![0]);
+        props
+            .entry("source.address".into())
+            .or_insert_with(|| b"127.0.0.1:50000".to_vec());
+        props
+            .entry("source.port".into())
+            .or_insert_with(|| 50000i64.to_le_bytes().to_vec());
+        props
+            .entry("destination.address".into())
+            .or_insert_with(|| b"127.0.0.1:10000".to_vec());
+        props
+            .entry("destination.port".into())
+            .or_insert_with(|| 10000i64.to_le_bytes().to_vec());
+    }
+
+    // ================= HTTP =================
+
+    /// Sends one HTTP request through the chain; `upstream` answers if it gets there.
+    pub fn http(&mut self, request: HttpRequest, upstream: &UpstreamResponse) -> HttpOutcome {
+        let mut properties = request.properties.clone();
+        self.connection_properties(&mut properties);
+        add_request_properties(&request.headers, &mut properties, self.shared.now_nanos());
+        let data = Arc::new(Mutex::new(StreamData {
+            request_headers: request
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect(),
+            properties,
+            ..Default::default()
+        }));
+        let n = self.filters.len();
+        let mut run = HttpRun {
+            data: data.clone(),
+            ctx: Vec::with_capacity(n),
+            holds: [vec![Hold::default(); n], vec![Hold::default(); n]],
+            outcome: HttpOutcome::default(),
+            upstream: UpstreamRequest::default(),
+            response_started: false,
+            ended: false,
+        };
+
+        // Envoy fails closed when a plugin is not serving (rejected config or failed VM).
+        if let Some(vm) = self.filters.iter().find(|vm| !vm.is_serving()) {
+            let why = format!("plugin {} not serving", vm.spec.name);
+            self.fail_stream(&mut run, &why);
+            return run.outcome;
+        }
+        for i in 0..n {
+            match self.filters[i].create_stream(data.clone()) {
+                Ok(id) => run.ctx.push(id),
+                Err(why) => {
+                    self.fail_stream(&mut run, &why);
+                    self.finish_http(&mut run);
+                    return run.outcome;
+                }
+            }
+        }
+
+        let has_body = request.body.iter().any(|c| !c.is_empty());
+        let has_trailers = !request.trailers.is_empty();
+        self.deliver(
+            &mut run,
+            Dir::Request,
+            0,
+            Frame::Headers {
+                eos: !has_body && !has_trailers,
+            },
+        );
+        let chunks: Vec<&Vec<u8>> = request.body.iter().filter(|c| !c.is_empty()).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let eos = i + 1 == chunks.len() && !has_trailers;
+            self.deliver(
+                &mut run,
+                Dir::Request,
+                0,
+                Frame::Data {
+                    chunk: chunk.to_vec(),
+                    eos,
+                },
+            );
+        }
+        if has_trailers {
+            lock(&data).request_trailers = request
+                .trailers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect();
+            self.deliver(&mut run, Dir::Request, 0, Frame::Trailers);
+        }
+        self.settle(&mut run, upstream);
+        self.finish_http(&mut run);
+        run.outcome
+    }
+
+    /// Answers callouts and starts the response, until the stream ends or nothing moves.
+    fn settle(&mut self, run: &mut HttpRun, upstream: &UpstreamResponse) {
+        for _ in 0..10_000 {
+            if run.ended {
+                return;
+            }
+            if run.upstream.complete && !run.response_started {
+                run.response_started = true;
+                self.start_upstream_response(run, upstream);
+                continue;
+            }
+            if !self.answer_one_callout(run) {
+                break;
+            }
+        }
+        if !run.ended {
+            run.outcome.stalled = true;
+            self.shared.log(
+                "host-harness",
+                3,
+                "stream stalled: a filter paused and nothing resumed it".into(),
+            );
+        }
+    }
+
+    fn answer_one_callout(&mut self, run: &mut HttpRun) -> bool {
+        for i in 0..self.filters.len() {
+            let calls = self.filters[i].take_pending_calls();
+            if calls.is_empty() {
+                continue;
+            }
+            // Answer the first; give the rest back in order.
+            let mut calls = calls.into_iter();
+            let Some(call) = calls.next() else { continue };
+            self.filters[i].state_mut().pending_calls.extend(calls);
+            run.outcome.callouts.push(CalloutRecord {
+                cluster: call.cluster.clone(),
+                headers: call.headers.clone(),
+                body: call.body.clone(),
+            });
+            let answer = self.resolver.resolve(&call, &self.shared);
+            let delivered = self.filters[i].deliver_call_response(
+                call.context_id,
+                call.token,
+                answer_to_response(answer),
+            );
+            if let Err(why) = delivered {
+                self.fail_stream(run, &why);
+                return true;
+            }
+            self.apply_deferred(run, i);
+            return true;
+        }
+        false
+    }
+
+    fn start_upstream_response(&mut self, run: &mut HttpRun, upstream: &UpstreamResponse) {
+        let mut headers = vec![(
+            ":status".to_string(),
+            upstream.status.to_string().into_bytes(),
+        )];
+        headers.extend(
+            upstream
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        );
+        headers.push((
+            "content-length".into(),
+            upstream.body.len().to_string().into_bytes(),
+        ));
+        self.send_response(
+            run,
+            headers,
+            upstream.body.clone(),
+            upstream.trailers.clone(),
+        );
+    }
+
+    fn send_response(&mut self, run: &mut HttpRun, headers: Pairs, body: Vec<u8>, trailers: Pairs) {
+        {
+            let mut data = lock(&run.data);
+            data.response_headers = headers;
+            data.response_trailers = trailers.clone();
+        }
+        let has_body = !body.is_empty();
+        let has_trailers = !trailers.is_empty();
+        self.deliver(
+            run,
+            Dir::Response,
+            0,
+            Frame::Headers {
+                eos: !has_body && !has_trailers,
+            },
+        );
+        if has_body {
+            self.deliver(
+                run,
+                Dir::Response,
+                0,
+                Frame::Data {
+                    chunk: body,
+                    eos: !has_trailers,
+                },
+            );
+        }
+        if has_trailers {
+            self.deliver(run, Dir::Response, 0, Frame::Trailers);
+        }
+    }
+
+    /// Moves a frame through the filters from position `k` on.
+    fn deliver(&mut self, run: &mut HttpRun, dir: Dir, mut k: usize, mut frame: Frame) {
+        let n = self.filters.len();
+        let d = dir as usize;
+        loop {
+            if run.ended {
+                return;
+            }
+            if k == n {
+                self.sink(run, dir, frame);
+                return;
+            }
+            let i = self.order(dir, k);
+            let ctx = run.ctx[i];
+            if !self.filters[i].is_serving() {
+                // A VM that failed mid-stream is skipped, as Envoy does after failStream.
+                k += 1;
+                continue;
+            }
+            match frame {
+                Frame::Headers { eos } => {
+                    self.set_open(i, ctx, dir, Part::Headers, true);
+                    let count = {
+                        let data = lock(&run.data);
+                        match dir {
+                            Dir::Request => data.request_headers.len(),
+                            Dir::Response => data.response_headers.len(),
+                        }
+                    };
+                    let export = match dir {
+                        Dir::Request => "proxy_on_request_headers",
+                        Dir::Response => "proxy_on_response_headers",
+                    };
+                    let action = self.filters[i].call_action(
+                        ctx,
+                        export,
+                        (ctx, count as u32, eos as u32),
+                        3,
+                    );
+                    let Some(resumed) = self.after_callback(run, i, action) else {
+                        return;
+                    };
+                    if resumed {
+                        self.set_open(i, ctx, dir, Part::Headers, false);
+                        k += 1;
+                        continue;
+                    }
+                    let hold = &mut run.holds[d][k];
+                    hold.stopped = true;
+                    hold.headers = Some(eos);
+                    return;
+                }
+                Frame::Data { chunk, eos } => {
+                    let held = run.holds[d][k].buffering;
+                    let size = {
+                        let mut data = lock(&run.data);
+                        let body = body_mut(&mut data, dir);
+                        if !held {
+                            body.clear();
+                        }
+                        body.extend_from_slice(&chunk);
+                        body.len()
+                    };
+                    self.set_open(i, ctx, dir, Part::Body, true);
+                    let export = match dir {
+                        Dir::Request => "proxy_on_request_body",
+                        Dir::Response => "proxy_on_response_body",
+                    };
+                    let action =
+                        self.filters[i].call_action(ctx, export, (ctx, size as u32, eos as u32), 3);
+                    let Some(resumed) = self.after_callback(run, i, action) else {
+                        return;
+                    };
+                    if resumed {
+                        // Continue: the held headers (if any) go first, then this body.
+                        let visible = std::mem::take(body_mut(&mut lock(&run.data), dir));
+                        let hold = std::mem::take(&mut run.holds[d][k]);
+                        self.set_open(i, ctx, dir, Part::Body, false);
+                        self.set_open(i, ctx, dir, Part::Headers, false);
+                        if hold.headers.is_some() {
+                            self.deliver(run, dir, k + 1, Frame::Headers { eos: false });
+                        }
+                        frame = Frame::Data {
+                            chunk: visible,
+                            eos,
+                        };
+                        k += 1;
+                        continue;
+                    }
+                    let hold = &mut run.holds[d][k];
+                    hold.stopped = true;
+                    hold.buffering = true;
+                    hold.eos = eos;
+                    return;
+                }
+                Frame::Trailers => {
+                    let count = {
+                        let data = lock(&run.data);
+                        match dir {
+                            Dir::Request => data.request_trailers.len(),
+                            Dir::Response => data.response_trailers.len(),
+                        }
+                    };
+                    self.set_open(i, ctx, dir, Part::Trailers, true);
+                    let export = match dir {
+                        Dir::Request => "proxy_on_request_trailers",
+                        Dir::Response => "proxy_on_response_trailers",
+                    };
+                    let action =
+                        self.filters[i].call_action(ctx, export, (ctx, count as u32, 0), 2);
+                    let Some(resumed) = self.after_callback(run, i, action) else {
+                        return;
+                    };
+                    if resumed {
+                        self.release(run, dir, k, false);
+                        self.set_open(i, ctx, dir, Part::Trailers, false);
+                        frame = Frame::Trailers;
+                        k += 1;
+                        continue;
+                    }
+                    let hold = &mut run.holds[d][k];
+                    hold.stopped = true;
+                    hold.trailers = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Lets what filter position `k` holds go on: headers, buffered body, and (if
+    /// `with_trailers`) trailers.
+    fn release(&mut self, run: &mut HttpRun, dir: Dir, k: usize, with_trailers: bool) {
+        let d = dir as usize;
+        let hold = std::mem::take(&mut run.holds[d][k]);
+        if !hold.stopped {
+            return;
+        }
+        let i = self.order(dir, k);
+        let ctx = run.ctx[i];
+        self.set_open(i, ctx, dir, Part::Headers, false);
+        self.set_open(i, ctx, dir, Part::Body, false);
+        if let Some(eos) = hold.headers {
+            self.deliver(run, dir, k + 1, Frame::Headers { eos });
+        }
+        if hold.buffering {
+            let body = std::mem::take(body_mut(&mut lock(&run.data), dir));
+            self.deliver(
+                run,
+                dir,
+                k + 1,
+                Frame::Data {
+                    chunk: body,
+                    eos: hold.eos && !hold.trailers,
+                },
+            );
+        }
+        if with_trailers && hold.trailers {
+            self.set_open(i, ctx, dir, Part::Trailers, false);
+            self.deliver(run, dir, k + 1, Frame::Trailers);
+        }
+    }
+
+    /// Applies what the guest deferred, then says whether iteration goes on (`Some(true)`),
+    /// stops at this filter (`Some(false)`), or the stream ended (`None`).
+    fn after_callback(
+        &mut self,
+        run: &mut HttpRun,
+        i: usize,
+        action: Result<Action, String>,
+    ) -> Option<bool> {
+        let action = match action {
+            Ok(a) => a,
+            Err(why) => {
+                self.fail_stream(run, &why);
+                return None;
+            }
+        };
+        let resumed = self.apply_deferred(run, i);
+        if run.ended {
+            return None;
+        }
+        Some(action == Action::Continue || resumed)
+    }
+
+    /// Applies a filter's deferred actions. Returns true if it asked to continue the
+    /// direction it is currently stopped in (used by the callback that made the request).
+    fn apply_deferred(&mut self, run: &mut HttpRun, i: usize) -> bool {
+        let mut resumed = false;
+        for (ctx, action) in self.filters[i].take_deferred() {
+            if run.ended || run.ctx.get(i) != Some(&ctx) {
+                continue;
+            }
+            match action {
+                Deferred::LocalResponse(reply) => {
+                    self.local_reply(run, reply);
+                }
+                Deferred::Continue(stream) => {
+                    let dir = match stream {
+                        StreamType::Request => Dir::Request,
+                        StreamType::Response => Dir::Response,
+                        _ => continue,
+                    };
+                    let k = match dir {
+                        Dir::Request => i,
+                        Dir::Response => self.filters.len() - 1 - i,
+                    };
+                    if run.holds[dir as usize][k].stopped {
+                        self.release(run, dir, k, true);
+                    } else {
+                        resumed = true;
+                    }
+                }
+                Deferred::Close(_) => {
+                    run.outcome.reset = true;
+                    run.ended = true;
+                }
+            }
+        }
+        resumed
+    }
+
+    fn local_reply(&mut self, run: &mut HttpRun, reply: LocalResponse) {
+        if run.outcome.local_reply.is_some() {
+            // Envoy sends at most one local reply per stream.
+            return;
+        }
+        let mut headers = vec![(":status".to_string(), reply.status.to_string().into_bytes())];
+        let mut extra = reply.headers.clone();
+        if !reply.body.is_empty() && header(&extra, "content-type").is_none() {
+            extra.push(("content-type".into(), b"text/plain".to_vec()));
+        }
+        headers.extend(extra);
+        headers.push((
+            "content-length".into(),
+            reply.body.len().to_string().into_bytes(),
+        ));
+        run.outcome.local_reply = Some(reply.clone());
+        if run.response_started {
+            if run.outcome.status != 0 {
+                // Headers already reached the client: all Envoy can do is reset.
+                run.outcome.reset = true;
+                run.ended = true;
+                return;
+            }
+            // The upstream response is replaced; it goes straight to the client.
+            run.outcome.status = reply.status;
+            run.outcome.headers = headers;
+            run.outcome.body = reply.body;
+            run.ended = true;
+            return;
+        }
+        // Nothing more goes upstream; the reply goes through every filter's response path.
+        run.response_started = true;
+        for hold in run.holds[0].iter_mut() {
+            *hold = Hold::default();
+        }
+        lock(&run.data).response_body.clear();
+        self.send_response(run, headers, reply.body, Vec::new());
+        if !run.ended {
+            // A filter paused the local reply: Envoy would wait; we record it as stalled.
+            run.outcome.stalled = true;
+            run.ended = true;
+        }
+    }
+
+    /// A failed VM or a trap: the stream gets 503 and nothing more goes upstream.
+    fn fail_stream(&mut self, run: &mut HttpRun, why: &str) {
+        self.shared
+            .log("host-harness", 4, format!("failing stream closed: {why}"));
+        run.upstream.complete = false;
+        run.outcome.upstream = None;
+        run.outcome.status = 503;
+        run.outcome.headers = vec![
+            (":status".into(), b"503".to_vec()),
+            ("content-type".into(), b"text/plain".to_vec()),
+        ];
+        run.outcome.body = b"wasm_fail_stream".to_vec();
+        run.outcome.local_reply = Some(LocalResponse {
+            status: 503,
+            details: "wasm_fail_stream".into(),
+            body: Vec::new(),
+            headers: Vec::new(),
+            grpc_status: -1,
+        });
+        run.ended = true;
+    }
+
+    fn sink(&mut self, run: &mut HttpRun, dir: Dir, frame: Frame) {
+        let data = lock(&run.data);
+        match dir {
+            Dir::Request => {
+                let up = &mut run.upstream;
+                match frame {
+                    Frame::Headers { eos } => {
+                        up.headers = data.request_headers.clone();
+                        up.complete = eos;
+                    }
+                    Frame::Data { chunk, eos } => {
+                        up.body.extend_from_slice(&chunk);
+                        up.complete = eos;
+                    }
+                    Frame::Trailers => {
+                        up.trailers = data.request_trailers.clone();
+                        up.complete = true;
+                    }
+                }
+                run.outcome.upstream = Some(up.clone());
+            }
+            Dir::Response => {
+                let out = &mut run.outcome;
+                match frame {
+                    Frame::Headers { eos } => {
+                        out.headers = data.response_headers.clone();
+                        out.status = header(&out.headers, ":status")
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        run.ended = eos;
+                    }
+                    Frame::Data { chunk, eos } => {
+                        out.body.extend_from_slice(&chunk);
+                        run.ended = eos;
+                    }
+                    Frame::Trailers => {
+                        out.trailers = data.response_trailers.clone();
+                        run.ended = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn set_open(&mut self, i: usize, ctx: u32, dir: Dir, part: Part, value: bool) {
+        if let Some(open) = self.filters[i].open_mut(ctx) {
+            match (dir, part) {
+                (Dir::Request, Part::Headers) => open.request_headers = value,
+                (Dir::Request, Part::Body) => open.request_body = value,
+                (Dir::Request, Part::Trailers) => open.request_trailers = value,
+                (Dir::Response, Part::Headers) => open.response_headers = value,
+                (Dir::Response, Part::Body) => open.response_body = value,
+                (Dir::Response, Part::Trailers) => open.response_trailers = value,
+            }
+        }
+    }
+
+    fn finish_http(&mut self, run: &mut HttpRun) {
+        for (i, ctx) in run.ctx.iter().enumerate() {
+            self.filters[i].finish_stream(*ctx);
+        }
+        // Callouts a finished stream left behind are cancelled, as Envoy does.
+        for vm in &mut self.filters {
+            vm.take_pending_calls();
+            vm.take_deferred();
+        }
+    }
+
+    // ================= TCP (network filters) =================
+
+    /// Runs a TCP connection through network filters.
+    pub fn connection(
+        &mut self,
+        mut properties: BTreeMap<String, Vec<u8>>,
+        events: &[NetEvent],
+    ) -> NetOutcome {
+        self.connection_properties(&mut properties);
+        let data = Arc::new(Mutex::new(StreamData {
+            properties,
+            ..Default::default()
+        }));
+        let mut run = NetRun {
+            data: data.clone(),
+            ctx: Vec::new(),
+            held: [
+                vec![Vec::new(); self.filters.len()],
+                vec![Vec::new(); self.filters.len()],
+            ],
+            stopped_at: [None, None],
+            outcome: NetOutcome::default(),
+        };
+        if self.filters.iter().any(|vm| !vm.is_serving()) {
+            run.outcome.closed_by_filter = true;
+            return run.outcome;
+        }
+        for i in 0..self.filters.len() {
+            match self.filters[i].create_stream(data.clone()) {
+                Ok(id) => run.ctx.push(id),
+                Err(_) => {
+                    run.outcome.closed_by_filter = true;
+                    return run.outcome;
+                }
+            }
+        }
+        for i in 0..self.filters.len() {
+            let ctx = run.ctx[i];
+            let r = self.filters[i].call_action(ctx, "proxy_on_new_connection", (ctx, 0, 0), 1);
+            if r.is_err() {
+                run.outcome.closed_by_filter = true;
+                break;
+            }
+            self.net_deferred(&mut run, i);
+            self.net_callouts(&mut run);
+        }
+        for event in events {
+            if run.outcome.closed_by_filter {
+                break;
+            }
+            match event {
+                NetEvent::Downstream { data, end_stream } => {
+                    self.net_data(&mut run, NetDir::Downstream, 0, data.clone(), *end_stream)
+                }
+                NetEvent::Upstream { data, end_stream } => {
+                    self.net_data(&mut run, NetDir::Upstream, 0, data.clone(), *end_stream)
+                }
+                NetEvent::AdvanceClock { millis } => self.advance_clock(*millis),
+            }
+            self.net_callouts(&mut run);
+        }
+        let closers = [
+            "proxy_on_downstream_connection_close",
+            "proxy_on_upstream_connection_close",
+        ];
+        for (i, ctx) in run.ctx.clone().into_iter().enumerate() {
+            for export in closers {
+                if self.filters[i].is_serving() {
+                    let _ = self.filters[i].call_void(ctx, export, &[ctx, PEER_REMOTE as u32]);
+                }
+            }
+            self.filters[i].finish_stream(ctx);
+        }
+        run.outcome
+    }
+
+    fn net_data(&mut self, run: &mut NetRun, dir: NetDir, mut k: usize, chunk: Vec<u8>, eos: bool) {
+        let n = self.filters.len();
+        let d = dir as usize;
+        let mut chunk = chunk;
+        while k < n {
+            if run.outcome.closed_by_filter {
+                return;
+            }
+            let i = match dir {
+                NetDir::Downstream => k,
+                NetDir::Upstream => n - 1 - k,
+            };
+            let ctx = run.ctx[i];
+            // Data a filter paused on stays in its buffer and grows with the next read.
+            let mut buffer = std::mem::take(&mut run.held[d][k]);
+            buffer.extend_from_slice(&chunk);
+            let size = buffer.len();
+            {
+                let mut data = lock(&run.data);
+                *net_buffer(&mut data, dir) = buffer;
+            }
+            if let Some(open) = self.filters[i].open_mut(ctx) {
+                open.downstream = dir == NetDir::Downstream;
+                open.upstream = dir == NetDir::Upstream;
+            }
+            let export = match dir {
+                NetDir::Downstream => "proxy_on_downstream_data",
+                NetDir::Upstream => "proxy_on_upstream_data",
+            };
+            let action =
+                self.filters[i].call_action(ctx, export, (ctx, size as u32, eos as u32), 3);
+            let buffer = std::mem::take(net_buffer(&mut lock(&run.data), dir));
+            let resumed = self.net_deferred(run, i);
+            match action {
+                Err(_) => {
+                    run.outcome.closed_by_filter = true;
+                    return;
+                }
+                Ok(Action::Pause) if !resumed => {
+                    run.held[d][k] = buffer;
+                    run.stopped_at[d] = Some(k);
+                    return;
+                }
+                Ok(_) => {
+                    chunk = buffer;
+                    k += 1;
+                }
+            }
+        }
+        if chunk.is_empty() && !eos {
+            return;
+        }
+        match dir {
+            NetDir::Downstream => run.outcome.to_upstream.extend_from_slice(&chunk),
+            NetDir::Upstream => run.outcome.to_downstream.extend_from_slice(&chunk),
+        }
+    }
+
+    fn net_deferred(&mut self, run: &mut NetRun, i: usize) -> bool {
+        let mut resumed = false;
+        for (_, action) in self.filters[i].take_deferred() {
+            match action {
+                Deferred::Close(_) => run.outcome.closed_by_filter = true,
+                Deferred::Continue(stream) => {
+                    let dir = match stream {
+                        StreamType::Upstream => NetDir::Upstream,
+                        _ => NetDir::Downstream,
+                    };
+                    let d = dir as usize;
+                    match run.stopped_at[d].take() {
+                        Some(k) => {
+                            let held = std::mem::take(&mut run.held[d][k]);
+                            self.net_data(run, dir, k + 1, held, false);
+                        }
+                        None => resumed = true,
+                    }
+                }
+                Deferred::LocalResponse(_) => {}
+            }
+        }
+        resumed
+    }
+
+    fn net_callouts(&mut self, run: &mut NetRun) {
+        for _ in 0..1000 {
+            let mut any = false;
+            for i in 0..self.filters.len() {
+                for call in self.filters[i].take_pending_calls() {
+                    any = true;
+                    let answer = self.resolver.resolve(&call, &self.shared);
+                    if self.filters[i]
+                        .deliver_call_response(
+                            call.context_id,
+                            call.token,
+                            answer_to_response(answer),
+                        )
+                        .is_err()
+                    {
+                        run.outcome.closed_by_filter = true;
+                    }
+                    self.net_deferred(run, i);
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Headers,
+    Body,
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NetDir {
+    Downstream,
+    Upstream,
+}
+
+struct NetRun {
+    data: SharedStream,
+    ctx: Vec<u32>,
+    held: [Vec<Vec<u8>>; 2],
+    stopped_at: [Option<usize>; 2],
+    outcome: NetOutcome,
+}
+
+#[derive(Debug, Clone)]
+pub enum NetEvent {
+    Downstream { data: Vec<u8>, end_stream: bool },
+    Upstream { data: Vec<u8>, end_stream: bool },
+    AdvanceClock { millis: u64 },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NetOutcome {
+    pub to_upstream: Vec<u8>,
+    pub to_downstream: Vec<u8>,
+    pub closed_by_filter: bool,
+}
+
+fn body_mut(data: &mut StreamData, dir: Dir) -> &mut Vec<u8> {
+    match dir {
+        Dir::Request => &mut data.request_body,
+        Dir::Response => &mut data.response_body,
+    }
+}
+
+fn net_buffer(data: &mut StreamData, dir: NetDir) -> &mut Vec<u8> {
+    match dir {
+        NetDir::Downstream => &mut data.downstream_data,
+        NetDir::Upstream => &mut data.upstream_data,
+    }
+}
+
+fn answer_to_response(answer: CalloutAnswer) -> Option<CallResponse> {
+    match answer {
+        CalloutAnswer::Response(r) => Some(r),
+        CalloutAnswer::Reset => None,
+    }
+}
+
+/// Envoy's `request.*` attributes, derived from the request headers.
+fn add_request_properties(headers: &Pairs, props: &mut BTreeMap<String, Vec<u8>>, now: u64) {
+    let get = |name: &str| header(headers, name).unwrap_or_default();
+    let path = get(":path");
+    let (url_path, query) = match path.split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (path.clone(), String::new()),
+    };
+    let mut set = |key: &str, value: Vec<u8>| {
+        props.entry(key.to_string()).or_insert(value);
+    };
+    set("request.path", path.clone().into_bytes());
+    set("request.url_path", url_path.into_bytes());
+    set("request.query", query.into_bytes());
+    set("request.host", get(":authority").into_bytes());
+    set("request.method", get(":method").into_bytes());
+    set(
+        "request.scheme",
+        {
+            let s = get(":scheme");
+            if s.is_empty() {
+                "http".into()
+            } else {
+                s
+            }
+        }
+        .into_bytes(),
+    );
+    set("request.protocol", b"HTTP/1.1".to_vec());
+    set("request.time", (now as i64).to_le_bytes().to_vec());
+    for (prop, name) in [
+        ("request.id", "x-request-id"),
+        ("request.referer", "referer"),
+        ("request.useragent", "user-agent"),
+    ] {
+        if let Some(v) = header(headers, name) {
+            set(prop, v.into_bytes());
+        }
+    }
+}

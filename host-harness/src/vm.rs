@@ -1,0 +1,488 @@
+//! One plugin in one Wasm VM: instantiation, Envoy's lifecycle order, and guarded calls into
+//! the guest (fuel limit, memory cap, trap → failed VM).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+use wasmtime::{
+    Config, Engine, Instance, Linker, Module, Store, StoreLimitsBuilder, TypedFunc, WasmParams,
+    WasmResults,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::host::{add_proxy_imports, Deferred, HostState, Open, PluginInfo, StreamContext};
+use crate::shared::{lock, Shared};
+
+/// Envoy's log levels; the harness runs at info unless told otherwise.
+pub const LOG_LEVEL_INFO: u32 = 2;
+
+/// Limits against runaway guests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) one callback may burn.
+    pub fuel_per_call: u64,
+    /// Largest linear memory a VM may grow to.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            fuel_per_call: 2_000_000_000,
+            memory_bytes: 256 << 20,
+        }
+    }
+}
+
+/// The engine, the compiled-module cache and the linker: build once, instantiate many times.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    modules: Mutex<HashMap<PathBuf, Module>>,
+}
+
+impl Runtime {
+    pub fn new() -> Result<Self> {
+        let mut config = Config::new();
+        config.consume_fuel(true);
+        let engine = Engine::new(&config).map_err(wt)?;
+        let mut linker = Linker::new(&engine);
+        add_proxy_imports(&mut linker).map_err(wt)?;
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut HostState| &mut s.wasi)
+            .map_err(wt)?;
+        Ok(Runtime {
+            engine,
+            linker,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Compiles a module once; later calls reuse it.
+    pub fn module(&self, path: &Path) -> Result<Module> {
+        if let Some(m) = lock(&self.modules).get(path) {
+            return Ok(m.clone());
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| anyhow!("cannot read wasm module {}: {e}", path.display()))?;
+        let module = Module::new(&self.engine, bytes)
+            .map_err(|e| anyhow!("cannot compile {}: {e:?}", path.display()))?;
+        lock(&self.modules).insert(path.to_path_buf(), module.clone());
+        Ok(module)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Names every import a module needs that the harness does not provide.
+    pub fn missing_imports(&self, module: &Module) -> Vec<String> {
+        let mut store = Store::new(&self.engine, dummy_state());
+        module
+            .imports()
+            .filter(|i| self.linker.get_by_import(&mut store, i).is_none())
+            .map(|i| format!("{}::{}", i.module(), i.name()))
+            .collect()
+    }
+}
+
+fn dummy_state() -> HostState {
+    HostState {
+        wasi: WasiCtxBuilder::new().build_p1(),
+        limits: StoreLimitsBuilder::new().build(),
+        shared: Arc::new(Shared::default()),
+        plugin: PluginInfo {
+            name: String::new(),
+            root_id: String::new(),
+            vm_id: String::new(),
+            configuration: Vec::new(),
+            vm_configuration: Vec::new(),
+        },
+        vm_index: 0,
+        clusters: Arc::new(HashSet::new()),
+        memory: None,
+        allocate: None,
+        root_context_id: 0,
+        effective_context: 0,
+        streams: HashMap::new(),
+        in_configure: false,
+        in_vm_start: false,
+        tick_period_ms: 0,
+        deferred: Vec::new(),
+        pending_calls: Vec::new(),
+        call_response: None,
+        call_status: (0, String::new()),
+        next_token: 0,
+        metric_names: Vec::new(),
+        log_level: LOG_LEVEL_INFO,
+        done_called: false,
+    }
+}
+
+/// What a plugin is: its module and configuration, as in Envoy's `envoy.filters.http.wasm`.
+#[derive(Debug, Clone)]
+pub struct PluginSpec {
+    pub name: String,
+    pub root_id: String,
+    pub vm_id: String,
+    pub wasm: PathBuf,
+    pub configuration: Vec<u8>,
+    pub vm_configuration: Vec<u8>,
+    pub limits: Limits,
+}
+
+/// Why a plugin is not serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmFailure {
+    /// `proxy_on_vm_start` or `proxy_on_configure` answered false.
+    ConfigRejected,
+    /// The guest trapped (bad pointer, panic, out of fuel, memory cap, …).
+    Trapped(String),
+}
+
+impl std::fmt::Display for VmFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmFailure::ConfigRejected => write!(f, "configuration rejected by the plugin"),
+            VmFailure::Trapped(why) => write!(f, "VM trapped: {why}"),
+        }
+    }
+}
+
+pub struct PluginVm {
+    pub spec: PluginSpec,
+    store: Store<HostState>,
+    instance: Instance,
+    next_context_id: u32,
+    pub root_context_id: u32,
+    pub failure: Option<VmFailure>,
+    /// Clock time of the last tick delivered (ns).
+    pub last_tick_nanos: u64,
+}
+
+impl PluginVm {
+    /// Instantiates the module and runs Envoy's start sequence: `_initialize`, root context
+    /// create, `proxy_on_vm_start`, `proxy_on_configure`. A plugin that answers false, or
+    /// traps, comes back with `failure` set — Envoy then fails every request to it closed.
+    pub fn start(
+        runtime: &Runtime,
+        spec: PluginSpec,
+        shared: Arc<Shared>,
+        clusters: Arc<HashSet<String>>,
+        vm_index: usize,
+    ) -> Result<Self> {
+        let module = runtime.module(&spec.wasm)?;
+        let state = HostState {
+            wasi: WasiCtxBuilder::new().build_p1(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(spec.limits.memory_bytes)
+                .build(),
+            shared,
+            plugin: PluginInfo {
+                name: spec.name.clone(),
+                root_id: spec.root_id.clone(),
+                vm_id: spec.vm_id.clone(),
+                configuration: spec.configuration.clone(),
+                vm_configuration: spec.vm_configuration.clone(),
+            },
+            vm_index,
+            clusters,
+            ..dummy_state()
+        };
+        let mut store = Store::new(runtime.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(spec.limits.fuel_per_call).map_err(wt)?;
+        let instance = runtime
+            .linker
+            .instantiate(&mut store, &module)
+            .map_err(|e| anyhow!("cannot instantiate {}: {e:?}", spec.wasm.display()))?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let allocate = instance
+            .get_typed_func::<u32, u32>(&mut store, "proxy_on_memory_allocate")
+            .ok();
+        store.data_mut().memory = memory;
+        store.data_mut().allocate = allocate;
+        let mut vm = PluginVm {
+            spec,
+            store,
+            instance,
+            next_context_id: 0,
+            root_context_id: 0,
+            failure: None,
+            last_tick_nanos: 0,
+        };
+        vm.last_tick_nanos = vm.store.data().shared.now_nanos();
+        vm.boot()?;
+        Ok(vm)
+    }
+
+    fn boot(&mut self) -> Result<()> {
+        for init in ["_initialize", "_start"] {
+            if self.has_export(init) {
+                if let Err(e) = self.call::<(), ()>(init, ()) {
+                    self.failure = Some(VmFailure::Trapped(e));
+                    return Ok(());
+                }
+                break;
+            }
+        }
+        let root = self.new_context_id();
+        self.root_context_id = root;
+        self.store.data_mut().root_context_id = root;
+        self.store.data_mut().effective_context = root;
+        if let Err(e) = self.call::<(u32, u32), ()>("proxy_on_context_create", (root, 0)) {
+            self.failure = Some(VmFailure::Trapped(e));
+            return Ok(());
+        }
+        let vm_config_len = self.spec.vm_configuration.len() as u32;
+        self.store.data_mut().in_vm_start = true;
+        let started = self.call::<(u32, u32), i32>("proxy_on_vm_start", (root, vm_config_len));
+        self.store.data_mut().in_vm_start = false;
+        match started {
+            Err(e) => self.failure = Some(VmFailure::Trapped(e)),
+            Ok(0) => self.failure = Some(VmFailure::ConfigRejected),
+            Ok(_) => self.configure()?,
+        }
+        Ok(())
+    }
+
+    fn configure(&mut self) -> Result<()> {
+        let root = self.root_context_id;
+        let len = self.spec.configuration.len() as u32;
+        self.store.data_mut().in_configure = true;
+        let configured = self.call::<(u32, u32), i32>("proxy_on_configure", (root, len));
+        self.store.data_mut().in_configure = false;
+        match configured {
+            Err(e) => self.failure = Some(VmFailure::Trapped(e)),
+            Ok(0) => self.failure = Some(VmFailure::ConfigRejected),
+            Ok(_) => {}
+        }
+        Ok(())
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    pub fn state(&self) -> &HostState {
+        self.store.data()
+    }
+
+    pub fn state_mut(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+
+    fn has_export(&mut self, name: &str) -> bool {
+        self.instance.get_func(&mut self.store, name).is_some()
+    }
+
+    fn new_context_id(&mut self) -> u32 {
+        self.next_context_id += 1;
+        self.next_context_id
+    }
+
+    /// Calls an export with a fresh fuel budget. A trap marks the VM failed and comes back
+    /// as the error text. A missing export is treated as the SDK's default (no call).
+    fn call<P: WasmParams, R: WasmResults + Default>(
+        &mut self,
+        name: &str,
+        params: P,
+    ) -> Result<R, String> {
+        let func: TypedFunc<P, R> = match self.instance.get_typed_func(&mut self.store, name) {
+            Ok(f) => f,
+            Err(e) => {
+                if self.instance.get_func(&mut self.store, name).is_none() {
+                    return Ok(R::default());
+                }
+                return Err(format!("export {name} has the wrong signature: {e}"));
+            }
+        };
+        if let Err(e) = self.store.set_fuel(self.spec.limits.fuel_per_call) {
+            return Err(e.to_string());
+        }
+        match func.call(&mut self.store, params) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let why = format!("{name}: {}", trap_text(&e));
+                self.failure = Some(VmFailure::Trapped(why.clone()));
+                self.store
+                    .data()
+                    .shared
+                    .log(&self.spec.name, 4, format!("wasm trap: {why}"));
+                Err(why)
+            }
+        }
+    }
+
+    /// Creates a stream context (HTTP stream or TCP connection) bound to shared stream data.
+    pub fn create_stream(&mut self, data: crate::host::SharedStream) -> Result<u32, String> {
+        let id = self.new_context_id();
+        self.store.data_mut().streams.insert(
+            id,
+            StreamContext {
+                data,
+                open: Open::default(),
+            },
+        );
+        let root = self.root_context_id;
+        self.with_effective(id, |vm| {
+            vm.call::<(u32, u32), ()>("proxy_on_context_create", (id, root))
+        })?;
+        Ok(id)
+    }
+
+    pub fn open_mut(&mut self, ctx: u32) -> Option<&mut Open> {
+        self.store
+            .data_mut()
+            .streams
+            .get_mut(&ctx)
+            .map(|c| &mut c.open)
+    }
+
+    /// Runs a callback with the effective context set, as Envoy does for each call.
+    fn with_effective<R>(
+        &mut self,
+        ctx: u32,
+        f: impl FnOnce(&mut Self) -> Result<R, String>,
+    ) -> Result<R, String> {
+        self.store.data_mut().effective_context = ctx;
+        let r = f(self);
+        self.store.data_mut().effective_context = self.root_context_id;
+        r
+    }
+
+    /// A stream callback that answers an Action (headers, body, trailers, data).
+    pub fn call_action(
+        &mut self,
+        ctx: u32,
+        export: &str,
+        args: (u32, u32, u32),
+        arity: usize,
+    ) -> Result<crate::abi::Action, String> {
+        let raw = self.with_effective(ctx, |vm| match arity {
+            1 => vm.call::<u32, i32>(export, args.0),
+            2 => vm.call::<(u32, u32), i32>(export, (args.0, args.1)),
+            _ => vm.call::<(u32, u32, u32), i32>(export, args),
+        })?;
+        Ok(crate::abi::Action::from_raw(raw))
+    }
+
+    /// A stream callback without an answer (close notifications, log, delete).
+    pub fn call_void(&mut self, ctx: u32, export: &str, args: &[u32]) -> Result<(), String> {
+        self.with_effective(ctx, |vm| match args {
+            [a] => vm.call::<u32, ()>(export, *a),
+            [a, b] => vm.call::<(u32, u32), ()>(export, (*a, *b)),
+            _ => Err(format!("call_void: unsupported arity for {export}")),
+        })
+    }
+
+    /// Ends a stream context: done, log, delete (Envoy's order).
+    pub fn finish_stream(&mut self, ctx: u32) {
+        if self.is_serving() {
+            let _ = self.with_effective(ctx, |vm| vm.call::<u32, i32>("proxy_on_done", ctx));
+        }
+        if self.is_serving() {
+            let _ = self.call_void(ctx, "proxy_on_log", &[ctx]);
+        }
+        if self.is_serving() {
+            let _ = self.call_void(ctx, "proxy_on_delete", &[ctx]);
+        }
+        self.store.data_mut().streams.remove(&ctx);
+    }
+
+    pub fn take_deferred(&mut self) -> Vec<(u32, Deferred)> {
+        std::mem::take(&mut self.store.data_mut().deferred)
+    }
+
+    pub fn take_pending_calls(&mut self) -> Vec<crate::host::PendingCall> {
+        std::mem::take(&mut self.store.data_mut().pending_calls)
+    }
+
+    /// Delivers a callout's answer to the context that made the call. `None` is a failed
+    /// call (reset): zero headers, status BrokenConnection, as Envoy reports it.
+    pub fn deliver_call_response(
+        &mut self,
+        context_id: u32,
+        token: u32,
+        response: Option<crate::host::CallResponse>,
+    ) -> Result<(), String> {
+        let (headers, body, trailers) = response
+            .as_ref()
+            .map(|r| (r.headers.len(), r.body.len(), r.trailers.len()))
+            .unwrap_or((0, 0, 0));
+        let state = self.store.data_mut();
+        state.call_status = if response.is_some() {
+            (0, String::new())
+        } else {
+            (11, "reset".to_string())
+        };
+        state.call_response = response;
+        let context_id = if state.streams.contains_key(&context_id) {
+            context_id
+        } else {
+            state.root_context_id
+        };
+        let r = self.with_effective(context_id, |vm| {
+            vm.call::<(u32, u32, u32, u32, u32), ()>(
+                "proxy_on_http_call_response",
+                (
+                    context_id,
+                    token,
+                    headers as u32,
+                    body as u32,
+                    trailers as u32,
+                ),
+            )
+        });
+        let state = self.store.data_mut();
+        state.call_response = None;
+        state.call_status = (0, String::new());
+        r
+    }
+
+    /// Fires `proxy_on_tick` for every tick period the clock has crossed (at most `max`).
+    pub fn fire_ticks(&mut self, now_nanos: u64, max: u32) -> Result<u32, String> {
+        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
+        if period == 0 || !self.is_serving() {
+            self.last_tick_nanos = now_nanos;
+            return Ok(0);
+        }
+        let mut fired = 0;
+        while self.last_tick_nanos + period <= now_nanos && fired < max {
+            self.last_tick_nanos += period;
+            let root = self.root_context_id;
+            self.call_void(root, "proxy_on_tick", &[root])?;
+            fired += 1;
+        }
+        Ok(fired)
+    }
+
+    pub fn queue_ready(&mut self, root: u32, queue: u32) -> Result<(), String> {
+        self.call_void(root, "proxy_on_queue_ready", &[root, queue])
+    }
+}
+
+fn trap_text(e: &wasmtime::Error) -> String {
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => format!("{trap}"),
+        None => format!("{e}"),
+    }
+}
+
+/// wasmtime's error type is its own; the harness reports with anyhow.
+fn wt(e: wasmtime::Error) -> anyhow::Error {
+    anyhow!("{e:?}")
+}
+
+/// Error for a module that can't serve at all.
+pub fn not_serving(vm: &PluginVm) -> anyhow::Error {
+    anyhow!(
+        "plugin {} is not serving: {}",
+        vm.spec.name,
+        vm.failure
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default()
+    )
+}
