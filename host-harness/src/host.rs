@@ -128,7 +128,6 @@ pub struct HostState {
     pub next_token: u32,
     pub metric_names: Vec<String>,
     pub log_level: u32,
-    pub done_called: bool,
 }
 
 impl HostState {
@@ -933,13 +932,12 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         },
     )?;
 
+    // Envoy answers Ok only while it shuts a VM down and the root context's on_done said
+    // false; the harness never shuts VMs down, so a filter calling it gets what Envoy gives.
     linker.func_wrap(
         env,
         "proxy_done",
-        |mut caller: Caller<'_, HostState>| -> Result<i32> {
-            caller.data_mut().done_called = true;
-            status(Status::Ok)
-        },
+        |_: Caller<'_, HostState>| -> Result<i32> { status(Status::NotFound) },
     )?;
 
     linker.func_wrap(
@@ -1031,12 +1029,31 @@ fn defer_stream_action(
     };
     let state = caller.data_mut();
     let ctx = state.effective_context;
-    if !state.streams.contains_key(&ctx) {
+    let Some(stream_ctx) = state.streams.get_mut(&ctx) else {
         return status(Status::NotFound);
+    };
+    let action = action(stream);
+    if let Deferred::Continue(kind) = action {
+        match kind {
+            // Envoy: continuing an upstream TCP stream is not implemented (12, a value the
+            // Rust SDK has no Status for).
+            StreamType::Upstream => return Ok(UNIMPLEMENTED),
+            // Envoy drops its request maps as soon as a filter continues the request or the
+            // response: the same callback can no longer read or change them.
+            StreamType::Request | StreamType::Response => {
+                stream_ctx.open.request_headers = false;
+                stream_ctx.open.request_body = false;
+                stream_ctx.open.request_trailers = false;
+            }
+            StreamType::Downstream => {}
+        }
     }
-    state.deferred.push((ctx, action(stream)));
+    state.deferred.push((ctx, action));
     status(Status::Ok)
 }
+
+/// Envoy's WasmResult::Unimplemented.
+const UNIMPLEMENTED: i32 = 12;
 
 #[cfg(test)]
 mod tests {

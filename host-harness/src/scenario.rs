@@ -560,7 +560,7 @@ fn http_request(def: &RequestDef) -> HttpRequest {
 
 fn hex(text: &str) -> Result<Vec<u8>> {
     let clean: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    if clean.len() % 2 != 0 {
+    if !clean.len().is_multiple_of(2) {
         bail!("hex data has an odd number of digits");
     }
     (0..clean.len())

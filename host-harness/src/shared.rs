@@ -93,14 +93,15 @@ impl Shared {
             .cloned()
     }
 
-    /// `cas` 0 writes unconditionally; any other value must equal the entry's current cas.
+    /// `cas` 0 writes unconditionally; any other value must equal an existing entry's cas.
     pub fn set_shared_data(&self, vm_id: &str, key: &str, value: Vec<u8>, cas: u32) -> Status {
         let mut data = lock(&self.shared_data);
         let id = (vm_id.to_string(), key.to_string());
-        if cas != 0 {
-            match data.entries.get(&id) {
-                Some((_, current)) if *current == cas => {}
-                _ => return Status::CasMismatch,
+        // Envoy compares the cas only with an existing entry; a new key is created whatever
+        // cas was given.
+        if let Some((_, current)) = data.entries.get(&id) {
+            if cas != 0 && *current != cas {
+                return Status::CasMismatch;
             }
         }
         data.next_cas = data.next_cas.wrapping_add(1).max(1);
@@ -246,6 +247,11 @@ mod tests {
     fn shared_data_compare_and_swap() {
         let s = Shared::default();
         assert!(s.get_shared_data("", "k").is_none());
+        assert_eq!(
+            s.set_shared_data("", "new", b"v".to_vec(), 42),
+            Status::Ok,
+            "a new key is created whatever the cas"
+        );
         assert_eq!(s.set_shared_data("", "k", b"v1".to_vec(), 0), Status::Ok);
         let (v, cas) = s.get_shared_data("", "k").unwrap();
         assert_eq!(v, b"v1");

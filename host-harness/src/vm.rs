@@ -116,7 +116,6 @@ fn dummy_state() -> HostState {
         next_token: 0,
         metric_names: Vec::new(),
         log_level: LOG_LEVEL_INFO,
-        done_called: false,
     }
 }
 

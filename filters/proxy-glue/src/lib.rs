@@ -69,10 +69,38 @@ impl Counter {
     }
 
     pub fn inc(&self) {
-        if let Some(id) = self.0 {
-            let _ = hostcalls::increment_metric(id, 1);
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        if let (Some(id), Ok(n)) = (self.0, i64::try_from(n)) {
+            if n > 0 {
+                let _ = hostcalls::increment_metric(id, n);
+            }
         }
     }
+}
+
+/// The host clock in whole seconds since the epoch, or None if the host can't say (callers
+/// fail closed).
+pub fn now_secs() -> Option<u64> {
+    let now = hostcalls::get_current_time().ok()?;
+    now.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// A string property (e.g. `connection.subject_peer_certificate`); absent or unreadable → None.
+pub fn string_property(path: &[&str]) -> Option<String> {
+    match hostcalls::get_property(path.to_vec()) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
+        _ => None,
+    }
+}
+
+/// A boolean property (Envoy encodes it as one byte).
+pub fn bool_property(path: &[&str]) -> bool {
+    matches!(hostcalls::get_property(path.to_vec()), Ok(Some(b)) if b.first() == Some(&1))
 }
 
 /// Reads a request header, returning every value (Envoy's single-value call hides repeats,

@@ -1,0 +1,371 @@
+//! Envoy's behaviour around a plugin, checked with the abi-probe filter: rejected
+//! configuration, local replies, traps, resource limits, callouts, body buffering, trailers,
+//! ticks. Each test names the Envoy behaviour it holds the harness to.
+//!
+//! Needs the probe built first: `cargo wasm`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use host_harness::{HttpRequest, Limits, MetricValue, UpstreamResponse, VmFailure};
+
+use common::*;
+
+fn ok_upstream() -> UpstreamResponse {
+    UpstreamResponse::default()
+}
+
+fn post(chunks: &[&str], trailers: &[(&str, &str)]) -> HttpRequest {
+    let mut request = request("POST", "/v2/entities");
+    request.body = chunks.iter().map(|c| c.as_bytes().to_vec()).collect();
+    request.trailers = pairs(trailers);
+    request
+}
+
+/// The trap text of a failed VM.
+fn trap_of(chain: &host_harness::Chain) -> String {
+    match &chain.filters[0].failure {
+        Some(VmFailure::Trapped(why)) => why.clone(),
+        other => panic!("expected a trapped VM, got {other:?}"),
+    }
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+#[test]
+fn rejected_configuration_fails_every_request_closed() {
+    for config in [
+        "{not json",
+        r#"{"mode": "no-such-mode"}"#,
+        "",
+        r#"{"tick_ms": 5}"#,
+    ] {
+        let mut chain = probe_chain(spec(config), Scripted::new());
+        assert_eq!(
+            chain.filters[0].failure,
+            Some(VmFailure::ConfigRejected),
+            "configuration {config:?}"
+        );
+        for _ in 0..2 {
+            let outcome = chain.http(request("GET", "/"), &ok_upstream());
+            assert_eq!(outcome.status, 503, "configuration {config:?}");
+            assert!(
+                outcome.upstream.is_none(),
+                "nothing goes upstream: {config:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rejected_reconfiguration_keeps_the_old_configuration() {
+    let mut chain = probe_chain(spec(r#"{"mode": "deny"}"#), Scripted::new());
+    let rejected = chain
+        .reconfigure(0, spec("{not json"))
+        .expect("module loads");
+    assert_eq!(rejected, Err(VmFailure::ConfigRejected));
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(
+        outcome.status, 403,
+        "the deny configuration is still in force"
+    );
+
+    let accepted = chain
+        .reconfigure(0, spec(r#"{"mode": "buffer"}"#))
+        .expect("module loads");
+    assert_eq!(accepted, Ok(()));
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(outcome.status, 200);
+    assert!(outcome.upstream.is_some());
+}
+
+#[test]
+fn local_reply_wins_over_continue() {
+    let mut chain = probe_chain(spec(r#"{"mode": "deny"}"#), Scripted::new());
+    let outcome = chain.http(request("GET", "/v2/entities"), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.status, 403, "{context}");
+    assert!(
+        outcome.upstream.is_none(),
+        "the filter answered Continue after its local reply; nothing may go upstream: {context}"
+    );
+    assert_eq!(outcome.local_reply.as_ref().map(|r| r.status), Some(403));
+    assert_eq!(
+        outcome.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(outcome.header("x-abi-probe").as_deref(), Some("deny"));
+    let body = json(&outcome.body);
+    assert_eq!(body["error"], "Forbidden");
+    assert_eq!(body["description"], "abi-probe deny mode");
+    assert!(chain.filters[0].is_serving());
+}
+
+#[test]
+fn close_stream_resets_the_request() {
+    let mut chain = probe_chain(spec(r#"{"mode": "reset"}"#), Scripted::new());
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert!(outcome.reset, "{}", describe(&outcome, &chain.shared));
+    assert!(outcome.upstream.is_none());
+    assert_eq!(outcome.status, 0, "a reset stream has no response");
+    assert!(chain.filters[0].is_serving(), "a reset is not a VM failure");
+}
+
+#[test]
+fn trap_fails_the_stream_and_the_vm_stays_failed() {
+    let mut chain = probe_chain(spec(r#"{"mode": "trap"}"#), Scripted::new());
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(outcome.status, 503, "{}", describe(&outcome, &chain.shared));
+    assert!(outcome.upstream.is_none());
+    assert!(
+        trap_of(&chain).contains("unreachable"),
+        "{}",
+        trap_of(&chain)
+    );
+    assert!(
+        chain
+            .shared
+            .logs()
+            .iter()
+            .any(|l| l.message.contains("wasm trap")),
+        "the trap is logged"
+    );
+
+    // A crashed VM serves nothing more: later requests fail closed without reaching it.
+    for _ in 0..2 {
+        let later = chain.http(request("GET", "/"), &ok_upstream());
+        assert_eq!(later.status, 503);
+        assert!(later.upstream.is_none());
+    }
+}
+
+#[test]
+fn fuel_exhaustion_stops_a_spinning_filter() {
+    let limits = Limits {
+        fuel_per_call: 10_000_000,
+        ..Limits::default()
+    };
+    let mut chain = probe_chain(
+        spec_with_limits(r#"{"mode": "spin"}"#, limits),
+        Scripted::new(),
+    );
+    assert!(
+        chain.filters[0].is_serving(),
+        "start-up fits in the fuel budget"
+    );
+    let started = Instant::now();
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    let took = started.elapsed();
+    assert_eq!(outcome.status, 503, "{}", describe(&outcome, &chain.shared));
+    assert!(outcome.upstream.is_none());
+    assert!(trap_of(&chain).contains("fuel"), "{}", trap_of(&chain));
+    assert!(took < Duration::from_secs(10), "the loop ran {took:?}");
+}
+
+#[test]
+fn memory_cap_traps_a_growing_filter() {
+    let capped = Limits {
+        memory_bytes: 16 << 20,
+        ..Limits::default()
+    };
+    let config = r#"{"mode": "grow", "grow_mib": 64}"#;
+    let mut chain = probe_chain(spec_with_limits(config, capped), Scripted::new());
+    assert!(
+        chain.filters[0].is_serving(),
+        "the probe starts within 16 MiB"
+    );
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(outcome.status, 503, "{}", describe(&outcome, &chain.shared));
+    assert!(outcome.upstream.is_none());
+    trap_of(&chain);
+
+    // The same allocation under the default cap is fine: the limit, not the probe, failed it.
+    let mut roomy = probe_chain(spec(config), Scripted::new());
+    let outcome = roomy.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(outcome.status, 200, "{}", describe(&outcome, &roomy.shared));
+    assert!(outcome.upstream.is_some());
+}
+
+#[test]
+fn callout_reset_is_answered_by_the_filter() {
+    // No scripted answer: the call to "backend" is reset, the guest sees zero headers.
+    let mut chain = probe_chain(spec(r#"{"mode": "callout"}"#), Scripted::new());
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.callouts.len(), 1, "{context}");
+    assert_eq!(outcome.status, 503, "{context}");
+    assert!(outcome.upstream.is_none(), "{context}");
+    // The filter's reply, not the host failing the stream: the filter saw the failure and
+    // its reason (proxy_get_status: BrokenConnection, "reset").
+    assert_eq!(json(&outcome.body)["error"], "ServiceUnavailable");
+    assert_eq!(
+        outcome.header("x-callout-failure").as_deref(),
+        Some("reset")
+    );
+    assert_eq!(
+        outcome.header("x-callout-status-code").as_deref(),
+        Some("11")
+    );
+    assert!(chain.filters[0].is_serving());
+}
+
+#[test]
+fn callout_success_lets_the_request_through() {
+    let resolver = Scripted::new().answer("backend", reply(200, r#"{"allowed":true}"#));
+    let mut chain = probe_chain(spec(r#"{"mode": "callout"}"#), resolver.clone());
+    let outcome = chain.http(request("GET", "/v2/entities"), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.status, 200, "{context}");
+    let upstream = outcome.upstream.expect("resumed after the callout");
+    assert!(upstream.complete);
+    assert_eq!(
+        header(&upstream.headers, "x-callout").as_deref(),
+        Some("ok")
+    );
+    let calls = resolver.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        header(&calls[0].headers, ":path").as_deref(),
+        Some("/authorize")
+    );
+}
+
+#[test]
+fn callout_refusal_is_forbidden() {
+    let resolver = Scripted::new().answer("backend", reply(401, "{}"));
+    let mut chain = probe_chain(spec(r#"{"mode": "callout"}"#), resolver);
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    assert_eq!(outcome.status, 403, "{}", describe(&outcome, &chain.shared));
+    assert!(outcome.upstream.is_none());
+}
+
+#[test]
+fn body_is_buffered_across_chunks() {
+    let mut chain = probe_chain(spec(r#"{"mode": "buffer"}"#), Scripted::new());
+    let outcome = chain.http(post(&["abc", "def", "ghi"], &[]), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.status, 200, "{context}");
+    let upstream = outcome.upstream.as_ref().expect("reached the upstream");
+    assert!(upstream.complete);
+    assert_eq!(upstream.body, b"abcdefghi", "every chunk, once, in order");
+    assert_eq!(outcome.header("x-body-calls").as_deref(), Some("3"));
+    // The last callback saw the whole body, and its size argument said so.
+    assert_eq!(
+        outcome.header("x-body-len").as_deref(),
+        Some("9"),
+        "{context}"
+    );
+    assert_eq!(outcome.header("x-body-size-arg").as_deref(), Some("9"));
+}
+
+#[test]
+fn request_body_ending_with_trailers() {
+    let mut chain = probe_chain(spec(r#"{"mode": "buffer"}"#), Scripted::new());
+    let outcome = chain.http(
+        post(&["abc", "def"], &[("x-checksum", "42")]),
+        &ok_upstream(),
+    );
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.status, 200, "{context}");
+    let upstream = outcome.upstream.as_ref().expect("reached the upstream");
+    assert!(upstream.complete);
+    assert_eq!(upstream.body, b"abcdef");
+    assert_eq!(
+        header(&upstream.trailers, "x-checksum").as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        header(&upstream.trailers, "x-abi-probe-trailer").as_deref(),
+        Some("seen"),
+        "trailers are writable in their callback"
+    );
+    // No body callback had end_of_stream: the trailers callback read the buffered body.
+    assert_eq!(outcome.header("x-body-calls").as_deref(), Some("2"));
+    assert_eq!(
+        outcome.header("x-body-len").as_deref(),
+        Some("6"),
+        "{context}"
+    );
+    assert!(
+        chain
+            .shared
+            .logs()
+            .iter()
+            .any(|l| l.message == "abi-probe: 1 trailers arrived; buffered body is 6 bytes"),
+        "{context}"
+    );
+}
+
+#[test]
+fn unknown_cluster_is_a_bad_argument() {
+    let resolver = Scripted::new().answer("backend", reply(200, "{}"));
+    let mut chain = probe_chain(spec(r#"{"mode": "contract"}"#), resolver.clone());
+    let outcome = chain.http(request("GET", "/"), &ok_upstream());
+    let upstream = outcome.upstream.as_ref().expect("reached the upstream");
+    let checks = probe_checks(&upstream.headers);
+    assert_eq!(
+        checks.get("http-call-unknown-cluster").map(String::as_str),
+        Some("ok"),
+        "proxy_http_call to an undefined cluster answers BadArgument"
+    );
+    assert_eq!(
+        checks
+            .get("http-call-missing-authority")
+            .map(String::as_str),
+        Some("ok"),
+        "proxy_http_call without :authority answers BadArgument"
+    );
+    assert!(
+        resolver.calls().iter().all(|c| c.cluster == "backend"),
+        "a refused call never goes out"
+    );
+}
+
+#[test]
+fn ticks_follow_the_clock_and_may_call_out() {
+    let resolver = Scripted::new().answer("backend", reply(200, "{}"));
+    let config = r#"{"mode": "contract", "tick_ms": 1000, "tick_callout": true}"#;
+    let mut chain = probe_chain(spec(config), resolver.clone());
+    assert_eq!(
+        chain.shared.metric("abi_probe.ticks"),
+        Some(MetricValue::Counter(0))
+    );
+
+    chain.advance_clock(3500);
+    assert_eq!(
+        chain.shared.metric("abi_probe.ticks"),
+        Some(MetricValue::Counter(3))
+    );
+    // Callouts from the root context have no stream; the harness answers them in the
+    // background and the root's on_http_call_response sees each answer.
+    assert_eq!(
+        chain.shared.metric("abi_probe.tick_callouts"),
+        Some(MetricValue::Counter(3))
+    );
+    let calls = resolver.calls();
+    assert_eq!(calls.len(), 3);
+    assert!(calls
+        .iter()
+        .all(|c| header(&c.headers, ":path").as_deref() == Some("/tick")));
+
+    chain.advance_clock(500);
+    assert_eq!(
+        chain.shared.metric("abi_probe.ticks"),
+        Some(MetricValue::Counter(4)),
+        "the half period left over counts toward the next tick"
+    );
+}
+
+#[test]
+fn without_a_tick_period_no_tick_fires() {
+    let mut chain = probe_chain(spec(r#"{"mode": "contract"}"#), Scripted::new());
+    chain.advance_clock(60_000);
+    assert_eq!(
+        chain.shared.metric("abi_probe.ticks"),
+        Some(MetricValue::Counter(0))
+    );
+}
