@@ -4,8 +4,17 @@
 //! No proxy-wasm, no I/O, no clock: time and fetched data are passed in, so everything here is
 //! tested natively and behaves the same inside Envoy.
 
+pub mod cache;
+pub mod credentials;
 pub mod decision;
+pub mod device_keys;
 pub mod identity;
+pub mod identity_headers;
+pub mod introspection;
+pub mod jwt;
+pub mod mtls;
+pub mod routes;
+pub mod token_auth;
 
 pub use decision::{Decision, DenyReason};
 pub use identity::{Identity, IdentityKind};

@@ -1,0 +1,199 @@
+//! The request headers that carry the caller's identity to the broker and to the later filters.
+//! Defaults are compatible with FIWARE Wilma (`X-Nick-Name`, `X-Display-Name`, `X-Roles`,
+//! `X-Organizations`); the subject header is what device-ownership and entity-acl read.
+//! token-auth removes every one of them from the client's request before setting its own.
+
+use serde::Deserialize;
+
+use crate::identity::{Identity, IdentityKind};
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityHeaderNames {
+    /// The stable subject the other filters key on.
+    pub subject: String,
+    /// How the caller authenticated: jwt, opaque_token, device_key, client_certificate.
+    pub kind: String,
+    /// Wilma's nickname header (the subject).
+    pub nick_name: String,
+    pub display_name: String,
+    pub roles: String,
+    pub organizations: String,
+    pub tenant: String,
+}
+
+impl Default for IdentityHeaderNames {
+    fn default() -> Self {
+        IdentityHeaderNames {
+            subject: "x-auth-subject".into(),
+            kind: "x-auth-kind".into(),
+            nick_name: "x-nick-name".into(),
+            display_name: "x-display-name".into(),
+            roles: "x-roles".into(),
+            organizations: "x-organizations".into(),
+            tenant: "x-auth-tenant".into(),
+        }
+    }
+}
+
+/// Header names must be plain lowercase tokens: no pseudo-headers, nothing that changes how
+/// the request is routed or authenticated.
+fn check_name(name: &str) -> Result<(), String> {
+    const RESERVED: [&str; 8] = [
+        "authorization",
+        "x-auth-token",
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "cookie",
+    ];
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !valid {
+        return Err(format!(
+            "identity header name {name:?} must be lowercase letters, digits, '-' or '_'"
+        ));
+    }
+    if RESERVED.contains(&name) {
+        return Err(format!("identity header name {name:?} is reserved"));
+    }
+    Ok(())
+}
+
+impl IdentityHeaderNames {
+    pub fn all(&self) -> [&str; 7] {
+        [
+            &self.subject,
+            &self.kind,
+            &self.nick_name,
+            &self.display_name,
+            &self.roles,
+            &self.organizations,
+            &self.tenant,
+        ]
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let all = self.all();
+        for (i, name) in all.iter().enumerate() {
+            check_name(name)?;
+            if all[..i].contains(name) {
+                return Err(format!("identity header name {name:?} is used twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The headers to set for an identity. Absent facts produce no header.
+    pub fn render(&self, identity: &Identity) -> Vec<(String, String)> {
+        let kind = match identity.kind {
+            IdentityKind::Jwt => "jwt",
+            IdentityKind::OpaqueToken => "opaque_token",
+            IdentityKind::DeviceKey => "device_key",
+            IdentityKind::ClientCertificate => "client_certificate",
+        };
+        let mut out = vec![
+            (self.subject.clone(), encode_value(&identity.subject, false)),
+            (self.kind.clone(), kind.to_string()),
+            (
+                self.nick_name.clone(),
+                encode_value(&identity.subject, false),
+            ),
+        ];
+        if let Some(name) = &identity.display_name {
+            out.push((self.display_name.clone(), encode_value(name, false)));
+        }
+        if !identity.roles.is_empty() {
+            out.push((self.roles.clone(), encode_list(&identity.roles)));
+        }
+        if !identity.groups.is_empty() {
+            out.push((self.organizations.clone(), encode_list(&identity.groups)));
+        }
+        if let Some(tenant) = &identity.tenant {
+            out.push((self.tenant.clone(), encode_value(tenant, false)));
+        }
+        out
+    }
+}
+
+/// Percent-encodes what must not appear raw in a header value: control characters, `%`
+/// itself (so decoding is exact), and in list items the `,` separator. A claim value can never
+/// inject a header or an extra list item.
+pub fn encode_value(value: &str, in_list: bool) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c.is_control() || c == '%' || (in_list && c == ',') {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn encode_list(items: &[String]) -> String {
+    items
+        .iter()
+        .map(|i| encode_value(i, true))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilma_compatible_defaults() {
+        let names = IdentityHeaderNames::default();
+        assert!(names.validate().is_ok());
+        let mut id = Identity::new(IdentityKind::OpaqueToken, "alice");
+        id.display_name = Some("Alice A.".into());
+        id.roles = vec!["admin".into(), "operator".into()];
+        id.groups = vec!["city-a".into()];
+        let h = names.render(&id);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-nick-name"), Some("alice"));
+        assert_eq!(get("x-auth-subject"), Some("alice"));
+        assert_eq!(get("x-display-name"), Some("Alice A."));
+        assert_eq!(get("x-roles"), Some("admin,operator"));
+        assert_eq!(get("x-organizations"), Some("city-a"));
+        assert_eq!(get("x-auth-kind"), Some("opaque_token"));
+        assert_eq!(get("x-auth-tenant"), None);
+    }
+
+    #[test]
+    fn claim_values_cannot_inject_headers_or_list_items() {
+        let mut id = Identity::new(IdentityKind::Jwt, "eve\r\nx-roles: admin");
+        id.roles = vec!["user,admin".into(), "50%".into()];
+        let h = IdentityHeaderNames::default().render(&id);
+        for (_, v) in &h {
+            assert!(!v.chars().any(char::is_control), "{v:?}");
+        }
+        let roles = &h.iter().find(|(k, _)| k == "x-roles").unwrap().1;
+        assert_eq!(roles, "user%2Cadmin,50%25");
+        assert_eq!(roles.split(',').count(), 2);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let mut names = IdentityHeaderNames {
+            roles: "X-Roles".into(),
+            ..Default::default()
+        };
+        assert!(names.validate().unwrap_err().contains("lowercase"));
+        names.roles = "authorization".into();
+        assert!(names.validate().unwrap_err().contains("reserved"));
+        names.roles = "x-nick-name".into();
+        assert!(names.validate().unwrap_err().contains("twice"));
+        names.roles = ":path".into();
+        assert!(names.validate().is_err());
+    }
+}

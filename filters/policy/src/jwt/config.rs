@@ -1,0 +1,316 @@
+//! The configuration of one JWT provider, as it appears in a filter's JSON configuration.
+//! See the module documentation of [`crate::jwt`] for an example.
+
+use std::fmt;
+
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::algorithm::Algorithm;
+use super::error::ConfigError;
+use super::keys::{B64_STD_LENIENT, B64_URL_LENIENT};
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat` unless configured.
+pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 60;
+/// Largest clock skew a provider may configure.
+pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
+/// Token size limit unless configured.
+pub const DEFAULT_MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Bounds of the configurable token size limit.
+pub const MIN_MAX_TOKEN_BYTES: usize = 256;
+pub const MAX_MAX_TOKEN_BYTES: usize = 64 * 1024;
+/// JWKS refresh period unless configured, and its bounds.
+pub const DEFAULT_REFRESH_SECS: u64 = 600;
+pub const MIN_REFRESH_SECS: u64 = 30;
+pub const MAX_REFRESH_SECS: u64 = 86_400;
+
+/// One token issuer: how its tokens are verified and mapped onto an identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtProviderConfig {
+    /// The exact `iss` of the provider's tokens (and of its discovery document). Required.
+    pub issuer: String,
+    /// Accepted `aud` values; a token's `aud` (string or array) must contain one of them.
+    /// Empty: `aud` is not checked.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// The algorithm allow-list, e.g. `["RS256"]`. Required, non-empty. Supported: RS256,
+    /// RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512.
+    pub algorithms: Vec<String>,
+    /// Refuse tokens without `exp` (default true).
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (default 60, at most 300).
+    #[serde(default = "default_skew")]
+    pub clock_skew_secs: u64,
+    /// Largest token accepted, in bytes (default 8192, 256..=65536).
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Refuse tokens whose `exp - iat` (or `exp - now` without `iat`) is longer than this.
+    #[serde(default)]
+    pub max_lifetime_secs: Option<u64>,
+    /// How claims become the identity.
+    #[serde(default)]
+    pub claims: ClaimMappingConfig,
+    /// An inline JWKS: a JSON object, or a string holding one.
+    #[serde(default)]
+    pub jwks: Option<InlineJwks>,
+    /// One or more PEM public keys (RSA, EC P-256/P-384, Ed25519).
+    #[serde(default)]
+    pub pem: Option<String>,
+    /// An HMAC secret, base64 (standard or URL-safe alphabet, padding optional). It must
+    /// decode to at least the hash size of every HS algorithm allowed: 32 bytes for HS256,
+    /// 48 for HS384, 64 for HS512. (Generate one with `openssl rand -base64 32`.)
+    #[serde(default)]
+    pub hmac_secret: Option<HmacSecret>,
+    /// A JWKS the filter fetches and refreshes.
+    #[serde(default)]
+    pub remote: Option<RemoteJwksConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_skew() -> u64 {
+    DEFAULT_CLOCK_SKEW_SECS
+}
+
+fn default_max_token_bytes() -> usize {
+    DEFAULT_MAX_TOKEN_BYTES
+}
+
+fn default_refresh_secs() -> u64 {
+    DEFAULT_REFRESH_SECS
+}
+
+/// An inline JWKS, as a JSON object or as a string holding the JSON text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a JWKS object or a string holding JWKS JSON")]
+pub enum InlineJwks {
+    Text(String),
+    Document(Map<String, Value>),
+}
+
+/// An HMAC secret in base64. Its `Debug` output is redacted.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct HmacSecret(String);
+
+impl HmacSecret {
+    pub fn new(base64: impl Into<String>) -> HmacSecret {
+        HmacSecret(base64.into())
+    }
+
+    /// The secret bytes: standard or URL-safe base64, padding optional, surrounding
+    /// whitespace ignored.
+    pub fn decode(&self) -> Result<Vec<u8>, String> {
+        let text = self.0.trim();
+        B64_STD_LENIENT
+            .decode(text)
+            .or_else(|_| B64_URL_LENIENT.decode(text))
+            .map_err(|_| "is not valid base64".to_string())
+    }
+}
+
+impl fmt::Debug for HmacSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HmacSecret(<redacted>)")
+    }
+}
+
+/// Where the filter fetches the provider's JWKS (or its discovery document).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteJwksConfig {
+    /// The Envoy cluster to call.
+    pub cluster: String,
+    /// The request path: of the JWKS, or of the discovery document when `discovery` is true.
+    pub path: String,
+    /// The `:authority` of the request.
+    pub authority: String,
+    /// Refresh period in seconds (default 600, 30..=86400).
+    #[serde(default = "default_refresh_secs")]
+    pub refresh_secs: u64,
+    /// `path` is an OIDC discovery document whose `jwks_uri` names the JWKS.
+    #[serde(default)]
+    pub discovery: bool,
+}
+
+/// Which claims fill which identity fields. Paths are dot-separated object keys
+/// (`realm_access.roles`); a segment in double quotes may contain dots
+/// (`resource_access."my.app".roles`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimMappingConfig {
+    /// The subject claim (default `sub`). A token without it, as a non-empty string, is
+    /// refused.
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// Claims tried in order for the display name (default `name`, then
+    /// `preferred_username`).
+    #[serde(default = "default_display_name")]
+    pub display_name: Vec<String>,
+    /// Role claims, merged in order: arrays of strings, or space-separated strings (`scope`).
+    /// Default none: roles come only from claims the operator chose.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Group/organization claims, merged in order: arrays of strings, or single strings.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The tenant claim (a string), e.g. a FIWARE service.
+    #[serde(default)]
+    pub tenant: Option<String>,
+}
+
+fn default_subject() -> String {
+    "sub".into()
+}
+
+fn default_display_name() -> Vec<String> {
+    vec!["name".into(), "preferred_username".into()]
+}
+
+impl Default for ClaimMappingConfig {
+    fn default() -> Self {
+        ClaimMappingConfig {
+            subject: default_subject(),
+            display_name: default_display_name(),
+            roles: Vec::new(),
+            groups: Vec::new(),
+            tenant: None,
+        }
+    }
+}
+
+fn has_space_or_control(text: &str) -> bool {
+    text.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+impl JwtProviderConfig {
+    /// Checks the whole configuration, keys included, exactly as
+    /// [`JwtProvider::new`](super::JwtProvider::new) does.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        super::JwtProvider::new(self).map(|_| ())
+    }
+
+    /// The checks that need no key parsing; returns the allow-list, deduplicated.
+    pub(crate) fn check_fields(&self) -> Result<Vec<Algorithm>, ConfigError> {
+        if self.issuer.is_empty() {
+            return Err(ConfigError::new("issuer", "must not be empty"));
+        }
+        if self.issuer.trim() != self.issuer || self.issuer.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                "issuer",
+                "has leading/trailing whitespace or control characters",
+            ));
+        }
+        for (i, aud) in self.audiences.iter().enumerate() {
+            if aud.is_empty() {
+                return Err(ConfigError::new(
+                    format!("audiences[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+        let algorithms = self.check_algorithms()?;
+        if self.clock_skew_secs > MAX_CLOCK_SKEW_SECS {
+            return Err(ConfigError::new(
+                "clock_skew_secs",
+                format!(
+                    "{} s is more than the maximum of {MAX_CLOCK_SKEW_SECS} s",
+                    self.clock_skew_secs
+                ),
+            ));
+        }
+        if !(MIN_MAX_TOKEN_BYTES..=MAX_MAX_TOKEN_BYTES).contains(&self.max_token_bytes) {
+            return Err(ConfigError::new(
+                "max_token_bytes",
+                format!(
+                    "{} is outside {MIN_MAX_TOKEN_BYTES}..={MAX_MAX_TOKEN_BYTES}",
+                    self.max_token_bytes
+                ),
+            ));
+        }
+        if self.max_lifetime_secs == Some(0) {
+            return Err(ConfigError::new("max_lifetime_secs", "must be positive"));
+        }
+        if let Some(remote) = &self.remote {
+            remote.check()?;
+        }
+        Ok(algorithms)
+    }
+
+    fn check_algorithms(&self) -> Result<Vec<Algorithm>, ConfigError> {
+        if self.algorithms.is_empty() {
+            return Err(ConfigError::new(
+                "algorithms",
+                "must list at least one algorithm, e.g. [\"RS256\"]",
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, name) in self.algorithms.iter().enumerate() {
+            let field = format!("algorithms[{i}]");
+            if name.is_empty() {
+                return Err(ConfigError::new(field, "empty algorithm name"));
+            }
+            if name.eq_ignore_ascii_case("none") {
+                return Err(ConfigError::new(field, "\"none\" is never allowed"));
+            }
+            let alg = Algorithm::from_name(name).ok_or_else(|| {
+                let supported: Vec<&str> = Algorithm::ALL.iter().map(|a| a.name()).collect();
+                ConfigError::new(
+                    field,
+                    format!(
+                        "unknown algorithm {name:?}; supported: {}",
+                        supported.join(", ")
+                    ),
+                )
+            })?;
+            if !out.contains(&alg) {
+                out.push(alg);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RemoteJwksConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() || has_space_or_control(&self.cluster) {
+            return Err(ConfigError::new(
+                "remote.cluster",
+                "must be a non-empty cluster name without spaces",
+            ));
+        }
+        if !self.path.starts_with('/')
+            || has_space_or_control(&self.path)
+            || self.path.contains('#')
+        {
+            return Err(ConfigError::new(
+                "remote.path",
+                "must start with '/' and contain no spaces, control characters or '#'",
+            ));
+        }
+        if self.authority.is_empty()
+            || has_space_or_control(&self.authority)
+            || self.authority.contains(['/', '@', '?', '#'])
+        {
+            return Err(ConfigError::new(
+                "remote.authority",
+                "must be a host[:port] without spaces, '/', '@', '?' or '#'",
+            ));
+        }
+        if !(MIN_REFRESH_SECS..=MAX_REFRESH_SECS).contains(&self.refresh_secs) {
+            return Err(ConfigError::new(
+                "remote.refresh_secs",
+                format!(
+                    "{} is outside {MIN_REFRESH_SECS}..={MAX_REFRESH_SECS}",
+                    self.refresh_secs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,482 @@
+//! The token-auth decision engine: from a request's facts to an outcome the filter executes.
+//!
+//! It composes the pieces — public routes, credential extraction, device keys, mTLS identity,
+//! JWT providers, opaque-token introspection, the verified-token cache and the required roles —
+//! and stays pure: the filter passes in the time and the answers of the callouts it makes, and
+//! executes [`Outcome`]s. Every path ends in an allow with an identity, a deny with a reason, or
+//! a request for data (keys, introspection) after which the filter asks again.
+
+use serde::Deserialize;
+
+use crate::cache::VerdictCache;
+use crate::credentials::{Credential, CredentialConfig, FoundCredential, RequestView};
+use crate::decision::DenyReason;
+use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
+use crate::identity::Identity;
+use crate::identity_headers::IdentityHeaderNames;
+use crate::introspection::{HttpCall, IntrospectionConfig, Verdict};
+use crate::jwt::{peek_issuer, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
+use crate::mtls::{MtlsConfig, PeerCertificate};
+use crate::routes::PublicRoute;
+
+/// The filter's whole configuration (the JSON in Envoy's plugin `configuration`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenAuthConfig {
+    /// Where credentials are looked for, in order (default: Bearer, then X-Auth-Token).
+    #[serde(default)]
+    pub credentials: CredentialConfig,
+    /// JWT issuers, chosen by the token's `iss`.
+    #[serde(default)]
+    pub jwt_providers: Vec<JwtProviderConfig>,
+    /// Opaque tokens: RFC 7662 introspection or Keyrock.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
+    #[serde(default)]
+    pub device_keys: Option<DeviceKeysConfig>,
+    /// Identity from the client certificate, for requests without a credential.
+    #[serde(default)]
+    pub mtls: Option<MtlsConfig>,
+    #[serde(default)]
+    pub identity_headers: IdentityHeaderNames,
+    /// Forward the credential to the upstream (default: strip it; the broker trusts the
+    /// identity headers, and tokens in its logs are a liability).
+    #[serde(default)]
+    pub forward_token: bool,
+    #[serde(default)]
+    pub public_routes: Vec<PublicRoute>,
+    /// If not empty, the caller must have at least one of these roles (else 403: a valid
+    /// credential, not for this application).
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    /// The realm in `WWW-Authenticate` challenges.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+fn default_realm() -> String {
+    "iot".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Verified tokens kept per VM.
+    pub capacity: usize,
+    /// Longest a verified JWT stays cached (it never outlives its `exp`).
+    pub max_ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: 10_000,
+            max_ttl_secs: 300,
+        }
+    }
+}
+
+/// What the filter must do with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A public route: no identity, continue.
+    Public,
+    /// Authenticated: set the identity headers, remove the credential unless forwarded.
+    Allow {
+        identity: Identity,
+        /// Request headers to remove (the credential's), and the `:path` without a query
+        /// token, if it changes.
+        strip_headers: Vec<String>,
+        new_path: Option<String>,
+    },
+    /// Refused: the status, NGSI body and log line come from the reason.
+    Deny {
+        reason: DenyReason,
+        /// The `WWW-Authenticate` value, for 400/401/403.
+        challenge: Option<String>,
+    },
+    /// The keys of this issuer are not loaded (or a kid is unknown): fetch them, then ask
+    /// again with [`TokenAuth::authenticate`].
+    FetchKeys { issuer: String },
+    /// An opaque token: make this callout, then hand the answer to
+    /// [`TokenAuth::finish_introspection`].
+    Introspect { token: String, call: HttpCall },
+}
+
+/// A verdict as cached: identity or a (short-lived) refusal.
+#[derive(Debug, Clone, PartialEq)]
+enum Cached {
+    Allowed(Identity),
+    Refused(DenyReason),
+}
+
+/// The request facts the engine needs, read by the filter.
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// `:path` with its query.
+    pub path: &'a str,
+    /// Lowercase names; repeats kept.
+    pub headers: &'a [(String, String)],
+    /// The verified client certificate, if the connection has one.
+    pub peer: Option<PeerCertificate>,
+}
+
+/// The validated configuration and the per-VM state the decisions use.
+pub struct TokenAuth {
+    config: TokenAuthConfig,
+    jwt: JwtVerifier,
+    device_keys: Option<DeviceKeys>,
+    cache: VerdictCache<Cached>,
+}
+
+fn bad_config(what: &str, detail: impl std::fmt::Display) -> String {
+    format!("{what}: {detail}")
+}
+
+impl TokenAuth {
+    /// Validates everything; the message says what is wrong.
+    pub fn new(config: TokenAuthConfig) -> Result<Self, String> {
+        config
+            .credentials
+            .validate()
+            .map_err(|e| bad_config("credentials", e))?;
+        config.identity_headers.validate()?;
+        for route in &config.public_routes {
+            route.validate()?;
+        }
+        if let Some(intro) = &config.introspection {
+            intro
+                .validate()
+                .map_err(|e| bad_config("introspection", e))?;
+        }
+        let device_keys = config
+            .device_keys
+            .as_ref()
+            .map(DeviceKeys::new)
+            .transpose()?;
+        let wants_device_keys = config
+            .credentials
+            .sources
+            .iter()
+            .any(|s| matches!(s, crate::credentials::TokenSource::DeviceKey { .. }));
+        if wants_device_keys && device_keys.is_none() {
+            return Err(
+                "credentials has a device_key source but device_keys is not configured".into(),
+            );
+        }
+        let has_token_source = config
+            .credentials
+            .sources
+            .iter()
+            .any(|s| !matches!(s, crate::credentials::TokenSource::DeviceKey { .. }));
+        if has_token_source && config.jwt_providers.is_empty() && config.introspection.is_none() {
+            return Err(
+                "credentials look for tokens, but neither jwt_providers nor introspection is configured"
+                    .into(),
+            );
+        }
+        if config.realm.is_empty()
+            || config.realm.contains(['"', '\\'])
+            || config.realm.chars().any(char::is_control)
+        {
+            return Err(
+                "realm must be non-empty text without quotes, backslashes or control characters"
+                    .into(),
+            );
+        }
+        if config.cache.capacity == 0 {
+            return Err("cache.capacity must be at least 1".into());
+        }
+        let jwt =
+            JwtVerifier::new(&config.jwt_providers).map_err(|e| bad_config("jwt_providers", e))?;
+        Ok(TokenAuth {
+            cache: VerdictCache::new(config.cache.capacity),
+            jwt,
+            device_keys,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &TokenAuthConfig {
+        &self.config
+    }
+
+    pub fn jwt(&self) -> &JwtVerifier {
+        &self.jwt
+    }
+
+    /// Installs a fetched key set for an issuer.
+    pub fn set_remote_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String> {
+        let provider = self
+            .jwt
+            .provider_mut(issuer)
+            .ok_or_else(|| format!("no provider for issuer {issuer}"))?;
+        provider.set_remote_keys(keys).map_err(|e| e.to_string())?;
+        // Verdicts made with the old keys stay valid (they were true then); refusals made
+        // for lack of keys must not outlive the new keys.
+        self.cache.clear();
+        Ok(())
+    }
+
+    fn challenge(&self, error: Option<(&str, &str)>) -> String {
+        match error {
+            None => format!("Bearer realm=\"{}\"", self.config.realm),
+            Some((code, description)) => format!(
+                "Bearer realm=\"{}\", error=\"{code}\", error_description=\"{}\"",
+                self.config.realm,
+                description.replace(['"', '\\'], "'")
+            ),
+        }
+    }
+
+    fn deny(&self, reason: DenyReason) -> Outcome {
+        let code = match reason {
+            DenyReason::BadRequest(_) => Some("invalid_request"),
+            DenyReason::Unauthenticated(_) => Some("invalid_token"),
+            DenyReason::Forbidden(_) => Some("insufficient_scope"),
+            _ => None,
+        };
+        let challenge = code.map(|c| self.challenge(Some((c, reason.description()))));
+        Outcome::Deny { reason, challenge }
+    }
+
+    /// Allows `identity` if it has a required role, removing the credential as configured.
+    fn allow(&self, identity: Identity, found: Option<&FoundCredential>, path: &str) -> Outcome {
+        let required = &self.config.required_roles;
+        if !required.is_empty() && !required.iter().any(|r| identity.has_role(r)) {
+            return self.deny(DenyReason::Forbidden(
+                "the credential is valid but not for this application".into(),
+            ));
+        }
+        let (strip_headers, new_path) = match found {
+            Some(found) if !self.config.forward_token => {
+                let stripped = found.strip_from_path(path);
+                (found.headers(), (stripped != path).then_some(stripped))
+            }
+            _ => (Vec::new(), None),
+        };
+        Outcome::Allow {
+            identity,
+            strip_headers,
+            new_path,
+        }
+    }
+
+    /// Decides a request, or says what data is missing.
+    pub fn authenticate(&mut self, facts: &RequestFacts<'_>, now: u64) -> Outcome {
+        if self
+            .config
+            .public_routes
+            .iter()
+            .any(|r| r.matches(facts.method, facts.path))
+        {
+            return Outcome::Public;
+        }
+        let view = RequestView::new(facts.headers, facts.path);
+        let found = match self.config.credentials.extract(&view) {
+            Ok(found) => found,
+            Err(reason) => return self.deny(reason),
+        };
+        let Some(found) = found else {
+            // No credential: a verified client certificate may identify the caller.
+            if let (Some(mtls), Some(peer)) = (&self.config.mtls, &facts.peer) {
+                if let Some(identity) = mtls.identity(peer) {
+                    return self.allow(identity, None, facts.path);
+                }
+            }
+            return Outcome::Deny {
+                reason: DenyReason::Unauthenticated("missing credential".into()),
+                challenge: Some(self.challenge(None)),
+            };
+        };
+        match &found.credential {
+            Credential::DeviceKey { id, key } => {
+                let identity = self.device_keys.as_ref().and_then(|k| k.verify(id, key));
+                match identity {
+                    Some(identity) => self.allow(identity, Some(&found), facts.path),
+                    None => self.deny(DenyReason::Unauthenticated("invalid device key".into())),
+                }
+            }
+            Credential::Token(token) => {
+                let token = token.clone();
+                self.authenticate_token(&token, &found, facts.path, now)
+            }
+        }
+    }
+
+    fn authenticate_token(
+        &mut self,
+        token: &str,
+        found: &FoundCredential,
+        path: &str,
+        now: u64,
+    ) -> Outcome {
+        match self.cache.get(token, now) {
+            Some(Cached::Allowed(identity)) => return self.allow(identity, Some(found), path),
+            Some(Cached::Refused(reason)) => return self.deny(reason),
+            None => {}
+        }
+        let looks_like_jwt = token.split('.').count() == 3;
+        let issuer = if looks_like_jwt && !self.jwt.providers().is_empty() {
+            peek_issuer(token).ok()
+        } else {
+            None
+        };
+        let issuer_known = issuer
+            .as_deref()
+            .is_some_and(|iss| self.jwt.provider(iss).is_some());
+        if issuer_known {
+            return self.verify_jwt(token, found, path, now);
+        }
+        if let Some(intro) = &self.config.introspection {
+            return Outcome::Introspect {
+                token: token.to_string(),
+                call: intro.build_request(token, None),
+            };
+        }
+        let reason = if looks_like_jwt {
+            TokenError::UnknownIssuer.deny_reason()
+        } else {
+            DenyReason::Unauthenticated("invalid token".into())
+        };
+        self.deny(reason)
+    }
+
+    fn verify_jwt(
+        &mut self,
+        token: &str,
+        found: &FoundCredential,
+        path: &str,
+        now: u64,
+    ) -> Outcome {
+        match self.jwt.verify(token, now) {
+            Ok(verified) => {
+                self.cache.insert(
+                    token,
+                    Cached::Allowed(verified.identity.clone()),
+                    now,
+                    self.config.cache.max_ttl_secs,
+                    verified.expires_at,
+                );
+                self.allow(verified.identity, Some(found), path)
+            }
+            Err(TokenError::UnknownKid) | Err(TokenError::KeysUnavailable) => {
+                match peek_issuer(token) {
+                    Ok(issuer)
+                        if self
+                            .jwt
+                            .provider(&issuer)
+                            .is_some_and(|p| p.remote().is_some()) =>
+                    {
+                        Outcome::FetchKeys { issuer }
+                    }
+                    _ => self.deny(TokenError::UnknownKid.deny_reason()),
+                }
+            }
+            Err(e) => self.deny(e.deny_reason()),
+        }
+    }
+
+    /// After the keys could not be (re)fetched: decide with what is loaded. A token whose
+    /// key is still unknown is refused; if no keys at all are available, the IdP is down: 503.
+    pub fn authenticate_without_fetch(&mut self, facts: &RequestFacts<'_>, now: u64) -> Outcome {
+        match self.authenticate(facts, now) {
+            Outcome::FetchKeys { issuer } => {
+                let has_keys = self.jwt.provider(&issuer).is_some_and(|p| p.has_keys());
+                if has_keys {
+                    self.deny(TokenError::UnknownKid.deny_reason())
+                } else {
+                    Outcome::Deny {
+                        reason: DenyReason::Unavailable(
+                            "the identity provider's keys are not available".into(),
+                        ),
+                        challenge: None,
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Decides an opaque token from the introspection answer (`status` 0 = no answer).
+    /// Returns the outcome for every request waiting on this token.
+    pub fn finish_introspection(
+        &mut self,
+        token: &str,
+        status: u32,
+        body: &[u8],
+        now: u64,
+    ) -> IntrospectionOutcome {
+        let Some(intro) = self.config.introspection.clone() else {
+            return IntrospectionOutcome::Refused(DenyReason::Unavailable(
+                "introspection is not configured".into(),
+            ));
+        };
+        match intro.parse_response(status, body, now) {
+            Ok(verdict) => {
+                let ttl = intro.cache_ttl(&verdict);
+                match verdict {
+                    Verdict::Active(info) => {
+                        let identity = info.identity.clone();
+                        self.cache.insert(
+                            token,
+                            Cached::Allowed(identity.clone()),
+                            now,
+                            ttl,
+                            identity.expires_at,
+                        );
+                        IntrospectionOutcome::Allowed(identity)
+                    }
+                    other => {
+                        let reason = other
+                            .deny_reason()
+                            .unwrap_or_else(|| DenyReason::Unauthenticated("invalid token".into()));
+                        self.cache
+                            .insert(token, Cached::Refused(reason.clone()), now, ttl, None);
+                        IntrospectionOutcome::Refused(reason)
+                    }
+                }
+            }
+            // An IdP failure is never cached: the next request asks again.
+            Err(e) => IntrospectionOutcome::Refused(e.deny_reason()),
+        }
+    }
+
+    /// The outcome for one waiting request once its token's introspection is decided.
+    pub fn outcome_for(&self, decided: &IntrospectionOutcome, facts: &RequestFacts<'_>) -> Outcome {
+        match decided {
+            IntrospectionOutcome::Allowed(identity) => {
+                let view = RequestView::new(facts.headers, facts.path);
+                let found = self.config.credentials.extract(&view).ok().flatten();
+                self.allow(identity.clone(), found.as_ref(), facts.path)
+            }
+            IntrospectionOutcome::Refused(DenyReason::Unavailable(d)) => Outcome::Deny {
+                reason: DenyReason::Unavailable(d.clone()),
+                challenge: None,
+            },
+            IntrospectionOutcome::Refused(reason) => self.deny(reason.clone()),
+        }
+    }
+
+    /// Every identity header name, for stripping what the client sent.
+    pub fn identity_header_names(&self) -> [&str; 7] {
+        self.config.identity_headers.all()
+    }
+
+    pub fn render_identity(&self, identity: &Identity) -> Vec<(String, String)> {
+        self.config.identity_headers.render(identity)
+    }
+
+    pub fn cache_stats(&self) -> crate::cache::CacheStats {
+        self.cache.stats()
+    }
+}
+
+/// An introspection's decision, shared by every request that waited on the same token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IntrospectionOutcome {
+    Allowed(Identity),
+    Refused(DenyReason),
+}
