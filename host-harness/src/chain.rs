@@ -212,12 +212,32 @@ impl Chain {
         Ok(Ok(()))
     }
 
-    /// Advances the clock and fires the ticks it crosses, then answers what they started.
+    /// Advances the clock, stepping from tick to tick: each VM's ticks fire when due, and what
+    /// a tick starts (a key refresh, say) is answered before the next tick, as in Envoy.
     pub fn advance_clock(&mut self, millis: u64) {
-        self.shared.advance_nanos(millis * 1_000_000);
+        let target = self.shared.now_nanos().saturating_add(millis * 1_000_000);
+        for _ in 0..1_000_000 {
+            let next = self
+                .filters
+                .iter()
+                .filter_map(PluginVm::next_tick_nanos)
+                .min();
+            let Some(at) = next.filter(|at| *at <= target) else {
+                break;
+            };
+            let now = self.shared.now_nanos();
+            if at > now {
+                self.shared.advance_nanos(at - now);
+            }
+            let now = self.shared.now_nanos();
+            for vm in &mut self.filters {
+                let _ = vm.fire_ticks(now, 1);
+            }
+            self.pump_background();
+        }
         let now = self.shared.now_nanos();
-        for vm in &mut self.filters {
-            let _ = vm.fire_ticks(now, 10_000);
+        if target > now {
+            self.shared.advance_nanos(target - now);
         }
         self.pump_background();
     }

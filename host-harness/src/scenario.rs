@@ -58,6 +58,9 @@ pub struct FilterDef {
     /// The configuration must be rejected (every request then gets 503).
     #[serde(default)]
     pub expect_rejected: bool,
+    /// A log line written while the filter starts must contain this (e.g. why it refused its
+    /// configuration).
+    pub expect_log: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -74,6 +77,10 @@ pub struct ClusterDef {
 pub struct CannedResponse {
     pub method: Option<String>,
     pub path_prefix: Option<String>,
+    /// Matches only calls whose body contains this text (e.g. the token being introspected).
+    pub body_contains: Option<String>,
+    /// Answer at most this many calls, then let later entries match (e.g. key rotation).
+    pub times: Option<u32>,
     #[serde(default = "ok_status")]
     pub status: u32,
     #[serde(default)]
@@ -418,6 +425,7 @@ fn run(
     let clusters: HashSet<String> = scenario.clusters.keys().cloned().collect();
     let resolver = ScenarioResolver {
         clusters: scenario.clusters.clone(),
+        used: BTreeMap::new(),
     };
     let mut chain = Chain::new(
         runtime.clone(),
@@ -429,6 +437,7 @@ fn run(
     for def in &scenario.filters {
         let spec = plugin_spec(def, base, options)?;
         specs.push(spec.clone());
+        let logs_before = shared.log_count();
         let vm = chain.add_filter(spec)?;
         let rejected = !vm.is_serving();
         let mut failures = Vec::new();
@@ -440,6 +449,15 @@ fn run(
                     def.name
                 ),
             });
+        }
+        if let Some(want) = &def.expect_log {
+            let logs = shared.logs_since(logs_before);
+            if !logs.iter().any(|l| l.message.contains(want.as_str())) {
+                let seen: Vec<String> = logs.iter().map(|l| l.message.clone()).collect();
+                failures.push(format!(
+                    "no start-up log line contains {want:?}; logged {seen:?}"
+                ));
+            }
         }
         reports.push(StepReport {
             name: format!("load filter {}", def.name),
@@ -823,6 +841,8 @@ fn check_common(expect: &Expect, shared: &Shared, logs_before: usize, failures: 
 /// real HTTP server on loopback. Failures are delivered as Envoy delivers them.
 struct ScenarioResolver {
     clusters: BTreeMap<String, ClusterDef>,
+    /// How often each (cluster, response index) has answered.
+    used: BTreeMap<(String, usize), u32>,
 }
 
 /// Envoy answers a callout that timed out with a 504 of its own.
@@ -860,18 +880,25 @@ impl CalloutResolver for ScenarioResolver {
         }
         let method = header(&call.headers, ":method").unwrap_or_default();
         let path = header(&call.headers, ":path").unwrap_or_default();
-        let found = cluster.responses.iter().find(|r| {
+        let body = String::from_utf8_lossy(&call.body);
+        let found = cluster.responses.iter().enumerate().find(|(i, r)| {
+            let used = self.used.get(&(call.cluster.clone(), *i)).copied();
             r.method
                 .as_ref()
                 .is_none_or(|m| m.eq_ignore_ascii_case(&method))
                 && r.path_prefix
                     .as_ref()
                     .is_none_or(|p| path.starts_with(p.as_str()))
+                && r.body_contains
+                    .as_ref()
+                    .is_none_or(|b| body.contains(b.as_str()))
+                && r.times.is_none_or(|t| used.unwrap_or(0) < t)
         });
-        let Some(canned) = found else {
+        let Some((index, canned)) = found else {
             // No scripted answer: the cluster has no healthy host, as Envoy would say.
             return envoy_connect_failure();
         };
+        *self.used.entry((call.cluster.clone(), index)).or_insert(0) += 1;
         let timeout = call.timeout_ms as u64;
         if canned.fail.as_deref() == Some("timeout") || (timeout > 0 && canned.delay_ms >= timeout)
         {

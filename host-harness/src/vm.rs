@@ -440,6 +440,12 @@ impl PluginVm {
         r
     }
 
+    /// When this VM's next tick is due (ns), if it asked for ticks and is serving.
+    pub fn next_tick_nanos(&self) -> Option<u64> {
+        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
+        (period > 0 && self.is_serving()).then(|| self.last_tick_nanos + period)
+    }
+
     /// Fires `proxy_on_tick` for every tick period the clock has crossed (at most `max`).
     pub fn fire_ticks(&mut self, now_nanos: u64, max: u32) -> Result<u32, String> {
         let period = self.store.data().tick_period_ms as u64 * 1_000_000;
