@@ -15,7 +15,7 @@ use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::identity::Identity;
 use crate::identity_headers::IdentityHeaderNames;
 use crate::introspection::{HttpCall, IntrospectionConfig, Verdict};
-use crate::jwt::{peek_issuer, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
+use crate::jwt::{peek_issuer, JwtProvider, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
 use crate::mtls::{MtlsConfig, PeerCertificate};
 use crate::routes::PublicRoute;
 
@@ -126,7 +126,8 @@ pub struct RequestFacts<'a> {
 /// The validated configuration and the per-VM state the decisions use.
 pub struct TokenAuth {
     config: TokenAuthConfig,
-    jwt: JwtVerifier,
+    /// None when no JWT provider is configured (opaque tokens, device keys or mTLS only).
+    jwt: Option<JwtVerifier>,
     device_keys: Option<DeviceKeys>,
     cache: VerdictCache<Cached>,
 }
@@ -189,8 +190,14 @@ impl TokenAuth {
         if config.cache.capacity == 0 {
             return Err("cache.capacity must be at least 1".into());
         }
-        let jwt =
-            JwtVerifier::new(&config.jwt_providers).map_err(|e| bad_config("jwt_providers", e))?;
+        let jwt = if config.jwt_providers.is_empty() {
+            None
+        } else {
+            Some(
+                JwtVerifier::new(&config.jwt_providers)
+                    .map_err(|e| bad_config("jwt_providers", e))?,
+            )
+        };
         Ok(TokenAuth {
             cache: VerdictCache::new(config.cache.capacity),
             jwt,
@@ -203,15 +210,21 @@ impl TokenAuth {
         &self.config
     }
 
-    pub fn jwt(&self) -> &JwtVerifier {
-        &self.jwt
+    /// The configured JWT providers (none if only other credentials are configured).
+    pub fn providers(&self) -> &[JwtProvider] {
+        self.jwt.as_ref().map(|j| j.providers()).unwrap_or_default()
+    }
+
+    pub fn provider(&self, issuer: &str) -> Option<&JwtProvider> {
+        self.jwt.as_ref().and_then(|j| j.provider(issuer))
     }
 
     /// Installs a fetched key set for an issuer.
     pub fn set_remote_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String> {
         let provider = self
             .jwt
-            .provider_mut(issuer)
+            .as_mut()
+            .and_then(|j| j.provider_mut(issuer))
             .ok_or_else(|| format!("no provider for issuer {issuer}"))?;
         provider.set_remote_keys(keys).map_err(|e| e.to_string())?;
         // Verdicts made with the old keys stay valid (they were true then); refusals made
@@ -319,14 +332,14 @@ impl TokenAuth {
             None => {}
         }
         let looks_like_jwt = token.split('.').count() == 3;
-        let issuer = if looks_like_jwt && !self.jwt.providers().is_empty() {
+        let issuer = if looks_like_jwt && self.jwt.is_some() {
             peek_issuer(token).ok()
         } else {
             None
         };
         let issuer_known = issuer
             .as_deref()
-            .is_some_and(|iss| self.jwt.provider(iss).is_some());
+            .is_some_and(|iss| self.provider(iss).is_some());
         if issuer_known {
             return self.verify_jwt(token, found, path, now);
         }
@@ -351,7 +364,11 @@ impl TokenAuth {
         path: &str,
         now: u64,
     ) -> Outcome {
-        match self.jwt.verify(token, now) {
+        let verified = match &self.jwt {
+            Some(jwt) => jwt.verify(token, now),
+            None => Err(TokenError::UnknownIssuer),
+        };
+        match verified {
             Ok(verified) => {
                 self.cache.insert(
                     token,
@@ -364,12 +381,7 @@ impl TokenAuth {
             }
             Err(TokenError::UnknownKid) | Err(TokenError::KeysUnavailable) => {
                 match peek_issuer(token) {
-                    Ok(issuer)
-                        if self
-                            .jwt
-                            .provider(&issuer)
-                            .is_some_and(|p| p.remote().is_some()) =>
-                    {
+                    Ok(issuer) if self.provider(&issuer).is_some_and(|p| p.remote().is_some()) => {
                         Outcome::FetchKeys { issuer }
                     }
                     _ => self.deny(TokenError::UnknownKid.deny_reason()),
@@ -384,7 +396,7 @@ impl TokenAuth {
     pub fn authenticate_without_fetch(&mut self, facts: &RequestFacts<'_>, now: u64) -> Outcome {
         match self.authenticate(facts, now) {
             Outcome::FetchKeys { issuer } => {
-                let has_keys = self.jwt.provider(&issuer).is_some_and(|p| p.has_keys());
+                let has_keys = self.provider(&issuer).is_some_and(|p| p.has_keys());
                 if has_keys {
                     self.deny(TokenError::UnknownKid.deny_reason())
                 } else {

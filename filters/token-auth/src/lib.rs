@@ -1,0 +1,897 @@
+//! token-auth: the first filter of the chain. It authenticates every request and hands the
+//! caller's identity to the later filters and the broker as request headers, after removing
+//! any copy the client sent.
+//!
+//! The decisions are `policy::token_auth`'s; this crate only talks to Envoy: it reads the
+//! request, executes outcomes, and runs the callouts the engine asks for.
+//!
+//! Callouts. A JWKS fetch (per issuer) or an introspection (per token digest) is one *lookup*
+//! with a list of waiting streams: concurrent requests with the same token share one callout.
+//! The stream that starts a lookup makes the call (the SDK routes the answer to it) and, on the
+//! answer, resumes every waiter through `proxy_set_effective_context`. If that stream goes away
+//! first (Envoy then cancels its callout), the root context re-issues the lookup on its next
+//! tick, so no waiter is left behind. While a stream waits, its body and trailers are held
+//! (Pause), so nothing reaches the broker before the decision.
+//!
+//! Keys. Remote JWKS (optionally via OIDC discovery) are fetched at configure time, refreshed
+//! on a timer, and re-fetched once on an unknown `kid` (at most every 30 s per issuer). Fetched
+//! key sets go into Envoy shared data so every worker uses the same keys; a failed fetch keeps
+//! the last good set.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use policy::cache::{token_digest, TokenDigest};
+use policy::jwt::KeySet;
+use policy::mtls::PeerCertificate;
+use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
+use policy::DenyReason;
+use proxy_glue::{now_secs, parse_plugin_config, send_deny, string_property, Counter};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_glue::install_panic_hook();
+    proxy_wasm::set_root_context(|id| Box::new(Root { id, state: None }));
+}}
+
+/// Least time between two fetches of one issuer's keys triggered by unknown kids.
+const MIN_REFETCH_SECS: u64 = 30;
+/// Timeout of a JWKS or discovery fetch.
+const KEY_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
+
+struct Metrics {
+    allowed: Counter,
+    public: Counter,
+    denied_bad_request: Counter,
+    denied_unauthenticated: Counter,
+    denied_forbidden: Counter,
+    denied_unavailable: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    callouts: Counter,
+    callout_failures: Counter,
+    jwks_fetched: Counter,
+    jwks_failed: Counter,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let c = |name: &str| Counter::define(&format!("token_auth.{name}"));
+        Metrics {
+            allowed: c("allowed"),
+            public: c("public"),
+            denied_bad_request: c("denied.bad_request"),
+            denied_unauthenticated: c("denied.unauthenticated"),
+            denied_forbidden: c("denied.forbidden"),
+            denied_unavailable: c("denied.unavailable"),
+            cache_hits: c("cache.hit"),
+            cache_misses: c("cache.miss"),
+            callouts: c("callout.sent"),
+            callout_failures: c("callout.failed"),
+            jwks_fetched: c("jwks.fetched"),
+            jwks_failed: c("jwks.failed"),
+        }
+    }
+
+    fn denied(&self, reason: &DenyReason) -> &Counter {
+        match reason {
+            DenyReason::BadRequest(_) | DenyReason::PayloadTooLarge(_) => &self.denied_bad_request,
+            DenyReason::Unauthenticated(_) => &self.denied_unauthenticated,
+            DenyReason::Forbidden(_) => &self.denied_forbidden,
+            DenyReason::Unavailable(_) => &self.denied_unavailable,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LookupKey {
+    Keys(String),
+    Introspection(TokenDigest),
+}
+
+/// One callout-backed lookup and the streams waiting for it.
+struct Lookup {
+    /// The stream whose callout is in flight, or None when the root made it.
+    owner: Option<u32>,
+    in_flight: bool,
+    waiters: Vec<u32>,
+    /// The token being introspected (kept only while the lookup lives).
+    token: Option<String>,
+}
+
+/// What a callout token is for.
+#[derive(Debug, Clone)]
+enum Purpose {
+    Discovery(String),
+    Keys(String),
+    Introspection,
+}
+
+#[derive(Default)]
+struct IssuerKeys {
+    last_fetch: Option<u64>,
+    next_refresh: u64,
+    /// The cas of the shared-data entry these keys came from.
+    shared_cas: Option<u32>,
+}
+
+struct State {
+    auth: TokenAuth,
+    metrics: Metrics,
+    lookups: HashMap<LookupKey, Lookup>,
+    waiting: HashMap<u32, LookupKey>,
+    callouts: HashMap<u32, (LookupKey, Purpose)>,
+    issuers: HashMap<String, IssuerKeys>,
+    last_cache: policy::cache::CacheStats,
+}
+
+type Shared = Rc<RefCell<State>>;
+
+struct Root {
+    id: u32,
+    state: Option<Shared>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        if let Some(state) = &self.state {
+            handle_callout_response(state, self.id, token);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(config) = parse_plugin_config::<TokenAuthConfig>("token-auth") else {
+            return false;
+        };
+        let auth = match TokenAuth::new(config) {
+            Ok(auth) => auth,
+            Err(e) => {
+                log::error!("token-auth: configuration rejected: {e}");
+                return false;
+            }
+        };
+        let needs_ticks = auth.config().introspection.is_some()
+            || auth.providers().iter().any(|p| p.remote().is_some());
+        let state = Rc::new(RefCell::new(State {
+            auth,
+            metrics: Metrics::define(),
+            lookups: HashMap::new(),
+            waiting: HashMap::new(),
+            callouts: HashMap::new(),
+            issuers: HashMap::new(),
+            last_cache: Default::default(),
+        }));
+        self.state = Some(state.clone());
+        if needs_ticks {
+            self.set_tick_period(Duration::from_secs(1));
+        }
+        // Keys another worker already fetched, then the first fetch for issuers without keys.
+        let now = now_secs().unwrap_or(0);
+        sync_shared_keys(&state);
+        for issuer in remote_issuers(&state) {
+            let has_keys = state
+                .borrow()
+                .auth
+                .provider(&issuer)
+                .is_some_and(|p| p.has_keys());
+            if !has_keys {
+                start_key_fetch(&state, &issuer, None, now);
+            }
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        let Some(now) = now_secs() else { return };
+        sync_shared_keys(&state);
+        for issuer in remote_issuers(&state) {
+            let (due, in_flight) = {
+                let s = state.borrow();
+                let due = s.issuers.get(&issuer).is_none_or(|k| now >= k.next_refresh);
+                let in_flight = s
+                    .lookups
+                    .get(&LookupKey::Keys(issuer.clone()))
+                    .is_some_and(|l| l.in_flight);
+                (due, in_flight)
+            };
+            if due && !in_flight {
+                start_key_fetch(&state, &issuer, None, now);
+            }
+        }
+        // Lookups whose owning stream went away: the root asks again for the waiters.
+        let orphans: Vec<LookupKey> = state
+            .borrow()
+            .lookups
+            .iter()
+            .filter(|(_, l)| !l.in_flight && !l.waiters.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in orphans {
+            match key {
+                LookupKey::Keys(issuer) => {
+                    start_key_fetch(&state, &issuer, None, now);
+                }
+                LookupKey::Introspection(digest) => {
+                    let token = state
+                        .borrow()
+                        .lookups
+                        .get(&LookupKey::Introspection(digest))
+                        .and_then(|l| l.token.clone());
+                    if let Some(token) = token {
+                        start_introspection(&state, &token, None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            id: context_id,
+            state: self.state.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    id: u32,
+    state: Option<Shared>,
+}
+
+impl Context for Stream {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        _body: usize,
+        _trailers: usize,
+    ) {
+        if let Some(state) = &self.state {
+            handle_callout_response(state, self.id, token);
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(state) = &self.state {
+            forget_stream(state, self.id);
+        }
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        let Some(state) = self.state.clone() else {
+            send_deny(
+                &DenyReason::Unavailable("filter not configured".into()),
+                &[],
+            );
+            return Action::Pause;
+        };
+        strip_client_identity(&state);
+        decide(&state, self.id, true)
+    }
+
+    // While a decision is pending the body is held: answering Continue here would let the
+    // headers and body through before the check is done (Envoy's StopIteration semantics).
+    fn on_http_request_body(&mut self, _size: usize, _end_of_stream: bool) -> Action {
+        self.hold_while_waiting()
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        self.hold_while_waiting()
+    }
+}
+
+impl Stream {
+    fn hold_while_waiting(&self) -> Action {
+        let waiting = self
+            .state
+            .as_ref()
+            .is_some_and(|s| s.borrow().waiting.contains_key(&self.id));
+        if waiting {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+}
+
+/// Removes every identity header the client sent: only this filter sets them.
+fn strip_client_identity(state: &Shared) {
+    let names: Vec<String> = state
+        .borrow()
+        .auth
+        .identity_header_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    for name in names {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, None);
+    }
+}
+
+/// Reads the facts of the current (effective) stream's request.
+fn read_request(
+    state: &Shared,
+) -> (
+    String,
+    String,
+    Vec<(String, String)>,
+    Option<PeerCertificate>,
+) {
+    let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let method = get(":method");
+    let path = get(":path");
+    let wants_peer = state.borrow().auth.config().mtls.is_some();
+    let peer = (wants_peer && proxy_glue::bool_property(&["connection", "mtls"])).then(|| {
+        PeerCertificate {
+            subject: string_property(&["connection", "subject_peer_certificate"]),
+            uri_san: string_property(&["connection", "uri_san_peer_certificate"]),
+            dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
+        }
+    });
+    (method, path, headers, peer)
+}
+
+/// Decides the effective stream `ctx` and executes the outcome. `may_fetch` is false once a
+/// fetch for it has been tried: then it is decided with the keys at hand.
+fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
+    let Some(now) = now_secs() else {
+        return execute(
+            state,
+            ctx,
+            Outcome::Deny {
+                reason: DenyReason::Unavailable("no clock".into()),
+                challenge: None,
+            },
+        );
+    };
+    let (method, path, headers, peer) = read_request(state);
+    let facts = RequestFacts {
+        method: &method,
+        path: &path,
+        headers: &headers,
+        peer,
+    };
+    let outcome = {
+        let mut s = state.borrow_mut();
+        let outcome = if may_fetch {
+            s.auth.authenticate(&facts, now)
+        } else {
+            s.auth.authenticate_without_fetch(&facts, now)
+        };
+        count_cache(&mut s);
+        outcome
+    };
+    match outcome {
+        Outcome::FetchKeys { issuer } => {
+            let recently = state
+                .borrow()
+                .issuers
+                .get(&issuer)
+                .and_then(|k| k.last_fetch)
+                .is_some_and(|t| now < t + MIN_REFETCH_SECS);
+            let in_flight = state
+                .borrow()
+                .lookups
+                .get(&LookupKey::Keys(issuer.clone()))
+                .is_some_and(|l| l.in_flight);
+            if recently && !in_flight {
+                return decide(state, ctx, false);
+            }
+            wait_for(state, ctx, LookupKey::Keys(issuer.clone()), None);
+            if !in_flight && !start_key_fetch(state, &issuer, Some(ctx), now) {
+                return decide(state, ctx, false);
+            }
+            Action::Pause
+        }
+        Outcome::Introspect { token, .. } => {
+            let key = LookupKey::Introspection(token_digest(&token));
+            let in_flight = state
+                .borrow()
+                .lookups
+                .get(&key)
+                .is_some_and(|l| l.in_flight);
+            wait_for(state, ctx, key.clone(), Some(token.clone()));
+            if !in_flight && !start_introspection(state, &token, Some(ctx)) {
+                let outcome = Outcome::Deny {
+                    reason: DenyReason::Unavailable(
+                        "the identity provider cannot be reached".into(),
+                    ),
+                    challenge: None,
+                };
+                state.borrow_mut().waiting.remove(&ctx);
+                return execute(state, ctx, outcome);
+            }
+            Action::Pause
+        }
+        other => execute(state, ctx, other),
+    }
+}
+
+fn count_cache(s: &mut State) {
+    let stats = s.auth.cache_stats();
+    s.metrics
+        .cache_hits
+        .add(stats.hits.saturating_sub(s.last_cache.hits));
+    s.metrics
+        .cache_misses
+        .add(stats.misses.saturating_sub(s.last_cache.misses));
+    s.last_cache = stats;
+}
+
+/// Executes a final outcome on the effective stream; returns the action for its callback.
+fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
+    let s = state.borrow();
+    match outcome {
+        Outcome::Public => {
+            s.metrics.public.inc();
+            log::info!("token-auth: ctx={ctx} decision=allow public route");
+            Action::Continue
+        }
+        Outcome::Allow {
+            identity,
+            strip_headers,
+            new_path,
+        } => {
+            for name in &strip_headers {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+            }
+            if let Some(path) = &new_path {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(path));
+            }
+            for (name, value) in s.auth.render_identity(&identity) {
+                if hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, Some(&value))
+                    .is_err()
+                {
+                    // Without its identity headers the request must not go on.
+                    drop(s);
+                    return execute(
+                        state,
+                        ctx,
+                        Outcome::Deny {
+                            reason: DenyReason::Unavailable("cannot set identity".into()),
+                            challenge: None,
+                        },
+                    );
+                }
+            }
+            s.metrics.allowed.inc();
+            log::info!(
+                "token-auth: ctx={ctx} decision=allow subject={} kind={:?}",
+                identity.subject,
+                identity.kind
+            );
+            Action::Continue
+        }
+        Outcome::Deny { reason, challenge } => {
+            s.metrics.denied(&reason).inc();
+            log::info!("token-auth: ctx={ctx} decision=deny {reason}");
+            let extra: Vec<(&str, &str)> = challenge
+                .as_deref()
+                .map(|c| vec![("www-authenticate", c)])
+                .unwrap_or_default();
+            send_deny(&reason, &extra);
+            Action::Pause
+        }
+        // Data requests are handled by `decide`; reaching here is a bug: fail closed.
+        Outcome::FetchKeys { .. } | Outcome::Introspect { .. } => {
+            let reason = DenyReason::Unavailable("internal error".into());
+            s.metrics.denied(&reason).inc();
+            send_deny(&reason, &[]);
+            Action::Pause
+        }
+    }
+}
+
+fn wait_for(state: &Shared, ctx: u32, key: LookupKey, token: Option<String>) {
+    let mut s = state.borrow_mut();
+    let lookup = s.lookups.entry(key.clone()).or_insert(Lookup {
+        owner: None,
+        in_flight: false,
+        waiters: Vec::new(),
+        token: None,
+    });
+    if !lookup.waiters.contains(&ctx) {
+        lookup.waiters.push(ctx);
+    }
+    if token.is_some() {
+        lookup.token = token;
+    }
+    s.waiting.insert(ctx, key);
+}
+
+fn dispatch(
+    state: &Shared,
+    cluster: &str,
+    headers: Vec<(&str, &str)>,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Option<u32> {
+    match hostcalls::dispatch_http_call(cluster, headers, body, vec![], timeout) {
+        Ok(token) => {
+            state.borrow().metrics.callouts.inc();
+            Some(token)
+        }
+        Err(status) => {
+            state.borrow().metrics.callout_failures.inc();
+            log::error!("token-auth: cannot call cluster {cluster}: {status:?}");
+            None
+        }
+    }
+}
+
+/// Starts fetching an issuer's keys (discovery first if configured). `owner` is the stream
+/// making the call (None: the root). Returns false if the call could not be made.
+fn start_key_fetch(state: &Shared, issuer: &str, owner: Option<u32>, now: u64) -> bool {
+    let Some(remote) = state
+        .borrow()
+        .auth
+        .provider(issuer)
+        .and_then(|p| p.remote().cloned())
+    else {
+        return false;
+    };
+    let purpose = if remote.discovery {
+        Purpose::Discovery(issuer.to_string())
+    } else {
+        Purpose::Keys(issuer.to_string())
+    };
+    let headers = vec![
+        (":method", "GET"),
+        (":path", remote.path.as_str()),
+        (":authority", remote.authority.as_str()),
+        ("accept", "application/json"),
+    ];
+    let key = LookupKey::Keys(issuer.to_string());
+    {
+        let mut s = state.borrow_mut();
+        let entry = s.issuers.entry(issuer.to_string()).or_default();
+        entry.last_fetch = Some(now);
+        entry.next_refresh = now + remote.refresh_secs;
+    }
+    let Some(token) = dispatch(state, &remote.cluster, headers, None, KEY_FETCH_TIMEOUT) else {
+        return false;
+    };
+    let mut s = state.borrow_mut();
+    s.callouts.insert(token, (key.clone(), purpose));
+    let lookup = s.lookups.entry(key).or_insert(Lookup {
+        owner: None,
+        in_flight: false,
+        waiters: Vec::new(),
+        token: None,
+    });
+    lookup.owner = owner;
+    lookup.in_flight = true;
+    true
+}
+
+fn start_introspection(state: &Shared, token: &str, owner: Option<u32>) -> bool {
+    let Some(intro) = state.borrow().auth.config().introspection.clone() else {
+        return false;
+    };
+    let call = intro.build_request(token, None);
+    let body = (!call.body.is_empty()).then_some(call.body.as_slice());
+    let Some(callout) = dispatch(
+        state,
+        &call.cluster,
+        call.envoy_headers(),
+        body,
+        Duration::from_millis(call.timeout_ms),
+    ) else {
+        return false;
+    };
+    let digest = token_digest(token);
+    let key = LookupKey::Introspection(digest);
+    let mut s = state.borrow_mut();
+    s.callouts
+        .insert(callout, (key.clone(), Purpose::Introspection));
+    if let Some(lookup) = s.lookups.get_mut(&key) {
+        lookup.owner = owner;
+        lookup.in_flight = true;
+    }
+    true
+}
+
+/// The answer to one of our callouts arrived in context `current`.
+fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
+    let Some((key, purpose)) = state.borrow_mut().callouts.remove(&callout) else {
+        return;
+    };
+    // Zero headers: the call was reset. Any non-2xx is a failure too.
+    let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+    let status: u32 = headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::HttpCallResponseBody,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_default();
+    if !(200..300).contains(&status) {
+        state.borrow().metrics.callout_failures.inc();
+    }
+    let now = now_secs().unwrap_or(0);
+    match purpose {
+        Purpose::Discovery(issuer) => {
+            let next = (200..300)
+                .contains(&status)
+                .then(|| discovered_jwks(state, &issuer, &body))
+                .flatten();
+            match next {
+                Some((authority, path)) => {
+                    if follow_discovery(state, &key, &issuer, &authority, &path) {
+                        return;
+                    }
+                    key_fetch_done(state, current, &key, &issuer, None)
+                }
+                None => key_fetch_done(state, current, &key, &issuer, None),
+            }
+        }
+        Purpose::Keys(issuer) => {
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let ok = (200..300).contains(&status).then_some(text);
+            key_fetch_done(state, current, &key, &issuer, ok)
+        }
+        Purpose::Introspection => {
+            let token = state
+                .borrow()
+                .lookups
+                .get(&key)
+                .and_then(|l| l.token.clone());
+            let Some(token) = token else { return };
+            let decided = state
+                .borrow_mut()
+                .auth
+                .finish_introspection(&token, status, &body, now);
+            let waiters = take_waiters(state, &key);
+            for ctx in waiters {
+                on_stream(current, ctx, || {
+                    let (method, path, headers, peer) = read_request(state);
+                    let facts = RequestFacts {
+                        method: &method,
+                        path: &path,
+                        headers: &headers,
+                        peer,
+                    };
+                    let outcome = match &decided {
+                        IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
+                            state.borrow().auth.outcome_for(&decided, &facts)
+                        }
+                    };
+                    if execute(state, ctx, outcome) == Action::Continue {
+                        let _ = hostcalls::resume_http_request();
+                    }
+                });
+            }
+        }
+    }
+}
+
+fn discovered_jwks(state: &Shared, issuer: &str, body: &[u8]) -> Option<(String, String)> {
+    let text = String::from_utf8_lossy(body);
+    let s = state.borrow();
+    let provider = s.auth.provider(issuer)?;
+    match provider
+        .check_discovery(&text)
+        .and_then(|d| d.jwks_location())
+    {
+        Ok(url) => Some((url.authority, url.path)),
+        Err(e) => {
+            log::warn!("token-auth: discovery document for {issuer} rejected: {e}");
+            None
+        }
+    }
+}
+
+fn follow_discovery(
+    state: &Shared,
+    key: &LookupKey,
+    issuer: &str,
+    authority: &str,
+    path: &str,
+) -> bool {
+    let Some(cluster) = state
+        .borrow()
+        .auth
+        .provider(issuer)
+        .and_then(|p| p.remote().map(|r| r.cluster.clone()))
+    else {
+        return false;
+    };
+    let headers = vec![
+        (":method", "GET"),
+        (":path", path),
+        (":authority", authority),
+        ("accept", "application/json"),
+    ];
+    match dispatch(state, &cluster, headers, None, KEY_FETCH_TIMEOUT) {
+        Some(token) => {
+            state
+                .borrow_mut()
+                .callouts
+                .insert(token, (key.clone(), Purpose::Keys(issuer.to_string())));
+            true
+        }
+        None => false,
+    }
+}
+
+/// A key fetch ended (`jwks` None: it failed). Installs the keys, shares them with the other
+/// workers, and decides every stream that waited for them.
+fn key_fetch_done(
+    state: &Shared,
+    current: u32,
+    key: &LookupKey,
+    issuer: &str,
+    jwks: Option<String>,
+) {
+    let installed = jwks.and_then(|text| match KeySet::from_jwks_json(&text) {
+        Ok(keys) => match state.borrow_mut().auth.set_remote_keys(issuer, keys) {
+            Ok(()) => Some(text),
+            Err(e) => {
+                log::warn!("token-auth: keys for {issuer} rejected: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            log::warn!("token-auth: JWKS for {issuer} rejected: {e}");
+            None
+        }
+    });
+    match installed {
+        Some(text) => {
+            state.borrow().metrics.jwks_fetched.inc();
+            log::info!("token-auth: keys for {issuer} loaded");
+            let shared_key = format!("{SHARED_KEYS_PREFIX}{issuer}");
+            if hostcalls::set_shared_data(&shared_key, Some(text.as_bytes()), None).is_ok() {
+                if let Ok((_, cas)) = hostcalls::get_shared_data(&shared_key) {
+                    state
+                        .borrow_mut()
+                        .issuers
+                        .entry(issuer.to_string())
+                        .or_default()
+                        .shared_cas = cas;
+                }
+            }
+        }
+        None => {
+            state.borrow().metrics.jwks_failed.inc();
+            log::warn!("token-auth: fetching keys for {issuer} failed; keeping the last good set");
+        }
+    }
+    for ctx in take_waiters(state, key) {
+        on_stream(current, ctx, || {
+            if decide(state, ctx, false) == Action::Continue {
+                let _ = hostcalls::resume_http_request();
+            }
+        });
+    }
+}
+
+/// Ends a lookup and returns its waiters (they are no longer waiting).
+fn take_waiters(state: &Shared, key: &LookupKey) -> Vec<u32> {
+    let mut s = state.borrow_mut();
+    let waiters = s.lookups.remove(key).map(|l| l.waiters).unwrap_or_default();
+    for w in &waiters {
+        s.waiting.remove(w);
+    }
+    waiters
+}
+
+/// Runs `f` with `ctx` as the effective context, then restores `current`. A stream that no
+/// longer exists is skipped.
+fn on_stream(current: u32, ctx: u32, f: impl FnOnce()) {
+    if ctx != current && hostcalls::set_effective_context(ctx).is_err() {
+        return;
+    }
+    f();
+    if ctx != current {
+        let _ = hostcalls::set_effective_context(current);
+    }
+}
+
+/// A stream ended: it waits for nothing, and a lookup it owned becomes the root's to finish.
+fn forget_stream(state: &Shared, ctx: u32) {
+    let mut s = state.borrow_mut();
+    if let Some(key) = s.waiting.remove(&ctx) {
+        if let Some(lookup) = s.lookups.get_mut(&key) {
+            lookup.waiters.retain(|w| *w != ctx);
+        }
+    }
+    let orphaned: Vec<LookupKey> = s
+        .lookups
+        .iter()
+        .filter(|(_, l)| l.owner == Some(ctx))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for key in orphaned {
+        // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.
+        s.callouts.retain(|_, (k, _)| *k != key);
+        let empty = match s.lookups.get_mut(&key) {
+            Some(lookup) => {
+                lookup.owner = None;
+                lookup.in_flight = false;
+                lookup.waiters.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            s.lookups.remove(&key);
+        }
+    }
+}
+
+fn remote_issuers(state: &Shared) -> Vec<String> {
+    state
+        .borrow()
+        .auth
+        .providers()
+        .iter()
+        .filter(|p| p.remote().is_some())
+        .map(|p| p.issuer().to_string())
+        .collect()
+}
+
+/// Loads key sets other workers fetched (shared data), when they changed.
+fn sync_shared_keys(state: &Shared) {
+    for issuer in remote_issuers(state) {
+        let shared_key = format!("{SHARED_KEYS_PREFIX}{issuer}");
+        let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&shared_key) else {
+            continue;
+        };
+        let known = state
+            .borrow()
+            .issuers
+            .get(&issuer)
+            .and_then(|k| k.shared_cas);
+        if cas.is_some() && cas == known {
+            continue;
+        }
+        let Ok(keys) = KeySet::from_jwks_json(&String::from_utf8_lossy(&bytes)) else {
+            continue;
+        };
+        let mut s = state.borrow_mut();
+        if s.auth.set_remote_keys(&issuer, keys).is_ok() {
+            s.issuers.entry(issuer.clone()).or_default().shared_cas = cas;
+        }
+    }
+}
