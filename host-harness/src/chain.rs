@@ -147,7 +147,14 @@ pub struct Chain {
     pub filters: Vec<PluginVm>,
     pub resolver: Box<dyn CalloutResolver>,
     next_connection_id: u64,
+    /// Every callout answered, in order.
+    callout_log: Vec<CalloutRecord>,
+    /// Actions a guest took on another stream than the one being called back.
+    spilled: Vec<(usize, u32, Deferred)>,
 }
+
+/// How long a waiting stream lets time pass for ticks before it counts as stalled.
+const IDLE_LIMIT_NANOS: u64 = 15_000_000_000;
 
 /// Per-stream bookkeeping of the HTTP driver.
 struct HttpRun {
@@ -157,7 +164,10 @@ struct HttpRun {
     outcome: HttpOutcome,
     upstream: UpstreamRequest,
     response_started: bool,
+    /// The client has its answer (or the stream was reset or failed).
     ended: bool,
+    /// The filter contexts were ended (done, log, delete).
+    finished: bool,
 }
 
 impl Chain {
@@ -174,6 +184,8 @@ impl Chain {
             filters: Vec::new(),
             resolver,
             next_connection_id: 0,
+            callout_log: Vec::new(),
+            spilled: Vec::new(),
         }
     }
 
@@ -307,6 +319,49 @@ impl Chain {
 
     /// Sends one HTTP request through the chain; `upstream` answers if it gets there.
     pub fn http(&mut self, request: HttpRequest, upstream: &UpstreamResponse) -> HttpOutcome {
+        let mut outcomes = self.http_concurrent(vec![(request, false)], upstream);
+        outcomes.pop().unwrap_or_default()
+    }
+
+    /// Sends several requests at once: every request's downstream data arrives first (in
+    /// order), then callouts are answered, so streams can share or wait on each other's
+    /// callouts. A request marked `true` is abandoned by its client before any callout is
+    /// answered (Envoy then ends its filter contexts and cancels their callouts).
+    pub fn http_concurrent(
+        &mut self,
+        requests: Vec<(HttpRequest, bool)>,
+        upstream: &UpstreamResponse,
+    ) -> Vec<HttpOutcome> {
+        let log_start = self.callout_log.len();
+        let mut runs: Vec<HttpRun> = requests.iter().map(|(r, _)| self.start_stream(r)).collect();
+        for (run, (request, _)) in runs.iter_mut().zip(&requests) {
+            if !run.ended {
+                self.send_request(run, request);
+            }
+        }
+        self.route_spilled(&mut runs);
+        for (run, (_, abandon)) in runs.iter_mut().zip(&requests) {
+            if *abandon && !run.ended {
+                run.outcome.reset = true;
+                run.ended = true;
+                self.finish_http(run);
+            }
+        }
+        self.settle(&mut runs, upstream);
+        let made = self.callout_log[log_start..].to_vec();
+        runs.into_iter()
+            .map(|mut run| {
+                if !run.finished {
+                    self.finish_http(&mut run);
+                }
+                run.outcome.callouts = made.clone();
+                run.outcome
+            })
+            .collect()
+    }
+
+    /// Creates a stream's contexts in every filter (or fails it closed).
+    fn start_stream(&mut self, request: &HttpRequest) -> HttpRun {
         let mut properties = request.properties.clone();
         self.connection_properties(&mut properties);
         add_request_properties(&request.headers, &mut properties, self.shared.now_nanos());
@@ -328,13 +383,14 @@ impl Chain {
             upstream: UpstreamRequest::default(),
             response_started: false,
             ended: false,
+            finished: false,
         };
-
         // Envoy fails closed when a plugin is not serving (rejected config or failed VM).
         if let Some(vm) = self.filters.iter().find(|vm| !vm.is_serving()) {
             let why = format!("plugin {} not serving", vm.spec.name);
             self.fail_stream(&mut run, &why);
-            return run.outcome;
+            run.finished = true;
+            return run;
         }
         for i in 0..n {
             match self.filters[i].create_stream(data.clone()) {
@@ -342,15 +398,19 @@ impl Chain {
                 Err(why) => {
                     self.fail_stream(&mut run, &why);
                     self.finish_http(&mut run);
-                    return run.outcome;
+                    return run;
                 }
             }
         }
+        run
+    }
 
+    /// Delivers the request's headers, body chunks and trailers, as the client sends them.
+    fn send_request(&mut self, run: &mut HttpRun, request: &HttpRequest) {
         let has_body = request.body.iter().any(|c| !c.is_empty());
         let has_trailers = !request.trailers.is_empty();
         self.deliver(
-            &mut run,
+            run,
             Dir::Request,
             0,
             Frame::Headers {
@@ -361,7 +421,7 @@ impl Chain {
         for (i, chunk) in chunks.iter().enumerate() {
             let eos = i + 1 == chunks.len() && !has_trailers;
             self.deliver(
-                &mut run,
+                run,
                 Dir::Request,
                 0,
                 Frame::Data {
@@ -371,34 +431,39 @@ impl Chain {
             );
         }
         if has_trailers {
-            lock(&data).request_trailers = request
+            lock(&run.data).request_trailers = request
                 .trailers
                 .iter()
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                 .collect();
-            self.deliver(&mut run, Dir::Request, 0, Frame::Trailers);
+            self.deliver(run, Dir::Request, 0, Frame::Trailers);
         }
-        self.settle(&mut run, upstream);
-        self.finish_http(&mut run);
-        run.outcome
     }
 
-    /// Answers callouts and starts the response, until the stream ends or nothing moves.
-    fn settle(&mut self, run: &mut HttpRun, upstream: &UpstreamResponse) {
-        for _ in 0..10_000 {
-            if run.ended {
+    /// Answers callouts and starts responses until every stream ended or nothing moves.
+    /// When nothing moves but a VM has a tick period, time passes (tick by tick, up to
+    /// Envoy's default route timeout of 15 s), as it would for a waiting client.
+    fn settle(&mut self, runs: &mut [HttpRun], upstream: &UpstreamResponse) {
+        let deadline = self.shared.now_nanos() + IDLE_LIMIT_NANOS;
+        for _ in 0..100_000 {
+            self.route_spilled(runs);
+            if runs.iter().all(|r| r.ended) {
                 return;
             }
-            if run.upstream.complete && !run.response_started {
+            if let Some(run) = runs
+                .iter_mut()
+                .find(|r| !r.ended && r.upstream.complete && !r.response_started)
+            {
                 run.response_started = true;
                 self.start_upstream_response(run, upstream);
                 continue;
             }
-            if !self.answer_one_callout(run) {
-                break;
+            if self.answer_one_callout(runs) || self.tick_once(deadline) {
+                continue;
             }
+            break;
         }
-        if !run.ended {
+        for run in runs.iter_mut().filter(|r| !r.ended) {
             run.outcome.stalled = true;
             self.shared.log(
                 "host-harness",
@@ -408,17 +473,40 @@ impl Chain {
         }
     }
 
-    fn answer_one_callout(&mut self, run: &mut HttpRun) -> bool {
+    /// Moves the clock to the next tick (if before `deadline`) and fires it. Callouts it
+    /// starts are answered by the caller's loop, with their stream actions routed.
+    fn tick_once(&mut self, deadline: u64) -> bool {
+        let next = self
+            .filters
+            .iter()
+            .filter_map(PluginVm::next_tick_nanos)
+            .min();
+        let Some(at) = next.filter(|at| *at <= deadline) else {
+            return false;
+        };
+        let now = self.shared.now_nanos();
+        if at > now {
+            self.shared.advance_nanos(at - now);
+        }
+        let now = self.shared.now_nanos();
+        for vm in &mut self.filters {
+            let _ = vm.fire_ticks(now, 1);
+        }
+        true
+    }
+
+    /// Answers the oldest pending callout of the first VM that has one, then applies what the
+    /// guest did in response to whichever streams it acted on.
+    fn answer_one_callout(&mut self, runs: &mut [HttpRun]) -> bool {
         for i in 0..self.filters.len() {
             let calls = self.filters[i].take_pending_calls();
             if calls.is_empty() {
                 continue;
             }
-            // Answer the first; give the rest back in order.
             let mut calls = calls.into_iter();
             let Some(call) = calls.next() else { continue };
             self.filters[i].state_mut().pending_calls.extend(calls);
-            run.outcome.callouts.push(CalloutRecord {
+            self.callout_log.push(CalloutRecord {
                 cluster: call.cluster.clone(),
                 headers: call.headers.clone(),
                 body: call.body.clone(),
@@ -430,13 +518,39 @@ impl Chain {
                 answer_to_response(answer),
             );
             if let Err(why) = delivered {
-                self.fail_stream(run, &why);
+                // The VM failed: every stream still going through it fails closed.
+                for run in runs.iter_mut().filter(|r| !r.ended) {
+                    self.fail_stream(run, &why);
+                }
                 return true;
             }
-            self.apply_deferred(run, i);
+            let actions = self.filters[i].take_deferred();
+            self.route_actions(runs, i, actions);
             return true;
         }
         false
+    }
+
+    /// Applies actions a VM deferred to the streams they name (by that VM's context id).
+    fn route_actions(&mut self, runs: &mut [HttpRun], i: usize, actions: Vec<(u32, Deferred)>) {
+        for (ctx, action) in actions {
+            if let Some(run) = runs
+                .iter_mut()
+                .find(|r| !r.ended && r.ctx.get(i) == Some(&ctx))
+            {
+                self.apply_action(run, i, action);
+            }
+        }
+    }
+
+    /// Actions a guest took on another stream during one stream's callback.
+    fn route_spilled(&mut self, runs: &mut [HttpRun]) {
+        while !self.spilled.is_empty() {
+            let spilled = std::mem::take(&mut self.spilled);
+            for (i, ctx, action) in spilled {
+                self.route_actions(runs, i, vec![(ctx, action)]);
+            }
+        }
     }
 
     fn start_upstream_response(&mut self, run: &mut HttpRun, upstream: &UpstreamResponse) {
@@ -678,41 +792,48 @@ impl Chain {
         Some(action == Action::Continue || resumed)
     }
 
-    /// Applies a filter's deferred actions. Returns true if it asked to continue the
-    /// direction it is currently stopped in (used by the callback that made the request).
+    /// Applies a filter's deferred actions for `run`; actions on other streams wait in the
+    /// spill queue. Returns true if it asked to continue the direction it is not stopped in
+    /// (the callback that made the request then continues).
     fn apply_deferred(&mut self, run: &mut HttpRun, i: usize) -> bool {
         let mut resumed = false;
         for (ctx, action) in self.filters[i].take_deferred() {
-            if run.ended || run.ctx.get(i) != Some(&ctx) {
-                continue;
-            }
-            match action {
-                Deferred::LocalResponse(reply) => {
-                    self.local_reply(run, reply);
-                }
-                Deferred::Continue(stream) => {
-                    let dir = match stream {
-                        StreamType::Request => Dir::Request,
-                        StreamType::Response => Dir::Response,
-                        _ => continue,
-                    };
-                    let k = match dir {
-                        Dir::Request => i,
-                        Dir::Response => self.filters.len() - 1 - i,
-                    };
-                    if run.holds[dir as usize][k].stopped {
-                        self.release(run, dir, k, true);
-                    } else {
-                        resumed = true;
-                    }
-                }
-                Deferred::Close(_) => {
-                    run.outcome.reset = true;
-                    run.ended = true;
-                }
+            if run.ctx.get(i) == Some(&ctx) {
+                resumed |= self.apply_action(run, i, action);
+            } else {
+                self.spilled.push((i, ctx, action));
             }
         }
         resumed
+    }
+
+    fn apply_action(&mut self, run: &mut HttpRun, i: usize, action: Deferred) -> bool {
+        if run.ended {
+            return false;
+        }
+        match action {
+            Deferred::LocalResponse(reply) => self.local_reply(run, reply),
+            Deferred::Continue(stream) => {
+                let dir = match stream {
+                    StreamType::Request => Dir::Request,
+                    StreamType::Response => Dir::Response,
+                    _ => return false,
+                };
+                let k = match dir {
+                    Dir::Request => i,
+                    Dir::Response => self.filters.len() - 1 - i,
+                };
+                if !run.holds[dir as usize][k].stopped {
+                    return true;
+                }
+                self.release(run, dir, k, true);
+            }
+            Deferred::Close(_) => {
+                run.outcome.reset = true;
+                run.ended = true;
+            }
+        }
+        false
     }
 
     fn local_reply(&mut self, run: &mut HttpRun, reply: LocalResponse) {
@@ -838,14 +959,19 @@ impl Chain {
         }
     }
 
+    /// Ends a stream's contexts (done, log, delete). Callouts it left behind are cancelled,
+    /// as Envoy does; so is anything it deferred.
     fn finish_http(&mut self, run: &mut HttpRun) {
+        if run.finished {
+            return;
+        }
+        run.finished = true;
         for (i, ctx) in run.ctx.iter().enumerate() {
             self.filters[i].finish_stream(*ctx);
-        }
-        // Callouts a finished stream left behind are cancelled, as Envoy does.
-        for vm in &mut self.filters {
-            vm.take_pending_calls();
-            vm.take_deferred();
+            let state = self.filters[i].state_mut();
+            state.pending_calls.retain(|c| c.context_id != *ctx);
+            state.deferred.retain(|(c, _)| c != ctx);
+            self.spilled.retain(|(vm, c, _)| !(*vm == i && c == ctx));
         }
     }
 

@@ -157,6 +157,9 @@ pub struct Step {
     #[serde(default)]
     pub name: String,
     pub request: Option<RequestDef>,
+    /// Requests in flight at the same time (see [`ConcurrentDef`]).
+    #[serde(default)]
+    pub concurrent: Vec<ConcurrentDef>,
     pub connection: Option<ConnectionDef>,
     pub advance_clock_ms: Option<u64>,
     pub reconfigure: Option<ReconfigureDef>,
@@ -198,6 +201,20 @@ fn authority() -> String {
 }
 fn scheme() -> String {
     "http".into()
+}
+
+/// One of several requests in flight at once: all their downstream data arrives before any
+/// callout is answered.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrentDef {
+    pub request: RequestDef,
+    /// The client goes away before any callout is answered.
+    #[serde(default)]
+    pub abandon: bool,
+    /// What this request must see (step-level `expect` checks callouts, metrics and logs).
+    #[serde(default)]
+    pub expect: Expect,
 }
 
 /// The downstream connection's TLS facts, as Envoy exposes them in `connection.*`.
@@ -488,6 +505,27 @@ fn run(
             for _ in 0..req.repeat.unwrap_or(1).max(1) {
                 let outcome = chain.http(http_request(req), &upstream);
                 check_http(&step.expect, &outcome, &mut failures);
+            }
+        }
+        if !step.concurrent.is_empty() {
+            let requests = step
+                .concurrent
+                .iter()
+                .map(|c| (http_request(&c.request), c.abandon))
+                .collect();
+            let outcomes = chain.http_concurrent(requests, &upstream);
+            for (n, (def, outcome)) in step.concurrent.iter().zip(&outcomes).enumerate() {
+                let mut mine = Vec::new();
+                check_http(&def.expect, outcome, &mut mine);
+                failures.extend(mine.into_iter().map(|f| format!("request {}: {f}", n + 1)));
+            }
+            if let (Some(n), Some(first)) = (step.expect.callouts, outcomes.first()) {
+                if first.callouts.len() != n {
+                    failures.push(format!(
+                        "expected {n} callouts in this step, got {}",
+                        first.callouts.len()
+                    ));
+                }
             }
         }
         if let Some(conn) = &step.connection {
