@@ -228,23 +228,7 @@ impl Chain {
     /// a tick starts (a key refresh, say) is answered before the next tick, as in Envoy.
     pub fn advance_clock(&mut self, millis: u64) {
         let target = self.shared.now_nanos().saturating_add(millis * 1_000_000);
-        for _ in 0..1_000_000 {
-            let next = self
-                .filters
-                .iter()
-                .filter_map(PluginVm::next_tick_nanos)
-                .min();
-            let Some(at) = next.filter(|at| *at <= target) else {
-                break;
-            };
-            let now = self.shared.now_nanos();
-            if at > now {
-                self.shared.advance_nanos(at - now);
-            }
-            let now = self.shared.now_nanos();
-            for vm in &mut self.filters {
-                let _ = vm.fire_ticks(now, 1);
-            }
+        while self.tick_once(target) {
             self.pump_background();
         }
         let now = self.shared.now_nanos();

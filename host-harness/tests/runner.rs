@@ -101,3 +101,75 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(text.contains("no scenario files"), "{text}");
 }
+
+/// A one-request-at-a-time HTTP server on loopback that answers 200 and records the request
+/// line, for live callouts.
+fn serve_once(listener: std::net::TcpListener) -> std::thread::JoinHandle<String> {
+    use std::io::{BufRead, BufReader, Write};
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("a callout arrives");
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line).unwrap();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        let mut stream = stream;
+        let body = r#"{"ok":true}"#;
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        request_line
+    })
+}
+
+#[test]
+fn live_callouts_reach_a_real_server_and_a_refused_connection_is_envoys_503() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = serve_once(listener);
+    // A port nothing listens on: bind, note it, close.
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("harness-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let scenario = |name: &str, port: u16, status: u32, callout_header: bool| {
+        let file = dir.join(format!("{name}.toml"));
+        let expect_header = if callout_header {
+            "upstream_headers = { \"x-callout\" = \"ok\" }\n"
+        } else {
+            "upstream = false\n"
+        };
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\n[[filter]]\nname = \"probe\"\nwasm = \"abi_probe.wasm\"\n\
+                 config = {{ mode = \"callout\" }}\n[cluster.backend]\nlive = \"http://127.0.0.1:{port}\"\n\
+                 [[step]]\nname = \"{name}\"\n[step.request]\npath = \"/v2/entities\"\n\
+                 [step.expect]\nstatus = {status}\ncallouts = 1\n{expect_header}"
+            ),
+        )
+        .unwrap();
+        file
+    };
+    let up = scenario("live-up", port, 200, true);
+    let (out, text) = run(&["run", up.to_str().unwrap()]);
+    assert!(out.status.success(), "{text}");
+    let request_line = server.join().unwrap();
+    assert!(request_line.starts_with("GET /"), "{request_line:?}");
+
+    // The probe answers 403 to any non-2xx callout answer: Envoy's 503 for a refused
+    // connection must arrive as such, not as a reset and never as an allow.
+    let down = scenario("live-down", closed_port, 403, false);
+    let (out, text) = run(&["run", down.to_str().unwrap()]);
+    assert!(out.status.success(), "{text}");
+}
