@@ -492,3 +492,217 @@ pub enum IntrospectionOutcome {
     Allowed(Identity),
     Refused(DenyReason),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::IdentityKind;
+
+    const TOKENS: &str = include_str!("../../../tests/fixtures/jwt/tokens.json");
+    const JWKS: &str = include_str!("../../../tests/fixtures/jwt/jwks.json");
+    const README: &str = include_str!("../../../README.md");
+    const ISS: &str = "https://idp.example/realms/city";
+    const NOW: u64 = 1_767_225_600;
+
+    fn token(name: &str) -> String {
+        let all: serde_json::Value = serde_json::from_str(TOKENS).unwrap();
+        all[name].as_str().unwrap().to_string()
+    }
+
+    fn auth(extra: serde_json::Value) -> TokenAuth {
+        let mut config = serde_json::json!({
+            "jwt_providers": [{
+                "issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256", "ES256"],
+                "jwks": serde_json::from_str::<serde_json::Value>(JWKS).unwrap(),
+                "claims": {"subject": "sub", "roles": ["realm_access.roles"]}
+            }],
+            "public_routes": [{"path": "/version"}],
+            "realm": "orion"
+        });
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        TokenAuth::new(serde_json::from_value(config).unwrap()).unwrap()
+    }
+
+    fn decide(auth: &mut TokenAuth, path: &str, headers: &[(&str, &str)]) -> Outcome {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let facts = RequestFacts {
+            method: "GET",
+            path,
+            headers: &headers,
+            peer: None,
+        };
+        auth.authenticate(&facts, NOW)
+    }
+
+    #[test]
+    fn the_readme_configuration_example_is_valid() {
+        let section = README
+            .split("### Configuration")
+            .nth(1)
+            .expect("README has a token-auth configuration section");
+        let json = section
+            .split("```json")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a json block");
+        let config: TokenAuthConfig = serde_json::from_str(json).expect("the example parses");
+        TokenAuth::new(config).expect("the example validates");
+    }
+
+    #[test]
+    fn a_valid_jwt_is_allowed_and_its_credential_stripped() {
+        let mut a = auth(serde_json::json!({}));
+        let bearer = format!("Bearer {}", token("valid_rs256"));
+        match decide(&mut a, "/v2/entities", &[("authorization", &bearer)]) {
+            Outcome::Allow {
+                identity,
+                strip_headers,
+                new_path,
+            } => {
+                assert_eq!(identity.subject, "5f0c-alice");
+                assert_eq!(identity.kind, IdentityKind::Jwt);
+                assert!(identity.has_role("operator"));
+                assert_eq!(strip_headers, vec!["authorization".to_string()]);
+                assert_eq!(new_path, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.cache_stats().misses, 1);
+        assert!(matches!(
+            decide(&mut a, "/v2/entities", &[("authorization", &bearer)]),
+            Outcome::Allow { .. }
+        ));
+        assert_eq!(a.cache_stats().hits, 1, "the second request is a cache hit");
+    }
+
+    #[test]
+    fn missing_and_bad_credentials_are_refused_with_challenges() {
+        let mut a = auth(serde_json::json!({}));
+        match decide(&mut a, "/v2/entities", &[]) {
+            Outcome::Deny { reason, challenge } => {
+                assert_eq!(reason.status(), 401);
+                assert_eq!(challenge.as_deref(), Some("Bearer realm=\"orion\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        let expired = format!("Bearer {}", token("expired"));
+        match decide(&mut a, "/v2/entities", &[("authorization", &expired)]) {
+            Outcome::Deny { reason, challenge } => {
+                assert_eq!(reason.status(), 401);
+                assert!(challenge.unwrap().contains("error=\"invalid_token\""));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(decide(&mut a, "/version", &[]), Outcome::Public);
+    }
+
+    #[test]
+    fn required_roles_make_a_valid_token_forbidden() {
+        let mut a = auth(serde_json::json!({"required_roles": ["city-admin"]}));
+        let bearer = format!("Bearer {}", token("valid_rs256"));
+        match decide(&mut a, "/v2/entities", &[("authorization", &bearer)]) {
+            Outcome::Deny { reason, challenge } => {
+                assert_eq!(reason.status(), 403);
+                assert!(challenge.unwrap().contains("insufficient_scope"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn query_tokens_leave_the_path() {
+        let mut a = auth(serde_json::json!({"credentials": {"sources": [
+            {"type": "query", "name": "access_token"}]}}));
+        let path = format!(
+            "/v2/entities?type=Room&access_token={}",
+            token("valid_es256")
+        );
+        match decide(&mut a, &path, &[]) {
+            Outcome::Allow { new_path, .. } => {
+                assert_eq!(new_path.as_deref(), Some("/v2/entities?type=Room"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn introspecting() -> TokenAuth {
+        let config = serde_json::json!({"introspection": {
+            "kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+            "path": "/introspect", "credentials": {"client_id": "envoy", "client_secret": "s"},
+            "negative_ttl_s": 10}, "realm": "orion"});
+        TokenAuth::new(serde_json::from_value(config).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn opaque_tokens_are_introspected_then_cached() {
+        let mut a = introspecting();
+        let ask = |a: &mut TokenAuth| decide(a, "/v2/entities", &[("x-auth-token", "opaque-1")]);
+        assert!(matches!(ask(&mut a), Outcome::Introspect { .. }));
+        let decided = a.finish_introspection(
+            "opaque-1",
+            200,
+            br#"{"active": true, "sub": "alice", "exp": 1767229200}"#,
+            NOW,
+        );
+        assert!(matches!(decided, IntrospectionOutcome::Allowed(ref id) if id.subject == "alice"));
+        assert!(matches!(ask(&mut a), Outcome::Allow { .. }), "cached");
+        let past_exp = NOW + 3601;
+        let facts_headers = vec![("x-auth-token".to_string(), "opaque-1".to_string())];
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/v2/entities",
+            headers: &facts_headers,
+            peer: None,
+        };
+        assert!(
+            matches!(a.authenticate(&facts, past_exp), Outcome::Introspect { .. }),
+            "the cache never outlives the token's exp"
+        );
+    }
+
+    #[test]
+    fn idp_failures_are_503_and_not_cached_refusals_are() {
+        let mut a = introspecting();
+        let failed = a.finish_introspection("opaque-2", 0, b"", NOW);
+        assert!(matches!(
+            failed,
+            IntrospectionOutcome::Refused(DenyReason::Unavailable(_))
+        ));
+        assert!(matches!(
+            decide(&mut a, "/v2/entities", &[("x-auth-token", "opaque-2")]),
+            Outcome::Introspect { .. }
+        ));
+        let inactive = a.finish_introspection("opaque-2", 200, br#"{"active": false}"#, NOW);
+        assert!(matches!(
+            inactive,
+            IntrospectionOutcome::Refused(DenyReason::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            decide(&mut a, "/v2/entities", &[("x-auth-token", "opaque-2")]),
+            Outcome::Deny { .. }
+        ));
+    }
+
+    #[test]
+    fn configuration_errors_say_what_is_wrong() {
+        let err = |json: serde_json::Value| {
+            TokenAuth::new(serde_json::from_value(json).unwrap())
+                .err()
+                .unwrap_or_default()
+        };
+        assert!(err(serde_json::json!({})).contains("neither jwt_providers nor introspection"));
+        assert!(err(serde_json::json!({"credentials": {"sources": [
+            {"type": "device_key", "in": "header", "id": "x-id", "key": "x-key"}]}}))
+        .contains("device_keys is not configured"));
+        let mut bad_realm = serde_json::json!({"introspection": {"kind": "rfc7662",
+            "cluster": "idp", "authority": "idp", "path": "/i",
+            "credentials": {"client_id": "envoy", "client_secret": "s"}}});
+        bad_realm["realm"] = "a\"b".into();
+        assert!(err(bad_realm).contains("realm"));
+    }
+}
