@@ -495,6 +495,10 @@ fn run(
         };
         let logs_before = shared.log_count();
         let mut failures = Vec::new();
+        if options.echo_logs {
+            // The filters' log lines (echoed as they happen) then sit under their step.
+            eprintln!("-- {name}");
+        }
         if let Some(ms) = step.advance_clock_ms {
             chain.advance_clock(ms);
         }
