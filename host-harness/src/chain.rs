@@ -137,6 +137,12 @@ struct Hold {
     buffering: bool,
     eos: bool,
     trailers: bool,
+    /// Stopped at headers with `allow_on_headers_stop_iteration` false: later body and
+    /// trailers are held back from this filter and go through it when it continues.
+    stop_all: bool,
+    unseen_body: Option<Vec<u8>>,
+    unseen_eos: bool,
+    unseen_trailers: bool,
 }
 
 /// A chain of plugins in one "Envoy": the VMs, the state they share, and the callout answers.
@@ -310,7 +316,7 @@ impl Chain {
     /// Sends several requests at once: every request's downstream data arrives first (in
     /// order), then callouts are answered, so streams can share or wait on each other's
     /// callouts. A request marked `true` is abandoned by its client before any callout is
-    /// answered (Envoy then ends its filter contexts and cancels their callouts).
+    /// answered (Envoy then ends its filter contexts; their callouts are still answered).
     pub fn http_concurrent(
         &mut self,
         requests: Vec<(HttpRequest, bool)>,
@@ -611,7 +617,19 @@ impl Chain {
                 k += 1;
                 continue;
             }
+            let stop_all = run.holds[d][k].stop_all;
             match frame {
+                // Envoy keeps what arrives after a StopAll away from the filter.
+                Frame::Data { chunk, eos } if stop_all => {
+                    let hold = &mut run.holds[d][k];
+                    hold.unseen_body.get_or_insert_with(Vec::new).extend(chunk);
+                    hold.unseen_eos = eos;
+                    return;
+                }
+                Frame::Trailers if stop_all => {
+                    run.holds[d][k].unseen_trailers = true;
+                    return;
+                }
                 Frame::Headers { eos } => {
                     self.set_open(i, ctx, dir, Part::Headers, true);
                     let count = {
@@ -639,9 +657,11 @@ impl Chain {
                         k += 1;
                         continue;
                     }
+                    let stop_all = !self.filters[i].spec.allow_on_headers_stop_iteration;
                     let hold = &mut run.holds[d][k];
                     hold.stopped = true;
                     hold.headers = Some(eos);
+                    hold.stop_all = stop_all;
                     return;
                 }
                 Frame::Data { chunk, eos } => {
@@ -735,6 +755,24 @@ impl Chain {
         self.set_open(i, ctx, dir, Part::Body, false);
         if let Some(eos) = hold.headers {
             self.deliver(run, dir, k + 1, Frame::Headers { eos });
+        }
+        if hold.stop_all {
+            // What Envoy held back now goes through this filter first.
+            if let Some(body) = hold.unseen_body {
+                self.deliver(
+                    run,
+                    dir,
+                    k,
+                    Frame::Data {
+                        chunk: body,
+                        eos: hold.unseen_eos,
+                    },
+                );
+            }
+            if hold.unseen_trailers {
+                self.deliver(run, dir, k, Frame::Trailers);
+            }
+            return;
         }
         if hold.buffering {
             let body = std::mem::take(body_mut(&mut lock(&run.data), dir));
@@ -943,8 +981,9 @@ impl Chain {
         }
     }
 
-    /// Ends a stream's contexts (done, log, delete). Callouts it left behind are cancelled,
-    /// as Envoy does; so is anything it deferred.
+    /// Ends a stream's contexts (done, log, delete) and drops what it deferred. Its callouts
+    /// stay in flight: Envoy does not cancel them (seen in Envoy 1.40's logs: the answer still
+    /// arrives), and the SDK discards an answer whose context is gone.
     fn finish_http(&mut self, run: &mut HttpRun) {
         if run.finished {
             return;
@@ -952,9 +991,10 @@ impl Chain {
         run.finished = true;
         for (i, ctx) in run.ctx.iter().enumerate() {
             self.filters[i].finish_stream(*ctx);
-            let state = self.filters[i].state_mut();
-            state.pending_calls.retain(|c| c.context_id != *ctx);
-            state.deferred.retain(|(c, _)| c != ctx);
+            self.filters[i]
+                .state_mut()
+                .deferred
+                .retain(|(c, _)| c != ctx);
             self.spilled.retain(|(vm, c, _)| !(*vm == i && c == ctx));
         }
     }

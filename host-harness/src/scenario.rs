@@ -61,6 +61,9 @@ pub struct FilterDef {
     /// A log line written while the filter starts must contain this (e.g. why it refused its
     /// configuration).
     pub expect_log: Option<String>,
+    /// Envoy's plugin option of that name (default false, as in Envoy).
+    #[serde(default)]
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -425,6 +428,7 @@ fn plugin_spec(def: &FilterDef, base: &Path, options: &RunOptions) -> Result<Plu
             .with_context(|| format!("filter {}", def.name))?,
         vm_configuration: Vec::new(),
         limits,
+        allow_on_headers_stop_iteration: def.allow_on_headers_stop_iteration,
     })
 }
 

@@ -129,6 +129,11 @@ pub struct PluginSpec {
     pub configuration: Vec<u8>,
     pub vm_configuration: Vec<u8>,
     pub limits: Limits,
+    /// Envoy's `allow_on_headers_stop_iteration` (default false). False: a Pause from a
+    /// header callback holds the body and trailers away from this filter until it continues
+    /// (Envoy's StopAllIterationAndWatermark). True: the filter sees the body while its
+    /// headers are stopped, and a Continue from the body callback lets everything go on.
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 /// Why a plugin is not serving.

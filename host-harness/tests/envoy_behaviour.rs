@@ -8,6 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use host_harness::chain::CalloutAnswer;
 use host_harness::{HttpRequest, Limits, MetricValue, UpstreamResponse, VmFailure};
 
 use common::*;
@@ -368,4 +369,40 @@ fn without_a_tick_period_no_tick_fires() {
         chain.shared.metric("abi_probe.ticks"),
         Some(MetricValue::Counter(0))
     );
+}
+
+/// Envoy's default (`allow_on_headers_stop_iteration: false`): a filter that paused in its
+/// header callback does not see the body until it continues; then the body goes through it.
+/// Its body callback answering Continue cannot release the request early.
+#[test]
+fn by_default_a_body_waits_for_a_filter_paused_at_headers() {
+    let resolver = Scripted::new().answer("backend", reply(200, r#"{"allowed":true}"#));
+    let mut chain = probe_chain(spec(r#"{"mode": "callout"}"#), resolver);
+    let outcome = chain.http(post(&["{\"id\":", "\"Room1\"}"], &[]), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    assert_eq!(outcome.status, 200, "{context}");
+    let upstream = outcome.upstream.expect("resumed after the callout");
+    assert_eq!(
+        header(&upstream.headers, "x-callout").as_deref(),
+        Some("ok"),
+        "the headers waited for the decision: {context}"
+    );
+    assert_eq!(upstream.body, b"{\"id\":\"Room1\"}");
+}
+
+/// With `allow_on_headers_stop_iteration: true` the body reaches the paused filter, and a
+/// Continue from its body callback lets headers and body go on before the decision: a filter
+/// that decides in a callout must pause its body callback too (token-auth does).
+#[test]
+fn with_stop_iteration_allowed_a_body_continue_releases_the_request_early() {
+    let resolver = Scripted::new().answer("backend", CalloutAnswer::Reset);
+    let mut spec = spec(r#"{"mode": "callout"}"#);
+    spec.allow_on_headers_stop_iteration = true;
+    let mut chain = probe_chain(spec, resolver);
+    let outcome = chain.http(post(&["{\"id\":\"Room1\"}"], &[]), &ok_upstream());
+    let context = describe(&outcome, &chain.shared);
+    let upstream = outcome
+        .upstream
+        .expect("the body callback's Continue released the request before the callout answered");
+    assert_eq!(header(&upstream.headers, "x-callout"), None, "{context}");
 }

@@ -31,6 +31,7 @@ pub fn chain(runtime: &Arc<Runtime>, filter: Option<(&str, &str)>, now_nanos: u6
                 configuration: config.as_bytes().to_vec(),
                 vm_configuration: Vec::new(),
                 limits: Limits::default(),
+                allow_on_headers_stop_iteration: false,
             })
             .expect("filter loads");
         assert!(vm.is_serving(), "{:?}", vm.failure);

@@ -53,6 +53,7 @@ pub fn spec_with_limits(configuration: &str, limits: Limits) -> PluginSpec {
         configuration: configuration.as_bytes().to_vec(),
         vm_configuration: VM_CONFIGURATION.as_bytes().to_vec(),
         limits,
+        allow_on_headers_stop_iteration: false,
     }
 }
 
