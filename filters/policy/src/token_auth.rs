@@ -343,6 +343,12 @@ impl TokenAuth {
         if issuer_known {
             return self.verify_jwt(token, found, path, now);
         }
+        // A JWT from an issuer no provider names is refused here: sending it to the
+        // introspection endpoint would let anyone make the IdP work (and answer 503s) at will.
+        // Without JWT providers, JWT-shaped tokens are introspected (Keyrock can issue JWTs).
+        if looks_like_jwt && self.jwt.is_some() {
+            return self.deny(TokenError::UnknownIssuer.deny_reason());
+        }
         if let Some(intro) = &self.config.introspection {
             return Outcome::Introspect {
                 token: token.to_string(),
@@ -686,6 +692,29 @@ mod tests {
             decide(&mut a, "/v2/entities", &[("x-auth-token", "opaque-2")]),
             Outcome::Deny { .. }
         ));
+    }
+
+    #[test]
+    fn an_unknown_issuer_is_refused_without_asking_the_idp() {
+        let mut a = auth(serde_json::json!({"introspection": {"kind": "rfc7662",
+            "cluster": "idp", "authority": "idp", "path": "/i",
+            "credentials": {"client_id": "envoy", "client_secret": "s"}}}));
+        let bearer = format!("Bearer {}", token("unknown_issuer"));
+        match decide(&mut a, "/v2/entities", &[("authorization", &bearer)]) {
+            Outcome::Deny { reason, .. } => assert_eq!(reason.status(), 401),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(
+                decide(
+                    &mut a,
+                    "/v2/entities",
+                    &[("authorization", "Bearer opaque-1")]
+                ),
+                Outcome::Introspect { .. }
+            ),
+            "opaque tokens still go to introspection"
+        );
     }
 
     #[test]
