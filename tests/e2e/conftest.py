@@ -1,0 +1,112 @@
+"""Fixtures of the Envoy end-to-end tests: the IdP, the broker stand-in and the Envoys, started
+once per session (each test uses its own tokens and probe ids), stopped at the end."""
+
+import os
+import shutil
+import time
+
+import pytest
+
+import e2e_support as e2e
+
+KEEP_RUNS = 5
+
+
+@pytest.fixture(scope="session")
+def work_dir():
+    """tests/e2e/work/run-<time>-<pid>/: configurations and logs of this run (gitignored)."""
+    base = os.path.join(e2e.HERE, "work")
+    os.makedirs(base, exist_ok=True)
+    runs = sorted(d for d in os.listdir(base) if d.startswith("run-"))
+    for old in runs[:-(KEEP_RUNS - 1)] if len(runs) >= KEEP_RUNS else []:
+        shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+    path = os.path.join(base, time.strftime("run-%Y%m%d-%H%M%S-") + str(os.getpid()))
+    os.makedirs(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wasm(work_dir):
+    """A copy of token_auth.wasm taken at the start, so a rebuild during the run cannot swap
+    the module under a running Envoy."""
+    if not os.path.isfile(e2e.WASM):
+        pytest.fail(f"{e2e.WASM} is missing: build it with `cargo wasm` (scripts/setup does)")
+    copy = os.path.join(work_dir, "token_auth.wasm")
+    shutil.copyfile(e2e.WASM, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def idp(work_dir):
+    server = e2e.IdP(work_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(work_dir):
+    server = e2e.Broker(work_dir)
+    yield server
+    server.stop()
+
+
+def _envoy(work_dir, wasm, idp, broker, name, **kwargs):
+    return e2e.Envoy(
+        work_dir=work_dir,
+        name=name,
+        filter_config=e2e.token_auth_config(idp),
+        broker_port=broker.port,
+        idp_port=idp.port,
+        wasm=wasm,
+        **kwargs,
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def envoy(work_dir, wasm, idp, broker):
+    """The sidecar as shipped (envoy/sidecar.yaml defaults), two worker threads."""
+    proxy = _envoy(work_dir, wasm, idp, broker, "envoy")
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy_stop_iteration(work_dir, wasm, idp, broker):
+    """The same with allow_on_headers_stop_iteration: the filter's body callbacks run while it
+    waits, and the filter itself must hold the body."""
+    proxy = _envoy(work_dir, wasm, idp, broker, "envoy-stop-iteration",
+                   allow_on_headers_stop_iteration=True)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(params=["default", "stop-iteration"])
+def any_envoy(request):
+    """Runs a test against both body-handling modes."""
+    name = "envoy" if request.param == "default" else "envoy_stop_iteration"
+    return request.getfixturevalue(name)
+
+
+@pytest.fixture
+def held_idp(idp):
+    """The IdP, parking introspection requests until the test releases them (released at the
+    end of the test in any case)."""
+    idp.hold_introspection()
+    yield idp
+    idp.release_introspection()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, attach the filter's log lines and the IdP's request log."""
+    report = yield
+    if report.failed and call.when == "call":
+        for name, path in e2e.STARTED:
+            try:
+                with open(path, "rb") as f:
+                    lines = f.read().decode("utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            keep = [l for l in lines if "[wasm]" in l or "idp:" in l or "[critical]" in l]
+            report.sections.append((f"{name} ({path}), last lines", "\n".join(keep[-40:])))
+    return report
