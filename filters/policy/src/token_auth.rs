@@ -227,8 +227,9 @@ impl TokenAuth {
             .and_then(|j| j.provider_mut(issuer))
             .ok_or_else(|| format!("no provider for issuer {issuer}"))?;
         provider.set_remote_keys(keys).map_err(|e| e.to_string())?;
-        // Verdicts made with the old keys stay valid (they were true then); refusals made
-        // for lack of keys must not outlive the new keys.
+        // A changed key set clears every verdict: a token verified with a withdrawn key must
+        // not outlive the rotation, and a refusal for lack of keys must not outlive new keys.
+        // (The filter installs a set only when it differs from the one in force.)
         self.cache.clear();
         Ok(())
     }

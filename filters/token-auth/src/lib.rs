@@ -119,6 +119,27 @@ struct IssuerKeys {
     next_refresh: u64,
     /// The cas of the shared-data entry these keys came from.
     shared_cas: Option<u32>,
+    /// The JWKS text installed now: the same set fetched again (by this or another worker) is
+    /// not re-installed, so the verified-token cache is cleared only when keys really change.
+    installed: Option<String>,
+}
+
+/// Installs a fetched or shared JWKS for an issuer unless it is the set already in force.
+/// Returns Ok(true) if it changed the keys.
+fn install_keys(state: &Shared, issuer: &str, text: &str) -> Result<bool, String> {
+    let unchanged = state
+        .borrow()
+        .issuers
+        .get(issuer)
+        .is_some_and(|k| k.installed.as_deref() == Some(text));
+    if unchanged {
+        return Ok(false);
+    }
+    let keys = KeySet::from_jwks_json(text).map_err(|e| format!("JWKS rejected: {e}"))?;
+    let mut s = state.borrow_mut();
+    s.auth.set_remote_keys(issuer, keys)?;
+    s.issuers.entry(issuer.to_string()).or_default().installed = Some(text.to_string());
+    Ok(true)
 }
 
 struct State {
@@ -764,16 +785,10 @@ fn key_fetch_done(
     issuer: &str,
     jwks: Option<String>,
 ) {
-    let installed = jwks.and_then(|text| match KeySet::from_jwks_json(&text) {
-        Ok(keys) => match state.borrow_mut().auth.set_remote_keys(issuer, keys) {
-            Ok(()) => Some(text),
-            Err(e) => {
-                log::warn!("token-auth: keys for {issuer} rejected: {e}");
-                None
-            }
-        },
+    let installed = jwks.and_then(|text| match install_keys(state, issuer, &text) {
+        Ok(_) => Some(text),
         Err(e) => {
-            log::warn!("token-auth: JWKS for {issuer} rejected: {e}");
+            log::warn!("token-auth: keys for {issuer} rejected: {e}");
             None
         }
     });
@@ -886,12 +901,13 @@ fn sync_shared_keys(state: &Shared) {
         if cas.is_some() && cas == known {
             continue;
         }
-        let Ok(keys) = KeySet::from_jwks_json(&String::from_utf8_lossy(&bytes)) else {
-            continue;
-        };
-        let mut s = state.borrow_mut();
-        if s.auth.set_remote_keys(&issuer, keys).is_ok() {
-            s.issuers.entry(issuer.clone()).or_default().shared_cas = cas;
+        if install_keys(state, &issuer, &String::from_utf8_lossy(&bytes)).is_ok() {
+            state
+                .borrow_mut()
+                .issuers
+                .entry(issuer.clone())
+                .or_default()
+                .shared_cas = cas;
         }
     }
 }
