@@ -6,6 +6,8 @@
         [--broker 127.0.0.1:1026] [--idp 127.0.0.1:3000]
         [--wasm target/wasm32-wasip1/release/token_auth.wasm]
         [--node-id iot-sidecar] [--allow-on-headers-stop-iteration]
+        [--tls-cert server.crt --tls-key server.key [--client-ca ca.crt]]
+        [--ecds DIR]
 
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
@@ -13,6 +15,14 @@ it is checked to be a JSON object and embedded as the plugin's configuration str
 envoy --admin-address-path). Addresses
 may be IP addresses (STATIC clusters) or host names (STRICT_DNS clusters). The .wasm path is
 made absolute. Only the standard library is used; `render()` is importable (tests/e2e uses it).
+
+--tls-cert/--tls-key make the listener HTTPS; --client-ca also requires every client to present
+a certificate signed by that CA (mTLS; token-auth's "mtls" section then names the caller).
+
+--ecds DIR renders envoy/sidecar-ecds.yaml instead: the filter's configuration (and its .wasm
+path) then come from DIR/token-auth.json, an ECDS resource Envoy watches and reloads at run
+time. The resource is written here from --filter-config and --wasm (atomically); change it
+later with envoy/push-config.
 """
 
 import argparse
@@ -25,6 +35,11 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TEMPLATE = os.path.join(HERE, "sidecar.yaml")
+ECDS_TEMPLATE = os.path.join(HERE, "sidecar-ecds.yaml")
+# The ECDS resource: the http filter's name in sidecar-ecds.yaml and the resource's name must be
+# the same (Envoy matches them); the file in the watched directory is <name>.json.
+ECDS_NAME = "token-auth"
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 DEFAULT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "token_auth.wasm")
 
 _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -46,6 +61,103 @@ def yaml_string(text):
     return json.dumps(text, ensure_ascii=True)
 
 
+def _indent(lines, spaces):
+    return "\n".join(" " * spaces + line if line else "" for line in lines)
+
+
+def transport_socket(tls_cert=None, tls_key=None, client_ca=None):
+    """The listener's filter chain `transport_socket` (YAML lines at the filter chain's
+    indentation), or "" for plain HTTP."""
+    if not tls_cert and not tls_key and not client_ca:
+        return ""
+    if not tls_cert or not tls_key:
+        raise ValueError("--tls-cert and --tls-key go together (--client-ca needs both)")
+    cert, key = yaml_string(os.path.abspath(tls_cert)), yaml_string(os.path.abspath(tls_key))
+    lines = [
+        "transport_socket:",
+        "  name: envoy.transport_sockets.tls",
+        "  typed_config:",
+        '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext',
+    ]
+    if client_ca:
+        lines += [
+            "    # mTLS: a client without a certificate signed by the CA below is refused in the",
+            "    # handshake; the filter reads the verified subject (connection.subject_peer_certificate).",
+            "    require_client_certificate: true",
+        ]
+    lines += [
+        "    common_tls_context:",
+        "      tls_params: { tls_minimum_protocol_version: TLSv1_2 }",
+        '      alpn_protocols: ["h2", "http/1.1"]',
+        "      tls_certificates:",
+        f"      - certificate_chain: {{ filename: {cert} }}",
+        f"        private_key: {{ filename: {key} }}",
+    ]
+    if client_ca:
+        lines += [
+            "      validation_context:",
+            f"        trusted_ca: {{ filename: {yaml_string(os.path.abspath(client_ca))} }}",
+        ]
+    return _indent(lines, 6)
+
+
+def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
+                  allow_on_headers_stop_iteration=False, name=ECDS_NAME):
+    """The ECDS resource file's content (a DiscoveryResponse with one TypedExtensionConfig):
+    the same wasm filter configuration sidecar.yaml has inline."""
+    if isinstance(filter_config, str):
+        filter_config = json.loads(filter_config)
+    if not isinstance(filter_config, dict):
+        raise ValueError("the filter configuration must be a JSON object")
+    return {
+        "version_info": str(version),
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": name,
+            "typed_config": {
+                "@type": WASM_TYPE,
+                "config": {
+                    "name": name,
+                    "root_id": "",
+                    "vm_config": {
+                        "vm_id": name,
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": os.path.abspath(wasm)}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": json.dumps(filter_config, separators=(",", ":")),
+                    },
+                    "failure_policy": "FAIL_CLOSED",
+                    "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration),
+                },
+            },
+        }],
+    }
+
+
+def write_atomically(path, data):
+    """Writes `data` (JSON-serializable) to `path` by rename: a temporary file in the same
+    directory, then os.rename. Envoy's watched_directory reacts to the rename (never sees a
+    half-written file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ecds_path(ecds_dir, name=ECDS_NAME):
+    return os.path.join(os.path.abspath(ecds_dir), f"{name}.json")
+
+
 def render(
     filter_config,
     listen="127.0.0.1:10000",
@@ -55,13 +167,21 @@ def render(
     wasm=DEFAULT_WASM,
     node_id="iot-sidecar",
     allow_on_headers_stop_iteration=False,
-    template_path=TEMPLATE,
+    template_path=None,
+    tls_cert=None,
+    tls_key=None,
+    client_ca=None,
+    ecds_dir=None,
 ):
-    """Returns the rendered YAML. `filter_config` is a dict or a JSON string (an object)."""
+    """Returns the rendered YAML. `filter_config` is a dict or a JSON string (an object).
+    With `ecds_dir`, the ECDS template (the filter configuration then lives in the resource
+    file: write it with write_atomically(ecds_path(dir), ecds_resource(...)))."""
     if isinstance(filter_config, str):
         filter_config = json.loads(filter_config)
     if not isinstance(filter_config, dict):
         raise ValueError("the filter configuration must be a JSON object")
+    if template_path is None:
+        template_path = ECDS_TEMPLATE if ecds_dir else TEMPLATE
     listen_host, listen_port = split_host_port(listen, "--listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "--admin", allow_zero=True)
     broker_host, broker_port = split_host_port(broker, "--broker")
@@ -84,7 +204,12 @@ def render(
         "WASM_PATH": yaml_string(wasm),
         "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
         "ALLOW_ON_HEADERS_STOP_ITERATION": "true" if allow_on_headers_stop_iteration else "false",
+        "TRANSPORT_SOCKET": transport_socket(tls_cert, tls_key, client_ca),
     }
+    if ecds_dir:
+        params["ECDS_NAME"] = ECDS_NAME
+        params["ECDS_DIR"] = yaml_string(os.path.abspath(ecds_dir))
+        params["ECDS_PATH"] = yaml_string(ecds_path(ecds_dir))
     with open(template_path, encoding="utf-8") as f:
         template = string.Template(f.read())
     return template.substitute(params)
@@ -105,12 +230,23 @@ def main(argv=None):
         action="store_true",
         help="let the filter's body callbacks run while it pauses (see sidecar.yaml)",
     )
+    parser.add_argument("--tls-cert", help="HTTPS: the listener's certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="HTTPS: its private key (PEM)")
+    parser.add_argument("--client-ca", help="mTLS: require client certificates signed by this CA")
+    parser.add_argument("--ecds", metavar="DIR",
+                        help="filter configuration from DIR/token-auth.json (ECDS, reloadable)")
     args = parser.parse_args(argv)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
             config = json.load(f)
         if not os.path.isfile(args.wasm):
             raise ValueError(f"--wasm: {args.wasm} does not exist (build it with `cargo wasm`)")
+        for option in ("tls_cert", "tls_key", "client_ca"):
+            value = getattr(args, option)
+            if value and not os.path.isfile(value):
+                raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
+        if args.ecds and not os.path.isdir(args.ecds):
+            raise ValueError(f"--ecds: {args.ecds} is not a directory")
         text = render(
             config,
             listen=args.listen,
@@ -120,7 +256,15 @@ def main(argv=None):
             wasm=args.wasm,
             node_id=args.node_id,
             allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            client_ca=args.client_ca,
+            ecds_dir=args.ecds,
         )
+        if args.ecds:
+            write_atomically(ecds_path(args.ecds), ecds_resource(
+                config, args.wasm, version="1",
+                allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration))
     except (OSError, ValueError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
@@ -129,6 +273,9 @@ def main(argv=None):
             f.write(text)
     else:
         sys.stdout.write(text)
+    if args.ecds:
+        print(f"render.py: wrote the filter's ECDS resource {ecds_path(args.ecds)}",
+              file=sys.stderr)
     return 0
 
 

