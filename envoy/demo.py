@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""The main job, with the real parts: token_auth.wasm in Envoy 1.40 in front of an NGSI broker.
+
+Run by `scripts/demo` (after `scripts/setup`). It starts, on loopback and on ports the kernel
+chooses, the Orion stand-in (tests/e2e/broker_standin.py, which records what reaches it), the
+OIDC provider (tests/e2e/idp, npm oidc-provider) and Envoy from .venv configured by
+envoy/render.py from envoy/sidecar.yaml -- all through tests/e2e/e2e_support.py, the same code
+the end-to-end tests use -- then sends allowed and denied requests and prints, for each, what
+was sent, the answer, the filter's decision and what reached the broker:
+
+  1. a JWT from the IdP (client_credentials)       200, identity headers at the broker, no token
+  2. no token                                      401 + WWW-Authenticate, nothing at the broker
+  3. a forged JWT (payload changed)                401, nothing at the broker
+  4. a valid JWT + a spoofed x-auth-subject        200, the broker sees the real subject
+  5. POST /v2/entities with a body                 201, the body arrives whole
+  6. an opaque token (RFC 7662 introspection)      200, introspected once by the IdP
+
+Each outcome is checked: the exit status is 1 if any is not what it says (a smoke test), 0
+otherwise. Then it prints curl lines for the running sidecar (real ports, a fresh token) and
+stops everything, or with --keep, keeps it running until Ctrl-C.
+
+Logs and configurations: tests/e2e/work/demo-<time>-<pid>/ (the last 3 are kept).
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import textwrap
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+
+import e2e_support as e2e  # noqa: E402  (tests/e2e/e2e_support.py)
+
+ORION = "urn:orion"
+OPAQUE = "urn:orion:opaque"
+IDENTITY_HEADERS = ["x-auth-subject", "x-auth-kind", "x-nick-name", "x-display-name", "x-roles",
+                    "x-organizations", "x-auth-tenant"]
+CREDENTIAL_HEADERS = ["authorization", "x-auth-token"]
+KEEP_DEMO_RUNS = 3
+INDENT = "    "
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def rel(path):
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def short(token):
+    """A token, shortened for the transcript."""
+    if len(token) <= 24:
+        return token
+    return f"{token[:12]}…{token[-6:]} ({len(token)} chars)"
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwt_parts(token):
+    header, payload, signature = token.split(".")
+    return json.loads(unb64url(header)), json.loads(unb64url(payload)), signature
+
+
+def token_curl(idp, resource):
+    return (f"curl -s -u {e2e.IdP.CLIENT[0]}:{e2e.IdP.CLIENT[1]} -d grant_type=client_credentials "
+            f"-d resource={resource} http://127.0.0.1:{idp.port}/token")
+
+
+def say(text="", indent=0):
+    prefix = INDENT * indent
+    for line in text.splitlines() or [""]:
+        print(prefix + line if line else "", flush=True)
+
+
+def headline(text):
+    say()
+    say(f"==> {text}")
+
+
+def status_line(response):
+    reason = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
+              403: "Forbidden", 503: "Service Unavailable"}.get(response.status, "")
+    return f"{response.status} {reason}".rstrip()
+
+
+class Outcome:
+    """The checks of one step: what it must show, and what did not hold."""
+
+    def __init__(self):
+        self.failures = []
+
+    def expect(self, condition, what):
+        if not condition:
+            self.failures.append(what)
+        return condition
+
+
+# ------------------------------------------------------------------------------------------------
+# The demo
+
+
+class Demo:
+    def __init__(self, work_dir):
+        self.work_dir = work_dir
+        self.broker = self.idp = self.envoy = None
+        self.results = []  # (title, failures)
+
+    # -- the parts -------------------------------------------------------------------------------
+
+    def start(self):
+        headline(f"Starting the parts on loopback (logs in {rel(self.work_dir)}/)")
+        if not os.path.isfile(e2e.WASM):
+            raise RuntimeError(f"{rel(e2e.WASM)} is missing: run scripts/setup")
+        # A copy, so a rebuild while the demo runs (--keep) cannot swap the module under Envoy.
+        wasm = os.path.join(self.work_dir, "token_auth.wasm")
+        shutil.copyfile(e2e.WASM, wasm)
+
+        self.broker = e2e.Broker(self.work_dir)
+        say(f"broker     Orion stand-in (tests/e2e/broker_standin.py)  127.0.0.1:{self.broker.port}"
+            f"   what it received: http://127.0.0.1:{self.broker.control_port}/requests", 1)
+        self.idp = e2e.IdP(self.work_dir)
+        say(f"IdP        oidc-provider {self._idp_version()} (tests/e2e/idp)         "
+            f"{self.idp.issuer}", 1)
+        self.envoy = e2e.Envoy(
+            work_dir=self.work_dir,
+            name="envoy",
+            filter_config=e2e.token_auth_config(self.idp),
+            broker_port=self.broker.port,
+            idp_port=self.idp.port,
+            wasm=wasm,
+        ).start()
+        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm (envoy/sidecar.yaml)  "
+            f"127.0.0.1:{self.envoy.port}   admin 127.0.0.1:{self.envoy.admin_port}", 1)
+        e2e.wait_until(lambda: self.envoy.stats().get("jwks.fetched", 0) >= 1,
+                       "the filter to load the IdP's signing keys", timeout=15)
+        say(f"the filter found the IdP's keys by OIDC discovery "
+            f"({self.idp.issuer}/.well-known/openid-configuration -> /jwks)", 1)
+
+    def stop(self):
+        for part in (self.envoy, self.idp, self.broker):
+            if part is not None:
+                try:
+                    part.stop()
+                except Exception as e:  # stopping must go on with the others
+                    print(f"demo: stopping {part}: {e}", file=sys.stderr)
+
+    def alive(self):
+        return all(p is not None and p.proc.alive() for p in (self.envoy, self.idp, self.broker))
+
+    def _idp_version(self):
+        path = os.path.join(e2e.HERE, "idp", "node_modules", "oidc-provider", "package.json")
+        try:
+            with open(path) as f:
+                return json.load(f)["version"]
+        except (OSError, ValueError, KeyError):
+            return "(version unknown)"
+
+    def _envoy_version(self):
+        try:
+            version = self.envoy.admin("/server_info").json()["version"]
+            m = re.search(r"/(\d+\.\d+\.\d+)/", version)
+            return m.group(1) if m else version
+        except (OSError, ValueError, KeyError):
+            return "(version unknown)"
+
+    # -- one request through the sidecar ---------------------------------------------------------
+
+    def send(self, method, path, headers, body=None):
+        """Sends one request to the sidecar; returns (response, records at the broker, the
+        filter's decision line)."""
+        before = len(self.broker.requests())
+        log_offset = os.path.getsize(self.envoy.proc.log_path)
+        response = self.envoy.request(method, path, headers, body)
+        # The stand-in records a request as soon as its headers arrive, so anything Envoy let
+        # through is recorded by the time the answer is here. Nothing else talks to it.
+        records = self.broker.requests()[before:]
+        return response, records, self._decision(log_offset)
+
+    def _decision(self, offset, timeout=2.0):
+        """The filter's decision log line written after `offset`, if it shows up in time."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.envoy.proc.log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode("utf-8", errors="replace")
+            m = re.search(r"token-auth: ctx=\d+ (decision=.*)", text)
+            if m:
+                return m.group(1).strip()
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+
+    def show_exchange(self, method, path, sent_headers, body, response, records, decision,
+                      show_response_headers=()):
+        shown = "  ".join(f"{k}: {v}" for k, v in sent_headers) or "(no credential)"
+        say(f"sent      {method} {path}   {shown}", 1)
+        if body is not None:
+            say(f"          body ({len(body)} bytes): {body}", 1)
+        answer = response.body.decode("utf-8", errors="replace")
+        answer = answer if len(answer) < 120 else answer[:117] + "..."
+        say(f"status    {status_line(response)}   {answer}".rstrip(), 1)
+        for name in show_response_headers:
+            say(f"          {name}: {response.header(name)}", 1)
+        if decision:
+            say(f"filter    {decision}", 1)
+        if not records:
+            say("broker    nothing reached the broker", 1)
+            return
+        for record in records:
+            say(f"broker    {record['method']} {record['path']}", 1)
+            for name in IDENTITY_HEADERS:
+                for value in e2e.header_values(record, name):
+                    say(f"            {name}: {value}", 1)
+            for name in CREDENTIAL_HEADERS:
+                values = e2e.header_values(record, name)
+                if name == "authorization" or values:
+                    say(f"            {name}: "
+                        + (", ".join(values) if values else "(none: the credential is not forwarded)"),
+                        1)
+            if record.get("body"):
+                same = body is not None and record["body"] == body
+                say(f"            body ({len(record['body'].encode())} bytes"
+                    + (", identical to what was sent): " if same else "): ") + record["body"], 1)
+
+    def step(self, number, title, run):
+        headline(f"[{number}] {title}")
+        outcome = Outcome()
+        try:
+            run(outcome)
+        except Exception as e:  # a step that breaks is a failed step; the others still run
+            outcome.failures.append(f"{type(e).__name__}: {e}")
+        if outcome.failures:
+            say("FAIL      not as expected:", 1)
+            for failure in outcome.failures:
+                say(f"  - {failure}", 2)
+        else:
+            say("PASS", 1)
+        self.results.append((title, outcome.failures))
+
+    # -- the six steps ---------------------------------------------------------------------------
+
+    def get_token(self, resource, what):
+        say(f"$ {token_curl(self.idp, resource)}", 1)
+        token = self.idp.token(resource)
+        say(f"  -> access_token {short(token)}: {what(token)}", 1)
+        return token
+
+    @staticmethod
+    def describe_jwt(token):
+        header, payload, _ = jwt_parts(token)
+        ttl = payload.get("exp", 0) - payload.get("iat", 0)
+        return (f"{header.get('alg')} JWT, kid {header.get('kid')}, sub={payload.get('sub')} "
+                f"aud={payload.get('aud')} roles={json.dumps(payload.get('roles'))}, valid {ttl} s")
+
+    def step_jwt_allowed(self, o):
+        token = self.get_token(ORION, self.describe_jwt)
+        sent = [("Authorization", f"Bearer {short(token)}")]
+        r, records, decision = self.send("GET", "/v2/entities",
+                                         {"authorization": f"Bearer {token}"})
+        self.show_exchange("GET", "/v2/entities", sent, None, r, records, decision)
+        o.expect(r.status == 200, f"status {r.status}, expected 200")
+        if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
+            rec = records[0]
+            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+                     "x-auth-subject is not sensor-gateway")
+            o.expect(e2e.header_values(rec, "x-auth-kind") == ["jwt"], "x-auth-kind is not jwt")
+            o.expect(e2e.header_values(rec, "x-roles") == ["device,entities-writer"],
+                     "x-roles is not device,entities-writer")
+            o.expect(e2e.header_values(rec, "authorization") == [],
+                     "Authorization was forwarded to the broker")
+            o.expect(token not in json.dumps(rec), "the token reached the broker")
+
+    def step_no_token(self, o):
+        r, records, decision = self.send("GET", "/v2/entities", {})
+        self.show_exchange("GET", "/v2/entities", [], None, r, records, decision,
+                           show_response_headers=["www-authenticate"])
+        o.expect(r.status == 401, f"status {r.status}, expected 401")
+        o.expect(r.header("www-authenticate") == 'Bearer realm="orion"',
+                 f"WWW-Authenticate is {r.header('www-authenticate')!r}")
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        o.expect(body == {"error": "Unauthorized", "description": "missing credential"},
+                 f"body is {r.body!r}, expected the NGSI error")
+        o.expect(records == [], "the request reached the broker")
+
+    def step_forged(self, o):
+        token = self.idp.token(ORION)
+        header, payload, signature = jwt_parts(token)
+        payload.update(sub="admin", roles=["admin"])
+        forged = ".".join([token.split(".")[0], b64url(json.dumps(payload).encode()), signature])
+        say("a fresh JWT from the IdP, its payload changed (sub=admin, roles=[admin]), "
+            "header and signature kept", 1)
+        r, records, decision = self.send("GET", "/v2/entities",
+                                         {"authorization": f"Bearer {forged}"})
+        self.show_exchange("GET", "/v2/entities", [("Authorization", f"Bearer {short(forged)}")],
+                           None, r, records, decision, show_response_headers=["www-authenticate"])
+        o.expect(r.status == 401, f"status {r.status}, expected 401")
+        o.expect(records == [], "the request reached the broker")
+
+    def step_spoofed(self, o):
+        token = self.idp.token(ORION)
+        spoofed = [("X-Auth-Subject", "admin"), ("X-Roles", "admin")]
+        say("a valid JWT for sensor-gateway, plus identity headers the client made up", 1)
+        r, records, decision = self.send("GET", "/v2/entities",
+                                         [("authorization", f"Bearer {token}")] + spoofed)
+        self.show_exchange("GET", "/v2/entities",
+                           [("Authorization", f"Bearer {short(token)}")] + spoofed,
+                           None, r, records, decision)
+        o.expect(r.status == 200, f"status {r.status}, expected 200")
+        if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
+            rec = records[0]
+            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+                     f"the broker saw x-auth-subject {e2e.header_values(rec, 'x-auth-subject')}")
+            o.expect(e2e.header_values(rec, "x-roles") == ["device,entities-writer"],
+                     f"the broker saw x-roles {e2e.header_values(rec, 'x-roles')}")
+            o.expect(not any(v == "admin" for k, v in rec["headers"]),
+                     "a spoofed 'admin' reached the broker")
+
+    def step_post(self, o):
+        token = self.idp.token(ORION)
+        entity = {"id": f"urn:ngsi-ld:Streetlight:demo-{uuid.uuid4().hex[:8]}",
+                  "type": "Streetlight",
+                  "luminosity": {"type": "Number", "value": 87},
+                  "status": {"type": "Text", "value": "on"}}
+        body = json.dumps(entity)
+        r, records, decision = self.send(
+            "POST", "/v2/entities",
+            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
+        self.show_exchange("POST", "/v2/entities",
+                           [("Authorization", f"Bearer {short(token)}"),
+                            ("Content-Type", "application/json")],
+                           body, r, records, decision, show_response_headers=["location"])
+        o.expect(r.status in (200, 201), f"status {r.status}, expected 201")
+        if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
+            rec = records[0]
+            o.expect(rec.get("complete") and rec.get("body") == body,
+                     "the body did not arrive whole at the broker")
+            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+                     "x-auth-subject is not sensor-gateway")
+
+    def step_opaque(self, o):
+        token = self.get_token(
+            OPAQUE, lambda t: "opaque (not a JWT); the filter asks the IdP about it (RFC 7662)")
+        before = self.idp.count("/token/introspection")
+        r, records, decision = self.send("GET", "/v2/entities",
+                                         {"authorization": f"Bearer {token}"})
+        asked = self.idp.count("/token/introspection") - before
+        self.show_exchange("GET", "/v2/entities", [("Authorization", f"Bearer {short(token)}")],
+                           None, r, records, decision)
+        say(f"IdP       {asked} introspection request(s) at /token/introspection "
+            f"(the filter, as client {e2e.IdP.PEP[0]})", 1)
+        o.expect(token.count(".") == 0, "the IdP gave a JWT, not an opaque token")
+        o.expect(r.status == 200, f"status {r.status}, expected 200")
+        o.expect(asked == 1, f"{asked} introspection requests, expected 1")
+        if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
+            rec = records[0]
+            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+                     "x-auth-subject is not sensor-gateway")
+            o.expect(e2e.header_values(rec, "x-auth-kind") == ["opaque_token"],
+                     "x-auth-kind is not opaque_token")
+            o.expect(e2e.header_values(rec, "authorization") == [],
+                     "Authorization was forwarded to the broker")
+
+    def run_steps(self):
+        self.step(1, "A token from the IdP (client_credentials), then GET /v2/entities",
+                  self.step_jwt_allowed)
+        self.step(2, "No token", self.step_no_token)
+        self.step(3, "A forged token", self.step_forged)
+        self.step(4, "A valid token plus a spoofed identity", self.step_spoofed)
+        self.step(5, "POST /v2/entities with a body", self.step_post)
+        self.step(6, "An opaque token, introspected by the IdP", self.step_opaque)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def summary(self):
+        failed = [(t, f) for t, f in self.results if f]
+        headline(f"{len(self.results) - len(failed)}/{len(self.results)} outcomes as expected")
+        for title, failures in failed:
+            say(f"FAIL {title}: {'; '.join(failures)}", 1)
+        return not failed
+
+    def curl_lines(self, keep):
+        token = self.idp.token(ORION)
+        p, c, a = self.envoy.port, self.broker.control_port, self.envoy.admin_port
+        headline("Try it yourself" + ("" if keep else
+                                      " (with `scripts/demo --keep` these stay up until Ctrl-C)"))
+        lines = f"""\
+            TOKEN={token}
+            # that token is valid 10 minutes; a new one:
+            TOKEN=$({token_curl(self.idp, ORION)} | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
+
+            curl -i -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{p}/v2/entities      # 200
+            curl -i http://127.0.0.1:{p}/v2/entities                                       # 401
+            curl -i -H "Authorization: Bearer $TOKEN" -H 'X-Auth-Subject: admin' http://127.0.0.1:{p}/v2/entities   # 200, as sensor-gateway
+            curl -i -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+                -d '{{"id": "Streetlight-1", "type": "Streetlight"}}' http://127.0.0.1:{p}/v2/entities   # 201
+            curl -i http://127.0.0.1:{p}/version                                           # 200, public route
+
+            curl -s http://127.0.0.1:{c}/requests | python3 -m json.tool    # what reached the broker
+            curl -s 'http://127.0.0.1:{a}/stats?filter=wasmcustom'            # the filter's counters
+            grep decision= {shlex.quote(rel(self.envoy.proc.log_path))}       # the filter's decisions"""
+        say(textwrap.dedent(lines), 1)
+
+    def keep_running(self):
+        headline("The sidecar keeps running; Ctrl-C stops it")
+        while self.alive():
+            time.sleep(0.5)
+        for part in (self.envoy, self.idp, self.broker):
+            if not part.proc.alive():
+                print(f"demo: {part.proc.name} exited; see {rel(part.proc.log_path)}",
+                      file=sys.stderr)
+        return False
+
+    def failure_report(self):
+        header = ["", "What the parts logged (last lines):"]
+        for name, path in e2e.STARTED:
+            try:
+                with open(path, "rb") as f:
+                    lines = f.read().decode("utf-8", errors="replace").splitlines()
+            except OSError:
+                continue
+            keep = [re.sub(r" \[source/[^\]]*\]", "", l) for l in lines
+                    if "wasm log" in l or "idp:" in l or "[critical]" in l or "[error]" in l]
+            if keep:
+                for line in header:
+                    say(line)
+                header = []
+                say(f"--- {name} ({rel(path)})", 1)
+                for line in keep[-15:]:
+                    say(line, 1)
+
+
+def new_work_dir():
+    base = os.path.join(e2e.HERE, "work")
+    os.makedirs(base, exist_ok=True)
+    runs = sorted(d for d in os.listdir(base) if d.startswith("demo-"))
+    for old in runs[:max(0, len(runs) - (KEEP_DEMO_RUNS - 1))]:
+        shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+    path = os.path.join(base, time.strftime("demo-%Y%m%d-%H%M%S-") + str(os.getpid()))
+    os.makedirs(path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="token_auth.wasm in Envoy in front of an Orion stand-in, with a real OIDC "
+                    "provider: allowed and denied requests, checked.")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the sidecar running after the transcript, until Ctrl-C")
+    args = parser.parse_args(argv)
+
+    # SIGTERM stops the demo like Ctrl-C: every part is stopped on the way out.
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    started = time.monotonic()
+    demo = Demo(new_work_dir())
+    ok = False
+    try:
+        demo.start()
+        demo.run_steps()
+        ok = demo.summary()
+        if not ok:
+            demo.failure_report()
+        demo.curl_lines(args.keep)
+        say()
+        say(f"({time.monotonic() - started:.1f} s; logs and configurations in "
+            f"{rel(demo.work_dir)}/)")
+        if args.keep:
+            ok = demo.keep_running() and ok
+    except KeyboardInterrupt:
+        say()
+        say("Stopping (Ctrl-C).")
+        if not args.keep or not demo.results:
+            ok = False
+    except Exception as e:
+        print(f"\ndemo: {type(e).__name__}: {e}", file=sys.stderr)
+        demo.failure_report()
+        ok = False
+    finally:
+        demo.stop()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
