@@ -4,6 +4,8 @@
 //! No proxy-wasm, no I/O, no clock: time and fetched data are passed in, so everything here is
 //! tested natively and behaves the same inside Envoy.
 
+pub mod access;
+pub mod acl;
 pub mod cache;
 pub mod credentials;
 pub mod decision;
@@ -13,6 +15,7 @@ pub mod identity_headers;
 pub mod introspection;
 pub mod jwt;
 pub mod mtls;
+pub mod ngsi;
 pub mod routes;
 pub mod token_auth;
 

@@ -1,0 +1,1089 @@
+//! One rule engine for NGSI entities and MQTT topics.
+//!
+//! Rules come from the plugin configuration ([`AclConfig`], JSON) or from a Mosquitto
+//! `acl_file` ([`mosquitto::import_acl_file`]); both compile to an [`Acl`].
+//!
+//! # Decision
+//! * Deny wins over allow, whatever the rule order; nothing matching means deny.
+//! * A request (many [`Access`]es) is allowed only if every access is. Each access is split into
+//!   units (one per service path and, for `Only` attributes, one per attribute); every unit must
+//!   be *covered* by some allow rule (different units may be covered by different rules) and
+//!   must not be *touched* by any deny rule.
+//! * The decision names the rule(s) that decided (`Allow("acl:r1,r2")`,
+//!   `Deny(Forbidden("denied by rule 'r3': ..."))`) or says what nothing allowed.
+//!
+//! # Covered (allow) — what a widening selector needs
+//! An allow rule covers a unit only if every entity the unit could reach is granted:
+//! * entity: `Id(x)` needs the rule's `entity_id` glob to match `x`; `IdPattern(re)` counts as
+//!   `Id(lit)` only when `re` is provably a single literal (`^lit$`, built only of
+//!   `[A-Za-z0-9_:-]` and backslash-escaped punctuation); any other `IdPattern` and `Any` need
+//!   `entity_id: "*"`. No attempt is made to prove a regex is contained in a glob.
+//! * type: `Type(t)` needs `entity_type` `"*"` or `t`; `Pattern` is treated like `IdPattern`
+//!   (single literal or else needs `"*"`); `Any` needs `"*"`.
+//! * attributes: each attribute of `Only` needs `"*"` or that name listed; `All` and an empty
+//!   `Only` list need `["*"]`.
+//! * service path: a rule `/a/#` covers `/a`, `/a/x/y`, `/a/#`, `/a/x/#` (segment-wise, never
+//!   `/ab`); an exact rule `/a` covers only the exact path `/a`, never `/a/#`. `/#` covers all.
+//! * service: `"*"` or equal (lowercase). Endpoint: a rule without `endpoint_prefix` covers any
+//!   endpoint; one with it needs the access's endpoint to parse as a URL with the same scheme,
+//!   host and port, no userinfo, and a path starting with the prefix's path (which ends in `/`).
+//! * MQTT: the rule filter must match every topic the requested filter can match (`+`/`#`
+//!   containment with `$`-topic rules), e.g. `a/#` covers `a/+/b` but `a/+` does not cover
+//!   `a/#`.
+//!
+//! A deny rule *touches* a unit when they might overlap: wide selectors (patterns, `Any`,
+//! `All`, subtrees, wildcard filters) are assumed to overlap whatever the deny rule names. So a
+//! subscription to `devices/#` is refused when a deny rule names `devices/+/secret` (Mosquitto
+//! would accept it and filter per message; check delivered topics for that behaviour).
+//! A deny rule with `endpoint_prefix` touches only accesses whose endpoint matches it (or is not
+//! a URL).
+//!
+//! # Subjects
+//! `user:<s>` matches any identity whose subject is `<s>` (whatever the credential kind, as a
+//! Mosquitto username would); `device:<id>` only device-key identities; `role:`/`group:` exact
+//! membership; `authenticated` any identity; `anonymous` only no identity; `anyone` both.
+//! Identity expiry is the caller's business.
+//!
+//! # Placeholders
+//! `%u` (the caller's subject) and `%c` (the MQTT client id, MQTT rules only) may appear in
+//! `entity_id`, `service_path` and `topic`; `%%` is a literal `%`. A substituted value never acts
+//! as a wildcard or separator: in `entity_id` its characters are literal (a `*` in a subject is
+//! just a `*`); in `service_path` a value containing `/` or `#` (or empty) and in `topic` a value
+//! containing `/`, `+`, `#`, NUL or starting with `$` (or empty) refuses the substitution. A
+//! refused (or impossible: no caller, no client id) substitution makes an allow rule not apply,
+//! and widens a deny rule (when in doubt, deny): its `entity_id` then touches every id, its
+//! `service_path` the whole subtree from the segment holding the placeholder, its `topic` every
+//! topic below the level holding the placeholder (`#`; everything if that is the first level).
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::access::{
+    Access, Action, AttributeSelector, EntitySelector, RequestAccess, TypeSelector,
+};
+use crate::decision::{Decision, DenyReason};
+use crate::identity::{Identity, IdentityKind};
+
+pub mod mosquitto;
+pub mod topic;
+
+#[cfg(test)]
+mod tests;
+
+use topic::{Level, TopicFilter};
+
+// ------------------------------------------------------------------------------------------
+// Configuration (serde)
+// ------------------------------------------------------------------------------------------
+
+/// The `acl` section of the plugin configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+/// One rule. Exactly one of `ngsi` and `mqtt` must be present.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    pub effect: Effect,
+    /// `user:<subject>`, `role:<r>`, `group:<g>`, `device:<id>`, `authenticated`, `anyone`,
+    /// `anonymous` (only callers without identity).
+    pub subjects: Vec<String>,
+    /// `read`, `write`, `create`, `delete`, `subscribe`, `register`, or `*`. MQTT rules: `read`,
+    /// `write` or `*` (= both).
+    pub actions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ngsi: Option<NgsiResource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttResource>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+fn star_list() -> Vec<String> {
+    vec!["*".into()]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NgsiResource {
+    /// Tenant (`fiware-service`): exact (compared lowercase), `""` for the default tenant, or
+    /// `*` for any. Required.
+    pub service: String,
+    /// `/a/b` exact, `/a/#` subtree (including `/a`), `/#` everything. Required.
+    pub service_path: String,
+    /// `*` alone: any id. Otherwise a glob where `*` matches any run (possibly empty) of
+    /// characters other than `:`. Default `*`.
+    #[serde(default = "star")]
+    pub entity_id: String,
+    /// Exact type or `*`. Default `*`.
+    #[serde(default = "star")]
+    pub entity_type: String,
+    /// Attribute names, or `["*"]` (default) for all.
+    #[serde(default = "star_list")]
+    pub attributes: Vec<String>,
+    /// Subscriptions/registrations: the endpoint must start with this URL (path ending in `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttResource {
+    /// A topic filter with Mosquitto semantics; `%u`, `%c`, `%%` allowed.
+    pub topic: String,
+}
+
+/// A rule that does not load.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AclError {
+    #[error("acl configuration is not valid JSON for the rule format: {0}")]
+    Json(String),
+    #[error("acl rule {rule}: {message}")]
+    Rule { rule: String, message: String },
+}
+
+// ------------------------------------------------------------------------------------------
+// Compiled rules
+// ------------------------------------------------------------------------------------------
+
+/// Access to an MQTT topic: read (subscribe / receive) or write (publish).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopicAccess {
+    Read,
+    Write,
+}
+
+impl TopicAccess {
+    fn action(self) -> Action {
+        match self {
+            TopicAccess::Read => Action::Read,
+            TopicAccess::Write => Action::Write,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Subject {
+    User(String),
+    Role(String),
+    Group(String),
+    Device(String),
+    Authenticated,
+    Anyone,
+    Anonymous,
+}
+
+impl Subject {
+    fn parse(s: &str) -> Result<Subject, String> {
+        match s {
+            "anyone" => return Ok(Subject::Anyone),
+            "authenticated" => return Ok(Subject::Authenticated),
+            "anonymous" => return Ok(Subject::Anonymous),
+            _ => {}
+        }
+        let (kind, value) = s.split_once(':').ok_or_else(|| {
+            format!(
+                "subject {s:?} is not one of user:<subject>, role:<r>, group:<g>, device:<id>, \
+                 authenticated, anyone, anonymous"
+            )
+        })?;
+        if value.is_empty() {
+            return Err(format!("subject {s:?} has an empty value"));
+        }
+        let v = value.to_string();
+        match kind {
+            "user" => Ok(Subject::User(v)),
+            "role" => Ok(Subject::Role(v)),
+            "group" => Ok(Subject::Group(v)),
+            "device" => Ok(Subject::Device(v)),
+            _ => Err(format!(
+                "subject kind {kind:?} is unknown (user, role, group, device)"
+            )),
+        }
+    }
+
+    /// `user:` matches the subject whatever the credential kind; `device:` only device keys.
+    fn matches(&self, id: Option<&Identity>) -> bool {
+        match (self, id) {
+            (Subject::Anyone, _) => true,
+            (Subject::Anonymous, id) => id.is_none(),
+            (_, None) => false,
+            (Subject::Authenticated, Some(_)) => true,
+            (Subject::User(u), Some(i)) => i.subject == *u,
+            (Subject::Role(r), Some(i)) => i.has_role(r),
+            (Subject::Group(g), Some(i)) => i.in_group(g),
+            (Subject::Device(d), Some(i)) => i.kind == IdentityKind::DeviceKey && i.subject == *d,
+        }
+    }
+}
+
+/// A template piece: literal text, or a placeholder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Lit(String),
+    User,
+    Client,
+}
+
+fn parse_template(s: &str, allow_client: bool) -> Result<Vec<Piece>, String> {
+    let mut out = Vec::new();
+    let mut lit = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            lit.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('%') => lit.push('%'),
+            Some('u') => {
+                if !lit.is_empty() {
+                    out.push(Piece::Lit(std::mem::take(&mut lit)));
+                }
+                out.push(Piece::User);
+            }
+            Some('c') if allow_client => {
+                if !lit.is_empty() {
+                    out.push(Piece::Lit(std::mem::take(&mut lit)));
+                }
+                out.push(Piece::Client);
+            }
+            Some('c') => return Err("%c (the MQTT client id) is only allowed in mqtt rules".into()),
+            other => {
+                return Err(format!(
+                    "unknown placeholder %{} in {s:?} (use %u, %c, or %% for a literal %)",
+                    other.map(String::from).unwrap_or_default()
+                ))
+            }
+        }
+    }
+    if !lit.is_empty() {
+        out.push(Piece::Lit(lit));
+    }
+    Ok(out)
+}
+
+/// Values placeholders are replaced with.
+#[derive(Debug, Clone, Copy)]
+struct Ctx<'a> {
+    user: Option<&'a str>,
+    client: Option<&'a str>,
+}
+
+impl<'a> Ctx<'a> {
+    fn value(&self, p: &Piece) -> Option<&'a str> {
+        match p {
+            Piece::User => self.user,
+            Piece::Client => self.client,
+            Piece::Lit(_) => None,
+        }
+    }
+}
+
+/// Substitutes into a template whose literal text is literal; `ok` vets each value.
+fn render(pieces: &[Piece], ctx: &Ctx, ok: impl Fn(&str) -> bool) -> Option<String> {
+    let mut out = String::new();
+    for p in pieces {
+        match p {
+            Piece::Lit(s) => out.push_str(s),
+            _ => {
+                let v = ctx.value(p)?;
+                if !ok(v) {
+                    return None;
+                }
+                out.push_str(v);
+            }
+        }
+    }
+    Some(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobTok {
+    Ch(char),
+    Star,
+}
+
+/// `*` matches any run of characters other than `:`.
+fn glob_match(pat: &[GlobTok], s: &str) -> bool {
+    let s: Vec<char> = s.chars().collect();
+    let n = s.len();
+    let mut dp = vec![false; n + 1];
+    dp[0] = true;
+    for tok in pat {
+        let mut nd = vec![false; n + 1];
+        match tok {
+            GlobTok::Ch(c) => {
+                for j in 1..=n {
+                    nd[j] = dp[j - 1] && s[j - 1] == *c;
+                }
+            }
+            GlobTok::Star => {
+                for j in 0..=n {
+                    nd[j] = dp[j] || (j > 0 && nd[j - 1] && s[j - 1] != ':');
+                }
+            }
+        }
+        dp = nd;
+    }
+    dp[n]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IdRule {
+    Any,
+    /// Literal pieces: `*` is a wildcard; substituted values are literal.
+    Glob(Vec<Piece>),
+}
+
+impl IdRule {
+    fn instantiate(&self, ctx: &Ctx) -> Option<Option<Vec<GlobTok>>> {
+        match self {
+            IdRule::Any => Some(None),
+            IdRule::Glob(pieces) => {
+                let mut toks = Vec::new();
+                for p in pieces {
+                    match p {
+                        Piece::Lit(s) => toks.extend(s.chars().map(|c| {
+                            if c == '*' {
+                                GlobTok::Star
+                            } else {
+                                GlobTok::Ch(c)
+                            }
+                        })),
+                        _ => {
+                            let v = ctx.value(p)?;
+                            if v.is_empty() {
+                                return None;
+                            }
+                            toks.extend(v.chars().map(GlobTok::Ch));
+                        }
+                    }
+                }
+                Some(Some(toks))
+            }
+        }
+    }
+}
+
+/// A canonical service path: segments, and whether it covers the subtree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServicePath {
+    segments: Vec<String>,
+    subtree: bool,
+}
+
+impl ServicePath {
+    fn parse(p: &str) -> Result<ServicePath, String> {
+        let rest = p
+            .strip_prefix('/')
+            .ok_or_else(|| format!("service path {p:?} must start with '/'"))?;
+        if rest.is_empty() {
+            return Ok(ServicePath {
+                segments: vec![],
+                subtree: false,
+            });
+        }
+        if rest == "#" {
+            return Ok(ServicePath {
+                segments: vec![],
+                subtree: true,
+            });
+        }
+        let (body, subtree) = match rest.strip_suffix("/#") {
+            Some(b) => (b, true),
+            None => (rest, false),
+        };
+        let mut segments = Vec::new();
+        for seg in body.split('/') {
+            if seg.is_empty() {
+                return Err(format!(
+                    "service path {p:?} has an empty segment or trailing '/'"
+                ));
+            }
+            if seg.contains('#') {
+                return Err(format!(
+                    "service path {p:?}: '#' is only allowed as a final '/#'"
+                ));
+            }
+            segments.push(seg.to_string());
+        }
+        Ok(ServicePath { segments, subtree })
+    }
+
+    fn covers(&self, req: &ServicePath) -> bool {
+        if self.subtree {
+            req.segments.starts_with(&self.segments)
+        } else {
+            !req.subtree && req.segments == self.segments
+        }
+    }
+
+    fn intersects(&self, req: &ServicePath) -> bool {
+        match (self.subtree, req.subtree) {
+            (true, true) => {
+                req.segments.starts_with(&self.segments) || self.segments.starts_with(&req.segments)
+            }
+            (true, false) => req.segments.starts_with(&self.segments),
+            (false, true) => self.segments.starts_with(&req.segments),
+            (false, false) => req.segments == self.segments,
+        }
+    }
+}
+
+/// The subtree a deny rule's service path touches when a placeholder cannot be substituted:
+/// the literal segments before the first placeholder, as a subtree.
+fn deny_path_prefix(pieces: &[Piece]) -> ServicePath {
+    let mut text = String::new();
+    for p in pieces {
+        match p {
+            Piece::Lit(s) => text.push_str(s),
+            _ => break,
+        }
+    }
+    let segments = text.split('/').map(String::from).collect::<Vec<_>>();
+    // `text` is "/x/y/" or "/x/y/prefix-": keep the complete segments only.
+    let complete = segments.len().saturating_sub(1);
+    ServicePath {
+        segments: segments
+            .into_iter()
+            .take(complete)
+            .filter(|s| !s.is_empty())
+            .collect(),
+        subtree: true,
+    }
+}
+
+fn path_value_ok(v: &str) -> bool {
+    !v.is_empty() && !v.contains(['/', '#'])
+}
+
+/// An endpoint prefix, split into the parts compared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EndpointPrefix {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+    path: String,
+}
+
+impl EndpointPrefix {
+    fn parse(s: &str) -> Result<EndpointPrefix, String> {
+        let u = url::Url::parse(s).map_err(|e| format!("endpoint_prefix {s:?}: {e}"))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(format!(
+                "endpoint_prefix {s:?} must be an http or https URL"
+            ));
+        }
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(format!(
+                "endpoint_prefix {s:?} must not contain credentials"
+            ));
+        }
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(format!(
+                "endpoint_prefix {s:?} must not have a query or fragment"
+            ));
+        }
+        if !u.path().ends_with('/') {
+            return Err(format!(
+                "endpoint_prefix {s:?}: its path must end with '/' so it cannot match a sibling"
+            ));
+        }
+        let host = u
+            .host_str()
+            .ok_or_else(|| format!("endpoint_prefix {s:?} has no host"))?
+            .to_string();
+        Ok(EndpointPrefix {
+            scheme: u.scheme().into(),
+            host,
+            port: u.port_or_known_default(),
+            path: u.path().into(),
+        })
+    }
+
+    /// `None` when the endpoint is not a URL at all.
+    fn matches(&self, endpoint: &str) -> Option<bool> {
+        let u = url::Url::parse(endpoint).ok()?;
+        Some(
+            u.scheme() == self.scheme
+                && u.username().is_empty()
+                && u.password().is_none()
+                && u.host_str() == Some(self.host.as_str())
+                && u.port_or_known_default() == self.port
+                && u.path().starts_with(&self.path),
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NgsiRule {
+    service: Option<String>,
+    service_path: Vec<Piece>,
+    entity_id: IdRule,
+    entity_type: Option<String>,
+    attributes: Option<Vec<String>>,
+    endpoint: Option<EndpointPrefix>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resource {
+    Ngsi(NgsiRule),
+    Mqtt(TopicTemplate),
+}
+
+/// An MQTT topic filter with placeholders, level by level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TopicTemplateLevel {
+    Plus,
+    Hash,
+    Pieces(Vec<Piece>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TopicTemplate(Vec<TopicTemplateLevel>);
+
+impl TopicTemplate {
+    fn parse(s: &str) -> Result<TopicTemplate, String> {
+        topic::validate_filter_text(s)?;
+        let mut levels = Vec::new();
+        for level in s.split('/') {
+            levels.push(match level {
+                "+" => TopicTemplateLevel::Plus,
+                "#" => TopicTemplateLevel::Hash,
+                l => TopicTemplateLevel::Pieces(parse_template(l, true)?),
+            });
+        }
+        Ok(TopicTemplate(levels))
+    }
+
+    /// For a deny rule: a level whose placeholder cannot be substituted safely becomes `#`
+    /// (the rule touches everything below it); at the first level, `None` (it touches
+    /// everything, `$` topics included).
+    fn instantiate_for_deny(&self, ctx: &Ctx) -> Option<TopicFilter> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for (i, l) in self.0.iter().enumerate() {
+            match l {
+                TopicTemplateLevel::Plus => out.push(Level::Plus),
+                TopicTemplateLevel::Hash => out.push(Level::Hash),
+                TopicTemplateLevel::Pieces(p) => match render(p, ctx, topic::value_ok) {
+                    Some(v) => out.push(Level::Lit(v)),
+                    None if i == 0 => return None,
+                    None => {
+                        out.push(Level::Hash);
+                        break;
+                    }
+                },
+            }
+        }
+        Some(TopicFilter(out))
+    }
+
+    fn instantiate(&self, ctx: &Ctx) -> Option<TopicFilter> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for l in &self.0 {
+            out.push(match l {
+                TopicTemplateLevel::Plus => Level::Plus,
+                TopicTemplateLevel::Hash => Level::Hash,
+                TopicTemplateLevel::Pieces(p) => Level::Lit(render(p, ctx, topic::value_ok)?),
+            });
+        }
+        Some(TopicFilter(out))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rule {
+    name: String,
+    effect: Effect,
+    subjects: Vec<Subject>,
+    actions: BTreeSet<Action>,
+    resource: Resource,
+}
+
+const ALL_ACTIONS: [Action; 6] = [
+    Action::Read,
+    Action::Write,
+    Action::Create,
+    Action::Delete,
+    Action::Subscribe,
+    Action::Register,
+];
+
+fn parse_action(s: &str) -> Option<Action> {
+    ALL_ACTIONS.iter().copied().find(|a| {
+        serde_json::to_value(a)
+            .ok()
+            .and_then(|v| v.as_str().map(|v| v == s))
+            == Some(true)
+    })
+}
+
+/// Longest entity id a glob is matched against.
+const MAX_ID_LEN: usize = 1024;
+
+/// Characters Orion refuses in ids and types (plus whitespace and controls).
+fn bad_id_char(c: char) -> bool {
+    c.is_whitespace() || c.is_control() || "<>\"'=;()&?/#".contains(c)
+}
+
+impl Rule {
+    fn compile(cfg: &RuleConfig) -> Result<Rule, String> {
+        if cfg.name.trim().is_empty() {
+            return Err("name must not be empty".into());
+        }
+        if cfg.subjects.is_empty() {
+            return Err("subjects must not be empty (use \"anyone\" explicitly)".into());
+        }
+        let subjects = cfg
+            .subjects
+            .iter()
+            .map(|s| Subject::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        if cfg.actions.is_empty() {
+            return Err("actions must not be empty (use \"*\" explicitly)".into());
+        }
+        let mqtt = cfg.mqtt.is_some();
+        let mut actions = BTreeSet::new();
+        for a in &cfg.actions {
+            if a == "*" {
+                if mqtt {
+                    actions.extend([Action::Read, Action::Write]);
+                } else {
+                    actions.extend(ALL_ACTIONS);
+                }
+                continue;
+            }
+            let action = parse_action(a).ok_or_else(|| {
+                format!(
+                    "action {a:?} is unknown (read, write, create, delete, subscribe, register, *)"
+                )
+            })?;
+            if mqtt && !matches!(action, Action::Read | Action::Write) {
+                return Err(format!(
+                    "action {a:?} does not apply to mqtt rules (read, write, *)"
+                ));
+            }
+            actions.insert(action);
+        }
+        let resource = match (&cfg.ngsi, &cfg.mqtt) {
+            (Some(n), None) => Resource::Ngsi(compile_ngsi(n)?),
+            (None, Some(m)) => Resource::Mqtt(TopicTemplate::parse(&m.topic)?),
+            _ => return Err("exactly one of \"ngsi\" and \"mqtt\" must be given".into()),
+        };
+        Ok(Rule {
+            name: cfg.name.clone(),
+            effect: cfg.effect,
+            subjects,
+            actions,
+            resource,
+        })
+    }
+
+    fn applies_to(&self, id: Option<&Identity>, action: Action) -> bool {
+        self.actions.contains(&action) && self.subjects.iter().any(|s| s.matches(id))
+    }
+}
+
+fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
+    let service = match n.service.as_str() {
+        "*" => None,
+        s if s.contains('*') || s.contains('%') => {
+            return Err(format!(
+                "service {s:?}: only an exact name or \"*\" is allowed"
+            ))
+        }
+        s => Some(s.to_lowercase()),
+    };
+    let service_path = parse_template(&n.service_path, false)?;
+    // Validate the shape with a neutral stand-in for placeholders.
+    let probe = render(
+        &service_path,
+        &Ctx {
+            user: Some("u"),
+            client: None,
+        },
+        |_| true,
+    )
+    .unwrap_or_default();
+    ServicePath::parse(&probe)?;
+    let entity_id = match n.entity_id.as_str() {
+        "*" => IdRule::Any,
+        "" => return Err("entity_id must not be empty (use \"*\" for any)".into()),
+        s => {
+            if let Some(c) = s.chars().find(|c| bad_id_char(*c)) {
+                return Err(format!(
+                    "entity_id {s:?} contains the forbidden character {c:?}"
+                ));
+            }
+            IdRule::Glob(parse_template(s, false)?)
+        }
+    };
+    let entity_type = match n.entity_type.as_str() {
+        "*" => None,
+        "" => return Err("entity_type must not be empty (use \"*\" for any)".into()),
+        t if t.contains(['*', '%']) || t.chars().any(bad_id_char) => {
+            return Err(format!(
+                "entity_type {t:?}: only an exact type or \"*\" is allowed"
+            ))
+        }
+        t => Some(t.to_string()),
+    };
+    let attributes = if n.attributes.iter().any(|a| a == "*") {
+        if n.attributes.len() != 1 {
+            return Err("attributes: \"*\" must be alone".into());
+        }
+        None
+    } else if n.attributes.is_empty() {
+        return Err("attributes must not be empty (use [\"*\"] for all)".into());
+    } else {
+        if let Some(a) = n
+            .attributes
+            .iter()
+            .find(|a| a.is_empty() || a.contains(['*', '%']))
+        {
+            return Err(format!(
+                "attribute {a:?}: only exact names or \"*\" are allowed"
+            ));
+        }
+        Some(n.attributes.clone())
+    };
+    let endpoint = n
+        .endpoint_prefix
+        .as_deref()
+        .map(EndpointPrefix::parse)
+        .transpose()?;
+    Ok(NgsiRule {
+        service,
+        service_path,
+        entity_id,
+        entity_type,
+        attributes,
+        endpoint,
+    })
+}
+
+// ------------------------------------------------------------------------------------------
+// Requests, split into units
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum EntReq {
+    Id(String),
+    Wide,
+}
+
+#[derive(Debug, Clone)]
+struct Unit<'a> {
+    action: Action,
+    entity: EntReq,
+    entity_type: EntReq,
+    attribute: Option<&'a str>,
+    service: String,
+    path: ServicePath,
+    path_text: &'a str,
+    endpoint: Option<&'a str>,
+}
+
+impl fmt::Display for Unit<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let action = serde_json::to_value(self.action)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        let show = |e: &EntReq| match e {
+            EntReq::Id(s) => s.clone(),
+            EntReq::Wide => "*".into(),
+        };
+        write!(
+            f,
+            "{action} on entity {} of type {}, attribute {}, in service {:?} path {}",
+            show(&self.entity),
+            show(&self.entity_type),
+            self.attribute.unwrap_or("*"),
+            self.service,
+            self.path_text
+        )
+    }
+}
+
+/// `^lit$` where lit is plain characters or backslash-escaped punctuation.
+pub fn literal_regex(re: &str) -> Option<String> {
+    let body = re.strip_prefix('^')?;
+    let mut out = String::new();
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e) if e.is_ascii_punctuation() => out.push(e),
+                _ => return None,
+            },
+            '$' if chars.peek().is_none() => return if out.is_empty() { None } else { Some(out) },
+            c if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':') => out.push(c),
+            _ => return None,
+        }
+    }
+    None
+}
+
+fn split_access(a: &Access) -> Result<Vec<Unit<'_>>, String> {
+    let entity = match &a.entity {
+        EntitySelector::Id(id) => EntReq::Id(id.clone()),
+        EntitySelector::IdPattern(re) => literal_regex(re).map_or(EntReq::Wide, EntReq::Id),
+        EntitySelector::Any => EntReq::Wide,
+    };
+    let entity_type = match &a.entity_type {
+        TypeSelector::Type(t) => EntReq::Id(t.clone()),
+        TypeSelector::Pattern(re) => literal_regex(re).map_or(EntReq::Wide, EntReq::Id),
+        TypeSelector::Any => EntReq::Wide,
+    };
+    let attributes: Vec<Option<&str>> = match &a.attributes {
+        AttributeSelector::Only(list) if !list.is_empty() => {
+            list.iter().map(|s| Some(s.as_str())).collect()
+        }
+        _ => vec![None],
+    };
+    if a.tenant.service_paths.is_empty() {
+        return Err("the access names no service path".into());
+    }
+    let mut units = Vec::new();
+    for p in &a.tenant.service_paths {
+        let path = ServicePath::parse(p)?;
+        for attr in &attributes {
+            units.push(Unit {
+                action: a.action,
+                entity: entity.clone(),
+                entity_type: entity_type.clone(),
+                attribute: *attr,
+                service: a.tenant.service.to_lowercase(),
+                path: path.clone(),
+                path_text: p,
+                endpoint: a.endpoint.as_deref(),
+            });
+        }
+    }
+    Ok(units)
+}
+
+/// Whether an instantiated NGSI rule covers (allow) or touches (deny) a unit.
+fn ngsi_match(rule: &NgsiRule, ctx: &Ctx, u: &Unit, deny: bool) -> bool {
+    // A deny rule whose placeholder cannot be substituted touches any id, and the whole
+    // subtree from the segment holding the placeholder.
+    let id_glob = match rule.entity_id.instantiate(ctx) {
+        Some(g) => g,
+        None if deny => None,
+        None => return false,
+    };
+    let path = match render(&rule.service_path, ctx, path_value_ok) {
+        Some(text) => match ServicePath::parse(&text) {
+            Ok(p) => p,
+            Err(_) => return deny,
+        },
+        None if deny => deny_path_prefix(&rule.service_path),
+        None => return false,
+    };
+    let service_ok = rule.service.as_ref().is_none_or(|s| *s == u.service);
+    let entity_ok = match (&id_glob, &u.entity) {
+        (None, _) => true,
+        // Orion's ids are at most 256 characters; a longer one is not matched by an allow
+        // rule's glob (and is assumed to match a deny rule's).
+        (Some(_), EntReq::Id(id)) if id.len() > MAX_ID_LEN => deny,
+        (Some(g), EntReq::Id(id)) => glob_match(g, id),
+        (Some(_), EntReq::Wide) => deny,
+    };
+    let type_ok = match (&rule.entity_type, &u.entity_type) {
+        (None, _) => true,
+        (Some(t), EntReq::Id(x)) => t == x,
+        (Some(_), EntReq::Wide) => deny,
+    };
+    let attr_ok = match (&rule.attributes, u.attribute) {
+        (None, _) => true,
+        (Some(list), Some(a)) => list.iter().any(|l| l == a),
+        (Some(_), None) => deny,
+    };
+    let path_ok = if deny {
+        path.intersects(&u.path)
+    } else {
+        path.covers(&u.path)
+    };
+    let endpoint_ok = match (&rule.endpoint, u.endpoint) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(p), Some(e)) => p.matches(e).unwrap_or(deny),
+    };
+    service_ok && entity_ok && type_ok && attr_ok && path_ok && endpoint_ok
+}
+
+// ------------------------------------------------------------------------------------------
+// The engine
+// ------------------------------------------------------------------------------------------
+
+/// A compiled, validated rule set.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Acl {
+    rules: Vec<Rule>,
+}
+
+fn forbidden(msg: String) -> Decision {
+    Decision::Deny(DenyReason::Forbidden(msg))
+}
+
+impl Acl {
+    /// Validates and compiles every rule; the error names the rule and what is wrong.
+    pub fn from_config(cfg: &AclConfig) -> Result<Acl, AclError> {
+        let mut rules = Vec::with_capacity(cfg.rules.len());
+        let mut names = BTreeSet::new();
+        for (i, r) in cfg.rules.iter().enumerate() {
+            let label = if r.name.is_empty() {
+                format!("#{}", i + 1)
+            } else {
+                format!("#{} {:?}", i + 1, r.name)
+            };
+            let rule = Rule::compile(r).map_err(|message| AclError::Rule {
+                rule: label.clone(),
+                message,
+            })?;
+            if !names.insert(r.name.clone()) {
+                return Err(AclError::Rule {
+                    rule: label,
+                    message: "duplicate rule name (names identify rules in the decision log)"
+                        .into(),
+                });
+            }
+            rules.push(rule);
+        }
+        Ok(Acl { rules })
+    }
+
+    /// Parses `{"rules": [...]}` and compiles it.
+    pub fn from_json(json: &str) -> Result<Acl, AclError> {
+        let cfg: AclConfig =
+            serde_json::from_str(json).map_err(|e| AclError::Json(e.to_string()))?;
+        Acl::from_config(&cfg)
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Decides an NGSI request: allowed only if every access is.
+    pub fn check_accesses(&self, identity: Option<&Identity>, accesses: &[Access]) -> Decision {
+        if accesses.is_empty() {
+            return forbidden("the request names nothing the acl could allow".into());
+        }
+        let mut units = Vec::new();
+        for a in accesses {
+            match split_access(a) {
+                Ok(u) => units.extend(u),
+                Err(e) => return Decision::Deny(DenyReason::BadRequest(e)),
+            }
+        }
+        let ctx = Ctx {
+            user: identity.map(|i| i.subject.as_str()),
+            client: None,
+        };
+        let ngsi_rules = || {
+            self.rules.iter().filter_map(|r| match &r.resource {
+                Resource::Ngsi(n) => Some((r, n)),
+                Resource::Mqtt(_) => None,
+            })
+        };
+        for u in &units {
+            for (r, n) in ngsi_rules() {
+                if r.effect == Effect::Deny
+                    && r.applies_to(identity, u.action)
+                    && ngsi_match(n, &ctx, u, true)
+                {
+                    return forbidden(format!("denied by rule '{}': {u}", r.name));
+                }
+            }
+        }
+        let mut deciders = Vec::new();
+        for u in &units {
+            let allow = ngsi_rules().find(|(r, n)| {
+                r.effect == Effect::Allow
+                    && r.applies_to(identity, u.action)
+                    && ngsi_match(n, &ctx, u, false)
+            });
+            match allow {
+                Some((r, _)) => {
+                    if !deciders.contains(&r.name.as_str()) {
+                        deciders.push(r.name.as_str());
+                    }
+                }
+                None => return forbidden(format!("no rule allows {u}")),
+            }
+        }
+        Decision::Allow(format!("acl:{}", deciders.join(",")))
+    }
+
+    /// [`Acl::check_accesses`] on a request model's output.
+    pub fn check_request(&self, identity: Option<&Identity>, request: &RequestAccess) -> Decision {
+        self.check_accesses(identity, &request.accesses)
+    }
+
+    /// Decides publishing to a topic (`Write`) or subscribing to / receiving on a topic or
+    /// filter (`Read`), with Mosquitto's matching. The username is the identity's subject.
+    pub fn check_topic(
+        &self,
+        identity: Option<&Identity>,
+        client_id: &str,
+        topic_or_filter: &str,
+        access: TopicAccess,
+    ) -> Decision {
+        let req = match TopicFilter::parse(topic_or_filter, access == TopicAccess::Read) {
+            Ok(f) => f,
+            Err(e) => return Decision::Deny(DenyReason::BadRequest(e)),
+        };
+        let ctx = Ctx {
+            user: identity.map(|i| i.subject.as_str()),
+            client: Some(client_id),
+        };
+        let action = access.action();
+        let mqtt_rules = || {
+            self.rules.iter().filter_map(|r| match &r.resource {
+                Resource::Mqtt(t) if r.applies_to(identity, action) => Some((r, t)),
+                _ => None,
+            })
+        };
+        let what = match access {
+            TopicAccess::Read => "read",
+            TopicAccess::Write => "write",
+        };
+        for (r, t) in mqtt_rules().filter(|(r, _)| r.effect == Effect::Deny) {
+            let hit = t
+                .instantiate_for_deny(&ctx)
+                .is_none_or(|f| f.intersects(&req));
+            if hit {
+                return forbidden(format!(
+                    "denied by rule '{}': {what} on {topic_or_filter:?}",
+                    r.name
+                ));
+            }
+        }
+        for (r, t) in mqtt_rules().filter(|(r, _)| r.effect == Effect::Allow) {
+            if t.instantiate(&ctx).is_some_and(|f| f.covers(&req)) {
+                return Decision::Allow(format!("acl:{}", r.name));
+            }
+        }
+        forbidden(format!("no rule allows {what} on {topic_or_filter:?}"))
+    }
+}

@@ -1,0 +1,266 @@
+//! FogFlow's NGSI9/NGSI10 API (smartfog/fogflow: `broker/restapisrv.go` for the broker,
+//! `discovery/main.go` for IoT Discovery). Routes are matched exactly as FogFlow's
+//! go-json-rest router registers them, case-sensitively: the broker serves `/ngsi10/...` and
+//! `/NGSI9/registerContext` (upper case), IoT Discovery serves `/ngsi9/...` (lower case).
+//! `/NGSI9/discoverContextAvailability` is routed by neither and is refused as unclassified.
+//! The broker's `/v2/...` and `/ngsi-ld/v1/...` routes are classified by [`super::v2`] and
+//! [`super::ld`].
+//!
+//! `entityId.isPattern` is accepted as a boolean or the strings `"true"`/`"false"` (the seed's
+//! registerContext example sends `"false"`); a pattern id becomes [`EntitySelector::IdPattern`],
+//! a pattern without id [`EntitySelector::Any`]. Updates by pattern are refused (400).
+//!
+//! | endpoint | method | access |
+//! |---|---|---|
+//! | `/ngsi10/updateContext`, `/v1/updateContext` | POST | per contextElement: UPDATE/APPEND → Create + Write (FogFlow creates unknown entities); DELETE → Delete attrs (All if none) |
+//! | `/ngsi10/notifyContext` | POST | Create + Write per `contextResponses[].contextElement` |
+//! | `/ngsi10/queryContext` | POST | Read per `entities` item, `attributes` |
+//! | `/ngsi10/subscribeContext` | POST | Subscribe per `entities`, `attributes`, endpoint `reference` |
+//! | `/ngsi10/unsubscribeContext` | POST | Subscribe Any |
+//! | `/ngsi10/entity[/{id}[/{attr}]]` | GET | Read (Any / id / id+attr) |
+//! | `/ngsi10/entity/{id}` | DELETE | Delete All |
+//! | `/ngsi10/subscription[/{id}]` | GET, DELETE (id) | Subscribe Any |
+//! | `/NGSI9/registerContext`, `/ngsi9/registerContext` | POST | Register per registration entity, attributes, endpoint `providingApplication` (none if empty) |
+//! | `/NGSI9/registration/{id}`, `/ngsi9/registration/{id}` | GET / DELETE | Register Any |
+//! | `/ngsi9/discoverContextAvailability` | POST | Read per `entities`, `attributes` |
+//! | `/ngsi9/subscribeContextAvailability` | POST | Subscribe per `entities`, endpoint `reference` |
+//! | `/ngsi9/unsubscribeContextAvailability` | POST | Subscribe Any |
+
+use crate::access::{Action, AttributeSelector, EntitySelector, TypeSelector};
+use crate::decision::DenyReason;
+use serde_json::{Map, Value};
+
+use super::canonical::{CanonicalPath, TenantScope};
+use super::{
+    as_batch, as_object, bad, check_name, endpoint_str, only_or_all, opt_str, parse_json, req_str,
+    Classified, Draft,
+};
+
+type R = Result<Option<Classified>, DenyReason>;
+
+pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
+    use Action::*;
+    use TenantScope as S;
+    let parts = canon.parts();
+    match (method, parts.as_slice()) {
+        ("POST", ["ngsi10" | "v1", "updateContext"]) => update_context(body),
+        ("POST", ["ngsi10", "notifyContext"]) => notify_context(body),
+        ("POST", ["ngsi10", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
+            let v = parse_json(body)?;
+            let obj = as_object(&v, "request")?;
+            let attrs = attributes(obj.get("attributes"))?;
+            let drafts = entity_ids(obj.get("entities"), true)?
+                .into_iter()
+                .map(|(e, t)| Draft::new(Read, e, t, attrs.clone()))
+                .collect();
+            Ok(Classified::new(S::Read, drafts))
+        }
+        ("POST", ["ngsi10", "subscribeContext"] | ["ngsi9", "subscribeContextAvailability"]) => {
+            let v = parse_json(body)?;
+            let obj = as_object(&v, "subscription")?;
+            let attrs = attributes(obj.get("attributes"))?;
+            let reference = endpoint_str(obj.get("reference"), "reference")?
+                .ok_or_else(|| bad("subscription.reference is required"))?;
+            let drafts = entity_ids(obj.get("entities"), true)?
+                .into_iter()
+                .map(|(e, t)| {
+                    Draft::new(Subscribe, e, t, attrs.clone())
+                        .with_endpoint(Some(reference.clone()))
+                })
+                .collect();
+            Ok(Classified::new(S::Subscribe, drafts))
+        }
+        (
+            "POST",
+            ["ngsi10", "unsubscribeContext"] | ["ngsi9", "unsubscribeContextAvailability"],
+        ) => {
+            let v = parse_json(body)?;
+            req_str(
+                as_object(&v, "unsubscribe")?,
+                "subscriptionId",
+                "unsubscribe",
+            )?;
+            Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
+        }
+        ("GET", ["ngsi10", "entity"]) => Ok(Classified::new(S::Read, vec![Draft::any(Read)])),
+        ("GET", ["ngsi10", "entity", id]) => by_id(Read, id, AttributeSelector::All, S::Read),
+        ("GET", ["ngsi10", "entity", id, a]) => by_id(
+            Read,
+            id,
+            AttributeSelector::Only(vec![(*a).into()]),
+            S::Read,
+        ),
+        ("DELETE", ["ngsi10", "entity", id]) => by_id(Delete, id, AttributeSelector::All, S::Write),
+        ("GET", ["ngsi10", "subscription"] | ["ngsi10", "subscription", _])
+        | ("DELETE", ["ngsi10", "subscription", _]) => {
+            Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
+        }
+        ("POST", ["NGSI9" | "ngsi9", "registerContext"]) => register_context(body),
+        ("GET" | "DELETE", ["NGSI9" | "ngsi9", "registration", _]) => {
+            Ok(Classified::new(S::Write, vec![Draft::any(Register)]))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn by_id(action: Action, id: &str, attrs: AttributeSelector, scope: TenantScope) -> R {
+    check_name(id, "entity id")?;
+    Ok(Classified::new(
+        scope,
+        vec![Draft::new(
+            action,
+            EntitySelector::Id(id.into()),
+            TypeSelector::Any,
+            attrs,
+        )],
+    ))
+}
+
+fn is_pattern(obj: &Map<String, Value>) -> Result<bool, DenyReason> {
+    match obj.get("isPattern") {
+        None | Some(Value::Bool(false)) => Ok(false),
+        Some(Value::Bool(true)) => Ok(true),
+        Some(Value::String(s)) if s == "false" => Ok(false),
+        Some(Value::String(s)) if s == "true" => Ok(true),
+        Some(_) => Err(bad("entityId.isPattern must be true or false")),
+    }
+}
+
+/// One NGSI10 `entityId` object → selectors. `allow_pattern` false refuses patterns.
+fn entity_id(v: &Value, allow_pattern: bool) -> Result<(EntitySelector, TypeSelector), DenyReason> {
+    let obj = as_object(v, "entityId")?;
+    let pattern = is_pattern(obj)?;
+    let id = opt_str(obj, "id", "entityId")?;
+    let ty = opt_str(obj, "type", "entityId")?
+        .map_or(TypeSelector::Any, |t| TypeSelector::Type(t.into()));
+    let e = match (id, pattern) {
+        (_, true) if !allow_pattern => return Err(bad("entityId.isPattern is not allowed here")),
+        (Some(id), false) => EntitySelector::Id(id.into()),
+        (None, false) => return Err(bad("entityId.id is required unless isPattern is true")),
+        (Some(p), true) => EntitySelector::IdPattern(p.into()),
+        (None, true) => EntitySelector::Any,
+    };
+    Ok((e, ty))
+}
+
+fn entity_ids(
+    v: Option<&Value>,
+    allow_pattern: bool,
+) -> Result<Vec<(EntitySelector, TypeSelector)>, DenyReason> {
+    let v = v.ok_or_else(|| bad("entities is required"))?;
+    let arr = as_batch(v, "entities")?;
+    if arr.is_empty() {
+        return Err(bad("entities must not be empty"));
+    }
+    arr.iter().map(|e| entity_id(e, allow_pattern)).collect()
+}
+
+/// `attributes`: names as strings (queryContext) or objects with `name` (updateContext,
+/// registerContext). Absent or empty → All.
+fn attributes(v: Option<&Value>) -> Result<AttributeSelector, DenyReason> {
+    Ok(only_or_all(attribute_names(v)?))
+}
+
+fn attribute_names(v: Option<&Value>) -> Result<Vec<String>, DenyReason> {
+    let Some(v) = v else {
+        return Ok(vec![]);
+    };
+    let arr = as_batch(v, "attributes")?;
+    let mut names = Vec::with_capacity(arr.len());
+    for a in arr {
+        let name = match a {
+            Value::String(s) => {
+                check_name(s, "attribute name")?;
+                s.as_str()
+            }
+            Value::Object(o) => req_str(o, "name", "attribute")?,
+            _ => return Err(bad("attributes must be names or objects with a name")),
+        };
+        names.push(name.to_string());
+    }
+    Ok(names)
+}
+
+/// Drafts for one `contextElement` under an update action.
+fn context_element(v: &Value, action: &str) -> Result<Vec<Draft>, DenyReason> {
+    use Action::*;
+    let ce = as_object(v, "contextElement")?;
+    let entity_id_v = ce
+        .get("entityId")
+        .ok_or_else(|| bad("contextElement.entityId is required"))?;
+    let (e, t) = entity_id(entity_id_v, false)?;
+    let names = attribute_names(ce.get("attributes"))?;
+    Ok(match action {
+        "UPDATE" | "APPEND" => {
+            let only = AttributeSelector::Only(names);
+            vec![
+                Draft::new(Create, e.clone(), t.clone(), only.clone()),
+                Draft::new(Write, e, t, only),
+            ]
+        }
+        "DELETE" => vec![Draft::new(Delete, e, t, only_or_all(names))],
+        other => return Err(bad(format!("unknown updateAction {other:?}"))),
+    })
+}
+
+fn update_context(body: &[u8]) -> R {
+    let v = parse_json(body)?;
+    let obj = as_object(&v, "updateContext")?;
+    let action = req_str(obj, "updateAction", "updateContext")?;
+    let elements = as_batch(
+        obj.get("contextElements")
+            .ok_or_else(|| bad("contextElements is required"))?,
+        "contextElements",
+    )?;
+    let mut drafts = Vec::new();
+    for ce in elements {
+        drafts.extend(context_element(ce, action)?);
+    }
+    Ok(Classified::new(TenantScope::Write, drafts))
+}
+
+fn notify_context(body: &[u8]) -> R {
+    let v = parse_json(body)?;
+    let obj = as_object(&v, "notifyContext")?;
+    let responses = as_batch(
+        obj.get("contextResponses")
+            .ok_or_else(|| bad("contextResponses is required"))?,
+        "contextResponses",
+    )?;
+    let mut drafts = Vec::new();
+    for r in responses {
+        let ce = as_object(r, "contextResponse")?
+            .get("contextElement")
+            .ok_or_else(|| bad("contextResponse.contextElement is required"))?;
+        drafts.extend(context_element(ce, "APPEND")?);
+    }
+    Ok(Classified::new(TenantScope::Write, drafts))
+}
+
+fn register_context(body: &[u8]) -> R {
+    let v = parse_json(body)?;
+    let obj = as_object(&v, "registerContext")?;
+    let regs = as_batch(
+        obj.get("contextRegistrations")
+            .ok_or_else(|| bad("contextRegistrations is required"))?,
+        "contextRegistrations",
+    )?;
+    if regs.is_empty() {
+        return Err(bad("contextRegistrations must not be empty"));
+    }
+    let mut drafts = Vec::new();
+    for r in regs {
+        let r = as_object(r, "contextRegistration")?;
+        let endpoint = match r.get("providingApplication") {
+            Some(Value::String(s)) if s.is_empty() => None,
+            other => endpoint_str(other, "providingApplication")?,
+        };
+        let attrs = attributes(r.get("attributes"))?;
+        for (e, t) in entity_ids(r.get("entities"), true)? {
+            drafts.push(
+                Draft::new(Action::Register, e, t, attrs.clone()).with_endpoint(endpoint.clone()),
+            );
+        }
+    }
+    Ok(Classified::new(TenantScope::Write, drafts))
+}

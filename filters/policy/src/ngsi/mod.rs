@@ -1,0 +1,382 @@
+//! NGSI request models: one classifier for the three dialects a policy filter sees in front of
+//! a context broker (FIWARE Orion NGSI v2, NGSI-LD, FogFlow's NGSI9/NGSI10 broker and
+//! discovery). A request becomes a [`RequestAccess`] (what it touches) or is refused.
+//!
+//! Refusals, decided here and relied on by the filter:
+//! * [`DenyReason::BadRequest`] (400): the path is not canonical (dot segments, `//`, encoded
+//!   separators, bad escapes), tenant headers are duplicated or invalid, or the body of a
+//!   classified endpoint is not valid JSON / misses a required field / exceeds
+//!   [`MAX_BATCH_ENTITIES`].
+//! * an empty batch (no entity to check) is a 400 too: only `GET /version` classifies to an
+//!   empty access list (it touches no entity data; the filter still authenticates it unless
+//!   a public route says otherwise).
+//! * [`DenyReason::Forbidden`] (403) with a description starting with [`UNCLASSIFIED`]: a
+//!   well-formed request for a path/method the model does not know. Never an allow; 403
+//!   (not 404) because the broker may well serve it, we just do not authorise it.
+//!
+//! Other decisions:
+//! * methods are matched exactly (uppercase); `HEAD`, `OPTIONS` (CORS preflight) and any
+//!   method an endpoint does not list are unclassified;
+//! * listing, reading or deleting subscriptions/registrations by id needs Subscribe/Register
+//!   on everything (`Any`): the model cannot know which entities an existing one covers, and
+//!   a listing reveals other clients' endpoints and custom headers;
+//! * writes that may create (v2 `append`/`appendStrict`, `POST /v2/entities?options=upsert`,
+//!   `/v2/notify`, LD upsert and temporal POST, FogFlow `UPDATE`/`APPEND`/notifyContext) are
+//!   Create + Write, so a rule must grant both;
+//! * body attribute names are reported sorted; JSON bodies with duplicate keys are refused.
+//!
+//! Dispatch is by the first canonical path segment, case-sensitively, as the brokers route:
+//! `v2` and `version` → [`v2`], `ngsi-ld` → [`ld`], `ngsi10`, `NGSI9`, `ngsi9`, `v1` →
+//! [`fogflow`].
+
+pub mod canonical;
+pub mod fogflow;
+pub mod ld;
+pub mod v2;
+
+#[cfg(test)]
+mod tests;
+
+use crate::access::Action;
+use crate::access::{Access, AttributeSelector, EntitySelector, RequestAccess, TypeSelector};
+use crate::decision::DenyReason;
+use serde_json::{Map, Value};
+
+pub use canonical::{CanonicalPath, Query, TenantScope};
+
+/// At most this many entities (or entity selectors) in one batch body; more → 400. Also caps
+/// the number of accesses one request may expand to (id list × type list, upsert = 2 each).
+pub const MAX_BATCH_ENTITIES: usize = 1000;
+
+/// Prefix of the description of a [`DenyReason::Forbidden`] for an endpoint the model does
+/// not classify.
+pub const UNCLASSIFIED: &str = "unclassified NGSI request";
+
+/// One HTTP request as the filter sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct NgsiRequest<'a> {
+    /// Uppercase HTTP method.
+    pub method: &'a str,
+    /// `:path`, with its query string, exactly as received (still percent-encoded).
+    pub path: &'a str,
+    /// Request headers, names lowercase.
+    pub headers: &'a [(String, String)],
+    pub body: &'a [u8],
+}
+
+/// Classify a request into the accesses it performs, or refuse it (see the module docs).
+pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
+    let canon = canonical::canonical_path(req.path)?;
+    let first = canon.segments.first().map(String::as_str).unwrap_or("");
+    let (dialect, classified) = match first {
+        "v2" | "version" => ("ngsi-v2", v2::classify(req.method, &canon, req.body)?),
+        "ngsi-ld" => ("ngsi-ld", ld::classify(req.method, &canon, req.body)?),
+        "ngsi10" | "NGSI9" | "ngsi9" | "v1" => {
+            ("fogflow", fogflow::classify(req.method, &canon, req.body)?)
+        }
+        _ => return Err(unclassified(req.method, &canon)),
+    };
+    let Some(classified) = classified else {
+        return Err(unclassified(req.method, &canon));
+    };
+    // Only `/version` touches nothing; an empty batch or entity list is not a vacuous allow.
+    let is_version = canon.segments == ["version"];
+    if classified.drafts.is_empty() && !is_version {
+        return Err(bad("request names no entity (empty batch)"));
+    }
+    if classified.drafts.len() > MAX_BATCH_ENTITIES {
+        return Err(bad(format!(
+            "request expands to {} accesses, more than the {MAX_BATCH_ENTITIES} allowed",
+            classified.drafts.len()
+        )));
+    }
+    let tenant = canonical::tenant(req.headers, classified.scope, dialect == "ngsi-ld")?;
+    let accesses = classified
+        .drafts
+        .into_iter()
+        .map(|d| Access {
+            action: d.action,
+            entity: d.entity,
+            entity_type: d.entity_type,
+            attributes: d.attributes,
+            tenant: tenant.clone(),
+            endpoint: d.endpoint,
+        })
+        .collect();
+    Ok(RequestAccess {
+        operation: format!("{dialect} {} {}", req.method, canon.display()),
+        accesses,
+    })
+}
+
+/// An access before its tenant is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Draft {
+    pub action: Action,
+    pub entity: EntitySelector,
+    pub entity_type: TypeSelector,
+    pub attributes: AttributeSelector,
+    pub endpoint: Option<String>,
+}
+
+impl Draft {
+    pub(crate) fn new(
+        action: Action,
+        entity: EntitySelector,
+        entity_type: TypeSelector,
+        attributes: AttributeSelector,
+    ) -> Self {
+        Draft {
+            action,
+            entity,
+            entity_type,
+            attributes,
+            endpoint: None,
+        }
+    }
+
+    /// Every entity, every type, every attribute (collection-wide operations).
+    pub(crate) fn any(action: Action) -> Self {
+        Draft::new(
+            action,
+            EntitySelector::Any,
+            TypeSelector::Any,
+            AttributeSelector::All,
+        )
+    }
+
+    pub(crate) fn with_endpoint(mut self, endpoint: Option<String>) -> Self {
+        self.endpoint = endpoint;
+        self
+    }
+}
+
+/// What a dialect module returns for a request it recognises.
+#[derive(Debug)]
+pub(crate) struct Classified {
+    pub scope: TenantScope,
+    pub drafts: Vec<Draft>,
+}
+
+impl Classified {
+    pub(crate) fn new(scope: TenantScope, drafts: Vec<Draft>) -> Option<Self> {
+        Some(Classified { scope, drafts })
+    }
+}
+
+pub(crate) fn bad(msg: impl Into<String>) -> DenyReason {
+    DenyReason::BadRequest(msg.into())
+}
+
+fn unclassified(method: &str, canon: &CanonicalPath) -> DenyReason {
+    DenyReason::Forbidden(format!("{UNCLASSIFIED}: {method} {}", canon.display()))
+}
+
+// ---- JSON helpers shared by the dialects ----
+
+/// Parse a body, refusing duplicate object keys at any depth: serde_json keeps the last
+/// `"id"` of `{"id":"a","id":"b"}` while the broker's parser may keep the first, and the
+/// ACL must see what the broker acts on.
+pub(crate) fn parse_json(body: &[u8]) -> Result<Value, DenyReason> {
+    serde_json::from_slice::<NoDuplicates>(body)
+        .map(|v| v.0)
+        .map_err(|e| bad(format!("body is not valid JSON: {e}")))
+}
+
+/// A JSON value whose objects have no duplicate keys.
+struct NoDuplicates(Value);
+
+impl<'de> serde::Deserialize<'de> for NoDuplicates {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicatesVisitor).map(NoDuplicates)
+    }
+}
+
+struct NoDuplicatesVisitor;
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicatesVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(NoDuplicates(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let NoDuplicates(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+pub(crate) fn as_object<'v>(
+    v: &'v Value,
+    what: &str,
+) -> Result<&'v Map<String, Value>, DenyReason> {
+    v.as_object()
+        .ok_or_else(|| bad(format!("{what} must be a JSON object")))
+}
+
+/// An array of at most [`MAX_BATCH_ENTITIES`] items.
+pub(crate) fn as_batch<'v>(v: &'v Value, what: &str) -> Result<&'v Vec<Value>, DenyReason> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| bad(format!("{what} must be a JSON array")))?;
+    if arr.len() > MAX_BATCH_ENTITIES {
+        return Err(bad(format!(
+            "{what} has {} items, more than the {MAX_BATCH_ENTITIES} allowed",
+            arr.len()
+        )));
+    }
+    Ok(arr)
+}
+
+/// An optional string member; present but not a non-empty string → 400.
+pub(crate) fn opt_str<'v>(
+    obj: &'v Map<String, Value>,
+    key: &str,
+    what: &str,
+) -> Result<Option<&'v str>, DenyReason> {
+    match obj.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => {
+            check_name(s, &format!("{what}.{key}"))?;
+            Ok(Some(s))
+        }
+        Some(_) => Err(bad(format!("{what}.{key} must be a non-empty string"))),
+    }
+}
+
+pub(crate) fn req_str<'v>(
+    obj: &'v Map<String, Value>,
+    key: &str,
+    what: &str,
+) -> Result<&'v str, DenyReason> {
+    opt_str(obj, key, what)?.ok_or_else(|| bad(format!("{what}.{key} is required")))
+}
+
+/// A name (id, type, attribute) as the ACL will see it: non-empty, no control characters.
+pub(crate) fn check_name(s: &str, what: &str) -> Result<(), DenyReason> {
+    if s.is_empty() {
+        return Err(bad(format!("{what} must not be empty")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(bad(format!("{what} contains control characters")));
+    }
+    Ok(())
+}
+
+/// The keys of an entity object that name attributes (all but `skip`), sorted (so the result
+/// does not depend on serde_json's map ordering feature).
+pub(crate) fn attribute_keys(
+    obj: &Map<String, Value>,
+    skip: &[&str],
+) -> Result<Vec<String>, DenyReason> {
+    let mut out = Vec::new();
+    for k in obj.keys() {
+        if skip.contains(&k.as_str()) {
+            continue;
+        }
+        check_name(k, "attribute name")?;
+        out.push(k.clone());
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// An optional array of attribute names (strings) → `Only(..)`, or `All` when absent.
+/// An empty list means "all" in every dialect modelled here.
+pub(crate) fn attr_name_list(
+    v: Option<&Value>,
+    what: &str,
+) -> Result<AttributeSelector, DenyReason> {
+    let Some(v) = v else {
+        return Ok(AttributeSelector::All);
+    };
+    let arr = as_batch(v, what)?;
+    let mut names = Vec::with_capacity(arr.len());
+    for item in arr {
+        let s = item
+            .as_str()
+            .ok_or_else(|| bad(format!("{what} must be an array of strings")))?;
+        check_name(s, what)?;
+        names.push(s.to_string());
+    }
+    Ok(only_or_all(names))
+}
+
+pub(crate) fn only_or_all(names: Vec<String>) -> AttributeSelector {
+    if names.is_empty() || names.iter().any(|n| n == "*") {
+        AttributeSelector::All
+    } else {
+        AttributeSelector::Only(names)
+    }
+}
+
+/// An optional URL-ish string for an endpoint: must be a non-empty string when present.
+pub(crate) fn endpoint_str(v: Option<&Value>, what: &str) -> Result<Option<String>, DenyReason> {
+    match v {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => {
+            check_name(s, what)?;
+            Ok(Some(s.clone()))
+        }
+        Some(_) => Err(bad(format!("{what} must be a non-empty string"))),
+    }
+}
+
+/// Cross product of entity and type selectors, one draft each.
+pub(crate) fn cross(
+    action: Action,
+    entities: &[EntitySelector],
+    types: &[TypeSelector],
+    attributes: &AttributeSelector,
+) -> Result<Vec<Draft>, DenyReason> {
+    if entities.len().saturating_mul(types.len()) > MAX_BATCH_ENTITIES {
+        return Err(bad(format!(
+            "request expands to more than {MAX_BATCH_ENTITIES} accesses"
+        )));
+    }
+    let mut out = Vec::new();
+    for e in entities {
+        for t in types {
+            out.push(Draft::new(action, e.clone(), t.clone(), attributes.clone()));
+        }
+    }
+    Ok(out)
+}
