@@ -23,7 +23,6 @@ Logs and configurations: tests/e2e/work/demo-<time>-<pid>/ (the last 3 are kept)
 """
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -62,19 +61,6 @@ def short(token):
     if len(token) <= 24:
         return token
     return f"{token[:12]}…{token[-6:]} ({len(token)} chars)"
-
-
-def b64url(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64url(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def jwt_parts(token):
-    header, payload, signature = token.split(".")
-    return json.loads(unb64url(header)), json.loads(unb64url(payload)), signature
 
 
 def token_curl(idp, resource):
@@ -263,7 +249,7 @@ class Demo:
 
     @staticmethod
     def describe_jwt(token):
-        header, payload, _ = jwt_parts(token)
+        header, payload, _ = e2e.jwt_parts(token)
         ttl = payload.get("exp", 0) - payload.get("iat", 0)
         return (f"{header.get('alg')} JWT, kid {header.get('kid')}, sub={payload.get('sub')} "
                 f"aud={payload.get('aud')} roles={json.dumps(payload.get('roles'))}, valid {ttl} s")
@@ -303,9 +289,9 @@ class Demo:
 
     def step_forged(self, o):
         token = self.idp.token(ORION)
-        header, payload, signature = jwt_parts(token)
+        header, payload, signature = e2e.jwt_parts(token)
         payload.update(sub="admin", roles=["admin"])
-        forged = ".".join([token.split(".")[0], b64url(json.dumps(payload).encode()), signature])
+        forged = ".".join([token.split(".")[0], e2e.b64url(json.dumps(payload).encode()), signature])
         say("a fresh JWT from the IdP, its payload changed (sub=admin, roles=[admin]), "
             "header and signature kept", 1)
         r, records, decision = self.send("GET", "/v2/entities",

@@ -472,3 +472,18 @@ class Envoy:
     def stop(self):
         if self.proc:
             self.proc.stop()
+
+
+# JWT pieces, for tests and the demo that forge or inspect tokens.
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def jwt_parts(token):
+    header, payload, signature = token.split(".")
+    return json.loads(unb64url(header)), json.loads(unb64url(payload)), signature

@@ -6,7 +6,6 @@ Each request carries `x-e2e-probe: <uuid>` so the test can find exactly that req
 those the stand-in recorded (or prove it never arrived).
 """
 
-import base64
 import json
 import threading
 import uuid
@@ -24,19 +23,6 @@ IDENTITY_HEADERS = ["x-auth-subject", "x-auth-kind", "x-nick-name", "x-display-n
 
 def new_probe():
     return uuid.uuid4().hex
-
-
-def b64url(data):
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unb64url(text):
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def jwt_parts(token):
-    header, payload, signature = token.split(".")
-    return json.loads(unb64url(header)), json.loads(unb64url(payload)), signature
 
 
 def assert_not_received(broker, probe):
@@ -136,15 +122,15 @@ def test_a_garbage_token_is_401(envoy, broker):
 @pytest.mark.parametrize("forgery", ["payload-changed", "alg-none", "signature-of-another-token"])
 def test_a_forged_jwt_is_401(envoy, idp, broker, forgery):
     token = idp.token(ORION)
-    header, payload, signature = jwt_parts(token)
+    header, payload, signature = e2e.jwt_parts(token)
     if forgery == "payload-changed":
         payload.update(sub="admin", roles=["admin"])
-        forged = ".".join([token.split(".")[0], b64url(json.dumps(payload).encode()), signature])
+        forged = ".".join([token.split(".")[0], e2e.b64url(json.dumps(payload).encode()), signature])
     elif forgery == "alg-none":
         header = {"alg": "none", "typ": "at+jwt"}
         payload["sub"] = "admin"
-        forged = ".".join([b64url(json.dumps(header).encode()),
-                           b64url(json.dumps(payload).encode()), ""])
+        forged = ".".join([e2e.b64url(json.dumps(header).encode()),
+                           e2e.b64url(json.dumps(payload).encode()), ""])
     else:
         other = idp.token(OTHER_API)
         forged = ".".join(token.split(".")[:2] + [other.split(".")[2]])
@@ -158,7 +144,7 @@ def test_a_forged_jwt_is_401(envoy, idp, broker, forgery):
 
 def test_a_jwt_for_another_api_is_401(envoy, idp, broker):
     token = idp.token(OTHER_API)
-    assert jwt_parts(token)[1]["aud"] == OTHER_API
+    assert e2e.jwt_parts(token)[1]["aud"] == OTHER_API
     probe = new_probe()
     r = envoy.request("GET", "/v2/entities",
                       {"authorization": f"Bearer {token}", "x-e2e-probe": probe})
@@ -171,10 +157,10 @@ def test_a_jwt_for_another_api_is_401(envoy, idp, broker):
 def test_a_jwt_from_an_unknown_issuer_is_401_without_asking_the_idp(envoy, idp, broker):
     """A JWT whose issuer no provider names is refused outright, even with introspection
     configured: sending it to the IdP would let anyone make the IdP work (and get 503s)."""
-    _, payload, signature = jwt_parts(idp.token(ORION))
+    _, payload, signature = e2e.jwt_parts(idp.token(ORION))
     payload["iss"] = "https://evil.example/"
-    header = b64url(json.dumps({"alg": "RS256", "typ": "at+jwt"}).encode())
-    forged = ".".join([header, b64url(json.dumps(payload).encode()), signature])
+    header = e2e.b64url(json.dumps({"alg": "RS256", "typ": "at+jwt"}).encode())
+    forged = ".".join([header, e2e.b64url(json.dumps(payload).encode()), signature])
     probe = new_probe()
     r = envoy.request("GET", "/v2/entities",
                       {"authorization": f"Bearer {forged}", "x-e2e-probe": probe})
