@@ -417,14 +417,9 @@ class Demo:
 
     def failure_report(self):
         header = ["", "What the parts logged (last lines):"]
-        for name, path in e2e.STARTED:
-            try:
-                with open(path, "rb") as f:
-                    lines = f.read().decode("utf-8", errors="replace").splitlines()
-            except OSError:
-                continue
-            keep = [re.sub(r" \[source/[^\]]*\]", "", l) for l in lines
-                    if "wasm log" in l or "idp:" in l or "[critical]" in l or "[error]" in l]
+        wanted = lambda l: any(m in l for m in ("wasm log", "idp:", "[critical]", "[error]"))  # noqa: E731
+        for name, path, lines in e2e.started_logs(wanted):
+            keep = [re.sub(r" \[source/[^\]]*\]", "", l) for l in lines]
             if keep:
                 for line in header:
                     say(line)

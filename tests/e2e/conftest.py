@@ -101,12 +101,7 @@ def pytest_runtest_makereport(item, call):
     """On a failure, attach the filter's log lines and the IdP's request log."""
     report = yield
     if report.failed and call.when == "call":
-        for name, path in e2e.STARTED:
-            try:
-                with open(path, "rb") as f:
-                    lines = f.read().decode("utf-8", errors="replace").splitlines()
-            except OSError:
-                continue
-            keep = [l for l in lines if "[wasm]" in l or "idp:" in l or "[critical]" in l]
+        wanted = lambda l: "[wasm]" in l or "idp:" in l or "[critical]" in l  # noqa: E731
+        for name, path, keep in e2e.started_logs(wanted):
             report.sections.append((f"{name} ({path}), last lines", "\n".join(keep[-40:])))
     return report

@@ -487,3 +487,15 @@ def unb64url(text):
 def jwt_parts(token):
     header, payload, signature = token.split(".")
     return json.loads(unb64url(header)), json.loads(unb64url(payload)), signature
+
+
+def started_logs(keep):
+    """(name, path, lines) for every part started so far, keeping the lines `keep` accepts:
+    what a failing test or demo shows of the filter's and the IdP's logs."""
+    for name, path in STARTED:
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().decode("utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        yield name, path, [line for line in lines if keep(line)]
