@@ -111,6 +111,15 @@ pub struct UpstreamDef {
     pub body: String,
 }
 
+fn upstream_response(def: &UpstreamDef) -> UpstreamResponse {
+    UpstreamResponse {
+        status: def.status,
+        headers: def.headers.pairs(),
+        body: def.body.clone().into_bytes(),
+        trailers: Vec::new(),
+    }
+}
+
 fn empty_json() -> String {
     "{}".into()
 }
@@ -166,6 +175,8 @@ pub struct Step {
     pub connection: Option<ConnectionDef>,
     pub advance_clock_ms: Option<u64>,
     pub reconfigure: Option<ReconfigureDef>,
+    /// What the upstream answers in this step, instead of the scenario's `[upstream]`.
+    pub upstream: Option<UpstreamDef>,
     #[serde(default)]
     pub expect: Expect,
 }
@@ -485,13 +496,10 @@ fn run(
             failures,
         });
     }
-    let upstream = UpstreamResponse {
-        status: scenario.upstream.status,
-        headers: scenario.upstream.headers.pairs(),
-        body: scenario.upstream.body.clone().into_bytes(),
-        trailers: Vec::new(),
-    };
+    let scenario_upstream = upstream_response(&scenario.upstream);
     for (n, step) in scenario.steps.iter().enumerate() {
+        let step_upstream = step.upstream.as_ref().map(upstream_response);
+        let upstream = step_upstream.as_ref().unwrap_or(&scenario_upstream);
         let name = if step.name.is_empty() {
             format!("step {}", n + 1)
         } else {
@@ -511,7 +519,7 @@ fn run(
         }
         if let Some(req) = &step.request {
             for _ in 0..req.repeat.unwrap_or(1).max(1) {
-                let outcome = chain.http(http_request(req), &upstream);
+                let outcome = chain.http(http_request(req), upstream);
                 check_http(&step.expect, &outcome, &mut failures);
             }
         }
@@ -521,7 +529,7 @@ fn run(
                 .iter()
                 .map(|c| (http_request(&c.request), c.abandon))
                 .collect();
-            let outcomes = chain.http_concurrent(requests, &upstream);
+            let outcomes = chain.http_concurrent(requests, upstream);
             for (n, (def, outcome)) in step.concurrent.iter().zip(&outcomes).enumerate() {
                 let mut mine = Vec::new();
                 check_http(&def.expect, outcome, &mut mine);

@@ -120,6 +120,84 @@ impl IdentityHeaderNames {
     }
 }
 
+impl IdentityHeaderNames {
+    /// Reads back the identity token-auth set, for the filters after it. `values(name)` gives
+    /// every value of a request header. No subject header means no identity (a public route
+    /// token-auth let through). A repeated identity header, a kind this crate does not know or
+    /// a value that does not decode is an error (the filter answers 400): these headers only
+    /// ever come from token-auth, which sets each once.
+    pub fn parse(&self, values: impl Fn(&str) -> Vec<String>) -> Result<Option<Identity>, String> {
+        let single = |name: &str| -> Result<Option<String>, String> {
+            let mut v = values(name);
+            match v.len() {
+                0 => Ok(None),
+                1 => decode_value(&v.remove(0))
+                    .map(Some)
+                    .ok_or_else(|| format!("identity header {name} does not decode")),
+                _ => Err(format!("identity header {name} is repeated")),
+            }
+        };
+        let list = |name: &str| -> Result<Vec<String>, String> {
+            let Some(raw) = values(name).first().cloned() else {
+                return Ok(Vec::new());
+            };
+            if values(name).len() > 1 {
+                return Err(format!("identity header {name} is repeated"));
+            }
+            raw.split(',')
+                .filter(|item| !item.is_empty())
+                .map(|item| {
+                    decode_value(item)
+                        .ok_or_else(|| format!("identity header {name} does not decode"))
+                })
+                .collect()
+        };
+        let Some(subject) = single(&self.subject)? else {
+            return Ok(None);
+        };
+        if subject.is_empty() {
+            return Err(format!("identity header {} is empty", self.subject));
+        }
+        let kind = match single(&self.kind)?.as_deref() {
+            Some("jwt") => IdentityKind::Jwt,
+            Some("opaque_token") => IdentityKind::OpaqueToken,
+            Some("device_key") => IdentityKind::DeviceKey,
+            Some("client_certificate") => IdentityKind::ClientCertificate,
+            Some(other) => {
+                return Err(format!(
+                    "identity header {}: unknown kind {other:?}",
+                    self.kind
+                ))
+            }
+            None => return Err(format!("identity header {} is missing", self.kind)),
+        };
+        let mut identity = Identity::new(kind, subject);
+        identity.display_name = single(&self.display_name)?;
+        identity.roles = list(&self.roles)?;
+        identity.groups = list(&self.organizations)?;
+        identity.tenant = single(&self.tenant)?;
+        Ok(Some(identity))
+    }
+}
+
+/// The inverse of [`encode_value`]: `None` for a bad escape or bytes that are not UTF-8.
+pub fn decode_value(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Percent-encodes what must not appear raw in a header value: control characters, `%`
 /// itself (so decoding is exact), and in list items the `,` separator. A claim value can never
 /// inject a header or an extra list item.
@@ -180,6 +258,57 @@ mod tests {
         let roles = &h.iter().find(|(k, _)| k == "x-roles").unwrap().1;
         assert_eq!(roles, "user%2Cadmin,50%25");
         assert_eq!(roles.split(',').count(), 2);
+    }
+
+    fn parse_from(headers: &[(String, String)]) -> Result<Option<Identity>, String> {
+        IdentityHeaderNames::default().parse(|name| {
+            headers
+                .iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn parse_reads_back_what_render_wrote() {
+        let mut id = Identity::new(IdentityKind::Jwt, "eve%\r\n,x");
+        id.display_name = Some("Eve, the 100%".into());
+        id.roles = vec!["user,admin".into(), "50%".into()];
+        id.groups = vec!["city-a".into()];
+        id.tenant = Some("smartcity".into());
+        let h = IdentityHeaderNames::default().render(&id);
+        assert_eq!(parse_from(&h).unwrap(), Some(id));
+    }
+
+    #[test]
+    fn parse_without_subject_is_no_identity_and_rejects_tampering() {
+        assert_eq!(parse_from(&[]).unwrap(), None);
+        let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let twice = h(&[
+            ("x-auth-subject", "a"),
+            ("x-auth-subject", "b"),
+            ("x-auth-kind", "jwt"),
+        ]);
+        assert!(parse_from(&twice).unwrap_err().contains("repeated"));
+        let no_kind = h(&[("x-auth-subject", "a")]);
+        assert!(parse_from(&no_kind).unwrap_err().contains("missing"));
+        let odd_kind = h(&[("x-auth-subject", "a"), ("x-auth-kind", "root")]);
+        assert!(parse_from(&odd_kind).unwrap_err().contains("unknown kind"));
+        let bad_escape = h(&[("x-auth-subject", "a%G1"), ("x-auth-kind", "jwt")]);
+        assert!(parse_from(&bad_escape).unwrap_err().contains("decode"));
+        let roles_twice = h(&[
+            ("x-auth-subject", "a"),
+            ("x-auth-kind", "jwt"),
+            ("x-roles", "x"),
+            ("x-roles", "admin"),
+        ]);
+        assert!(parse_from(&roles_twice).unwrap_err().contains("repeated"));
     }
 
     #[test]

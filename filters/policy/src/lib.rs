@@ -10,12 +10,15 @@ pub mod cache;
 pub mod credentials;
 pub mod decision;
 pub mod device_keys;
+pub mod enforcement;
 pub mod identity;
 pub mod identity_headers;
 pub mod introspection;
 pub mod jwt;
+pub mod mqtt;
 pub mod mtls;
 pub mod ngsi;
+pub mod ownership;
 pub mod routes;
 pub mod token_auth;
 

@@ -115,3 +115,101 @@ pub fn request_header_values(name: &str) -> Vec<String> {
         Err(_) => Vec::new(),
     }
 }
+
+/// The identity token-auth put in the request headers (see
+/// [`policy::identity_headers::IdentityHeaderNames::parse`]).
+pub fn request_identity(
+    names: &policy::identity_headers::IdentityHeaderNames,
+) -> Result<Option<policy::Identity>, String> {
+    names.parse(request_header_values)
+}
+
+/// Counters by decision and reason, `<prefix>.allowed`, `<prefix>.denied.<reason>` and
+/// `<prefix>.shadow.denied` (denials shadow mode let through).
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionMetrics {
+    allowed: Counter,
+    bad_request: Counter,
+    unauthenticated: Counter,
+    forbidden: Counter,
+    too_large: Counter,
+    unavailable: Counter,
+    shadow_denied: Counter,
+}
+
+impl DecisionMetrics {
+    pub fn define(prefix: &str) -> Self {
+        let c = |name: &str| Counter::define(&format!("{prefix}.{name}"));
+        DecisionMetrics {
+            allowed: c("allowed"),
+            bad_request: c("denied.bad_request"),
+            unauthenticated: c("denied.unauthenticated"),
+            forbidden: c("denied.forbidden"),
+            too_large: c("denied.too_large"),
+            unavailable: c("denied.unavailable"),
+            shadow_denied: c("shadow.denied"),
+        }
+    }
+
+    fn record(&self, decision: &policy::Decision, mode: policy::enforcement::Mode) {
+        let reason = match decision {
+            policy::Decision::Allow(_) => return self.allowed.inc(),
+            policy::Decision::Deny(reason) => reason,
+        };
+        match reason {
+            DenyReason::BadRequest(_) => self.bad_request.inc(),
+            DenyReason::Unauthenticated(_) => self.unauthenticated.inc(),
+            DenyReason::Forbidden(_) => self.forbidden.inc(),
+            DenyReason::PayloadTooLarge(_) => self.too_large.inc(),
+            DenyReason::Unavailable(_) => self.unavailable.inc(),
+        }
+        if mode == policy::enforcement::Mode::Shadow {
+            self.shadow_denied.inc();
+        }
+    }
+}
+
+/// What a request's decision is about, for the decision line.
+pub struct Decided<'a> {
+    pub filter: &'a str,
+    pub mode: policy::enforcement::Mode,
+    pub identity: Option<&'a policy::Identity>,
+    /// e.g. `ngsi-v2 GET /v2/entities/Room1`.
+    pub operation: &'a str,
+    /// [`policy::enforcement::summarize_accesses`] of what the request touches.
+    pub entities: &'a str,
+}
+
+/// Applies a decision the same way in every policy filter: one decision log line, the
+/// metrics, and for a denial in enforce mode the deny response (with the client-facing
+/// reason). Returns true when the request may go on (allowed, or shadow mode).
+pub fn apply_decision(
+    about: &Decided,
+    decision: &policy::Decision,
+    metrics: &DecisionMetrics,
+) -> bool {
+    use policy::enforcement::{client_reason, decision_line, Mode};
+    let line = decision_line(
+        about.filter,
+        about.mode,
+        about.identity,
+        about.operation,
+        about.entities,
+        decision,
+    );
+    metrics.record(decision, about.mode);
+    match decision {
+        policy::Decision::Allow(_) => {
+            log::info!("{line}");
+            true
+        }
+        policy::Decision::Deny(reason) => {
+            log::warn!("{line}");
+            if about.mode == Mode::Shadow {
+                return true;
+            }
+            send_deny(&client_reason(reason), &[]);
+            false
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! What every authorization filter after token-auth (entity-acl, device-ownership, mqtt-acl)
+//! does the same way: enforce or only watch (shadow mode), say what clients see, and write one
+//! decision line per request.
+
+use serde::Deserialize;
+
+use crate::access::{Access, EntitySelector};
+use crate::decision::{Decision, DenyReason};
+use crate::identity::Identity;
+
+/// How a filter applies its decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Denials are answered (the default).
+    #[default]
+    Enforce,
+    /// Every request passes; the would-be decision is logged and counted. For trying a policy
+    /// on live traffic before enforcing it.
+    Shadow,
+}
+
+/// What the client is told for a denial. Forbidden details name rules, owners or delegations:
+/// they go to the log only, the client gets a fixed text. Other reasons describe the request
+/// itself (a bad path, a body too large) and are passed on.
+pub fn client_reason(reason: &DenyReason) -> DenyReason {
+    match reason {
+        DenyReason::Forbidden(_) => {
+            DenyReason::Forbidden("the caller is not allowed to perform this request".into())
+        }
+        other => other.clone(),
+    }
+}
+
+/// At most this many entities are named in a decision line; the rest are counted.
+const LOGGED_ENTITIES: usize = 10;
+
+/// `[read Room1, write Room2, read idPattern:"^Room.*", ... (+5 more)]`: what a request touches,
+/// short enough for one log line. Values are quoted when they hold anything but plain
+/// id characters, so a crafted id can't forge log fields.
+pub fn summarize_accesses(accesses: &[Access]) -> String {
+    let mut items: Vec<String> = accesses
+        .iter()
+        .take(LOGGED_ENTITIES)
+        .map(|a| {
+            let action = serde_json::to_value(a.action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let entity = match &a.entity {
+                EntitySelector::Id(id) => quoted_if_needed(id),
+                EntitySelector::IdPattern(p) => format!("idPattern:{p:?}"),
+                EntitySelector::Any => "*".into(),
+            };
+            format!("{action} {entity}")
+        })
+        .collect();
+    if accesses.len() > LOGGED_ENTITIES {
+        items.push(format!("... (+{} more)", accesses.len() - LOGGED_ENTITIES));
+    }
+    format!("[{}]", items.join(", "))
+}
+
+fn quoted_if_needed(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, ':' | '-' | '_' | '.'));
+    if plain {
+        value.to_string()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// One line per decided request, e.g.
+/// `entity-acl decision=deny status=403 reason=forbidden subject="bob" operation="ngsi-v2 GET
+/// /v2/entities/Room1" entities=[read Room1] by="denied by rule 'r3': ..."`.
+/// In shadow mode a denial reads `decision=shadow-deny` (the request went on).
+pub fn decision_line(
+    filter: &str,
+    mode: Mode,
+    identity: Option<&Identity>,
+    operation: &str,
+    entities: &str,
+    decision: &Decision,
+) -> String {
+    let subject = identity.map_or("-".to_string(), |i| format!("{:?}", i.subject));
+    let (verdict, status, reason, by) = match decision {
+        Decision::Allow(by) => ("allow", 200, "allowed", by.as_str()),
+        Decision::Deny(r) => (
+            if mode == Mode::Shadow {
+                "shadow-deny"
+            } else {
+                "deny"
+            },
+            r.status(),
+            r.label(),
+            r.description(),
+        ),
+    };
+    format!(
+        "{filter} decision={verdict} status={status} reason={reason} subject={subject} \
+         operation={operation:?} entities={entities} by={by:?}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::{Action, AttributeSelector, Tenant, TypeSelector};
+    use crate::identity::IdentityKind;
+
+    fn access(action: Action, id: &str) -> Access {
+        Access {
+            action,
+            entity: EntitySelector::Id(id.into()),
+            entity_type: TypeSelector::Any,
+            attributes: AttributeSelector::All,
+            tenant: Tenant::default(),
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn forbidden_details_never_reach_the_client() {
+        let r = client_reason(&DenyReason::Forbidden(
+            "denied by rule 'secret-rule'".into(),
+        ));
+        assert!(!r.ngsi_body().contains("secret-rule"));
+        assert_eq!(r.status(), 403);
+        let bad = DenyReason::BadRequest("path has dot segments".into());
+        assert_eq!(client_reason(&bad), bad);
+    }
+
+    #[test]
+    fn summary_caps_and_quotes() {
+        let mut list: Vec<Access> = (0..12)
+            .map(|i| access(Action::Read, &format!("Room{i}")))
+            .collect();
+        list[0] = access(Action::Write, "evil\" by=\"x");
+        let s = summarize_accesses(&list);
+        assert!(
+            s.starts_with(r#"[write "evil\" by=\"x", read Room1,"#),
+            "{s}"
+        );
+        assert!(s.ends_with("... (+2 more)]"), "{s}");
+    }
+
+    #[test]
+    fn decision_line_names_subject_verdict_and_decider() {
+        let id = Identity::new(IdentityKind::Jwt, "bob");
+        let deny = Decision::Deny(DenyReason::Forbidden("denied by rule 'r3'".into()));
+        let line = decision_line(
+            "entity-acl",
+            Mode::Enforce,
+            Some(&id),
+            "ngsi-v2 GET /v2/entities/R",
+            "[read R]",
+            &deny,
+        );
+        assert_eq!(
+            line,
+            r#"entity-acl decision=deny status=403 reason=forbidden subject="bob" operation="ngsi-v2 GET /v2/entities/R" entities=[read R] by="denied by rule 'r3'""#
+        );
+        let shadow = decision_line("entity-acl", Mode::Shadow, None, "op", "[]", &deny);
+        assert!(shadow.contains("decision=shadow-deny") && shadow.contains("subject=-"));
+        let allow = decision_line(
+            "entity-acl",
+            Mode::Enforce,
+            None,
+            "op",
+            "[]",
+            &Decision::Allow("acl:r1".into()),
+        );
+        assert!(allow.contains("decision=allow status=200") && allow.contains(r#"by="acl:r1""#));
+    }
+}

@@ -1,0 +1,1 @@
+//! Device ownership (in progress).
