@@ -10,6 +10,18 @@ use host_harness::{Chain, Limits, PluginSpec, Runtime, Shared};
 /// A chain with `wasm` (a file in target/wasm32-wasip1/release) configured with `config`, or
 /// no filter at all; its clock starts at `now_nanos`.
 pub fn chain(runtime: &Arc<Runtime>, filter: Option<(&str, &str)>, now_nanos: u64) -> Chain {
+    let filters: Vec<(&str, &str)> = filter.into_iter().collect();
+    chain_of(runtime, &filters, false, now_nanos)
+}
+
+/// A chain of `(wasm, config)` filters in order, with Envoy's
+/// `allow_on_headers_stop_iteration` set as given (filters that decide on the body need true).
+pub fn chain_of(
+    runtime: &Arc<Runtime>,
+    filters: &[(&str, &str)],
+    allow_on_headers_stop_iteration: bool,
+    now_nanos: u64,
+) -> Chain {
     let shared = Arc::new(Shared::new(now_nanos, false));
     let mut chain = Chain::new(
         runtime.clone(),
@@ -17,7 +29,7 @@ pub fn chain(runtime: &Arc<Runtime>, filter: Option<(&str, &str)>, now_nanos: u6
         HashSet::new(),
         Box::new(NoCallouts),
     );
-    if let Some((wasm, config)) = filter {
+    for (wasm, config) in filters {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../target/wasm32-wasip1/release")
             .join(wasm);
@@ -31,7 +43,7 @@ pub fn chain(runtime: &Arc<Runtime>, filter: Option<(&str, &str)>, now_nanos: u6
                 configuration: config.as_bytes().to_vec(),
                 vm_configuration: Vec::new(),
                 limits: Limits::default(),
-                allow_on_headers_stop_iteration: false,
+                allow_on_headers_stop_iteration,
             })
             .expect("filter loads");
         assert!(vm.is_serving(), "{:?}", vm.failure);
