@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod decision;
 pub mod device_keys;
 pub mod enforcement;
+pub mod entity_acl;
 pub mod identity;
 pub mod identity_headers;
 pub mod introspection;

@@ -20,18 +20,24 @@ pub fn install_panic_hook() {
 /// failure is logged with a message that says what is wrong; the caller returns false so Envoy
 /// rejects the configuration.
 pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Option<T> {
-    let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(Some(bytes)) => bytes,
-        Ok(None) => b"{}".to_vec(),
-        Err(status) => {
-            log::error!("{filter}: cannot read plugin configuration: {status:?}");
-            return None;
-        }
-    };
+    let bytes = parse_plugin_config_bytes(filter)?;
     match serde_json::from_slice(&bytes) {
         Ok(config) => Some(config),
         Err(e) => {
             log::error!("{filter}: configuration rejected: {e}");
+            None
+        }
+    }
+}
+
+/// The raw plugin configuration (`{}` when there is none), for filters that parse and
+/// validate it in `policy`. A failure to read it is logged.
+pub fn parse_plugin_config_bytes(filter: &str) -> Option<Vec<u8>> {
+    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) => Some(bytes),
+        Ok(None) => Some(b"{}".to_vec()),
+        Err(status) => {
+            log::error!("{filter}: cannot read plugin configuration: {status:?}");
             None
         }
     }
@@ -151,7 +157,8 @@ impl DecisionMetrics {
         }
     }
 
-    fn record(&self, decision: &policy::Decision, mode: policy::enforcement::Mode) {
+    /// Counts one decision (a denial in shadow mode also as `shadow.denied`).
+    pub fn record(&self, decision: &policy::Decision, mode: policy::enforcement::Mode) {
         let reason = match decision {
             policy::Decision::Allow(_) => return self.allowed.inc(),
             policy::Decision::Deny(reason) => reason,

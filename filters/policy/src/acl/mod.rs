@@ -40,7 +40,7 @@
 //!
 //! # Subjects
 //! `user:<s>` matches any identity whose subject is `<s>` (whatever the credential kind, as a
-//! Mosquitto username would); `device:<id>` only device-key identities; `role:`/`group:` exact
+//! Mosquitto username would); `device:<id>` only devices (device keys, client certificates); `role:`/`group:` exact
 //! membership; `authenticated` any identity; `anonymous` only no identity; `anyone` both.
 //! Identity expiry is the caller's business.
 //!
@@ -216,7 +216,8 @@ impl Subject {
         }
     }
 
-    /// `user:` matches the subject whatever the credential kind; `device:` only device keys.
+    /// `user:` matches the subject whatever the credential kind; `device:` only devices (a device
+/// key or a client certificate).
     fn matches(&self, id: Option<&Identity>) -> bool {
         match (self, id) {
             (Subject::Anyone, _) => true,
@@ -226,7 +227,12 @@ impl Subject {
             (Subject::User(u), Some(i)) => i.subject == *u,
             (Subject::Role(r), Some(i)) => i.has_role(r),
             (Subject::Group(g), Some(i)) => i.in_group(g),
-            (Subject::Device(d), Some(i)) => i.kind == IdentityKind::DeviceKey && i.subject == *d,
+            (Subject::Device(d), Some(i)) => {
+                matches!(
+                    i.kind,
+                    IdentityKind::DeviceKey | IdentityKind::ClientCertificate
+                ) && i.subject == *d
+            }
         }
     }
 }

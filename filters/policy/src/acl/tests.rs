@@ -890,6 +890,8 @@ fn subjects_table() {
     g.groups = vec!["city-of-a".into()];
     let d = device("lamp1");
     let u = user("lamp1");
+    let mut cert = device("lamp1");
+    cert.kind = IdentityKind::ClientCertificate;
     let cases: Vec<(&str, Option<&Identity>, bool)> = vec![
         ("anyone", None, true),
         ("anyone", Some(&g), true),
@@ -903,6 +905,7 @@ fn subjects_table() {
         ("user:gin", Some(&g), false),
         ("device:lamp1", Some(&d), true),
         ("device:lamp1", Some(&u), false),
+        ("device:lamp1", Some(&cert), true),
         ("user:lamp1", Some(&d), true),
         ("role:admin", Some(&g), false),
     ];
