@@ -159,7 +159,10 @@ impl Context for Stream {
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         let Some(state) = self.state.clone() else {
-            proxy_glue::send_deny(&DenyReason::Unavailable("filter not configured".into()), &[]);
+            proxy_glue::send_deny(
+                &DenyReason::Unavailable("filter not configured".into()),
+                &[],
+            );
             return Action::Pause;
         };
         let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)

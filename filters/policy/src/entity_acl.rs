@@ -162,7 +162,9 @@ mod tests {
     use serde_json::json;
 
     fn config(rules: serde_json::Value) -> Vec<u8> {
-        json!({ "acl": { "rules": rules } }).to_string().into_bytes()
+        json!({ "acl": { "rules": rules } })
+            .to_string()
+            .into_bytes()
     }
 
     fn alice() -> Identity {
@@ -191,15 +193,30 @@ mod tests {
         assert_eq!(v.entities, "[read R1]");
         // No type named: it could be any type, the rule grants Rooms only.
         let v = acl.decide(Some(&alice()), "GET", "/v2/entities/R1", &h, b"");
-        assert!(matches!(v.decision, Decision::Deny(DenyReason::Forbidden(_))));
+        assert!(matches!(
+            v.decision,
+            Decision::Deny(DenyReason::Forbidden(_))
+        ));
         // Another tenant, another caller, a write: all refused.
         let other = headers("other", "/rooms/floor1");
-        let v = acl.decide(Some(&alice()), "GET", "/v2/entities/R1?type=Room", &other, b"");
+        let v = acl.decide(
+            Some(&alice()),
+            "GET",
+            "/v2/entities/R1?type=Room",
+            &other,
+            b"",
+        );
         assert!(!v.decision.is_allowed());
         let bob = Identity::new(IdentityKind::Jwt, "bob");
         let v = acl.decide(Some(&bob), "GET", "/v2/entities/R1?type=Room", &h, b"");
         assert!(!v.decision.is_allowed());
-        let v = acl.decide(Some(&alice()), "DELETE", "/v2/entities/R1?type=Room", &h, b"");
+        let v = acl.decide(
+            Some(&alice()),
+            "DELETE",
+            "/v2/entities/R1?type=Room",
+            &h,
+            b"",
+        );
         assert!(!v.decision.is_allowed());
     }
 
@@ -214,16 +231,23 @@ mod tests {
         }
         assert!(!v.operation.contains("secret"), "{}", v.operation);
         let v = acl.decide(None, "GET", "/admin", &[], b"");
-        assert!(matches!(v.decision, Decision::Deny(DenyReason::Forbidden(_))));
+        assert!(matches!(
+            v.decision,
+            Decision::Deny(DenyReason::Forbidden(_))
+        ));
     }
 
     #[test]
     fn bad_configuration_is_refused_with_the_reason() {
-        let err = |json: serde_json::Value| EntityAcl::from_json(json.to_string().as_bytes()).unwrap_err();
+        let err = |json: serde_json::Value| {
+            EntityAcl::from_json(json.to_string().as_bytes()).unwrap_err()
+        };
         assert!(err(json!({})).contains("missing field `acl`"));
         assert!(err(json!({"acl": {"rules": []}, "mode": "audit"})).contains("unknown variant"));
         assert!(err(json!({"acl": {"rules": []}, "max_body_bytes": 0})).contains("max_body_bytes"));
-        assert!(err(json!({"acl": {"rules": []}, "body_timeout_ms": 5})).contains("body_timeout_ms"));
+        assert!(
+            err(json!({"acl": {"rules": []}, "body_timeout_ms": 5})).contains("body_timeout_ms")
+        );
         let mqtt = json!({"acl": {"rules": [{"name": "m", "effect": "allow",
             "subjects": ["anyone"], "actions": ["read"], "mqtt": {"topic": "a/#"}}]}});
         assert!(err(mqtt).contains("MQTT rule"));

@@ -217,7 +217,7 @@ impl Subject {
     }
 
     /// `user:` matches the subject whatever the credential kind; `device:` only devices (a device
-/// key or a client certificate).
+    /// key or a client certificate).
     fn matches(&self, id: Option<&Identity>) -> bool {
         match (self, id) {
             (Subject::Anyone, _) => true,
