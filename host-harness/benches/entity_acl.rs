@@ -35,6 +35,7 @@ fn with_identity(mut request: HttpRequest) -> HttpRequest {
     for (k, v) in [
         ("x-auth-subject", "alice"),
         ("x-auth-kind", "jwt"),
+        ("fiware-service", "smartcity"),
         ("fiware-servicepath", "/rooms"),
     ] {
         request.headers.retain(|(name, _)| name != k);

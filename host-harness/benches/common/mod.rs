@@ -1,5 +1,8 @@
 //! What every bench needs: a chain with one filter, built from target/wasm32-wasip1/release.
 
+// Each bench uses some of these helpers.
+#![allow(dead_code)]
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
