@@ -885,22 +885,45 @@ fn split_access(a: &Access) -> Result<Vec<Unit<'_>>, String> {
     Ok(units)
 }
 
-/// Whether an instantiated NGSI rule covers (allow) or touches (deny) a unit.
-fn ngsi_match(rule: &NgsiRule, ctx: &Ctx, u: &Unit, deny: bool) -> bool {
+/// An NGSI rule's templates filled in for one caller, once per request.
+enum Filled {
+    /// An allow rule whose placeholder cannot be substituted: it grants nothing.
+    NeverApplies,
+    /// A deny rule whose service path cannot be rendered: when in doubt, it touches everything.
+    TouchesAll,
+    Rule {
+        /// None: any id.
+        id_glob: Option<Vec<GlobTok>>,
+        path: ServicePath,
+    },
+}
+
+fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
     // A deny rule whose placeholder cannot be substituted touches any id, and the whole
     // subtree from the segment holding the placeholder.
     let id_glob = match rule.entity_id.instantiate(ctx) {
         Some(g) => g,
         None if deny => None,
-        None => return false,
+        None => return Filled::NeverApplies,
     };
     let path = match render(&rule.service_path, ctx, path_value_ok) {
         Some(text) => match ServicePath::parse(&text) {
             Ok(p) => p,
-            Err(_) => return deny,
+            Err(_) if deny => return Filled::TouchesAll,
+            Err(_) => return Filled::NeverApplies,
         },
         None if deny => deny_path_prefix(&rule.service_path),
-        None => return false,
+        None => return Filled::NeverApplies,
+    };
+    Filled::Rule { id_glob, path }
+}
+
+/// Whether a filled NGSI rule covers (allow) or touches (deny) a unit.
+fn ngsi_match(rule: &NgsiRule, filled: &Filled, u: &Unit, deny: bool) -> bool {
+    let (id_glob, path) = match filled {
+        Filled::NeverApplies => return false,
+        Filled::TouchesAll => return true,
+        Filled::Rule { id_glob, path } => (id_glob, path),
     };
     let service_ok = rule.service.as_ref().is_none_or(|s| *s == u.service);
     let entity_ok = match (&id_glob, &u.entity) {
@@ -1006,17 +1029,21 @@ impl Acl {
             user: identity.map(|i| i.subject.as_str()),
             client: None,
         };
-        let ngsi_rules = || {
-            self.rules.iter().filter_map(|r| match &r.resource {
-                Resource::Ngsi(n) => Some((r, n)),
+        // The rules for this caller, filled in once: the per-unit loops below only match.
+        let prepared: Vec<(&Rule, &NgsiRule, Filled)> = self
+            .rules
+            .iter()
+            .filter(|r| r.subjects.iter().any(|s| s.matches(identity)))
+            .filter_map(|r| match &r.resource {
+                Resource::Ngsi(n) => Some((r, n, fill(n, &ctx, r.effect == Effect::Deny))),
                 Resource::Mqtt(_) => None,
             })
-        };
+            .collect();
         for u in &units {
-            for (r, n) in ngsi_rules() {
+            for (r, n, f) in &prepared {
                 if r.effect == Effect::Deny
-                    && r.applies_to(identity, u.action)
-                    && ngsi_match(n, &ctx, u, true)
+                    && r.actions.contains(&u.action)
+                    && ngsi_match(n, f, u, true)
                 {
                     return forbidden(format!("denied by rule '{}': {u}", r.name));
                 }
@@ -1024,13 +1051,13 @@ impl Acl {
         }
         let mut deciders = Vec::new();
         for u in &units {
-            let allow = ngsi_rules().find(|(r, n)| {
+            let allow = prepared.iter().find(|(r, n, f)| {
                 r.effect == Effect::Allow
-                    && r.applies_to(identity, u.action)
-                    && ngsi_match(n, &ctx, u, false)
+                    && r.actions.contains(&u.action)
+                    && ngsi_match(n, f, u, false)
             });
             match allow {
-                Some((r, _)) => {
+                Some((r, _, _)) => {
                     if !deciders.contains(&r.name.as_str()) {
                         deciders.push(r.name.as_str());
                     }
