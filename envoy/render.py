@@ -8,6 +8,8 @@
         [--node-id iot-sidecar] [--allow-on-headers-stop-iteration]
         [--tls-cert server.crt --tls-key server.key [--client-ca ca.crt]]
         [--ecds DIR]
+        [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
+        [--entity-acl-config FILE [--entity-acl-wasm W]]
 
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
@@ -19,10 +21,16 @@ made absolute. Only the standard library is used; `render()` is importable (test
 --tls-cert/--tls-key make the listener HTTPS; --client-ca also requires every client to present
 a certificate signed by that CA (mTLS; token-auth's "mtls" section then names the caller).
 
+--device-ownership-config and --entity-acl-config add those filters after token-auth, in the
+order token-auth -> device-ownership -> entity-acl, each with its JSON configuration (see
+filters/device-ownership/README.md and README.md, "entity-acl"); --owners adds the cluster
+"owners" for device-ownership's registry source.
+
 --ecds DIR renders envoy/sidecar-ecds.yaml instead: the filter's configuration (and its .wasm
 path) then come from DIR/token-auth.json, an ECDS resource Envoy watches and reloads at run
-time. The resource is written here from --filter-config and --wasm (atomically); change it
-later with envoy/push-config.
+time (and DIR/entity-acl.json, DIR/device-ownership.json for those filters). The resources
+are written here from the configurations and .wasm paths (atomically); change them later with
+envoy/push-config.
 """
 
 import argparse
@@ -40,7 +48,22 @@ ECDS_TEMPLATE = os.path.join(HERE, "sidecar-ecds.yaml")
 # the same (Envoy matches them); the file in the watched directory is <name>.json.
 ECDS_NAME = "token-auth"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
-DEFAULT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "token_auth.wasm")
+WASM_DIR = os.path.join(ROOT, "target", "wasm32-wasip1", "release")
+DEFAULT_WASM = os.path.join(WASM_DIR, "token_auth.wasm")
+
+# The filters that may follow token-auth, in chain order, with their .wasm and what they do.
+# Both decide on the request body, so Envoy must run them with allow_on_headers_stop_iteration.
+CHAIN_FILTERS = {
+    "device-ownership": (
+        "device_ownership.wasm",
+        "only a device's owner, or whom the owner delegates, reads or writes its entities "
+        "(ownership from the configuration, the broker or a registry; list responses filtered)",
+    ),
+    "entity-acl": (
+        "entity_acl.wasm",
+        "decides every NGSI request (v2, NGSI-LD, FogFlow) against the entity ACL rules",
+    ),
+}
 
 _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
 
@@ -136,6 +159,66 @@ def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
     }
 
 
+def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
+    """One filter after token-auth, for render(extra_filters=...): {"name", "config", "wasm"}.
+    allow_on_headers_stop_iteration=False exists for the test that shows what that
+    misconfiguration does; never deploy it."""
+    if name not in CHAIN_FILTERS:
+        raise ValueError(f"unknown filter {name!r} (known: {', '.join(CHAIN_FILTERS)})")
+    if isinstance(config, str):
+        config = json.loads(config)
+    if not isinstance(config, dict):
+        raise ValueError(f"the {name} configuration must be a JSON object")
+    return {"name": name, "config": config,
+            "wasm": os.path.abspath(wasm or os.path.join(WASM_DIR, CHAIN_FILTERS[name][0])),
+            "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration)}
+
+
+def _chain_filter_yaml(f, number, ecds_dir=None):
+    """The http_filters entry of a filter after token-auth (YAML lines at the list's
+    indentation): inline, or by ECDS from ecds_dir/<name>.json."""
+    name = f["name"]
+    lines = [
+        f"# {number}. {name}: {CHAIN_FILTERS[name][1]}.",
+        "#    It decides on the request body: allow_on_headers_stop_iteration must be true, or",
+        "#    the body never reaches it (it then answers 503 after its body_timeout_ms).",
+    ]
+    if ecds_dir:
+        lines += [
+            f"#    Configured by ECDS from {ecds_path(ecds_dir, name)} (change it with",
+            "#    envoy/push-config --resource <that file>); see token-auth's entry above.",
+            f"- name: {name}",
+            "  config_discovery:",
+            "    config_source:",
+            "      path_config_source:",
+            f"        path: {yaml_string(ecds_path(ecds_dir, name))}",
+            f"        watched_directory: {{ path: {yaml_string(os.path.abspath(ecds_dir))} }}",
+            "    apply_default_config_without_warming: false",
+            "    type_urls:",
+            f"    - {WASM_TYPE}",
+        ]
+        return _indent(lines, 10)
+    lines += [
+        "- name: envoy.filters.http.wasm",
+        "  typed_config:",
+        f'    "@type": {WASM_TYPE}',
+        "    config:",
+        f"      name: {name}",
+        '      root_id: ""',
+        "      vm_config:",
+        f"        vm_id: {name}",
+        "        runtime: envoy.wasm.runtime.v8",
+        f"        code: {{ local: {{ filename: {yaml_string(f['wasm'])} }} }}",
+        "      configuration:",
+        '        "@type": type.googleapis.com/google.protobuf.StringValue',
+        f"        value: {yaml_string(json.dumps(f['config'], separators=(',', ':')))}",
+        "      failure_policy: FAIL_CLOSED",
+        "      allow_on_headers_stop_iteration: "
+        + ("true" if f.get("allow_on_headers_stop_iteration", True) else "false"),
+    ]
+    return _indent(lines, 10)
+
+
 def write_atomically(path, data):
     """Writes `data` (JSON-serializable) to `path` by rename: a temporary file in the same
     directory, then os.rename. Envoy's watched_directory reacts to the rename (never sees a
@@ -158,6 +241,39 @@ def ecds_path(ecds_dir, name=ECDS_NAME):
     return os.path.join(os.path.abspath(ecds_dir), f"{name}.json")
 
 
+def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filters=(),
+                         allow_on_headers_stop_iteration=False):
+    """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
+    filter after it."""
+    write_atomically(ecds_path(ecds_dir), ecds_resource(
+        filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration))
+    for f in extra_filters:
+        write_atomically(ecds_path(ecds_dir, f["name"]), ecds_resource(
+            f["config"], f["wasm"],
+            allow_on_headers_stop_iteration=f.get("allow_on_headers_stop_iteration", True),
+            name=f["name"]))
+
+
+def owners_cluster(owners):
+    """The "owners" cluster (an ownership registry device-ownership calls), YAML lines at the
+    clusters list's indentation."""
+    host, port = split_host_port(owners, "--owners")
+    kind = "STATIC" if _IPV4.match(host) else "STRICT_DNS"
+    return _indent([
+        "# The ownership registry device-ownership asks (see filters/device-ownership/README.md).",
+        "- name: owners",
+        f"  type: {kind}",
+        "  connect_timeout: 1s",
+        "  dns_lookup_family: V4_ONLY",
+        "  load_assignment:",
+        "    cluster_name: owners",
+        "    endpoints:",
+        "    - lb_endpoints:",
+        "      - endpoint:",
+        f"          address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}",
+    ], 2)
+
+
 def render(
     filter_config,
     listen="127.0.0.1:10000",
@@ -172,10 +288,14 @@ def render(
     tls_key=None,
     client_ca=None,
     ecds_dir=None,
+    extra_filters=(),
+    owners=None,
 ):
-    """Returns the rendered YAML. `filter_config` is a dict or a JSON string (an object).
-    With `ecds_dir`, the ECDS template (the filter configuration then lives in the resource
-    file: write it with write_atomically(ecds_path(dir), ecds_resource(...)))."""
+    """Returns the rendered YAML. `filter_config` is token-auth's, a dict or a JSON string (an
+    object). `extra_filters`: chain_filter(...)s after token-auth, in order. `owners`:
+    HOST:PORT of an ownership registry (cluster "owners", for device-ownership).
+    With `ecds_dir`, the ECDS template (each filter's configuration then lives in its resource
+    file: write them with write_ecds_resources(...))."""
     if isinstance(filter_config, str):
         filter_config = json.loads(filter_config)
     if not isinstance(filter_config, dict):
@@ -205,6 +325,9 @@ def render(
         "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
         "ALLOW_ON_HEADERS_STOP_ITERATION": "true" if allow_on_headers_stop_iteration else "false",
         "TRANSPORT_SOCKET": transport_socket(tls_cert, tls_key, client_ca),
+        "MORE_HTTP_FILTERS": "\n".join(
+            _chain_filter_yaml(f, n, ecds_dir) for n, f in enumerate(extra_filters, start=2)),
+        "EXTRA_CLUSTERS": owners_cluster(owners) if owners else "",
     }
     if ecds_dir:
         params["ECDS_NAME"] = ECDS_NAME
@@ -234,7 +357,14 @@ def main(argv=None):
     parser.add_argument("--tls-key", help="HTTPS: its private key (PEM)")
     parser.add_argument("--client-ca", help="mTLS: require client certificates signed by this CA")
     parser.add_argument("--ecds", metavar="DIR",
-                        help="filter configuration from DIR/token-auth.json (ECDS, reloadable)")
+                        help="filter configurations from DIR/<filter>.json (ECDS, reloadable)")
+    for name, (wasm_file, _) in CHAIN_FILTERS.items():
+        parser.add_argument(f"--{name}-config", metavar="FILE",
+                            help=f"add {name} after token-auth with this JSON configuration")
+        parser.add_argument(f"--{name}-wasm", default=os.path.join(WASM_DIR, wasm_file),
+                            help=f"{wasm_file} path")
+    parser.add_argument("--owners", metavar="HOST:PORT",
+                        help="ownership registry for device-ownership (cluster \"owners\")")
     args = parser.parse_args(argv)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
@@ -247,6 +377,17 @@ def main(argv=None):
                 raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
         if args.ecds and not os.path.isdir(args.ecds):
             raise ValueError(f"--ecds: {args.ecds} is not a directory")
+        extra_filters = []
+        for name in CHAIN_FILTERS:
+            option = name.replace("-", "_")
+            config_file = getattr(args, f"{option}_config")
+            if config_file is None:
+                continue
+            wasm = getattr(args, f"{option}_wasm")
+            if not os.path.isfile(wasm):
+                raise ValueError(f"--{name}-wasm: {wasm} does not exist (build it with `cargo wasm`)")
+            with open(config_file, encoding="utf-8") as f:
+                extra_filters.append(chain_filter(name, json.load(f), wasm))
         text = render(
             config,
             listen=args.listen,
@@ -260,11 +401,12 @@ def main(argv=None):
             tls_key=args.tls_key,
             client_ca=args.client_ca,
             ecds_dir=args.ecds,
+            extra_filters=extra_filters,
+            owners=args.owners,
         )
         if args.ecds:
-            write_atomically(ecds_path(args.ecds), ecds_resource(
-                config, args.wasm, version="1",
-                allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration))
+            write_ecds_resources(args.ecds, config, args.wasm, extra_filters,
+                                 allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration)
     except (OSError, ValueError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
@@ -274,8 +416,9 @@ def main(argv=None):
     else:
         sys.stdout.write(text)
     if args.ecds:
-        print(f"render.py: wrote the filter's ECDS resource {ecds_path(args.ecds)}",
-              file=sys.stderr)
+        for name in ["token-auth"] + [f["name"] for f in extra_filters]:
+            print(f"render.py: wrote {name}'s ECDS resource {ecds_path(args.ecds, name)}",
+                  file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,7 @@ Request bodies may be sent with Content-Length or chunked transfer encoding.
 import argparse
 import base64
 import json
+import uuid
 import signal
 import sys
 import threading
@@ -203,6 +204,58 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 location = "/v2/entities/%s?type=%s" % (entity["id"], entity["type"])
                 self.send_json(201, None, [("Location", location)])
+        elif path.startswith("/v2/entities/") and path.endswith("/attrs") \
+                and self.command in ("PATCH", "POST"):
+            # Update (PATCH) or append (POST) attributes of an existing entity.
+            entity_id = path[len("/v2/entities/"):-len("/attrs")]
+            try:
+                attrs = json.loads(body)
+                ok = isinstance(attrs, dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                self.send_json(400, {"error": "ParseError",
+                                     "description": "Errors found in incoming JSON buffer"})
+                return
+            with self.state.lock:
+                entity = entities.get(entity_id)
+                if entity is not None:
+                    entity.update(attrs)
+            if entity is None:
+                self.send_json(404, {"error": "NotFound",
+                                     "description": "The requested entity has not been found. "
+                                                    "Check type and id"})
+            else:
+                self.send_json(204, None)
+        elif path.startswith("/v2/entities/") and self.command == "DELETE":
+            with self.state.lock:
+                gone = entities.pop(path[len("/v2/entities/"):], None)
+            if gone is None:
+                self.send_json(404, {"error": "NotFound",
+                                     "description": "The requested entity has not been found. "
+                                                    "Check type and id"})
+            else:
+                self.send_json(204, None)
+        elif path == "/v2/op/update" and self.command == "POST":
+            try:
+                batch = json.loads(body)
+                items = batch["entities"]
+                action = batch["actionType"]
+            except (ValueError, KeyError, TypeError):
+                self.send_json(400, {"error": "ParseError",
+                                     "description": "Errors found in incoming JSON buffer"})
+                return
+            with self.state.lock:
+                for item in items:
+                    if action in ("append", "appendStrict", "update", "replace"):
+                        entities.setdefault(item["id"], {"id": item["id"],
+                                                         "type": item.get("type", "Thing")})
+                        entities[item["id"]].update(item)
+                    elif action == "delete":
+                        entities.pop(item["id"], None)
+            self.send_json(204, None)
+        elif path == "/v2/subscriptions" and self.command == "POST":
+            self.send_json(201, None, [("Location", "/v2/subscriptions/%s" % uuid.uuid4().hex[:24])])
         elif path.startswith("/v2/entities/") and self.command == "GET":
             with self.state.lock:
                 entity = entities.get(path[len("/v2/entities/"):])

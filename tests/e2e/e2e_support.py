@@ -378,6 +378,9 @@ class Envoy:
     allow_on_headers_stop_iteration: bool = False
     ecds_dir: str = None
     tls: dict = None
+    # Filters after token-auth: render.chain_filter(...)s, in chain order.
+    extra_filters: list = field(default_factory=list)
+    owners_port: int = None
     port: int = 0
     admin_port: int = 0
     base_id: int = 0
@@ -390,9 +393,9 @@ class Envoy:
         admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
         if self.ecds_dir:
             os.makedirs(self.ecds_dir, exist_ok=True)
-            render.write_atomically(render.ecds_path(self.ecds_dir), render.ecds_resource(
-                self.filter_config, self.wasm,
-                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration))
+            render.write_ecds_resources(
+                self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
+                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration)
         tls = self.tls or {}
         with open(yaml_path, "w") as f:
             f.write(render.render(
@@ -408,6 +411,8 @@ class Envoy:
                 tls_cert=tls.get("cert"),
                 tls_key=tls.get("key"),
                 client_ca=tls.get("client_ca"),
+                extra_filters=self.extra_filters,
+                owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
             ))
         # Unique per Envoy instance (and per pytest process): hot-restart shared memory names
         # are derived from it, so two Envoys with the same base id cannot run at once.
@@ -451,8 +456,12 @@ class Envoy:
 
     @property
     def ecds_resource(self):
-        """The ECDS resource file (with ecds_dir)."""
+        """token-auth's ECDS resource file (with ecds_dir)."""
         return render.ecds_path(self.ecds_dir)
+
+    def ecds_resource_of(self, name):
+        """The ECDS resource file of filter `name` (with ecds_dir)."""
+        return render.ecds_path(self.ecds_dir, name)
 
     def stats(self, prefix="wasmcustom.token_auth."):
         """Counters whose name starts with `prefix` (without it), as ints."""
