@@ -25,6 +25,12 @@
 //! | `/ngsi9/discoverContextAvailability` | POST | Read per `entities`, `attributes` |
 //! | `/ngsi9/subscribeContextAvailability` | POST | Subscribe per `entities`, endpoint `reference` |
 //! | `/ngsi9/unsubscribeContextAvailability` | POST | Subscribe Any |
+//!
+//! `/v1/updateContext` is also Orion's legacy NGSIv1 update (still served by Orion 3.10, sent
+//! by e.g. ngsijs' v1 API and ngsi-go), whose contextElements carry `id`/`type`/`isPattern`
+//! at top level instead of an `entityId` object: on that route both forms are accepted, and
+//! an element with both is refused (400: Orion and FogFlow would read different entities).
+//! `/ngsi10/updateContext` takes the `entityId` form only.
 
 use crate::access::{Action, AttributeSelector, EntitySelector, TypeSelector};
 use crate::decision::DenyReason;
@@ -43,7 +49,8 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
     use TenantScope as S;
     let parts = canon.parts();
     match (method, parts.as_slice()) {
-        ("POST", ["ngsi10" | "v1", "updateContext"]) => update_context(body),
+        ("POST", ["ngsi10", "updateContext"]) => update_context(body, false),
+        ("POST", ["v1", "updateContext"]) => update_context(body, true),
         ("POST", ["ngsi10", "notifyContext"]) => notify_context(body),
         ("POST", ["ngsi10", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
             let v = parse_json(body)?;
@@ -181,14 +188,25 @@ fn attribute_names(v: Option<&Value>) -> Result<Vec<String>, DenyReason> {
     Ok(names)
 }
 
-/// Drafts for one `contextElement` under an update action.
-fn context_element(v: &Value, action: &str) -> Result<Vec<Draft>, DenyReason> {
+/// Members of an Orion NGSIv1 contextElement that name its entity (no `entityId` object).
+const ORION_V1_ENTITY_KEYS: [&str; 3] = ["id", "type", "isPattern"];
+
+/// Drafts for one `contextElement` under an update action. `orion_v1` also accepts Orion's
+/// NGSIv1 form (`id`/`type`/`isPattern` in the element itself, see the module docs).
+fn context_element(v: &Value, action: &str, orion_v1: bool) -> Result<Vec<Draft>, DenyReason> {
     use Action::*;
     let ce = as_object(v, "contextElement")?;
-    let entity_id_v = ce
-        .get("entityId")
-        .ok_or_else(|| bad("contextElement.entityId is required"))?;
-    let (e, t) = entity_id(entity_id_v, false)?;
+    let flat = ORION_V1_ENTITY_KEYS.iter().any(|k| ce.contains_key(*k));
+    let (e, t) = match ce.get("entityId") {
+        Some(_) if orion_v1 && flat => {
+            return Err(bad(
+                "contextElement has both entityId and a top-level id/type/isPattern",
+            ));
+        }
+        Some(entity_id_v) => entity_id(entity_id_v, false)?,
+        None if orion_v1 && flat => entity_id(v, false)?,
+        None => return Err(bad("contextElement.entityId is required")),
+    };
     let names = attribute_names(ce.get("attributes"))?;
     Ok(match action {
         "UPDATE" | "APPEND" => {
@@ -203,7 +221,7 @@ fn context_element(v: &Value, action: &str) -> Result<Vec<Draft>, DenyReason> {
     })
 }
 
-fn update_context(body: &[u8]) -> R {
+fn update_context(body: &[u8], orion_v1: bool) -> R {
     let v = parse_json(body)?;
     let obj = as_object(&v, "updateContext")?;
     let action = req_str(obj, "updateAction", "updateContext")?;
@@ -214,7 +232,7 @@ fn update_context(body: &[u8]) -> R {
     )?;
     let mut drafts = Vec::new();
     for ce in elements {
-        drafts.extend(context_element(ce, action)?);
+        drafts.extend(context_element(ce, action, orion_v1)?);
     }
     Ok(Classified::new(TenantScope::Write, drafts))
 }
@@ -232,7 +250,7 @@ fn notify_context(body: &[u8]) -> R {
         let ce = as_object(r, "contextResponse")?
             .get("contextElement")
             .ok_or_else(|| bad("contextResponse.contextElement is required"))?;
-        drafts.extend(context_element(ce, "APPEND")?);
+        drafts.extend(context_element(ce, "APPEND", false)?);
     }
     Ok(Classified::new(TenantScope::Write, drafts))
 }

@@ -1171,6 +1171,25 @@ fn fogflow_endpoints() {
                 e(Write, id("D.1"), ty("T"), only(&["a"])),
             ],
         ),
+        // Orion's NGSIv1 form (id/type/isPattern in the element), as ngsijs' v1 API sends it.
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"id":"Room1","isPattern":"false","type":"Room","attributes":[{"name":"temperature","type":"float","value":"23"}]}],"updateAction":"UPDATE"}"#,
+            vec![
+                e(Create, id("Room1"), ty("Room"), only(&["temperature"])),
+                e(Write, id("Room1"), ty("Room"), only(&["temperature"])),
+            ],
+        ),
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"id":"Room1","attributes":[{"name":"humidity"}]},{"id":"Room2","type":"Room"}],"updateAction":"DELETE"}"#,
+            vec![
+                e(Delete, id("Room1"), tany(), only(&["humidity"])),
+                e(Delete, id("Room2"), ty("Room"), all()),
+            ],
+        ),
         (
             "POST",
             "/ngsi10/queryContext",
@@ -1368,6 +1387,38 @@ fn fogflow_malformed_and_unrouted() {
             403,
         ),
         ("POST", "/NGSI10/updateContext", SEED_UPDATE, 403),
+        // Orion's NGSIv1 element form: only on /v1/updateContext, never mixed with entityId,
+        // never a pattern.
+        (
+            "POST",
+            "/ngsi10/updateContext",
+            r#"{"contextElements":[{"id":"Room1","type":"Room"}],"updateAction":"APPEND"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"id":"Room1","entityId":{"id":"Room2"}}],"updateAction":"APPEND"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"type":"Room","entityId":{"id":"Room2"}}],"updateAction":"APPEND"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"id":"Room.*","isPattern":"true"}],"updateAction":"UPDATE"}"#,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/updateContext",
+            r#"{"contextElements":[{"attributes":[{"name":"a"}]}],"updateAction":"UPDATE"}"#,
+            400,
+        ),
         ("POST", "/ngsi10/UpdateContext", SEED_UPDATE, 403),
         ("GET", "/ngsi10/updateContext", "", 403),
         ("POST", "/ngsi10/entity", "{}", 403),
