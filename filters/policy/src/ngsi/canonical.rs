@@ -283,6 +283,20 @@ pub fn tenant(
         .map(|s| canonical_service(s, "fiware-service"))
         .transpose()?;
     let service = if ngsi_ld {
+        // Orion lowercases fiware-service; NGSI-LD brokers do not all do the same with tenant
+        // names. Lowercasing here could let a rule for "city" grant a broker's distinct "City"
+        // tenant, so an NGSI-LD tenant with upper-case letters is refused.
+        let has_upper = |name: &str| {
+            single_header(headers, name)
+                .ok()
+                .flatten()
+                .is_some_and(|v| v.bytes().any(|b| b.is_ascii_uppercase()))
+        };
+        if has_upper("ngsild-tenant") || has_upper("fiware-service") {
+            return Err(bad(
+                "NGSI-LD tenant names must be lower case (brokers differ on their case)",
+            ));
+        }
         let ld = single_header(headers, "ngsild-tenant")?
             .map(|s| canonical_service(s, "NGSILD-Tenant"))
             .transpose()?;

@@ -4,7 +4,9 @@
 //!
 //! Refusals, decided here and relied on by the filter:
 //! * [`DenyReason::BadRequest`] (400): the path is not canonical (dot segments, `//`, encoded
-//!   separators, bad escapes), tenant headers are duplicated or invalid, or the body of a
+//!   separators, bad escapes), tenant headers are duplicated or invalid (an NGSI-LD tenant
+//!   with upper-case letters too: Orion lowercases `fiware-service`, but NGSI-LD brokers differ,
+//!   and a rule for `city` must not cover a distinct `City` tenant), or the body of a
 //!   classified endpoint is not valid JSON / misses a required field / exceeds
 //!   [`MAX_BATCH_ENTITIES`].
 //! * an empty batch (no entity to check) is a 400 too: only `GET /version` classifies to an
