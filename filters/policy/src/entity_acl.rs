@@ -257,3 +257,64 @@ mod tests {
         assert!(err(typo).contains("\"usr\" is unknown"));
     }
 }
+
+#[cfg(test)]
+mod readme {
+    const README: &str = include_str!("../../../README.md");
+
+    /// The configuration example in README.md's entity-acl section loads, and decides as the
+    /// text around it says.
+    #[test]
+    fn readme_example_loads_and_decides() {
+        use crate::identity::{Identity, IdentityKind};
+        let section = README
+            .split("## entity-acl")
+            .nth(1)
+            .and_then(|s| s.split("```json").nth(1))
+            .and_then(|s| s.split("```").next())
+            .expect("README has an entity-acl configuration example");
+        let acl = super::EntityAcl::from_json(section.as_bytes()).unwrap();
+        assert_eq!(acl.rule_count(), 5);
+        let mut lamp = Identity::new(IdentityKind::DeviceKey, "lamp-7");
+        lamp.roles = vec!["device".into()];
+        let h = |p: &str| {
+            vec![
+                ("fiware-service".to_string(), "smartcity".to_string()),
+                ("fiware-servicepath".to_string(), p.to_string()),
+            ]
+        };
+        let own = acl.decide(
+            Some(&lamp),
+            "PATCH",
+            "/v2/entities/lamp-7/attrs",
+            &h("/devices/a"),
+            br#"{"on": {"value": true}}"#,
+        );
+        assert!(own.decision.is_allowed(), "{own:?}");
+        let other = acl.decide(
+            Some(&lamp),
+            "PATCH",
+            "/v2/entities/lamp-8/attrs",
+            &h("/devices/a"),
+            br#"{"on": {"value": true}}"#,
+        );
+        assert!(!other.decision.is_allowed());
+        let alice = Identity::new(IdentityKind::Jwt, "alice");
+        let vault = acl.decide(
+            Some(&alice),
+            "GET",
+            "/v2/entities/urn:ngsi-ld:Room:vault1?type=Room&attrs=temperature",
+            &h("/rooms"),
+            b"",
+        );
+        assert!(!vault.decision.is_allowed());
+        let room = acl.decide(
+            Some(&alice),
+            "GET",
+            "/v2/entities/urn:ngsi-ld:Room:1?type=Room&attrs=temperature",
+            &h("/rooms"),
+            b"",
+        );
+        assert!(room.decision.is_allowed(), "{room:?}");
+    }
+}
