@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The main job, with the real parts: token_auth.wasm in Envoy 1.40 in front of an NGSI broker.
+"""The main job, with the real parts: token_auth.wasm -> entity_acl.wasm in Envoy 1.40 in front
+of an NGSI broker.
 
 Run by `scripts/demo` (after `scripts/setup`). It starts, on loopback and on ports the kernel
 chooses, the Orion stand-in (tests/e2e/broker_standin.py, which records what reaches it), the
@@ -14,6 +15,11 @@ was sent, the answer, the filter's decision and what reached the broker:
   4. a valid JWT + a spoofed x-auth-subject        200, the broker sees the real subject
   5. POST /v2/entities with a body                 201, the body arrives whole
   6. an opaque token (RFC 7662 introspection)      200, introspected once by the IdP
+  7. a valid JWT, an entity type the ACL does not grant   403 from entity-acl, nothing at the broker
+  8. a batch with one forbidden entity             403, the whole batch refused
+
+The entity ACL (DEMO_ACL below) lets the gateway (role entities-writer) read, create and change
+Streetlights, nothing else.
 
 Each outcome is checked: the exit status is 1 if any is not what it says (a smoke test), 0
 otherwise. Then it prints curl lines for the running sidecar (real ports, a fresh token) and
@@ -38,13 +44,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 
 import e2e_support as e2e  # noqa: E402  (tests/e2e/e2e_support.py)
+import render  # noqa: E402  (envoy/render.py, on the path through e2e_support)
 
 ORION = "urn:orion"
+# A list query the demo ACL grants (a list without a type could reach any type).
+LIST = "/v2/entities?type=Streetlight"
 OPAQUE = "urn:orion:opaque"
 IDENTITY_HEADERS = ["x-auth-subject", "x-auth-kind", "x-nick-name", "x-display-name", "x-roles",
                     "x-organizations", "x-auth-tenant"]
 CREDENTIAL_HEADERS = ["authorization", "x-auth-token"]
 KEEP_DEMO_RUNS = 3
+ENTITY_ACL_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "entity_acl.wasm")
+DEMO_ACL = {"acl": {"rules": [
+    {"name": "gateway-streetlights", "effect": "allow", "subjects": ["role:entities-writer"],
+     "actions": ["read", "create", "write"],
+     "ngsi": {"service": "", "service_path": "/#", "entity_type": "Streetlight"}},
+]}}
 INDENT = "    "
 
 
@@ -116,6 +131,10 @@ class Demo:
         # A copy, so a rebuild while the demo runs (--keep) cannot swap the module under Envoy.
         wasm = os.path.join(self.work_dir, "token_auth.wasm")
         shutil.copyfile(e2e.WASM, wasm)
+        if not os.path.isfile(ENTITY_ACL_WASM):
+            raise RuntimeError(f"{rel(ENTITY_ACL_WASM)} is missing: run scripts/setup")
+        acl_wasm = os.path.join(self.work_dir, "entity_acl.wasm")
+        shutil.copyfile(ENTITY_ACL_WASM, acl_wasm)
 
         self.broker = e2e.Broker(self.work_dir)
         say(f"broker     Orion stand-in (tests/e2e/broker_standin.py)  127.0.0.1:{self.broker.port}"
@@ -130,9 +149,12 @@ class Demo:
             broker_port=self.broker.port,
             idp_port=self.idp.port,
             wasm=wasm,
+            extra_filters=[render.chain_filter("entity-acl", DEMO_ACL, acl_wasm)],
         ).start()
-        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm (envoy/sidecar.yaml)  "
-            f"127.0.0.1:{self.envoy.port}   admin 127.0.0.1:{self.envoy.admin_port}", 1)
+        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm -> entity_acl.wasm "
+            f"(envoy/sidecar.yaml)  127.0.0.1:{self.envoy.port}   "
+            f"admin 127.0.0.1:{self.envoy.admin_port}", 1)
+        say("entity ACL " + json.dumps(DEMO_ACL["acl"]["rules"][0]), 1)
         e2e.wait_until(lambda: self.envoy.stats().get("jwks.fetched", 0) >= 1,
                        "the filter to load the IdP's signing keys", timeout=15)
         say(f"the filter found the IdP's keys by OIDC discovery "
@@ -179,17 +201,22 @@ class Demo:
         return response, records, self._decision(log_offset)
 
     def _decision(self, offset, timeout=2.0):
-        """The filter's decision log line written after `offset`, if it shows up in time."""
+        """The filters' decision log lines written after `offset` (token-auth's, then
+        entity-acl's when token-auth let the request on), if they show up in time."""
         deadline = time.monotonic() + timeout
         while True:
             with open(self.envoy.proc.log_path, "rb") as f:
                 f.seek(offset)
                 text = f.read().decode("utf-8", errors="replace")
-            m = re.search(r"token-auth: ctx=\d+ (decision=.*)", text)
-            if m:
-                return m.group(1).strip()
+            auth = re.search(r"token-auth: ctx=\d+ (decision=.*)", text)
+            acl = re.search(r"entity-acl (decision=.*)", text)
+            if auth and (acl or "decision=deny" in auth.group(1)):
+                lines = [f"token-auth {auth.group(1).strip()}"]
+                if acl:
+                    lines.append(f"entity-acl {acl.group(1).strip()}")
+                return "\n          ".join(lines)
             if time.monotonic() > deadline:
-                return None
+                return f"token-auth {auth.group(1).strip()}" if auth else None
             time.sleep(0.05)
 
     def show_exchange(self, method, path, sent_headers, body, response, records, decision,
@@ -257,9 +284,8 @@ class Demo:
     def step_jwt_allowed(self, o):
         token = self.get_token(ORION, self.describe_jwt)
         sent = [("Authorization", f"Bearer {short(token)}")]
-        r, records, decision = self.send("GET", "/v2/entities",
-                                         {"authorization": f"Bearer {token}"})
-        self.show_exchange("GET", "/v2/entities", sent, None, r, records, decision)
+        r, records, decision = self.send("GET", LIST, {"authorization": f"Bearer {token}"})
+        self.show_exchange("GET", LIST, sent, None, r, records, decision)
         o.expect(r.status == 200, f"status {r.status}, expected 200")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
@@ -305,9 +331,9 @@ class Demo:
         token = self.idp.token(ORION)
         spoofed = [("X-Auth-Subject", "admin"), ("X-Roles", "admin")]
         say("a valid JWT for sensor-gateway, plus identity headers the client made up", 1)
-        r, records, decision = self.send("GET", "/v2/entities",
+        r, records, decision = self.send("GET", LIST,
                                          [("authorization", f"Bearer {token}")] + spoofed)
-        self.show_exchange("GET", "/v2/entities",
+        self.show_exchange("GET", LIST,
                            [("Authorization", f"Bearer {short(token)}")] + spoofed,
                            None, r, records, decision)
         o.expect(r.status == 200, f"status {r.status}, expected 200")
@@ -346,10 +372,9 @@ class Demo:
         token = self.get_token(
             OPAQUE, lambda t: "opaque (not a JWT); the filter asks the IdP about it (RFC 7662)")
         before = self.idp.count("/token/introspection")
-        r, records, decision = self.send("GET", "/v2/entities",
-                                         {"authorization": f"Bearer {token}"})
+        r, records, decision = self.send("GET", LIST, {"authorization": f"Bearer {token}"})
         asked = self.idp.count("/token/introspection") - before
-        self.show_exchange("GET", "/v2/entities", [("Authorization", f"Bearer {short(token)}")],
+        self.show_exchange("GET", LIST, [("Authorization", f"Bearer {short(token)}")],
                            None, r, records, decision)
         say(f"IdP       {asked} introspection request(s) at /token/introspection "
             f"(the filter, as client {e2e.IdP.PEP[0]})", 1)
@@ -365,6 +390,47 @@ class Demo:
             o.expect(e2e.header_values(rec, "authorization") == [],
                      "Authorization was forwarded to the broker")
 
+    def step_acl_denied(self, o):
+        token = self.idp.token(ORION)
+        entity = {"id": "urn:ngsi-ld:Building:townhall", "type": "Building",
+                  "floors": {"type": "Number", "value": 4}}
+        body = json.dumps(entity)
+        say("a valid JWT for sensor-gateway; the ACL grants it Streetlights only", 1)
+        r, records, decision = self.send(
+            "POST", "/v2/entities",
+            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
+        self.show_exchange("POST", "/v2/entities",
+                           [("Authorization", f"Bearer {short(token)}"),
+                            ("Content-Type", "application/json")], body, r, records, decision)
+        o.expect(r.status == 403, f"status {r.status}, expected 403")
+        try:
+            answer = r.json()
+        except ValueError:
+            answer = None
+        o.expect(answer == {"error": "Forbidden",
+                            "description": "the caller is not allowed to perform this request"},
+                 f"body is {r.body!r}, expected the NGSI error naming no rule")
+        o.expect(records == [], "the request reached the broker")
+
+    def step_batch_denied(self, o):
+        token = self.idp.token(ORION)
+        batch = {"actionType": "append", "entities": [
+            {"id": "urn:ngsi-ld:Streetlight:7", "type": "Streetlight",
+             "luminosity": {"type": "Number", "value": 10}},
+            {"id": "urn:ngsi-ld:Building:townhall", "type": "Building",
+             "floors": {"type": "Number", "value": 5}},
+        ]}
+        body = json.dumps(batch)
+        say("one Streetlight (granted) and one Building (not) in one op/update", 1)
+        r, records, decision = self.send(
+            "POST", "/v2/op/update",
+            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
+        self.show_exchange("POST", "/v2/op/update",
+                           [("Authorization", f"Bearer {short(token)}"),
+                            ("Content-Type", "application/json")], body, r, records, decision)
+        o.expect(r.status == 403, f"status {r.status}, expected 403")
+        o.expect(records == [], "part of the batch reached the broker")
+
     def run_steps(self):
         self.step(1, "A token from the IdP (client_credentials), then GET /v2/entities",
                   self.step_jwt_allowed)
@@ -373,6 +439,8 @@ class Demo:
         self.step(4, "A valid token plus a spoofed identity", self.step_spoofed)
         self.step(5, "POST /v2/entities with a body", self.step_post)
         self.step(6, "An opaque token, introspected by the IdP", self.step_opaque)
+        self.step(7, "entity-acl: an entity type the ACL does not grant", self.step_acl_denied)
+        self.step(8, "entity-acl: a batch with one forbidden entity", self.step_batch_denied)
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -393,11 +461,14 @@ class Demo:
             # that token is valid 10 minutes; a new one:
             TOKEN=$({token_curl(self.idp, ORION)} | python3 -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')
 
-            curl -i -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{p}/v2/entities      # 200
+            curl -i -H "Authorization: Bearer $TOKEN" 'http://127.0.0.1:{p}{LIST}'      # 200
             curl -i http://127.0.0.1:{p}/v2/entities                                       # 401
-            curl -i -H "Authorization: Bearer $TOKEN" -H 'X-Auth-Subject: admin' http://127.0.0.1:{p}/v2/entities   # 200, as sensor-gateway
+            curl -i -H "Authorization: Bearer $TOKEN" -H 'X-Auth-Subject: admin' 'http://127.0.0.1:{p}{LIST}'   # 200, as sensor-gateway
             curl -i -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
-                -d '{{"id": "Streetlight-1", "type": "Streetlight"}}' http://127.0.0.1:{p}/v2/entities   # 201
+                -d '{{"id": "urn:ngsi-ld:Streetlight:1", "type": "Streetlight"}}' http://127.0.0.1:{p}/v2/entities   # 201
+            curl -i -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+                -d '{{"id": "urn:ngsi-ld:Building:1", "type": "Building"}}' http://127.0.0.1:{p}/v2/entities   # 403 (entity-acl)
+            curl -i -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{p}/v2/entities      # 403: a list of any type
             curl -i http://127.0.0.1:{p}/version                                           # 200, public route
 
             curl -s http://127.0.0.1:{c}/requests | python3 -m json.tool    # what reached the broker

@@ -124,6 +124,13 @@ impl EntityAcl {
             body,
         };
         match classify(&request) {
+            // Only `GET /version` touches no entity data: nothing for an entity ACL to protect
+            // (whether it needs a credential is token-auth's public-route decision).
+            Ok(classified) if classified.accesses.is_empty() => Verdict {
+                entities: "[]".into(),
+                decision: Decision::Allow("no entity data".into()),
+                operation: classified.operation,
+            },
             Ok(classified) => Verdict {
                 entities: summarize_accesses(&classified.accesses),
                 decision: self.acl.check_request(identity, &classified),
