@@ -45,8 +45,10 @@
 //! Identity expiry is the caller's business.
 //!
 //! # Placeholders
-//! `%u` (the caller's subject) and `%c` (the MQTT client id, MQTT rules only) may appear in
-//! `entity_id`, `service_path` and `topic`; `%%` is a literal `%`. A substituted value never acts
+//! `%u` (the caller's subject), `%t` (the caller's tenant claim, token-auth's `claims.tenant`)
+//! and `%c` (the MQTT client id, MQTT rules only) may appear in `entity_id`, `service_path`
+//! and `topic`; `service` may be exactly `%t` (a caller reaches only its own tenant); `%%` is a
+//! literal `%`. A substituted value never acts
 //! as a wildcard or separator: in `entity_id` its characters are literal (a `*` in a subject is
 //! just a `*`); in `service_path` a value containing `/` or `#` (or empty) and in `topic` a value
 //! containing `/`, `+`, `#`, NUL or starting with `$` (or empty) refuses the substitution. A
@@ -243,6 +245,8 @@ enum Piece {
     Lit(String),
     User,
     Client,
+    /// The caller's tenant claim (`Identity::tenant`).
+    Tenant,
 }
 
 fn parse_template(s: &str, allow_client: bool) -> Result<Vec<Piece>, String> {
@@ -262,6 +266,12 @@ fn parse_template(s: &str, allow_client: bool) -> Result<Vec<Piece>, String> {
                 }
                 out.push(Piece::User);
             }
+            Some('t') => {
+                if !lit.is_empty() {
+                    out.push(Piece::Lit(std::mem::take(&mut lit)));
+                }
+                out.push(Piece::Tenant);
+            }
             Some('c') if allow_client => {
                 if !lit.is_empty() {
                     out.push(Piece::Lit(std::mem::take(&mut lit)));
@@ -271,7 +281,7 @@ fn parse_template(s: &str, allow_client: bool) -> Result<Vec<Piece>, String> {
             Some('c') => return Err("%c (the MQTT client id) is only allowed in mqtt rules".into()),
             other => {
                 return Err(format!(
-                    "unknown placeholder %{} in {s:?} (use %u, %c, or %% for a literal %)",
+                    "unknown placeholder %{} in {s:?} (use %u, %t, %c, or %% for a literal %)",
                     other.map(String::from).unwrap_or_default()
                 ))
             }
@@ -288,6 +298,7 @@ fn parse_template(s: &str, allow_client: bool) -> Result<Vec<Piece>, String> {
 struct Ctx<'a> {
     user: Option<&'a str>,
     client: Option<&'a str>,
+    tenant: Option<&'a str>,
 }
 
 impl<'a> Ctx<'a> {
@@ -295,6 +306,7 @@ impl<'a> Ctx<'a> {
         match p {
             Piece::User => self.user,
             Piece::Client => self.client,
+            Piece::Tenant => self.tenant,
             Piece::Lit(_) => None,
         }
     }
@@ -538,12 +550,22 @@ impl EndpointPrefix {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NgsiRule {
-    service: Option<String>,
+    service: ServiceRule,
     service_path: Vec<Piece>,
     entity_id: IdRule,
     entity_type: Option<String>,
     attributes: Option<Vec<String>>,
     endpoint: Option<EndpointPrefix>,
+}
+
+/// Which tenants an NGSI rule names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ServiceRule {
+    Any,
+    /// Lowercase, as Orion treats service names.
+    Exact(String),
+    /// `%t`: the caller's own tenant claim.
+    CallersTenant,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -707,13 +729,15 @@ impl Rule {
 
 fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
     let service = match n.service.as_str() {
-        "*" => None,
+        "*" => ServiceRule::Any,
+        "%t" => ServiceRule::CallersTenant,
         s if s.contains('*') || s.contains('%') => {
             return Err(format!(
-                "service {s:?}: only an exact name or \"*\" is allowed"
+                "service {s:?}: only an exact name, \"%t\" (the caller's tenant) or \"*\" is \
+                 allowed"
             ))
         }
-        s => Some(s.to_lowercase()),
+        s => ServiceRule::Exact(s.to_lowercase()),
     };
     let service_path = parse_template(&n.service_path, false)?;
     // Validate the shape with a neutral stand-in for placeholders.
@@ -722,6 +746,7 @@ fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
         &Ctx {
             user: Some("u"),
             client: None,
+            tenant: Some("t"),
         },
         |_| true,
     )
@@ -892,13 +917,30 @@ enum Filled {
     /// A deny rule whose service path cannot be rendered: when in doubt, it touches everything.
     TouchesAll,
     Rule {
+        /// None: any service.
+        service: Option<String>,
         /// None: any id.
         id_glob: Option<Vec<GlobTok>>,
         path: ServicePath,
     },
 }
 
+/// A tenant claim usable as a service name: what Orion accepts in `fiware-service`.
+fn service_value_ok(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
+    let service = match &rule.service {
+        ServiceRule::Any => None,
+        ServiceRule::Exact(s) => Some(s.clone()),
+        ServiceRule::CallersTenant => match ctx.tenant.filter(|t| service_value_ok(t)) {
+            Some(t) => Some(t.to_ascii_lowercase()),
+            // No usable tenant claim: an allow rule grants nothing, a deny rule every tenant.
+            None if deny => None,
+            None => return Filled::NeverApplies,
+        },
+    };
     // A deny rule whose placeholder cannot be substituted touches any id, and the whole
     // subtree from the segment holding the placeholder.
     let id_glob = match rule.entity_id.instantiate(ctx) {
@@ -915,17 +957,25 @@ fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
         None if deny => deny_path_prefix(&rule.service_path),
         None => return Filled::NeverApplies,
     };
-    Filled::Rule { id_glob, path }
+    Filled::Rule {
+        service,
+        id_glob,
+        path,
+    }
 }
 
 /// Whether a filled NGSI rule covers (allow) or touches (deny) a unit.
 fn ngsi_match(rule: &NgsiRule, filled: &Filled, u: &Unit, deny: bool) -> bool {
-    let (id_glob, path) = match filled {
+    let (service, id_glob, path) = match filled {
         Filled::NeverApplies => return false,
         Filled::TouchesAll => return true,
-        Filled::Rule { id_glob, path } => (id_glob, path),
+        Filled::Rule {
+            service,
+            id_glob,
+            path,
+        } => (service, id_glob, path),
     };
-    let service_ok = rule.service.as_ref().is_none_or(|s| *s == u.service);
+    let service_ok = service.as_ref().is_none_or(|s| *s == u.service);
     let entity_ok = match (&id_glob, &u.entity) {
         (None, _) => true,
         // Orion's ids are at most 256 characters; a longer one is not matched by an allow
@@ -1028,6 +1078,7 @@ impl Acl {
         let ctx = Ctx {
             user: identity.map(|i| i.subject.as_str()),
             client: None,
+            tenant: identity.and_then(|i| i.tenant.as_deref()),
         };
         // The rules for this caller, filled in once: the per-unit loops below only match.
         let prepared: Vec<(&Rule, &NgsiRule, Filled)> = self
@@ -1089,6 +1140,7 @@ impl Acl {
         let ctx = Ctx {
             user: identity.map(|i| i.subject.as_str()),
             client: Some(client_id),
+            tenant: identity.and_then(|i| i.tenant.as_deref()),
         };
         let action = access.action();
         let mqtt_rules = || {

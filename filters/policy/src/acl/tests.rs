@@ -204,6 +204,7 @@ fn glob_table() {
             .instantiate(&Ctx {
                 user: Some("u*"),
                 client: None,
+                tenant: None,
             })
             .unwrap()
     };
@@ -1322,4 +1323,95 @@ fn check_request_uses_every_access() {
         matches!(&d, Decision::Deny(DenyReason::Forbidden(m)) if m.contains("entity Car1")),
         "{d:?}"
     );
+}
+
+#[test]
+fn callers_tenant_placeholder() {
+    let a = acl(json!([
+        ngsi_rule(
+            "own-tenant",
+            "allow",
+            &["authenticated"],
+            &["read"],
+            json!({"service": "%t", "service_path": "/#"})
+        ),
+        ngsi_rule(
+            "tenant-path",
+            "allow",
+            &["authenticated"],
+            &["write"],
+            json!({"service": "*", "service_path": "/%t/#"})
+        ),
+    ]));
+    let read = |who: &Identity, service: &str| {
+        let mut x = access(
+            Action::Read,
+            EntitySelector::Id("R1".into()),
+            TypeSelector::Any,
+            "/#",
+        );
+        x.tenant.service = service.into();
+        a.check_accesses(Some(who), &[x]).is_allowed()
+    };
+    let mut alice = user("alice");
+    assert!(
+        !read(&alice, "city"),
+        "no tenant claim: the rule grants nothing"
+    );
+    alice.tenant = Some("City".into());
+    assert!(
+        read(&alice, "city"),
+        "the claim is compared as Orion compares services"
+    );
+    assert!(!read(&alice, "town"));
+    alice.tenant = Some("city/x".into());
+    assert!(
+        !read(&alice, "city/x"),
+        "a claim that is not a service name refuses the rule"
+    );
+    // %t in a service path: a literal segment, never a separator or a wildcard.
+    let write = |who: &Identity, path: &str| {
+        let x = access(
+            Action::Write,
+            EntitySelector::Id("R1".into()),
+            TypeSelector::Any,
+            path,
+        );
+        a.check_accesses(Some(who), &[x]).is_allowed()
+    };
+    let mut bob = user("bob");
+    bob.tenant = Some("north".into());
+    assert!(write(&bob, "/north/a"));
+    assert!(!write(&bob, "/south/a"));
+    bob.tenant = Some("#".into());
+    assert!(!write(&bob, "/north/a") && !write(&bob, "/x"));
+    // A deny rule whose caller has no tenant claim covers every tenant (when in doubt, deny).
+    let d = acl(json!([
+        ngsi_rule(
+            "all",
+            "allow",
+            &["anyone"],
+            &["read"],
+            json!({"service": "*", "service_path": "/#"})
+        ),
+        ngsi_rule(
+            "not-own",
+            "deny",
+            &["anyone"],
+            &["read"],
+            json!({"service": "%t", "service_path": "/#"})
+        ),
+    ]));
+    let x = access(
+        Action::Read,
+        EntitySelector::Id("R1".into()),
+        TypeSelector::Any,
+        "/#",
+    );
+    assert!(!d
+        .check_accesses(Some(&user("carol")), std::slice::from_ref(&x))
+        .is_allowed());
+    let mut dave = user("dave");
+    dave.tenant = Some("elsewhere".into());
+    assert!(d.check_accesses(Some(&dave), &[x]).is_allowed());
 }
