@@ -6,6 +6,8 @@ direct_response (no upstream, so only the filters' cost differs):
   no_filter     router only
   native        Envoy's jwt_authn (same JWKS, issuer, audience) + rbac (a path rule)
   token_auth    token_auth.wasm (V8) with the same keys, issuer and audience
+  chain         token_auth.wasm -> entity_acl.wasm (a rule granting the path's entities to
+                authenticated callers; the request's body-less, decided at its headers)
 
 For each: wrk at 1 connection and at 16 connections, the same valid RS256 token on every
 request (both filters cache verified tokens). Prints a Markdown table: req/s, p50, p99 and the
@@ -30,6 +32,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY = ROOT / ".venv/bin/envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/token_auth.wasm"
+ENTITY_ACL_WASM = ROOT / "target/wasm32-wasip1/release/entity_acl.wasm"
+VARIANTS = ["no_filter", "native", "token_auth", "chain"]
+# What the chain's entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
+ENTITY_ACL = {"acl": {"rules": [{
+    "name": "rooms", "effect": "allow", "subjects": ["authenticated"], "actions": ["read"],
+    "ngsi": {"service": "", "service_path": "/#", "entity_type": "Room"}}]}}
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
 PATH = "/v2/entities?type=Room&limit=10"
@@ -62,14 +70,23 @@ def http_filters(variant, jwks):
         ]
     config = {"jwt_providers": [{"issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256"],
                                  "jwks": json.loads(jwks), "claims": {"subject": "sub"}}]}
-    return [{"name": "envoy.filters.http.wasm", "typed_config": {
+    filters = [wasm_filter("token-auth", WASM, config)]
+    if variant == "chain":
+        filters.append(wasm_filter("entity-acl", ENTITY_ACL_WASM, ENTITY_ACL, body=True))
+    return filters
+
+
+def wasm_filter(name, wasm, config, body=False):
+    """A wasm http filter as sidecar.yaml has it (body: the filter decides on the body)."""
+    return {"name": "envoy.filters.http.wasm", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": "token-auth", "root_id": "",
-                   "vm_config": {"vm_id": "token-auth", "runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(WASM)}}},
+        "config": {"name": name, "root_id": "",
+                   "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                                 "code": {"local": {"filename": str(wasm)}}},
                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                      "value": json.dumps(config)},
-                   "failure_policy": "FAIL_CLOSED"}}}]
+                   "failure_policy": "FAIL_CLOSED",
+                   "allow_on_headers_stop_iteration": body}}}
 
 
 def envoy_config(variant, port, admin_port, jwks):
@@ -142,7 +159,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    for needed in (ENVOY, WASM):
+    for needed in (ENVOY, WASM, ENTITY_ACL_WASM):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run scripts/setup")
     if not shutil.which("wrk"):
@@ -151,7 +168,7 @@ def main():
     jwks = (FIXTURES / "jwks.json").read_text()
     results = {}
     with tempfile.TemporaryDirectory() as work:
-        for n, variant in enumerate(["no_filter", "native", "token_auth"]):
+        for n, variant in enumerate(VARIANTS):
             port, admin = free_port(), free_port()
             cfg = Path(work) / f"{variant}.json"
             cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks)))
@@ -178,7 +195,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for connections in (1, 16):
         base = results[("no_filter", connections)][0]
-        for variant in ("no_filter", "native", "token_auth"):
+        for variant in VARIANTS:
             rps, p50, p99 = results[(variant, connections)]
             print(f"| {variant} | {connections} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {rps / base:.2f} |")
 

@@ -292,12 +292,17 @@ def render(
     owners=None,
 ):
     """Returns the rendered YAML. `filter_config` is token-auth's, a dict or a JSON string (an
-    object). `extra_filters`: chain_filter(...)s after token-auth, in order. `owners`:
+    object); None leaves token-auth out (tests only: later filters then trust identity headers
+    from the client). `extra_filters`: chain_filter(...)s after token-auth, in order. `owners`:
     HOST:PORT of an ownership registry (cluster "owners", for device-ownership).
     With `ecds_dir`, the ECDS template (each filter's configuration then lives in its resource
     file: write them with write_ecds_resources(...))."""
     if isinstance(filter_config, str):
         filter_config = json.loads(filter_config)
+    without_token_auth = filter_config is None and not ecds_dir
+    if without_token_auth:
+        # Only for tests whose requests carry identity headers themselves (tests/e2e parity).
+        filter_config = {}
     if not isinstance(filter_config, dict):
         raise ValueError("the filter configuration must be a JSON object")
     if template_path is None:
@@ -334,8 +339,10 @@ def render(
         params["ECDS_DIR"] = yaml_string(os.path.abspath(ecds_dir))
         params["ECDS_PATH"] = yaml_string(ecds_path(ecds_dir))
     with open(template_path, encoding="utf-8") as f:
-        template = string.Template(f.read())
-    return template.substitute(params)
+        text = f.read()
+    if without_token_auth:
+        text = re.sub(r"\n *# <token-auth>.*?# </token-auth>", "", text, flags=re.S)
+    return string.Template(text).substitute(params)
 
 
 def main(argv=None):

@@ -15,7 +15,9 @@ on failure, what differed; exits 0 only if every expectation held.
 
   --wasm-dir DIR  where bare .wasm names are looked up
                   (default: $HOST_HARNESS_WASM_DIR or target/wasm32-wasip1/release)
-  --verbose       echo the filters' log lines";
+  --verbose       echo the filters' log lines
+  --outcomes FILE write what each step's request got (status, reached the upstream, NGSI
+                  error) as JSON, for comparing with the same requests through Envoy";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/wasm32-wasip1/release"));
     let mut echo_logs = false;
+    let mut outcomes_file = None;
     let mut files = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -45,6 +48,13 @@ fn main() -> ExitCode {
                 }
             },
             "--verbose" | "-v" => echo_logs = true,
+            "--outcomes" => match args.next() {
+                Some(file) => outcomes_file = Some(PathBuf::from(file)),
+                None => {
+                    eprintln!("--outcomes needs a file\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
             _ if arg.starts_with('-') => {
                 eprintln!("unknown option {arg}\n\n{USAGE}");
                 return ExitCode::from(2);
@@ -71,11 +81,28 @@ fn main() -> ExitCode {
     };
     let (mut passed, mut failed) = (0, 0);
     let mut out = std::io::stdout();
+    let mut outcomes = Vec::new();
     for file in &files {
         let report = run_file(&runtime, file, &options);
         let (p, f) = print_report(&report, &mut out);
         passed += p;
         failed += f;
+        for step in &report.steps {
+            if let Some(request) = &step.request {
+                outcomes.push(serde_json::json!({
+                    "file": file.display().to_string(),
+                    "step": step.name,
+                    "outcome": request,
+                }));
+            }
+        }
+    }
+    if let Some(path) = outcomes_file {
+        let text = serde_json::to_string_pretty(&outcomes).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
     }
     println!("{passed} passed, {failed} failed");
     if failed == 0 {

@@ -351,6 +351,32 @@ pub struct Expect {
 pub struct StepReport {
     pub name: String,
     pub failures: Vec<String>,
+    /// What the step's request (its first repetition) got, for `host-harness run --outcomes`.
+    pub request: Option<RequestOutcome>,
+}
+
+/// One request's outcome as a client and the broker saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RequestOutcome {
+    pub status: u32,
+    /// Whether the request reached the upstream.
+    pub upstream: bool,
+    /// The `error` field of an NGSI error body, if the answer had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl RequestOutcome {
+    fn of(outcome: &HttpOutcome) -> Self {
+        let error = serde_json::from_slice::<serde_json::Value>(&outcome.body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned));
+        RequestOutcome {
+            status: outcome.status,
+            upstream: outcome.upstream.is_some(),
+            error,
+        }
+    }
 }
 
 /// A scenario's verdicts, or why it could not run.
@@ -494,6 +520,7 @@ fn run(
         reports.push(StepReport {
             name: format!("load filter {}", def.name),
             failures,
+            request: None,
         });
     }
     let scenario_upstream = upstream_response(&scenario.upstream);
@@ -517,10 +544,12 @@ fn run(
         if let Some(re) = &step.reconfigure {
             reconfigure(&mut chain, &mut specs, re, base, options, &mut failures)?;
         }
+        let mut request_outcome = None;
         if let Some(req) = &step.request {
             for _ in 0..req.repeat.unwrap_or(1).max(1) {
                 let outcome = chain.http(http_request(req), upstream);
                 check_http(&step.expect, &outcome, &mut failures);
+                request_outcome.get_or_insert_with(|| RequestOutcome::of(&outcome));
             }
         }
         if !step.concurrent.is_empty() {
@@ -555,7 +584,11 @@ fn run(
             check_net(&step.expect, &outcome, &mut failures)?;
         }
         check_common(&step.expect, &shared, logs_before, &mut failures);
-        reports.push(StepReport { name, failures });
+        reports.push(StepReport {
+            name,
+            failures,
+            request: request_outcome,
+        });
     }
     Ok(())
 }
