@@ -139,6 +139,8 @@ def test_harness_and_envoy_agree(name, work_dir, wasm, idp, broker):
                     differences.append(f"{step_name}: harness {want}, Envoy {got}")
     finally:
         proxy.stop()
+    print(f"{name}: {compared} of {len(steps)} request steps compared, {normalized} refused "
+          f"after Envoy normalized the path")
     assert not differences, "harness and Envoy differ:\n" + "\n".join(differences)
     assert compared >= max(1, (len(steps) * 2) // 3), \
         f"only {compared} of {len(steps)} request steps could be compared"
