@@ -93,6 +93,23 @@ def read_body(handler):
     return handler.rfile.read(length) if length else b""
 
 
+def shaped(entity, query):
+    """An entity as Orion answers it: only `attrs` if given, and in keyValues form with
+    options=keyValues (the stored form is normalized, or whatever the client sent)."""
+    attrs = query.get("attrs", [None])[0]
+    wanted = set(attrs.split(",")) if attrs else None
+    key_values = "keyValues" in query.get("options", [""])[0].split(",")
+    out = {}
+    for name, value in entity.items():
+        if name in ("id", "type"):
+            out[name] = value
+        elif wanted is None or name in wanted:
+            if key_values and isinstance(value, dict) and "value" in value:
+                value = value["value"]
+            out[name] = value
+    return out
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "orion-standin/0.1"
@@ -180,8 +197,11 @@ class Handler(BaseHTTPRequestHandler):
         elif path == "/v2/entities" and self.command == "GET":
             wanted = query.get("type", [None])[0]
             with self.state.lock:
-                found = [e for e in entities.values() if wanted in (None, e.get("type"))]
-            self.send_json(200, found)
+                found = [shaped(e, query) for e in entities.values()
+                         if wanted in (None, e.get("type"))]
+            extra = [("Fiware-Total-Count", str(len(found)))] \
+                if "count" in query.get("options", [""])[0].split(",") else []
+            self.send_json(200, found, extra)
         elif path == "/v2/entities" and self.command == "POST":
             try:
                 entity = json.loads(body)
@@ -268,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
                     },
                 )
             else:
-                self.send_json(200, entity)
+                self.send_json(200, shaped(entity, query))
         else:
             self.send_json(
                 400, {"error": "BadRequest", "description": "service not found (stand-in)"}
