@@ -14,9 +14,9 @@
 //! (Pause), so nothing reaches the broker before the decision.
 //!
 //! Keys. Remote JWKS (optionally via OIDC discovery) are fetched at configure time, refreshed
-//! on a timer, and re-fetched once on an unknown `kid` (at most every 30 s per issuer). Fetched
-//! key sets go into Envoy shared data so every worker uses the same keys; a failed fetch keeps
-//! the last good set.
+//! on a timer, and re-fetched once on an unknown `kid` (at most every 30 s per issuer), by
+//! `proxy_glue::remote_keys` (shared with mqtt-acl). Fetched key sets go into Envoy shared data
+//! so every worker uses the same keys; a failed fetch keeps the last good set.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -24,10 +24,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
-use policy::jwt::KeySet;
 use policy::mtls::PeerCertificate;
 use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
 use policy::DenyReason;
+use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, parse_plugin_config, send_deny, string_property, Counter};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -39,10 +39,6 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|id| Box::new(Root { id, state: None }));
 }}
 
-/// Least time between two fetches of one issuer's keys triggered by unknown kids.
-const MIN_REFETCH_SECS: u64 = 30;
-/// Timeout of a JWKS or discovery fetch.
-const KEY_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
 
 struct Metrics {
@@ -105,50 +101,14 @@ struct Lookup {
     token: Option<String>,
 }
 
-/// What a callout token is for.
-#[derive(Debug, Clone)]
-enum Purpose {
-    Discovery(String),
-    Keys(String),
-    Introspection,
-}
-
-#[derive(Default)]
-struct IssuerKeys {
-    last_fetch: Option<u64>,
-    next_refresh: u64,
-    /// The cas of the shared-data entry these keys came from.
-    shared_cas: Option<u32>,
-    /// The JWKS text installed now: the same set fetched again (by this or another worker) is
-    /// not re-installed, so the verified-token cache is cleared only when keys really change.
-    installed: Option<String>,
-}
-
-/// Installs a fetched or shared JWKS for an issuer unless it is the set already in force.
-/// Returns Ok(true) if it changed the keys.
-fn install_keys(state: &Shared, issuer: &str, text: &str) -> Result<bool, String> {
-    let unchanged = state
-        .borrow()
-        .issuers
-        .get(issuer)
-        .is_some_and(|k| k.installed.as_deref() == Some(text));
-    if unchanged {
-        return Ok(false);
-    }
-    let keys = KeySet::from_jwks_json(text).map_err(|e| format!("JWKS rejected: {e}"))?;
-    let mut s = state.borrow_mut();
-    s.auth.set_remote_keys(issuer, keys)?;
-    s.issuers.entry(issuer.to_string()).or_default().installed = Some(text.to_string());
-    Ok(true)
-}
-
 struct State {
     auth: TokenAuth,
     metrics: Metrics,
     lookups: HashMap<LookupKey, Lookup>,
     waiting: HashMap<u32, LookupKey>,
-    callouts: HashMap<u32, (LookupKey, Purpose)>,
-    issuers: HashMap<String, IssuerKeys>,
+    /// Introspection callouts in flight (key fetches are `keys`').
+    callouts: HashMap<u32, LookupKey>,
+    keys: RemoteKeys,
     last_cache: policy::cache::CacheStats,
 }
 
@@ -187,13 +147,24 @@ impl RootContext for Root {
         };
         let needs_ticks = auth.config().introspection.is_some()
             || auth.providers().iter().any(|p| p.remote().is_some());
+        let metrics = Metrics::define();
+        let keys = RemoteKeys::new(
+            "token-auth",
+            SHARED_KEYS_PREFIX,
+            KeyMetrics {
+                fetched: metrics.jwks_fetched,
+                failed: metrics.jwks_failed,
+                callouts: metrics.callouts,
+                callout_failures: metrics.callout_failures,
+            },
+        );
         let state = Rc::new(RefCell::new(State {
             auth,
-            metrics: Metrics::define(),
+            metrics,
             lookups: HashMap::new(),
             waiting: HashMap::new(),
             callouts: HashMap::new(),
-            issuers: HashMap::new(),
+            keys,
             last_cache: Default::default(),
         }));
         self.state = Some(state.clone());
@@ -203,15 +174,9 @@ impl RootContext for Root {
         // Keys another worker already fetched, then the first fetch for issuers without keys.
         let now = now_secs().unwrap_or(0);
         sync_shared_keys(&state);
-        for issuer in remote_issuers(&state) {
-            let has_keys = state
-                .borrow()
-                .auth
-                .provider(&issuer)
-                .is_some_and(|p| p.has_keys());
-            if !has_keys {
-                start_key_fetch(&state, &issuer, None, now);
-            }
+        let without_keys = RemoteKeys::without_keys(&state.borrow().auth);
+        for issuer in without_keys {
+            start_key_fetch(&state, &issuer, None, now);
         }
         true
     }
@@ -222,19 +187,12 @@ impl RootContext for Root {
         };
         let Some(now) = now_secs() else { return };
         sync_shared_keys(&state);
-        for issuer in remote_issuers(&state) {
-            let (due, in_flight) = {
-                let s = state.borrow();
-                let due = s.issuers.get(&issuer).is_none_or(|k| now >= k.next_refresh);
-                let in_flight = s
-                    .lookups
-                    .get(&LookupKey::Keys(issuer.clone()))
-                    .is_some_and(|l| l.in_flight);
-                (due, in_flight)
-            };
-            if due && !in_flight {
-                start_key_fetch(&state, &issuer, None, now);
-            }
+        let due = {
+            let s = state.borrow();
+            s.keys.due(&s.auth, now)
+        };
+        for issuer in due {
+            start_key_fetch(&state, &issuer, None, now);
         }
         // Lookups whose owning stream went away: the root asks again for the waiters.
         let orphans: Vec<LookupKey> = state
@@ -419,12 +377,7 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
     };
     match outcome {
         Outcome::FetchKeys { issuer } => {
-            let recently = state
-                .borrow()
-                .issuers
-                .get(&issuer)
-                .and_then(|k| k.last_fetch)
-                .is_some_and(|t| now < t + MIN_REFETCH_SECS);
+            let recently = state.borrow().keys.fetched_recently(&issuer, now);
             let in_flight = state
                 .borrow()
                 .lookups
@@ -575,46 +528,27 @@ fn dispatch(
     }
 }
 
-/// Starts fetching an issuer's keys (discovery first if configured). `owner` is the stream
-/// making the call (None: the root). Returns false if the call could not be made.
+/// Starts fetching an issuer's keys. `owner` is the stream making the call (None: the root).
+/// Returns false if the call could not be made.
 fn start_key_fetch(state: &Shared, issuer: &str, owner: Option<u32>, now: u64) -> bool {
-    let Some(remote) = state
-        .borrow()
-        .auth
-        .provider(issuer)
-        .and_then(|p| p.remote().cloned())
-    else {
-        return false;
-    };
-    let purpose = if remote.discovery {
-        Purpose::Discovery(issuer.to_string())
-    } else {
-        Purpose::Keys(issuer.to_string())
-    };
-    let headers = vec![
-        (":method", "GET"),
-        (":path", remote.path.as_str()),
-        (":authority", remote.authority.as_str()),
-        ("accept", "application/json"),
-    ];
-    let key = LookupKey::Keys(issuer.to_string());
-    {
+    let started = {
         let mut s = state.borrow_mut();
-        let entry = s.issuers.entry(issuer.to_string()).or_default();
-        entry.last_fetch = Some(now);
-        entry.next_refresh = now + remote.refresh_secs;
-    }
-    let Some(token) = dispatch(state, &remote.cluster, headers, None, KEY_FETCH_TIMEOUT) else {
-        return false;
+        let s = &mut *s;
+        s.keys.start(&s.auth, issuer, now)
     };
+    if started.is_none() {
+        return false;
+    }
     let mut s = state.borrow_mut();
-    s.callouts.insert(token, (key.clone(), purpose));
-    let lookup = s.lookups.entry(key).or_insert(Lookup {
-        owner: None,
-        in_flight: false,
-        waiters: Vec::new(),
-        token: None,
-    });
+    let lookup = s
+        .lookups
+        .entry(LookupKey::Keys(issuer.to_string()))
+        .or_insert(Lookup {
+            owner: None,
+            in_flight: false,
+            waiters: Vec::new(),
+            token: None,
+        });
     lookup.owner = owner;
     lookup.in_flight = true;
     true
@@ -638,8 +572,7 @@ fn start_introspection(state: &Shared, token: &str, owner: Option<u32>) -> bool 
     let digest = token_digest(token);
     let key = LookupKey::Introspection(digest);
     let mut s = state.borrow_mut();
-    s.callouts
-        .insert(callout, (key.clone(), Purpose::Introspection));
+    s.callouts.insert(callout, key.clone());
     if let Some(lookup) = s.lookups.get_mut(&key) {
         lookup.owner = owner;
         lookup.in_flight = true;
@@ -649,7 +582,19 @@ fn start_introspection(state: &Shared, token: &str, owner: Option<u32>) -> bool 
 
 /// The answer to one of our callouts arrived in context `current`.
 fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
-    let Some((key, purpose)) = state.borrow_mut().callouts.remove(&callout) else {
+    let progress = {
+        let mut s = state.borrow_mut();
+        let s = &mut *s;
+        s.keys.on_response(&mut s.auth, callout)
+    };
+    match progress {
+        Progress::Continuing => return,
+        Progress::Done { issuer, .. } => {
+            return key_fetch_done(state, current, &LookupKey::Keys(issuer));
+        }
+        Progress::NotOurs => {}
+    }
+    let Some(key) = state.borrow_mut().callouts.remove(&callout) else {
         return;
     };
     // Zero headers: the call was reset. Any non-2xx is a failure too.
@@ -671,148 +616,40 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         state.borrow().metrics.callout_failures.inc();
     }
     let now = now_secs().unwrap_or(0);
-    match purpose {
-        Purpose::Discovery(issuer) => {
-            let next = (200..300)
-                .contains(&status)
-                .then(|| discovered_jwks(state, &issuer, &body))
-                .flatten();
-            match next {
-                Some((authority, path)) => {
-                    if follow_discovery(state, &key, &issuer, &authority, &path) {
-                        return;
-                    }
-                    key_fetch_done(state, current, &key, &issuer, None)
-                }
-                None => key_fetch_done(state, current, &key, &issuer, None),
-            }
-        }
-        Purpose::Keys(issuer) => {
-            let text = String::from_utf8_lossy(&body).into_owned();
-            let ok = (200..300).contains(&status).then_some(text);
-            key_fetch_done(state, current, &key, &issuer, ok)
-        }
-        Purpose::Introspection => {
-            let token = state
-                .borrow()
-                .lookups
-                .get(&key)
-                .and_then(|l| l.token.clone());
-            let Some(token) = token else { return };
-            let decided = state
-                .borrow_mut()
-                .auth
-                .finish_introspection(&token, status, &body, now);
-            let waiters = take_waiters(state, &key);
-            for ctx in waiters {
-                on_stream(current, ctx, || {
-                    let (method, path, headers, peer) = read_request(state);
-                    let facts = RequestFacts {
-                        method: &method,
-                        path: &path,
-                        headers: &headers,
-                        peer,
-                    };
-                    let outcome = match &decided {
-                        IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
-                            state.borrow().auth.outcome_for(&decided, &facts)
-                        }
-                    };
-                    if execute(state, ctx, outcome) == Action::Continue {
-                        let _ = hostcalls::resume_http_request();
-                    }
-                });
-            }
-        }
-    }
-}
-
-fn discovered_jwks(state: &Shared, issuer: &str, body: &[u8]) -> Option<(String, String)> {
-    let text = String::from_utf8_lossy(body);
-    let s = state.borrow();
-    let provider = s.auth.provider(issuer)?;
-    match provider
-        .check_discovery(&text)
-        .and_then(|d| d.jwks_location())
-    {
-        Ok(url) => Some((url.authority, url.path)),
-        Err(e) => {
-            log::warn!("token-auth: discovery document for {issuer} rejected: {e}");
-            None
-        }
-    }
-}
-
-fn follow_discovery(
-    state: &Shared,
-    key: &LookupKey,
-    issuer: &str,
-    authority: &str,
-    path: &str,
-) -> bool {
-    let Some(cluster) = state
+    let token = state
         .borrow()
+        .lookups
+        .get(&key)
+        .and_then(|l| l.token.clone());
+    let Some(token) = token else { return };
+    let decided = state
+        .borrow_mut()
         .auth
-        .provider(issuer)
-        .and_then(|p| p.remote().map(|r| r.cluster.clone()))
-    else {
-        return false;
-    };
-    let headers = vec![
-        (":method", "GET"),
-        (":path", path),
-        (":authority", authority),
-        ("accept", "application/json"),
-    ];
-    match dispatch(state, &cluster, headers, None, KEY_FETCH_TIMEOUT) {
-        Some(token) => {
-            state
-                .borrow_mut()
-                .callouts
-                .insert(token, (key.clone(), Purpose::Keys(issuer.to_string())));
-            true
-        }
-        None => false,
+        .finish_introspection(&token, status, &body, now);
+    for ctx in take_waiters(state, &key) {
+        on_stream(current, ctx, || {
+            let (method, path, headers, peer) = read_request(state);
+            let facts = RequestFacts {
+                method: &method,
+                path: &path,
+                headers: &headers,
+                peer,
+            };
+            let outcome = match &decided {
+                IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
+                    state.borrow().auth.outcome_for(&decided, &facts)
+                }
+            };
+            if execute(state, ctx, outcome) == Action::Continue {
+                let _ = hostcalls::resume_http_request();
+            }
+        });
     }
 }
 
-/// A key fetch ended (`jwks` None: it failed). Installs the keys, shares them with the other
-/// workers, and decides every stream that waited for them.
-fn key_fetch_done(
-    state: &Shared,
-    current: u32,
-    key: &LookupKey,
-    issuer: &str,
-    jwks: Option<String>,
-) {
-    let installed = jwks.and_then(|text| match install_keys(state, issuer, &text) {
-        Ok(_) => Some(text),
-        Err(e) => {
-            log::warn!("token-auth: keys for {issuer} rejected: {e}");
-            None
-        }
-    });
-    match installed {
-        Some(text) => {
-            state.borrow().metrics.jwks_fetched.inc();
-            log::info!("token-auth: keys for {issuer} loaded");
-            let shared_key = format!("{SHARED_KEYS_PREFIX}{issuer}");
-            if hostcalls::set_shared_data(&shared_key, Some(text.as_bytes()), None).is_ok() {
-                if let Ok((_, cas)) = hostcalls::get_shared_data(&shared_key) {
-                    state
-                        .borrow_mut()
-                        .issuers
-                        .entry(issuer.to_string())
-                        .or_default()
-                        .shared_cas = cas;
-                }
-            }
-        }
-        None => {
-            state.borrow().metrics.jwks_failed.inc();
-            log::warn!("token-auth: fetching keys for {issuer} failed; keeping the last good set");
-        }
-    }
+/// A key fetch ended (the keys are installed, or the last good set stays): decides every
+/// stream that waited for it.
+fn key_fetch_done(state: &Shared, current: u32, key: &LookupKey) {
     for ctx in take_waiters(state, key) {
         on_stream(current, ctx, || {
             if decide(state, ctx, false) == Action::Continue {
@@ -860,7 +697,10 @@ fn forget_stream(state: &Shared, ctx: u32) {
         .collect();
     for key in orphaned {
         // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.
-        s.callouts.retain(|_, (k, _)| *k != key);
+        s.callouts.retain(|_, k| *k != key);
+        if let LookupKey::Keys(issuer) = &key {
+            s.keys.cancelled(issuer);
+        }
         let empty = match s.lookups.get_mut(&key) {
             Some(lookup) => {
                 lookup.owner = None;
@@ -875,39 +715,9 @@ fn forget_stream(state: &Shared, ctx: u32) {
     }
 }
 
-fn remote_issuers(state: &Shared) -> Vec<String> {
-    state
-        .borrow()
-        .auth
-        .providers()
-        .iter()
-        .filter(|p| p.remote().is_some())
-        .map(|p| p.issuer().to_string())
-        .collect()
-}
-
 /// Loads key sets other workers fetched (shared data), when they changed.
 fn sync_shared_keys(state: &Shared) {
-    for issuer in remote_issuers(state) {
-        let shared_key = format!("{SHARED_KEYS_PREFIX}{issuer}");
-        let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&shared_key) else {
-            continue;
-        };
-        let known = state
-            .borrow()
-            .issuers
-            .get(&issuer)
-            .and_then(|k| k.shared_cas);
-        if cas.is_some() && cas == known {
-            continue;
-        }
-        if install_keys(state, &issuer, &String::from_utf8_lossy(&bytes)).is_ok() {
-            state
-                .borrow_mut()
-                .issuers
-                .entry(issuer.clone())
-                .or_default()
-                .shared_cas = cas;
-        }
-    }
+    let mut s = state.borrow_mut();
+    let s = &mut *s;
+    s.keys.sync_shared(&mut s.auth);
 }
