@@ -29,11 +29,7 @@ def work_dir():
 def wasm(work_dir):
     """A copy of token_auth.wasm taken at the start, so a rebuild during the run cannot swap
     the module under a running Envoy."""
-    if not os.path.isfile(e2e.WASM):
-        pytest.fail(f"{e2e.WASM} is missing: build it with `cargo wasm` (scripts/setup does)")
-    copy = os.path.join(work_dir, "token_auth.wasm")
-    shutil.copyfile(e2e.WASM, copy)
-    return copy
+    return e2e.copy_module(work_dir, e2e.WASM)
 
 
 @pytest.fixture(scope="session")

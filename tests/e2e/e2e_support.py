@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -508,3 +509,35 @@ def started_logs(keep):
         except OSError:
             continue
         yield name, path, [line for line in lines if keep(line)]
+
+
+PUSH_CONFIG = os.path.join(ROOT, "envoy", "push-config")
+PUSH_TIMEOUT = 30
+
+
+def push_config(proxy, work_dir, filter_config=None, wasm=None, expect=0, resource=None):
+    """envoy/push-config, as an operator runs it, on `resource` (default: token-auth's ECDS
+    file); returns its stderr. `expect`: its exit status."""
+    args = [sys.executable, PUSH_CONFIG, "--resource", resource or proxy.ecds_resource,
+            "--admin", f"127.0.0.1:{proxy.admin_port}", "--timeout", str(PUSH_TIMEOUT)]
+    if filter_config is not None:
+        path = os.path.join(work_dir, f"push-{uuid.uuid4().hex[:8]}.json")
+        with open(path, "w") as f:
+            json.dump(filter_config, f)
+        args += ["--filter-config", path]
+    if wasm is not None:
+        args += ["--wasm", wasm]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=2 * PUSH_TIMEOUT + 10)
+    assert done.returncode == expect, (
+        f"push-config exited {done.returncode}, expected {expect}:\n{done.stderr}")
+    return done.stderr
+
+
+def copy_module(work_dir, path):
+    """A copy of a .wasm taken at the start of a run, so a rebuild during the run cannot swap
+    the module under a running Envoy."""
+    if not os.path.isfile(path):
+        raise RuntimeError(f"{path} is missing: build it with `cargo wasm` (scripts/setup does)")
+    copy = os.path.join(work_dir, os.path.basename(path))
+    shutil.copyfile(path, copy)
+    return copy

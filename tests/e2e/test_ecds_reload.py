@@ -7,7 +7,6 @@ policy at runtime"). Real Envoy 1.40, real IdP, the Orion stand-in.
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,11 +18,9 @@ import pytest
 import e2e_support as e2e
 
 ORION = "urn:orion"
-PUSH_CONFIG = os.path.join(e2e.ROOT, "envoy", "push-config")
 RENDER = os.path.join(e2e.ROOT, "envoy", "render.py")
 EXAMPLE_WASM = os.path.join(os.path.dirname(e2e.WASM), "example.wasm")
 ECDS_PREFIX = "extension_config_discovery.http_filter.token-auth."
-PUSH_TIMEOUT = 30
 
 
 def new_probe():
@@ -58,21 +55,7 @@ def resource_version(proxy):
         return json.load(f)["version_info"]
 
 
-def push(proxy, work_dir, filter_config=None, wasm=None, expect=0):
-    """envoy/push-config, as an operator runs it; returns its stderr. `expect`: exit status."""
-    args = [sys.executable, PUSH_CONFIG, "--resource", proxy.ecds_resource,
-            "--admin", f"127.0.0.1:{proxy.admin_port}", "--timeout", str(PUSH_TIMEOUT)]
-    if filter_config is not None:
-        path = os.path.join(work_dir, f"push-{uuid.uuid4().hex[:8]}.json")
-        with open(path, "w") as f:
-            json.dump(filter_config, f)
-        args += ["--filter-config", path]
-    if wasm is not None:
-        args += ["--wasm", wasm]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=2 * PUSH_TIMEOUT + 10)
-    assert done.returncode == expect, (
-        f"push-config exited {done.returncode}, expected {expect}:\n{done.stderr}")
-    return done.stderr
+push = e2e.push_config
 
 
 def jwt_get(proxy, token, probe=None, conn=None):
@@ -90,11 +73,7 @@ def statuses_of(proxy, token, n=6):
 @pytest.fixture(scope="module")
 def example_wasm(work_dir):
     """A copy of example.wasm (pass-through mode: the module swapped in by the tests)."""
-    if not os.path.isfile(EXAMPLE_WASM):
-        pytest.fail(f"{EXAMPLE_WASM} is missing: build it with `cargo wasm`")
-    copy = os.path.join(work_dir, "example.wasm")
-    shutil.copyfile(EXAMPLE_WASM, copy)
-    return copy
+    return e2e.copy_module(work_dir, EXAMPLE_WASM)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +292,7 @@ def test_a_bad_resource_file_is_rejected_by_envoy_and_the_old_configuration_stay
         f.write(json.dumps(resource) if resource else '{"version_info": "x", "resources": [')
     os.rename(tmp, ecds.ecds_resource)
     e2e.wait_until(lambda: ecds_stats(ecds)["config_fail"] > before["config_fail"],
-                   "Envoy to reject the file", timeout=PUSH_TIMEOUT)
+                   "Envoy to reject the file", timeout=e2e.PUSH_TIMEOUT)
     after = ecds_stats(ecds)
     assert after["config_fail"] == before["config_fail"] + 1
     assert after[counter] == before[counter] + 1
@@ -335,7 +314,7 @@ def test_a_bad_resource_file_is_rejected_by_envoy_and_the_old_configuration_stay
             f.write(json.dumps(resource))
         os.rename(tmp, ecds.ecds_resource)
         e2e.wait_until(lambda: ecds_stats(ecds)["update_success"] > after["update_success"],
-                       "Envoy to take the file", timeout=PUSH_TIMEOUT)
+                       "Envoy to take the file", timeout=e2e.PUSH_TIMEOUT)
         again = ecds_stats(ecds)
         assert again["version_text"] == resource["version_info"]
         assert again["update_rejected"] == after["update_rejected"]
@@ -349,7 +328,7 @@ def test_a_bad_resource_file_is_rejected_by_envoy_and_the_old_configuration_stay
     os.rename(tmp, ecds.ecds_resource)
     e2e.wait_until(lambda: ecds_stats(ecds)["version_text"] == good_version
                    and ecds_stats(ecds)["update_success"] > restored_from["update_success"],
-                   "Envoy to take the good file back", timeout=PUSH_TIMEOUT)
+                   "Envoy to take the good file back", timeout=e2e.PUSH_TIMEOUT)
     assert set(statuses_of(ecds, token)) == {403}
 
 
@@ -363,7 +342,7 @@ def test_push_config_refuses_bad_input_without_touching_the_file(ecds, work_dir)
         (["--wasm", os.path.join(work_dir, "nope.wasm")], "does not exist"),
     ]:
         done = subprocess.run(
-            [sys.executable, PUSH_CONFIG, "--resource", ecds.ecds_resource,
+            [sys.executable, e2e.PUSH_CONFIG, "--resource", ecds.ecds_resource,
              "--admin", f"127.0.0.1:{ecds.admin_port}"] + args,
             capture_output=True, text=True, timeout=30)
         assert done.returncode == 2, done.stderr

@@ -4,20 +4,14 @@ request touches, and the Orion stand-in recording what got through."""
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 import e2e_support as e2e
-
-sys.path.insert(0, os.path.join(e2e.ROOT, "envoy"))
-import render  # noqa: E402
+import render  # envoy/render.py (e2e_support puts envoy/ on the path)
 
 ENTITY_ACL_WASM = os.path.join(e2e.ROOT, "target", "wasm32-wasip1", "release", "entity_acl.wasm")
-PUSH_CONFIG = os.path.join(e2e.ROOT, "envoy", "push-config")
 ORION = "urn:orion"
 SUBJECT = "sensor-gateway"
 
@@ -41,11 +35,7 @@ ACL = {
 
 @pytest.fixture(scope="module")
 def acl_wasm(work_dir):
-    if not os.path.isfile(ENTITY_ACL_WASM):
-        pytest.fail(f"{ENTITY_ACL_WASM} is missing: build it with `cargo wasm`")
-    copy = os.path.join(work_dir, "entity_acl.wasm")
-    shutil.copyfile(ENTITY_ACL_WASM, copy)
-    return copy
+    return e2e.copy_module(work_dir, ENTITY_ACL_WASM)
 
 
 def chain_envoy(work_dir, wasm, acl_wasm, idp, broker, name, acl=ACL, **kwargs):
@@ -225,15 +215,8 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         pid = proxy.pid
 
         def push(config, expect):
-            path = os.path.join(work_dir, f"acl-{uuid.uuid4().hex[:8]}.json")
-            with open(path, "w") as f:
-                json.dump(config, f)
-            done = subprocess.run(
-                [sys.executable, PUSH_CONFIG, "--resource", proxy.ecds_resource_of("entity-acl"),
-                 "--admin", f"127.0.0.1:{proxy.admin_port}", "--filter-config", path,
-                 "--timeout", "30"], capture_output=True, text=True, timeout=90)
-            assert done.returncode == expect, done.stderr
-            return done.stderr
+            return e2e.push_config(proxy, work_dir, config, expect=expect,
+                                   resource=proxy.ecds_resource_of("entity-acl"))
 
         rooms = {"name": "rooms-too", "effect": "allow", "subjects": ["role:entities-writer"],
                  "actions": ["read"], "ngsi": {"service": "smartcity", "service_path": "/#",

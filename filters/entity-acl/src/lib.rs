@@ -19,7 +19,7 @@ use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{apply_decision, parse_plugin_config_bytes, Decided, DecisionMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 const FILTER: &str = "entity-acl";
 
@@ -165,18 +165,8 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let headers = proxy_glue::request_headers();
+        let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
         let identity = {
             let s = state.borrow();

@@ -111,6 +111,25 @@ pub fn bool_property(path: &[&str]) -> bool {
     matches!(hostcalls::get_property(path.to_vec()), Ok(Some(b)) if b.first() == Some(&1))
 }
 
+/// Every request header, names lowercase, in order (repeated names kept). Read it while the
+/// request headers are available (Envoy drops them once the filter continued).
+pub fn request_headers() -> Vec<(String, String)> {
+    hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .collect()
+}
+
+/// The first value of `name` (lowercase) in headers from [`request_headers`], or "".
+pub fn first_header(headers: &[(String, String)], name: &str) -> String {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
 /// Reads a request header, returning every value (Envoy's single-value call hides repeats,
 /// which an authorization filter must see).
 pub fn request_header_values(name: &str) -> Vec<String> {

@@ -311,29 +311,11 @@ fn strip_client_identity(state: &Shared) {
     }
 }
 
-/// Reads the facts of the current (effective) stream's request.
-fn read_request(
-    state: &Shared,
-) -> (
-    String,
-    String,
-    Vec<(String, String)>,
-    Option<PeerCertificate>,
-) {
-    let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect();
-    let get = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let method = get(":method");
-    let path = get(":path");
+/// Runs `f` on the facts of the current (effective) stream's request.
+fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> R {
+    let headers = proxy_glue::request_headers();
+    let method = proxy_glue::first_header(&headers, ":method");
+    let path = proxy_glue::first_header(&headers, ":path");
     let wants_peer = state.borrow().auth.config().mtls.is_some();
     let peer = (wants_peer && proxy_glue::bool_property(&["connection", "mtls"])).then(|| {
         PeerCertificate {
@@ -342,7 +324,12 @@ fn read_request(
             dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
         }
     });
-    (method, path, headers, peer)
+    f(&RequestFacts {
+        method: &method,
+        path: &path,
+        headers: &headers,
+        peer,
+    })
 }
 
 /// Decides the effective stream `ctx` and executes the outcome. `may_fetch` is false once a
@@ -358,23 +345,16 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
             },
         );
     };
-    let (method, path, headers, peer) = read_request(state);
-    let facts = RequestFacts {
-        method: &method,
-        path: &path,
-        headers: &headers,
-        peer,
-    };
-    let outcome = {
+    let outcome = with_request(state, |facts| {
         let mut s = state.borrow_mut();
         let outcome = if may_fetch {
-            s.auth.authenticate(&facts, now)
+            s.auth.authenticate(facts, now)
         } else {
-            s.auth.authenticate_without_fetch(&facts, now)
+            s.auth.authenticate_without_fetch(facts, now)
         };
         count_cache(&mut s);
         outcome
-    };
+    });
     match outcome {
         Outcome::FetchKeys { issuer } => {
             let recently = state.borrow().keys.fetched_recently(&issuer, now);
@@ -628,18 +608,11 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         .finish_introspection(&token, status, &body, now);
     for ctx in take_waiters(state, &key) {
         on_stream(current, ctx, || {
-            let (method, path, headers, peer) = read_request(state);
-            let facts = RequestFacts {
-                method: &method,
-                path: &path,
-                headers: &headers,
-                peer,
-            };
-            let outcome = match &decided {
+            let outcome = with_request(state, |facts| match &decided {
                 IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
-                    state.borrow().auth.outcome_for(&decided, &facts)
+                    state.borrow().auth.outcome_for(&decided, facts)
                 }
-            };
+            });
             if execute(state, ctx, outcome) == Action::Continue {
                 let _ = hostcalls::resume_http_request();
             }
