@@ -252,6 +252,7 @@ class IdP:
     """tests/e2e/idp/idp.js: oidc-provider on loopback."""
 
     CLIENT = ("sensor-gateway", "sensor-gateway-secret")
+    OTHER_CLIENT = ("parking-app", "parking-app-secret")
     PEP = ("orion-pep", "orion-pep-secret")
 
     def __init__(self, work_dir, name="idp"):

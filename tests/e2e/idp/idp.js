@@ -15,6 +15,7 @@
 //
 // Clients (client_secret_basic):
 //   sensor-gateway / sensor-gateway-secret   gets tokens (a device gateway writing to Orion)
+//   parking-app    / parking-app-secret      gets tokens (another caller: owner / non-owner tests)
 //   orion-pep      / orion-pep-secret        introspects tokens (the Envoy filter)
 //
 // Usage: node idp.js [--port N] [--host 127.0.0.1]
@@ -62,6 +63,7 @@ const RESOURCE_SERVERS = {
 // Claims added to every access token (JWT payload, or the introspection answer of an opaque one).
 const CLIENT_CLAIMS = {
   'sensor-gateway': { name: 'Sensor gateway 7', roles: ['device', 'entities-writer'] },
+  'parking-app': { name: 'Parking app', roles: ['citizen'] },
 };
 
 function signingKey() {
@@ -86,6 +88,17 @@ server.listen(Number(args.port), args.host, () => {
         client_id: 'sensor-gateway',
         client_secret: 'sensor-gateway-secret',
         client_name: 'Sensor gateway 7',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_basic',
+        scope: 'entities:read entities:write',
+      },
+      {
+        // A second caller, for owner / non-owner tests.
+        client_id: 'parking-app',
+        client_secret: 'parking-app-secret',
+        client_name: 'Parking app',
         grant_types: ['client_credentials'],
         response_types: [],
         redirect_uris: [],
@@ -119,7 +132,7 @@ server.listen(Number(args.port), args.host, () => {
         useGrantedResource: async () => false,
         getResourceServerInfo: async (_ctx, resource, client) => {
           const info = RESOURCE_SERVERS[resource];
-          if (!info || client.clientId !== 'sensor-gateway') {
+          if (!info || !(client.clientId in CLIENT_CLAIMS)) {
             throw new errors.InvalidTarget();
           }
           return info;
