@@ -1,1 +1,0 @@
-//! Device ownership (in progress).

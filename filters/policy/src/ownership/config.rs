@@ -1,0 +1,329 @@
+//! The device-ownership configuration: serde types (unknown fields refused) and their
+//! validation, which names what is wrong.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
+use crate::enforcement::Mode;
+use crate::identity_headers::IdentityHeaderNames;
+
+/// The whole filter configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnershipConfig {
+    /// `enforce` (default) or `shadow`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Where token-auth put the identity (defaults as token-auth's).
+    #[serde(default)]
+    pub identity_headers: IdentityHeaderNames,
+    /// Callers with any of these roles bypass ownership.
+    #[serde(default)]
+    pub admin_roles: Vec<String>,
+    /// Ownership sources, consulted in this order.
+    pub sources: Vec<SourceConfig>,
+    /// The entity attribute naming the owner (broker source, create bodies, tampering).
+    #[serde(default = "default_owner_attribute")]
+    pub owner_attribute: String,
+    /// The entity attribute holding the delegations (broker source, tampering).
+    #[serde(default = "default_delegations_attribute")]
+    pub delegations_attribute: String,
+    /// The entity id a device identity may write; `{device}` is its subject.
+    #[serde(default = "default_device_entity_id")]
+    pub device_entity_id: String,
+    /// Largest request body buffered (bytes); larger → 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Largest list response filtered (bytes); larger → 503.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+    /// At most this many registry lookups to filter one list response; more → 503.
+    #[serde(default = "default_max_list_lookups")]
+    pub max_list_lookups: usize,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Entries held at most (0: no cache).
+    pub max_entries: usize,
+    /// Seconds a known owner is cached.
+    pub ttl_secs: u64,
+    /// Seconds "no source knows this entity" is cached.
+    pub negative_ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 10_000,
+            ttl_secs: 60,
+            negative_ttl_secs: 10,
+        }
+    }
+}
+
+/// One ownership source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Owners listed in the configuration.
+    Static { entities: Vec<StaticEntity> },
+    /// The owner attribute of the entity itself, read from the broker.
+    Broker {
+        /// The Envoy cluster of the broker.
+        cluster: String,
+        /// `:authority` of the lookups (default: the cluster name).
+        #[serde(default)]
+        authority: Option<String>,
+        /// Which API to read with: `auto` (the request's dialect), `v2`, `ngsi-ld`, `ngsi10`.
+        #[serde(default)]
+        api: BrokerApi,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+    /// An external ownership registry (see the README for the JSON contract).
+    Registry {
+        cluster: String,
+        #[serde(default)]
+        authority: Option<String>,
+        #[serde(default = "default_lookup_path")]
+        lookup_path: String,
+        #[serde(default = "default_claim_path")]
+        claim_path: String,
+        #[serde(default = "default_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum BrokerApi {
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    #[serde(rename = "v2")]
+    V2,
+    #[serde(rename = "ngsi-ld")]
+    Ld,
+    #[serde(rename = "ngsi10")]
+    Ngsi10,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticEntity {
+    pub id: String,
+    /// The tenant (`fiware-service` / `NGSILD-Tenant`, lowercase); default: the default tenant.
+    #[serde(default)]
+    pub service: String,
+    pub owner: String,
+    #[serde(default)]
+    pub delegations: Vec<DelegationConfig>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegationConfig {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `read` / `read_write` (or `READ_ACCESS` / `READ_WRITE`).
+    pub access: String,
+}
+
+fn default_owner_attribute() -> String {
+    "owner".into()
+}
+fn default_delegations_attribute() -> String {
+    "delegations".into()
+}
+fn default_device_entity_id() -> String {
+    "{device}".into()
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+fn default_max_response() -> usize {
+    4 << 20
+}
+fn default_max_list_lookups() -> usize {
+    100
+}
+fn default_timeout_ms() -> u64 {
+    1000
+}
+fn default_lookup_path() -> String {
+    "/ownership/lookup".into()
+}
+fn default_claim_path() -> String {
+    "/ownership/claim".into()
+}
+
+fn check_attr(name: &str, what: &str) -> Result<(), String> {
+    if name.is_empty() || name.chars().any(|c| c.is_control() || c == ',') {
+        return Err(format!(
+            "{what} {name:?} must be a non-empty attribute name without ',' or control characters"
+        ));
+    }
+    if matches!(name, "id" | "type" | "@context" | "*") {
+        return Err(format!("{what} {name:?} is reserved"));
+    }
+    Ok(())
+}
+
+fn check_path(path: &str, what: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!("{what} {path:?} must be an absolute path"));
+    }
+    Ok(())
+}
+
+fn check_cluster(
+    cluster: &str,
+    authority: &Option<String>,
+    timeout_ms: u64,
+    what: &str,
+) -> Result<(), String> {
+    if cluster.is_empty() {
+        return Err(format!("{what}: cluster must not be empty"));
+    }
+    if authority.as_deref() == Some("") {
+        return Err(format!("{what}: authority must not be empty"));
+    }
+    if timeout_ms == 0 || timeout_ms > 60_000 {
+        return Err(format!(
+            "{what}: timeout_ms {timeout_ms} must be between 1 and 60000"
+        ));
+    }
+    Ok(())
+}
+
+impl DelegationConfig {
+    fn to_delegation(&self, what: &str) -> Result<Delegation, String> {
+        let access = DelegatedAccess::parse(&self.access).ok_or_else(|| {
+            format!(
+                "{what}: access {:?} must be read, read_write, READ_ACCESS or READ_WRITE",
+                self.access
+            )
+        })?;
+        let grantee = match (&self.user, &self.group) {
+            (Some(u), None) if !u.is_empty() => Grantee::User(u.clone()),
+            (None, Some(g)) if !g.is_empty() => Grantee::Group(g.clone()),
+            _ => return Err(format!("{what}: give exactly one non-empty user or group")),
+        };
+        Ok(Delegation { grantee, access })
+    }
+}
+
+impl OwnershipConfig {
+    /// Checks everything and builds the static map.
+    pub fn validate(&self) -> Result<HashMap<EntityKey, Record>, String> {
+        self.identity_headers.validate()?;
+        if self.sources.is_empty() {
+            return Err("sources must name at least one ownership source".into());
+        }
+        check_attr(&self.owner_attribute, "owner_attribute")?;
+        check_attr(&self.delegations_attribute, "delegations_attribute")?;
+        if self.owner_attribute == self.delegations_attribute {
+            return Err("owner_attribute and delegations_attribute must differ".into());
+        }
+        if self.device_entity_id.matches("{device}").count() != 1 {
+            return Err(format!(
+                "device_entity_id {:?} must contain {{device}} exactly once",
+                self.device_entity_id
+            ));
+        }
+        for role in &self.admin_roles {
+            if role.is_empty() {
+                return Err("admin_roles must not contain an empty role".into());
+            }
+        }
+        if self.max_body_bytes == 0 || self.max_response_bytes == 0 {
+            return Err("max_body_bytes and max_response_bytes must be positive".into());
+        }
+        if self.max_list_lookups == 0 || self.max_list_lookups > 1000 {
+            return Err("max_list_lookups must be between 1 and 1000".into());
+        }
+        if self.cache.ttl_secs == 0 && self.cache.max_entries > 0 {
+            return Err("cache.ttl_secs must be positive (or set cache.max_entries to 0)".into());
+        }
+        if self.cache.negative_ttl_secs > self.cache.ttl_secs {
+            return Err(format!(
+                "cache.negative_ttl_secs ({}) must not exceed cache.ttl_secs ({})",
+                self.cache.negative_ttl_secs, self.cache.ttl_secs
+            ));
+        }
+        let mut statics = HashMap::new();
+        let (mut brokers, mut registries) = (0, 0);
+        for (i, source) in self.sources.iter().enumerate() {
+            let what = format!("sources[{i}]");
+            match source {
+                SourceConfig::Static { entities } => {
+                    for (j, e) in entities.iter().enumerate() {
+                        let what = format!("{what}.entities[{j}]");
+                        if e.id.is_empty() || e.id.chars().any(char::is_control) {
+                            return Err(format!("{what}: id must be a non-empty entity id"));
+                        }
+                        if e.owner.is_empty() {
+                            return Err(format!("{what}: owner must not be empty"));
+                        }
+                        if e.service != e.service.to_ascii_lowercase() {
+                            return Err(format!(
+                                "{what}: service {:?} must be lowercase (as the broker stores it)",
+                                e.service
+                            ));
+                        }
+                        let mut delegations = Vec::new();
+                        for (k, d) in e.delegations.iter().enumerate() {
+                            delegations.push(d.to_delegation(&format!("{what}.delegations[{k}]"))?);
+                        }
+                        let key = EntityKey::new(e.service.clone(), e.id.clone());
+                        let record = Record {
+                            owner: e.owner.clone(),
+                            delegations,
+                            public: e.public,
+                        };
+                        if statics.insert(key, record).is_some() {
+                            return Err(format!(
+                                "{what}: entity {:?} (service {:?}) is listed twice",
+                                e.id, e.service
+                            ));
+                        }
+                    }
+                }
+                SourceConfig::Broker {
+                    cluster,
+                    authority,
+                    timeout_ms,
+                    ..
+                } => {
+                    brokers += 1;
+                    check_cluster(cluster, authority, *timeout_ms, &what)?;
+                }
+                SourceConfig::Registry {
+                    cluster,
+                    authority,
+                    lookup_path,
+                    claim_path,
+                    timeout_ms,
+                } => {
+                    registries += 1;
+                    check_cluster(cluster, authority, *timeout_ms, &what)?;
+                    check_path(lookup_path, &format!("{what}: lookup_path"))?;
+                    check_path(claim_path, &format!("{what}: claim_path"))?;
+                }
+            }
+        }
+        if brokers > 1 || registries > 1 {
+            return Err("at most one broker source and one registry source".into());
+        }
+        Ok(statics)
+    }
+}

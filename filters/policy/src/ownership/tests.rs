@@ -1,0 +1,969 @@
+use std::collections::{HashMap, HashSet};
+
+use serde_json::{json, Value};
+
+use super::config::BrokerApi;
+use super::wire::{self, CreateBody, Endpoint, ListFormat};
+use super::*;
+use crate::access::{Tenant, TypeSelector};
+use crate::ngsi::{classify, NgsiRequest};
+
+fn config(v: Value) -> OwnershipConfig {
+    serde_json::from_value(v).unwrap()
+}
+
+fn engine(v: Value) -> Ownership {
+    Ownership::new(config(v)).unwrap()
+}
+
+fn broker() -> Ownership {
+    engine(
+        json!({"admin_roles": ["admin"], "device_entity_id": "urn:Device:{device}",
+                  "sources": [{"kind": "broker", "cluster": "orion"}]}),
+    )
+}
+
+fn user(sub: &str) -> Identity {
+    Identity::new(IdentityKind::Jwt, sub)
+}
+
+fn request(method: &str, path: &str, body: &str) -> RequestAccess {
+    let headers: Vec<(String, String)> = Vec::new();
+    classify(&NgsiRequest {
+        method,
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+    })
+    .unwrap()
+}
+
+fn lamp1() -> Record {
+    Record {
+        owner: "alice".into(),
+        delegations: vec![
+            Delegation {
+                grantee: Grantee::User("bob".into()),
+                access: DelegatedAccess::Read,
+            },
+            Delegation {
+                grantee: Grantee::Group("ops".into()),
+                access: DelegatedAccess::ReadWrite,
+            },
+        ],
+        public: false,
+    }
+}
+
+fn records(entries: &[(&str, Option<Record>)]) -> HashMap<EntityKey, Option<Record>> {
+    entries
+        .iter()
+        .map(|(id, r)| (EntityKey::new("", *id), r.clone()))
+        .collect()
+}
+
+fn verdict(e: Eval) -> Verdict {
+    match e {
+        Eval::Done(v) => v,
+        Eval::Need(k) => panic!("still needs {k:?}"),
+    }
+}
+
+fn status(
+    own: &Ownership,
+    id: Option<&Identity>,
+    req: &RequestAccess,
+    list: bool,
+    recs: &HashMap<EntityKey, Option<Record>>,
+) -> u32 {
+    match verdict(own.evaluate(id, req, list, recs)).decision {
+        Decision::Allow(_) => 200,
+        Decision::Deny(r) => r.status(),
+    }
+}
+
+#[test]
+fn asks_for_the_records_it_needs_and_marks_creates_fresh() {
+    let own = broker();
+    let req = request(
+        "POST",
+        "/v2/op/update",
+        r#"{"actionType": "append", "entities": [{"id": "A"}, {"id": "B"}]}"#,
+    );
+    let alice = user("alice");
+    match own.evaluate(Some(&alice), &req, false, &HashMap::new()) {
+        Eval::Need(keys) => assert_eq!(
+            keys,
+            vec![
+                (EntityKey::new("", "A"), true),
+                (EntityKey::new("", "B"), true)
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+    let read = request("GET", "/v2/entities/A", "");
+    assert_eq!(
+        own.evaluate(Some(&alice), &read, false, &HashMap::new()),
+        Eval::Need(vec![(EntityKey::new("", "A"), false)])
+    );
+}
+
+#[test]
+fn read_rules() {
+    let own = broker();
+    let req = request("GET", "/v2/entities/Lamp1", "");
+    let recs = records(&[("Lamp1", Some(lamp1()))]);
+    assert_eq!(status(&own, Some(&user("alice")), &req, false, &recs), 200);
+    assert_eq!(status(&own, Some(&user("bob")), &req, false, &recs), 200);
+    assert_eq!(
+        status(&own, Some(&user("mallory")), &req, false, &recs),
+        403
+    );
+    assert_eq!(status(&own, None, &req, false, &recs), 403);
+    let mut ops = user("tom");
+    ops.groups = vec!["ops".into()];
+    assert_eq!(status(&own, Some(&ops), &req, false, &recs), 200);
+    let mut public = lamp1();
+    public.public = true;
+    let recs = records(&[("Lamp1", Some(public))]);
+    assert_eq!(status(&own, None, &req, false, &recs), 200);
+    assert_eq!(
+        status(&own, Some(&user("mallory")), &req, false, &recs),
+        200
+    );
+}
+
+#[test]
+fn write_delete_and_owner_attribute_rules() {
+    let own = broker();
+    let recs = records(&[("Lamp1", Some(lamp1()))]);
+    let mut ops = user("tom");
+    ops.groups = vec!["ops".into()];
+    let patch = request(
+        "PATCH",
+        "/v2/entities/Lamp1/attrs",
+        r#"{"on": {"value": 1}}"#,
+    );
+    assert_eq!(status(&own, Some(&ops), &patch, false, &recs), 200);
+    assert_eq!(
+        status(&own, Some(&user("bob")), &patch, false, &recs),
+        403,
+        "read delegate"
+    );
+    assert_eq!(
+        status(&own, Some(&user("alice")), &patch, false, &recs),
+        200
+    );
+    let delete = request("DELETE", "/v2/entities/Lamp1", "");
+    assert_eq!(status(&own, Some(&ops), &delete, false, &recs), 403);
+    assert_eq!(
+        status(&own, Some(&user("alice")), &delete, false, &recs),
+        200
+    );
+    for (m, p, b) in [
+        (
+            "PATCH",
+            "/v2/entities/Lamp1/attrs",
+            r#"{"owner": {"value": "tom"}}"#,
+        ),
+        (
+            "POST",
+            "/v2/entities/Lamp1/attrs",
+            r#"{"delegations": {"value": []}}"#,
+        ),
+        ("DELETE", "/v2/entities/Lamp1/attrs/owner", ""),
+        ("PUT", "/v2/entities/Lamp1/attrs", r#"{"on": {"value": 1}}"#),
+        ("PUT", "/v2/entities/Lamp1/attrs/owner/value", r#""tom""#),
+    ] {
+        let req = request(m, p, b);
+        assert_eq!(status(&own, Some(&ops), &req, false, &recs), 403, "{m} {p}");
+        let v = verdict(own.evaluate(Some(&user("alice")), &req, false, &recs));
+        assert!(v.decision.is_allowed(), "{m} {p}");
+        assert_eq!(v.invalidate, vec![EntityKey::new("", "Lamp1")], "{m} {p}");
+    }
+}
+
+#[test]
+fn creates() {
+    let own = broker();
+    let create = request("POST", "/v2/entities", r#"{"id": "New1", "type": "Lamp"}"#);
+    let v = verdict(own.evaluate(
+        Some(&user("alice")),
+        &create,
+        false,
+        &records(&[("New1", None)]),
+    ));
+    assert!(v.decision.is_allowed());
+    assert_eq!(v.new_entities, vec![EntityKey::new("", "New1")]);
+    assert_eq!(v.invalidate, vec![EntityKey::new("", "New1")]);
+    // Someone else owns it: a plain create is refused, even as the broker would 422.
+    let owned = records(&[("New1", Some(Record::owned_by("carol")))]);
+    assert_eq!(
+        status(&own, Some(&user("alice")), &create, false, &owned),
+        403
+    );
+    assert_eq!(
+        status(&own, Some(&user("carol")), &create, false, &owned),
+        200
+    );
+    // An upsert of an existing entity is its write.
+    let upsert = request(
+        "POST",
+        "/v2/entities?options=upsert",
+        r#"{"id": "Lamp1", "on": {"value": 1}}"#,
+    );
+    let recs = records(&[("Lamp1", Some(lamp1()))]);
+    let mut ops = user("tom");
+    ops.groups = vec!["ops".into()];
+    let v = verdict(own.evaluate(Some(&ops), &upsert, false, &recs));
+    assert!(v.decision.is_allowed());
+    assert!(
+        v.new_entities.is_empty(),
+        "an existing entity is not re-owned"
+    );
+    assert_eq!(status(&own, Some(&user("bob")), &upsert, false, &recs), 403);
+    // Anonymous creates are refused before any lookup.
+    assert_eq!(status(&own, None, &create, false, &HashMap::new()), 403);
+}
+
+#[test]
+fn static_only_can_not_record_new_owners() {
+    let own = engine(
+        json!({"sources": [{"kind": "static", "entities": [{"id": "A", "owner": "alice"}]}]}),
+    );
+    assert!(!own.can_record_owner());
+    let create = request("POST", "/v2/entities", r#"{"id": "New1"}"#);
+    assert_eq!(
+        status(
+            &own,
+            Some(&user("alice")),
+            &create,
+            false,
+            &records(&[("New1", None)])
+        ),
+        403
+    );
+}
+
+#[test]
+fn patterns_and_any() {
+    let own = broker();
+    let alice = user("alice");
+    let none = HashMap::new();
+    let sub = request(
+        "POST",
+        "/v2/subscriptions",
+        r#"{"subject": {"entities": [{"idPattern": ".*"}]}, "notification": {"http": {"url": "http://x"}}}"#,
+    );
+    assert_eq!(status(&own, Some(&alice), &sub, false, &none), 403);
+    let list = request("GET", "/v2/entities?type=Lamp", "");
+    let v = verdict(own.evaluate(Some(&alice), &list, true, &none));
+    assert!(v.decision.is_allowed() && v.filter_list);
+    assert_eq!(
+        status(&own, Some(&alice), &list, false, &none),
+        403,
+        "not filterable"
+    );
+    let ids = request("GET", "/v2/entities?id=A,B", "");
+    let v = verdict(own.evaluate(Some(&alice), &ids, true, &none));
+    assert!(v.filter_list, "listed ids are filtered, not looked up");
+    let types = request("GET", "/v2/types", "");
+    assert_eq!(status(&own, Some(&alice), &types, false, &none), 403);
+    let listing = request("GET", "/v2/subscriptions", "");
+    assert_eq!(status(&own, Some(&alice), &listing, false, &none), 403);
+    let mut admin = user("root");
+    admin.roles = vec!["admin".into()];
+    assert_eq!(status(&own, Some(&admin), &listing, false, &none), 200);
+    assert!(!verdict(own.evaluate(Some(&admin), &list, true, &none)).filter_list);
+}
+
+#[test]
+fn subscriptions_and_registrations() {
+    let own = broker();
+    let recs = records(&[
+        ("Lamp1", Some(lamp1())),
+        ("M1", Some(Record::owned_by("carol"))),
+    ]);
+    let sub = |ids: &str| {
+        request(
+            "POST",
+            "/v2/subscriptions",
+            &format!(
+                r#"{{"subject": {{"entities": [{ids}]}}, "notification": {{"http": {{"url": "http://x"}}}}}}"#
+            ),
+        )
+    };
+    assert_eq!(
+        status(
+            &own,
+            Some(&user("bob")),
+            &sub(r#"{"id": "Lamp1"}"#),
+            false,
+            &recs
+        ),
+        200
+    );
+    assert_eq!(
+        status(
+            &own,
+            Some(&user("bob")),
+            &sub(r#"{"id": "Lamp1"}, {"id": "M1"}"#),
+            false,
+            &recs
+        ),
+        403
+    );
+    let reg = request(
+        "POST",
+        "/v2/registrations",
+        r#"{"dataProvided": {"entities": [{"id": "Lamp1"}]}, "provider": {"http": {"url": "http://p"}}}"#,
+    );
+    assert_eq!(status(&own, Some(&user("bob")), &reg, false, &recs), 403);
+    assert_eq!(status(&own, Some(&user("alice")), &reg, false, &recs), 200);
+}
+
+#[test]
+fn unowned_entities_are_closed() {
+    let own = broker();
+    let req = request("GET", "/v2/entities/X", "");
+    assert_eq!(
+        status(
+            &own,
+            Some(&user("alice")),
+            &req,
+            false,
+            &records(&[("X", None)])
+        ),
+        403
+    );
+}
+
+#[test]
+fn devices_write_only_their_own_entity() {
+    let own = broker();
+    let dev = Identity::new(IdentityKind::DeviceKey, "lamp-01");
+    let none = HashMap::new();
+    let own_update = request(
+        "POST",
+        "/ngsi10/updateContext",
+        r#"{"updateAction": "UPDATE", "contextElements": [{"entityId": {"id": "urn:Device:lamp-01"}, "attributes": [{"name": "on", "value": true}]}]}"#,
+    );
+    assert_eq!(
+        status(&own, Some(&dev), &own_update, false, &none),
+        200,
+        "no lookup needed"
+    );
+    let other = request(
+        "PATCH",
+        "/v2/entities/urn:Device:lamp-02/attrs",
+        r#"{"on": {"value": 1}}"#,
+    );
+    assert_eq!(status(&own, Some(&dev), &other, false, &none), 403);
+    let plain_create = request("POST", "/v2/entities", r#"{"id": "urn:Device:lamp-01"}"#);
+    assert_eq!(status(&own, Some(&dev), &plain_create, false, &none), 403);
+    let delete = request("DELETE", "/v2/entities/urn:Device:lamp-01", "");
+    assert_eq!(status(&own, Some(&dev), &delete, false, &none), 403);
+    let owner = request(
+        "PATCH",
+        "/v2/entities/urn:Device:lamp-01/attrs",
+        r#"{"owner": {"value": "lamp-01"}}"#,
+    );
+    assert_eq!(status(&own, Some(&dev), &owner, false, &none), 403);
+    let cert = Identity::new(IdentityKind::ClientCertificate, "lamp-01");
+    let patch = request(
+        "PATCH",
+        "/v2/entities/urn:Device:lamp-01/attrs",
+        r#"{"on": {"value": 1}}"#,
+    );
+    assert_eq!(status(&own, Some(&cert), &patch, false, &none), 200);
+    // A user with the same subject is not a device.
+    assert!(matches!(
+        own.evaluate(Some(&user("lamp-01")), &patch, false, &none),
+        Eval::Need(_)
+    ));
+    // Reads follow ownership.
+    let read = request("GET", "/v2/entities/urn:Device:lamp-01", "");
+    let recs = records(&[("urn:Device:lamp-01", Some(Record::owned_by("alice")))]);
+    assert_eq!(status(&own, Some(&dev), &read, false, &recs), 403);
+}
+
+#[test]
+fn resolve_order_cache_and_negative_entries() {
+    let mut own = engine(json!({
+        "cache": {"ttl_secs": 60, "negative_ttl_secs": 5},
+        "sources": [
+            {"kind": "static", "entities": [{"id": "S1", "owner": "alice"}]},
+            {"kind": "registry", "cluster": "owners"},
+            {"kind": "static", "entities": [{"id": "S2", "owner": "carol"}]}
+        ]
+    }));
+    let s1 = EntityKey::new("", "S1");
+    let x = EntityKey::new("", "X");
+    assert_eq!(
+        own.resolve(&s1, 0, 100, false),
+        Resolve::Known(Some(Record::owned_by("alice")))
+    );
+    assert_eq!(own.resolve(&x, 0, 100, false), Resolve::Fetch(1));
+    // After the registry: the later static map, then nobody.
+    assert_eq!(
+        own.resolve(&EntityKey::new("", "S2"), 2, 100, false),
+        Resolve::Known(Some(Record::owned_by("carol")))
+    );
+    assert_eq!(own.resolve(&x, 2, 100, false), Resolve::Known(None));
+    own.remember(&x, &None, 100);
+    assert_eq!(own.resolve(&x, 0, 104, false), Resolve::Known(None));
+    assert_eq!(
+        own.resolve(&x, 0, 104, true),
+        Resolve::Fetch(1),
+        "creates don't trust 'nobody'"
+    );
+    assert_eq!(
+        own.resolve(&x, 0, 105, false),
+        Resolve::Fetch(1),
+        "negative TTL"
+    );
+    own.remember(&x, &Some(Record::owned_by("bob")), 200);
+    assert_eq!(
+        own.resolve(&x, 0, 259, true),
+        Resolve::Known(Some(Record::owned_by("bob")))
+    );
+    assert_eq!(own.resolve(&x, 0, 260, false), Resolve::Fetch(1), "TTL");
+    own.remember(&x, &Some(Record::owned_by("bob")), 300);
+    own.forget(&x);
+    assert_eq!(own.resolve(&x, 0, 301, false), Resolve::Fetch(1));
+    // Tenants are separate keys.
+    own.remember(&x, &Some(Record::owned_by("bob")), 400);
+    assert_eq!(
+        own.resolve(&EntityKey::new("t2", "X"), 0, 401, false),
+        Resolve::Fetch(1)
+    );
+}
+
+#[test]
+fn cache_is_bounded() {
+    let mut own = engine(
+        json!({"cache": {"max_entries": 2}, "sources": [{"kind": "registry", "cluster": "o"}]}),
+    );
+    for i in 0..5 {
+        own.remember(
+            &EntityKey::new("", format!("E{i}")),
+            &Some(Record::owned_by("a")),
+            10,
+        );
+    }
+    assert_eq!(own.cache.len(), 2);
+    assert!(own.cache_stats().evictions >= 3);
+}
+
+#[test]
+fn listed_entities_resolve_through_the_sources() {
+    let mut own = engine(json!({"sources": [
+        {"kind": "static", "entities": [{"id": "S1", "owner": "alice"}]},
+        {"kind": "broker", "cluster": "orion"},
+        {"kind": "registry", "cluster": "owners"}
+    ]}));
+    let k = |id: &str| EntityKey::new("", id);
+    assert_eq!(
+        own.resolve_listed(&k("S1"), &Ok(Some(Record::owned_by("x"))), 0, 1)
+            .unwrap(),
+        Resolve::Known(Some(Record::owned_by("alice")))
+    );
+    assert_eq!(
+        own.resolve_listed(&k("B1"), &Ok(Some(Record::owned_by("bob"))), 0, 1)
+            .unwrap(),
+        Resolve::Known(Some(Record::owned_by("bob")))
+    );
+    assert_eq!(
+        own.resolve_listed(&k("R1"), &Ok(None), 0, 1).unwrap(),
+        Resolve::Fetch(2)
+    );
+    assert!(own
+        .resolve_listed(&k("B2"), &Err("bad".into()), 0, 1)
+        .is_err());
+    own.remember(&k("R1"), &Some(Record::owned_by("carol")), 1);
+    assert_eq!(
+        own.resolve_listed(&k("R1"), &Ok(None), 0, 2).unwrap(),
+        Resolve::Known(Some(Record::owned_by("carol")))
+    );
+}
+
+#[test]
+fn config_errors_name_what_is_wrong() {
+    let err = |v: Value| match serde_json::from_value::<OwnershipConfig>(v) {
+        Ok(c) => Ownership::new(c).err().unwrap_or_default(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err(json!({"sources": []})).contains("at least one"));
+    assert!(
+        err(json!({"sources": [{"kind": "static", "entities": [{"id": "A", "owner": ""}]}]}))
+            .contains("sources[0].entities[0]: owner")
+    );
+    assert!(
+        err(json!({"sources": [{"kind": "broker", "cluster": "o", "colour": 1}]}))
+            .contains("unknown field `colour`")
+    );
+    assert!(
+        err(json!({"sources": [{"kind": "broker", "cluster": "o", "api": "v3"}]}))
+            .contains("unknown variant `v3`")
+    );
+    assert!(err(json!({"device_entity_id": "{device}{device}", "sources": [{"kind": "broker", "cluster": "o"}]})).contains("exactly once"));
+    assert!(err(json!({"sources": [{"kind": "static", "entities": [{"id": "A", "owner": "a", "service": "City"}]}]})).contains("lowercase"));
+    assert!(
+        err(json!({"max_list_lookups": 0, "sources": [{"kind": "broker", "cluster": "o"}]}))
+            .contains("max_list_lookups")
+    );
+    assert!(
+        err(json!({"admin_roles": [""], "sources": [{"kind": "broker", "cluster": "o"}]}))
+            .contains("admin_roles")
+    );
+    assert_eq!(
+        err(json!({"sources": [{"kind": "broker", "cluster": "o"}]})),
+        ""
+    );
+}
+
+#[test]
+fn delegations_parse_both_vocabularies_and_refuse_garbage() {
+    let (d, public) = wire::parse_delegations(&json!([
+        {"user": "bob", "access": "READ_ACCESS"}, {"group": "g", "access": "read_write"}, {"public": true}
+    ])).unwrap();
+    assert!(public);
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[1].access, DelegatedAccess::ReadWrite);
+    for bad in [
+        json!({}),
+        json!([{"user": "bob"}]),
+        json!([{"user": "b", "group": "g", "access": "read"}]),
+        json!([{"user": "b", "access": "write"}]),
+        json!([{"public": "yes"}]),
+        json!(["bob"]),
+    ] {
+        assert!(wire::parse_delegations(&bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn registry_contract() {
+    let key = EntityKey::new("smartcity", "Lamp1");
+    assert_eq!(
+        wire::registry_lookup_body(&key),
+        r#"{"entity_id":"Lamp1","service":"smartcity"}"#
+    );
+    assert_eq!(
+        wire::registry_claim_body(&key, Some("Lamp"), "/lights", "alice"),
+        r#"{"entity_id":"Lamp1","entity_type":"Lamp","owner":"alice","service":"smartcity","service_path":"/lights"}"#
+    );
+    let r = wire::parse_registry_lookup(200, br#"{"owner": "alice", "delegations": [{"user": "bob", "access": "read"}], "public": true}"#).unwrap().unwrap();
+    assert_eq!(r.owner, "alice");
+    assert!(r.public);
+    assert_eq!(wire::parse_registry_lookup(404, b"").unwrap(), None);
+    for (s, b) in [
+        (200, &b"not json"[..]),
+        (200, br#"{"owner": 1}"#),
+        (200, br#"{}"#),
+        (200, br#"{"owner": "a", "x": 1}"#),
+        (500, b""),
+        (0, b""),
+        (504, b""),
+        (200, br#"{"owner": "a", "public": "yes"}"#),
+    ] {
+        assert!(
+            wire::parse_registry_lookup(s, b).is_err(),
+            "{s} {:?}",
+            String::from_utf8_lossy(b)
+        );
+    }
+    assert!(wire::claim_outcome(201, &key).is_ok());
+    assert_eq!(wire::claim_outcome(409, &key).unwrap_err().status(), 403);
+    assert_eq!(wire::claim_outcome(500, &key).unwrap_err().status(), 503);
+    assert_eq!(wire::claim_outcome(0, &key).unwrap_err().status(), 503);
+}
+
+#[test]
+fn broker_lookups() {
+    let key = EntityKey::new("smartcity", "urn:ngsi-ld:Lamp:1 x/y");
+    let (path, headers) = wire::broker_lookup(BrokerApi::V2, &key, "owner", "delegations");
+    assert_eq!(
+        path,
+        "/v2/entities/urn:ngsi-ld:Lamp:1%20x%2Fy?attrs=owner,delegations&options=keyValues"
+    );
+    assert!(headers.contains(&("fiware-service".into(), "smartcity".into())));
+    assert!(headers.contains(&("fiware-servicepath".into(), "/#".into())));
+    let (path, headers) = wire::broker_lookup(BrokerApi::Ld, &key, "owner", "delegations");
+    assert!(
+        path.starts_with("/ngsi-ld/v1/entities/urn:ngsi-ld:Lamp:1%20x%2Fy?attrs=owner,delegations")
+    );
+    assert!(headers.contains(&("ngsild-tenant".into(), "smartcity".into())));
+    let (path, _) = wire::broker_lookup(BrokerApi::Ngsi10, &key, "owner", "delegations");
+    assert_eq!(path, "/ngsi10/entity/urn:ngsi-ld:Lamp:1%20x%2Fy");
+    let r = wire::parse_broker_lookup(
+        BrokerApi::V2,
+        200,
+        br#"{"id": "L", "owner": "alice", "delegations": [{"public": true}]}"#,
+        "owner",
+        "delegations",
+    )
+    .unwrap()
+    .unwrap();
+    assert!(r.public && r.owner == "alice");
+    assert_eq!(
+        wire::parse_broker_lookup(
+            BrokerApi::V2,
+            200,
+            br#"{"id": "L"}"#,
+            "owner",
+            "delegations"
+        )
+        .unwrap(),
+        None
+    );
+    assert_eq!(
+        wire::parse_broker_lookup(BrokerApi::V2, 404, b"", "owner", "delegations").unwrap(),
+        None
+    );
+    let ngsi10 = br#"{"entityId": {"id": "S"}, "attributes": [{"name": "owner", "type": "string", "value": "carol"}]}"#;
+    assert_eq!(
+        wire::parse_broker_lookup(BrokerApi::Ngsi10, 200, ngsi10, "owner", "delegations").unwrap(),
+        Some(Record::owned_by("carol"))
+    );
+    for (s, b) in [
+        (409, &b"{}"[..]),
+        (500, b"{}"),
+        (200, b"[]"),
+        (200, b"nope"),
+        (200, br#"{"owner": 5}"#),
+        (0, b""),
+    ] {
+        assert!(
+            wire::parse_broker_lookup(BrokerApi::V2, s, b, "owner", "delegations").is_err(),
+            "{s}"
+        );
+    }
+    assert_eq!(
+        wire::broker_api(BrokerApi::Auto, wire::Dialect::Ld),
+        BrokerApi::Ld
+    );
+    assert_eq!(
+        wire::broker_api(BrokerApi::V2, wire::Dialect::Ld),
+        BrokerApi::V2
+    );
+}
+
+fn inject(
+    kind: CreateBody,
+    body: &str,
+    kv: bool,
+    ids: &[&str],
+) -> Result<Option<String>, DenyReason> {
+    let ids: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    wire::inject_owner(kind, body.as_bytes(), kv, "owner", "alice", &ids)
+        .map(|o| o.map(|b| String::from_utf8(b).unwrap()))
+}
+
+#[test]
+fn owner_injection_in_every_create_shape() {
+    assert_eq!(
+        inject(CreateBody::V2Entity, r#"{"id":"A"}"#, false, &["A"])
+            .unwrap()
+            .unwrap(),
+        r#"{"id":"A","owner":{"type":"Text","value":"alice"}}"#
+    );
+    assert_eq!(
+        inject(CreateBody::V2Entity, r#"{"id":"A"}"#, true, &["A"])
+            .unwrap()
+            .unwrap(),
+        r#"{"id":"A","owner":"alice"}"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::V2OpUpdate,
+            r#"{"actionType":"append","entities":[{"id":"A"},{"id":"B"}]}"#,
+            false,
+            &["B"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"{"actionType":"append","entities":[{"id":"A"},{"id":"B","owner":{"type":"Text","value":"alice"}}]}"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::V2Notify,
+            r#"{"data":[{"id":"A"}]}"#,
+            false,
+            &["A"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"{"data":[{"id":"A","owner":{"type":"Text","value":"alice"}}]}"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::LdEntity,
+            r#"{"id":"urn:a","type":"T"}"#,
+            false,
+            &["urn:a"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"{"id":"urn:a","owner":{"type":"Property","value":"alice"},"type":"T"}"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::LdBatch,
+            r#"[{"id":"urn:a"}]"#,
+            false,
+            &["urn:a"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"[{"id":"urn:a","owner":{"type":"Property","value":"alice"}}]"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::Ngsi10Update,
+            r#"{"contextElements":[{"entityId":{"id":"S"}}]}"#,
+            false,
+            &["S"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"{"contextElements":[{"attributes":[{"name":"owner","type":"string","value":"alice"}],"entityId":{"id":"S"}}]}"#
+    );
+    assert_eq!(
+        inject(
+            CreateBody::Ngsi10Notify,
+            r#"{"contextResponses":[{"contextElement":{"entityId":{"id":"S"},"attributes":[]}}]}"#,
+            false,
+            &["S"]
+        )
+        .unwrap()
+        .unwrap(),
+        r#"{"contextResponses":[{"contextElement":{"attributes":[{"name":"owner","type":"string","value":"alice"}],"entityId":{"id":"S"}}}]}"#
+    );
+    // Not new: untouched.
+    assert_eq!(
+        inject(CreateBody::V2Entity, r#"{"id":"A"}"#, false, &[]).unwrap(),
+        None
+    );
+    // Owner already the caller: kept as sent.
+    assert_eq!(
+        inject(
+            CreateBody::V2Entity,
+            r#"{"id":"A","owner":{"value":"alice"}}"#,
+            false,
+            &["A"]
+        )
+        .unwrap(),
+        None
+    );
+    assert_eq!(
+        inject(
+            CreateBody::LdEntity,
+            r#"{"id":"A","owner":"alice"}"#,
+            false,
+            &["A"]
+        )
+        .unwrap(),
+        None
+    );
+}
+
+#[test]
+fn a_create_may_not_name_another_owner() {
+    for (kind, body) in [
+        (
+            CreateBody::V2Entity,
+            r#"{"id":"A","owner":{"value":"bob"}}"#,
+        ),
+        (CreateBody::V2Entity, r#"{"id":"A","owner":"bob"}"#),
+        (
+            CreateBody::V2Entity,
+            r#"{"id":"A","owner":{"value":["alice"]}}"#,
+        ),
+        (
+            CreateBody::LdBatch,
+            r#"[{"id":"A","owner":{"type":"Property","value":"bob"}}]"#,
+        ),
+        (
+            CreateBody::Ngsi10Update,
+            r#"{"contextElements":[{"entityId":{"id":"A"},"attributes":[{"name":"owner","value":"bob"}]}]}"#,
+        ),
+    ] {
+        assert_eq!(
+            inject(kind, body, false, &["A"]).unwrap_err().status(),
+            403,
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn created_types_for_claims() {
+    assert_eq!(
+        wire::created_type(CreateBody::V2Entity, br#"{"id":"A","type":"Lamp"}"#, "A").as_deref(),
+        Some("Lamp")
+    );
+    assert_eq!(
+        wire::created_type(
+            CreateBody::LdBatch,
+            br#"[{"id":"B","type":["T1","T2"]}]"#,
+            "B"
+        )
+        .as_deref(),
+        Some("T1")
+    );
+    assert_eq!(
+        wire::created_type(
+            CreateBody::Ngsi10Update,
+            br#"{"contextElements":[{"entityId":{"id":"S","type":"Sensor"}}]}"#,
+            "S"
+        )
+        .as_deref(),
+        Some("Sensor")
+    );
+    assert_eq!(
+        wire::created_type(CreateBody::V2Entity, br#"{"id":"A"}"#, "A"),
+        None
+    );
+}
+
+#[test]
+fn endpoints() {
+    let e = Endpoint::of("GET", "/v2/entities?type=Lamp&options=keyValues").unwrap();
+    assert_eq!(e.list.map(|l| l.0), Some(ListFormat::V2));
+    assert!(e.key_values);
+    assert!(Endpoint::of("GET", "/v2/entities?options=values")
+        .unwrap()
+        .list
+        .is_none());
+    assert_eq!(
+        Endpoint::of("POST", "/v2/entities").unwrap().create_body,
+        Some(CreateBody::V2Entity)
+    );
+    assert_eq!(
+        Endpoint::of("POST", "/ngsi-ld/v1/entityOperations/upsert")
+            .unwrap()
+            .create_body,
+        Some(CreateBody::LdBatch)
+    );
+    assert_eq!(
+        Endpoint::of("POST", "/ngsi10/updateContext")
+            .unwrap()
+            .create_body,
+        Some(CreateBody::Ngsi10Update)
+    );
+    assert_eq!(
+        Endpoint::of("POST", "/ngsi10/queryContext")
+            .unwrap()
+            .list
+            .map(|l| l.0),
+        Some(ListFormat::Ngsi10)
+    );
+    assert!(Endpoint::of("GET", "/v2/entities/A")
+        .unwrap()
+        .list
+        .is_none());
+}
+
+#[test]
+fn list_filtering_keeps_order_strips_and_counts() {
+    let body =
+        br#"[{"id":"A","owner":{"value":"alice"},"t":1},{"id":"B","owner":"bob"},{"id":"C"}]"#;
+    let (doc, listed) = wire::list_entities(ListFormat::V2, body, "owner", "delegations").unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].1, Ok(Some(Record::owned_by("alice"))));
+    assert_eq!(listed[2].1, Ok(None));
+    let (out, kept) =
+        wire::filter_list(ListFormat::V2, doc, &[true, false, true], &["owner".into()]).unwrap();
+    assert_eq!(kept, 2);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"[{"id":"A","t":1},{"id":"C"}]"#
+    );
+    assert!(wire::list_entities(
+        ListFormat::V2,
+        br#"{"type":"FeatureCollection"}"#,
+        "owner",
+        "d"
+    )
+    .is_err());
+    assert!(
+        wire::list_entities(ListFormat::V2, br#"[{"type":"T"}]"#, "owner", "d").is_err(),
+        "no id"
+    );
+    assert!(
+        wire::list_entities(ListFormat::V2, br#"[{"id":"A","owner":7}]"#, "owner", "d")
+            .unwrap()
+            .1[0]
+            .1
+            .is_err()
+    );
+    let ngsi10 = br#"{"contextResponses":[{"contextElement":{"entityId":{"id":"S1"},"attributes":[{"name":"owner","value":"a"}]}},{"contextElement":{"entityId":{"id":"S2"}}}]}"#;
+    let (doc, listed) =
+        wire::list_entities(ListFormat::Ngsi10, ngsi10, "owner", "delegations").unwrap();
+    assert_eq!(
+        listed.iter().map(|l| l.0.as_str()).collect::<Vec<_>>(),
+        ["S1", "S2"]
+    );
+    let (out, _) = wire::filter_list(ListFormat::Ngsi10, doc, &[false, true], &[]).unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"contextResponses":[{"contextElement":{"entityId":{"id":"S2"}}}]}"#
+    );
+    assert_eq!(wire::filtered_count(Some("3"), 3, 2).as_deref(), Some("2"));
+    assert_eq!(wire::filtered_count(Some("30"), 3, 2), None);
+    assert_eq!(wire::filtered_count(Some("x"), 3, 2), None);
+}
+
+#[test]
+fn attrs_widening() {
+    assert_eq!(
+        wire::widen_attrs_path(
+            "/v2/entities?type=L&attrs=t,h&limit=5",
+            &["owner", "delegations"]
+        ),
+        Some((
+            "/v2/entities?type=L&attrs=t,h,owner,delegations&limit=5".into(),
+            vec!["owner".into(), "delegations".into()]
+        ))
+    );
+    assert_eq!(
+        wire::widen_attrs_path("/v2/entities?attrs=owner", &["owner", "delegations"]).map(|x| x.1),
+        Some(vec!["delegations".to_string()])
+    );
+    assert_eq!(
+        wire::widen_attrs_path("/v2/entities?attrs=*", &["owner"]),
+        None
+    );
+    assert_eq!(
+        wire::widen_attrs_path("/v2/entities?type=L", &["owner"]),
+        None
+    );
+    let (b, added) = wire::widen_attrs_body(br#"{"attrs":["t"]}"#, "attrs", &["owner"]).unwrap();
+    assert_eq!(String::from_utf8(b).unwrap(), r#"{"attrs":["t","owner"]}"#);
+    assert_eq!(added, vec!["owner".to_string()]);
+    assert!(wire::widen_attrs_body(br#"{"attrs":[]}"#, "attrs", &["owner"]).is_none());
+}
+
+#[test]
+fn access_struct_from_other_models_is_decided_too() {
+    // A hand-built access (as another model would give) with a tenant.
+    let own = broker();
+    let req = RequestAccess {
+        operation: "x".into(),
+        accesses: vec![Access {
+            action: Action::Read,
+            entity: EntitySelector::Id("A".into()),
+            entity_type: TypeSelector::Any,
+            attributes: AttributeSelector::All,
+            tenant: Tenant {
+                service: "t1".into(),
+                service_paths: vec!["/".into()],
+            },
+            endpoint: None,
+        }],
+    };
+    let mut recs = HashMap::new();
+    recs.insert(EntityKey::new("t1", "A"), Some(Record::owned_by("alice")));
+    assert_eq!(status(&own, Some(&user("alice")), &req, false, &recs), 200);
+}
