@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""The main job, with the real parts: token_auth.wasm -> entity_acl.wasm in Envoy 1.40 in front
-of an NGSI broker.
+"""The main job, with the real parts: token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm
+in Envoy 1.40 in front of an NGSI broker.
 
 Run by `scripts/demo` (after `scripts/setup`). It starts, on loopback and on ports the kernel
 chooses, the Orion stand-in (tests/e2e/broker_standin.py, which records what reaches it), the
@@ -13,13 +13,17 @@ was sent, the answer, the filter's decision and what reached the broker:
   2. no token                                      401 + WWW-Authenticate, nothing at the broker
   3. a forged JWT (payload changed)                401, nothing at the broker
   4. a valid JWT + a spoofed x-auth-subject        200, the broker sees the real subject
-  5. POST /v2/entities with a body                 201, the body arrives whole
+  5. POST /v2/entities with a body                 201, the body arrives with the owner attribute
+                                                   device-ownership added (the creator owns it)
   6. an opaque token (RFC 7662 introspection)      200, introspected once by the IdP
   7. a valid JWT, an entity type the ACL does not grant   403 from entity-acl, nothing at the broker
   8. a batch with one forbidden entity             403, the whole batch refused
+  9. another caller reads the gateway's streetlight   403 from device-ownership
+ 10. that caller lists streetlights                200, the answer holds none of the gateway's
 
 The entity ACL (DEMO_ACL below) lets the gateway (role entities-writer) read, create and change
-Streetlights, nothing else.
+Streetlights, and citizens read them; device-ownership (DEMO_OWNERSHIP) reads each entity's
+owner from the broker itself, so only a streetlight's creator reads or changes it.
 
 Each outcome is checked: the exit status is 1 if any is not what it says (a smoke test), 0
 otherwise. Then it prints curl lines for the running sidecar (real ports, a fresh token) and
@@ -55,11 +59,22 @@ IDENTITY_HEADERS = ["x-auth-subject", "x-auth-kind", "x-nick-name", "x-display-n
 CREDENTIAL_HEADERS = ["authorization", "x-auth-token"]
 KEEP_DEMO_RUNS = 3
 ENTITY_ACL_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "entity_acl.wasm")
+OWNERSHIP_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "device_ownership.wasm")
 DEMO_ACL = {"acl": {"rules": [
     {"name": "gateway-streetlights", "effect": "allow", "subjects": ["role:entities-writer"],
      "actions": ["read", "create", "write"],
      "ngsi": {"service": "", "service_path": "/#", "entity_type": "Streetlight"}},
+    {"name": "citizens-read-streetlights", "effect": "allow", "subjects": ["role:citizen"],
+     "actions": ["read"],
+     "ngsi": {"service": "", "service_path": "/#", "entity_type": "Streetlight"}},
 ]}}
+
+
+def demo_ownership(broker_port):
+    """device-ownership: the owner is the entity's `owner` attribute, read from the broker."""
+    return {"sources": [{"kind": "broker", "cluster": "broker",
+                         "authority": f"127.0.0.1:{broker_port}"}],
+            "cache": {"ttl_secs": 5, "negative_ttl_secs": 1}}
 INDENT = "    "
 
 
@@ -131,10 +146,11 @@ class Demo:
         # A copy, so a rebuild while the demo runs (--keep) cannot swap the module under Envoy.
         wasm = os.path.join(self.work_dir, "token_auth.wasm")
         shutil.copyfile(e2e.WASM, wasm)
-        if not os.path.isfile(ENTITY_ACL_WASM):
-            raise RuntimeError(f"{rel(ENTITY_ACL_WASM)} is missing: run scripts/setup")
-        acl_wasm = os.path.join(self.work_dir, "entity_acl.wasm")
-        shutil.copyfile(ENTITY_ACL_WASM, acl_wasm)
+        for module in (ENTITY_ACL_WASM, OWNERSHIP_WASM):
+            if not os.path.isfile(module):
+                raise RuntimeError(f"{rel(module)} is missing: run scripts/setup")
+        acl_wasm = e2e.copy_module(self.work_dir, ENTITY_ACL_WASM)
+        ownership_wasm = e2e.copy_module(self.work_dir, OWNERSHIP_WASM)
 
         self.broker = e2e.Broker(self.work_dir)
         say(f"broker     Orion stand-in (tests/e2e/broker_standin.py)  127.0.0.1:{self.broker.port}"
@@ -149,12 +165,18 @@ class Demo:
             broker_port=self.broker.port,
             idp_port=self.idp.port,
             wasm=wasm,
-            extra_filters=[render.chain_filter("entity-acl", DEMO_ACL, acl_wasm)],
+            extra_filters=[
+                render.chain_filter("device-ownership", demo_ownership(self.broker.port),
+                                    ownership_wasm),
+                render.chain_filter("entity-acl", DEMO_ACL, acl_wasm),
+            ],
         ).start()
-        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm -> entity_acl.wasm "
-            f"(envoy/sidecar.yaml)  127.0.0.1:{self.envoy.port}   "
+        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm -> device_ownership.wasm"
+            f" -> entity_acl.wasm (envoy/sidecar.yaml)  127.0.0.1:{self.envoy.port}   "
             f"admin 127.0.0.1:{self.envoy.admin_port}", 1)
-        say("entity ACL " + json.dumps(DEMO_ACL["acl"]["rules"][0]), 1)
+        for rule in DEMO_ACL["acl"]["rules"]:
+            say("entity ACL " + json.dumps(rule), 1)
+        say("ownership  " + json.dumps(demo_ownership(self.broker.port)["sources"][0]), 1)
         e2e.wait_until(lambda: self.envoy.stats().get("jwks.fetched", 0) >= 1,
                        "the filter to load the IdP's signing keys", timeout=15)
         say(f"the filter found the IdP's keys by OIDC discovery "
@@ -190,15 +212,18 @@ class Demo:
     # -- one request through the sidecar ---------------------------------------------------------
 
     def send(self, method, path, headers, body=None):
-        """Sends one request to the sidecar; returns (response, records at the broker, the
-        filter's decision line)."""
+        """Sends one request to the sidecar; returns (response, the request as it reached the
+        broker (a list: empty if it did not), the filters' decision lines). device-ownership's
+        own lookups at the broker are kept apart, in self.lookups."""
         before = len(self.broker.requests())
         log_offset = os.path.getsize(self.envoy.proc.log_path)
         response = self.envoy.request(method, path, headers, body)
         # The stand-in records a request as soon as its headers arrive, so anything Envoy let
         # through is recorded by the time the answer is here. Nothing else talks to it.
         records = self.broker.requests()[before:]
-        return response, records, self._decision(log_offset)
+        same = lambda r: r["method"] == method and r["path"] == path  # noqa: E731
+        self.lookups = [r for r in records if not same(r)]
+        return response, [r for r in records if same(r)], self._decision(log_offset)
 
     def _decision(self, offset, timeout=2.0):
         """The filters' decision log lines written after `offset` (token-auth's, then
@@ -209,11 +234,14 @@ class Demo:
                 f.seek(offset)
                 text = f.read().decode("utf-8", errors="replace")
             auth = re.search(r"token-auth: ctx=\d+ (decision=.*)", text)
+            own = re.search(r"device-ownership (decision=.*)", text)
             acl = re.search(r"entity-acl (decision=.*)", text)
-            if auth and (acl or "decision=deny" in auth.group(1)):
+            done = auth and ("decision=deny" in auth.group(1)
+                             or (own and "decision=deny" in own.group(1)) or acl)
+            if done:
                 lines = [f"token-auth {auth.group(1).strip()}"]
-                if acl:
-                    lines.append(f"entity-acl {acl.group(1).strip()}")
+                lines += [f"{name} {m.group(1).strip()}"
+                          for name, m in (("device-ownership", own), ("entity-acl", acl)) if m]
                 return "\n          ".join(lines)
             if time.monotonic() > deadline:
                 return f"token-auth {auth.group(1).strip()}" if auth else None
@@ -232,6 +260,9 @@ class Demo:
             say(f"          {name}: {response.header(name)}", 1)
         if decision:
             say(f"filter    {decision}", 1)
+        for lookup in getattr(self, "lookups", []):
+            say(f"lookup    {lookup['method']} {lookup['path']}   (device-ownership asks the broker "
+                "who owns it)", 1)
         if not records:
             say("broker    nothing reached the broker", 1)
             return
@@ -363,8 +394,13 @@ class Demo:
         o.expect(r.status in (200, 201), f"status {r.status}, expected 201")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
-            o.expect(rec.get("complete") and rec.get("body") == body,
-                     "the body did not arrive whole at the broker")
+            try:
+                arrived = json.loads(rec.get("body") or "null")
+            except ValueError:
+                arrived = None
+            o.expect(rec.get("complete") and arrived == dict(
+                entity, owner={"type": "Text", "value": "sensor-gateway"}),
+                "the body did not arrive whole, with the owner attribute added")
             o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
                      "x-auth-subject is not sensor-gateway")
 
@@ -431,6 +467,46 @@ class Demo:
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         o.expect(records == [], "part of the batch reached the broker")
 
+    def step_not_owner(self, o):
+        token = self.idp.token(ORION)
+        light = f"urn:ngsi-ld:Streetlight:demo-{uuid.uuid4().hex[:8]}"
+        created = self.envoy.request(
+            "POST", "/v2/entities",
+            {"authorization": f"Bearer {token}", "content-type": "application/json"},
+            json.dumps({"id": light, "type": "Streetlight"}))
+        say(f"sensor-gateway created {light} ({created.status}); parking-app (role citizen, "
+            "which the ACL lets read Streetlights) asks for it", 1)
+        other = self.idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)
+        path = f"/v2/entities/{light}?type=Streetlight"
+        r, records, decision = self.send("GET", path, {"authorization": f"Bearer {other}"})
+        self.show_exchange("GET", path, [("Authorization", f"Bearer {short(other)}")],
+                           None, r, records, decision)
+        o.expect(created.status == 201, f"the create got {created.status}, expected 201")
+        o.expect(r.status == 403, f"status {r.status}, expected 403")
+        o.expect(records == [], "the request reached the broker")
+        o.expect(decision is not None and "device-ownership decision=deny" in decision,
+                 "device-ownership did not refuse it")
+
+    def step_list_filtered(self, o):
+        other = self.idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)
+        stored = [e for e in self.broker_entities() if e.get("type") == "Streetlight"]
+        say(f"the broker holds {len(stored)} Streetlights, all created by sensor-gateway", 1)
+        r, records, decision = self.send("GET", LIST, {"authorization": f"Bearer {other}"})
+        self.show_exchange("GET", LIST, [("Authorization", f"Bearer {short(other)}")],
+                           None, r, records, decision)
+        o.expect(r.status == 200, f"status {r.status}, expected 200")
+        o.expect(len(records) == 1, "the list query did not reach the broker")
+        o.expect(len(stored) >= 1, "no Streetlight at the broker to filter")
+        try:
+            listed = r.json()
+        except ValueError:
+            listed = None
+        o.expect(listed == [], f"parking-app got {listed!r}, expected an empty list")
+
+    def broker_entities(self):
+        """What the stand-in stores, asked directly (through the sidecar it would be filtered)."""
+        return e2e.request(self.broker.port, "GET", "/v2/entities").json()
+
     def run_steps(self):
         self.step(1, "A token from the IdP (client_credentials), then GET /v2/entities",
                   self.step_jwt_allowed)
@@ -441,6 +517,10 @@ class Demo:
         self.step(6, "An opaque token, introspected by the IdP", self.step_opaque)
         self.step(7, "entity-acl: an entity type the ACL does not grant", self.step_acl_denied)
         self.step(8, "entity-acl: a batch with one forbidden entity", self.step_batch_denied)
+        self.step(9, "device-ownership: another caller reads the gateway's streetlight",
+                  self.step_not_owner)
+        self.step(10, "device-ownership: a list answer holds only what the caller may read",
+                  self.step_list_filtered)
 
     # -- the end ---------------------------------------------------------------------------------
 

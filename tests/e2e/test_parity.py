@@ -38,6 +38,7 @@ PARITY_SCENARIOS = [
     "entity-acl-fogflow.toml",
     "entity-acl-chain.toml",
     "entity-acl-shadow.toml",
+    "device-ownership-static.toml",
 ]
 
 

@@ -206,6 +206,7 @@ impl RootContext for Root {
         Some(Box::new(Stream {
             id: context_id,
             state: self.state.clone(),
+            body_len: 0,
         }))
     }
 
@@ -217,6 +218,8 @@ impl RootContext for Root {
 struct Stream {
     id: u32,
     state: Option<Shared>,
+    /// Bytes of request body buffered so far (read once, when it is complete).
+    body_len: usize,
 }
 
 impl Context for Stream {
@@ -315,17 +318,11 @@ impl HttpContext for Stream {
         if body_size > max {
             return deny_early(&state, self.id, too_large(max));
         }
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
-            s.body = body;
-        }
+        self.body_len = body_size;
         if !end_of_stream {
             return Action::Pause;
         }
-        decide(&state, self.id)
+        self.decide_with_body(&state)
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
@@ -335,7 +332,7 @@ impl HttpContext for Stream {
         let phase = state.borrow().streams.get(&self.id).map(|s| s.phase);
         match phase {
             // The body ended with trailers: decide now (its size was checked chunk by chunk).
-            Some(Phase::Request) => decide(&state, self.id),
+            Some(Phase::Request) => self.decide_with_body(&state),
             Some(Phase::Deciding | Phase::Done) => Action::Pause,
             _ => Action::Continue,
         }
@@ -1386,4 +1383,19 @@ fn forget_stream(state: &Shared, ctx: u32) {
     // Lookups nobody waits for any more and that are not in flight.
     s.lookups
         .retain(|_, l| l.in_flight || !l.waiters.is_empty());
+}
+
+impl Stream {
+    /// Reads the whole buffered request body (once: copying it per chunk would be quadratic)
+    /// and decides.
+    fn decide_with_body(&self, state: &Shared) -> Action {
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, self.body_len)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
+            s.body = body;
+        }
+        decide(state, self.id)
+    }
 }

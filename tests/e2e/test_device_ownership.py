@@ -1,0 +1,122 @@
+"""token-auth -> device-ownership -> entity-acl in a real Envoy, the ownership read from the
+broker itself (the owner attribute, through the broker's Envoy cluster): two callers with real
+JWTs from the OIDC provider, "sensor-gateway" and "parking-app". The creator becomes the owner
+(the filter injects the owner attribute into the create body), only the owner reads and writes
+its entities, list answers hold only what the caller may read."""
+
+import json
+import os
+import uuid
+
+import pytest
+
+import e2e_support as e2e
+import render
+
+ORION = "urn:orion"
+GATEWAY, APP = "sensor-gateway", "parking-app"
+
+# entity-acl behind ownership: both callers may do anything in the default tenant but delete
+# (ownership decides whose entities; the ACL what kind of operation).
+ACL = {"acl": {"rules": [
+    {"name": "callers", "effect": "allow", "subjects": ["authenticated"],
+     "actions": ["read", "create", "write", "subscribe"],
+     "ngsi": {"service": "", "service_path": "/#"}},
+]}}
+
+
+@pytest.fixture(scope="module")
+def chain(work_dir, wasm, idp, broker):
+    ownership = {"sources": [{"kind": "broker", "cluster": "broker",
+                              "authority": f"127.0.0.1:{broker.port}"}],
+                 "cache": {"ttl_secs": 1, "negative_ttl_secs": 1}}
+    proxy = e2e.Envoy(
+        work_dir=work_dir, name="envoy-ownership", filter_config=e2e.token_auth_config(idp),
+        broker_port=broker.port, idp_port=idp.port, wasm=wasm,
+        extra_filters=[
+            render.chain_filter("device-ownership", ownership,
+                                e2e.copy_module(work_dir, os.path.join(
+                                    render.WASM_DIR, "device_ownership.wasm"))),
+            render.chain_filter("entity-acl", ACL,
+                                e2e.copy_module(work_dir, os.path.join(
+                                    render.WASM_DIR, "entity_acl.wasm"))),
+        ]).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def tokens(idp):
+    return {GATEWAY: idp.token(ORION), APP: idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)}
+
+
+def call(chain, tokens, who, method, path, body=None, probe=None):
+    headers = {"authorization": f"Bearer {tokens[who]}", "x-e2e-probe": probe or uuid.uuid4().hex}
+    if body is not None:
+        headers["content-type"] = "application/json"
+        body = json.dumps(body)
+    return chain.request(method, path, headers, body)
+
+
+def new_id(kind):
+    return f"urn:ngsi-ld:{kind}:{uuid.uuid4().hex[:8]}"
+
+
+def test_the_creator_becomes_the_owner(chain, broker, tokens):
+    lamp, p = new_id("Lamp"), uuid.uuid4().hex
+    r = call(chain, tokens, GATEWAY, "POST", "/v2/entities",
+             {"id": lamp, "type": "Lamp", "on": {"type": "Boolean", "value": True}}, probe=p)
+    assert r.status == 201, r.body
+    [record] = broker.received(p)
+    assert json.loads(record["body"])["owner"] == {"type": "Text", "value": GATEWAY}
+
+
+def test_only_the_owner_reads_and_writes(chain, broker, tokens):
+    lamp = new_id("Lamp")
+    assert call(chain, tokens, GATEWAY, "POST", "/v2/entities",
+                {"id": lamp, "type": "Lamp"}).status == 201
+    assert call(chain, tokens, GATEWAY, "GET", f"/v2/entities/{lamp}").status == 200
+    p = uuid.uuid4().hex
+    r = call(chain, tokens, APP, "GET", f"/v2/entities/{lamp}", probe=p)
+    assert r.status == 403 and r.json()["error"] == "Forbidden"
+    assert broker.received(p) == []
+    p = uuid.uuid4().hex
+    r = call(chain, tokens, APP, "PATCH", f"/v2/entities/{lamp}/attrs",
+             {"on": {"type": "Boolean", "value": False}}, probe=p)
+    assert r.status == 403
+    assert broker.received(p) == []
+    assert call(chain, tokens, GATEWAY, "PATCH", f"/v2/entities/{lamp}/attrs",
+                {"on": {"type": "Boolean", "value": False}}).status == 204
+    assert "device-ownership decision=deny" in chain.log_text()
+
+
+def test_nobody_takes_over_an_entity_or_names_another_owner(chain, broker, tokens):
+    lamp = new_id("Lamp")
+    assert call(chain, tokens, GATEWAY, "POST", "/v2/entities",
+                {"id": lamp, "type": "Lamp"}).status == 201
+    p = uuid.uuid4().hex
+    r = call(chain, tokens, APP, "PATCH", f"/v2/entities/{lamp}/attrs",
+             {"owner": {"type": "Text", "value": APP}}, probe=p)
+    assert r.status == 403 and broker.received(p) == []
+    p = uuid.uuid4().hex
+    r = call(chain, tokens, APP, "POST", "/v2/entities",
+             {"id": new_id("Lamp"), "type": "Lamp", "owner": {"type": "Text", "value": GATEWAY}},
+             probe=p)
+    assert r.status == 403 and broker.received(p) == []
+
+
+def test_a_list_answer_holds_only_the_callers_entities(chain, broker, tokens):
+    kind = f"Meter{uuid.uuid4().hex[:6]}"
+    mine = [new_id(kind) for _ in range(2)]
+    theirs = new_id(kind)
+    for entity in mine:
+        assert call(chain, tokens, APP, "POST", "/v2/entities",
+                    {"id": entity, "type": kind}).status == 201
+    assert call(chain, tokens, GATEWAY, "POST", "/v2/entities",
+                {"id": theirs, "type": kind}).status == 201
+    r = call(chain, tokens, APP, "GET", f"/v2/entities?type={kind}&options=count")
+    assert r.status == 200, r.body
+    assert sorted(e["id"] for e in r.json()) == sorted(mine)
+    assert r.header("fiware-total-count") in (None, "2")
+    r = call(chain, tokens, GATEWAY, "GET", f"/v2/entities?type={kind}")
+    assert [e["id"] for e in r.json()] == [theirs]
