@@ -6,8 +6,9 @@ direct_response (no upstream, so only the filters' cost differs):
   no_filter     router only
   native        Envoy's jwt_authn (same JWKS, issuer, audience) + rbac (a path rule)
   token_auth    token_auth.wasm (V8) with the same keys, issuer and audience
-  chain         token_auth.wasm -> entity_acl.wasm (a rule granting the path's entities to
-                authenticated callers; the request's body-less, decided at its headers)
+  chain         token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm, as sidecar.yaml
+                chains them: ownership from a static map (the list answer is filtered), a rule
+                granting the path's entities to authenticated callers
 
 For each: wrk at 1 connection and at 16 connections, the same valid RS256 token on every
 request (both filters cache verified tokens). Prints a Markdown table: req/s, p50, p99 and the
@@ -33,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY = ROOT / ".venv/bin/envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/token_auth.wasm"
 ENTITY_ACL_WASM = ROOT / "target/wasm32-wasip1/release/entity_acl.wasm"
+OWNERSHIP_WASM = ROOT / "target/wasm32-wasip1/release/device_ownership.wasm"
+OWNERSHIP = {"sources": [{"kind": "static", "entities": [
+    {"id": "urn:ngsi-ld:Room:1", "owner": "someone-else"}]}]}
 VARIANTS = ["no_filter", "native", "token_auth", "chain"]
 # What the chain's entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
 ENTITY_ACL = {"acl": {"rules": [{
@@ -72,6 +76,7 @@ def http_filters(variant, jwks):
                                  "jwks": json.loads(jwks), "claims": {"subject": "sub"}}]}
     filters = [wasm_filter("token-auth", WASM, config)]
     if variant == "chain":
+        filters.append(wasm_filter("device-ownership", OWNERSHIP_WASM, OWNERSHIP, body=True))
         filters.append(wasm_filter("entity-acl", ENTITY_ACL_WASM, ENTITY_ACL, body=True))
     return filters
 
@@ -159,7 +164,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    for needed in (ENVOY, WASM, ENTITY_ACL_WASM):
+    for needed in (ENVOY, WASM, ENTITY_ACL_WASM, OWNERSHIP_WASM):
         if not needed.exists():
             sys.exit(f"{needed} is missing: run scripts/setup")
     if not shutil.which("wrk"):
