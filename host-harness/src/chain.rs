@@ -157,6 +157,10 @@ pub struct Chain {
     callout_log: Vec<CalloutRecord>,
     /// Actions a guest took on another stream than the one being called back.
     spilled: Vec<(usize, u32, Deferred)>,
+    /// Connections a guest closed from a background callback (a tick) through
+    /// `proxy_set_effective_context`: (filter index, stream context). Envoy closes the
+    /// connection then, after flushing what was already written to it.
+    background_closes: Vec<(usize, u32)>,
 }
 
 /// How long a waiting stream lets time pass for ticks before it counts as stalled.
@@ -192,6 +196,7 @@ impl Chain {
             next_connection_id: 0,
             callout_log: Vec::new(),
             spilled: Vec::new(),
+            background_closes: Vec::new(),
         }
     }
 
@@ -267,8 +272,13 @@ impl Chain {
                     );
                     progressed = true;
                 }
-                // Background callbacks have no stream: deferred stream actions are void.
-                self.filters[i].take_deferred();
+                // Background callbacks have no stream of their own: deferred stream actions
+                // are void, except closing a connection made effective (network filters).
+                for (ctx, action) in self.filters[i].take_deferred() {
+                    if let Deferred::Close(_) = action {
+                        self.background_closes.push((i, ctx));
+                    }
+                }
             }
             if !progressed {
                 return;
@@ -1008,6 +1018,8 @@ impl Chain {
         events: &[NetEvent],
     ) -> NetOutcome {
         self.connection_properties(&mut properties);
+        // Closes of earlier streams no longer matter.
+        self.background_closes.clear();
         let data = Arc::new(Mutex::new(StreamData {
             properties,
             ..Default::default()
@@ -1059,6 +1071,7 @@ impl Chain {
                 NetEvent::AdvanceClock { millis } => self.advance_clock(*millis),
             }
             self.net_callouts(&mut run);
+            self.net_background_closes(&mut run);
         }
         let closers = [
             "proxy_on_downstream_connection_close",
@@ -1130,6 +1143,17 @@ impl Chain {
         match dir {
             NetDir::Downstream => run.outcome.to_upstream.extend_from_slice(&chunk),
             NetDir::Upstream => run.outcome.to_downstream.extend_from_slice(&chunk),
+        }
+    }
+
+    /// A tick closed this connection (set_effective_context + close_stream).
+    fn net_background_closes(&mut self, run: &mut NetRun) {
+        let ctx = &run.ctx;
+        let before = self.background_closes.len();
+        self.background_closes
+            .retain(|(i, c)| ctx.get(*i) != Some(c));
+        if self.background_closes.len() != before {
+            run.outcome.closed_by_filter = true;
         }
     }
 

@@ -406,3 +406,53 @@ fn with_stop_iteration_allowed_a_body_continue_releases_the_request_early() {
         .expect("the body callback's Continue released the request before the callout answered");
     assert_eq!(header(&upstream.headers, "x-callout"), None, "{context}");
 }
+
+/// Envoy: a root context's tick may make a connection's context effective
+/// (`proxy_set_effective_context`) and close it (`proxy_close_stream`); the connection closes
+/// then, after what was already written to the client (mqtt-acl's refusing CONNACK). Checked
+/// with mqtt_acl.wasm, which closes refused connections from its tick.
+#[test]
+fn a_tick_closes_a_connection_made_effective() {
+    use host_harness::NetEvent;
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip1/release/mqtt_acl.wasm");
+    assert!(
+        wasm.is_file(),
+        "{} is missing: build the filters first with `cargo wasm`",
+        wasm.display()
+    );
+    let config = r#"{"device_keys": {"devices": {"d": {"key_sha256":
+        ["0000000000000000000000000000000000000000000000000000000000000000"]}}},
+        "acl": {"rules": []}}"#;
+    let run = |events: &[NetEvent]| {
+        let mut spec = spec(config);
+        spec.wasm = wasm.clone();
+        let mut chain = probe_chain(spec, Scripted::new());
+        chain.connection(BTreeMap::new(), events)
+    };
+    // An anonymous MQTT 3.1.1 CONNECT is refused; the broker's CONNACK becomes 0x05.
+    let connect = b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02c1".to_vec();
+    let mut events = vec![
+        NetEvent::Downstream {
+            data: connect,
+            end_stream: false,
+        },
+        NetEvent::Upstream {
+            data: vec![0x20, 0x02, 0x00, 0x00],
+            end_stream: false,
+        },
+    ];
+    let open = run(&events);
+    assert!(!open.closed_by_filter, "no tick yet: still open");
+    assert_eq!(open.to_downstream, vec![0x20, 0x02, 0x00, 0x05]);
+    events.push(NetEvent::AdvanceClock { millis: 300 });
+    let closed = run(&events);
+    assert!(closed.closed_by_filter, "the tick closed the connection");
+    assert_eq!(
+        closed.to_downstream,
+        vec![0x20, 0x02, 0x00, 0x05],
+        "what was written before the close reached the client"
+    );
+}
