@@ -431,3 +431,55 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------------------------------------
+# mqtt-acl: Envoy in front of an MQTT broker (envoy/mqtt-sidecar.yaml)
+
+MQTT_TEMPLATE = os.path.join(HERE, "mqtt-sidecar.yaml")
+DEFAULT_MQTT_WASM = os.path.join(WASM_DIR, "mqtt_acl.wasm")
+
+
+def render_mqtt(
+    filter_config,
+    listen="127.0.0.1:1883",
+    admin="127.0.0.1:9902",
+    broker="127.0.0.1:11883",
+    wasm=DEFAULT_MQTT_WASM,
+    node_id="iot-mqtt-sidecar",
+    tls_cert=None,
+    tls_key=None,
+    client_ca=None,
+    template_path=MQTT_TEMPLATE,
+):
+    """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
+    tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
+    JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
+    requires client certificates signed by that CA (mTLS)."""
+    if isinstance(filter_config, str):
+        filter_config = json.loads(filter_config)
+    if not isinstance(filter_config, dict):
+        raise ValueError("the mqtt-acl configuration must be a JSON object")
+    listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
+    admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
+    broker_host, broker_port = split_host_port(broker, "broker")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", node_id):
+        raise ValueError(f"node_id: {node_id!r} must be letters, digits, '.', '_' or '-'")
+    # The HTTP listener's TLS settings, without its HTTP ALPN protocols.
+    tls = "\n".join(line for line in transport_socket(tls_cert, tls_key, client_ca).split("\n")
+                    if "alpn_protocols" not in line)
+    params = {
+        "NODE_ID": node_id,
+        "LISTEN_ADDRESS": listen_host,
+        "LISTEN_PORT": listen_port,
+        "ADMIN_ADDRESS": admin_host,
+        "ADMIN_PORT": admin_port,
+        "BROKER_ADDRESS": broker_host,
+        "BROKER_PORT": broker_port,
+        "BROKER_CLUSTER_TYPE": "STATIC" if _IPV4.match(broker_host) else "STRICT_DNS",
+        "WASM_PATH": yaml_string(os.path.abspath(wasm)),
+        "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
+        "TRANSPORT_SOCKET": tls,
+    }
+    with open(template_path, encoding="utf-8") as f:
+        return string.Template(f.read()).substitute(params)

@@ -542,3 +542,191 @@ def copy_module(work_dir, path):
     copy = os.path.join(work_dir, os.path.basename(path))
     shutil.copyfile(path, copy)
     return copy
+
+
+# ------------------------------------------------------------------------------------------------
+# MQTT: Mosquitto (Debian package) behind Envoy with mqtt_acl.wasm (tests/e2e/test_mqtt_acl.py)
+
+MQTT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "mqtt_acl.wasm")
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO_PUB = shutil.which("mosquitto_pub") or "/usr/bin/mosquitto_pub"
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+
+
+def free_port():
+    """A loopback port the kernel just handed out (for servers that can't report theirs)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port):
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Mosquitto:
+    """Mosquitto on a free loopback port, open to anyone (allow_anonymous, no ACL): every
+    refusal a test sees in front of it is the filter's."""
+
+    def __init__(self, work_dir, name="mosquitto"):
+        if not os.access(MOSQUITTO, os.X_OK):
+            raise RuntimeError(f"{MOSQUITTO} is missing: run tests/e2e/setup (apt mosquitto)")
+        self.port = free_port()
+        conf = os.path.join(work_dir, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                    "persistence false\nlog_dest stderr\nlog_type all\n"
+                    "connection_messages true\n")
+        self.proc = Proc(name, [MOSQUITTO, "-c", conf], os.path.join(work_dir, f"{name}.log"))
+        try:
+            wait_until(lambda: self.proc.alive() and port_open(self.port), f"{name} listening")
+        except Exception:
+            self.stop()
+            raise
+
+    def log_text(self):
+        return self.proc.log_text()
+
+    def stop(self):
+        self.proc.stop()
+
+
+@dataclass
+class MqttEnvoy:
+    """Envoy rendered by envoy/render.py's render_mqtt (envoy/mqtt-sidecar.yaml): listener ->
+    mqtt-acl -> tcp_proxy -> Mosquitto."""
+
+    work_dir: str
+    name: str
+    filter_config: dict
+    broker_port: int
+    wasm: str = MQTT_WASM
+    concurrency: int = 2
+    tls: dict = None
+    port: int = 0
+    admin_port: int = 0
+    proc: Proc = field(default=None, repr=False)
+
+    def start(self):
+        if not os.access(ENVOY, os.X_OK):
+            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
+        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
+        admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
+        tls = self.tls or {}
+        with open(yaml_path, "w") as f:
+            f.write(render.render_mqtt(
+                self.filter_config,
+                listen="127.0.0.1:0",
+                admin="127.0.0.1:0",
+                broker=f"127.0.0.1:{self.broker_port}",
+                wasm=self.wasm,
+                node_id=self.name,
+                tls_cert=tls.get("cert"),
+                tls_key=tls.get("key"),
+                client_ca=tls.get("client_ca"),
+            ))
+        base_id = (os.getpid() % 100_000) * 100 + next(_base_ids) % 100
+        cmd = [ENVOY, "-c", yaml_path, "--base-id", str(base_id),
+               "--concurrency", str(self.concurrency), "--admin-address-path", admin_path,
+               "-l", "info", "--component-log-level", "wasm:debug,filter:debug"]
+        self.proc = Proc(self.name, cmd, os.path.join(self.work_dir, f"{self.name}.log"))
+
+        def admin_address():
+            if not self.proc.alive():
+                raise RuntimeError(f"Envoy {self.name} exited; see {self.proc.log_path}")
+            if not os.path.exists(admin_path):
+                return None
+            with open(admin_path) as f:
+                return f.read().strip() or None
+
+        try:
+            address = wait_until(admin_address, f"Envoy {self.name}'s admin address")
+            self.admin_port = int(address.rpartition(":")[2])
+            wait_until(lambda: admin_address() and self.admin("/ready").status == 200,
+                       f"Envoy {self.name} LIVE")
+            listeners = self.admin("/listeners?format=json").json()["listener_statuses"]
+            self.port = listeners[0]["local_address"]["socket_address"]["port_value"]
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def admin(self, path):
+        return request(self.admin_port, "GET", path, timeout=5)
+
+    def stats(self, prefix="wasmcustom.mqtt_acl."):
+        out = {}
+        for line in self.admin("/stats?filter=" + urllib.parse.quote(prefix)).body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith(prefix) and value.strip().isdigit():
+                out[name[len(prefix):]] = int(value)
+        return out
+
+    def log_text(self):
+        return self.proc.log_text()
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+
+
+def hs256_jwt(claims, secret):
+    """A compact HS256 JWS (what an IdP with a shared secret issues), signed here with the
+    standard library."""
+    import hashlib
+    import hmac
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims).encode())
+    signature = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{b64url(signature)}"
+
+
+def mqtt_run(tool, port, *args, timeout=15):
+    """Runs mosquitto_pub/mosquitto_sub against 127.0.0.1:port; returns CompletedProcess."""
+    exe = MOSQUITTO_PUB if tool == "pub" else MOSQUITTO_SUB
+    return subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class MqttSubscriber:
+    """mosquitto_sub in the background (-v: topic and payload per line), ready once its SUBACK
+    arrived (-d prints it)."""
+
+    def __init__(self, port, *args):
+        self.proc = subprocess.Popen(
+            ["stdbuf", "-oL", MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-d", "-v",
+             *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=_die_with_parent)
+        self.lines = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        wait_until(lambda: any("received SUBACK" in l for l in self.lines) or
+                   self.proc.poll() is not None, "mosquitto_sub's SUBACK", timeout=15)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def messages(self):
+        """`topic payload` lines (not the -d debug lines)."""
+        return [l for l in self.lines if not l.startswith(("Client ", "Subscribed ", "Sending"))]
+
+    def wait_for(self, text, timeout=10):
+        return wait_until(lambda: any(text in l for l in self.lines), repr(text), timeout=timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._thread.join(5)
+        return "\n".join(self.lines)

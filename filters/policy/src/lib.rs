@@ -17,6 +17,7 @@ pub mod identity_headers;
 pub mod introspection;
 pub mod jwt;
 pub mod mqtt;
+pub mod mqtt_acl;
 pub mod mtls;
 pub mod ngsi;
 pub mod ownership;

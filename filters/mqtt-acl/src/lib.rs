@@ -1,0 +1,342 @@
+//! mqtt-acl: an Envoy network filter (before tcp_proxy) that authenticates MQTT CONNECTs and
+//! checks every PUBLISH and SUBSCRIBE against topic ACLs and device ownership.
+//!
+//! The decisions and every byte written are `policy::mqtt_acl`'s ([`Session`]); this crate
+//! only moves bytes between Envoy's buffers and the session, writes the decision lines, counts,
+//! and closes connections.
+//!
+//! Closing. Envoy loses the data a read/write callback hands on when the same callback closes
+//! the connection (the close runs before the bytes reach the write buffer). So the refusing
+//! CONNACK is written by one callback and the connection is closed by the next one, or by the
+//! root context's tick (every 250 ms) through `proxy_set_effective_context`. The tick also
+//! closes connections whose token expired.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
+use policy::mtls::PeerCertificate;
+use proxy_glue::{bool_property, now_secs, string_property, Counter};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, RootContext, StreamContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, PeerType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_glue::install_panic_hook();
+    proxy_wasm::set_root_context(|_| Box::new(Root { state: None }));
+}}
+
+const TICK: Duration = Duration::from_millis(250);
+
+/// Every counter, `mqtt_acl.<name>`.
+const COUNTERS: [&str; 14] = [
+    "connections",
+    "connect.allowed",
+    "connect.refused",
+    "publish.allowed",
+    "publish.denied",
+    "subscribe.allowed",
+    "subscribe.denied",
+    "deliver.denied",
+    "shadow.denied",
+    "closed.malformed",
+    "closed.forbidden",
+    "closed.expired",
+    "closed.refused",
+    "closed.internal",
+];
+
+struct Metrics(HashMap<&'static str, Counter>);
+
+impl Metrics {
+    fn define() -> Self {
+        Metrics(
+            COUNTERS
+                .iter()
+                .map(|name| (*name, Counter::define(&format!("mqtt_acl.{name}"))))
+                .collect(),
+        )
+    }
+
+    fn inc(&self, name: &str) {
+        if let Some(counter) = self.0.get(name) {
+            counter.inc();
+        }
+    }
+}
+
+struct State {
+    policy: MqttAcl,
+    metrics: Metrics,
+    /// Open connections by context id.
+    sessions: HashMap<u32, Session>,
+}
+
+type Shared = Rc<RefCell<State>>;
+
+struct Root {
+    state: Option<Shared>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(bytes) = proxy_glue::parse_plugin_config_bytes("mqtt-acl") else {
+            return false;
+        };
+        let policy = match MqttAcl::from_json(&bytes) {
+            Ok(policy) => policy,
+            Err(e) => {
+                log::error!("mqtt-acl: configuration rejected: {e}");
+                return false;
+            }
+        };
+        if let Err(status) = hostcalls::set_tick_period(TICK) {
+            log::error!(
+                "mqtt-acl: configuration rejected: cannot set the tick period ({status:?})"
+            );
+            return false;
+        }
+        log::info!("mqtt-acl: configured ({:?} mode)", policy.mode());
+        self.state = Some(Rc::new(RefCell::new(State {
+            policy,
+            metrics: Metrics::define(),
+            sessions: HashMap::new(),
+        })));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(state) = &self.state else {
+            return;
+        };
+        let now = now_secs();
+        let mut to_close = Vec::new();
+        {
+            let mut guard = state.borrow_mut();
+            let State {
+                policy,
+                metrics,
+                sessions,
+            } = &mut *guard;
+            for (id, session) in sessions.iter_mut() {
+                if session.wants_close() {
+                    to_close.push((*id, "closed.refused", "after the refusing CONNACK".into()));
+                    continue;
+                }
+                let Some(now) = now else {
+                    continue;
+                };
+                let env = Env { policy, now };
+                if let Some(out) = session.check_expiry(&env) {
+                    record(metrics, *id, session, &out);
+                    if let Some(reason) = out.close {
+                        to_close.push((*id, reason.metric(), reason.to_string()));
+                    }
+                }
+            }
+            for (id, metric, _) in &to_close {
+                sessions.remove(id);
+                if *metric == "closed.refused" {
+                    metrics.inc(metric);
+                }
+            }
+        }
+        for (id, _, why) in to_close {
+            close_connection(id, &why);
+        }
+    }
+
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(Box::new(Stream {
+            id: context_id,
+            state: self.state.clone(),
+            peer_read: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::StreamContext)
+    }
+}
+
+/// Closes connection `id` from outside its callbacks.
+fn close_connection(id: u32, why: &str) {
+    log::info!("mqtt-acl: connection {id}: {why}");
+    let closed = hostcalls::set_effective_context(id).and_then(|()| hostcalls::close_downstream());
+    if let Err(status) = closed {
+        log::warn!("mqtt-acl: connection {id}: cannot close ({status:?})");
+    }
+}
+
+/// Writes the decision lines and counts what an output says.
+fn record(metrics: &Metrics, id: u32, session: &Session, out: &Output) {
+    for decided in &out.decisions {
+        if decided.is_allowed() {
+            log::info!("{}", decided.line);
+        } else {
+            log::warn!("{}", decided.line);
+        }
+        for counter in &decided.counters {
+            metrics.inc(counter);
+        }
+    }
+    if let Some(reason) = &out.close {
+        metrics.inc(reason.metric());
+        log::warn!(
+            "mqtt-acl: connection {id} (client_id {:?}): {reason}",
+            session.client_id()
+        );
+    }
+}
+
+struct Stream {
+    id: u32,
+    state: Option<Shared>,
+    /// The peer certificate was read (at the first client data: Envoy runs the new-connection
+    /// callback before the TLS handshake, so the certificate is not known then).
+    peer_read: bool,
+}
+
+/// The verified client certificate of the current connection, if it has one.
+fn peer_certificate() -> Option<PeerCertificate> {
+    bool_property(&["connection", "mtls"]).then(|| PeerCertificate {
+        subject: string_property(&["connection", "subject_peer_certificate"]),
+        uri_san: string_property(&["connection", "uri_san_peer_certificate"]),
+        dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
+    })
+}
+
+impl Context for Stream {}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum From {
+    Client,
+    Broker,
+}
+
+impl Stream {
+    fn close_now(&self, why: &str) -> Action {
+        log::warn!("mqtt-acl: connection {}: {why}", self.id);
+        if let Some(state) = &self.state {
+            let mut s = state.borrow_mut();
+            s.sessions.remove(&self.id);
+            s.metrics.inc("closed.internal");
+        }
+        let _ = hostcalls::close_downstream();
+        Action::Pause
+    }
+
+    fn on_data(&mut self, from: From, size: usize) -> Action {
+        let buffer = match from {
+            From::Client => BufferType::DownstreamData,
+            From::Broker => BufferType::UpstreamData,
+        };
+        let Some(state) = self.state.clone() else {
+            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            return self.close_now("not configured");
+        };
+        let bytes = match hostcalls::get_buffer(buffer, 0, size) {
+            Ok(bytes) => bytes.unwrap_or_default(),
+            Err(status) => {
+                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+                return self.close_now(&format!("cannot read the data ({status:?})"));
+            }
+        };
+        let Some(now) = now_secs() else {
+            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            return self.close_now("the host clock is not available");
+        };
+        let out = {
+            let mut guard = state.borrow_mut();
+            let State {
+                policy,
+                metrics,
+                sessions,
+            } = &mut *guard;
+            let Some(session) = sessions.get_mut(&self.id) else {
+                drop(guard);
+                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+                return self.close_now("no session (closed or never opened)");
+            };
+            if from == From::Client && !self.peer_read {
+                self.peer_read = true;
+                session.set_peer(peer_certificate());
+            }
+            let env = Env { policy, now };
+            let out = match from {
+                From::Client => session.on_client_bytes(&bytes, &env),
+                From::Broker => session.on_broker_bytes(&bytes, &env),
+            };
+            record(metrics, self.id, session, &out);
+            if out.close.is_some() {
+                sessions.remove(&self.id);
+            }
+            out
+        };
+        if out.close.is_some() {
+            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = hostcalls::close_downstream();
+            return Action::Pause;
+        }
+        if let Err(status) = hostcalls::set_buffer(buffer, 0, size, &out.forward) {
+            return self.close_now(&format!("cannot replace the data ({status:?})"));
+        }
+        Action::Continue
+    }
+
+    fn forget(&self) {
+        if let Some(state) = &self.state {
+            state.borrow_mut().sessions.remove(&self.id);
+        }
+    }
+}
+
+impl StreamContext for Stream {
+    fn on_new_connection(&mut self) -> Action {
+        let Some(state) = &self.state else {
+            return self.close_now("not configured");
+        };
+        let mut s = state.borrow_mut();
+        // Envoy's connection id is unique in the process (context ids are per worker): it
+        // names the CONNECT that stands in for a refused one, so two never take over each other.
+        let connection_id = match hostcalls::get_property(vec!["connection", "id"]) {
+            Ok(Some(bytes)) if bytes.len() == 8 => {
+                let mut le = [0u8; 8];
+                le.copy_from_slice(&bytes);
+                u64::from_le_bytes(le)
+            }
+            _ => u64::from(self.id),
+        };
+        let session = Session::new(&s.policy, None, connection_id);
+        s.sessions.insert(self.id, session);
+        s.metrics.inc("connections");
+        Action::Continue
+    }
+
+    fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
+        self.on_data(From::Client, data_size)
+    }
+
+    fn on_upstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
+        self.on_data(From::Broker, data_size)
+    }
+
+    fn on_downstream_close(&mut self, _peer_type: PeerType) {
+        self.forget();
+    }
+
+    fn on_upstream_close(&mut self, _peer_type: PeerType) {
+        self.forget();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.forget();
+    }
+}

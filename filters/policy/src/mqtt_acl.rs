@@ -1,0 +1,1351 @@
+//! mqtt-acl: MQTT CONNECT authentication and topic ACLs for an Envoy network filter in front of
+//! an MQTT broker (Mosquitto). Pure logic: the configuration ([`MqttAclConfig`], validated by
+//! [`MqttAcl::new`]) and a per-connection state machine ([`Session`]) that reads the bytes of
+//! each direction and says what to forward in their place, what it decided and when to close.
+//! The filter (`filters/mqtt-acl`) only moves bytes, writes log lines and counts.
+//!
+//! # Authentication (CONNECT)
+//!
+//! In order, with the same verification code and configuration schema as token-auth:
+//! 1. a user name that is a JWT (three dot-separated parts) and no or an empty password: the
+//!    token is verified with `jwt_providers` (inline keys only: `jwks`, `pem`, `hmac_secret`);
+//!    the connection lasts at most until the token's `exp`;
+//! 2. a user name and a non-empty password: a device key (`device_keys`, user name = device id,
+//!    password = key);
+//! 3. a verified client certificate (`mtls`): the identity its CN or SAN names; the client may
+//!    send no user name or one equal to that identity (LAMPI sends its CN);
+//! 4. nothing: refused unless `allow_anonymous` (then ACL subjects `anonymous`/`anyone` apply).
+//!
+//! Opaque tokens (introspection) and remote JWKS are not supported (refused at configure time).
+//! A will message is checked like a PUBLISH to its topic at CONNECT: a forbidden will refuses
+//! the CONNECT.
+//!
+//! # What the client sees
+//!
+//! Envoy lets a network filter write to the client only by replacing bytes that flow from the
+//! broker, so every answer is a broker packet turned into ours:
+//! * refused CONNECT: the broker gets a harmless CONNECT instead (same protocol version, clean
+//!   start, keep-alive kept, no will, no credentials, client id `mqtt-acl-refused-<n>`); its
+//!   CONNACK is replaced by ours — 3.1.1: 0x04 bad user name or password (a credential that
+//!   does not verify), 0x05 not authorized (no credential, forbidden will), 0x03 server
+//!   unavailable, 0x01 unacceptable protocol version (MQTT 3.1 and unknown levels); 5.0: 0x86,
+//!   0x87, 0x88, 0x8C bad authentication method (enhanced authentication) — and the connection
+//!   is closed once it is written. Everything else the client sent is dropped; its CONNECT
+//!   (credentials, will) never reaches the broker.
+//! * forbidden SUBSCRIBE filters: the broker gets the SUBSCRIBE without them and the client a
+//!   SUBACK with 0x80 (3.1.1) / 0x87 (5.0) in their places; when every filter is refused the
+//!   broker gets a PINGREQ and its PINGRESP becomes the all-failure SUBACK.
+//! * forbidden PUBLISH, `on_forbidden_publish: "drop"` (default): QoS 0 is dropped; QoS 1 is
+//!   answered with a PUBACK (5.0: reason 0x87; 3.1.1: a plain PUBACK, as Mosquitto answers a
+//!   denied publish), made from the PINGRESP of a PINGREQ sent in its place; QoS 2 closes the
+//!   connection. `"close"`: the connection is closed (no DISCONNECT: nothing from the broker
+//!   is in flight to carry it).
+//! * a message the broker delivers on a topic the client may not read (a subscription stored
+//!   in a persistent session before the policy changed): QoS 0 dropped, QoS 1/2 close.
+//! * token expiry: the connection is closed (by the next packet or the filter's tick).
+//! * malformed packets, protocol errors, packets over `max_packet_bytes`: closed; nothing from
+//!   the bad packet on is forwarded.
+//!
+//! # Device ownership
+//!
+//! With `ownership.topic_template` (e.g. `devices/{device}/#`) a topic the template matches
+//! names a device: a device identity (device key, client certificate) may publish and
+//! subscribe only under its own id; a user only where the device's record (`ownership.devices`)
+//! makes it the owner, a delegate (`read` / `read_write`) or (for reading) the device is
+//! public; `admin_roles` bypass. A subscription filter whose device level is a wildcard spans
+//! several devices and is refused (except for admins). Both the ACL and ownership must allow.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::Deserialize;
+
+use crate::acl::mosquitto::import_acl_file;
+use crate::acl::topic::{Level, TopicFilter};
+use crate::acl::{Acl, AclConfig, TopicAccess};
+use crate::decision::{Decision, DenyReason};
+use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
+use crate::enforcement::{decision_line, Mode};
+use crate::identity::{Identity, IdentityKind};
+use crate::jwt::{JwtProviderConfig, JwtVerifier, TokenError};
+use crate::mqtt::{
+    encode, encode_connack, encode_suback, encode_subscribe, reason, shared_subscription,
+    splice_suback_codes, v3_connack, v3_suback, Connect, Decoder, ErrorKind, Frame, Limits, Packet,
+    Properties, ProtocolVersion, PublishResponse, QoS, Subscribe,
+};
+use crate::mtls::{MtlsConfig, PeerCertificate};
+use crate::ownership::config::DelegationConfig;
+use crate::ownership::{DelegatedAccess, Delegation, Grantee, Record};
+
+/// The filter's name in log lines.
+pub const FILTER: &str = "mqtt-acl";
+
+// ------------------------------------------------------------------------------------------
+// Configuration
+// ------------------------------------------------------------------------------------------
+
+/// The plugin configuration (JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttAclConfig {
+    /// `enforce` (default) or `shadow`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// As token-auth's `jwt_providers`, inline keys only.
+    #[serde(default)]
+    pub jwt_providers: Vec<JwtProviderConfig>,
+    /// As token-auth's `device_keys`: user name = device id, password = key.
+    #[serde(default)]
+    pub device_keys: Option<DeviceKeysConfig>,
+    /// As token-auth's `mtls`: identity from the verified client certificate.
+    #[serde(default)]
+    pub mtls: Option<MtlsConfig>,
+    /// Clients without credentials connect (ACL subjects `anonymous` and `anyone`).
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// MQTT rules (`{"rules": [...]}`, NGSI rules refused).
+    #[serde(default)]
+    pub acl: Option<AclConfig>,
+    /// Or the text of a Mosquitto `acl_file`.
+    #[serde(default)]
+    pub acl_file: Option<String>,
+    #[serde(default)]
+    pub ownership: Option<OwnershipConfig>,
+    #[serde(default)]
+    pub on_forbidden_publish: OnForbiddenPublish,
+    /// Largest packet accepted in either direction, fixed header included (default 256 KiB).
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+    /// Largest topic alias a client may use (default 10, Mosquitto's `max_topic_alias`).
+    #[serde(default = "default_topic_aliases")]
+    pub max_topic_aliases: u16,
+}
+
+fn default_max_packet() -> usize {
+    256 * 1024
+}
+
+fn default_topic_aliases() -> u16 {
+    10
+}
+
+/// What happens to a forbidden PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnForbiddenPublish {
+    /// QoS 0 dropped, QoS 1 answered with PUBACK (0x87 in 5.0), QoS 2 closes.
+    #[default]
+    Drop,
+    /// The connection is closed.
+    Close,
+}
+
+/// Device ownership through a topic template.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnershipConfig {
+    /// A topic filter with one level `{device}`, e.g. `devices/{device}/#`.
+    pub topic_template: String,
+    /// Device id → its record.
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceRecordConfig>,
+    /// Callers with one of these roles bypass ownership (not the ACL).
+    #[serde(default)]
+    pub admin_roles: Vec<String>,
+}
+
+/// One device's record, the shape of device-ownership's static entities.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecordConfig {
+    pub owner: String,
+    #[serde(default)]
+    pub delegations: Vec<DelegationConfig>,
+    /// Everyone may read (subscribe).
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// The template, split at its `{device}` level.
+#[derive(Debug, Clone)]
+struct Template {
+    text: String,
+    /// The levels before `{device}` (literals).
+    before: Vec<String>,
+    /// The levels after it: literals, the last possibly `#`.
+    after: Vec<Level>,
+}
+
+impl Template {
+    fn parse(text: &str) -> Result<Template, String> {
+        let bad = |why: &str| format!("ownership.topic_template {text:?}: {why}");
+        let levels: Vec<&str> = text.split('/').collect();
+        let at = levels
+            .iter()
+            .position(|l| *l == "{device}")
+            .ok_or_else(|| bad("needs a level that is exactly {device}"))?;
+        if levels.iter().filter(|l| l.contains("{device}")).count() != 1 {
+            return Err(bad("{device} must be a whole level, exactly once"));
+        }
+        let mut before = Vec::new();
+        for l in &levels[..at] {
+            if l.contains(['+', '#', '\0']) || (l.starts_with('$') && before.is_empty()) {
+                return Err(bad("levels before {device} must be plain literals"));
+            }
+            before.push((*l).to_string());
+        }
+        let rest = levels[at + 1..].join("/");
+        let after = if rest.is_empty() {
+            Vec::new()
+        } else {
+            let parsed = TopicFilter::parse(&rest, true).map_err(|e| bad(&e))?;
+            if parsed.0.contains(&Level::Plus) {
+                return Err(bad("only '#' (last) may follow {device}, not '+'"));
+            }
+            parsed.0
+        };
+        Ok(Template {
+            text: text.to_string(),
+            before,
+            after,
+        })
+    }
+
+    /// The template with `+` for the device: every topic it names.
+    fn space(&self) -> TopicFilter {
+        let mut levels: Vec<Level> = self.before.iter().cloned().map(Level::Lit).collect();
+        levels.push(Level::Plus);
+        levels.extend(self.after.iter().cloned());
+        TopicFilter(levels)
+    }
+
+    /// For a topic or filter the template may name: None when it names no device topic,
+    /// Some(Some(id)) for one device, Some(None) when it spans several devices.
+    fn device_of(&self, filter: &TopicFilter) -> Option<Option<String>> {
+        if !self.space().intersects(filter) {
+            return None;
+        }
+        let literal_prefix = filter
+            .0
+            .iter()
+            .take(self.before.len())
+            .all(|l| matches!(l, Level::Lit(_)));
+        match filter.0.get(self.before.len()) {
+            Some(Level::Lit(id)) if literal_prefix => Some(Some(id.clone())),
+            _ => Some(None),
+        }
+    }
+}
+
+/// The validated ownership part.
+#[derive(Debug, Clone)]
+struct Ownership {
+    template: Template,
+    records: HashMap<String, Record>,
+    admin_roles: Vec<String>,
+}
+
+impl Ownership {
+    fn new(config: &OwnershipConfig) -> Result<Ownership, String> {
+        let template = Template::parse(&config.topic_template)?;
+        let mut records = HashMap::new();
+        for (id, entry) in &config.devices {
+            let what = format!("ownership.devices.{id}");
+            if id.is_empty() || id.contains(['/', '+', '#', '\0']) {
+                return Err(format!(
+                    "{what}: a device id must be one non-empty topic level"
+                ));
+            }
+            if entry.owner.is_empty() {
+                return Err(format!("{what}: owner must not be empty"));
+            }
+            let mut delegations = Vec::new();
+            for (i, d) in entry.delegations.iter().enumerate() {
+                let what = format!("{what}.delegations[{i}]");
+                let access = DelegatedAccess::parse(&d.access).ok_or_else(|| {
+                    format!(
+                        "{what}: access {:?} must be read, read_write, READ_ACCESS or READ_WRITE",
+                        d.access
+                    )
+                })?;
+                let grantee = match (&d.user, &d.group) {
+                    (Some(u), None) if !u.is_empty() => Grantee::User(u.clone()),
+                    (None, Some(g)) if !g.is_empty() => Grantee::Group(g.clone()),
+                    _ => return Err(format!("{what}: give exactly one non-empty user or group")),
+                };
+                delegations.push(Delegation { grantee, access });
+            }
+            records.insert(
+                id.clone(),
+                Record {
+                    owner: entry.owner.clone(),
+                    delegations,
+                    public: entry.public,
+                },
+            );
+        }
+        if config.admin_roles.iter().any(String::is_empty) {
+            return Err("ownership.admin_roles must not contain an empty role".into());
+        }
+        Ok(Ownership {
+            template,
+            records,
+            admin_roles: config.admin_roles.clone(),
+        })
+    }
+
+    fn check(&self, identity: Option<&Identity>, filter: &str, access: TopicAccess) -> Decision {
+        let parsed = match TopicFilter::parse(filter, access == TopicAccess::Read) {
+            Ok(parsed) => parsed,
+            Err(e) => return Decision::Deny(DenyReason::BadRequest(e)),
+        };
+        let Some(device) = self.template.device_of(&parsed) else {
+            return Decision::Allow("ownership:not-a-device-topic".into());
+        };
+        if let Some(role) = identity.and_then(|i| {
+            self.admin_roles
+                .iter()
+                .find(|r| i.has_role(r))
+                .map(String::as_str)
+        }) {
+            return Decision::Allow(format!("ownership:admin role {role}"));
+        }
+        let template = &self.template.text;
+        let Some(device) = device else {
+            return forbidden(format!("{filter:?} spans several devices of {template:?}"));
+        };
+        if let Some(id) = identity.filter(|i| {
+            matches!(
+                i.kind,
+                IdentityKind::DeviceKey | IdentityKind::ClientCertificate
+            )
+        }) {
+            return if id.subject == device {
+                Decision::Allow("ownership:own device".into())
+            } else {
+                forbidden(format!(
+                    "device {:?} may only use its own topics, not those of {device:?}",
+                    id.subject
+                ))
+            };
+        }
+        let Some(record) = self.records.get(&device) else {
+            return forbidden(format!("device {device:?} has no ownership record"));
+        };
+        let why = match access {
+            TopicAccess::Read => record.read_by(identity),
+            TopicAccess::Write => record.write_by(identity),
+        };
+        match why {
+            Some(why) => Decision::Allow(format!("ownership:{why} of {device}")),
+            None => forbidden(format!(
+                "not the owner of device {device:?} nor delegated to {}",
+                match access {
+                    TopicAccess::Read => "read",
+                    TopicAccess::Write => "write",
+                }
+            )),
+        }
+    }
+}
+
+fn forbidden(message: String) -> Decision {
+    Decision::Deny(DenyReason::Forbidden(message))
+}
+
+/// The validated configuration, shared by every connection of a VM.
+#[derive(Debug, Clone)]
+pub struct MqttAcl {
+    mode: Mode,
+    jwt: Option<JwtVerifier>,
+    device_keys: Option<DeviceKeys>,
+    mtls: Option<MtlsConfig>,
+    allow_anonymous: bool,
+    acl: Acl,
+    ownership: Option<Ownership>,
+    on_forbidden_publish: OnForbiddenPublish,
+    limits: Limits,
+}
+
+impl MqttAcl {
+    /// Parses and validates the plugin configuration; the error says what is wrong.
+    pub fn from_json(bytes: &[u8]) -> Result<MqttAcl, String> {
+        let config: MqttAclConfig =
+            serde_json::from_slice(bytes).map_err(|e| format!("invalid configuration: {e}"))?;
+        MqttAcl::new(config)
+    }
+
+    pub fn new(config: MqttAclConfig) -> Result<MqttAcl, String> {
+        for (i, p) in config.jwt_providers.iter().enumerate() {
+            if p.remote.is_some() {
+                return Err(format!(
+                    "jwt_providers[{i}] ({}): mqtt-acl takes inline keys (jwks, pem, \
+                     hmac_secret); remote key sets are not supported yet",
+                    p.issuer
+                ));
+            }
+        }
+        let jwt = if config.jwt_providers.is_empty() {
+            None
+        } else {
+            Some(
+                JwtVerifier::new(&config.jwt_providers)
+                    .map_err(|e| format!("jwt_providers: {e}"))?,
+            )
+        };
+        let device_keys = config
+            .device_keys
+            .as_ref()
+            .map(DeviceKeys::new)
+            .transpose()?;
+        if let Some(mtls) = &config.mtls {
+            if mtls.strip_prefix.as_deref() == Some("") {
+                return Err("mtls.strip_prefix must not be empty (leave it out)".into());
+            }
+        }
+        if jwt.is_none()
+            && device_keys.is_none()
+            && config.mtls.is_none()
+            && !config.allow_anonymous
+        {
+            return Err(
+                "configure at least one of jwt_providers, device_keys, mtls (or \
+                        allow_anonymous): otherwise every CONNECT is refused"
+                    .into(),
+            );
+        }
+        let acl_config = match (&config.acl, &config.acl_file) {
+            (Some(_), Some(_)) => {
+                return Err("give either acl or acl_file, not both".into());
+            }
+            (None, None) => {
+                return Err(
+                    "give acl ({\"rules\": [...]}) or acl_file (the text of a Mosquitto \
+                     acl_file); without rules every topic is denied"
+                        .into(),
+                )
+            }
+            (Some(acl), None) => {
+                for (i, rule) in acl.rules.iter().enumerate() {
+                    if rule.ngsi.is_some() || rule.mqtt.is_none() {
+                        return Err(format!(
+                            "acl rule #{} {:?}: mqtt-acl takes only mqtt rules \
+                             ({{\"mqtt\": {{\"topic\": ...}}}}); NGSI rules belong to entity-acl",
+                            i + 1,
+                            rule.name
+                        ));
+                    }
+                }
+                acl.clone()
+            }
+            (None, Some(text)) => import_acl_file(text).map_err(|e| e.to_string())?,
+        };
+        let acl = Acl::from_config(&acl_config).map_err(|e| e.to_string())?;
+        let ownership = config.ownership.as_ref().map(Ownership::new).transpose()?;
+        if config.max_packet_bytes < 64 || config.max_packet_bytes > 16 * 1024 * 1024 {
+            return Err(format!(
+                "max_packet_bytes {} must be between 64 and 16777216",
+                config.max_packet_bytes
+            ));
+        }
+        Ok(MqttAcl {
+            mode: config.mode,
+            jwt,
+            device_keys,
+            mtls: config.mtls,
+            allow_anonymous: config.allow_anonymous,
+            acl,
+            ownership,
+            on_forbidden_publish: config.on_forbidden_publish,
+            limits: Limits {
+                max_packet_bytes: config.max_packet_bytes,
+                max_topic_aliases: config.max_topic_aliases,
+            },
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// ACL and ownership: both must allow (deny wins).
+    pub fn check_topic(
+        &self,
+        identity: Option<&Identity>,
+        client_id: &str,
+        filter: &str,
+        access: TopicAccess,
+    ) -> Decision {
+        let by_acl = self.acl.check_topic(identity, client_id, filter, access);
+        let Decision::Allow(acl_by) = by_acl else {
+            return by_acl;
+        };
+        match &self.ownership {
+            None => Decision::Allow(acl_by),
+            Some(ownership) => match ownership.check(identity, filter, access) {
+                Decision::Allow(own_by) => Decision::Allow(format!("{acl_by} {own_by}")),
+                deny => deny,
+            },
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-connection session
+// ------------------------------------------------------------------------------------------
+
+/// What the session needs from the outside world for one call.
+pub struct Env<'a> {
+    pub policy: &'a MqttAcl,
+    /// Seconds since the epoch.
+    pub now: u64,
+}
+
+/// Why a connection is closed; [`CloseReason::metric`] names its counter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Malformed packet, protocol error, too large, bad topic alias.
+    Malformed(String),
+    /// A forbidden PUBLISH (`on_forbidden_publish: close`, or QoS 2), or a forbidden delivery.
+    Forbidden(String),
+    /// The token the client authenticated with expired.
+    Expired,
+    /// The refusing CONNACK was written.
+    Refused,
+}
+
+impl CloseReason {
+    /// The counter (after `mqtt_acl.`).
+    pub fn metric(&self) -> &'static str {
+        match self {
+            CloseReason::Malformed(_) => "closed.malformed",
+            CloseReason::Forbidden(_) => "closed.forbidden",
+            CloseReason::Expired => "closed.expired",
+            CloseReason::Refused => "closed.refused",
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Malformed(why) => write!(f, "closing: {why}"),
+            CloseReason::Forbidden(why) => write!(f, "closing: {why}"),
+            CloseReason::Expired => write!(f, "closing: the client's token expired"),
+            CloseReason::Refused => write!(f, "closing after the refusing CONNACK"),
+        }
+    }
+}
+
+/// One decision, for the decision log and the counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decided {
+    /// The decision line (`mqtt-acl decision=... operation="mqtt PUBLISH a/b" ...`).
+    pub line: String,
+    pub decision: Decision,
+    /// Counters to increment (after `mqtt_acl.`), e.g. `publish.denied`, `shadow.denied`.
+    pub counters: Vec<&'static str>,
+}
+
+impl Decided {
+    pub fn is_allowed(&self) -> bool {
+        self.decision.is_allowed()
+    }
+}
+
+/// What to do after bytes of one direction were read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Output {
+    /// The bytes to pass on in the same direction, in place of those that arrived.
+    pub forward: Vec<u8>,
+    pub decisions: Vec<Decided>,
+    /// Close the connection now; `forward` is not to be written.
+    pub close: Option<CloseReason>,
+    /// Close as soon as `forward` is written (Envoy loses data written by a callback that also
+    /// closes): on the next callback or tick.
+    pub close_after_write: bool,
+}
+
+impl Output {
+    fn closing(mut self, reason: CloseReason) -> Output {
+        self.forward.clear();
+        self.close = Some(reason);
+        self
+    }
+}
+
+/// A PINGREQ sent to the broker, and what its PINGRESP becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ping {
+    /// The client's own.
+    Client,
+    /// In place of a forbidden QoS 1 PUBLISH: answer PUBACK.
+    PubAck(u16),
+    /// In place of a SUBSCRIBE whose filters were all refused: answer SUBACK.
+    SubAck { packet_id: u16, filters: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Nothing decided yet.
+    AwaitConnect,
+    /// CONNECT allowed and forwarded.
+    Open,
+    /// A harmless CONNECT went to the broker; its CONNACK becomes this one.
+    Refused { connack: Vec<u8> },
+    /// The refusing CONNACK was handed over; close.
+    Answered,
+    /// Closed by the session.
+    Closed,
+}
+
+/// Why a CONNECT is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    BadCredentials,
+    NotAuthorized,
+    Unavailable,
+    BadAuthMethod,
+}
+
+fn refusal_code(refusal: Refusal, version: ProtocolVersion) -> u8 {
+    match (version, refusal) {
+        (ProtocolVersion::V311, Refusal::BadCredentials) => v3_connack::BAD_USERNAME_OR_PASSWORD,
+        (ProtocolVersion::V311, Refusal::NotAuthorized | Refusal::BadAuthMethod) => {
+            v3_connack::NOT_AUTHORIZED
+        }
+        (ProtocolVersion::V311, Refusal::Unavailable) => v3_connack::SERVER_UNAVAILABLE,
+        (ProtocolVersion::V5, Refusal::BadCredentials) => reason::BAD_USER_NAME_OR_PASSWORD,
+        (ProtocolVersion::V5, Refusal::NotAuthorized) => reason::NOT_AUTHORIZED,
+        (ProtocolVersion::V5, Refusal::Unavailable) => reason::SERVER_UNAVAILABLE,
+        (ProtocolVersion::V5, Refusal::BadAuthMethod) => reason::BAD_AUTHENTICATION_METHOD,
+    }
+}
+
+fn looks_like_jwt(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3 && parts.iter().all(|p| !p.is_empty())
+}
+
+/// One MQTT connection through the filter.
+#[derive(Debug)]
+pub struct Session {
+    client: Decoder,
+    broker: Option<Decoder>,
+    phase: Phase,
+    version: Option<ProtocolVersion>,
+    identity: Option<Identity>,
+    client_id: String,
+    peer: Option<PeerCertificate>,
+    connection_id: u64,
+    pings: VecDeque<Ping>,
+    /// SUBSCRIBE packet id → which of its filters were refused, until the SUBACK.
+    partial_subacks: HashMap<u16, Vec<bool>>,
+}
+
+impl Session {
+    /// `peer`: the verified client certificate, if any; `connection_id` names the harmless
+    /// CONNECT of a refused client.
+    pub fn new(policy: &MqttAcl, peer: Option<PeerCertificate>, connection_id: u64) -> Session {
+        Session {
+            client: Decoder::client_to_broker(policy.limits),
+            broker: None,
+            phase: Phase::AwaitConnect,
+            version: None,
+            identity: None,
+            client_id: String::new(),
+            peer,
+            connection_id,
+            pings: VecDeque::new(),
+            partial_subacks: HashMap::new(),
+        }
+    }
+
+    /// The verified client certificate, when it is known only after the connection opened
+    /// (Envoy completes the TLS handshake after its new-connection callback).
+    pub fn set_peer(&mut self, peer: Option<PeerCertificate>) {
+        self.peer = peer;
+    }
+
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// When the identity stops being trusted (the token's `exp`).
+    pub fn expires_at(&self) -> Option<u64> {
+        self.identity.as_ref().and_then(|i| i.expires_at)
+    }
+
+    /// The refusing CONNACK was written: the connection is to be closed.
+    pub fn wants_close(&self) -> bool {
+        self.phase == Phase::Answered
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    fn decided(
+        &self,
+        mode: Mode,
+        operation: &str,
+        what: &str,
+        decision: Decision,
+        kind: &'static str,
+    ) -> Decided {
+        let mut line = decision_line(
+            FILTER,
+            mode,
+            self.identity.as_ref(),
+            operation,
+            what,
+            &decision,
+        );
+        line.push_str(&format!(" client_id={:?}", self.client_id));
+        let mut counters = Vec::new();
+        match (&decision, kind) {
+            (Decision::Allow(_), "connect") => counters.push("connect.allowed"),
+            (Decision::Allow(_), "publish") => counters.push("publish.allowed"),
+            (Decision::Allow(_), "subscribe") => counters.push("subscribe.allowed"),
+            (Decision::Allow(_), _) => {}
+            (Decision::Deny(_), "connect") => counters.push("connect.refused"),
+            (Decision::Deny(_), "publish") => counters.push("publish.denied"),
+            (Decision::Deny(_), "subscribe") => counters.push("subscribe.denied"),
+            (Decision::Deny(_), _) => counters.push("deliver.denied"),
+        }
+        if !decision.is_allowed() && mode == Mode::Shadow {
+            counters.push("shadow.denied");
+        }
+        Decided {
+            line,
+            decision,
+            counters,
+        }
+    }
+
+    /// The token expired: in enforce mode the connection is to be closed (returned with the
+    /// close reason and a decision line); in shadow mode only logged (once).
+    pub fn check_expiry(&mut self, env: &Env<'_>) -> Option<Output> {
+        let identity = self.identity.as_ref()?;
+        if !identity.is_expired(env.now) || self.phase == Phase::Closed {
+            return None;
+        }
+        let mode = env.policy.mode;
+        let decision = Decision::Deny(DenyReason::Unauthenticated(
+            "the token the connection authenticated with expired".into(),
+        ));
+        let mut decided = self.decided(mode, "mqtt session", "[]", decision, "connect");
+        // Counted by the close reason (`closed.expired`), or as a shadow denial.
+        decided.counters = Vec::new();
+        if mode == Mode::Shadow {
+            decided.counters = vec!["shadow.denied"];
+            // Logged once: the identity no longer expires.
+            if let Some(identity) = self.identity.as_mut() {
+                identity.expires_at = None;
+            }
+            return Some(Output {
+                decisions: vec![decided],
+                ..Output::default()
+            });
+        }
+        self.phase = Phase::Closed;
+        Some(Output {
+            decisions: vec![decided],
+            close: Some(CloseReason::Expired),
+            ..Output::default()
+        })
+    }
+
+    /// Reads bytes from the client.
+    pub fn on_client_bytes(&mut self, bytes: &[u8], env: &Env<'_>) -> Output {
+        let mut out = Output::default();
+        match self.phase {
+            Phase::Closed => {
+                return out.closing(CloseReason::Malformed("connection closed".into()))
+            }
+            Phase::Answered => {
+                self.phase = Phase::Closed;
+                return out.closing(CloseReason::Refused);
+            }
+            // The client's CONNECT was refused: whatever follows is dropped.
+            Phase::Refused { .. } => return out,
+            Phase::AwaitConnect | Phase::Open => {}
+        }
+        if let Some(expired) = self.check_expiry(env) {
+            if expired.close.is_some() {
+                return expired;
+            }
+            out.decisions.extend(expired.decisions);
+        }
+        self.client.feed(bytes);
+        loop {
+            let frame = match self.client.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return out,
+                Err(error) => {
+                    if self.phase == Phase::AwaitConnect {
+                        if let ErrorKind::UnsupportedVersion { .. } = error.kind {
+                            self.refuse_version(&mut out, env, &error.to_string());
+                            return out;
+                        }
+                    }
+                    self.phase = Phase::Closed;
+                    return out.closing(CloseReason::Malformed(format!("client sent {error}")));
+                }
+            };
+            match self.phase {
+                Phase::AwaitConnect => {
+                    let Packet::Connect(connect) = &frame.packet else {
+                        self.phase = Phase::Closed;
+                        return out
+                            .closing(CloseReason::Malformed("first packet is not CONNECT".into()));
+                    };
+                    self.on_connect(connect, &frame, env, &mut out);
+                    if !matches!(self.phase, Phase::Open) {
+                        // Refused: nothing more of what the client sent goes anywhere.
+                        return out;
+                    }
+                }
+                Phase::Open => {
+                    if let Some(close) = self.on_client_packet(frame, env, &mut out) {
+                        self.phase = Phase::Closed;
+                        return out.closing(close);
+                    }
+                }
+                _ => return out,
+            }
+        }
+    }
+
+    fn broker_decoder(&mut self, env: &Env<'_>, version: ProtocolVersion, aliases: u16) {
+        let mut decoder = Decoder::broker_to_client(Limits {
+            max_packet_bytes: env.policy.limits.max_packet_bytes,
+            max_topic_aliases: aliases,
+        });
+        decoder.set_version(version);
+        self.broker = Some(decoder);
+    }
+
+    /// MQTT 3.1 or an unknown level: CONNACK 0x01 in 3.1.1's form.
+    fn refuse_version(&mut self, out: &mut Output, env: &Env<'_>, why: &str) {
+        let decision = Decision::Deny(DenyReason::BadRequest(why.to_string()));
+        out.decisions
+            .push(self.decided(Mode::Enforce, "mqtt CONNECT", "[]", decision, "connect"));
+        self.start_refusal(
+            out,
+            env,
+            ProtocolVersion::V311,
+            60,
+            encode_connack(
+                ProtocolVersion::V311,
+                v3_connack::UNACCEPTABLE_PROTOCOL_VERSION,
+            ),
+        );
+    }
+
+    fn start_refusal(
+        &mut self,
+        out: &mut Output,
+        env: &Env<'_>,
+        version: ProtocolVersion,
+        keep_alive: u16,
+        connack: Vec<u8>,
+    ) {
+        let harmless = Connect {
+            version,
+            client_id: format!("mqtt-acl-refused-{}", self.connection_id),
+            clean_start: true,
+            keep_alive,
+            username: None,
+            password: None,
+            will: None,
+            properties: Properties::new(),
+        };
+        match encode(&Packet::Connect(harmless), version) {
+            Ok(bytes) => {
+                out.forward = bytes;
+                self.version = Some(version);
+                self.broker_decoder(env, version, 0);
+                self.phase = Phase::Refused { connack };
+            }
+            Err(e) => {
+                self.phase = Phase::Closed;
+                out.forward.clear();
+                out.close = Some(CloseReason::Malformed(format!(
+                    "cannot build the CONNECT that stands in for a refused one: {e}"
+                )));
+            }
+        }
+    }
+
+    fn authenticate(
+        &self,
+        connect: &Connect,
+        env: &Env<'_>,
+    ) -> Result<Option<Identity>, (Refusal, String)> {
+        let policy = env.policy;
+        if connect.properties.authentication_method().is_some() {
+            return Err((
+                Refusal::BadAuthMethod,
+                "enhanced authentication (v5 authentication method) is not supported".into(),
+            ));
+        }
+        let password = connect.password.as_deref().filter(|p| !p.is_empty());
+        if let Some(username) = connect.username.as_deref() {
+            if password.is_none() && looks_like_jwt(username) {
+                let Some(jwt) = &policy.jwt else {
+                    return Err((
+                        Refusal::BadCredentials,
+                        "a token as user name, but no jwt_providers are configured".into(),
+                    ));
+                };
+                return match jwt.verify(username, env.now) {
+                    Ok(verified) => {
+                        let mut identity = verified.identity;
+                        if identity.expires_at.is_none() {
+                            identity.expires_at = verified.expires_at;
+                        }
+                        Ok(Some(identity))
+                    }
+                    Err(TokenError::KeysUnavailable) => Err((
+                        Refusal::Unavailable,
+                        TokenError::KeysUnavailable.to_string(),
+                    )),
+                    Err(e) => Err((Refusal::BadCredentials, e.to_string())),
+                };
+            }
+            if let Some(password) = password {
+                let Some(keys) = &policy.device_keys else {
+                    return Err((
+                        Refusal::BadCredentials,
+                        "a user name and password, but no device_keys are configured".into(),
+                    ));
+                };
+                let Ok(key) = std::str::from_utf8(password) else {
+                    return Err((Refusal::BadCredentials, "invalid device key".into()));
+                };
+                return keys
+                    .verify(username, key)
+                    .map(Some)
+                    .ok_or((Refusal::BadCredentials, "invalid device key".into()));
+            }
+        } else if password.is_some() {
+            return Err((
+                Refusal::BadCredentials,
+                "a password without user name".into(),
+            ));
+        }
+        let from_cert = match (&policy.mtls, &self.peer) {
+            (Some(mtls), Some(peer)) => mtls.identity(peer),
+            _ => None,
+        };
+        if let Some(identity) = from_cert {
+            return match connect.username.as_deref() {
+                None => Ok(Some(identity)),
+                Some(name) if name == identity.subject => Ok(Some(identity)),
+                Some(_) => Err((
+                    Refusal::BadCredentials,
+                    "the user name is not the identity of the client certificate".into(),
+                )),
+            };
+        }
+        if connect.username.is_some() {
+            return Err((
+                Refusal::BadCredentials,
+                "a user name that is neither a token nor a device with a key".into(),
+            ));
+        }
+        if policy.allow_anonymous {
+            return Ok(None);
+        }
+        Err((Refusal::NotAuthorized, "no credentials".into()))
+    }
+
+    fn on_connect(&mut self, connect: &Connect, frame: &Frame, env: &Env<'_>, out: &mut Output) {
+        let policy = env.policy;
+        let version = connect.version;
+        self.version = Some(version);
+        self.client_id = connect.client_id.clone();
+        let mut verdict = self.authenticate(connect, env);
+        if let (Ok(identity), Some(will)) = (&verdict, &connect.will) {
+            let decision = policy.check_topic(
+                identity.as_ref(),
+                &connect.client_id,
+                &will.topic,
+                TopicAccess::Write,
+            );
+            if let Decision::Deny(reason) = decision {
+                verdict = Err((
+                    Refusal::NotAuthorized,
+                    format!("will message: {}", reason.description()),
+                ));
+            }
+        }
+        match verdict {
+            Ok(identity) => {
+                self.identity = identity;
+                let by = match &self.identity {
+                    Some(i) => format!("{:?}", i.kind).to_lowercase(),
+                    None => "anonymous".into(),
+                };
+                let decided = self.decided(
+                    policy.mode,
+                    "mqtt CONNECT",
+                    "[]",
+                    Decision::Allow(format!("authenticated:{by}")),
+                    "connect",
+                );
+                out.decisions.push(decided);
+                self.accept_connect(connect, frame, env, out);
+            }
+            Err((refusal, why)) => {
+                let reason = match refusal {
+                    Refusal::BadCredentials | Refusal::BadAuthMethod => {
+                        DenyReason::Unauthenticated(why)
+                    }
+                    Refusal::NotAuthorized => DenyReason::Forbidden(why),
+                    Refusal::Unavailable => DenyReason::Unavailable(why),
+                };
+                let decided = self.decided(
+                    policy.mode,
+                    "mqtt CONNECT",
+                    "[]",
+                    Decision::Deny(reason),
+                    "connect",
+                );
+                out.decisions.push(decided);
+                if policy.mode == Mode::Shadow {
+                    self.identity = None;
+                    self.accept_connect(connect, frame, env, out);
+                    return;
+                }
+                let connack = encode_connack(version, refusal_code(refusal, version));
+                self.start_refusal(out, env, version, connect.keep_alive, connack);
+            }
+        }
+    }
+
+    fn accept_connect(
+        &mut self,
+        connect: &Connect,
+        frame: &Frame,
+        env: &Env<'_>,
+        out: &mut Output,
+    ) {
+        let aliases = connect.properties.topic_alias_maximum().unwrap_or(0);
+        self.broker_decoder(env, connect.version, aliases);
+        out.forward.extend_from_slice(&frame.raw);
+        self.phase = Phase::Open;
+    }
+
+    fn failure_code(&self) -> u8 {
+        match self.version {
+            Some(ProtocolVersion::V5) => reason::NOT_AUTHORIZED,
+            _ => v3_suback::FAILURE,
+        }
+    }
+
+    /// One packet after an accepted CONNECT; Some(reason) closes.
+    fn on_client_packet(
+        &mut self,
+        frame: Frame,
+        env: &Env<'_>,
+        out: &mut Output,
+    ) -> Option<CloseReason> {
+        let policy = env.policy;
+        let mode = policy.mode;
+        match &frame.packet {
+            Packet::Publish(publish) => {
+                let topic = frame.effective_topic.clone().unwrap_or_default();
+                let decision = policy.check_topic(
+                    self.identity.as_ref(),
+                    &self.client_id,
+                    &topic,
+                    TopicAccess::Write,
+                );
+                let allowed = decision.is_allowed();
+                out.decisions.push(self.decided(
+                    mode,
+                    &format!("mqtt PUBLISH {topic}"),
+                    &format!("[write {topic:?}]"),
+                    decision,
+                    "publish",
+                ));
+                if allowed || mode == Mode::Shadow {
+                    out.forward.extend_from_slice(&frame.raw);
+                    return None;
+                }
+                if let Some(alias) = publish.properties.topic_alias() {
+                    if !publish.topic.is_empty() {
+                        self.client.forget_topic_alias(alias);
+                    }
+                }
+                if policy.on_forbidden_publish == OnForbiddenPublish::Close {
+                    return Some(CloseReason::Forbidden(format!(
+                        "forbidden PUBLISH to {topic:?} (on_forbidden_publish: close)"
+                    )));
+                }
+                match (publish.qos, publish.packet_id) {
+                    (QoS::AtMostOnce, _) => {}
+                    (QoS::AtLeastOnce, Some(packet_id)) => {
+                        out.forward.extend_from_slice(&[0xC0, 0x00]);
+                        self.pings.push_back(Ping::PubAck(packet_id));
+                    }
+                    _ => {
+                        return Some(CloseReason::Forbidden(format!(
+                            "forbidden QoS 2 PUBLISH to {topic:?}"
+                        )))
+                    }
+                }
+                None
+            }
+            Packet::Subscribe(subscribe) => {
+                let mut refused = Vec::with_capacity(subscribe.filters.len());
+                for sub in &subscribe.filters {
+                    let filter = shared_subscription(&sub.filter)
+                        .map(|(_, f)| f)
+                        .unwrap_or(&sub.filter);
+                    let decision = policy.check_topic(
+                        self.identity.as_ref(),
+                        &self.client_id,
+                        filter,
+                        TopicAccess::Read,
+                    );
+                    refused.push(!decision.is_allowed() && mode == Mode::Enforce);
+                    out.decisions.push(self.decided(
+                        mode,
+                        &format!("mqtt SUBSCRIBE {}", sub.filter),
+                        &format!("[read {filter:?}]"),
+                        decision,
+                        "subscribe",
+                    ));
+                }
+                if !refused.iter().any(|r| *r) {
+                    out.forward.extend_from_slice(&frame.raw);
+                    return None;
+                }
+                if refused.iter().all(|r| *r) {
+                    out.forward.extend_from_slice(&[0xC0, 0x00]);
+                    self.pings.push_back(Ping::SubAck {
+                        packet_id: subscribe.packet_id,
+                        filters: refused.len(),
+                    });
+                    return None;
+                }
+                let kept = Subscribe {
+                    packet_id: subscribe.packet_id,
+                    properties: subscribe.properties.clone(),
+                    filters: subscribe
+                        .filters
+                        .iter()
+                        .zip(&refused)
+                        .filter(|(_, r)| !**r)
+                        .map(|(f, _)| f.clone())
+                        .collect(),
+                };
+                let version = self.version.unwrap_or(ProtocolVersion::V311);
+                match encode_subscribe(version, &kept) {
+                    Ok(bytes) => {
+                        out.forward.extend_from_slice(&bytes);
+                        self.partial_subacks.insert(subscribe.packet_id, refused);
+                        None
+                    }
+                    Err(e) => Some(CloseReason::Malformed(format!(
+                        "cannot re-encode SUBSCRIBE: {e}"
+                    ))),
+                }
+            }
+            Packet::PingReq => {
+                self.pings.push_back(Ping::Client);
+                out.forward.extend_from_slice(&frame.raw);
+                None
+            }
+            Packet::Auth(_) => Some(CloseReason::Malformed(
+                "AUTH without enhanced authentication".into(),
+            )),
+            _ => {
+                out.forward.extend_from_slice(&frame.raw);
+                None
+            }
+        }
+    }
+
+    /// Reads bytes from the broker.
+    pub fn on_broker_bytes(&mut self, bytes: &[u8], env: &Env<'_>) -> Output {
+        let mut out = Output::default();
+        match &self.phase {
+            Phase::Closed => {
+                return out.closing(CloseReason::Malformed("connection closed".into()))
+            }
+            Phase::Answered => {
+                self.phase = Phase::Closed;
+                return out.closing(CloseReason::Refused);
+            }
+            Phase::AwaitConnect => {
+                self.phase = Phase::Closed;
+                return out.closing(CloseReason::Malformed(
+                    "the broker spoke before the client's CONNECT".into(),
+                ));
+            }
+            Phase::Refused { .. } | Phase::Open => {}
+        }
+        if let Some(expired) = self.check_expiry(env) {
+            if expired.close.is_some() {
+                return expired;
+            }
+            out.decisions.extend(expired.decisions);
+        }
+        let Some(broker) = self.broker.as_mut() else {
+            self.phase = Phase::Closed;
+            return out.closing(CloseReason::Malformed("no broker decoder".into()));
+        };
+        broker.feed(bytes);
+        loop {
+            let frame = match self.broker.as_mut().map(Decoder::next_frame) {
+                Some(Ok(Some(frame))) => frame,
+                Some(Ok(None)) => return out,
+                Some(Err(error)) => {
+                    self.phase = Phase::Closed;
+                    return out.closing(CloseReason::Malformed(format!("broker sent {error}")));
+                }
+                None => return out,
+            };
+            if let Phase::Refused { connack } = &self.phase {
+                if let Packet::ConnAck(_) = frame.packet {
+                    out.forward = connack.clone();
+                    out.close_after_write = true;
+                    self.phase = Phase::Answered;
+                    return out;
+                }
+                // AUTH or anything else before CONNACK: nothing for this client.
+                continue;
+            }
+            if let Some(close) = self.on_broker_packet(frame, env, &mut out) {
+                self.phase = Phase::Closed;
+                return out.closing(close);
+            }
+        }
+    }
+
+    fn on_broker_packet(
+        &mut self,
+        frame: Frame,
+        env: &Env<'_>,
+        out: &mut Output,
+    ) -> Option<CloseReason> {
+        let version = self.version.unwrap_or(ProtocolVersion::V311);
+        match &frame.packet {
+            Packet::ConnAck(connack) => {
+                if self.client_id.is_empty() {
+                    if let Some(assigned) = connack.properties.iter().find_map(|p| match p {
+                        crate::mqtt::Property::AssignedClientIdentifier(id) => Some(id.clone()),
+                        _ => None,
+                    }) {
+                        self.client_id = assigned;
+                    }
+                }
+                out.forward.extend_from_slice(&frame.raw);
+                None
+            }
+            Packet::PingResp => {
+                let answer = match self.pings.pop_front() {
+                    None | Some(Ping::Client) => frame.raw.clone(),
+                    Some(Ping::PubAck(packet_id)) => {
+                        let reason_code = match version {
+                            ProtocolVersion::V5 => reason::NOT_AUTHORIZED,
+                            ProtocolVersion::V311 => 0,
+                        };
+                        let puback = Packet::PubAck(PublishResponse {
+                            packet_id,
+                            reason_code,
+                            properties: Properties::new(),
+                        });
+                        match encode(&puback, version) {
+                            Ok(bytes) => bytes,
+                            Err(e) => {
+                                return Some(CloseReason::Malformed(format!(
+                                    "cannot encode PUBACK: {e}"
+                                )))
+                            }
+                        }
+                    }
+                    Some(Ping::SubAck { packet_id, filters }) => {
+                        let codes = vec![self.failure_code(); filters];
+                        match encode_suback(version, packet_id, &codes) {
+                            Ok(bytes) => bytes,
+                            Err(e) => {
+                                return Some(CloseReason::Malformed(format!(
+                                    "cannot encode SUBACK: {e}"
+                                )))
+                            }
+                        }
+                    }
+                };
+                out.forward.extend_from_slice(&answer);
+                None
+            }
+            Packet::SubAck(suback) => {
+                let Some(refused) = self.partial_subacks.remove(&suback.packet_id) else {
+                    out.forward.extend_from_slice(&frame.raw);
+                    return None;
+                };
+                let spliced = splice_suback_codes(&suback.codes, &refused, self.failure_code());
+                let Some(codes) = spliced else {
+                    return Some(CloseReason::Malformed(
+                        "the broker's SUBACK does not match the SUBSCRIBE forwarded".into(),
+                    ));
+                };
+                match encode_suback(version, suback.packet_id, &codes) {
+                    Ok(bytes) => {
+                        out.forward.extend_from_slice(&bytes);
+                        None
+                    }
+                    Err(e) => Some(CloseReason::Malformed(format!("cannot encode SUBACK: {e}"))),
+                }
+            }
+            Packet::Publish(publish) => {
+                let policy = env.policy;
+                let topic = frame.effective_topic.clone().unwrap_or_default();
+                let decision = policy.check_topic(
+                    self.identity.as_ref(),
+                    &self.client_id,
+                    &topic,
+                    TopicAccess::Read,
+                );
+                if decision.is_allowed() {
+                    out.forward.extend_from_slice(&frame.raw);
+                    return None;
+                }
+                // Only denials are logged: deliveries are not the client's requests.
+                out.decisions.push(self.decided(
+                    policy.mode,
+                    &format!("mqtt deliver PUBLISH {topic}"),
+                    &format!("[read {topic:?}]"),
+                    decision,
+                    "deliver",
+                ));
+                if policy.mode == Mode::Shadow {
+                    out.forward.extend_from_slice(&frame.raw);
+                    return None;
+                }
+                let sets_alias = publish.properties.topic_alias().is_some();
+                if publish.qos == QoS::AtMostOnce && !sets_alias {
+                    return None;
+                }
+                Some(CloseReason::Forbidden(format!(
+                    "the broker delivered a message on {topic:?}, which the client may not read"
+                )))
+            }
+            _ => {
+                out.forward.extend_from_slice(&frame.raw);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,905 @@
+//! Tests of the mqtt-acl session: CONNECT authentication and refusal, PUBLISH and SUBSCRIBE
+//! decisions with the bytes each side sees, ownership, shadow mode, expiry, malformed input.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use jwt_simple::prelude::{HS256Key, JWTClaims, MACLike};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::mqtt::{Publish, Subscription, SubscriptionOptions, Will};
+
+const NOW: u64 = 1_767_225_600;
+const ISS: &str = "https://idp.example.org";
+const SECRET: &[u8; 32] = b"0123456789abcdef0123456789abcdef";
+const V3: ProtocolVersion = ProtocolVersion::V311;
+const V5: ProtocolVersion = ProtocolVersion::V5;
+
+fn sha(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn token_with(claims: Value, secret: &[u8]) -> String {
+    let claims: JWTClaims<Map<String, Value>> = serde_json::from_value(claims).unwrap();
+    HS256Key::from_bytes(secret).authenticate(claims).unwrap()
+}
+
+fn token(sub: &str, exp: u64) -> String {
+    token_with(
+        json!({"iss": ISS, "sub": sub, "iat": NOW - 10, "exp": exp}),
+        SECRET,
+    )
+}
+
+fn base_config() -> Value {
+    json!({
+        "jwt_providers": [{"issuer": ISS, "algorithms": ["HS256"],
+                           "hmac_secret": STANDARD.encode(SECRET)}],
+        "device_keys": {"devices": {"lamp-01": {"key_sha256": [sha("k1")]},
+                                    "lamp-02": {"key_sha256": [sha("k2")]}}},
+        "mtls": {"identity_from": "subject_cn", "roles": ["device"]},
+        "acl": {"rules": [
+            {"name": "devices", "effect": "allow", "subjects": ["authenticated"],
+             "actions": ["*"], "mqtt": {"topic": "devices/#"}},
+            {"name": "own-user", "effect": "allow", "subjects": ["authenticated"],
+             "actions": ["*"], "mqtt": {"topic": "users/%u/#"}},
+            {"name": "own-client", "effect": "allow", "subjects": ["authenticated"],
+             "actions": ["write"], "mqtt": {"topic": "clients/%c"}},
+            {"name": "ops-all", "effect": "allow", "subjects": ["user:ops"],
+             "actions": ["read"], "mqtt": {"topic": "#"}},
+            {"name": "no-secret", "effect": "deny", "subjects": ["anyone"],
+             "actions": ["*"], "mqtt": {"topic": "devices/+/secret"}}
+        ]},
+        "ownership": {"topic_template": "devices/{device}/#",
+                      "devices": {"lamp-01": {"owner": "alice",
+                                              "delegations": [{"user": "bob", "access": "read"}]}}}
+    })
+}
+
+fn policy_from(config: Value) -> MqttAcl {
+    MqttAcl::from_json(config.to_string().as_bytes()).unwrap()
+}
+
+fn policy() -> MqttAcl {
+    policy_from(base_config())
+}
+
+fn with(mut config: Value, key: &str, value: Value) -> Value {
+    config[key] = value;
+    config
+}
+
+fn connect_packet(
+    version: ProtocolVersion,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+    will: Option<Will>,
+) -> Vec<u8> {
+    encode(
+        &Packet::Connect(Connect {
+            version,
+            client_id: client_id.into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: username.map(Into::into),
+            password: password.map(<[u8]>::to_vec),
+            will,
+            properties: Properties::new(),
+        }),
+        version,
+    )
+    .unwrap()
+}
+
+fn publish(version: ProtocolVersion, topic: &str, qos: QoS, packet_id: Option<u16>) -> Vec<u8> {
+    encode(
+        &Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.into(),
+            packet_id,
+            properties: Properties::new(),
+            payload: b"on".to_vec(),
+        }),
+        version,
+    )
+    .unwrap()
+}
+
+fn subscribe(version: ProtocolVersion, packet_id: u16, filters: &[&str]) -> Vec<u8> {
+    encode_subscribe(
+        version,
+        &Subscribe {
+            packet_id,
+            properties: Properties::new(),
+            filters: filters
+                .iter()
+                .map(|f| Subscription {
+                    filter: (*f).into(),
+                    options: SubscriptionOptions::qos(QoS::AtLeastOnce),
+                })
+                .collect(),
+        },
+    )
+    .unwrap()
+}
+
+struct Conn {
+    policy: MqttAcl,
+    session: Session,
+    now: u64,
+}
+
+impl Conn {
+    fn new(policy: MqttAcl) -> Conn {
+        Conn::with_peer(policy, None)
+    }
+
+    fn with_peer(policy: MqttAcl, peer: Option<PeerCertificate>) -> Conn {
+        let session = Session::new(&policy, peer, 7);
+        Conn {
+            policy,
+            session,
+            now: NOW,
+        }
+    }
+
+    fn client(&mut self, bytes: &[u8]) -> Output {
+        let env = Env {
+            policy: &self.policy,
+            now: self.now,
+        };
+        self.session.on_client_bytes(bytes, &env)
+    }
+
+    fn broker(&mut self, bytes: &[u8]) -> Output {
+        let env = Env {
+            policy: &self.policy,
+            now: self.now,
+        };
+        self.session.on_broker_bytes(bytes, &env)
+    }
+
+    /// CONNECT and the broker's CONNACK 0, both passed on.
+    fn open(&mut self, version: ProtocolVersion, username: Option<&str>, password: Option<&[u8]>) {
+        let connect = connect_packet(version, "c1", username, password, None);
+        let out = self.client(&connect);
+        assert_eq!(out.forward, connect, "{:?}", out.decisions);
+        assert!(out.close.is_none());
+        let connack = encode_connack(version, 0);
+        assert_eq!(self.broker(&connack).forward, connack);
+    }
+}
+
+fn lines(out: &Output) -> String {
+    out.decisions
+        .iter()
+        .map(|d| d.line.clone())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts a refused CONNECT: a harmless CONNECT went to the broker, its CONNACK is replaced by
+/// `code`, the connection then closes.
+fn assert_refused(conn: &mut Conn, version: ProtocolVersion, connect: &[u8], code: u8) -> Output {
+    let out = conn.client(connect);
+    assert!(out.close.is_none(), "{:?}", out.close);
+    assert_ne!(
+        out.forward, connect,
+        "the refused CONNECT must not be forwarded"
+    );
+    let harmless = crate::mqtt::decode_packet(&out.forward, version).unwrap();
+    let Packet::Connect(harmless) = harmless else {
+        panic!("not a CONNECT: {harmless:?}")
+    };
+    assert_eq!(harmless.version, version);
+    assert_eq!(harmless.client_id, "mqtt-acl-refused-7");
+    assert!(harmless.clean_start);
+    assert!(harmless.username.is_none() && harmless.password.is_none());
+    assert!(harmless.will.is_none());
+    assert_eq!(harmless.keep_alive, 60);
+    assert!(
+        out.decisions.iter().any(|d| !d.is_allowed()),
+        "{}",
+        lines(&out)
+    );
+    assert!(out.decisions[0].counters.contains(&"connect.refused"));
+    // What the client sends next is dropped.
+    let more = conn.client(&publish(
+        version,
+        "devices/lamp-01/state",
+        QoS::AtMostOnce,
+        None,
+    ));
+    assert!(more.forward.is_empty() && more.close.is_none());
+    let answer = conn.broker(&encode_connack(version, 0));
+    assert_eq!(answer.forward, encode_connack(version, code));
+    assert!(answer.close_after_write && answer.close.is_none());
+    assert!(conn.session.wants_close());
+    // The next callback closes.
+    let after = conn.client(b"\xe0\x00");
+    assert_eq!(after.close, Some(CloseReason::Refused));
+    assert!(after.forward.is_empty());
+    out
+}
+
+// ------------------------------------------------------------------------------------------
+// CONNECT
+
+#[test]
+fn valid_jwt_as_username_connects_and_expiry_is_remembered() {
+    let mut conn = Conn::new(policy());
+    let t = token("alice", NOW + 300);
+    let connect = connect_packet(V3, "c1", Some(&t), None, None);
+    let out = conn.client(&connect);
+    assert_eq!(out.forward, connect);
+    assert!(
+        out.decisions[0].line.contains("decision=allow"),
+        "{}",
+        lines(&out)
+    );
+    assert!(out.decisions[0].line.contains(r#"subject="alice""#));
+    assert!(out.decisions[0].line.contains(r#"client_id="c1""#));
+    assert_eq!(out.decisions[0].counters, vec!["connect.allowed"]);
+    assert_eq!(conn.session.identity().unwrap().subject, "alice");
+    assert_eq!(conn.session.expires_at(), Some(NOW + 300));
+    // An empty password is a blank password, as LAMPI's web users send.
+    let mut conn = Conn::new(policy());
+    conn.open(V5, Some(&t), Some(b""));
+}
+
+#[test]
+fn bad_tokens_get_bad_username_or_password() {
+    let expired = token("alice", NOW - 120);
+    let forged = token_with(
+        json!({"iss": ISS, "sub": "alice", "exp": NOW + 300}),
+        b"another-secret-another-secret-32",
+    );
+    let wrong_issuer = token_with(
+        json!({"iss": "https://evil.example", "sub": "alice", "exp": NOW + 300}),
+        SECRET,
+    );
+    for (t, why) in [
+        (expired, "expired"),
+        (forged, "signature"),
+        (wrong_issuer, "issuer"),
+    ] {
+        let mut conn = Conn::new(policy());
+        let out = assert_refused(
+            &mut conn,
+            V3,
+            &connect_packet(V3, "c1", Some(&t), None, None),
+            v3_connack::BAD_USERNAME_OR_PASSWORD,
+        );
+        assert!(lines(&out).contains(why), "{why}: {}", lines(&out));
+        assert!(lines(&out).contains("reason=unauthenticated"));
+        let mut conn = Conn::new(policy());
+        assert_refused(
+            &mut conn,
+            V5,
+            &connect_packet(V5, "c1", Some(&t), None, None),
+            reason::BAD_USER_NAME_OR_PASSWORD,
+        );
+    }
+}
+
+#[test]
+fn device_keys_right_and_wrong() {
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    assert_eq!(
+        conn.session.identity().unwrap().kind,
+        IdentityKind::DeviceKey
+    );
+    assert_eq!(conn.session.expires_at(), None);
+    for (user, key) in [("lamp-01", "k2"), ("lamp-09", "k1")] {
+        let mut conn = Conn::new(policy());
+        let connect = connect_packet(V3, "c1", Some(user), Some(key.as_bytes()), None);
+        assert_refused(
+            &mut conn,
+            V3,
+            &connect,
+            v3_connack::BAD_USERNAME_OR_PASSWORD,
+        );
+    }
+}
+
+#[test]
+fn refused_connect_with_a_will_never_reaches_the_broker() {
+    let will = Will {
+        topic: "devices/lamp-01/state".into(),
+        payload: b"offline-forged".to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::new(),
+    };
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V5, "c1", Some("lamp-01"), Some(b"bad"), Some(will));
+    let out = assert_refused(&mut conn, V5, &connect, reason::BAD_USER_NAME_OR_PASSWORD);
+    assert!(!out
+        .forward
+        .windows(b"offline-forged".len())
+        .any(|w| w == b"offline-forged"));
+}
+
+#[test]
+fn certificate_identity() {
+    let peer = PeerCertificate {
+        subject: Some("CN=lamp-01,O=Acme".into()),
+        uri_san: None,
+        dns_san: None,
+    };
+    let mut conn = Conn::with_peer(policy(), Some(peer.clone()));
+    conn.open(V3, None, None);
+    let id = conn.session.identity().unwrap();
+    assert_eq!(
+        (id.kind, id.subject.as_str()),
+        (IdentityKind::ClientCertificate, "lamp-01")
+    );
+    // LAMPI sends its CN as user name with a blank password.
+    let mut conn = Conn::with_peer(policy(), Some(peer.clone()));
+    conn.open(V3, Some("lamp-01"), None);
+    // Another name is not this certificate.
+    let mut conn = Conn::with_peer(policy(), Some(peer));
+    let connect = connect_packet(V3, "c1", Some("lamp-02"), None, None);
+    assert_refused(
+        &mut conn,
+        V3,
+        &connect,
+        v3_connack::BAD_USERNAME_OR_PASSWORD,
+    );
+}
+
+#[test]
+fn anonymous_is_refused_unless_allowed() {
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V3, "c1", None, None, None);
+    assert_refused(&mut conn, V3, &connect, v3_connack::NOT_AUTHORIZED);
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V5, "c1", None, None, None);
+    assert_refused(&mut conn, V5, &connect, reason::NOT_AUTHORIZED);
+    // A user name that is no token and has no password.
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V5, "c1", Some("alice"), None, None);
+    assert_refused(&mut conn, V5, &connect, reason::BAD_USER_NAME_OR_PASSWORD);
+
+    let open = with(base_config(), "allow_anonymous", json!(true));
+    let mut conn = Conn::new(policy_from(open));
+    conn.open(V3, None, None);
+    assert!(conn.session.identity().is_none());
+    // ... and the ACL decides what anonymous clients do: no rule allows them anything here.
+    let out = conn.client(&publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None));
+    assert!(out.forward.is_empty());
+}
+
+#[test]
+fn v5_enhanced_authentication_is_a_bad_authentication_method() {
+    let mut conn = Conn::new(policy());
+    let connect = encode(
+        &Packet::Connect(Connect {
+            version: V5,
+            client_id: "c1".into(),
+            clean_start: true,
+            keep_alive: 60,
+            username: None,
+            password: None,
+            will: None,
+            properties: Properties(vec![crate::mqtt::Property::AuthenticationMethod(
+                "SCRAM-SHA-1".into(),
+            )]),
+        }),
+        V5,
+    )
+    .unwrap();
+    assert_refused(&mut conn, V5, &connect, reason::BAD_AUTHENTICATION_METHOD);
+}
+
+#[test]
+fn mqtt_3_1_gets_unacceptable_protocol_version() {
+    let mut conn = Conn::new(policy());
+    // mosquitto_pub -V mqttv31: protocol name MQIsdp, level 3.
+    let connect = b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04c1ab";
+    let out = conn.client(connect);
+    assert!(out.close.is_none());
+    let harmless = crate::mqtt::decode_packet(&out.forward, V3).unwrap();
+    assert!(matches!(harmless, Packet::Connect(c) if c.username.is_none()));
+    let answer = conn.broker(&encode_connack(V3, 0));
+    assert_eq!(answer.forward, vec![0x20, 0x02, 0x00, 0x01]);
+}
+
+#[test]
+fn forbidden_will_refuses_the_connect() {
+    let will = Will {
+        topic: "devices/lamp-02/state".into(),
+        payload: b"x".to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::new(),
+    };
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V3, "c1", Some("lamp-01"), Some(b"k1"), Some(will));
+    let out = assert_refused(&mut conn, V3, &connect, v3_connack::NOT_AUTHORIZED);
+    assert!(lines(&out).contains("will message"), "{}", lines(&out));
+}
+
+#[test]
+fn broker_closing_without_connack_leaves_nothing_to_send() {
+    let mut conn = Conn::new(policy());
+    let out = conn.client(&connect_packet(V3, "c1", None, None, None));
+    assert!(!out.forward.is_empty());
+    // The broker sends half a CONNACK: nothing goes to the client yet.
+    let half = conn.broker(&[0x20]);
+    assert!(half.forward.is_empty() && !half.close_after_write);
+}
+
+// ------------------------------------------------------------------------------------------
+// PUBLISH
+
+#[test]
+fn publish_allowed_and_denied_qos0_and_qos1() {
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let ok = publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None);
+    let out = conn.client(&ok);
+    assert_eq!(out.forward, ok);
+    assert!(lines(&out).contains(r#"operation="mqtt PUBLISH devices/lamp-01/state""#));
+    assert_eq!(out.decisions[0].counters, vec!["publish.allowed"]);
+
+    // Another device's topic (ownership), a denied topic (ACL deny), an unknown one.
+    for topic in [
+        "devices/lamp-02/state",
+        "devices/lamp-01/secret",
+        "other/topic",
+    ] {
+        let out = conn.client(&publish(V3, topic, QoS::AtMostOnce, None));
+        assert!(out.forward.is_empty(), "{topic}");
+        assert!(out.close.is_none());
+        assert!(lines(&out).contains("decision=deny"), "{}", lines(&out));
+        assert_eq!(out.decisions[0].counters, vec!["publish.denied"]);
+    }
+    // QoS 1: a PINGREQ goes in its place, its PINGRESP comes back as the PUBACK.
+    let out = conn.client(&publish(
+        V3,
+        "devices/lamp-02/state",
+        QoS::AtLeastOnce,
+        Some(9),
+    ));
+    assert_eq!(out.forward, vec![0xC0, 0x00]);
+    assert_eq!(
+        conn.broker(&[0xD0, 0x00]).forward,
+        vec![0x40, 0x02, 0x00, 0x09]
+    );
+    // QoS 2 closes.
+    let out = conn.client(&publish(
+        V3,
+        "devices/lamp-02/state",
+        QoS::ExactlyOnce,
+        Some(10),
+    ));
+    assert!(matches!(out.close, Some(CloseReason::Forbidden(_))));
+    assert!(out.forward.is_empty());
+}
+
+#[test]
+fn v5_denied_qos1_puback_says_not_authorized_and_client_pings_stay_in_order() {
+    let mut conn = Conn::new(policy());
+    conn.open(V5, Some("lamp-01"), Some(b"k1"));
+    // The client's own PINGREQ, then a denied QoS 1 PUBLISH, in one read.
+    let mut bytes = vec![0xC0, 0x00];
+    bytes.extend(publish(
+        V5,
+        "devices/lamp-02/state",
+        QoS::AtLeastOnce,
+        Some(3),
+    ));
+    let out = conn.client(&bytes);
+    assert_eq!(out.forward, vec![0xC0, 0x00, 0xC0, 0x00]);
+    let back = conn.broker(&[0xD0, 0x00, 0xD0, 0x00]);
+    let mut expected = vec![0xD0, 0x00];
+    expected.extend(
+        encode(
+            &Packet::PubAck(PublishResponse {
+                packet_id: 3,
+                reason_code: reason::NOT_AUTHORIZED,
+                properties: Properties::new(),
+            }),
+            V5,
+        )
+        .unwrap(),
+    );
+    assert_eq!(back.forward, expected);
+    assert_eq!(&back.forward[2..], &[0x40, 0x03, 0x00, 0x03, 0x87]);
+}
+
+#[test]
+fn on_forbidden_publish_close() {
+    let config = with(base_config(), "on_forbidden_publish", json!("close"));
+    let mut conn = Conn::new(policy_from(config));
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let mut bytes = publish(V3, "devices/lamp-02/state", QoS::AtMostOnce, None);
+    bytes.extend(publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None));
+    let out = conn.client(&bytes);
+    assert!(matches!(out.close, Some(CloseReason::Forbidden(_))));
+    assert!(
+        out.forward.is_empty(),
+        "nothing after the forbidden packet goes on"
+    );
+    assert!(conn.session.is_closed());
+}
+
+#[test]
+fn placeholders_u_and_c() {
+    let mut conn = Conn::new(policy());
+    let t = token("alice", NOW + 300);
+    conn.open(V3, Some(&t), None);
+    for (topic, allowed) in [
+        ("users/alice/inbox", true),
+        ("users/bob/inbox", false),
+        ("clients/c1", true),
+        ("clients/c2", false),
+    ] {
+        let out = conn.client(&publish(V3, topic, QoS::AtMostOnce, None));
+        assert_eq!(!out.forward.is_empty(), allowed, "{topic}: {}", lines(&out));
+    }
+}
+
+#[test]
+fn dropped_publish_that_sets_a_topic_alias_forgets_it() {
+    let mut conn = Conn::new(policy());
+    conn.open(V5, Some("lamp-01"), Some(b"k1"));
+    let aliased = |topic: &str| {
+        encode(
+            &Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: topic.into(),
+                packet_id: None,
+                properties: Properties(vec![crate::mqtt::Property::TopicAlias(1)]),
+                payload: b"x".to_vec(),
+            }),
+            V5,
+        )
+        .unwrap()
+    };
+    let out = conn.client(&aliased("devices/lamp-02/state"));
+    assert!(out.forward.is_empty());
+    // Using the alias now would resolve to a topic the broker never saw: refused, closed.
+    let out = conn.client(&aliased(""));
+    assert!(
+        matches!(out.close, Some(CloseReason::Malformed(_))),
+        "{out:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// SUBSCRIBE
+
+#[test]
+fn subscribe_partly_refused_is_spliced() {
+    let mut conn = Conn::new(policy());
+    let t = token("bob", NOW + 300);
+    conn.open(V3, Some(&t), None);
+    // bob: read delegate of lamp-01; lamp-02 has no record; a wildcard device level spans all.
+    let sub = subscribe(
+        V3,
+        5,
+        &[
+            "devices/lamp-01/state",
+            "devices/lamp-02/state",
+            "users/bob/#",
+            "devices/+/state",
+        ],
+    );
+    let out = conn.client(&sub);
+    assert_eq!(
+        out.forward,
+        subscribe(V3, 5, &["devices/lamp-01/state", "users/bob/#"])
+    );
+    assert_eq!(out.decisions.len(), 4);
+    assert_eq!(
+        out.decisions
+            .iter()
+            .map(|d| d.is_allowed())
+            .collect::<Vec<_>>(),
+        vec![true, false, true, false]
+    );
+    let back = conn.broker(&encode_suback(V3, 5, &[1, 1]).unwrap());
+    assert_eq!(
+        back.forward,
+        encode_suback(V3, 5, &[1, 0x80, 1, 0x80]).unwrap()
+    );
+    // bob may read lamp-01 but not write to it.
+    let out = conn.client(&publish(V3, "devices/lamp-01/cmd", QoS::AtMostOnce, None));
+    assert!(out.forward.is_empty(), "{}", lines(&out));
+}
+
+#[test]
+fn subscribe_all_refused_uses_a_pingreq() {
+    let mut conn = Conn::new(policy());
+    conn.open(V5, Some("lamp-01"), Some(b"k1"));
+    let out = conn.client(&subscribe(
+        V5,
+        8,
+        &["devices/lamp-02/#", "devices/lamp-01/secret"],
+    ));
+    assert_eq!(out.forward, vec![0xC0, 0x00]);
+    let back = conn.broker(&[0xD0, 0x00]);
+    assert_eq!(back.forward, encode_suback(V5, 8, &[0x87, 0x87]).unwrap());
+    // An allowed SUBSCRIBE afterwards goes through untouched, and its SUBACK too.
+    let sub = subscribe(V5, 9, &["devices/lamp-01/state"]);
+    assert_eq!(conn.client(&sub).forward, sub);
+    let suback = encode_suback(V5, 9, &[1]).unwrap();
+    assert_eq!(conn.broker(&suback).forward, suback);
+}
+
+#[test]
+fn sys_topics_are_not_matched_by_hash() {
+    // `ops` may read `#`: that is everything but $SYS.
+    let mut config = base_config();
+    config.as_object_mut().unwrap().remove("ownership");
+    config["acl"] = json!({"rules": [{"name": "ops-all", "effect": "allow",
+        "subjects": ["user:ops"], "actions": ["read"], "mqtt": {"topic": "#"}}]});
+    let mut conn = Conn::new(policy_from(config));
+    let t = token("ops", NOW + 300);
+    conn.open(V3, Some(&t), None);
+    let out = conn.client(&subscribe(V3, 1, &["#", "$SYS/#", "$SYS/broker/uptime"]));
+    assert_eq!(out.forward, subscribe(V3, 1, &["#"]));
+    let back = conn.broker(&encode_suback(V3, 1, &[1]).unwrap());
+    assert_eq!(
+        back.forward,
+        encode_suback(V3, 1, &[1, 0x80, 0x80]).unwrap()
+    );
+}
+
+#[test]
+fn shared_subscriptions_are_checked_on_their_filter() {
+    let mut conn = Conn::new(policy());
+    conn.open(V5, Some("lamp-01"), Some(b"k1"));
+    let out = conn.client(&subscribe(V5, 2, &["$share/g/devices/lamp-02/#"]));
+    assert_eq!(out.forward, vec![0xC0, 0x00]);
+    let sub = subscribe(V5, 3, &["$share/g/devices/lamp-01/state"]);
+    assert_eq!(conn.client(&sub).forward, sub);
+}
+
+#[test]
+fn suback_with_the_wrong_number_of_codes_closes() {
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    conn.client(&subscribe(
+        V3,
+        4,
+        &["devices/lamp-01/a", "devices/lamp-02/a"],
+    ));
+    let back = conn.broker(&encode_suback(V3, 4, &[0, 0]).unwrap());
+    assert!(matches!(back.close, Some(CloseReason::Malformed(_))));
+}
+
+// ------------------------------------------------------------------------------------------
+// Deliveries, ownership, shadow, expiry, malformed input
+
+#[test]
+fn deliveries_the_client_may_not_read() {
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let ok = publish(V3, "devices/lamp-01/cmd", QoS::AtLeastOnce, Some(1));
+    assert_eq!(conn.broker(&ok).forward, ok);
+    let out = conn.broker(&publish(V3, "devices/lamp-02/cmd", QoS::AtMostOnce, None));
+    assert!(out.forward.is_empty() && out.close.is_none());
+    assert_eq!(out.decisions[0].counters, vec!["deliver.denied"]);
+    let out = conn.broker(&publish(
+        V3,
+        "devices/lamp-02/cmd",
+        QoS::AtLeastOnce,
+        Some(2),
+    ));
+    assert!(matches!(out.close, Some(CloseReason::Forbidden(_))));
+}
+
+#[test]
+fn ownership_owner_delegate_device_and_template() {
+    let p = policy();
+    let alice = {
+        let mut i = Identity::new(IdentityKind::Jwt, "alice");
+        i.roles = vec![];
+        i
+    };
+    let bob = Identity::new(IdentityKind::Jwt, "bob");
+    let carol = Identity::new(IdentityKind::Jwt, "carol");
+    let lamp1 = Identity::new(IdentityKind::DeviceKey, "lamp-01");
+    let check = |id: &Identity, topic: &str, access| {
+        p.check_topic(Some(id), "c", topic, access).is_allowed()
+    };
+    use TopicAccess::{Read, Write};
+    assert!(check(&alice, "devices/lamp-01/cmd", Write));
+    assert!(check(&alice, "devices/lamp-01/state/+", Read));
+    // The ACL's deny rule `devices/+/secret` touches a whole-device wildcard: refused.
+    assert!(!check(&alice, "devices/lamp-01/#", Read));
+    assert!(check(&bob, "devices/lamp-01/state", Read));
+    assert!(!check(&bob, "devices/lamp-01/cmd", Write));
+    assert!(!check(&carol, "devices/lamp-01/state", Read));
+    assert!(!check(&alice, "devices/lamp-02/state", Read), "no record");
+    assert!(check(&lamp1, "devices/lamp-01/state", Write));
+    assert!(!check(&lamp1, "devices/lamp-02/state", Write));
+    assert!(!check(&alice, "devices/#", Read), "spans devices");
+    assert!(!check(&alice, "+/lamp-01/state", Read), "spans devices");
+    // `devices` itself is matched by `devices/{device}/#`? No: it has no device level.
+    assert!(check(&alice, "users/alice/x", Write), "not a device topic");
+    // Admins bypass ownership, not the ACL.
+    let config = with(
+        base_config(),
+        "ownership",
+        json!({"topic_template": "devices/{device}/#", "admin_roles": ["admin"]}),
+    );
+    let p = policy_from(config);
+    let mut admin = Identity::new(IdentityKind::Jwt, "root");
+    admin.roles = vec!["admin".into()];
+    assert!(p
+        .check_topic(Some(&admin), "c", "devices/+/state", Read)
+        .is_allowed());
+    assert!(!p
+        .check_topic(Some(&admin), "c", "devices/lamp-01/secret", Read)
+        .is_allowed());
+}
+
+#[test]
+fn shadow_mode_lets_everything_through_and_counts() {
+    let config = with(base_config(), "mode", json!("shadow"));
+    let mut conn = Conn::new(policy_from(config));
+    let connect = connect_packet(V3, "c1", None, None, None);
+    let out = conn.client(&connect);
+    assert_eq!(out.forward, connect);
+    assert!(lines(&out).contains("decision=shadow-deny"));
+    assert_eq!(
+        out.decisions[0].counters,
+        vec!["connect.refused", "shadow.denied"]
+    );
+    conn.broker(&encode_connack(V3, 0));
+    let p = publish(V3, "devices/lamp-02/state", QoS::AtLeastOnce, Some(1));
+    let out = conn.client(&p);
+    assert_eq!(out.forward, p);
+    assert!(out.decisions[0].counters.contains(&"shadow.denied"));
+    let s = subscribe(V3, 2, &["devices/lamp-01/x", "devices/lamp-02/x"]);
+    assert_eq!(conn.client(&s).forward, s);
+    let suback = encode_suback(V3, 2, &[1, 1]).unwrap();
+    assert_eq!(conn.broker(&suback).forward, suback);
+}
+
+#[test]
+fn expired_token_closes_the_connection() {
+    let mut conn = Conn::new(policy());
+    let t = token("alice", NOW + 60);
+    conn.open(V3, Some(&t), None);
+    conn.now = NOW + 59;
+    let env = Env {
+        policy: &conn.policy,
+        now: conn.now,
+    };
+    assert!(conn.session.check_expiry(&env).is_none());
+    conn.now = NOW + 60;
+    let env = Env {
+        policy: &conn.policy,
+        now: conn.now,
+    };
+    let out = conn.session.check_expiry(&env).unwrap();
+    assert_eq!(out.close, Some(CloseReason::Expired));
+    assert_eq!(
+        out.close.as_ref().map(CloseReason::metric),
+        Some("closed.expired")
+    );
+    assert!(out.decisions[0].line.contains("decision=deny"));
+    // And a packet after expiry is not forwarded.
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some(&t), None);
+    conn.now = NOW + 61;
+    let out = conn.client(&publish(V3, "users/alice/x", QoS::AtMostOnce, None));
+    assert_eq!(out.close, Some(CloseReason::Expired));
+    assert!(out.forward.is_empty());
+}
+
+#[test]
+fn malformed_input_closes_and_nothing_after_it_is_forwarded() {
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let mut bytes = publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None);
+    bytes.extend([0x30, 0x03, 0x00, 0x01, b'#']); // a wildcard in a PUBLISH topic
+    let out = conn.client(&bytes);
+    assert!(matches!(out.close, Some(CloseReason::Malformed(_))));
+    assert!(out.forward.is_empty());
+    // Before CONNECT: never forwarded.
+    let mut conn = Conn::new(policy());
+    let out = conn.client(&publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None));
+    assert!(out.close.is_some() && out.forward.is_empty());
+    // The broker speaking first.
+    let mut conn = Conn::new(policy());
+    assert!(conn.broker(&encode_connack(V3, 0)).close.is_some());
+}
+
+#[test]
+fn packets_split_across_reads() {
+    let mut conn = Conn::new(policy());
+    let connect = connect_packet(V3, "c1", Some("lamp-01"), Some(b"k1"), None);
+    let mut stream = connect.clone();
+    let p1 = publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None);
+    let p2 = publish(V3, "devices/lamp-02/state", QoS::AtMostOnce, None);
+    stream.extend(&p1);
+    stream.extend(&p2);
+    stream.extend(&p1);
+    let mut forwarded = Vec::new();
+    for byte in &stream {
+        let out = conn.client(std::slice::from_ref(byte));
+        assert!(out.close.is_none());
+        forwarded.extend(out.forward);
+    }
+    let mut expected = connect;
+    expected.extend(&p1);
+    expected.extend(&p1);
+    assert_eq!(forwarded, expected);
+}
+
+// ------------------------------------------------------------------------------------------
+// Configuration
+
+#[test]
+fn bad_configuration_says_what_is_wrong() {
+    let err = |config: Value| MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    let mut remote = base_config();
+    remote["jwt_providers"][0]["remote"] =
+        json!({"cluster": "idp", "path": "/jwks", "authority": "idp"});
+    assert!(err(remote).contains("remote key sets are not supported yet"));
+    let ngsi = with(
+        base_config(),
+        "acl",
+        json!({"rules": [{"name": "n", "effect": "allow", "subjects": ["anyone"],
+                          "actions": ["read"], "ngsi": {"service": "*", "service_path": "/#"}}]}),
+    );
+    assert!(err(ngsi).contains("NGSI rules belong to entity-acl"));
+    let both = with(base_config(), "acl_file", json!("topic read a/b"));
+    assert!(err(both).contains("not both"));
+    let mut none = base_config();
+    none.as_object_mut().unwrap().remove("acl");
+    assert!(err(none).contains("give acl"));
+    assert!(err(with(base_config(), "typo", json!(1))).contains("unknown field"));
+    let template = with(
+        base_config(),
+        "ownership",
+        json!({"topic_template": "devices/+/{device}"}),
+    );
+    assert!(err(template).contains("topic_template"));
+    let delegation = with(
+        base_config(),
+        "ownership",
+        json!({"topic_template": "devices/{device}/#",
+               "devices": {"d": {"owner": "a", "delegations": [{"user": "b", "access": "all"}]}}}),
+    );
+    assert!(err(delegation).contains("ownership.devices.d.delegations[0]"));
+    let acl_file = with(base_config(), "acl", Value::Null);
+    let acl_file = with(acl_file, "acl_file", json!("bogus line"));
+    assert!(err(acl_file).contains("acl_file line 1"));
+    let mut no_auth = base_config();
+    for key in ["jwt_providers", "device_keys", "mtls"] {
+        no_auth.as_object_mut().unwrap().remove(key);
+    }
+    assert!(err(no_auth).contains("at least one of"));
+}
+
+#[test]
+fn acl_file_is_imported() {
+    let mut config = base_config();
+    config.as_object_mut().unwrap().remove("acl");
+    config.as_object_mut().unwrap().remove("ownership");
+    config["acl_file"] = json!("user alice\ntopic readwrite lamps/#\npattern write clients/%c\n");
+    let mut conn = Conn::new(policy_from(config));
+    let t = token("alice", NOW + 300);
+    conn.open(V3, Some(&t), None);
+    for (topic, allowed) in [("lamps/1", true), ("clients/c1", true), ("other", false)] {
+        let out = conn.client(&publish(V3, topic, QoS::AtMostOnce, None));
+        assert_eq!(!out.forward.is_empty(), allowed, "{topic}");
+    }
+}
