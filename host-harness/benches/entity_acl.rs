@@ -70,12 +70,15 @@ fn batch(n: usize) -> HttpRequest {
     r
 }
 
+/// A bench case: its name, entity-acl's configuration (None: no filter), the request.
+type Case<'a> = (&'a str, Option<&'a str>, fn() -> HttpRequest);
+
 fn bench(c: &mut Criterion) {
     let runtime = Arc::new(Runtime::new().expect("runtime"));
     let upstream = UpstreamResponse::default();
     let small = policy(3);
     let large = policy(100);
-    let cases: [(&str, Option<&str>, fn() -> HttpRequest); 5] = [
+    let cases: [Case; 5] = [
         ("no_filter", None, read_one),
         ("read_3_rules", Some(&small), read_one),
         ("read_100_rules", Some(&large), read_one),

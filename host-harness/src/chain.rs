@@ -240,6 +240,8 @@ impl Chain {
     pub fn advance_clock(&mut self, millis: u64) {
         let target = self.shared.now_nanos().saturating_add(millis * 1_000_000);
         while self.tick_once(target) {
+            // Before anything else runs a callback (and starts a new deferred list).
+            self.collect_background_closes();
             self.pump_background();
         }
         let now = self.shared.now_nanos();
@@ -270,18 +272,25 @@ impl Chain {
                         call.token,
                         answer_to_response(answer),
                     );
+                    self.collect_background_closes();
                     progressed = true;
                 }
-                // Background callbacks have no stream of their own: deferred stream actions
-                // are void, except closing a connection made effective (network filters).
-                for (ctx, action) in self.filters[i].take_deferred() {
-                    if let Deferred::Close(_) = action {
-                        self.background_closes.push((i, ctx));
-                    }
-                }
             }
+            self.collect_background_closes();
             if !progressed {
                 return;
+            }
+        }
+    }
+
+    /// Background callbacks have no stream of their own: their deferred stream actions are
+    /// void, except closing a connection made effective (network filters).
+    fn collect_background_closes(&mut self) {
+        for i in 0..self.filters.len() {
+            for (ctx, action) in self.filters[i].take_deferred() {
+                if let Deferred::Close(_) = action {
+                    self.background_closes.push((i, ctx));
+                }
             }
         }
     }

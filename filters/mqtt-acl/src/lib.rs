@@ -10,14 +10,20 @@
 //! CONNACK is written by one callback and the connection is closed by the next one, or by the
 //! root context's tick (every 250 ms) through `proxy_set_effective_context`. The tick also
 //! closes connections whose token expired.
+//!
+//! Keys. A provider's remote JWKS are fetched by the root context with token-auth's code
+//! (`proxy_glue::remote_keys`: discovery, refresh, shared data between workers, last good set
+//! kept): at configure time, when their refresh is due, and (at most every 30 s) when a CONNECT
+//! brought a token whose `kid` they lack; that CONNECT was refused as "server unavailable".
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
 use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
+use proxy_glue::remote_keys::{KeyMetrics, RemoteKeys};
 use proxy_glue::{bool_property, now_secs, string_property, Counter};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, RootContext, StreamContext};
@@ -32,7 +38,7 @@ proxy_wasm::main! {{
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 14] = [
+const COUNTERS: [&str; 18] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -47,7 +53,12 @@ const COUNTERS: [&str; 14] = [
     "closed.expired",
     "closed.refused",
     "closed.internal",
+    "jwks.fetched",
+    "jwks.failed",
+    "callout.sent",
+    "callout.failed",
 ];
+const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
 
 struct Metrics(HashMap<&'static str, Counter>);
 
@@ -59,6 +70,13 @@ impl Metrics {
                 .map(|name| (*name, Counter::define(&format!("mqtt_acl.{name}"))))
                 .collect(),
         )
+    }
+
+    fn counter(&self, name: &str) -> Counter {
+        self.0
+            .get(name)
+            .copied()
+            .unwrap_or_else(|| Counter::define(&format!("mqtt_acl.{name}")))
     }
 
     fn inc(&self, name: &str) {
@@ -73,6 +91,9 @@ struct State {
     metrics: Metrics,
     /// Open connections by context id.
     sessions: HashMap<u32, Session>,
+    keys: RemoteKeys,
+    /// Issuers a CONNECT needed keys of (fetched on the next tick).
+    keys_wanted: HashSet<String>,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -81,7 +102,17 @@ struct Root {
     state: Option<Shared>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+        if let Some(state) = &self.state {
+            let mut guard = state.borrow_mut();
+            let State { policy, keys, .. } = &mut *guard;
+            if let Some(jwt) = policy.jwt_mut() {
+                keys.on_response(jwt, token);
+            }
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -102,11 +133,37 @@ impl RootContext for Root {
             return false;
         }
         log::info!("mqtt-acl: configured ({:?} mode)", policy.mode());
-        self.state = Some(Rc::new(RefCell::new(State {
+        let metrics = Metrics::define();
+        let keys = RemoteKeys::new(
+            "mqtt-acl",
+            SHARED_KEYS_PREFIX,
+            KeyMetrics {
+                fetched: metrics.counter("jwks.fetched"),
+                failed: metrics.counter("jwks.failed"),
+                callouts: metrics.counter("callout.sent"),
+                callout_failures: metrics.counter("callout.failed"),
+            },
+        );
+        let state = Rc::new(RefCell::new(State {
             policy,
-            metrics: Metrics::define(),
+            metrics,
             sessions: HashMap::new(),
-        })));
+            keys,
+            keys_wanted: HashSet::new(),
+        }));
+        // Keys another worker already fetched, then the first fetch for issuers without keys.
+        let now = now_secs().unwrap_or(0);
+        {
+            let mut guard = state.borrow_mut();
+            let State { policy, keys, .. } = &mut *guard;
+            if let Some(jwt) = policy.jwt_mut() {
+                keys.sync_shared(jwt);
+                for issuer in RemoteKeys::without_keys(jwt) {
+                    keys.start(jwt, &issuer, now);
+                }
+            }
+        }
+        self.state = Some(state);
         true
     }
 
@@ -115,6 +172,9 @@ impl RootContext for Root {
             return;
         };
         let now = now_secs();
+        if let Some(now) = now {
+            refresh_keys(state, now);
+        }
         let mut to_close = Vec::new();
         {
             let mut guard = state.borrow_mut();
@@ -122,6 +182,7 @@ impl RootContext for Root {
                 policy,
                 metrics,
                 sessions,
+                ..
             } = &mut *guard;
             for (id, session) in sessions.iter_mut() {
                 if session.wants_close() {
@@ -161,6 +222,33 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::StreamContext)
+    }
+}
+
+/// Loads keys other workers fetched, and fetches those due for a refresh or that a CONNECT
+/// needed (an unknown kid: at most every 30 s per issuer).
+fn refresh_keys(state: &Shared, now: u64) {
+    let mut guard = state.borrow_mut();
+    let State {
+        policy,
+        keys,
+        keys_wanted,
+        ..
+    } = &mut *guard;
+    let Some(jwt) = policy.jwt_mut() else {
+        return;
+    };
+    keys.sync_shared(jwt);
+    let mut issuers = keys.due(jwt, now);
+    for issuer in keys_wanted.drain() {
+        if !keys.in_flight(&issuer) && !keys.fetched_recently(&issuer, now) {
+            issuers.push(issuer);
+        }
+    }
+    issuers.sort();
+    issuers.dedup();
+    for issuer in issuers {
+        keys.start(jwt, &issuer, now);
     }
 }
 
@@ -257,6 +345,8 @@ impl Stream {
                 policy,
                 metrics,
                 sessions,
+                keys_wanted,
+                ..
             } = &mut *guard;
             let Some(session) = sessions.get_mut(&self.id) else {
                 drop(guard);
@@ -273,6 +363,9 @@ impl Stream {
                 From::Broker => session.on_broker_bytes(&bytes, &env),
             };
             record(metrics, self.id, session, &out);
+            if let Some(issuer) = &out.keys_wanted {
+                keys_wanted.insert(issuer.clone());
+            }
             if out.close.is_some() {
                 sessions.remove(&self.id);
             }

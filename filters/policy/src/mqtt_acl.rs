@@ -16,7 +16,10 @@
 //!    send no user name or one equal to that identity (LAMPI sends its CN);
 //! 4. nothing: refused unless `allow_anonymous` (then ACL subjects `anonymous`/`anyone` apply).
 //!
-//! Opaque tokens (introspection) and remote JWKS are not supported (refused at configure time).
+//! Remote JWKS (a provider's `remote`) are fetched by the filter as token-auth fetches them
+//! (`proxy_glue::remote_keys`); a token whose keys are not there yet, or whose `kid` is
+//! unknown, is refused as "server unavailable" and the keys are fetched. Opaque tokens
+//! (introspection) are not supported.
 //! A will message is checked like a PUBLISH to its topic at CONNECT: a forbidden will refuses
 //! the CONNECT.
 //!
@@ -367,6 +370,15 @@ pub struct MqttAcl {
 }
 
 impl MqttAcl {
+    /// The JWT providers, for installing fetched remote keys.
+    pub fn jwt_mut(&mut self) -> Option<&mut JwtVerifier> {
+        self.jwt.as_mut()
+    }
+
+    pub fn jwt(&self) -> Option<&JwtVerifier> {
+        self.jwt.as_ref()
+    }
+
     /// Parses and validates the plugin configuration; the error says what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<MqttAcl, String> {
         let config: MqttAclConfig =
@@ -375,15 +387,6 @@ impl MqttAcl {
     }
 
     pub fn new(config: MqttAclConfig) -> Result<MqttAcl, String> {
-        for (i, p) in config.jwt_providers.iter().enumerate() {
-            if p.remote.is_some() {
-                return Err(format!(
-                    "jwt_providers[{i}] ({}): mqtt-acl takes inline keys (jwks, pem, \
-                     hmac_secret); remote key sets are not supported yet",
-                    p.issuer
-                ));
-            }
-        }
         let jwt = if config.jwt_providers.is_empty() {
             None
         } else {
@@ -563,6 +566,9 @@ pub struct Output {
     /// Close as soon as `forward` is written (Envoy loses data written by a callback that also
     /// closes): on the next callback or tick.
     pub close_after_write: bool,
+    /// A token's issuer whose remote keys lack its `kid` (or are not fetched yet): the filter
+    /// fetches them (rate-limited); the CONNECT was refused as "server unavailable".
+    pub keys_wanted: Option<String>,
 }
 
 impl Output {
@@ -619,6 +625,13 @@ fn refusal_code(refusal: Refusal, version: ProtocolVersion) -> u8 {
         (ProtocolVersion::V5, Refusal::Unavailable) => reason::SERVER_UNAVAILABLE,
         (ProtocolVersion::V5, Refusal::BadAuthMethod) => reason::BAD_AUTHENTICATION_METHOD,
     }
+}
+
+/// The issuer of `token` (unverified), if its provider fetches remote keys.
+fn remote_issuer(jwt: &JwtVerifier, token: &str) -> Option<String> {
+    let issuer = crate::jwt::peek_issuer(token).ok()?;
+    jwt.provider(&issuer)?.remote()?;
+    Some(issuer)
 }
 
 fn looks_like_jwt(s: &str) -> bool {
@@ -903,6 +916,13 @@ impl Session {
                     ));
                 };
                 return match jwt.verify(username, env.now) {
+                    // Remote keys that may have rotated, or not arrived yet: "server
+                    // unavailable" (the client retries), and the filter fetches them.
+                    Err(e @ (TokenError::UnknownKid | TokenError::KeysUnavailable))
+                        if remote_issuer(jwt, username).is_some() =>
+                    {
+                        Err((Refusal::Unavailable, e.to_string()))
+                    }
                     Ok(verified) => {
                         let mut identity = verified.identity;
                         if identity.expires_at.is_none() {
@@ -970,6 +990,11 @@ impl Session {
         self.version = Some(version);
         self.client_id = connect.client_id.clone();
         let mut verdict = self.authenticate(connect, env);
+        if let (Err((Refusal::Unavailable, _)), Some(jwt), Some(username)) =
+            (&verdict, &policy.jwt, connect.username.as_deref())
+        {
+            out.keys_wanted = remote_issuer(jwt, username);
+        }
         if let (Ok(identity), Some(will)) = (&verdict, &connect.will) {
             let decision = policy.check_topic(
                 identity.as_ref(),

@@ -849,10 +849,6 @@ fn packets_split_across_reads() {
 #[test]
 fn bad_configuration_says_what_is_wrong() {
     let err = |config: Value| MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
-    let mut remote = base_config();
-    remote["jwt_providers"][0]["remote"] =
-        json!({"cluster": "idp", "path": "/jwks", "authority": "idp"});
-    assert!(err(remote).contains("remote key sets are not supported yet"));
     let ngsi = with(
         base_config(),
         "acl",
@@ -902,4 +898,57 @@ fn acl_file_is_imported() {
         let out = conn.client(&publish(V3, topic, QoS::AtMostOnce, None));
         assert_eq!(!out.forward.is_empty(), allowed, "{topic}");
     }
+}
+
+#[test]
+fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
+    use jwt_simple::prelude::{Claims, Duration, RS256KeyPair, RSAKeyPairLike};
+    const REMOTE: &str = "https://keycloak.example/realms/city";
+    let mut config = base_config();
+    config["jwt_providers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"issuer": REMOTE, "algorithms": ["RS256"],
+                     "remote": {"cluster": "idp", "path": "/jwks", "authority": "idp"}}));
+    let key = RS256KeyPair::generate(2048).unwrap().with_key_id("k1");
+    let mut claims = Claims::create(Duration::from_secs(300))
+        .with_issuer(REMOTE)
+        .with_subject("alice");
+    claims.issued_at = Some(Duration::from_secs(NOW - 10));
+    claims.invalid_before = Some(Duration::from_secs(NOW - 10));
+    claims.expires_at = Some(Duration::from_secs(NOW + 300));
+    let t = key.sign(claims).unwrap();
+    // No keys fetched yet: server unavailable (0x03), and the filter is asked to fetch them.
+    let mut conn = Conn::new(policy_from(config.clone()));
+    let connect = connect_packet(V3, "c1", Some(&t), None, None);
+    let out = assert_refused(&mut conn, V3, &connect, 0x03);
+    assert_eq!(out.keys_wanted.as_deref(), Some(REMOTE));
+    // A token of an inline-key issuer never asks for remote keys.
+    let mut conn = Conn::new(policy_from(config.clone()));
+    let bad = token_with(
+        json!({"iss": ISS, "sub": "a", "exp": NOW + 300}),
+        b"another-secret-another-secret-32",
+    );
+    let out = assert_refused(
+        &mut conn,
+        V3,
+        &connect_packet(V3, "c1", Some(&bad), None, None),
+        0x04,
+    );
+    assert_eq!(out.keys_wanted, None);
+    // Once the keys are installed, the same token connects.
+    let c = key.public_key().to_components();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = json!({"keys": [{"kty": "RSA", "kid": "k1", "n": b64(&c.n), "e": b64(&c.e)}]});
+    let mut policy = policy_from(config);
+    policy
+        .jwt_mut()
+        .unwrap()
+        .provider_mut(REMOTE)
+        .unwrap()
+        .set_remote_keys(crate::jwt::KeySet::from_jwks_json(&jwks.to_string()).unwrap())
+        .unwrap();
+    let mut conn = Conn::new(policy);
+    conn.open(V3, Some(&t), None);
+    assert_eq!(conn.session.identity().unwrap().subject, "alice");
 }
