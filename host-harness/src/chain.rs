@@ -1029,8 +1029,13 @@ impl Chain {
         self.connection_properties(&mut properties);
         // Closes of earlier streams no longer matter.
         self.background_closes.clear();
+        // Envoy calls on_new_connection before the TLS handshake: the peer's certificate facts
+        // (connection.mtls, connection.*_peer_certificate, ...) appear with the first data.
+        let (handshake, before): (BTreeMap<_, _>, BTreeMap<_, _>) = properties
+            .into_iter()
+            .partition(|(k, _)| is_handshake_property(k));
         let data = Arc::new(Mutex::new(StreamData {
-            properties,
+            properties: before,
             ..Default::default()
         }));
         let mut run = NetRun {
@@ -1065,6 +1070,9 @@ impl Chain {
             }
             self.net_deferred(&mut run, i);
             self.net_callouts(&mut run);
+        }
+        if let Ok(mut d) = data.lock() {
+            d.properties.extend(handshake);
         }
         for event in events {
             if run.outcome.closed_by_filter {
@@ -1216,6 +1224,13 @@ impl Chain {
             }
         }
     }
+}
+
+/// The connection properties Envoy knows only once the TLS handshake is done.
+fn is_handshake_property(name: &str) -> bool {
+    name == "connection.mtls"
+        || name == "connection.tls_version"
+        || (name.starts_with("connection.") && name.contains("peer_certificate"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -456,3 +456,35 @@ fn a_tick_closes_a_connection_made_effective() {
         "what was written before the close reached the client"
     );
 }
+
+/// Envoy: a network filter's new-connection callback runs before the TLS handshake, so the
+/// peer certificate (`connection.subject_peer_certificate`, ...) is not known there; it is
+/// from the first data on (found by mqtt-acl's end-to-end test with client certificates).
+#[test]
+fn peer_certificate_is_known_from_the_first_data_not_at_new_connection() {
+    use host_harness::NetEvent;
+    use std::collections::BTreeMap;
+    let mut chain = probe_chain(spec(r#"{"mode": "tcp"}"#), Scripted::new());
+    let mut properties = BTreeMap::new();
+    properties.insert("connection.mtls".to_string(), vec![1]);
+    properties.insert(
+        "connection.subject_peer_certificate".to_string(),
+        b"CN=lamp-01".to_vec(),
+    );
+    chain.connection(
+        properties,
+        &[NetEvent::Downstream {
+            data: b"hello".to_vec(),
+            end_stream: false,
+        }],
+    );
+    let logs: Vec<String> = chain.shared.logs().into_iter().map(|l| l.message).collect();
+    let at = |when: &str| {
+        logs.iter()
+            .find(|l| l.contains(&format!("peer certificate at {when}")))
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert!(at("new connection").ends_with("Ok(None)"), "{logs:?}");
+    assert!(at("data").contains("Some([67, 78, 61"), "{logs:?}");
+}

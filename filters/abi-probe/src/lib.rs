@@ -1144,10 +1144,15 @@ impl StreamContext for ProbeTcp {
         count(self.metrics.tcp_connections);
         let id = hostcalls::get_property(vec!["connection", "id"]);
         log::info!("abi-probe: new connection, id property {id:?}");
+        // Envoy runs this before the TLS handshake: the peer certificate is not known yet.
+        let peer = hostcalls::get_property(vec!["connection", "subject_peer_certificate"]);
+        log::info!("abi-probe: peer certificate at new connection: {peer:?}");
         Action::Continue
     }
 
     fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
+        let peer = hostcalls::get_property(vec!["connection", "subject_peer_certificate"]);
+        log::info!("abi-probe: peer certificate at data: {peer:?}");
         if data_size > 0 {
             let read = self
                 .get_downstream_data(0, data_size)
