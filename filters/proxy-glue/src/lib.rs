@@ -130,6 +130,23 @@ pub fn first_header(headers: &[(String, String)], name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The status and body of the callout answer being handled (status 0: the call was reset, no
+/// headers).
+pub fn callout_answer() -> (u32, Vec<u8>) {
+    let headers =
+        hostcalls::get_map(proxy_wasm::types::MapType::HttpCallResponseHeaders).unwrap_or_default();
+    let status = headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, usize::MAX)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Reads a request header, returning every value (Envoy's single-value call hides repeats,
 /// which an authorization filter must see).
 pub fn request_header_values(name: &str) -> Vec<String> {

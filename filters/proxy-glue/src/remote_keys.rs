@@ -14,7 +14,6 @@ use std::time::Duration;
 use policy::jwt::{JwtProvider, JwtVerifier, KeySet};
 use policy::token_auth::TokenAuth;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MapType};
 
 use crate::Counter;
 
@@ -192,17 +191,8 @@ impl RemoteKeys {
         let Some((issuer, step)) = self.calls.remove(&token) else {
             return Progress::NotOurs;
         };
-        // Zero headers: the call was reset. Any non-2xx is a failure too.
-        let status: u32 = hostcalls::get_map(MapType::HttpCallResponseHeaders)
-            .unwrap_or_default()
-            .iter()
-            .find(|(k, _)| k == ":status")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0);
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        // Status 0: the call was reset. Any non-2xx is a failure too.
+        let (status, body) = crate::callout_answer();
         let ok = (200..300).contains(&status);
         if !ok {
             self.metrics.callout_failures.inc();

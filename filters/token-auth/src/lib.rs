@@ -577,21 +577,8 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
     let Some(key) = state.borrow_mut().callouts.remove(&callout) else {
         return;
     };
-    // Zero headers: the call was reset. Any non-2xx is a failure too.
-    let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-    let status: u32 = headers
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let body = hostcalls::get_buffer(
-        proxy_wasm::types::BufferType::HttpCallResponseBody,
-        0,
-        usize::MAX,
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_default();
+    // Status 0: the call was reset. Any non-2xx is a failure too.
+    let (status, body) = proxy_glue::callout_answer();
     if !(200..300).contains(&status) {
         state.borrow().metrics.callout_failures.inc();
     }
