@@ -5,15 +5,13 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use host_harness::chain::{CalloutAnswer, CalloutResolver};
 use host_harness::host::{CallResponse, PendingCall};
-use host_harness::{Chain, HttpRequest, Limits, PluginSpec, Runtime, Shared, UpstreamResponse};
+use host_harness::{Chain, HttpRequest, Runtime, Shared, UpstreamResponse};
 use serde_json::json;
 
 fn request(method: &str, path: &str, subject: &str, body: Option<&str>) -> HttpRequest {
@@ -61,29 +59,14 @@ impl CalloutResolver for Broker {
 }
 
 fn broker_chain(runtime: &Arc<Runtime>, config: &str) -> Chain {
-    let shared = Arc::new(Shared::new(now_nanos(), false));
-    let mut chain = Chain::new(
-        runtime.clone(),
-        shared,
-        ["orion".to_string()].into_iter().collect::<HashSet<_>>(),
+    common::chain_with_clusters(
+        runtime,
+        &[("device_ownership.wasm", config)],
+        true,
+        now_nanos(),
+        &["orion"],
         Box::new(Broker),
-    );
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip1/release/device_ownership.wasm");
-    let vm = chain
-        .add_filter(PluginSpec {
-            name: "device_ownership".into(),
-            root_id: String::new(),
-            vm_id: String::new(),
-            wasm: path,
-            configuration: config.as_bytes().to_vec(),
-            vm_configuration: Vec::new(),
-            limits: Limits::default(),
-            allow_on_headers_stop_iteration: true,
-        })
-        .expect("filter loads");
-    assert!(vm.is_serving(), "{:?}", vm.failure);
-    chain
+    )
 }
 
 fn bench(c: &mut Criterion) {

@@ -25,12 +25,34 @@ pub fn chain_of(
     allow_on_headers_stop_iteration: bool,
     now_nanos: u64,
 ) -> Chain {
+    chain_with_clusters(
+        runtime,
+        filters,
+        allow_on_headers_stop_iteration,
+        now_nanos,
+        &[],
+        Box::new(NoCallouts),
+    )
+}
+
+/// [`chain_of`] with clusters the filters may call, answered by `resolver`.
+pub fn chain_with_clusters(
+    runtime: &Arc<Runtime>,
+    filters: &[(&str, &str)],
+    allow_on_headers_stop_iteration: bool,
+    now_nanos: u64,
+    clusters: &[&str],
+    resolver: Box<dyn host_harness::chain::CalloutResolver>,
+) -> Chain {
     let shared = Arc::new(Shared::new(now_nanos, false));
     let mut chain = Chain::new(
         runtime.clone(),
         shared,
-        HashSet::new(),
-        Box::new(NoCallouts),
+        clusters
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<HashSet<_>>(),
+        resolver,
     );
     for (wasm, config) in filters {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
