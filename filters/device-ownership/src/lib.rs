@@ -246,21 +246,10 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        let names = state.borrow().own.config().identity_headers.clone();
-        let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
-        let get = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let headers = proxy_glue::request_headers();
+        let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
-        let identity = proxy_glue::request_identity(&names);
+        let identity = state.borrow().own.config().identity_headers.parse(&headers);
         let mut stream = StreamState {
             phase: Phase::Request,
             identity: None,

@@ -168,16 +168,7 @@ impl HttpContext for Stream {
         let headers = proxy_glue::request_headers();
         let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
-        let identity = {
-            let s = state.borrow();
-            s.acl.identity_headers.parse(|name| {
-                headers
-                    .iter()
-                    .filter(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-                    .collect()
-            })
-        };
+        let identity = state.borrow().acl.identity_headers.parse(&headers);
         let identity = match identity {
             Ok(identity) => identity,
             Err(e) => {

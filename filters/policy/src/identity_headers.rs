@@ -121,29 +121,32 @@ impl IdentityHeaderNames {
 }
 
 impl IdentityHeaderNames {
-    /// Reads back the identity token-auth set, for the filters after it. `values(name)` gives
-    /// every value of a request header. No subject header means no identity (a public route
-    /// token-auth let through). A repeated identity header, a kind this crate does not know or
-    /// a value that does not decode is an error (the filter answers 400): these headers only
-    /// ever come from token-auth, which sets each once.
-    pub fn parse(&self, values: impl Fn(&str) -> Vec<String>) -> Result<Option<Identity>, String> {
-        let single = |name: &str| -> Result<Option<String>, String> {
-            let mut v = values(name);
-            match v.len() {
-                0 => Ok(None),
-                1 => decode_value(&v.remove(0))
-                    .map(Some)
-                    .ok_or_else(|| format!("identity header {name} does not decode")),
-                _ => Err(format!("identity header {name} is repeated")),
+    /// Reads back the identity token-auth set, for the filters after it, from the request
+    /// headers (names lowercase, repeats kept). No subject header means no identity (a public
+    /// route token-auth let through). A repeated identity header, a kind this crate does not
+    /// know or a value that does not decode is an error (the filter answers 400): these
+    /// headers only ever come from token-auth, which sets each once.
+    pub fn parse(&self, headers: &[(String, String)]) -> Result<Option<Identity>, String> {
+        // The one value of an identity header, still encoded.
+        let raw = |name: &str| -> Result<Option<&str>, String> {
+            let mut values = headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+            match (values.next(), values.next()) {
+                (None, _) => Ok(None),
+                (Some(v), None) => Ok(Some(v.as_str())),
+                (Some(_), Some(_)) => Err(format!("identity header {name} is repeated")),
             }
         };
+        let single = |name: &str| -> Result<Option<String>, String> {
+            raw(name)?
+                .map(|v| {
+                    decode_value(v).ok_or_else(|| format!("identity header {name} does not decode"))
+                })
+                .transpose()
+        };
         let list = |name: &str| -> Result<Vec<String>, String> {
-            let Some(raw) = values(name).first().cloned() else {
+            let Some(raw) = raw(name)? else {
                 return Ok(Vec::new());
             };
-            if values(name).len() > 1 {
-                return Err(format!("identity header {name} is repeated"));
-            }
             raw.split(',')
                 .filter(|item| !item.is_empty())
                 .map(|item| {
@@ -261,13 +264,7 @@ mod tests {
     }
 
     fn parse_from(headers: &[(String, String)]) -> Result<Option<Identity>, String> {
-        IdentityHeaderNames::default().parse(|name| {
-            headers
-                .iter()
-                .filter(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .collect()
-        })
+        IdentityHeaderNames::default().parse(headers)
     }
 
     #[test]

@@ -160,14 +160,6 @@ pub fn request_header_values(name: &str) -> Vec<String> {
     }
 }
 
-/// The identity token-auth put in the request headers (see
-/// [`policy::identity_headers::IdentityHeaderNames::parse`]).
-pub fn request_identity(
-    names: &policy::identity_headers::IdentityHeaderNames,
-) -> Result<Option<policy::Identity>, String> {
-    names.parse(request_header_values)
-}
-
 /// Counters by decision and reason, `<prefix>.allowed`, `<prefix>.denied.<reason>` and
 /// `<prefix>.shadow.denied` (denials shadow mode let through).
 #[derive(Debug, Clone, Copy)]
