@@ -56,10 +56,8 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
             let v = parse_json(body)?;
             let obj = as_object(&v, "request")?;
             let attrs = attributes(obj.get("attributes"))?;
-            let drafts = entity_ids(obj.get("entities"), true)?
-                .into_iter()
-                .map(|(e, t)| Draft::new(Read, e, t, attrs.clone()))
-                .collect();
+            let drafts =
+                Draft::per_selector(Read, entity_ids(obj.get("entities"), true)?, &attrs, None);
             Ok(Classified::new(S::Read, drafts))
         }
         ("POST", ["ngsi10", "subscribeContext"] | ["ngsi9", "subscribeContextAvailability"]) => {
@@ -68,13 +66,12 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
             let attrs = attributes(obj.get("attributes"))?;
             let reference = endpoint_str(obj.get("reference"), "reference")?
                 .ok_or_else(|| bad("subscription.reference is required"))?;
-            let drafts = entity_ids(obj.get("entities"), true)?
-                .into_iter()
-                .map(|(e, t)| {
-                    Draft::new(Subscribe, e, t, attrs.clone())
-                        .with_endpoint(Some(reference.clone()))
-                })
-                .collect();
+            let drafts = Draft::per_selector(
+                Subscribe,
+                entity_ids(obj.get("entities"), true)?,
+                &attrs,
+                Some(&reference),
+            );
             Ok(Classified::new(S::Subscribe, drafts))
         }
         (
@@ -274,11 +271,12 @@ fn register_context(body: &[u8]) -> R {
             other => endpoint_str(other, "providingApplication")?,
         };
         let attrs = attributes(r.get("attributes"))?;
-        for (e, t) in entity_ids(r.get("entities"), true)? {
-            drafts.push(
-                Draft::new(Action::Register, e, t, attrs.clone()).with_endpoint(endpoint.clone()),
-            );
-        }
+        drafts.extend(Draft::per_selector(
+            Action::Register,
+            entity_ids(r.get("entities"), true)?,
+            &attrs,
+            endpoint.as_deref(),
+        ));
     }
     Ok(Classified::new(TenantScope::Write, drafts))
 }

@@ -326,10 +326,12 @@ fn query_body(body: &[u8]) -> R {
     let v = parse_json(body)?;
     let obj = as_object(&v, "query")?;
     let attrs = attr_name_list(obj.get("attrs"), "attrs")?;
-    let drafts = selectors(obj.get("entities"), "entities")?
-        .into_iter()
-        .map(|(e, t)| Draft::new(Action::Read, e, t, attrs.clone()))
-        .collect();
+    let drafts = Draft::per_selector(
+        Action::Read,
+        selectors(obj.get("entities"), "entities")?,
+        &attrs,
+        None,
+    );
     Ok(Classified::new(TenantScope::Read, drafts))
 }
 
@@ -362,12 +364,12 @@ fn subscription(body: &[u8], create: bool) -> R {
             None => {}
         }
     }
-    let drafts = selectors(obj.get("entities"), "entities")?
-        .into_iter()
-        .map(|(e, t)| {
-            Draft::new(Action::Subscribe, e, t, attrs.clone()).with_endpoint(endpoint.clone())
-        })
-        .collect();
+    let drafts = Draft::per_selector(
+        Action::Subscribe,
+        selectors(obj.get("entities"), "entities")?,
+        &attrs,
+        endpoint.as_deref(),
+    );
     Ok(Classified::new(TenantScope::Subscribe, drafts))
 }
 

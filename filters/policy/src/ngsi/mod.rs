@@ -147,6 +147,23 @@ impl Draft {
         )
     }
 
+    /// One draft per (entity, type) selector, all with the same action, attributes and
+    /// endpoint: what queries, subscriptions and registrations name.
+    pub(crate) fn per_selector(
+        action: Action,
+        selectors: Vec<(EntitySelector, TypeSelector)>,
+        attributes: &AttributeSelector,
+        endpoint: Option<&str>,
+    ) -> Vec<Draft> {
+        selectors
+            .into_iter()
+            .map(|(e, t)| {
+                Draft::new(action, e, t, attributes.clone())
+                    .with_endpoint(endpoint.map(str::to_owned))
+            })
+            .collect()
+    }
+
     pub(crate) fn with_endpoint(mut self, endpoint: Option<String>) -> Self {
         self.endpoint = endpoint;
         self

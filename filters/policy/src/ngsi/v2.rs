@@ -316,12 +316,12 @@ fn subscription(body: &[u8], create: bool) -> R {
             ));
         }
     }
-    let drafts = selectors(entities, "subject.entities")?
-        .into_iter()
-        .map(|(e, t)| {
-            Draft::new(Action::Subscribe, e, t, attrs.clone()).with_endpoint(endpoint.clone())
-        })
-        .collect();
+    let drafts = Draft::per_selector(
+        Action::Subscribe,
+        selectors(entities, "subject.entities")?,
+        &attrs,
+        endpoint.as_deref(),
+    );
     Ok(Classified::new(TenantScope::Subscribe, drafts))
 }
 
@@ -350,12 +350,12 @@ fn registration(body: &[u8]) -> R {
     let entities = data
         .get("entities")
         .ok_or_else(|| bad("dataProvided.entities is required"))?;
-    let drafts = selectors(Some(entities), "dataProvided.entities")?
-        .into_iter()
-        .map(|(e, t)| {
-            Draft::new(Action::Register, e, t, attrs.clone()).with_endpoint(Some(url.clone()))
-        })
-        .collect();
+    let drafts = Draft::per_selector(
+        Action::Register,
+        selectors(Some(entities), "dataProvided.entities")?,
+        &attrs,
+        Some(&url),
+    );
     Ok(Classified::new(TenantScope::Write, drafts))
 }
 
