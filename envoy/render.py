@@ -124,14 +124,25 @@ def transport_socket(tls_cert=None, tls_key=None, client_ca=None):
     return _indent(lines, 6)
 
 
+def json_object(config, what):
+    """A filter configuration given as a dict or a JSON string, checked to be an object."""
+    if isinstance(config, str):
+        config = json.loads(config)
+    if not isinstance(config, dict):
+        raise ValueError(f"the {what} configuration must be a JSON object")
+    return config
+
+
+def check_node_id(node_id, option):
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", node_id):
+        raise ValueError(f"{option}: {node_id!r} must be letters, digits, '.', '_' or '-'")
+
+
 def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
                   allow_on_headers_stop_iteration=False, name=ECDS_NAME):
     """The ECDS resource file's content (a DiscoveryResponse with one TypedExtensionConfig):
     the same wasm filter configuration sidecar.yaml has inline."""
-    if isinstance(filter_config, str):
-        filter_config = json.loads(filter_config)
-    if not isinstance(filter_config, dict):
-        raise ValueError("the filter configuration must be a JSON object")
+    filter_config = json_object(filter_config, name)
     return {
         "version_info": str(version),
         "resources": [{
@@ -165,10 +176,7 @@ def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
     misconfiguration does; never deploy it."""
     if name not in CHAIN_FILTERS:
         raise ValueError(f"unknown filter {name!r} (known: {', '.join(CHAIN_FILTERS)})")
-    if isinstance(config, str):
-        config = json.loads(config)
-    if not isinstance(config, dict):
-        raise ValueError(f"the {name} configuration must be a JSON object")
+    config = json_object(config, name)
     return {"name": name, "config": config,
             "wasm": os.path.abspath(wasm or os.path.join(WASM_DIR, CHAIN_FILTERS[name][0])),
             "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration)}
@@ -297,22 +305,16 @@ def render(
     HOST:PORT of an ownership registry (cluster "owners", for device-ownership).
     With `ecds_dir`, the ECDS template (each filter's configuration then lives in its resource
     file: write them with write_ecds_resources(...))."""
-    if isinstance(filter_config, str):
-        filter_config = json.loads(filter_config)
     without_token_auth = filter_config is None and not ecds_dir
-    if without_token_auth:
-        # Only for tests whose requests carry identity headers themselves (tests/e2e parity).
-        filter_config = {}
-    if not isinstance(filter_config, dict):
-        raise ValueError("the filter configuration must be a JSON object")
+    # None: only for tests whose requests carry identity headers themselves (tests/e2e parity).
+    filter_config = json_object({} if without_token_auth else filter_config, "token-auth")
     if template_path is None:
         template_path = ECDS_TEMPLATE if ecds_dir else TEMPLATE
     listen_host, listen_port = split_host_port(listen, "--listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "--admin", allow_zero=True)
     broker_host, broker_port = split_host_port(broker, "--broker")
     idp_host, idp_port = split_host_port(idp, "--idp")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", node_id):
-        raise ValueError(f"--node-id: {node_id!r} must be letters, digits, '.', '_' or '-'")
+    check_node_id(node_id, "--node-id")
     wasm = os.path.abspath(wasm)
     params = {
         "NODE_ID": node_id,
@@ -456,15 +458,11 @@ def render_mqtt(
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
     JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
     requires client certificates signed by that CA (mTLS)."""
-    if isinstance(filter_config, str):
-        filter_config = json.loads(filter_config)
-    if not isinstance(filter_config, dict):
-        raise ValueError("the mqtt-acl configuration must be a JSON object")
+    filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
     broker_host, broker_port = split_host_port(broker, "broker")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", node_id):
-        raise ValueError(f"node_id: {node_id!r} must be letters, digits, '.', '_' or '-'")
+    check_node_id(node_id, "node_id")
     # The HTTP listener's TLS settings, without its HTTP ALPN protocols.
     tls = "\n".join(line for line in transport_socket(tls_cert, tls_key, client_ca).split("\n")
                     if "alpn_protocols" not in line)

@@ -367,8 +367,14 @@ class EnvoyProcess:
     until it serves, the admin interface, stats, logs, stopping. Subclasses (dataclasses) have
     `name`, `work_dir`, `concurrency`, `proc`, `port` and `admin_port`."""
 
-    def launch(self, yaml_path, component_log_level):
-        """Starts Envoy on `yaml_path` and waits until it is LIVE; reads back its ports."""
+    def launch(self, yaml_text, component_log_level):
+        """Writes the rendered configuration, starts Envoy on it and waits until it is LIVE;
+        reads back its ports."""
+        if not os.access(ENVOY, os.X_OK):
+            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
+        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
+        with open(yaml_path, "w") as f:
+            f.write(yaml_text)
         admin_path = os.path.join(self.work_dir, f"{self.name}.admin")
         # Unique per Envoy instance (and per pytest process): hot-restart shared memory names
         # are derived from it, so two Envoys with the same base id cannot run at once.
@@ -453,17 +459,14 @@ class Envoy(EnvoyProcess):
     proc: Proc = field(default=None, repr=False)
 
     def start(self):
-        if not os.access(ENVOY, os.X_OK):
-            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
-        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
         if self.ecds_dir:
             os.makedirs(self.ecds_dir, exist_ok=True)
             render.write_ecds_resources(
                 self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
                 allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration)
         tls = self.tls or {}
-        with open(yaml_path, "w") as f:
-            f.write(render.render(
+        return self.launch(
+            render.render(
                 self.filter_config,
                 listen="127.0.0.1:0",
                 admin="127.0.0.1:0",
@@ -478,8 +481,8 @@ class Envoy(EnvoyProcess):
                 client_ca=tls.get("client_ca"),
                 extra_filters=self.extra_filters,
                 owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
-            ))
-        return self.launch(yaml_path, "wasm:debug,http:debug,router:debug,pool:debug")
+            ),
+            "wasm:debug,http:debug,router:debug,pool:debug")
 
     @property
     def ecds_resource(self):
@@ -626,12 +629,9 @@ class MqttEnvoy(EnvoyProcess):
     proc: Proc = field(default=None, repr=False)
 
     def start(self):
-        if not os.access(ENVOY, os.X_OK):
-            raise RuntimeError(f"{ENVOY} is missing: run scripts/setup")
-        yaml_path = os.path.join(self.work_dir, f"{self.name}.yaml")
         tls = self.tls or {}
-        with open(yaml_path, "w") as f:
-            f.write(render.render_mqtt(
+        return self.launch(
+            render.render_mqtt(
                 self.filter_config,
                 listen="127.0.0.1:0",
                 admin="127.0.0.1:0",
@@ -641,8 +641,8 @@ class MqttEnvoy(EnvoyProcess):
                 tls_cert=tls.get("cert"),
                 tls_key=tls.get("key"),
                 client_ca=tls.get("client_ca"),
-            ))
-        return self.launch(yaml_path, "wasm:debug,filter:debug")
+            ),
+            "wasm:debug,filter:debug")
 
     def stats(self, prefix="wasmcustom.mqtt_acl."):
         return super().stats(prefix)
