@@ -377,20 +377,27 @@ class Demo:
             o.expect(not any(v == "admin" for k, v in rec["headers"]),
                      "a spoofed 'admin' reached the broker")
 
-    def step_post(self, o):
+    def post_json(self, path, value, show_response_headers=()):
+        """POSTs `value` as the gateway, shows the exchange; returns (response, records at the
+        broker, decisions)."""
         token = self.idp.token(ORION)
+        body = json.dumps(value)
+        r, records, decision = self.send(
+            "POST", path,
+            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
+        self.show_exchange("POST", path,
+                           [("Authorization", f"Bearer {short(token)}"),
+                            ("Content-Type", "application/json")],
+                           body, r, records, decision,
+                           show_response_headers=show_response_headers)
+        return r, records, decision
+
+    def step_post(self, o):
         entity = {"id": f"urn:ngsi-ld:Streetlight:demo-{uuid.uuid4().hex[:8]}",
                   "type": "Streetlight",
                   "luminosity": {"type": "Number", "value": 87},
                   "status": {"type": "Text", "value": "on"}}
-        body = json.dumps(entity)
-        r, records, decision = self.send(
-            "POST", "/v2/entities",
-            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
-        self.show_exchange("POST", "/v2/entities",
-                           [("Authorization", f"Bearer {short(token)}"),
-                            ("Content-Type", "application/json")],
-                           body, r, records, decision, show_response_headers=["location"])
+        r, records, _ = self.post_json("/v2/entities", entity, show_response_headers=["location"])
         o.expect(r.status in (200, 201), f"status {r.status}, expected 201")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
@@ -427,17 +434,10 @@ class Demo:
                      "Authorization was forwarded to the broker")
 
     def step_acl_denied(self, o):
-        token = self.idp.token(ORION)
         entity = {"id": "urn:ngsi-ld:Building:townhall", "type": "Building",
                   "floors": {"type": "Number", "value": 4}}
-        body = json.dumps(entity)
         say("a valid JWT for sensor-gateway; the ACL grants it Streetlights only", 1)
-        r, records, decision = self.send(
-            "POST", "/v2/entities",
-            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
-        self.show_exchange("POST", "/v2/entities",
-                           [("Authorization", f"Bearer {short(token)}"),
-                            ("Content-Type", "application/json")], body, r, records, decision)
+        r, records, _ = self.post_json("/v2/entities", entity)
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         try:
             answer = r.json()
@@ -449,21 +449,14 @@ class Demo:
         o.expect(records == [], "the request reached the broker")
 
     def step_batch_denied(self, o):
-        token = self.idp.token(ORION)
         batch = {"actionType": "append", "entities": [
             {"id": "urn:ngsi-ld:Streetlight:7", "type": "Streetlight",
              "luminosity": {"type": "Number", "value": 10}},
             {"id": "urn:ngsi-ld:Building:townhall", "type": "Building",
              "floors": {"type": "Number", "value": 5}},
         ]}
-        body = json.dumps(batch)
         say("one Streetlight (granted) and one Building (not) in one op/update", 1)
-        r, records, decision = self.send(
-            "POST", "/v2/op/update",
-            {"authorization": f"Bearer {token}", "content-type": "application/json"}, body)
-        self.show_exchange("POST", "/v2/op/update",
-                           [("Authorization", f"Bearer {short(token)}"),
-                            ("Content-Type", "application/json")], body, r, records, decision)
+        r, records, _ = self.post_json("/v2/op/update", batch)
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         o.expect(records == [], "part of the batch reached the broker")
 
