@@ -163,6 +163,22 @@ pub struct PluginVm {
     pub failure: Option<VmFailure>,
     /// Clock time of the last tick delivered (ns).
     pub last_tick_nanos: u64,
+    /// What the guest has cost so far, for budgets and fuzzing.
+    pub usage: Usage,
+}
+
+/// What a VM's guest has cost: fuel (roughly, wasm instructions) per callback and linear
+/// memory. Linear memory never shrinks, so `memory_bytes` is also the VM's high-water mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Fuel burned by all callbacks.
+    pub fuel_total: u64,
+    /// The most fuel one callback burned.
+    pub fuel_max_call: u64,
+    /// The export that burned `fuel_max_call`.
+    pub fuel_max_call_export: &'static str,
+    /// Callbacks made.
+    pub calls: u64,
 }
 
 impl PluginVm {
@@ -215,6 +231,7 @@ impl PluginVm {
             root_context_id: 0,
             failure: None,
             last_tick_nanos: 0,
+            usage: Usage::default(),
         };
         vm.last_tick_nanos = vm.store.data().shared.now_nanos();
         vm.boot()?;
@@ -269,6 +286,14 @@ impl PluginVm {
         self.failure.is_none()
     }
 
+    /// The guest's linear memory now, in bytes (it never shrinks: this is the high-water mark).
+    pub fn memory_bytes(&mut self) -> usize {
+        match self.store.data().memory {
+            Some(memory) => memory.data_size(&self.store),
+            None => 0,
+        }
+    }
+
     pub fn state(&self) -> &HostState {
         self.store.data()
     }
@@ -305,7 +330,19 @@ impl PluginVm {
         if let Err(e) = self.store.set_fuel(self.spec.limits.fuel_per_call) {
             return Err(e.to_string());
         }
-        match func.call(&mut self.store, params) {
+        let called = func.call(&mut self.store, params);
+        let burned = self
+            .spec
+            .limits
+            .fuel_per_call
+            .saturating_sub(self.store.get_fuel().unwrap_or(0));
+        self.usage.calls += 1;
+        self.usage.fuel_total = self.usage.fuel_total.saturating_add(burned);
+        if burned > self.usage.fuel_max_call {
+            self.usage.fuel_max_call = burned;
+            self.usage.fuel_max_call_export = export_label(name);
+        }
+        match called {
             Ok(r) => Ok(r),
             Err(e) => {
                 let why = format!("{name}: {}", trap_text(&e));
@@ -495,4 +532,37 @@ pub fn not_serving(vm: &PluginVm) -> anyhow::Error {
             .map(ToString::to_string)
             .unwrap_or_default()
     )
+}
+
+/// A static name for an export (the ones the harness calls), for [`Usage`].
+fn export_label(name: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "_initialize",
+        "_start",
+        "proxy_on_context_create",
+        "proxy_on_vm_start",
+        "proxy_on_configure",
+        "proxy_on_tick",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_headers",
+        "proxy_on_response_body",
+        "proxy_on_response_trailers",
+        "proxy_on_http_call_response",
+        "proxy_on_new_connection",
+        "proxy_on_downstream_data",
+        "proxy_on_upstream_data",
+        "proxy_on_downstream_connection_close",
+        "proxy_on_upstream_connection_close",
+        "proxy_on_done",
+        "proxy_on_log",
+        "proxy_on_delete",
+        "proxy_on_queue_ready",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == name)
+        .copied()
+        .unwrap_or("other")
 }

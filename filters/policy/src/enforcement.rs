@@ -49,7 +49,9 @@ pub fn summarize_accesses(accesses: &[Access]) -> String {
                 .unwrap_or_default();
             let entity = match &a.entity {
                 EntitySelector::Id(id) => quoted_if_needed(id),
-                EntitySelector::IdPattern(p) => format!("idPattern:{p:?}"),
+                EntitySelector::IdPattern(p) => {
+                    format!("idPattern:{}", crate::log_text::bounded_debug(p))
+                }
                 EntitySelector::Any => "*".into(),
             };
             format!("{action} {entity}")
@@ -62,6 +64,7 @@ pub fn summarize_accesses(accesses: &[Access]) -> String {
 }
 
 fn quoted_if_needed(value: &str) -> String {
+    let value = &*crate::log_text::bounded(value);
     let plain = !value.is_empty()
         && value
             .chars()
@@ -85,7 +88,8 @@ pub fn decision_line(
     entities: &str,
     decision: &Decision,
 ) -> String {
-    let subject = identity.map_or("-".to_string(), |i| format!("{:?}", i.subject));
+    use crate::log_text::bounded_debug;
+    let subject = identity.map_or("-".to_string(), |i| bounded_debug(&i.subject));
     let (verdict, status, reason, by) = match decision {
         Decision::Allow(by) => ("allow", 200, "allowed", by.as_str()),
         Decision::Deny(r) => (
@@ -101,7 +105,10 @@ pub fn decision_line(
     };
     format!(
         "{filter} decision={verdict} status={status} reason={reason} subject={subject} \
-         operation={operation:?} entities={entities} by={by:?}"
+         operation={} entities={} by={}",
+        bounded_debug(operation),
+        crate::log_text::bounded_to(entities, 4 * crate::log_text::MAX_LOGGED_VALUE),
+        bounded_debug(by),
     )
 }
 
