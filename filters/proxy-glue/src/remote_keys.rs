@@ -368,3 +368,20 @@ impl RemoteKeys {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_entries_carry_the_fetch_time() {
+        let jwks = "{\"keys\":[]}\n";
+        assert_eq!(
+            parse_shared_entry(&shared_entry(1_767_225_600, jwks)),
+            Some((1_767_225_600, jwks))
+        );
+        // An entry written by a module without fetch times is ignored (the worker fetches).
+        assert_eq!(parse_shared_entry("{\"keys\":[]}"), None);
+        assert_eq!(parse_shared_entry("soon\n{}"), None);
+    }
+}
