@@ -318,6 +318,21 @@ impl Default for CredentialConfig {
 }
 
 impl CredentialConfig {
+    /// Whether a request header named `name` can carry a credential of these sources (then
+    /// token-auth needs it as text).
+    pub fn reads_header(&self, name: &str) -> bool {
+        self.sources.iter().any(|source| match source {
+            TokenSource::Bearer => name.eq_ignore_ascii_case("authorization"),
+            TokenSource::Header { name: header } => name.eq_ignore_ascii_case(header),
+            TokenSource::DeviceKey {
+                location: KeyLocation::Header,
+                id,
+                key,
+            } => name.eq_ignore_ascii_case(id) || name.eq_ignore_ascii_case(key),
+            TokenSource::Query { .. } | TokenSource::DeviceKey { .. } => false,
+        })
+    }
+
     /// Checks the configuration; the message names the offending source.
     pub fn validate(&self) -> Result<(), CredentialConfigError> {
         let err = |m: String| Err(CredentialConfigError(m));

@@ -54,6 +54,14 @@ pub const MAX_BATCH_ENTITIES: usize = 1000;
 /// not classify.
 pub const UNCLASSIFIED: &str = "unclassified NGSI request";
 
+/// The request headers the NGSI model reads (besides pseudo-headers): the tenant headers. A
+/// filter must have them as text; anything else goes to the broker untouched.
+pub fn reads_header(name: &str) -> bool {
+    ["fiware-service", "fiware-servicepath", "ngsild-tenant"]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
+
 /// One HTTP request as the filter sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct NgsiRequest<'a> {
