@@ -27,6 +27,7 @@ def config():
     return {
         "jwt_providers": [{
             "issuer": ISSUER,
+            "audiences": ["mqtt"],
             "algorithms": ["HS256"],
             "hmac_secret": base64.b64encode(SECRET).decode(),
             "claims": {"roles": ["roles"]},
@@ -47,8 +48,8 @@ def config():
 
 def token(sub, ttl=600, roles=(), issuer=ISSUER, secret=SECRET):
     now = int(time.time())
-    return e2e.hs256_jwt({"iss": issuer, "sub": sub, "iat": now - 5, "exp": now + ttl,
-                          "roles": list(roles)}, secret)
+    return e2e.hs256_jwt({"iss": issuer, "aud": "mqtt", "sub": sub, "iat": now - 5,
+                          "exp": now + ttl, "roles": list(roles)}, secret)
 
 
 @pytest.fixture(scope="module")

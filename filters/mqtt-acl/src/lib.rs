@@ -134,6 +134,9 @@ impl RootContext for Root {
             return false;
         }
         log::info!("mqtt-acl: configured ({:?} mode)", policy.mode());
+        for warning in policy.jwt().map(|j| j.warnings()).unwrap_or_default() {
+            log::warn!("mqtt-acl: {warning}");
+        }
         let metrics = Metrics::define();
         let keys = RemoteKeys::new(
             "mqtt-acl",

@@ -24,6 +24,7 @@ pub mod mtls;
 pub mod ngsi;
 pub mod ownership;
 pub mod routes;
+pub mod strict_json;
 pub mod token_auth;
 
 pub use decision::{Decision, DenyReason};

@@ -918,9 +918,11 @@ impl Session {
                 return match jwt.verify(username, env.now) {
                     // Remote keys that may have rotated, or not arrived yet: "server
                     // unavailable" (the client retries), and the filter fetches them.
-                    Err(e @ (TokenError::UnknownKid | TokenError::KeysUnavailable))
-                        if remote_issuer(jwt, username).is_some() =>
-                    {
+                    Err(
+                        e @ (TokenError::UnknownKid
+                        | TokenError::KeysUnavailable
+                        | TokenError::KeysStale),
+                    ) if remote_issuer(jwt, username).is_some() => {
                         Err((Refusal::Unavailable, e.to_string()))
                     }
                     Ok(verified) => {

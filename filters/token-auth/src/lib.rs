@@ -57,6 +57,8 @@ struct Metrics {
     callout_failures: Counter,
     jwks_fetched: Counter,
     jwks_failed: Counter,
+    jwks_stale: Counter,
+    introspection_malformed: Counter,
 }
 
 impl Metrics {
@@ -75,6 +77,8 @@ impl Metrics {
             callout_failures: c("callout.failed"),
             jwks_fetched: c("jwks.fetched"),
             jwks_failed: c("jwks.failed"),
+            jwks_stale: c("jwks.stale"),
+            introspection_malformed: c("introspection.malformed"),
         }
     }
 
@@ -113,6 +117,7 @@ struct State {
     callouts: HashMap<u32, LookupKey>,
     keys: RemoteKeys,
     last_cache: policy::cache::CacheStats,
+    last_counters: policy::token_auth::AuthCounters,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -148,6 +153,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        for warning in auth.warnings() {
+            log::warn!("token-auth: {warning}");
+        }
         let needs_ticks = auth.config().introspection.is_some()
             || auth.providers().iter().any(|p| p.remote().is_some());
         let metrics = Metrics::define();
@@ -169,6 +177,7 @@ impl RootContext for Root {
             callouts: HashMap::new(),
             keys,
             last_cache: Default::default(),
+            last_counters: Default::default(),
         }));
         self.state = Some(state.clone());
         if needs_ticks {
@@ -360,7 +369,7 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
         } else {
             s.auth.authenticate_without_fetch(facts, now)
         };
-        count_cache(&mut s);
+        count_engine_events(&mut s);
         outcome
     });
     let outcome = outcome.unwrap_or_else(|reason| Outcome::Deny {
@@ -408,7 +417,9 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
     }
 }
 
-fn count_cache(s: &mut State) {
+/// Adds what the engine counted since the last call (cache hits and misses, stale keys,
+/// malformed introspection answers) to the metrics.
+fn count_engine_events(s: &mut State) {
     let stats = s.auth.cache_stats();
     s.metrics
         .cache_hits
@@ -417,13 +428,39 @@ fn count_cache(s: &mut State) {
         .cache_misses
         .add(stats.misses.saturating_sub(s.last_cache.misses));
     s.last_cache = stats;
+    let counters = s.auth.counters();
+    s.metrics.jwks_stale.add(
+        counters
+            .stale_keys
+            .saturating_sub(s.last_counters.stale_keys),
+    );
+    s.metrics.introspection_malformed.add(
+        counters
+            .malformed_introspection
+            .saturating_sub(s.last_counters.malformed_introspection),
+    );
+    s.last_counters = counters;
+}
+
+/// Removes the credential headers and, if it changed, rewrites `:path` (query credentials).
+fn remove_credentials(strip_headers: &[String], new_path: Option<&str>) {
+    for name in strip_headers {
+        let _ = host::set_header(MapType::HttpRequestHeaders, name, None);
+    }
+    if let Some(path) = new_path {
+        let _ = host::set_header(MapType::HttpRequestHeaders, ":path", Some(path));
+    }
 }
 
 /// Executes a final outcome on the effective stream; returns the action for its callback.
 fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
     let s = state.borrow();
     match outcome {
-        Outcome::Public => {
+        Outcome::Public {
+            strip_headers,
+            new_path,
+        } => {
+            remove_credentials(&strip_headers, new_path.as_deref());
             s.metrics.public.inc();
             log::info!("token-auth: ctx={ctx} decision=allow public route");
             Action::Continue
@@ -433,12 +470,7 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
             strip_headers,
             new_path,
         } => {
-            for name in &strip_headers {
-                let _ = host::set_header(MapType::HttpRequestHeaders, name, None);
-            }
-            if let Some(path) = &new_path {
-                let _ = host::set_header(MapType::HttpRequestHeaders, ":path", Some(path));
-            }
+            remove_credentials(&strip_headers, new_path.as_deref());
             for (name, value) in s.auth.render_identity(&identity) {
                 if host::set_header(MapType::HttpRequestHeaders, &name, Some(&value)).is_err() {
                     // Without its identity headers the request must not go on.
@@ -551,7 +583,7 @@ fn start_introspection(state: &Shared, token: &str, owner: Option<u32>) -> bool 
     let Some(intro) = state.borrow().auth.config().introspection.clone() else {
         return false;
     };
-    let call = intro.build_request(token, None);
+    let call = intro.build_request(token);
     let body = (!call.body.is_empty()).then_some(call.body.as_slice());
     let Some(callout) = dispatch(
         state,
@@ -602,10 +634,12 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         .get(&key)
         .and_then(|l| l.token.clone());
     let Some(token) = token else { return };
-    let decided = state
-        .borrow_mut()
-        .auth
-        .finish_introspection(&token, status, &body, now);
+    let decided = {
+        let mut s = state.borrow_mut();
+        let decided = s.auth.finish_introspection(&token, status, &body, now);
+        count_engine_events(&mut s);
+        decided
+    };
     for ctx in take_waiters(state, &key) {
         on_stream(current, ctx, || {
             let outcome = with_request(state, |facts| match &decided {

@@ -37,7 +37,7 @@ fn token(sub: &str, exp: u64) -> String {
 
 fn base_config() -> Value {
     json!({
-        "jwt_providers": [{"issuer": ISS, "algorithms": ["HS256"],
+        "jwt_providers": [{"issuer": ISS, "algorithms": ["HS256"], "allow_any_audience": true,
                            "hmac_secret": STANDARD.encode(SECRET)}],
         "device_keys": {"devices": {"lamp-01": {"key_sha256": [sha("k1")]},
                                     "lamp-02": {"key_sha256": [sha("k2")]}}},
@@ -905,11 +905,10 @@ fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
     use jwt_simple::prelude::{Claims, Duration, RS256KeyPair, RSAKeyPairLike};
     const REMOTE: &str = "https://keycloak.example/realms/city";
     let mut config = base_config();
-    config["jwt_providers"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"issuer": REMOTE, "algorithms": ["RS256"],
-                     "remote": {"cluster": "idp", "path": "/jwks", "authority": "idp"}}));
+    config["jwt_providers"].as_array_mut().unwrap().push(
+        json!({"issuer": REMOTE, "algorithms": ["RS256"], "allow_any_audience": true,
+                     "remote": {"cluster": "idp", "path": "/jwks", "authority": "idp"}}),
+    );
     let key = RS256KeyPair::generate(2048).unwrap().with_key_id("k1");
     let mut claims = Claims::create(Duration::from_secs(300))
         .with_issuer(REMOTE)
@@ -946,7 +945,10 @@ fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
         .unwrap()
         .provider_mut(REMOTE)
         .unwrap()
-        .set_remote_keys(crate::jwt::KeySet::from_jwks_json(&jwks.to_string()).unwrap())
+        .set_remote_keys(
+            crate::jwt::KeySet::from_jwks_json(&jwks.to_string()).unwrap(),
+            NOW,
+        )
         .unwrap();
     let mut conn = Conn::new(policy);
     conn.open(V3, Some(&t), None);
