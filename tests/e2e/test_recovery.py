@@ -3,9 +3,11 @@ default) against FAIL_CLOSED, with two workers.
 
 The VM is killed on demand with the abi-probe TEST filter (never deployed): a request carrying
 `x-probe-trap: 1` makes it execute `unreachable`. Only that worker's VM dies; the request gets
-503. With FAIL_RELOAD, Envoy refuses that worker's requests during its reload backoff (1 s base,
-`wasm.<plugin>.vm_reload_backoff`), then starts a fresh VM (`vm_reload_success`) and serves
-again; with FAIL_CLOSED that worker refuses every request until Envoy restarts.
+503. With FAIL_RELOAD, the next request on that worker starts a fresh VM (`vm_reload_success`)
+and is served -- unless the VM was loaded less than the reload backoff ago (1 s base, jittered;
+here the trap comes right after Envoy's start): those requests are refused
+(`wasm.<plugin>.vm_reload_backoff`). With FAIL_CLOSED that worker refuses every request until
+Envoy restarts.
 
 Reaching both workers: the listener gets `connection_balance_config: {exact_balance: {}}`
 (render.py exact_balance=True): each new connection goes to the worker with the fewest active
