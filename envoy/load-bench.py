@@ -31,6 +31,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "envoy"))
+import render  # noqa: E402  (envoy/render.py: the wasm filter stanza)
 ENVOY = ROOT / ".venv/bin/envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/token_auth.wasm"
 ENTITY_ACL_WASM = ROOT / "target/wasm32-wasip1/release/entity_acl.wasm"
@@ -82,16 +84,10 @@ def http_filters(variant, jwks):
 
 
 def wasm_filter(name, wasm, config, body=False):
-    """A wasm http filter as sidecar.yaml has it (body: the filter decides on the body)."""
-    return {"name": "envoy.filters.http.wasm", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {"name": name, "root_id": "",
-                   "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
-                                 "code": {"local": {"filename": str(wasm)}}},
-                   "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                     "value": json.dumps(config)},
-                   "failure_policy": "FAIL_CLOSED",
-                   "allow_on_headers_stop_iteration": body}}}
+    """A wasm http filter as sidecar.yaml has it (body: the filter decides on the body), built
+    by render.py's one builder."""
+    return render.wasm_filter(render.wasm_plugin(name, str(wasm), config,
+                                                 allow_on_headers_stop_iteration=body))
 
 
 def envoy_config(variant, port, admin_port, jwks):

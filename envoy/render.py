@@ -10,6 +10,7 @@
         [--ecds DIR]
         [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
         [--entity-acl-config FILE [--entity-acl-wasm W]]
+        [--failure-policy reload|fail-closed]
 
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
@@ -31,6 +32,11 @@ path) then come from DIR/token-auth.json, an ECDS resource Envoy watches and rel
 time (and DIR/entity-acl.json, DIR/device-ownership.json for those filters). The resources
 are written here from the configurations and .wasm paths (atomically); change them later with
 envoy/push-config.
+
+--failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
+default, Envoy's FAIL_RELOAD) refuses the failing request with 503 and starts a fresh VM for the
+next ones; `fail-closed` (FAIL_CLOSED) refuses every request until Envoy restarts or the filter
+is pushed again. Both are fail-closed for the request that failed; FAIL_OPEN is not offered.
 """
 
 import argparse
@@ -138,34 +144,113 @@ def check_node_id(node_id, option):
         raise ValueError(f"{option}: {node_id!r} must be letters, digits, '.', '_' or '-'")
 
 
+# Envoy's wasm PluginConfig.failure_policy, by the name --failure-policy takes. FAIL_RELOAD (the
+# default): a request that meets a failed VM is refused (503, as FAIL_CLOSED), and a fresh VM
+# is started for later requests (Envoy backs off between reloads, 1 s base). FAIL_CLOSED: the
+# VM stays dead and every request is refused until Envoy restarts or the filter is pushed again.
+# FAIL_OPEN (requests skip the failed filter) is never acceptable for a security filter: not
+# offered.
+FAILURE_POLICIES = {"reload": "FAIL_RELOAD", "fail-closed": "FAIL_CLOSED"}
+DEFAULT_FAILURE_POLICY = "FAIL_RELOAD"
+
+
+def failure_policy_value(policy):
+    """Envoy's enum value for a --failure-policy name (or an enum value we offer)."""
+    if policy in FAILURE_POLICIES.values():
+        return policy
+    if policy in FAILURE_POLICIES:
+        return FAILURE_POLICIES[policy]
+    raise ValueError(f"failure policy {policy!r}: choose one of {', '.join(FAILURE_POLICIES)}"
+                     " (FAIL_OPEN would let requests skip a failed security filter)")
+
+
+def wasm_plugin(name, wasm, filter_config, failure_policy=DEFAULT_FAILURE_POLICY,
+                allow_on_headers_stop_iteration=None):
+    """The one builder of a wasm filter's PluginConfig (the `config` of an
+    envoy.filters.{http,network}.wasm filter), inline or in an ECDS resource: V8, vm_id = the
+    filter's name (workers share its shared data), the module from a local file, the filter's
+    JSON as a StringValue, the failure policy. allow_on_headers_stop_iteration: None for network
+    filters (an HTTP-only option)."""
+    plugin = {
+        "name": name,
+        "root_id": "",
+        "vm_config": {
+            "vm_id": name,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": os.path.abspath(wasm)}},
+        },
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": json.dumps(json_object(filter_config, name), separators=(",", ":")),
+        },
+        "failure_policy": failure_policy_value(failure_policy),
+    }
+    if allow_on_headers_stop_iteration is not None:
+        plugin["allow_on_headers_stop_iteration"] = bool(allow_on_headers_stop_iteration)
+    return plugin
+
+
+def wasm_filter(plugin, network=False):
+    """An http_filters (or network filters) entry running `plugin` (a wasm_plugin(...))."""
+    kind = "network" if network else "http"
+    return {"name": f"envoy.filters.{kind}.wasm",
+            "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm",
+                             "config": plugin}}
+
+
+def _yaml_lines(value):
+    """Block-style YAML lines of dicts, lists and scalars (strings as JSON literals)."""
+    if isinstance(value, dict):
+        lines = []
+        for key, item in value.items():
+            key = key if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else yaml_string(key)
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{key}:")
+                lines += ["  " + line for line in _yaml_lines(item)]
+            else:
+                lines.append(f"{key}: {_yaml_scalar(item)}")
+        return lines
+    if isinstance(value, list):
+        lines = []
+        for item in value:
+            inner = _yaml_lines(item)
+            lines += ["- " + inner[0]] + ["  " + line for line in inner[1:]]
+        return lines
+    return [_yaml_scalar(value)]
+
+
+def _yaml_scalar(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if value == {}:
+        return "{}"
+    # Plain where YAML cannot misread it (names, type URLs, enum values), else quoted.
+    if (re.fullmatch(r"[A-Za-z][A-Za-z0-9._/-]*", value)
+            and value.lower() not in ("true", "false", "yes", "no", "on", "off", "null")):
+        return value
+    return yaml_string(value)
+
+
+def filter_yaml(entry, spaces):
+    """A filter list entry (a wasm_filter(...)) as YAML lines at `spaces` indentation."""
+    return _indent(_yaml_lines([entry]), spaces)
+
+
 def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
-                  allow_on_headers_stop_iteration=False, name=ECDS_NAME):
+                  allow_on_headers_stop_iteration=False, name=ECDS_NAME,
+                  failure_policy=DEFAULT_FAILURE_POLICY):
     """The ECDS resource file's content (a DiscoveryResponse with one TypedExtensionConfig):
     the same wasm filter configuration sidecar.yaml has inline."""
-    filter_config = json_object(filter_config, name)
     return {
         "version_info": str(version),
         "resources": [{
             "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
             "name": name,
-            "typed_config": {
-                "@type": WASM_TYPE,
-                "config": {
-                    "name": name,
-                    "root_id": "",
-                    "vm_config": {
-                        "vm_id": name,
-                        "runtime": "envoy.wasm.runtime.v8",
-                        "code": {"local": {"filename": os.path.abspath(wasm)}},
-                    },
-                    "configuration": {
-                        "@type": "type.googleapis.com/google.protobuf.StringValue",
-                        "value": json.dumps(filter_config, separators=(",", ":")),
-                    },
-                    "failure_policy": "FAIL_CLOSED",
-                    "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration),
-                },
-            },
+            "typed_config": wasm_filter(wasm_plugin(
+                name, wasm, filter_config, failure_policy,
+                allow_on_headers_stop_iteration))["typed_config"],
         }],
     }
 
@@ -177,17 +262,25 @@ def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
     if name not in CHAIN_FILTERS:
         raise ValueError(f"unknown filter {name!r} (known: {', '.join(CHAIN_FILTERS)})")
     config = json_object(config, name)
-    return {"name": name, "config": config,
+    return {"name": name, "config": config, "about": CHAIN_FILTERS[name][1],
             "wasm": os.path.abspath(wasm or os.path.join(WASM_DIR, CHAIN_FILTERS[name][0])),
             "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration)}
 
 
-def _chain_filter_yaml(f, number, ecds_dir=None):
+def test_probe_filter(config, wasm=os.path.join(WASM_DIR, "abi_probe.wasm")):
+    """Tests only, never deploy: the abi-probe test filter as a chain filter (the recovery
+    tests trap it on demand to watch the failure policy)."""
+    return {"name": "abi-probe", "config": json_object(config, "abi-probe"),
+            "about": "TEST filter abi-probe (never deploy)", "wasm": os.path.abspath(wasm),
+            "allow_on_headers_stop_iteration": True}
+
+
+def _chain_filter_yaml(f, number, ecds_dir=None, failure_policy=DEFAULT_FAILURE_POLICY):
     """The http_filters entry of a filter after token-auth (YAML lines at the list's
     indentation): inline, or by ECDS from ecds_dir/<name>.json."""
     name = f["name"]
     lines = [
-        f"# {number}. {name}: {CHAIN_FILTERS[name][1]}.",
+        f"# {number}. {name}: {f['about']}.",
         "#    It decides on the request body: allow_on_headers_stop_iteration must be true, or",
         "#    the body never reaches it (it then answers 503 after its body_timeout_ms).",
     ]
@@ -206,25 +299,9 @@ def _chain_filter_yaml(f, number, ecds_dir=None):
             f"    - {WASM_TYPE}",
         ]
         return _indent(lines, 10)
-    lines += [
-        "- name: envoy.filters.http.wasm",
-        "  typed_config:",
-        f'    "@type": {WASM_TYPE}',
-        "    config:",
-        f"      name: {name}",
-        '      root_id: ""',
-        "      vm_config:",
-        f"        vm_id: {name}",
-        "        runtime: envoy.wasm.runtime.v8",
-        f"        code: {{ local: {{ filename: {yaml_string(f['wasm'])} }} }}",
-        "      configuration:",
-        '        "@type": type.googleapis.com/google.protobuf.StringValue',
-        f"        value: {yaml_string(json.dumps(f['config'], separators=(',', ':')))}",
-        "      failure_policy: FAIL_CLOSED",
-        "      allow_on_headers_stop_iteration: "
-        + ("true" if f.get("allow_on_headers_stop_iteration", True) else "false"),
-    ]
-    return _indent(lines, 10)
+    entry = wasm_filter(wasm_plugin(name, f["wasm"], f["config"], failure_policy,
+                                    f.get("allow_on_headers_stop_iteration", True)))
+    return _indent(lines, 10) + "\n" + filter_yaml(entry, 10)
 
 
 def write_atomically(path, data):
@@ -250,16 +327,18 @@ def ecds_path(ecds_dir, name=ECDS_NAME):
 
 
 def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filters=(),
-                         allow_on_headers_stop_iteration=False):
+                         allow_on_headers_stop_iteration=False,
+                         failure_policy=DEFAULT_FAILURE_POLICY):
     """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
     filter after it."""
     write_atomically(ecds_path(ecds_dir), ecds_resource(
-        filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration))
+        filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
+        failure_policy=failure_policy))
     for f in extra_filters:
         write_atomically(ecds_path(ecds_dir, f["name"]), ecds_resource(
             f["config"], f["wasm"],
             allow_on_headers_stop_iteration=f.get("allow_on_headers_stop_iteration", True),
-            name=f["name"]))
+            name=f["name"], failure_policy=failure_policy))
 
 
 def owners_cluster(owners):
@@ -298,11 +377,16 @@ def render(
     ecds_dir=None,
     extra_filters=(),
     owners=None,
+    failure_policy=DEFAULT_FAILURE_POLICY,
+    exact_balance=False,
 ):
     """Returns the rendered YAML. `filter_config` is token-auth's, a dict or a JSON string (an
     object); None leaves token-auth out (tests only: later filters then trust identity headers
     from the client). `extra_filters`: chain_filter(...)s after token-auth, in order. `owners`:
     HOST:PORT of an ownership registry (cluster "owners", for device-ownership).
+    `failure_policy`: every wasm filter's ("reload", the default, or "fail-closed").
+    `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
+    reach every worker's VM deterministically).
     With `ecds_dir`, the ECDS template (each filter's configuration then lives in its resource
     file: write them with write_ecds_resources(...))."""
     without_token_auth = filter_config is None and not ecds_dir
@@ -316,6 +400,7 @@ def render(
     idp_host, idp_port = split_host_port(idp, "--idp")
     check_node_id(node_id, "--node-id")
     wasm = os.path.abspath(wasm)
+    failure_policy = failure_policy_value(failure_policy)
     params = {
         "NODE_ID": node_id,
         "LISTEN_ADDRESS": listen_host,
@@ -328,12 +413,18 @@ def render(
         "IDP_ADDRESS": idp_host,
         "IDP_PORT": idp_port,
         "IDP_CLUSTER_TYPE": "STATIC" if _IPV4.match(idp_host) else "STRICT_DNS",
-        "WASM_PATH": yaml_string(wasm),
-        "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
-        "ALLOW_ON_HEADERS_STOP_ITERATION": "true" if allow_on_headers_stop_iteration else "false",
+        "TOKEN_AUTH_FILTER": filter_yaml(wasm_filter(wasm_plugin(
+            ECDS_NAME, wasm, filter_config, failure_policy,
+            allow_on_headers_stop_iteration)), 10),
+        "FAILURE_POLICY": failure_policy,
+        "CONNECTION_BALANCE": _indent([
+            "# Tests: hand connections to the workers in turn, so that fresh connections reach",
+            "# every worker's VM (by default the kernel picks, and one worker may get them all).",
+            "connection_balance_config: { exact_balance: {} }"], 4) if exact_balance else "",
         "TRANSPORT_SOCKET": transport_socket(tls_cert, tls_key, client_ca),
         "MORE_HTTP_FILTERS": "\n".join(
-            _chain_filter_yaml(f, n, ecds_dir) for n, f in enumerate(extra_filters, start=2)),
+            _chain_filter_yaml(f, n, ecds_dir, failure_policy)
+            for n, f in enumerate(extra_filters, start=2)),
         "EXTRA_CLUSTERS": owners_cluster(owners) if owners else "",
     }
     if ecds_dir:
@@ -374,6 +465,10 @@ def main(argv=None):
                             help=f"{wasm_file} path")
     parser.add_argument("--owners", metavar="HOST:PORT",
                         help="ownership registry for device-ownership (cluster \"owners\")")
+    parser.add_argument("--failure-policy", choices=list(FAILURE_POLICIES), default="reload",
+                        help="when a filter's VM fails: refuse that request and start a fresh VM"
+                             " (reload, the default), or refuse every request until a restart"
+                             " (fail-closed); see envoy/README.md")
     args = parser.parse_args(argv)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
@@ -412,10 +507,12 @@ def main(argv=None):
             ecds_dir=args.ecds,
             extra_filters=extra_filters,
             owners=args.owners,
+            failure_policy=args.failure_policy,
         )
         if args.ecds:
             write_ecds_resources(args.ecds, config, args.wasm, extra_filters,
-                                 allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration)
+                                 allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration,
+                                 failure_policy=args.failure_policy)
     except (OSError, ValueError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
@@ -453,11 +550,12 @@ def render_mqtt(
     tls_key=None,
     client_ca=None,
     template_path=MQTT_TEMPLATE,
+    failure_policy=DEFAULT_FAILURE_POLICY,
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
     JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
-    requires client certificates signed by that CA (mTLS)."""
+    requires client certificates signed by that CA (mTLS). `failure_policy` as render()'s."""
     filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
@@ -475,8 +573,9 @@ def render_mqtt(
         "BROKER_ADDRESS": broker_host,
         "BROKER_PORT": broker_port,
         "BROKER_CLUSTER_TYPE": "STATIC" if _IPV4.match(broker_host) else "STRICT_DNS",
-        "WASM_PATH": yaml_string(os.path.abspath(wasm)),
-        "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
+        "MQTT_ACL_FILTER": filter_yaml(wasm_filter(
+            wasm_plugin("mqtt-acl", wasm, filter_config, failure_policy), network=True), 6),
+        "FAILURE_POLICY": failure_policy_value(failure_policy),
         "TRANSPORT_SOCKET": tls,
     }
     with open(template_path, encoding="utf-8") as f:

@@ -33,7 +33,9 @@ WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "token_auth.wasm
 IDP_JS = os.path.join(HERE, "idp", "idp.js")
 STANDIN = os.path.join(HERE, "broker_standin.py")
 
-START_TIMEOUT = 30.0
+# How long a process may take to become ready. Three wasm filters compiled by V8 for Envoy's
+# main thread and two workers take ~50 s on a 2-core machine shared with other builds.
+START_TIMEOUT = float(os.environ.get("E2E_START_TIMEOUT", "90"))
 HTTP_TIMEOUT = 15.0
 
 # Every process started, for the failure report (name, log path).
@@ -454,6 +456,9 @@ class Envoy(EnvoyProcess):
     # Filters after token-auth: render.chain_filter(...)s, in chain order.
     extra_filters: list = field(default_factory=list)
     owners_port: int = None
+    # render.py's failure_policy ("reload", the default, or "fail-closed") and exact_balance.
+    failure_policy: str = render.DEFAULT_FAILURE_POLICY
+    exact_balance: bool = False
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -463,7 +468,8 @@ class Envoy(EnvoyProcess):
             os.makedirs(self.ecds_dir, exist_ok=True)
             render.write_ecds_resources(
                 self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
-                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration)
+                allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
+                failure_policy=self.failure_policy)
         tls = self.tls or {}
         return self.launch(
             render.render(
@@ -481,6 +487,8 @@ class Envoy(EnvoyProcess):
                 client_ca=tls.get("client_ca"),
                 extra_filters=self.extra_filters,
                 owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
+                failure_policy=self.failure_policy,
+                exact_balance=self.exact_balance,
             ),
             "wasm:debug,http:debug,router:debug,pool:debug")
 

@@ -462,11 +462,11 @@ def test_the_ecds_template_matches_sidecar_yaml_outside_the_filter(work_dir, was
         significant(dynamic, "- name: token-auth")
     code = [l for l in dynamic.splitlines() if not l.strip().startswith("#")]
     assert any("config_discovery:" in l for l in code)
-    assert not any("vm_config" in l or "FAIL_CLOSED" in l for l in code)
+    assert not any("vm_config" in l or "failure_policy" in l for l in code)
     with open(os.path.join(ecds_dir, "token-auth.json")) as f:
         resource = json.load(f)
     config = resource["resources"][0]["typed_config"]["config"]
     assert resource["version_info"] == "1"
     assert json.loads(config["configuration"]["value"]) == base_config(idp)
     assert config["vm_config"]["code"]["local"]["filename"] == os.path.abspath(wasm)
-    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert config["failure_policy"] == "FAIL_RELOAD"

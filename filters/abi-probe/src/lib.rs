@@ -14,6 +14,7 @@
 //! as `x-info-<name>` headers instead. Background callbacks (ticks, queues, close events)
 //! have no stream to report on; they count through metrics.
 
+use std::cell::Cell;
 use std::fmt::{Debug, Display};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -92,6 +93,13 @@ struct Config {
     /// How much "grow" mode allocates.
     #[serde(default = "default_grow_mib")]
     grow_mib: usize,
+    /// Test-only trap on demand (recovery tests): a request whose header of this name is `1`
+    /// traps the VM (`unreachable`) in any HTTP mode, so a test can kill a VM when it wants
+    /// and watch the host's failure policy. Never give a real filter such a trigger. With it
+    /// set, every response also carries `x-vm-stream`: how many streams this VM instance has
+    /// seen, 1 for the first one after a (re)start.
+    #[serde(default)]
+    trap_header: Option<String>,
 }
 
 fn default_grow_mib() -> usize {
@@ -246,6 +254,8 @@ struct ProbeRoot {
     /// Checks made while starting (vm_start, configure): no stream exists yet, so every
     /// contract request reports them again.
     startup: Rc<Report>,
+    /// HTTP streams this VM instance has created (a fresh VM starts again from 0).
+    streams: Rc<Cell<u64>>,
 }
 
 impl ProbeRoot {
@@ -257,6 +267,7 @@ impl ProbeRoot {
             queue: None,
             vm_configuration: None,
             startup: Rc::new(Report::default()),
+            streams: Rc::new(Cell::new(0)),
         }
     }
 
@@ -354,7 +365,9 @@ impl RootContext for ProbeRoot {
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        self.streams.set(self.streams.get().saturating_add(1));
         Some(Box::new(ProbeHttp {
+            vm_stream: self.streams.get(),
             context_id,
             root_context_id: self.context_id,
             config: self.config.clone(),
@@ -412,6 +425,8 @@ struct ProbeHttp {
     body_size_arg: usize,
     /// Length of the whole request body as the last body or trailers callback saw it.
     body_len: Option<usize>,
+    /// This stream's ordinal among the streams its VM instance created.
+    vm_stream: u64,
 }
 
 impl Context for ProbeHttp {
@@ -434,6 +449,12 @@ impl HttpContext for ProbeHttp {
             );
             return Action::Pause;
         };
+        if let Some(name) = &config.trap_header {
+            if self.get_http_request_header(name).as_deref() == Some("1") {
+                log::warn!("abi-probe: {name}: 1, trapping the VM on purpose (test filter)");
+                trap();
+            }
+        }
         match config.mode {
             Mode::Contract => self.contract_request(num_headers),
             Mode::Deny => {
@@ -499,6 +520,13 @@ impl HttpContext for ProbeHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self
+            .config
+            .as_ref()
+            .is_some_and(|c| c.trap_header.is_some())
+        {
+            self.add_http_response_header("x-vm-stream", &self.vm_stream.to_string());
+        }
         match self.mode() {
             Some(Mode::Contract) => self.contract_response_headers(),
             Some(Mode::Buffer) => {

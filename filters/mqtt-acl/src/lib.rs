@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
+use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, RemoteKeys};
 use proxy_glue::{bool_property, now_secs, string_property, Counter};
 use proxy_wasm::hostcalls;
@@ -328,18 +329,18 @@ impl Stream {
             From::Broker => BufferType::UpstreamData,
         };
         let Some(state) = self.state.clone() else {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("not configured");
         };
-        let bytes = match hostcalls::get_buffer(buffer, 0, size) {
+        let bytes = match host::read_buffer(buffer, 0, size) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
-                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+                let _ = host::write_buffer(buffer, 0, size, &[]);
                 return self.close_now(&format!("cannot read the data ({status:?})"));
             }
         };
         let Some(now) = now_secs() else {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("the host clock is not available");
         };
         let out = {
@@ -353,7 +354,7 @@ impl Stream {
             } = &mut *guard;
             let Some(session) = sessions.get_mut(&self.id) else {
                 drop(guard);
-                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+                let _ = host::write_buffer(buffer, 0, size, &[]);
                 return self.close_now("no session (closed or never opened)");
             };
             if from == From::Client && !self.peer_read {
@@ -375,11 +376,11 @@ impl Stream {
             out
         };
         if out.close.is_some() {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             let _ = hostcalls::close_downstream();
             return Action::Pause;
         }
-        if let Err(status) = hostcalls::set_buffer(buffer, 0, size, &out.forward) {
+        if let Err(status) = host::write_buffer(buffer, 0, size, &out.forward) {
             return self.close_now(&format!("cannot replace the data ({status:?})"));
         }
         Action::Continue
@@ -400,7 +401,7 @@ impl StreamContext for Stream {
         let mut s = state.borrow_mut();
         // Envoy's connection id is unique in the process (context ids are per worker): it
         // names the CONNECT that stands in for a refused one, so two never take over each other.
-        let connection_id = match hostcalls::get_property(vec!["connection", "id"]) {
+        let connection_id = match host::property(&["connection", "id"]) {
             Ok(Some(bytes)) if bytes.len() == 8 => {
                 let mut le = [0u8; 8];
                 le.copy_from_slice(&bytes);

@@ -318,6 +318,15 @@ impl Default for CredentialConfig {
 }
 
 impl CredentialConfig {
+    /// Whether a request header named `name` can carry a credential of these sources (then
+    /// token-auth needs it as text).
+    pub fn reads_header(&self, name: &str) -> bool {
+        self.sources
+            .iter()
+            .flat_map(TokenSource::header_names)
+            .any(|header| name.eq_ignore_ascii_case(&header))
+    }
+
     /// Every header any source reads (lowercase, each once): what a public route removes,
     /// so a credential sent there never reaches the broker either.
     pub fn all_header_names(&self) -> Vec<String> {

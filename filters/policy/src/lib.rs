@@ -12,6 +12,7 @@ pub mod decision;
 pub mod device_keys;
 pub mod enforcement;
 pub mod entity_acl;
+pub mod header_pairs;
 pub mod identity;
 pub mod identity_headers;
 pub mod introspection;

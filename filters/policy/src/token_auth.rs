@@ -575,6 +575,13 @@ impl TokenAuth {
         }
     }
 
+    /// The request headers this engine reads, which must be text: pseudo-headers and the
+    /// configured credential headers. (Identity headers are removed by name, whatever their
+    /// bytes; every other header goes upstream untouched.)
+    pub fn reads_header(&self, name: &str) -> bool {
+        crate::header_pairs::is_pseudo(name) || self.config.credentials.reads_header(name)
+    }
+
     /// Every identity header name, for stripping what the client sent.
     pub fn identity_header_names(&self) -> [&str; 7] {
         self.config.identity_headers.all()

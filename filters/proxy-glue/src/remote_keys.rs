@@ -217,7 +217,7 @@ impl RemoteKeys {
             return Progress::NotOurs;
         };
         // Status 0: the call was reset. Any non-2xx is a failure too.
-        let (status, body) = crate::callout_answer();
+        let (status, body) = crate::callout_answer(self.filter);
         let ok = (200..300).contains(&status);
         if !ok {
             self.metrics.callout_failures.inc();

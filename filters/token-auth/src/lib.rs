@@ -24,9 +24,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
+use policy::log_text::bounded;
 use policy::mtls::PeerCertificate;
 use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
 use policy::DenyReason;
+use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, parse_plugin_config, send_deny, string_property, Counter};
 use proxy_wasm::hostcalls;
@@ -39,6 +41,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|id| Box::new(Root { id, state: None }));
 }}
 
+const FILTER: &str = "token-auth";
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
 
 struct Metrics {
@@ -315,14 +318,19 @@ fn strip_client_identity(state: &Shared) {
         .iter()
         .map(|n| n.to_string())
         .collect();
+    // By name: a copy is removed whatever its bytes (its value is never read).
     for name in names {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, None);
+        let _ = host::set_header(MapType::HttpRequestHeaders, &name, None);
     }
 }
 
-/// Runs `f` on the facts of the current (effective) stream's request.
-fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> R {
-    let headers = proxy_glue::request_headers();
+/// Runs `f` on the facts of the current (effective) stream's request. The headers the engine
+/// reads must be text: otherwise the request is refused (400) without asking the engine.
+fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> Result<R, DenyReason> {
+    let headers = {
+        let s = state.borrow();
+        proxy_glue::request_text_headers(FILTER, |name| s.auth.reads_header(name))?
+    };
     let method = proxy_glue::first_header(&headers, ":method");
     let path = proxy_glue::first_header(&headers, ":path");
     let wants_peer = state.borrow().auth.config().mtls.is_some();
@@ -333,12 +341,12 @@ fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> R {
             dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
         }
     });
-    f(&RequestFacts {
+    Ok(f(&RequestFacts {
         method: &method,
         path: &path,
         headers: &headers,
         peer,
-    })
+    }))
 }
 
 /// Decides the effective stream `ctx` and executes the outcome. `may_fetch` is false once a
@@ -363,6 +371,10 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
         };
         count_engine_events(&mut s);
         outcome
+    });
+    let outcome = outcome.unwrap_or_else(|reason| Outcome::Deny {
+        reason,
+        challenge: None,
     });
     match outcome {
         Outcome::FetchKeys { issuer } => {
@@ -433,10 +445,10 @@ fn count_engine_events(s: &mut State) {
 /// Removes the credential headers and, if it changed, rewrites `:path` (query credentials).
 fn remove_credentials(strip_headers: &[String], new_path: Option<&str>) {
     for name in strip_headers {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
+        let _ = host::set_header(MapType::HttpRequestHeaders, name, None);
     }
     if let Some(path) = new_path {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(path));
+        let _ = host::set_header(MapType::HttpRequestHeaders, ":path", Some(path));
     }
 }
 
@@ -460,9 +472,7 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
         } => {
             remove_credentials(&strip_headers, new_path.as_deref());
             for (name, value) in s.auth.render_identity(&identity) {
-                if hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, Some(&value))
-                    .is_err()
-                {
+                if host::set_header(MapType::HttpRequestHeaders, &name, Some(&value)).is_err() {
                     // Without its identity headers the request must not go on.
                     drop(s);
                     return execute(
@@ -478,14 +488,17 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
             s.metrics.allowed.inc();
             log::info!(
                 "token-auth: ctx={ctx} decision=allow subject={} kind={:?}",
-                identity.subject,
+                bounded(&identity.subject),
                 identity.kind
             );
             Action::Continue
         }
         Outcome::Deny { reason, challenge } => {
             s.metrics.denied(&reason).inc();
-            log::info!("token-auth: ctx={ctx} decision=deny {reason}");
+            log::info!(
+                "token-auth: ctx={ctx} decision=deny {}",
+                bounded(&reason.to_string())
+            );
             let extra: Vec<(&str, &str)> = challenge
                 .as_deref()
                 .map(|c| vec![("www-authenticate", c)])
@@ -610,7 +623,7 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         return;
     };
     // Status 0: the call was reset. Any non-2xx is a failure too.
-    let (status, body) = proxy_glue::callout_answer();
+    let (status, body) = proxy_glue::callout_answer(FILTER);
     if !(200..300).contains(&status) {
         state.borrow().metrics.callout_failures.inc();
     }
@@ -633,9 +646,13 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
                 IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
                     state.borrow().auth.outcome_for(&decided, facts)
                 }
+            })
+            .unwrap_or_else(|reason| Outcome::Deny {
+                reason,
+                challenge: None,
             });
             if execute(state, ctx, outcome) == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                resume(ctx);
             }
         });
     }
@@ -647,9 +664,17 @@ fn key_fetch_done(state: &Shared, current: u32, key: &LookupKey) {
     for ctx in take_waiters(state, key) {
         on_stream(current, ctx, || {
             if decide(state, ctx, false) == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                resume(ctx);
             }
         });
+    }
+}
+
+/// Lets a decided, waiting stream go on (a host refusal is logged: the stream then ends as
+/// the host decides, never with our allow).
+fn resume(ctx: u32) {
+    if let Err(status) = host::resume_request() {
+        log::warn!("{FILTER}: ctx={ctx} cannot resume the request: {status}");
     }
 }
 
