@@ -520,7 +520,11 @@ impl HttpContext for ProbeHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if self.config.as_ref().is_some_and(|c| c.trap_header.is_some()) {
+        if self
+            .config
+            .as_ref()
+            .is_some_and(|c| c.trap_header.is_some())
+        {
             self.add_http_response_header("x-vm-stream", &self.vm_stream.to_string());
         }
         match self.mode() {
