@@ -146,7 +146,7 @@ def check_node_id(node_id, option):
 
 # Envoy's wasm PluginConfig.failure_policy, by the name --failure-policy takes. FAIL_RELOAD (the
 # default): a request that meets a failed VM is refused (503, as FAIL_CLOSED), and a fresh VM
-# is started for later requests (Envoy backs off between reloads, 1 s base). FAIL_CLOSED: the
+# is started for later requests (at most one reload per ~1-1.5 s: Envoy's backoff, 1 s base). FAIL_CLOSED: the
 # VM stays dead and every request is refused until Envoy restarts or the filter is pushed again.
 # FAIL_OPEN (requests skip the failed filter) is never acceptable for a security filter: not
 # offered.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 
-use crate::abi::{Action, Pairs, StreamType, PEER_REMOTE};
+use crate::abi::{Action, MetricType, Pairs, StreamType, PEER_REMOTE};
 use crate::host::{CallResponse, Deferred, LocalResponse, PendingCall, SharedStream, StreamData};
 use crate::shared::{lock, Shared};
 use crate::vm::{PluginSpec, PluginVm, Runtime, VmFailure};
@@ -163,6 +163,14 @@ pub struct Chain {
     background_closes: Vec<(usize, u32)>,
 }
 
+/// Envoy's reload events of a FAIL_RELOAD plugin, counted as `wasm.<plugin>.vm_reload_<event>`.
+const RELOAD_EVENTS: [&str; 3] = ["success", "failure", "backoff"];
+
+/// The counter Envoy 1.40 keeps for a plugin's reload event (e.g. wasm.token-auth.vm_reload_success).
+pub fn reload_metric(plugin: &str, event: &str) -> String {
+    format!("wasm.{plugin}.vm_reload_{event}")
+}
+
 /// How long a waiting stream lets time pass for ticks before it counts as stalled.
 const IDLE_LIMIT_NANOS: u64 = 15_000_000_000;
 
@@ -204,6 +212,11 @@ impl Chain {
     /// even if it rejects its configuration: Envoy then fails its requests closed.
     pub fn add_filter(&mut self, spec: PluginSpec) -> Result<&PluginVm> {
         let index = self.filters.len();
+        // Envoy's per-plugin reload stats, present (at 0) whatever the failure policy.
+        for event in RELOAD_EVENTS {
+            self.shared
+                .define_metric(MetricType::Counter, &reload_metric(&spec.name, event));
+        }
         let vm = PluginVm::start(
             &self.runtime,
             spec,
@@ -233,6 +246,58 @@ impl Chain {
         self.filters[index] = vm;
         self.pump_background();
         Ok(Ok(()))
+    }
+
+    /// FAIL_RELOAD: replaces each VM that trapped after it started with a fresh one (same
+    /// spec: `_initialize`, a new root context, `proxy_on_vm_start`, `proxy_on_configure`),
+    /// if its backoff has passed since the VM was last loaded (as Envoy rate-limits reloads);
+    /// otherwise the request is refused as by a dead VM. Counted as Envoy does: `wasm.<plugin>.vm_reload_{success,failure,backoff}`.
+    /// Called where a request or connection arrives, before any of its streams exist, so no
+    /// stream holds a context id of the VM being replaced. Shared data (per vm_id) survives,
+    /// as in Envoy, where it lives outside the VM.
+    fn reload_failed_vms(&mut self) -> Result<()> {
+        let now = self.shared.now_nanos();
+        for index in 0..self.filters.len() {
+            let old = &self.filters[index];
+            let Some(backoff_ms) = old.reload_backoff_ms() else {
+                continue;
+            };
+            let name = old.spec.name.clone();
+            let reload_at = old
+                .loaded_at_nanos
+                .saturating_add(backoff_ms.saturating_mul(1_000_000));
+            if now < reload_at {
+                self.shared
+                    .increment_metric(&reload_metric(&name, "backoff"), 1);
+                continue;
+            }
+            let (spec, reloads) = (old.spec.clone(), old.reloads);
+            let mut fresh = PluginVm::start(
+                &self.runtime,
+                spec,
+                self.shared.clone(),
+                self.clusters.clone(),
+                index,
+            )?;
+            if fresh.is_serving() {
+                fresh.reloads = reloads + 1;
+                self.filters[index] = fresh;
+                self.shared
+                    .increment_metric(&reload_metric(&name, "success"), 1);
+                self.shared.log(
+                    "host-harness",
+                    2,
+                    format!("plugin {name}: fresh VM after a failure"),
+                );
+                self.pump_background();
+            } else {
+                // Still dead: try again after another backoff.
+                self.filters[index].loaded_at_nanos = now;
+                self.shared
+                    .increment_metric(&reload_metric(&name, "failure"), 1);
+            }
+        }
+        Ok(())
     }
 
     /// Advances the clock, stepping from tick to tick: each VM's ticks fire when due, and what
@@ -342,6 +407,11 @@ impl Chain {
         upstream: &UpstreamResponse,
     ) -> Vec<HttpOutcome> {
         let log_start = self.callout_log.len();
+        if let Err(e) = self.reload_failed_vms() {
+            // The module cannot even be instantiated again: the VM stays failed (requests 503).
+            self.shared
+                .log("host-harness", 4, format!("reloading a failed VM: {e:#}"));
+        }
         let mut runs: Vec<HttpRun> = requests.iter().map(|(r, _)| self.start_stream(r)).collect();
         for (run, (request, _)) in runs.iter_mut().zip(&requests) {
             if !run.ended {
@@ -1026,6 +1096,10 @@ impl Chain {
         mut properties: BTreeMap<String, Vec<u8>>,
         events: &[NetEvent],
     ) -> NetOutcome {
+        if let Err(e) = self.reload_failed_vms() {
+            self.shared
+                .log("host-harness", 4, format!("reloading a failed VM: {e:#}"));
+        }
         self.connection_properties(&mut properties);
         // Closes of earlier streams no longer matter.
         self.background_closes.clear();

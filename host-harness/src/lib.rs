@@ -16,4 +16,4 @@ pub mod vm;
 
 pub use chain::{Chain, HttpOutcome, HttpRequest, NetEvent, NetOutcome, UpstreamResponse};
 pub use shared::{MetricValue, Shared};
-pub use vm::{Limits, PluginSpec, Runtime, Usage, VmFailure};
+pub use vm::{FailurePolicy, Limits, PluginSpec, Runtime, Usage, VmFailure};

@@ -14,7 +14,7 @@ use crate::chain::{header, CalloutAnswer, CalloutResolver, Chain, HttpOutcome, H
 use crate::chain::{NetEvent, NetOutcome, UpstreamResponse};
 use crate::host::{CallResponse, PendingCall};
 use crate::shared::{MetricValue, Shared};
-use crate::vm::{Limits, PluginSpec, Runtime};
+use crate::vm::{FailurePolicy, Limits, PluginSpec, Runtime};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +64,34 @@ pub struct FilterDef {
     /// Envoy's plugin option of that name (default false, as in Envoy).
     #[serde(default)]
     pub allow_on_headers_stop_iteration: bool,
+    /// Envoy's `failure_policy` after a trap: "reload" (default, as our templates) or
+    /// "fail_closed".
+    #[serde(default)]
+    pub failure_policy: FailurePolicyDef,
+    /// With "reload": how long after the VM's last load a request may start a fresh VM
+    /// (default 1000, Envoy's backoff base).
+    pub reload_backoff_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicyDef {
+    #[default]
+    Reload,
+    FailClosed,
+}
+
+fn failure_policy(def: &FilterDef) -> Result<FailurePolicy> {
+    match (def.failure_policy, def.reload_backoff_ms) {
+        (FailurePolicyDef::Reload, backoff) => Ok(FailurePolicy::Reload {
+            backoff_ms: backoff.unwrap_or(FailurePolicy::DEFAULT_RELOAD_BACKOFF_MS),
+        }),
+        (FailurePolicyDef::FailClosed, None) => Ok(FailurePolicy::FailClosed),
+        (FailurePolicyDef::FailClosed, Some(_)) => bail!(
+            "filter {}: reload_backoff_ms goes with failure_policy = \"reload\"",
+            def.name
+        ),
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone)]
@@ -466,6 +494,7 @@ fn plugin_spec(def: &FilterDef, base: &Path, options: &RunOptions) -> Result<Plu
         vm_configuration: Vec::new(),
         limits,
         allow_on_headers_stop_iteration: def.allow_on_headers_stop_iteration,
+        failure_policy: failure_policy(def)?,
     })
 }
 

@@ -134,6 +134,39 @@ pub struct PluginSpec {
     /// (Envoy's StopAllIterationAndWatermark). True: the filter sees the body while its
     /// headers are stopped, and a Continue from the body callback lets everything go on.
     pub allow_on_headers_stop_iteration: bool,
+    /// Envoy's `failure_policy`: what happens after the VM traps.
+    pub failure_policy: FailurePolicy,
+}
+
+/// Envoy's wasm `PluginConfig.failure_policy`, as far as it concerns a VM that fails at run
+/// time (a trap). In both, the request that meets the failure is refused (503). FAIL_OPEN
+/// (skip the failed filter) is not modelled: never acceptable for a security filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// FAIL_RELOAD (our templates' default): a request arriving after the VM failed starts a
+    /// fresh VM (same configuration, fresh root context, `proxy_on_vm_start` and
+    /// `proxy_on_configure` again) if `backoff_ms` have passed since the VM was last loaded;
+    /// otherwise it is refused and counted as `wasm.<plugin>.vm_reload_backoff`. Envoy rate-limits
+    /// reloads from the last load with a jittered lower bound of `reload_config.backoff`'s base
+    /// (1 s by default); the harness uses the bound itself. So a VM that ran for a while comes
+    /// back on the next request, one that failed right after a (re)load ~1 s later (measured in
+    /// Envoy 1.40: 0.2 s and 1.2-1.5 s).
+    Reload { backoff_ms: u64 },
+    /// FAIL_CLOSED: the VM stays dead; every later request is refused.
+    FailClosed,
+}
+
+impl FailurePolicy {
+    /// Envoy's default reload backoff base interval.
+    pub const DEFAULT_RELOAD_BACKOFF_MS: u64 = 1000;
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        FailurePolicy::Reload {
+            backoff_ms: Self::DEFAULT_RELOAD_BACKOFF_MS,
+        }
+    }
 }
 
 /// Why a plugin is not serving.
@@ -161,6 +194,14 @@ pub struct PluginVm {
     next_context_id: u32,
     pub root_context_id: u32,
     pub failure: Option<VmFailure>,
+    /// The start sequence completed and the VM served: a later failure is a run-time one,
+    /// which FAIL_RELOAD recovers from (a VM that never started is not reloaded).
+    pub started: bool,
+    /// Clock time this plugin's VM was last loaded or a reload was tried (ns): FAIL_RELOAD's
+    /// backoff counts from it.
+    pub loaded_at_nanos: u64,
+    /// Fresh VMs started after run-time failures of this plugin (carried across reloads).
+    pub reloads: u64,
     /// Clock time of the last tick delivered (ns).
     pub last_tick_nanos: u64,
     /// What the guest has cost so far, for budgets and fuzzing.
@@ -230,11 +271,16 @@ impl PluginVm {
             next_context_id: 0,
             root_context_id: 0,
             failure: None,
+            started: false,
+            loaded_at_nanos: 0,
+            reloads: 0,
             last_tick_nanos: 0,
             usage: Usage::default(),
         };
         vm.last_tick_nanos = vm.store.data().shared.now_nanos();
+        vm.loaded_at_nanos = vm.last_tick_nanos;
         vm.boot()?;
+        vm.started = vm.failure.is_none();
         Ok(vm)
     }
 
@@ -284,6 +330,16 @@ impl PluginVm {
 
     pub fn is_serving(&self) -> bool {
         self.failure.is_none()
+    }
+
+    /// A VM that served and then trapped, under FAIL_RELOAD: its reload backoff (ms), else None.
+    pub fn reload_backoff_ms(&self) -> Option<u64> {
+        match (&self.failure, self.spec.failure_policy) {
+            (Some(VmFailure::Trapped(_)), FailurePolicy::Reload { backoff_ms }) if self.started => {
+                Some(backoff_ms)
+            }
+            _ => None,
+        }
     }
 
     /// The guest's linear memory now, in bytes (it never shrinks: this is the high-water mark).

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use host_harness::chain::NoCallouts;
-use host_harness::{Chain, Limits, PluginSpec, Runtime, Shared};
+use host_harness::{Chain, FailurePolicy, Limits, PluginSpec, Runtime, Shared};
 
 /// A chain with `wasm` (a file in target/wasm32-wasip1/release) configured with `config`, or
 /// no filter at all; its clock starts at `now_nanos`.
@@ -69,6 +69,7 @@ pub fn chain_with_clusters(
                 vm_configuration: Vec::new(),
                 limits: Limits::default(),
                 allow_on_headers_stop_iteration,
+                failure_policy: FailurePolicy::default(),
             })
             .expect("filter loads");
         assert!(vm.is_serving(), "{:?}", vm.failure);

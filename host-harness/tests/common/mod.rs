@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use host_harness::abi::Pairs;
 use host_harness::chain::{CalloutAnswer, CalloutResolver, Chain, HttpRequest};
 use host_harness::host::{CallResponse, PendingCall};
-use host_harness::{HttpOutcome, Limits, PluginSpec, Runtime, Shared};
+use host_harness::{FailurePolicy, HttpOutcome, Limits, PluginSpec, Runtime, Shared};
 
 /// The clock the tests start at (2023-11-14T22:13:20Z): a plausible wall time, so a guest
 /// that checks timestamps sees one.
@@ -54,6 +54,7 @@ pub fn spec_with_limits(configuration: &str, limits: Limits) -> PluginSpec {
         vm_configuration: VM_CONFIGURATION.as_bytes().to_vec(),
         limits,
         allow_on_headers_stop_iteration: false,
+        failure_policy: FailurePolicy::default(),
     }
 }
 
