@@ -221,6 +221,13 @@ impl Report {
         }
     }
 
+    /// Notes the figures of a VM that trapped (its trap is the finding, not its budget).
+    pub fn note_usage(&mut self, chain: &mut Chain) {
+        for vm in chain.filters.iter_mut() {
+            self.max_memory = self.max_memory.max(vm.memory_bytes());
+        }
+    }
+
     /// Prints the summary line scripts/fuzz reads, then fails the test on any finding.
     pub fn finish(self) {
         let known: Vec<String> = self
