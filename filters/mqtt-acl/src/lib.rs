@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
+use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
 use proxy_glue::remote_keys::{KeyMetrics, RemoteKeys};
@@ -276,8 +277,8 @@ fn record(metrics: &Metrics, id: u32, session: &Session, out: &Output) {
     if let Some(reason) = &out.close {
         metrics.inc(reason.metric());
         log::warn!(
-            "mqtt-acl: connection {id} (client_id {:?}): {reason}",
-            session.client_id()
+            "mqtt-acl: connection {id} (client_id {}): {reason}",
+            bounded_debug(session.client_id())
         );
     }
 }

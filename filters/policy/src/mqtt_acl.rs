@@ -70,6 +70,7 @@ use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::enforcement::{decision_line, Mode};
 use crate::identity::{Identity, IdentityKind};
 use crate::jwt::{JwtProviderConfig, JwtVerifier, TokenError};
+use crate::log_text::bounded_debug;
 use crate::mqtt::{
     encode, encode_connack, encode_suback, encode_subscribe, reason, shared_subscription,
     splice_suback_codes, v3_connack, v3_suback, Connect, Decoder, ErrorKind, Frame, Limits, Packet,
@@ -717,7 +718,7 @@ impl Session {
             what,
             &decision,
         );
-        line.push_str(&format!(" client_id={:?}", self.client_id));
+        line.push_str(&format!(" client_id={}", bounded_debug(&self.client_id)));
         let mut counters = Vec::new();
         match (&decision, kind) {
             (Decision::Allow(_), "connect") => counters.push("connect.allowed"),
@@ -1095,7 +1096,7 @@ impl Session {
                 out.decisions.push(self.decided(
                     mode,
                     &format!("mqtt PUBLISH {topic}"),
-                    &format!("[write {topic:?}]"),
+                    &format!("[write {}]", bounded_debug(&topic)),
                     decision,
                     "publish",
                 ));
@@ -1110,7 +1111,8 @@ impl Session {
                 }
                 if policy.on_forbidden_publish == OnForbiddenPublish::Close {
                     return Some(CloseReason::Forbidden(format!(
-                        "forbidden PUBLISH to {topic:?} (on_forbidden_publish: close)"
+                        "forbidden PUBLISH to {} (on_forbidden_publish: close)",
+                        bounded_debug(&topic)
                     )));
                 }
                 match (publish.qos, publish.packet_id) {
@@ -1121,7 +1123,8 @@ impl Session {
                     }
                     _ => {
                         return Some(CloseReason::Forbidden(format!(
-                            "forbidden QoS 2 PUBLISH to {topic:?}"
+                            "forbidden QoS 2 PUBLISH to {}",
+                            bounded_debug(&topic)
                         )))
                     }
                 }
@@ -1143,7 +1146,7 @@ impl Session {
                     out.decisions.push(self.decided(
                         mode,
                         &format!("mqtt SUBSCRIBE {}", sub.filter),
-                        &format!("[read {filter:?}]"),
+                        &format!("[read {}]", bounded_debug(filter)),
                         decision,
                         "subscribe",
                     ));
@@ -1348,7 +1351,7 @@ impl Session {
                 out.decisions.push(self.decided(
                     policy.mode,
                     &format!("mqtt deliver PUBLISH {topic}"),
-                    &format!("[read {topic:?}]"),
+                    &format!("[read {}]", bounded_debug(&topic)),
                     decision,
                     "deliver",
                 ));
@@ -1361,7 +1364,8 @@ impl Session {
                     return None;
                 }
                 Some(CloseReason::Forbidden(format!(
-                    "the broker delivered a message on {topic:?}, which the client may not read"
+                    "the broker delivered a message on {}, which the client may not read",
+                    bounded_debug(&topic)
                 )))
             }
             _ => {

@@ -952,3 +952,24 @@ fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
     conn.open(V3, Some(&t), None);
     assert_eq!(conn.session.identity().unwrap().subject, "alice");
 }
+
+#[test]
+fn denied_huge_topics_and_client_ids_log_bounded_lines() {
+    // 200 denials of a 60 KB topic once wrote 36 MB of log: every logged client value is cut.
+    let config = with(base_config(), "on_forbidden_publish", json!("close"));
+    let mut conn = Conn::new(policy_from(config));
+    let client_id = "c".repeat(60_000);
+    let connect = connect_packet(V3, &client_id, Some("lamp-01"), Some(b"k1"), None);
+    assert_eq!(conn.client(&connect).forward, connect);
+    conn.broker(&encode_connack(V3, 0));
+    let topic = format!("devices/lamp-02/{}", "t".repeat(60_000));
+    let out = conn.client(&publish(V3, &topic, QoS::AtMostOnce, None));
+    assert!(lines(&out).contains("decision=deny"), "{}", lines(&out));
+    for decided in &out.decisions {
+        assert!(decided.line.len() < 4096, "{} bytes", decided.line.len());
+    }
+    let Some(CloseReason::Forbidden(why)) = &out.close else {
+        panic!("not closed: {:?}", out.close);
+    };
+    assert!(why.len() < 1024, "{} bytes", why.len());
+}
