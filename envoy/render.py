@@ -453,11 +453,13 @@ def render_mqtt(
     tls_key=None,
     client_ca=None,
     template_path=MQTT_TEMPLATE,
+    exact_balance=False,
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
     JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
-    requires client certificates signed by that CA (mTLS)."""
+    requires client certificates signed by that CA (mTLS). exact_balance spreads connections
+    evenly over the workers (connection_balance_config), e.g. so a test reaches every worker."""
     filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
@@ -478,6 +480,8 @@ def render_mqtt(
         "WASM_PATH": yaml_string(os.path.abspath(wasm)),
         "FILTER_CONFIG": yaml_string(json.dumps(filter_config, separators=(",", ":"))),
         "TRANSPORT_SOCKET": tls,
+        "CONNECTION_BALANCE": ("    connection_balance_config: { exact_balance: {} }\n"
+                               if exact_balance else ""),
     }
     with open(template_path, encoding="utf-8") as f:
         return string.Template(f.read()).substitute(params)
