@@ -197,6 +197,11 @@ impl RootContext for Root {
                     continue;
                 };
                 let env = Env { policy, now };
+                if let Some(reason) = session.check_connect_timeout(&env) {
+                    metrics.inc(reason.metric());
+                    to_close.push((*id, reason.to_string()));
+                    continue;
+                }
                 if let Some(out) = session.check_expiry(&env) {
                     record(metrics, *id, session, &out);
                     if let Some(reason) = out.close {
@@ -406,6 +411,16 @@ impl Stream {
         Action::Continue
     }
 
+    fn awaiting_connect(&self) -> bool {
+        self.state.as_ref().is_some_and(|state| {
+            state
+                .borrow()
+                .sessions
+                .get(&self.id)
+                .is_some_and(Session::awaiting_connect)
+        })
+    }
+
     fn forget(&self) {
         if let Some(state) = &self.state {
             state.borrow_mut().sessions.remove(&self.id);
@@ -429,7 +444,10 @@ impl StreamContext for Stream {
             }
             _ => u64::from(self.id),
         };
-        let session = Session::new(&s.policy, None, connection_id);
+        let mut session = Session::new(&s.policy, None, connection_id);
+        if let Some(now) = now_secs() {
+            session.set_opened_at(now);
+        }
         s.sessions.insert(self.id, session);
         s.metrics.inc("connections");
         // Hold tcp_proxy back until the CONNECT is decided: it picks its cluster (the broker,
@@ -437,8 +455,15 @@ impl StreamContext for Stream {
         Action::Pause
     }
 
-    fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
-        self.on_data(From::Client, data_size)
+    fn on_downstream_data(&mut self, data_size: usize, end_of_stream: bool) -> Action {
+        let action = self.on_data(From::Client, data_size);
+        if end_of_stream && action == Action::Pause && self.awaiting_connect() {
+            // The client closed its side before a complete CONNECT: tcp_proxy (held back)
+            // would never close it.
+            self.forget();
+            let _ = hostcalls::close_downstream();
+        }
+        action
     }
 
     fn on_upstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {

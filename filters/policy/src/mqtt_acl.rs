@@ -131,6 +131,13 @@ pub struct MqttAclConfig {
     /// `["%u", "%u-*"]`). Others are refused, so no client takes over another's session.
     #[serde(default = "default_client_ids")]
     pub client_ids: Vec<String>,
+    /// Seconds a client has to complete its CONNECT after opening the connection (default 10).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    10
 }
 
 fn default_client_ids() -> Vec<String> {
@@ -438,6 +445,7 @@ pub struct MqttAcl {
     limits: Limits,
     refusal_cluster: Option<String>,
     client_ids: Vec<ClientIdPattern>,
+    connect_timeout_secs: u64,
 }
 
 impl MqttAcl {
@@ -520,6 +528,12 @@ impl MqttAcl {
             .iter()
             .map(|p| ClientIdPattern::parse(p))
             .collect::<Result<Vec<_>, _>>()?;
+        if !(1..=3600).contains(&config.connect_timeout_secs) {
+            return Err(format!(
+                "connect_timeout_secs {} must be between 1 and 3600",
+                config.connect_timeout_secs
+            ));
+        }
         let refusal_cluster = config.refusal_cluster.clone();
         if refusal_cluster
             .as_deref()
@@ -551,6 +565,7 @@ impl MqttAcl {
             },
             refusal_cluster,
             client_ids,
+            connect_timeout_secs: config.connect_timeout_secs,
         })
     }
 
@@ -745,6 +760,8 @@ pub struct Session {
     client_id: String,
     peer: Option<PeerCertificate>,
     connection_id: u64,
+    /// When the connection opened (seconds), for `connect_timeout_secs`.
+    opened_at: Option<u64>,
     pings: VecDeque<Ping>,
     /// SUBSCRIBE packet id → which of its filters were refused, until the SUBACK.
     partial_subacks: HashMap<u16, Vec<bool>>,
@@ -763,9 +780,32 @@ impl Session {
             client_id: String::new(),
             peer,
             connection_id,
+            opened_at: None,
             pings: VecDeque::new(),
             partial_subacks: HashMap::new(),
         }
+    }
+
+    /// When the connection opened: a client that has not completed its CONNECT
+    /// `connect_timeout_secs` later is closed ([`Session::check_connect_timeout`]).
+    pub fn set_opened_at(&mut self, now: u64) {
+        self.opened_at = Some(now);
+    }
+
+    /// No complete CONNECT within `connect_timeout_secs`: the connection is to be closed (a
+    /// silent or slow client holds no broker connection, but it holds Envoy's).
+    pub fn check_connect_timeout(&mut self, env: &Env<'_>) -> Option<CloseReason> {
+        let opened_at = self.opened_at?;
+        if self.phase != Phase::AwaitConnect
+            || env.now < opened_at.saturating_add(env.policy.connect_timeout_secs)
+        {
+            return None;
+        }
+        self.phase = Phase::Closed;
+        Some(CloseReason::Malformed(format!(
+            "no CONNECT within {} s",
+            env.policy.connect_timeout_secs
+        )))
     }
 
     /// The verified client certificate, when it is known only after the connection opened

@@ -1142,3 +1142,30 @@ fn the_readme_example_lets_owners_and_devices_use_their_own_tree() {
     assert!(!check(&device, "devices/lamp-02/#", TopicAccess::Read));
     assert!(!check(&owner, "devices/+/state", TopicAccess::Read));
 }
+
+#[test]
+fn a_client_without_a_complete_connect_is_closed_after_connect_timeout_secs() {
+    let mut conn = Conn::new(policy());
+    conn.session.set_opened_at(NOW);
+    let connect = connect_packet(V3, "c1", Some("lamp-01"), Some(b"k1"), None);
+    assert!(conn.client(&connect[..5]).forward.is_empty());
+    let env = |now| Env {
+        policy: &conn.policy,
+        now,
+    };
+    assert_eq!(conn.session.check_connect_timeout(&env(NOW + 9)), None);
+    let closed = conn.session.check_connect_timeout(&env(NOW + 10));
+    assert!(
+        matches!(closed, Some(CloseReason::Malformed(_))),
+        "{closed:?}"
+    );
+    // A decided CONNECT is not timed out.
+    let mut conn = Conn::new(policy());
+    conn.session.set_opened_at(NOW);
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW + 100,
+    };
+    assert_eq!(conn.session.check_connect_timeout(&env), None);
+}
