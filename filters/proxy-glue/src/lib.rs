@@ -1,6 +1,7 @@
 //! The only place that talks to proxy-wasm on behalf of our filters: configuration loading,
 //! deny responses, metrics and the panic hook. Filter crates stay thin; policy stays pure.
 
+pub mod filter_state;
 pub mod host;
 pub mod remote_keys;
 
