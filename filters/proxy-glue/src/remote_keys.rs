@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use policy::jwt::{JwtProvider, JwtVerifier, KeySet};
+use policy::log_text::bounded;
 use policy::token_auth::TokenAuth;
 use proxy_wasm::hostcalls;
 
@@ -211,7 +212,11 @@ impl RemoteKeys {
                     true
                 }
                 Err(e) => {
-                    log::warn!("{}: keys for {issuer} rejected: {e}", self.filter);
+                    log::warn!(
+                        "{}: keys for {issuer} rejected: {}",
+                        self.filter,
+                        bounded(&e.to_string())
+                    );
                     false
                 }
             },
@@ -298,8 +303,9 @@ impl RemoteKeys {
             Ok(url) => url,
             Err(e) => {
                 log::warn!(
-                    "{}: discovery document for {issuer} rejected: {e}",
-                    self.filter
+                    "{}: discovery document for {issuer} rejected: {}",
+                    self.filter,
+                    bounded(&e.to_string())
                 );
                 return false;
             }
