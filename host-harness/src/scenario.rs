@@ -118,6 +118,9 @@ pub struct CannedResponse {
     pub headers: Headers,
     #[serde(default)]
     pub body: String,
+    /// The body as hex instead (any bytes, e.g. a Latin-1 answer); replaces `body`.
+    #[serde(default)]
+    pub body_hex: Option<HexBytes>,
     #[serde(default)]
     pub delay_ms: u64,
     /// "reset" (the guest sees zero headers) or "timeout" (Envoy's 504 after the timeout).
@@ -166,8 +169,60 @@ impl Default for UpstreamDef {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(untagged)]
 pub enum Headers {
-    Table(BTreeMap<String, String>),
-    Pairs(Vec<(String, String)>),
+    Table(BTreeMap<String, HeaderValue>),
+    Pairs(Vec<(String, HeaderValue)>),
+}
+
+/// A header value: a string (its UTF-8 bytes), or `{ hex = "636166e9" }` for any bytes (a
+/// Latin-1 `caf\xE9`, obs-text Envoy accepts in HTTP/1.1).
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(try_from = "RawHeaderValue")]
+pub struct HeaderValue(pub Vec<u8>);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawHeaderValue {
+    Text(String),
+    Hex { hex: String },
+}
+
+impl TryFrom<RawHeaderValue> for HeaderValue {
+    type Error = String;
+    fn try_from(raw: RawHeaderValue) -> std::result::Result<Self, String> {
+        match raw {
+            RawHeaderValue::Text(text) => Ok(HeaderValue(text.into_bytes())),
+            RawHeaderValue::Hex { hex: digits } => hex(&digits)
+                .map(HeaderValue)
+                .map_err(|e| format!("header value: {e}")),
+        }
+    }
+}
+
+/// Bytes written as hex digits (whitespace allowed), checked when the scenario is read.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub struct HexBytes(pub Vec<u8>);
+
+impl TryFrom<String> for HexBytes {
+    type Error = String;
+    fn try_from(digits: String) -> std::result::Result<Self, String> {
+        hex(&digits).map(HexBytes).map_err(|e| e.to_string())
+    }
+}
+
+impl std::fmt::Display for HeaderValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => write!(f, "{text:?}"),
+            Err(_) => {
+                write!(f, "{{hex = \"")?;
+                for b in &self.0 {
+                    write!(f, "{b:02x}")?;
+                }
+                write!(f, "\"}}")
+            }
+        }
+    }
 }
 
 impl Default for Headers {
@@ -181,11 +236,11 @@ impl Headers {
         match self {
             Headers::Table(t) => t
                 .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone().into_bytes()))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.0.clone()))
                 .collect(),
             Headers::Pairs(p) => p
                 .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone().into_bytes()))
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.0.clone()))
                 .collect(),
         }
     }
@@ -349,12 +404,12 @@ pub struct Expect {
     /// Whether the request (or any of it) reached the upstream.
     pub upstream: Option<bool>,
     #[serde(default)]
-    pub upstream_headers: BTreeMap<String, String>,
+    pub upstream_headers: BTreeMap<String, HeaderValue>,
     #[serde(default)]
     pub upstream_headers_absent: Vec<String>,
     pub upstream_body: Option<String>,
     #[serde(default)]
-    pub response_headers: BTreeMap<String, String>,
+    pub response_headers: BTreeMap<String, HeaderValue>,
     #[serde(default)]
     pub response_headers_absent: Vec<String>,
     pub body: Option<String>,
@@ -738,18 +793,23 @@ fn show(bytes: &[u8]) -> String {
 fn check_headers(
     what: &str,
     pairs: Option<&Pairs>,
-    want: &BTreeMap<String, String>,
+    want: &BTreeMap<String, HeaderValue>,
     absent: &[String],
     failures: &mut Vec<String>,
 ) {
     for (name, value) in want {
-        match pairs.and_then(|p| header(p, name)) {
+        let got = pairs.and_then(|p| {
+            p.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| HeaderValue(v.clone()))
+        });
+        match got {
             Some(got) if got == *value => {}
-            Some(got) => failures.push(format!(
-                "{what} header {name}: expected {value:?}, got {got:?}"
-            )),
+            Some(got) => {
+                failures.push(format!("{what} header {name}: expected {value}, got {got}"))
+            }
             None => failures.push(format!(
-                "{what} header {name}: expected {value:?}, but it is missing"
+                "{what} header {name}: expected {value}, but it is missing"
             )),
         }
     }
@@ -1032,7 +1092,10 @@ impl CalloutResolver for ScenarioResolver {
         headers.extend(canned.headers.pairs());
         CalloutAnswer::Response(CallResponse {
             headers,
-            body: canned.body.clone().into_bytes(),
+            body: match &canned.body_hex {
+                Some(bytes) => bytes.0.clone(),
+                None => canned.body.clone().into_bytes(),
+            },
             trailers: Vec::new(),
         })
     }

@@ -237,6 +237,32 @@ def test_a_credential_sent_to_a_public_route_never_reaches_the_broker(envoy, idp
     assert token not in json.dumps(record)
 
 
+def test_non_utf8_header_bytes_never_kill_the_vm(envoy, idp, broker):
+    """Latin-1 bytes are legal obs-text in HTTP/1.1 and Envoy passes them on. They used to trap
+    the VM inside the SDK's get_map (String::from_utf8(..).unwrap()), after which every request
+    on that worker got 503. Now a header token-auth does not read reaches the broker unchanged,
+    a credential header that is not text is a 400, and the filter keeps serving."""
+    token = idp.token(ORION)
+    probe = new_probe()
+    # http.client sends str header values as Latin-1: b"caf\xe9" on the wire.
+    r = envoy.request("GET", "/v2/entities?type=Room",
+                      {"authorization": f"Bearer {token}", "x-junk": "caf\xe9",
+                       "x-e2e-probe": probe})
+    assert r.status == 200, r
+    assert e2e.header_values(only_record(broker, probe), "x-junk") == ["caf\xe9"]
+
+    probe = new_probe()
+    r = envoy.request("GET", "/v2/entities?type=Room",
+                      {"x-auth-token": "opaque-\xe9", "x-e2e-probe": probe})
+    assert r.status == 400, r
+    assert r.json()["error"] == "BadRequest"
+    assert_not_received(broker, probe)
+
+    for _ in range(4):
+        r = envoy.request("GET", "/v2/entities?type=Room", {"authorization": f"Bearer {token}"})
+        assert r.status == 200, r
+
+
 def test_identity_header_names_with_underscores_are_dropped_by_envoy(envoy, idp, broker):
     token = idp.token(ORION)
     probe = new_probe()

@@ -211,6 +211,11 @@ pub struct IntrospectionConfig {
     /// `keyrock`: other applications whose tokens are accepted (Wilma's `pep.trusted_apps`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_apps: Vec<String>,
+    /// The most introspection callouts in flight per VM. Every distinct unknown token costs
+    /// one; beyond this, a request needing a new one is shed (503, `Retry-After: 1`) instead
+    /// of piling callouts on the IdP. Requests sharing a lookup in flight still join it.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -222,6 +227,16 @@ fn default_positive_ttl_s() -> u64 {
 fn default_negative_ttl_s() -> u64 {
     10
 }
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT
+}
+
+/// The default of `max_in_flight`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// Bound enforced on `max_in_flight`.
+pub const MAX_MAX_IN_FLIGHT: usize = 10_000;
+/// What a shed request is told (`Retry-After`, seconds).
+pub const SHED_RETRY_AFTER_SECS: u32 = 1;
 
 /// Bounds enforced by [`IntrospectionConfig::validate`].
 pub const MAX_TIMEOUT_MS: u64 = 30_000;
@@ -237,6 +252,18 @@ pub const KEYROCK_USER_PATH: &str = "/user";
 pub struct IntrospectionConfigError(pub String);
 
 impl IntrospectionConfig {
+    /// Whether one more introspection callout may start while `in_flight` are: Err is the
+    /// refusal to answer (503; the caller adds `Retry-After`).
+    pub fn admit(&self, in_flight: usize) -> Result<(), DenyReason> {
+        if in_flight < self.max_in_flight {
+            Ok(())
+        } else {
+            Err(DenyReason::Unavailable(format!(
+                "{in_flight} token introspections in flight (max_in_flight); retry shortly"
+            )))
+        }
+    }
+
     /// Checks the configuration; the message names the offending field.
     pub fn validate(&self) -> Result<(), IntrospectionConfigError> {
         let err = |m: String| Err(IntrospectionConfigError(m));
@@ -282,6 +309,12 @@ impl IntrospectionConfig {
         }
         if self.positive_ttl_s > MAX_POSITIVE_TTL_S {
             return err(format!("positive_ttl_s: at most {MAX_POSITIVE_TTL_S}"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_MAX_IN_FLIGHT {
+            return err(format!(
+                "max_in_flight: must be between 1 and {MAX_MAX_IN_FLIGHT}, not {}",
+                self.max_in_flight
+            ));
         }
         if self.negative_ttl_s > MAX_NEGATIVE_TTL_S {
             return err(format!(
@@ -1024,6 +1057,23 @@ mod tests {
             "trusted_apps": ["app-cfg-trusted"],
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn introspections_in_flight_are_capped() {
+        let config = rfc();
+        assert_eq!(config.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert!(config.admit(DEFAULT_MAX_IN_FLIGHT - 1).is_ok());
+        let shed = config.admit(DEFAULT_MAX_IN_FLIGHT).unwrap_err();
+        assert_eq!(shed.status(), 503);
+        for bad in [0, MAX_MAX_IN_FLIGHT + 1] {
+            let config = IntrospectionConfig {
+                max_in_flight: bad,
+                ..rfc()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("max_in_flight"), "{err}");
+        }
     }
 
     fn form(body: &[u8]) -> Vec<(String, String)> {

@@ -17,7 +17,7 @@ pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(
             proxy_wasm::types::LogLevel::Critical,
-            &format!("filter panicked: {info}"),
+            &format!("filter panicked: {}", bounded(&info.to_string())),
         );
     }));
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use policy::jwt::{JwtProvider, JwtVerifier, KeySet};
+use policy::log_text::bounded;
 use policy::token_auth::TokenAuth;
 use proxy_wasm::hostcalls;
 
@@ -237,7 +238,11 @@ impl RemoteKeys {
                     true
                 }
                 Err(e) => {
-                    log::warn!("{}: keys for {issuer} rejected: {e}", self.filter);
+                    log::warn!(
+                        "{}: keys for {issuer} rejected: {}",
+                        self.filter,
+                        bounded(&e.to_string())
+                    );
                     false
                 }
             },
@@ -333,8 +338,9 @@ impl RemoteKeys {
             Ok(url) => url,
             Err(e) => {
                 log::warn!(
-                    "{}: discovery document for {issuer} rejected: {e}",
-                    self.filter
+                    "{}: discovery document for {issuer} rejected: {}",
+                    self.filter,
+                    bounded(&e.to_string())
                 );
                 return false;
             }

@@ -24,6 +24,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
+use policy::introspection::SHED_RETRY_AFTER_SECS;
 use policy::log_text::bounded;
 use policy::mtls::PeerCertificate;
 use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
@@ -59,6 +60,7 @@ struct Metrics {
     jwks_failed: Counter,
     jwks_stale: Counter,
     introspection_malformed: Counter,
+    introspection_shed: Counter,
 }
 
 impl Metrics {
@@ -79,6 +81,7 @@ impl Metrics {
             jwks_failed: c("jwks.failed"),
             jwks_stale: c("jwks.stale"),
             introspection_malformed: c("introspection.malformed"),
+            introspection_shed: c("introspection.shed"),
         }
     }
 
@@ -225,7 +228,8 @@ impl RootContext for Root {
                         .lookups
                         .get(&LookupKey::Introspection(digest))
                         .and_then(|l| l.token.clone());
-                    if let Some(token) = token {
+                    // Over the cap, the waiters wait for the next tick (or their timeout).
+                    if let (Some(token), Ok(())) = (token, admit_introspection(&state)) {
                         start_introspection(&state, &token, None);
                     }
                 }
@@ -400,6 +404,12 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
                 .lookups
                 .get(&key)
                 .is_some_and(|l| l.in_flight);
+            // Joining a lookup in flight is free; a new one must fit under max_in_flight.
+            if !in_flight {
+                if let Err(reason) = admit_introspection(state) {
+                    return shed(state, ctx, reason);
+                }
+            }
             wait_for(state, ctx, key.clone(), Some(token.clone()));
             if !in_flight && !start_introspection(state, &token, Some(ctx)) {
                 let outcome = Outcome::Deny {
@@ -415,6 +425,30 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
         }
         other => execute(state, ctx, other),
     }
+}
+
+/// Whether one more introspection callout may start now (`introspection.max_in_flight`).
+fn admit_introspection(state: &Shared) -> Result<(), DenyReason> {
+    let s = state.borrow();
+    match &s.auth.config().introspection {
+        Some(intro) => intro.admit(s.callouts.len()),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a request whose token would need one introspection too many: 503 with
+/// `Retry-After`, a log line and `token_auth.introspection.shed`.
+fn shed(state: &Shared, ctx: u32, reason: DenyReason) -> Action {
+    let s = state.borrow();
+    s.metrics.introspection_shed.inc();
+    s.metrics.denied(&reason).inc();
+    log::warn!(
+        "token-auth: ctx={ctx} decision=deny reason=introspection_shed {}",
+        bounded(&reason.to_string())
+    );
+    let retry_after = SHED_RETRY_AFTER_SECS.to_string();
+    send_deny(&reason, &[("retry-after", &retry_after)]);
+    Action::Pause
 }
 
 /// Adds what the engine counted since the last call (cache hits and misses, stale keys,
