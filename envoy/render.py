@@ -551,11 +551,14 @@ def render_mqtt(
     client_ca=None,
     template_path=MQTT_TEMPLATE,
     failure_policy=DEFAULT_FAILURE_POLICY,
+    exact_balance=False,
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
     JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
-    requires client certificates signed by that CA (mTLS). `failure_policy` as render()'s."""
+    requires client certificates signed by that CA (mTLS). `failure_policy` as render()'s.
+    exact_balance spreads connections evenly over the workers (connection_balance_config), e.g.
+    so a test reaches every worker."""
     filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
@@ -577,6 +580,8 @@ def render_mqtt(
             wasm_plugin("mqtt-acl", wasm, filter_config, failure_policy), network=True), 6),
         "FAILURE_POLICY": failure_policy_value(failure_policy),
         "TRANSPORT_SOCKET": tls,
+        "CONNECTION_BALANCE": ("    connection_balance_config: { exact_balance: {} }\n"
+                               if exact_balance else ""),
     }
     with open(template_path, encoding="utf-8") as f:
         return string.Template(f.read()).substitute(params)

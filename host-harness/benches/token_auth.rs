@@ -24,6 +24,7 @@ fn request(token: &str) -> HttpRequest {
 fn claims(sub: &str) -> JWTClaims<NoCustomClaims> {
     Claims::create(Duration::from_hours(1))
         .with_issuer(ISS)
+        .with_audience("orion")
         .with_subject(sub)
 }
 
@@ -81,7 +82,8 @@ fn algorithm_case(alg: &str) -> (Value, [String; 2]) {
 }
 
 fn token_auth_config(alg: &str, keys: Value, capacity: usize) -> Value {
-    let mut provider = json!({"issuer": ISS, "algorithms": [alg], "claims": {"subject": "sub"}});
+    let mut provider = json!({"issuer": ISS, "audiences": ["orion"], "algorithms": [alg],
+                             "claims": {"subject": "sub"}});
     if let (Some(p), Some(k)) = (provider.as_object_mut(), keys.as_object()) {
         p.extend(k.clone());
     }

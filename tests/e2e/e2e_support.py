@@ -616,6 +616,10 @@ class Mosquitto:
     def log_text(self):
         return self.proc.log_text()
 
+    def connections_accepted(self):
+        """How many TCP connections the broker has accepted so far (its log, connection_messages)."""
+        return self.log_text().count("New connection from")
+
     def stop(self):
         self.proc.stop()
 
@@ -632,6 +636,7 @@ class MqttEnvoy(EnvoyProcess):
     wasm: str = MQTT_WASM
     concurrency: int = 2
     tls: dict = None
+    exact_balance: bool = False
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -649,6 +654,7 @@ class MqttEnvoy(EnvoyProcess):
                 tls_cert=tls.get("cert"),
                 tls_key=tls.get("key"),
                 client_ca=tls.get("client_ca"),
+                exact_balance=self.exact_balance,
             ),
             "wasm:debug,filter:debug")
 

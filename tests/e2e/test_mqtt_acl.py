@@ -27,6 +27,7 @@ def config():
     return {
         "jwt_providers": [{
             "issuer": ISSUER,
+            "audiences": ["mqtt"],
             "algorithms": ["HS256"],
             "hmac_secret": base64.b64encode(SECRET).decode(),
             "claims": {"roles": ["roles"]},
@@ -47,8 +48,8 @@ def config():
 
 def token(sub, ttl=600, roles=(), issuer=ISSUER, secret=SECRET):
     now = int(time.time())
-    return e2e.hs256_jwt({"iss": issuer, "sub": sub, "iat": now - 5, "exp": now + ttl,
-                          "roles": list(roles)}, secret)
+    return e2e.hs256_jwt({"iss": issuer, "aud": "mqtt", "sub": sub, "iat": now - 5,
+                          "exp": now + ttl, "roles": list(roles)}, secret)
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +73,17 @@ def proxy(work_dir, mosquitto, mqtt_wasm):
 
 
 def ops_subscriber(proxy, *topics):
-    args = ["-u", token("ops-1", roles=["ops"]), "-i", "ops-" + uuid.uuid4().hex[:6]]
+    args = ["-u", token("ops-1", roles=["ops"]), "-i", "ops-1-" + uuid.uuid4().hex[:6]]
     for t in topics:
         args += ["-t", t]
     return e2e.MqttSubscriber(proxy.port, *args)
 
 
-def test_device_with_a_jwt_publishes_and_a_subscriber_receives(proxy):
+def test_device_with_a_jwt_publishes_and_a_subscriber_receives(proxy, mosquitto):
     sub = ops_subscriber(proxy, "devices/#")
+    jwt = token("lamp-01")
     try:
-        done = e2e.mqtt_run("pub", proxy.port, "-u", token("lamp-01"), "-i", "lamp-01",
+        done = e2e.mqtt_run("pub", proxy.port, "-u", jwt, "-i", "lamp-01",
                             "-t", "devices/lamp-01/state", "-m", "on-1", "-q", "1")
         assert done.returncode == 0, done.stderr
         sub.wait_for("devices/lamp-01/state on-1")
@@ -89,6 +91,20 @@ def test_device_with_a_jwt_publishes_and_a_subscriber_receives(proxy):
         sub.stop()
     stats = proxy.stats()
     assert stats.get("connect.allowed", 0) >= 2 and stats.get("publish.allowed", 0) >= 1
+    # The broker got the verified subject as user name, never the token.
+    log = mosquitto.log_text()
+    assert "u'lamp-01')" in log, log[-2000:]
+    assert jwt.split(".")[2] not in log and jwt.split(".")[1] not in log
+
+
+def test_a_client_cannot_take_over_another_device_s_client_id(proxy):
+    for version, message in (("mqttv311", "identifier rejected"),
+                             ("5", "client identifier not valid")):
+        done = e2e.mqtt_run("pub", proxy.port, "-V", version, "-u", "lamp-02", "-P", DEVICE_KEY,
+                            "-i", "lamp-01", "-t", "devices/lamp-02/state", "-m", "takeover")
+        assert done.returncode != 0
+        assert message in (done.stderr + done.stdout).lower(), done.stderr
+    assert 'by="client id \\"lamp-01\\" is not one \\"lamp-02\\" may use' in proxy.log_text()
 
 
 @pytest.mark.parametrize("version,message", [
@@ -106,18 +122,39 @@ def test_bad_token_gets_a_refusing_connack(proxy, version, message):
 
 
 def test_no_credentials_is_not_authorized(proxy, mosquitto):
+    accepted = mosquitto.connections_accepted()
     done = e2e.mqtt_run("pub", proxy.port, "-i", "anon-" + uuid.uuid4().hex[:6],
                         "-t", "devices/x/state", "-m", "x")
     assert done.returncode != 0
     assert "not authori" in done.stderr.lower(), done.stderr
-    # The broker saw the harmless CONNECT that stood in, never the client's.
-    assert "mqtt-acl-refused-" in mosquitto.log_text()
+    # The refusal came from the stand-in inside Envoy: the broker saw no connection at all.
+    assert mosquitto.connections_accepted() == accepted
+    assert "mqtt-acl-refused-" not in mosquitto.log_text()
 
 
-def test_device_key_connects(proxy):
+def test_a_flood_of_refused_connects_costs_the_broker_no_connection(proxy, mosquitto):
+    accepted = mosquitto.connections_accepted()
+    refused = proxy.stats().get("connect.refused", 0)
+    for i in range(100):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+            conn.sendall(_connect_packet(f"flood-{i}", "lamp-02" if i % 2 else None))
+            assert conn.recv(4) in (b"\x20\x02\x00\x05", b"\x20\x02\x00\x04")
+    assert e2e.wait_until(lambda: proxy.stats().get("connect.refused", 0) == refused + 100,
+                          "100 refusals counted", timeout=10)
+    assert mosquitto.connections_accepted() == accepted
+    # An allowed client still reaches the broker.
+    done = e2e.mqtt_run("pub", proxy.port, "-u", "lamp-02", "-P", DEVICE_KEY, "-i", "lamp-02",
+                        "-t", "devices/lamp-02/state", "-m", "after-flood")
+    assert done.returncode == 0, done.stderr
+    assert e2e.wait_until(lambda: mosquitto.connections_accepted() == accepted + 1,
+                          "the allowed client's broker connection", timeout=5)
+
+
+def test_device_key_connects(proxy, mosquitto):
     done = e2e.mqtt_run("pub", proxy.port, "-u", "lamp-02", "-P", DEVICE_KEY, "-i", "lamp-02",
                         "-t", "devices/lamp-02/state", "-m", "k")
     assert done.returncode == 0, done.stderr
+    assert DEVICE_KEY not in mosquitto.log_text()
     wrong = e2e.mqtt_run("pub", proxy.port, "-u", "lamp-02", "-P", "wrong", "-i", "lamp-02",
                          "-t", "devices/lamp-02/state", "-m", "k")
     assert wrong.returncode != 0 and "bad user name or password" in wrong.stderr.lower()
@@ -176,7 +213,7 @@ def test_partly_forbidden_subscribe_keeps_the_allowed_filter(proxy):
 
 
 def test_sys_topics_are_not_granted_by_hash(proxy):
-    done = e2e.mqtt_run("sub", proxy.port, "-u", token("ops-2", roles=["ops"]), "-i", "ops-sys",
+    done = e2e.mqtt_run("sub", proxy.port, "-u", token("ops-2", roles=["ops"]), "-i", "ops-2-sys",
                         "-t", "#", "-t", "$SYS/#", "-d", "-C", "1", "-W", "3")
     out = done.stdout + done.stderr
     assert "Subscribed (mid: 1): 0, 128" in out, out

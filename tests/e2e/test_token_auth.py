@@ -67,6 +67,19 @@ def test_a_configuration_the_filter_rejects_keeps_envoy_from_starting(work_dir, 
     assert "Unable to create Wasm plugin token-auth" in log
 
 
+def test_a_provider_without_audiences_keeps_envoy_from_starting(work_dir, wasm, idp, broker):
+    """The IdP signs tokens for every API (urn:orion, urn:weather-api) with one key: a provider
+    that would accept any aud must say so (allow_any_audience), or it is refused."""
+    config = e2e.token_auth_config(idp)
+    del config["jwt_providers"][0]["audiences"]
+    proxy = e2e.Envoy(work_dir=work_dir, name="envoy-no-audiences", filter_config=config,
+                      broker_port=broker.port, idp_port=idp.port, wasm=wasm, concurrency=1)
+    with pytest.raises(RuntimeError, match="exited"):
+        proxy.start()
+    assert proxy.proc.proc.wait(10) != 0
+    assert "allow_any_audience" in proxy.log_text()
+
+
 # ------------------------------------------------------------------------------------------------
 # JWTs from the IdP
 
@@ -208,6 +221,20 @@ def test_spoofed_identity_is_stripped_on_a_public_route(envoy, broker):
     record = only_record(broker, probe)
     for name in IDENTITY_HEADERS:
         assert e2e.header_values(record, name) == [], name
+
+
+def test_a_credential_sent_to_a_public_route_never_reaches_the_broker(envoy, idp, broker):
+    """Brokers log request headers: a token sent where none is needed is removed like any
+    other (one real JWT from the IdP, and an ambiguous second credential beside it)."""
+    token = idp.token(ORION)
+    probe = new_probe()
+    r = envoy.request("GET", "/version", {"authorization": f"Bearer {token}",
+                                          "x-auth-token": token, "x-e2e-probe": probe})
+    assert r.status == 200, r
+    record = only_record(broker, probe)
+    assert e2e.header_values(record, "authorization") == []
+    assert e2e.header_values(record, "x-auth-token") == []
+    assert token not in json.dumps(record)
 
 
 def test_identity_header_names_with_underscores_are_dropped_by_envoy(envoy, idp, broker):

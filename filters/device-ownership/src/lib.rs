@@ -20,12 +20,15 @@ use std::time::Duration;
 
 use policy::access::RequestAccess;
 use policy::enforcement::{summarize_accesses, Mode};
+use policy::header_pairs::status_of;
+use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify, NgsiRequest};
 use policy::ownership::config::BrokerApi;
 use policy::ownership::wire::{self, Endpoint, ListFormat, Listed};
 use policy::ownership::{EntityKey, Eval, Ownership, OwnershipConfig, Record, Resolve};
 use policy::ownership::{SourceConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
+use proxy_glue::host;
 use proxy_glue::{
     apply_decision, now_secs, parse_plugin_config, send_deny, Counter, Decided, DecisionMetrics,
 };
@@ -246,10 +249,26 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        let headers = proxy_glue::request_headers();
+        let headers = {
+            let s = state.borrow();
+            proxy_glue::request_text_headers(FILTER, |name| s.own.reads_header(name))
+        };
+        let (headers, unreadable) = match headers {
+            Ok(headers) => (headers, None),
+            Err(reason) => (Vec::new(), Some(reason)),
+        };
         let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
-        let identity = state.borrow().own.config().identity_headers.parse(&headers);
+        let identity = match unreadable {
+            Some(reason) => Err(reason),
+            None => state
+                .borrow()
+                .own
+                .config()
+                .identity_headers
+                .parse(&headers)
+                .map_err(DenyReason::BadRequest),
+        };
         let mut stream = StreamState {
             phase: Phase::Request,
             identity: None,
@@ -270,9 +289,9 @@ impl HttpContext for Stream {
         };
         let identity = match identity {
             Ok(i) => i,
-            Err(e) => {
+            Err(reason) => {
                 state.borrow_mut().streams.insert(self.id, stream);
-                return deny_early(&state, self.id, DenyReason::BadRequest(e));
+                return deny_early(&state, self.id, reason);
             }
         };
         stream.identity = identity;
@@ -348,17 +367,16 @@ impl HttpContext for Stream {
         if !filtering {
             return Action::Continue;
         }
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+        let status = host::header_map(MapType::HttpResponseHeaders)
             .ok()
-            .flatten()
-            .unwrap_or_default();
-        if status != "200" || end_of_stream {
+            .and_then(|h| status_of(&h));
+        if status != Some(200) || end_of_stream {
             if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
                 s.list = None;
             }
             return Action::Continue;
         }
-        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+        let _ = host::set_header(MapType::HttpResponseHeaders, "content-length", None);
         if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
             s.phase = Phase::Response;
         }
@@ -382,10 +400,12 @@ impl HttpContext for Stream {
         if !end_of_stream {
             return Action::Pause;
         }
-        let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body = match host::read_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(status) => {
+                return fail_list(&state, self.id, &format!("cannot read the list: {status}"))
+            }
+        };
         start_list(&state, self.id, &body)
     }
 }
@@ -703,7 +723,7 @@ fn handle_callout_response(state: &Shared, current: u32, token: u32) {
     let Some(purpose) = state.borrow_mut().callouts.remove(&token) else {
         return;
     };
-    let (status, body) = proxy_glue::callout_answer();
+    let (status, body) = proxy_glue::callout_answer(FILTER);
     if !(200..300).contains(&status) && status != 404 {
         state.borrow().metrics.callout_failures.inc();
     }
@@ -736,9 +756,10 @@ fn lookup_answered(state: &Shared, current: u32, lk: LookupKey, status: u32, bod
         Ok(r) => r,
         Err(e) => {
             log::warn!(
-                "{FILTER}: ownership lookup of {} in sources[{}] failed: {e}",
-                lk.key,
-                lk.source
+                "{FILTER}: ownership lookup of {} in sources[{}] failed: {}",
+                bounded_debug(&lk.key.to_string()),
+                lk.source,
+                bounded(&e.to_string())
             );
             return fail_lookup(state, current, &lk, "the ownership source failed");
         }
@@ -830,11 +851,15 @@ fn resume_if_ready(state: &Shared, ctx: u32) {
                 advance(state, ctx)
             };
             if action == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                if let Err(status) = host::resume_request() {
+                    log::warn!("{FILTER}: ctx={ctx} cannot resume the request: {status}");
+                }
             }
         }
         Phase::ResponseLookups if continue_list(state, ctx) == Action::Continue => {
-            let _ = hostcalls::resume_http_response();
+            if let Err(status) = host::resume_response() {
+                log::warn!("{FILTER}: ctx={ctx} cannot resume the response: {status}");
+            }
         }
         _ => {}
     }
@@ -980,7 +1005,11 @@ fn claim_answered(state: &Shared, ctx: u32, key: EntityKey, outcome: Result<(), 
         };
         st.claims_pending = st.claims_pending.saturating_sub(1);
         if let Err(reason) = outcome {
-            log::warn!("{FILTER}: claim of {key} refused: {reason}");
+            log::warn!(
+                "{FILTER}: claim of {} refused: {}",
+                bounded_debug(&key.to_string()),
+                bounded(&reason.to_string())
+            );
             // A conflict (403) wins over an unavailable registry: it is definite.
             let replace = matches!(
                 (&st.failure, &reason),
@@ -1032,7 +1061,7 @@ fn after_claims(state: &Shared, ctx: u32) -> Action {
         }
     }
     if let Some(b) = body {
-        let ok = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, old_len, &b).is_ok();
+        let ok = host::write_buffer(BufferType::HttpRequestBody, 0, old_len, &b).is_ok();
         if !ok {
             log::error!("{FILTER}: cannot rewrite the request body");
             send_deny(
@@ -1041,12 +1070,10 @@ fn after_claims(state: &Shared, ctx: u32) -> Action {
             );
             return Action::Pause;
         }
-        let has_length = hostcalls::get_map_value(MapType::HttpRequestHeaders, "content-length")
-            .ok()
-            .flatten()
-            .is_some();
+        let has_length = host::header_map(MapType::HttpRequestHeaders)
+            .is_ok_and(|h| h.first("content-length").is_some());
         if has_length {
-            let _ = hostcalls::set_map_value(
+            let _ = host::set_header(
                 MapType::HttpRequestHeaders,
                 "content-length",
                 Some(&b.len().to_string()),
@@ -1077,10 +1104,9 @@ fn prepare_list(state: &Shared, ctx: u32, body: &mut Option<Vec<u8>>) -> Result<
         match attrs_in {
             wire::AttrsIn::Query => {
                 if let Some((path, added)) = wire::widen_attrs_path(&st.path, &names) {
-                    hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(&path))
-                        .map_err(|_| {
-                            DenyReason::Unavailable("cannot rewrite the request".into())
-                        })?;
+                    host::set_header(MapType::HttpRequestHeaders, ":path", Some(&path)).map_err(
+                        |_| DenyReason::Unavailable("cannot rewrite the request".into()),
+                    )?;
                     strip = added;
                 }
             }
@@ -1113,7 +1139,10 @@ fn done(state: &Shared, ctx: u32, decision: &Decision) -> Action {
 // ---- list responses ----
 
 fn fail_list(state: &Shared, ctx: u32, why: &str) -> Action {
-    log::warn!("{FILTER}: ctx={ctx} cannot filter the list response: {why}");
+    log::warn!(
+        "{FILTER}: ctx={ctx} cannot filter the list response: {}",
+        bounded(why)
+    );
     state.borrow().metrics.list_failed.inc();
     if let Some(s) = state.borrow_mut().streams.get_mut(&ctx) {
         s.phase = Phase::Done;
@@ -1271,17 +1300,20 @@ fn finish_list(state: &Shared, ctx: u32, service: &str) -> Action {
         Ok(r) => r,
         Err(e) => return fail_list(state, ctx, &e),
     };
+    let response_headers = host::header_map(MapType::HttpResponseHeaders).unwrap_or_default();
     for header in ["fiware-total-count", "ngsild-results-count"] {
-        if let Ok(Some(v)) = hostcalls::get_map_value(MapType::HttpResponseHeaders, header) {
-            let new = wire::filtered_count(Some(&v), total, kept);
-            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, header, new.as_deref());
+        // A count that is not text can't be a number: it is dropped like an unparsable one.
+        if let Some(v) = response_headers.first(header) {
+            let v = std::str::from_utf8(v).unwrap_or("");
+            let new = wire::filtered_count(Some(v), total, kept);
+            let _ = host::set_header(MapType::HttpResponseHeaders, header, new.as_deref());
         }
     }
-    let old = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, usize::MAX)
+    let old = host::read_buffer(BufferType::HttpResponseBody, 0, usize::MAX)
         .ok()
         .flatten()
         .map_or(0, |b| b.len());
-    if hostcalls::set_buffer(BufferType::HttpResponseBody, 0, old, &body).is_err() {
+    if host::write_buffer(BufferType::HttpResponseBody, 0, old, &body).is_err() {
         return fail_list(state, ctx, "cannot rewrite the response");
     }
     {
@@ -1363,10 +1395,14 @@ impl Stream {
     /// Reads the whole buffered request body (once: copying it per chunk would be quadratic)
     /// and decides.
     fn decide_with_body(&self, state: &Shared) -> Action {
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, self.body_len)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body = match host::read_buffer(BufferType::HttpRequestBody, 0, self.body_len) {
+            Ok(body) => body.unwrap_or_default(),
+            Err(status) => {
+                log::error!("{FILTER}: cannot read the request body: {status}");
+                let reason = DenyReason::Unavailable("the request body could not be read".into());
+                return deny_early(state, self.id, reason);
+            }
+        };
         if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
             s.body = body;
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use policy::enforcement::Mode;
 use policy::entity_acl::{EntityAcl, Verdict};
 use policy::{Decision, DenyReason, Identity};
+use proxy_glue::host;
 use proxy_glue::{apply_decision, parse_plugin_config_bytes, Decided, DecisionMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -108,7 +109,7 @@ impl RootContext for Root {
             match (&decision, mode) {
                 // Shadow mode never stops traffic, not even traffic it could not judge.
                 (_, Mode::Shadow) => {
-                    let _ = hostcalls::resume_http_request();
+                    let _ = host::resume_request();
                 }
                 (Decision::Deny(reason), Mode::Enforce) => proxy_glue::send_deny(reason, &[]),
                 (Decision::Allow(_), Mode::Enforce) => {}
@@ -165,7 +166,21 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        let headers = proxy_glue::request_headers();
+        let headers = {
+            let s = state.borrow();
+            proxy_glue::request_text_headers(FILTER, |name| s.acl.reads_header(name))
+        };
+        let headers = match headers {
+            Ok(headers) => headers,
+            Err(reason) => {
+                let verdict = Verdict {
+                    operation: "-".into(),
+                    entities: "[]".into(),
+                    decision: Decision::Deny(reason),
+                };
+                return self.apply(&state, None, &verdict);
+            }
+        };
         let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
         let identity = state.borrow().acl.identity_headers.parse(&headers);
@@ -252,7 +267,7 @@ impl Stream {
         let body = if self.body_len == 0 {
             Vec::new()
         } else {
-            match hostcalls::get_buffer(
+            match host::read_buffer(
                 proxy_wasm::types::BufferType::HttpRequestBody,
                 0,
                 self.body_len,
@@ -261,7 +276,7 @@ impl Stream {
                 Ok(None) => Vec::new(),
                 Err(status) => {
                     self.request = None;
-                    log::error!("{FILTER}: cannot read the request body: {status:?}");
+                    log::error!("{FILTER}: cannot read the request body: {status}");
                     let verdict = Verdict {
                         operation: "-".into(),
                         entities: "[]".into(),

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use policy::DenyReason;
-use proxy_glue::{parse_plugin_config, request_header_values, send_deny, Counter};
+use proxy_glue::host;
+use proxy_glue::{parse_plugin_config, send_deny, Counter};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
 use serde::Deserialize;
 
 proxy_wasm::main! {{
@@ -125,6 +126,11 @@ impl HttpContext for ExampleHttp {
     }
 }
 
+/// The request headers the token list reads (they must be text; the rest pass untouched).
+fn reads_header(name: &str) -> bool {
+    policy::header_pairs::is_pseudo(name) || name == "fiware-service" || name == "x-auth-token"
+}
+
 impl ExampleHttp {
     fn check(&self, config: &Config) -> Result<(), DenyReason> {
         let Config::TokenList {
@@ -136,28 +142,40 @@ impl ExampleHttp {
             return Ok(());
         };
         for name in IDENTITY_HEADERS {
-            self.set_http_request_header(name, None);
+            let _ = host::set_header(MapType::HttpRequestHeaders, name, None);
         }
-        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let headers = proxy_glue::request_text_headers("example", reads_header)?;
+        let values = |name: &str| -> Vec<&str> {
+            headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let path = values(":path").first().copied().unwrap_or_default();
         let url_path = path.split('?').next().unwrap_or_default();
         if public_paths.iter().any(|p| p == url_path) {
             return Ok(());
         }
-        if *require_service_header && request_header_values("fiware-service").len() != 1 {
+        if *require_service_header && values("fiware-service").len() != 1 {
             return Err(DenyReason::BadRequest(
                 "exactly one fiware-service header is required".into(),
             ));
         }
-        let token = match request_header_values("x-auth-token").as_slice() {
+        let token = match values("x-auth-token").as_slice() {
             [] => return Err(DenyReason::Unauthenticated("missing X-Auth-Token".into())),
-            [one] => one.clone(),
+            [one] => one.to_string(),
             _ => return Err(DenyReason::BadRequest("more than one X-Auth-Token".into())),
         };
         let user = tokens
             .get(&token)
             .ok_or_else(|| DenyReason::Unauthenticated("invalid token".into()))?;
-        self.set_http_request_header("x-nick-name", Some(&user.user));
-        self.set_http_request_header("x-roles", Some(&user.roles.join(",")));
+        let set = |name: &str, value: &str| {
+            host::set_header(MapType::HttpRequestHeaders, name, Some(value))
+                .map_err(|_| DenyReason::Unavailable("cannot set identity".into()))
+        };
+        set("x-nick-name", &user.user)?;
+        set("x-roles", &user.roles.join(","))?;
         Ok(())
     }
 

@@ -21,8 +21,11 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
+use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
+use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
+use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, RemoteKeys};
 use proxy_glue::{bool_property, now_secs, string_property, Counter};
 use proxy_wasm::hostcalls;
@@ -133,6 +136,9 @@ impl RootContext for Root {
             return false;
         }
         log::info!("mqtt-acl: configured ({:?} mode)", policy.mode());
+        for warning in policy.jwt().map(|j| j.warnings()).unwrap_or_default() {
+            log::warn!("mqtt-acl: {warning}");
+        }
         let metrics = Metrics::define();
         let keys = RemoteKeys::new(
             "mqtt-acl",
@@ -185,29 +191,33 @@ impl RootContext for Root {
                 ..
             } = &mut *guard;
             for (id, session) in sessions.iter_mut() {
-                if session.wants_close() {
-                    to_close.push((*id, "closed.refused", "after the refusing CONNACK".into()));
+                // Its last bytes were handed over: counted here (the expiry by record()).
+                if let Some(reason) = session.closing() {
+                    metrics.inc(reason.metric());
+                    to_close.push((*id, reason.to_string()));
                     continue;
                 }
                 let Some(now) = now else {
                     continue;
                 };
                 let env = Env { policy, now };
+                if let Some(reason) = session.check_connect_timeout(&env) {
+                    metrics.inc(reason.metric());
+                    to_close.push((*id, reason.to_string()));
+                    continue;
+                }
                 if let Some(out) = session.check_expiry(&env) {
                     record(metrics, *id, session, &out);
                     if let Some(reason) = out.close {
-                        to_close.push((*id, reason.metric(), reason.to_string()));
+                        to_close.push((*id, reason.to_string()));
                     }
                 }
             }
-            for (id, metric, _) in &to_close {
+            for (id, _) in &to_close {
                 sessions.remove(id);
-                if *metric == "closed.refused" {
-                    metrics.inc(metric);
-                }
             }
         }
-        for (id, _, why) in to_close {
+        for (id, why) in to_close {
             close_connection(id, &why);
         }
     }
@@ -276,8 +286,8 @@ fn record(metrics: &Metrics, id: u32, session: &Session, out: &Output) {
     if let Some(reason) = &out.close {
         metrics.inc(reason.metric());
         log::warn!(
-            "mqtt-acl: connection {id} (client_id {:?}): {reason}",
-            session.client_id()
+            "mqtt-acl: connection {id} (client_id {}): {reason}",
+            bounded_debug(session.client_id())
         );
     }
 }
@@ -325,18 +335,18 @@ impl Stream {
             From::Broker => BufferType::UpstreamData,
         };
         let Some(state) = self.state.clone() else {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("not configured");
         };
-        let bytes = match hostcalls::get_buffer(buffer, 0, size) {
+        let bytes = match host::read_buffer(buffer, 0, size) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
-                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+                let _ = host::write_buffer(buffer, 0, size, &[]);
                 return self.close_now(&format!("cannot read the data ({status:?})"));
             }
         };
         let Some(now) = now_secs() else {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("the host clock is not available");
         };
         let out = {
@@ -349,9 +359,12 @@ impl Stream {
                 ..
             } = &mut *guard;
             let Some(session) = sessions.get_mut(&self.id) else {
+                // Closed by the filter already (bytes still in flight): an ordinary end, not
+                // an internal error.
                 drop(guard);
-                let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
-                return self.close_now("no session (closed or never opened)");
+                let _ = host::write_buffer(buffer, 0, size, &[]);
+                let _ = hostcalls::close_downstream();
+                return Action::Pause;
             };
             if from == From::Client && !self.peer_read {
                 self.peer_read = true;
@@ -366,20 +379,50 @@ impl Stream {
             if let Some(issuer) = &out.keys_wanted {
                 keys_wanted.insert(issuer.clone());
             }
+            let undecided = session.awaiting_connect();
             if out.close.is_some() {
                 sessions.remove(&self.id);
             }
-            out
+            (out, undecided)
         };
+        let (out, undecided) = out;
         if out.close.is_some() {
-            let _ = hostcalls::set_buffer(buffer, 0, size, &[]);
+            let _ = host::write_buffer(buffer, 0, size, &[]);
             let _ = hostcalls::close_downstream();
             return Action::Pause;
         }
-        if let Err(status) = hostcalls::set_buffer(buffer, 0, size, &out.forward) {
+        if let Some(cluster) = &out.refusal_cluster {
+            // tcp_proxy connects on the first data it gets (`upstream_connect_mode:
+            // ON_DOWNSTREAM_DATA`), after this callback: the refused client reaches the
+            // stand-in, never the broker. Without filter state the broker answers the
+            // harmless CONNECT.
+            if let Err(status) = proxy_glue::filter_state::set(TCP_PROXY_CLUSTER, cluster) {
+                log::warn!(
+                    "mqtt-acl: connection {}: cannot send the refused client to cluster \
+                     {cluster:?} ({status:?}); the broker answers a harmless CONNECT",
+                    self.id
+                );
+            }
+        }
+        if let Err(status) = host::write_buffer(buffer, 0, size, &out.forward) {
             return self.close_now(&format!("cannot replace the data ({status:?})"));
         }
+        if from == From::Client && undecided {
+            // The CONNECT is not complete: tcp_proxy must not start (it would pick its
+            // cluster before the refusal could change it).
+            return Action::Pause;
+        }
         Action::Continue
+    }
+
+    fn awaiting_connect(&self) -> bool {
+        self.state.as_ref().is_some_and(|state| {
+            state
+                .borrow()
+                .sessions
+                .get(&self.id)
+                .is_some_and(Session::awaiting_connect)
+        })
     }
 
     fn forget(&self) {
@@ -397,7 +440,7 @@ impl StreamContext for Stream {
         let mut s = state.borrow_mut();
         // Envoy's connection id is unique in the process (context ids are per worker): it
         // names the CONNECT that stands in for a refused one, so two never take over each other.
-        let connection_id = match hostcalls::get_property(vec!["connection", "id"]) {
+        let connection_id = match host::property(&["connection", "id"]) {
             Ok(Some(bytes)) if bytes.len() == 8 => {
                 let mut le = [0u8; 8];
                 le.copy_from_slice(&bytes);
@@ -405,14 +448,26 @@ impl StreamContext for Stream {
             }
             _ => u64::from(self.id),
         };
-        let session = Session::new(&s.policy, None, connection_id);
+        let mut session = Session::new(&s.policy, None, connection_id);
+        if let Some(now) = now_secs() {
+            session.set_opened_at(now);
+        }
         s.sessions.insert(self.id, session);
         s.metrics.inc("connections");
-        Action::Continue
+        // Hold tcp_proxy back until the CONNECT is decided: it picks its cluster (the broker,
+        // or the refusal stand-in) when this filter first continues.
+        Action::Pause
     }
 
-    fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
-        self.on_data(From::Client, data_size)
+    fn on_downstream_data(&mut self, data_size: usize, end_of_stream: bool) -> Action {
+        let action = self.on_data(From::Client, data_size);
+        if end_of_stream && action == Action::Pause && self.awaiting_connect() {
+            // The client closed its side before a complete CONNECT: tcp_proxy (held back)
+            // would never close it.
+            self.forget();
+            let _ = hostcalls::close_downstream();
+        }
+        action
     }
 
     fn on_upstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {

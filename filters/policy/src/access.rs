@@ -56,6 +56,17 @@ pub enum AttributeSelector {
     All,
 }
 
+impl AttributeSelector {
+    /// How many names an access with this selector carries, for the request caps: `All` (or
+    /// an empty list) counts one.
+    pub fn weight(&self) -> usize {
+        match self {
+            AttributeSelector::Only(names) => names.len().max(1),
+            AttributeSelector::All => 1,
+        }
+    }
+}
+
 /// The tenant (Orion's `fiware-service`) and service path (`fiware-servicepath`), canonical:
 /// service lowercased as Orion treats it; service paths absolute, without a trailing slash.
 /// A read without a service path covers the whole tree (`/#`); Orion's default for writes is `/`.

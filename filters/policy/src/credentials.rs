@@ -318,6 +318,38 @@ impl Default for CredentialConfig {
 }
 
 impl CredentialConfig {
+    /// Whether a request header named `name` can carry a credential of these sources (then
+    /// token-auth needs it as text).
+    pub fn reads_header(&self, name: &str) -> bool {
+        self.sources
+            .iter()
+            .flat_map(TokenSource::header_names)
+            .any(|header| name.eq_ignore_ascii_case(&header))
+    }
+
+    /// Every header any source reads (lowercase, each once): what a public route removes,
+    /// so a credential sent there never reaches the broker either.
+    pub fn all_header_names(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for name in self.sources.iter().flat_map(TokenSource::header_names) {
+            if !out.contains(&name) {
+                out.push(name);
+            }
+        }
+        out
+    }
+
+    /// `path` without any query parameter a source reads.
+    pub fn strip_all_from_path(&self, path: &str) -> String {
+        let names: Vec<String> = self
+            .sources
+            .iter()
+            .flat_map(TokenSource::query_names)
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        strip_query_params(path, &refs)
+    }
+
     /// Checks the configuration; the message names the offending source.
     pub fn validate(&self) -> Result<(), CredentialConfigError> {
         let err = |m: String| Err(CredentialConfigError(m));

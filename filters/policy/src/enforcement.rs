@@ -8,6 +8,19 @@ use crate::access::{Access, EntitySelector};
 use crate::decision::{Decision, DenyReason};
 use crate::identity::Identity;
 
+/// The request headers an NGSI policy filter (entity-acl, device-ownership) reads, which must
+/// be text: pseudo-headers, the tenant headers of the NGSI model, the identity headers
+/// token-auth set, and `content-length` (a body over the limit is refused before it arrives).
+pub fn ngsi_filter_reads_header(
+    identity_headers: &crate::identity_headers::IdentityHeaderNames,
+    name: &str,
+) -> bool {
+    crate::header_pairs::is_pseudo(name)
+        || crate::ngsi::reads_header(name)
+        || identity_headers.contains(name)
+        || name.eq_ignore_ascii_case("content-length")
+}
+
 /// How a filter applies its decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

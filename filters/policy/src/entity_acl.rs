@@ -103,6 +103,12 @@ impl EntityAcl {
         })
     }
 
+    /// The request headers this engine reads (they must be text; see
+    /// [`crate::enforcement::ngsi_filter_reads_header`]).
+    pub fn reads_header(&self, name: &str) -> bool {
+        crate::enforcement::ngsi_filter_reads_header(&self.identity_headers, name)
+    }
+
     pub fn rule_count(&self) -> usize {
         self.acl.len()
     }

@@ -65,6 +65,11 @@ fn check_name(name: &str) -> Result<(), String> {
 }
 
 impl IdentityHeaderNames {
+    /// Whether `name` is one of the identity headers.
+    pub fn contains(&self, name: &str) -> bool {
+        self.all().iter().any(|h| h.eq_ignore_ascii_case(name))
+    }
+
     pub fn all(&self) -> [&str; 7] {
         [
             &self.subject,

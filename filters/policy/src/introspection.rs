@@ -10,9 +10,11 @@
 //!   short negative TTL;
 //! * [`Verdict::WrongApplication`] — Keyrock only: the token is valid but for another
 //!   application: `403`, cached like a negative answer;
-//! * [`IntrospectionError`] — the IdP could not be asked or gave an unusable answer (non-2xx
-//!   where a 2xx is expected, malformed JSON, `active` missing or not a boolean): `503`, never
-//!   cached.
+//! * [`IntrospectionError`] — the IdP could not be asked (no answer, a non-2xx where a 2xx is
+//!   expected): `503`, never cached; or its answer is not what the protocol says
+//!   ([`IntrospectionError::Malformed`]: not JSON, a duplicate member, `active` missing or not
+//!   a boolean, a malformed `exp`): the token engine decides that as inactive (`401`, cached
+//!   for the negative TTL, counted), since nothing in it shows the token is valid.
 //!
 //! # RFC 7662 (Keycloak, WSO2, Ory, ...)
 //!
@@ -51,12 +53,13 @@
 //! `templates/oauth_response/oauth_user_response.json`. What they do:
 //!
 //! * **Request.** Wilma calls `GET {idm}/user?access_token=<encodeURIComponent(token)>&app_id=
-//!   <app_id>` with headers `X-Auth-Token: <the PEP's own token>` and
-//!   `Accept: application/json`. The PEP token comes from `POST /v3/auth/tokens` with JSON
-//!   `{"name": <pep id>, "password": <pep password>}`; Keyrock answers 201 and puts the token in
-//!   the `X-Subject-Token` response header ([`IntrospectionConfig::pep_login_request`],
-//!   [`parse_pep_login`]). Note: Keyrock's `authenticate_token` does not look at `X-Auth-Token`
-//!   at all in that version; it is sent for compatibility with deployments that check it. The
+//!   <app_id>` with `Accept: application/json`, and also `X-Auth-Token: <the PEP's own token>`
+//!   from `POST /v3/auth/tokens` (`{"name": <pep id>, "password": <pep password>}`, token in the
+//!   `X-Subject-Token` answer header). Keyrock does not require it: `GET /user` has no
+//!   middleware but `force_ssl` (`app.js`), and `authenticate_token` never reads
+//!   `X-Auth-Token` (it reads the query and `Authorization`). So this filter sends no PEP token,
+//!   and `pep_id`/`pep_password` are refused at configure time rather than accepted and
+//!   ignored (a setting that looks like authentication but does nothing). The
 //!   token is sent in the query (not as `Authorization: Bearer`) because Keyrock's JWT path
 //!   (`authenticate_jwt`) reads only `req.query.access_token`.
 //! * **Answer.** 200 with a JSON object built from `oauth_user_response.json`: `id` (the user's
@@ -130,8 +133,8 @@ pub enum IntrospectionKind {
 /// The credentials the filter presents to the IdP. `Debug` never prints the secrets.
 ///
 /// * `rfc7662`: `client_id` and `client_secret` (both required), sent as HTTP Basic.
-/// * `keyrock`: `pep_id` and `pep_password` (both, or neither), used to get the PEP's own
-///   `X-Auth-Token` from `POST /v3/auth/tokens`.
+/// * `keyrock`: none. `pep_id` and `pep_password` (Wilma's PEP credentials) are refused:
+///   Keyrock's `GET /user` does not authenticate the PEP (see the module documentation).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IntrospectionCredentials {
@@ -169,8 +172,7 @@ impl fmt::Debug for IntrospectionCredentials {
 ///
 /// ```json
 /// {"kind": "keyrock", "cluster": "keyrock", "authority": "keyrock:3000",
-///  "app_id": "8ca5f3c0-...", "trusted_apps": [],
-///  "credentials": {"pep_id": "pep_proxy_...", "pep_password": "..."}}
+///  "app_id": "8ca5f3c0-...", "trusted_apps": []}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,8 +230,6 @@ pub const MAX_NEGATIVE_TTL_S: u64 = 300;
 
 /// The default Keyrock path.
 pub const KEYROCK_USER_PATH: &str = "/user";
-/// Where Keyrock issues the PEP's own token.
-pub const KEYROCK_TOKENS_PATH: &str = "/v3/auth/tokens";
 
 /// An invalid introspection configuration, with a message naming the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -293,15 +293,18 @@ impl IntrospectionConfig {
             v.as_ref()
                 .is_some_and(|s| !s.is_empty() && !s.chars().any(char::is_control))
         };
+        if c.pep_id.is_some() || c.pep_password.is_some() {
+            return err(
+                "credentials: pep_id and pep_password are not supported: Keyrock's \
+                 GET /user does not authenticate the PEP (it never reads X-Auth-Token), so \
+                 they would protect nothing; remove them"
+                    .into(),
+            );
+        }
         match self.kind {
             IntrospectionKind::Rfc7662 => {
                 if !field_ok(&c.client_id) || !field_ok(&c.client_secret) {
                     return err("credentials: client_id and client_secret are required for kind rfc7662 (non-empty, no control characters)".into());
-                }
-                if c.pep_id.is_some() || c.pep_password.is_some() {
-                    return err(
-                        "credentials: pep_id and pep_password are only for kind keyrock".into(),
-                    );
                 }
                 if self.app_id.is_some() || !self.trusted_apps.is_empty() {
                     return err("app_id and trusted_apps are only for kind keyrock".into());
@@ -324,12 +327,7 @@ impl IntrospectionConfig {
             }
             IntrospectionKind::Keyrock => {
                 if c.client_id.is_some() || c.client_secret.is_some() {
-                    return err("credentials: client_id and client_secret are only for kind rfc7662; Keyrock uses pep_id and pep_password".into());
-                }
-                match (&c.pep_id, &c.pep_password) {
-                    (None, None) => {}
-                    (Some(_), Some(_)) if field_ok(&c.pep_id) && field_ok(&c.pep_password) => {}
-                    _ => return err("credentials: pep_id and pep_password go together (non-empty, no control characters)".into()),
+                    return err("credentials: client_id and client_secret are only for kind rfc7662; Keyrock needs no credentials".into());
                 }
                 if !self.app_id.as_ref().is_some_and(|a| valid_app_id(a)) {
                     return err(format!("app_id: required for kind {kind}, the OAuth client id of the protected application"));
@@ -359,9 +357,8 @@ impl IntrospectionConfig {
         }
     }
 
-    /// The call that introspects `token`. `pep_token` is Keyrock's `X-Auth-Token` for the PEP
-    /// (ignored for RFC 7662; for Keyrock, no header is sent without it).
-    pub fn build_request(&self, token: &str, pep_token: Option<&str>) -> HttpCall {
+    /// The call that introspects `token`.
+    pub fn build_request(&self, token: &str) -> HttpCall {
         match self.kind {
             IntrospectionKind::Rfc7662 => {
                 let body = form_urlencoded::Serializer::new(String::new())
@@ -397,10 +394,7 @@ impl IntrospectionConfig {
                     .append_pair("access_token", token)
                     .append_pair("app_id", self.app_id.as_deref().unwrap_or(""))
                     .finish();
-                let mut headers = vec![("accept".to_string(), "application/json".to_string())];
-                if let Some(pep) = pep_token {
-                    headers.push(("x-auth-token".to_string(), pep.to_string()));
-                }
+                let headers = vec![("accept".to_string(), "application/json".to_string())];
                 HttpCall {
                     cluster: self.cluster.clone(),
                     method: "GET",
@@ -412,34 +406,6 @@ impl IntrospectionConfig {
                 }
             }
         }
-    }
-
-    /// Keyrock: the call that gets the PEP's own token (`None` for RFC 7662 or without
-    /// `pep_id`/`pep_password`). Parse the answer with [`parse_pep_login`].
-    pub fn pep_login_request(&self) -> Option<HttpCall> {
-        if self.kind != IntrospectionKind::Keyrock {
-            return None;
-        }
-        let (id, password) = (
-            self.credentials.pep_id.as_ref()?,
-            self.credentials.pep_password.as_ref()?,
-        );
-        let body = serde_json::json!({"name": id, "password": password})
-            .to_string()
-            .into_bytes();
-        Some(HttpCall {
-            cluster: self.cluster.clone(),
-            method: "POST",
-            authority: self.authority.clone(),
-            path: KEYROCK_TOKENS_PATH.to_string(),
-            headers: vec![
-                ("content-type".to_string(), "application/json".to_string()),
-                ("accept".to_string(), "application/json".to_string()),
-                ("content-length".to_string(), body.len().to_string()),
-            ],
-            body,
-            timeout_ms: self.timeout_ms,
-        })
     }
 
     /// Parses the IdP's answer to [`IntrospectionConfig::build_request`]. `now` is seconds since
@@ -946,30 +912,6 @@ fn parse_organization(v: &Value) -> Option<KeyrockOrganization> {
     })
 }
 
-/// Parses Keyrock's answer to [`IntrospectionConfig::pep_login_request`]: 2xx with the PEP's
-/// token in the `X-Subject-Token` header (exactly one, non-empty, visible ASCII).
-pub fn parse_pep_login(
-    status: u32,
-    headers: &[(String, String)],
-) -> Result<String, IntrospectionError> {
-    if !(200..300).contains(&status) {
-        return Err(IntrospectionError::Status(status));
-    }
-    let mut values = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case("x-subject-token"))
-        .map(|(_, v)| v);
-    match (values.next(), values.next()) {
-        (Some(v), None)
-            if !v.is_empty() && v.len() <= 1024 && v.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
-            Ok(v.clone())
-        }
-        (None, _) => Err(malformed("no X-Subject-Token header")),
-        _ => Err(malformed("X-Subject-Token is repeated or malformed")),
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // JSON helpers
 
@@ -977,11 +919,8 @@ fn parse_object(body: &[u8]) -> Result<Map<String, Value>, IntrospectionError> {
     if body.len() > MAX_RESPONSE_BYTES {
         return Err(malformed("answer too large"));
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(obj)) => Ok(obj),
-        Ok(_) => Err(malformed("not a JSON object")),
-        Err(_) => Err(malformed("not JSON")),
-    }
+    // A repeated member (two `active`s) has no single meaning: malformed.
+    crate::strict_json::parse_object(body).map_err(|e| malformed(&e.to_string()))
 }
 
 fn opt_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, IntrospectionError> {
@@ -1083,7 +1022,6 @@ mod tests {
             "authority": "keyrock:3000",
             "app_id": "app-1",
             "trusted_apps": ["app-cfg-trusted"],
-            "credentials": {"pep_id": "pep_proxy_1", "pep_password": "pw"},
         }))
         .unwrap()
     }
@@ -1149,7 +1087,7 @@ mod tests {
             ("zero positive ttl", rfc, |c| c.positive_ttl_s = 0, None),
             ("rfc without secret", rfc, |c| c.credentials.client_secret = None, Some("client_id and client_secret are required")),
             ("rfc empty id", rfc, |c| c.credentials.client_id = Some(String::new()), Some("client_id and client_secret are required")),
-            ("rfc with pep", rfc, |c| c.credentials.pep_id = Some("p".into()), Some("only for kind keyrock")),
+            ("rfc with pep", rfc, |c| c.credentials.pep_id = Some("p".into()), Some("not supported")),
             ("rfc with app_id", rfc, |c| c.app_id = Some("a".into()), Some("only for kind keyrock")),
             ("rfc empty claim segment", rfc, |c| c.roles_claim = Some("realm_access..roles".into()), Some("roles_claim")),
             ("rfc empty groups claim", rfc, |c| c.groups_claim = Some(String::new()), Some("groups_claim")),
@@ -1158,7 +1096,8 @@ mod tests {
             ("keyrock without app_id", keyrock, |c| c.app_id = None, Some("app_id: required")),
             ("keyrock blank app_id", keyrock, |c| c.app_id = Some(" ".into()), Some("app_id: required")),
             ("keyrock bad trusted app", keyrock, |c| c.trusted_apps = vec![String::new()], Some("trusted_apps")),
-            ("keyrock half pep", keyrock, |c| c.credentials.pep_password = None, Some("go together")),
+            ("keyrock with pep id", keyrock, |c| c.credentials.pep_id = Some("pep_proxy_1".into()), Some("pep_id and pep_password are not supported")),
+            ("keyrock with pep password", keyrock, |c| c.credentials.pep_password = Some("pw".into()), Some("not supported")),
             ("keyrock with client secret", keyrock, |c| c.credentials.client_secret = Some("x".into()), Some("only for kind rfc7662")),
             ("keyrock with audience", keyrock, |c| c.audience = Some("x".into()), Some("only for kind rfc7662")),
         ];
@@ -1177,14 +1116,11 @@ mod tests {
     fn credentials_are_not_debug_printed() {
         let dbg = format!("{:?} {:?}", rfc(), keyrock());
         assert!(!dbg.contains("s3cret") && !dbg.contains("\"pw\""), "{dbg}");
-        assert!(dbg.contains("envoy") && dbg.contains("pep_proxy_1"));
-        let call = keyrock().build_request("tok3n", Some("pep-t0ken"));
+        assert!(dbg.contains("envoy"));
+        let call = keyrock().build_request("tok3n");
         let dbg = format!("{call:?}");
-        assert!(
-            !dbg.contains("tok3n") && !dbg.contains("pep-t0ken"),
-            "{dbg}"
-        );
-        let call = rfc().build_request("tok3n", None);
+        assert!(!dbg.contains("tok3n"), "{dbg}");
+        let call = rfc().build_request("tok3n");
         let dbg = format!("{call:?}");
         assert!(
             !dbg.contains("tok3n") && !dbg.contains("ZW52b3k6czNjcmV0"),
@@ -1194,7 +1130,7 @@ mod tests {
 
     #[test]
     fn rfc7662_request() {
-        let call = rfc().build_request("a+b/c=", None);
+        let call = rfc().build_request("a+b/c=");
         assert_eq!(call.method, "POST");
         assert_eq!(call.cluster, "keycloak");
         assert_eq!(
@@ -1247,68 +1183,21 @@ mod tests {
 
     #[test]
     fn keyrock_request_matches_wilma() {
-        let call = keyrock().build_request("0b5a4b8a-3a4e", Some("pep-token"));
+        let call = keyrock().build_request("0b5a4b8a-3a4e");
         assert_eq!(call.method, "GET");
         assert_eq!(call.path, "/user?access_token=0b5a4b8a-3a4e&app_id=app-1");
-        assert_eq!(call.header("x-auth-token"), Some("pep-token"));
         assert_eq!(call.header("accept"), Some("application/json"));
         assert!(call.body.is_empty());
-        let call = keyrock().build_request("a+b/=", None);
+        let call = keyrock().build_request("a+b/=");
         assert_eq!(call.path, "/user?access_token=a%2Bb%2F%3D&app_id=app-1");
         assert_eq!(call.header("x-auth-token"), None);
         let mut c = keyrock();
         c.path = Some("/idm/user".into());
         c.app_id = Some("a&b".into());
         assert_eq!(
-            c.build_request("t", None).path,
+            c.build_request("t").path,
             "/idm/user?access_token=t&app_id=a%26b"
         );
-    }
-
-    #[test]
-    fn keyrock_pep_login() {
-        let call = keyrock().pep_login_request().unwrap();
-        assert_eq!(
-            (call.method, call.path.as_str()),
-            ("POST", "/v3/auth/tokens")
-        );
-        let body: Value = serde_json::from_slice(&call.body).unwrap();
-        assert_eq!(body, json!({"name": "pep_proxy_1", "password": "pw"}));
-        assert_eq!(call.header("content-type"), Some("application/json"));
-        assert!(rfc().pep_login_request().is_none());
-        let mut k = keyrock();
-        k.credentials = IntrospectionCredentials::default();
-        assert!(k.pep_login_request().is_none());
-
-        let h = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            parse_pep_login(201, &h(&[("X-Subject-Token", "abc-123")])).unwrap(),
-            "abc-123"
-        );
-        assert_eq!(
-            parse_pep_login(401, &h(&[("x-subject-token", "abc")])),
-            Err(IntrospectionError::Status(401))
-        );
-        assert!(matches!(
-            parse_pep_login(201, &h(&[])),
-            Err(IntrospectionError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_pep_login(
-                201,
-                &h(&[("x-subject-token", "a"), ("x-subject-token", "b")])
-            ),
-            Err(IntrospectionError::Malformed(_))
-        ));
-        assert!(matches!(
-            parse_pep_login(201, &h(&[("x-subject-token", "")])),
-            Err(IntrospectionError::Malformed(_))
-        ));
     }
 
     #[derive(Debug)]

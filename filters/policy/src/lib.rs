@@ -12,6 +12,7 @@ pub mod decision;
 pub mod device_keys;
 pub mod enforcement;
 pub mod entity_acl;
+pub mod header_pairs;
 pub mod identity;
 pub mod identity_headers;
 pub mod introspection;
@@ -23,6 +24,7 @@ pub mod mtls;
 pub mod ngsi;
 pub mod ownership;
 pub mod routes;
+pub mod strict_json;
 pub mod token_auth;
 
 pub use decision::{Decision, DenyReason};

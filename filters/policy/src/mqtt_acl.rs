@@ -70,6 +70,7 @@ use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::enforcement::{decision_line, Mode};
 use crate::identity::{Identity, IdentityKind};
 use crate::jwt::{JwtProviderConfig, JwtVerifier, TokenError};
+use crate::log_text::bounded_debug;
 use crate::mqtt::{
     encode, encode_connack, encode_suback, encode_subscribe, reason, shared_subscription,
     splice_suback_codes, v3_connack, v3_suback, Connect, Decoder, ErrorKind, Frame, Limits, Packet,
@@ -121,6 +122,81 @@ pub struct MqttAclConfig {
     /// Largest topic alias a client may use (default 10, Mosquitto's `max_topic_alias`).
     #[serde(default = "default_topic_aliases")]
     pub max_topic_aliases: u16,
+    /// The Envoy cluster a refused connection goes to instead of the broker (the sidecar's
+    /// stand-in answers it; default `mqtt_acl_refusal`); `null`: the broker gets a harmless
+    /// CONNECT and answers the refusal.
+    #[serde(default = "default_refusal_cluster")]
+    pub refusal_cluster: Option<String>,
+    /// The client ids an identity may use: `%u` is its subject, a final `*` any rest (default
+    /// `["%u", "%u-*"]`). Others are refused, so no client takes over another's session.
+    #[serde(default = "default_client_ids")]
+    pub client_ids: Vec<String>,
+    /// Seconds a client has to complete its CONNECT after opening the connection (default 10).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+fn default_client_ids() -> Vec<String> {
+    vec!["%u".into(), "%u-*".into()]
+}
+
+/// One `client_ids` pattern: literal text with `%u` (the subject) and an optional final `*`.
+#[derive(Debug, Clone)]
+struct ClientIdPattern {
+    /// The literal pieces between `%u`s.
+    pieces: Vec<String>,
+    any_rest: bool,
+}
+
+impl ClientIdPattern {
+    fn parse(text: &str) -> Result<ClientIdPattern, String> {
+        let (body, any_rest) = match text.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (text, false),
+        };
+        if text.is_empty() || body.contains('*') {
+            return Err(format!(
+                "client_ids pattern {text:?}: give literal text with %u, '*' only at the end"
+            ));
+        }
+        let pieces: Vec<String> = body.split("%u").map(str::to_string).collect();
+        if pieces.iter().any(|p| p.contains('%')) {
+            return Err(format!(
+                "client_ids pattern {text:?}: %u is the only placeholder"
+            ));
+        }
+        Ok(ClientIdPattern { pieces, any_rest })
+    }
+
+    /// `subject` None (anonymous): patterns with `%u` never match.
+    fn matches(&self, client_id: &str, subject: Option<&str>) -> bool {
+        let mut expected = String::new();
+        for (i, piece) in self.pieces.iter().enumerate() {
+            if i > 0 {
+                match subject {
+                    Some(subject) => expected.push_str(subject),
+                    None => return false,
+                }
+            }
+            expected.push_str(piece);
+        }
+        if self.any_rest {
+            client_id.starts_with(&expected)
+        } else {
+            client_id == expected
+        }
+    }
+}
+
+/// The cluster of envoy/mqtt-sidecar.yaml's refusal stand-in.
+pub const DEFAULT_REFUSAL_CLUSTER: &str = "mqtt_acl_refusal";
+
+fn default_refusal_cluster() -> Option<String> {
+    Some(DEFAULT_REFUSAL_CLUSTER.into())
 }
 
 fn default_max_packet() -> usize {
@@ -367,6 +443,9 @@ pub struct MqttAcl {
     ownership: Option<Ownership>,
     on_forbidden_publish: OnForbiddenPublish,
     limits: Limits,
+    refusal_cluster: Option<String>,
+    client_ids: Vec<ClientIdPattern>,
+    connect_timeout_secs: u64,
 }
 
 impl MqttAcl {
@@ -444,6 +523,27 @@ impl MqttAcl {
         };
         let acl = Acl::from_config(&acl_config).map_err(|e| e.to_string())?;
         let ownership = config.ownership.as_ref().map(Ownership::new).transpose()?;
+        let client_ids = config
+            .client_ids
+            .iter()
+            .map(|p| ClientIdPattern::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !(1..=3600).contains(&config.connect_timeout_secs) {
+            return Err(format!(
+                "connect_timeout_secs {} must be between 1 and 3600",
+                config.connect_timeout_secs
+            ));
+        }
+        let refusal_cluster = config.refusal_cluster.clone();
+        if refusal_cluster
+            .as_deref()
+            .is_some_and(|c| c.is_empty() || !c.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(format!(
+                "refusal_cluster {:?} must be an Envoy cluster name (or null)",
+                refusal_cluster.as_deref().unwrap_or_default()
+            ));
+        }
         if config.max_packet_bytes < 64 || config.max_packet_bytes > 16 * 1024 * 1024 {
             return Err(format!(
                 "max_packet_bytes {} must be between 64 and 16777216",
@@ -463,6 +563,9 @@ impl MqttAcl {
                 max_packet_bytes: config.max_packet_bytes,
                 max_topic_aliases: config.max_topic_aliases,
             },
+            refusal_cluster,
+            client_ids,
+            connect_timeout_secs: config.connect_timeout_secs,
         })
     }
 
@@ -569,6 +672,9 @@ pub struct Output {
     /// A token's issuer whose remote keys lack its `kid` (or are not fetched yet): the filter
     /// fetches them (rate-limited); the CONNECT was refused as "server unavailable".
     pub keys_wanted: Option<String>,
+    /// The CONNECT was refused: send this connection (and the harmless CONNECT in `forward`) to
+    /// this Envoy cluster, a stand-in that answers in the broker's place (`refusal_cluster`).
+    pub refusal_cluster: Option<String>,
 }
 
 impl Output {
@@ -598,8 +704,9 @@ enum Phase {
     Open,
     /// A harmless CONNECT went to the broker; its CONNACK becomes this one.
     Refused { connack: Vec<u8> },
-    /// The refusing CONNACK was handed over; close.
-    Answered,
+    /// Bytes handed over last are to be written before the close (the refusing CONNACK, or
+    /// the allowed packets read before a bad one): close on the next callback or tick.
+    Closing(CloseReason),
     /// Closed by the session.
     Closed,
 }
@@ -611,6 +718,7 @@ enum Refusal {
     NotAuthorized,
     Unavailable,
     BadAuthMethod,
+    BadClientId,
 }
 
 fn refusal_code(refusal: Refusal, version: ProtocolVersion) -> u8 {
@@ -624,6 +732,8 @@ fn refusal_code(refusal: Refusal, version: ProtocolVersion) -> u8 {
         (ProtocolVersion::V5, Refusal::NotAuthorized) => reason::NOT_AUTHORIZED,
         (ProtocolVersion::V5, Refusal::Unavailable) => reason::SERVER_UNAVAILABLE,
         (ProtocolVersion::V5, Refusal::BadAuthMethod) => reason::BAD_AUTHENTICATION_METHOD,
+        (ProtocolVersion::V311, Refusal::BadClientId) => v3_connack::IDENTIFIER_REJECTED,
+        (ProtocolVersion::V5, Refusal::BadClientId) => reason::CLIENT_IDENTIFIER_NOT_VALID,
     }
 }
 
@@ -650,6 +760,8 @@ pub struct Session {
     client_id: String,
     peer: Option<PeerCertificate>,
     connection_id: u64,
+    /// When the connection opened (seconds), for `connect_timeout_secs`.
+    opened_at: Option<u64>,
     pings: VecDeque<Ping>,
     /// SUBSCRIBE packet id → which of its filters were refused, until the SUBACK.
     partial_subacks: HashMap<u16, Vec<bool>>,
@@ -668,9 +780,32 @@ impl Session {
             client_id: String::new(),
             peer,
             connection_id,
+            opened_at: None,
             pings: VecDeque::new(),
             partial_subacks: HashMap::new(),
         }
+    }
+
+    /// When the connection opened: a client that has not completed its CONNECT
+    /// `connect_timeout_secs` later is closed ([`Session::check_connect_timeout`]).
+    pub fn set_opened_at(&mut self, now: u64) {
+        self.opened_at = Some(now);
+    }
+
+    /// No complete CONNECT within `connect_timeout_secs`: the connection is to be closed (a
+    /// silent or slow client holds no broker connection, but it holds Envoy's).
+    pub fn check_connect_timeout(&mut self, env: &Env<'_>) -> Option<CloseReason> {
+        let opened_at = self.opened_at?;
+        if self.phase != Phase::AwaitConnect
+            || env.now < opened_at.saturating_add(env.policy.connect_timeout_secs)
+        {
+            return None;
+        }
+        self.phase = Phase::Closed;
+        Some(CloseReason::Malformed(format!(
+            "no CONNECT within {} s",
+            env.policy.connect_timeout_secs
+        )))
     }
 
     /// The verified client certificate, when it is known only after the connection opened
@@ -692,9 +827,31 @@ impl Session {
         self.identity.as_ref().and_then(|i| i.expires_at)
     }
 
-    /// The refusing CONNACK was written: the connection is to be closed.
-    pub fn wants_close(&self) -> bool {
-        self.phase == Phase::Answered
+    /// No CONNECT decided yet (nothing may go upstream).
+    pub fn awaiting_connect(&self) -> bool {
+        self.phase == Phase::AwaitConnect
+    }
+
+    /// Why the connection is to be closed now that its last bytes were handed over (the
+    /// refusing CONNACK, or what was allowed before a bad packet).
+    pub fn closing(&self) -> Option<&CloseReason> {
+        match &self.phase {
+            Phase::Closing(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// Closes for `reason`. What this read already allowed still goes on first: the close
+    /// then waits for the next callback or tick (Envoy drops bytes handed over by a callback
+    /// that also closes).
+    fn close_after_forward(&mut self, mut out: Output, reason: CloseReason) -> Output {
+        if out.forward.is_empty() {
+            self.phase = Phase::Closed;
+            return out.closing(reason);
+        }
+        self.phase = Phase::Closing(reason);
+        out.close_after_write = true;
+        out
     }
 
     pub fn is_closed(&self) -> bool {
@@ -717,7 +874,7 @@ impl Session {
             what,
             &decision,
         );
-        line.push_str(&format!(" client_id={:?}", self.client_id));
+        line.push_str(&format!(" client_id={}", bounded_debug(&self.client_id)));
         let mut counters = Vec::new();
         match (&decision, kind) {
             (Decision::Allow(_), "connect") => counters.push("connect.allowed"),
@@ -775,13 +932,14 @@ impl Session {
     /// Reads bytes from the client.
     pub fn on_client_bytes(&mut self, bytes: &[u8], env: &Env<'_>) -> Output {
         let mut out = Output::default();
-        match self.phase {
+        match &self.phase {
             Phase::Closed => {
                 return out.closing(CloseReason::Malformed("connection closed".into()))
             }
-            Phase::Answered => {
+            Phase::Closing(reason) => {
+                let reason = reason.clone();
                 self.phase = Phase::Closed;
-                return out.closing(CloseReason::Refused);
+                return out.closing(reason);
             }
             // The client's CONNECT was refused: whatever follows is dropped.
             Phase::Refused { .. } => return out,
@@ -805,8 +963,8 @@ impl Session {
                             return out;
                         }
                     }
-                    self.phase = Phase::Closed;
-                    return out.closing(CloseReason::Malformed(format!("client sent {error}")));
+                    let reason = CloseReason::Malformed(format!("client sent {error}"));
+                    return self.close_after_forward(out, reason);
                 }
             };
             match self.phase {
@@ -816,7 +974,7 @@ impl Session {
                         return out
                             .closing(CloseReason::Malformed("first packet is not CONNECT".into()));
                     };
-                    self.on_connect(connect, &frame, env, &mut out);
+                    self.on_connect(connect, env, &mut out);
                     if !matches!(self.phase, Phase::Open) {
                         // Refused: nothing more of what the client sent goes anywhere.
                         return out;
@@ -824,8 +982,7 @@ impl Session {
                 }
                 Phase::Open => {
                     if let Some(close) = self.on_client_packet(frame, env, &mut out) {
-                        self.phase = Phase::Closed;
-                        return out.closing(close);
+                        return self.close_after_forward(out, close);
                     }
                 }
                 _ => return out,
@@ -880,8 +1037,8 @@ impl Session {
         match encode(&Packet::Connect(harmless), version) {
             Ok(bytes) => {
                 out.forward = bytes;
+                out.refusal_cluster = env.policy.refusal_cluster.clone();
                 self.version = Some(version);
-                self.broker_decoder(env, version, 0);
                 self.phase = Phase::Refused { connack };
             }
             Err(e) => {
@@ -918,9 +1075,11 @@ impl Session {
                 return match jwt.verify(username, env.now) {
                     // Remote keys that may have rotated, or not arrived yet: "server
                     // unavailable" (the client retries), and the filter fetches them.
-                    Err(e @ (TokenError::UnknownKid | TokenError::KeysUnavailable))
-                        if remote_issuer(jwt, username).is_some() =>
-                    {
+                    Err(
+                        e @ (TokenError::UnknownKid
+                        | TokenError::KeysUnavailable
+                        | TokenError::KeysStale),
+                    ) if remote_issuer(jwt, username).is_some() => {
                         Err((Refusal::Unavailable, e.to_string()))
                     }
                     Ok(verified) => {
@@ -984,7 +1143,7 @@ impl Session {
         Err((Refusal::NotAuthorized, "no credentials".into()))
     }
 
-    fn on_connect(&mut self, connect: &Connect, frame: &Frame, env: &Env<'_>, out: &mut Output) {
+    fn on_connect(&mut self, connect: &Connect, env: &Env<'_>, out: &mut Output) {
         let policy = env.policy;
         let version = connect.version;
         self.version = Some(version);
@@ -994,6 +1153,25 @@ impl Session {
             (&verdict, &policy.jwt, connect.username.as_deref())
         {
             out.keys_wanted = remote_issuer(jwt, username);
+        }
+        if let Ok(identity) = &verdict {
+            let subject = identity.as_ref().map(|i| i.subject.as_str());
+            // An empty client id is the broker's to assign: nobody's session.
+            let bound = connect.client_id.is_empty()
+                || policy
+                    .client_ids
+                    .iter()
+                    .any(|p| p.matches(&connect.client_id, subject));
+            if !bound {
+                verdict = Err((
+                    Refusal::BadClientId,
+                    format!(
+                        "client id {} is not one {} may use (client_ids)",
+                        bounded_debug(&connect.client_id),
+                        subject.map_or("an anonymous client".into(), bounded_debug)
+                    ),
+                ));
+            }
         }
         if let (Ok(identity), Some(will)) = (&verdict, &connect.will) {
             let decision = policy.check_topic(
@@ -1024,14 +1202,14 @@ impl Session {
                     "connect",
                 );
                 out.decisions.push(decided);
-                self.accept_connect(connect, frame, env, out);
+                self.accept_connect(connect, env, out);
             }
             Err((refusal, why)) => {
                 let reason = match refusal {
                     Refusal::BadCredentials | Refusal::BadAuthMethod => {
                         DenyReason::Unauthenticated(why)
                     }
-                    Refusal::NotAuthorized => DenyReason::Forbidden(why),
+                    Refusal::NotAuthorized | Refusal::BadClientId => DenyReason::Forbidden(why),
                     Refusal::Unavailable => DenyReason::Unavailable(why),
                 };
                 let decided = self.decided(
@@ -1044,7 +1222,7 @@ impl Session {
                 out.decisions.push(decided);
                 if policy.mode == Mode::Shadow {
                     self.identity = None;
-                    self.accept_connect(connect, frame, env, out);
+                    self.accept_connect(connect, env, out);
                     return;
                 }
                 let connack = encode_connack(version, refusal_code(refusal, version));
@@ -1053,16 +1231,27 @@ impl Session {
         }
     }
 
-    fn accept_connect(
-        &mut self,
-        connect: &Connect,
-        frame: &Frame,
-        env: &Env<'_>,
-        out: &mut Output,
-    ) {
+    fn accept_connect(&mut self, connect: &Connect, env: &Env<'_>, out: &mut Output) {
         let aliases = connect.properties.topic_alias_maximum().unwrap_or(0);
+        // The broker gets the verified identity as user name and no password: a token or
+        // device key never reaches it (nor its log).
+        let forwarded = Connect {
+            username: self.identity.as_ref().map(|i| i.subject.clone()),
+            password: None,
+            ..connect.clone()
+        };
+        match encode(&Packet::Connect(forwarded), connect.version) {
+            Ok(bytes) => out.forward.extend_from_slice(&bytes),
+            Err(e) => {
+                self.phase = Phase::Closed;
+                out.forward.clear();
+                out.close = Some(CloseReason::Malformed(format!(
+                    "cannot re-encode the CONNECT: {e}"
+                )));
+                return;
+            }
+        }
         self.broker_decoder(env, connect.version, aliases);
-        out.forward.extend_from_slice(&frame.raw);
         self.phase = Phase::Open;
     }
 
@@ -1095,7 +1284,7 @@ impl Session {
                 out.decisions.push(self.decided(
                     mode,
                     &format!("mqtt PUBLISH {topic}"),
-                    &format!("[write {topic:?}]"),
+                    &format!("[write {}]", bounded_debug(&topic)),
                     decision,
                     "publish",
                 ));
@@ -1110,7 +1299,8 @@ impl Session {
                 }
                 if policy.on_forbidden_publish == OnForbiddenPublish::Close {
                     return Some(CloseReason::Forbidden(format!(
-                        "forbidden PUBLISH to {topic:?} (on_forbidden_publish: close)"
+                        "forbidden PUBLISH to {} (on_forbidden_publish: close)",
+                        bounded_debug(&topic)
                     )));
                 }
                 match (publish.qos, publish.packet_id) {
@@ -1121,7 +1311,8 @@ impl Session {
                     }
                     _ => {
                         return Some(CloseReason::Forbidden(format!(
-                            "forbidden QoS 2 PUBLISH to {topic:?}"
+                            "forbidden QoS 2 PUBLISH to {}",
+                            bounded_debug(&topic)
                         )))
                     }
                 }
@@ -1143,7 +1334,7 @@ impl Session {
                     out.decisions.push(self.decided(
                         mode,
                         &format!("mqtt SUBSCRIBE {}", sub.filter),
-                        &format!("[read {filter:?}]"),
+                        &format!("[read {}]", bounded_debug(filter)),
                         decision,
                         "subscribe",
                     ));
@@ -1205,9 +1396,10 @@ impl Session {
             Phase::Closed => {
                 return out.closing(CloseReason::Malformed("connection closed".into()))
             }
-            Phase::Answered => {
+            Phase::Closing(reason) => {
+                let reason = reason.clone();
                 self.phase = Phase::Closed;
-                return out.closing(CloseReason::Refused);
+                return out.closing(reason);
             }
             Phase::AwaitConnect => {
                 self.phase = Phase::Closed;
@@ -1215,7 +1407,17 @@ impl Session {
                     "the broker spoke before the client's CONNECT".into(),
                 ));
             }
-            Phase::Refused { .. } | Phase::Open => {}
+            Phase::Refused { connack } => {
+                // The stand-in (or the broker answering the harmless CONNECT) spoke: whatever it
+                // sent is replaced by the refusing CONNACK.
+                if !bytes.is_empty() {
+                    out.forward = connack.clone();
+                    out.close_after_write = true;
+                    self.phase = Phase::Closing(CloseReason::Refused);
+                }
+                return out;
+            }
+            Phase::Open => {}
         }
         if let Some(expired) = self.check_expiry(env) {
             if expired.close.is_some() {
@@ -1233,24 +1435,13 @@ impl Session {
                 Some(Ok(Some(frame))) => frame,
                 Some(Ok(None)) => return out,
                 Some(Err(error)) => {
-                    self.phase = Phase::Closed;
-                    return out.closing(CloseReason::Malformed(format!("broker sent {error}")));
+                    let reason = CloseReason::Malformed(format!("broker sent {error}"));
+                    return self.close_after_forward(out, reason);
                 }
                 None => return out,
             };
-            if let Phase::Refused { connack } = &self.phase {
-                if let Packet::ConnAck(_) = frame.packet {
-                    out.forward = connack.clone();
-                    out.close_after_write = true;
-                    self.phase = Phase::Answered;
-                    return out;
-                }
-                // AUTH or anything else before CONNACK: nothing for this client.
-                continue;
-            }
             if let Some(close) = self.on_broker_packet(frame, env, &mut out) {
-                self.phase = Phase::Closed;
-                return out.closing(close);
+                return self.close_after_forward(out, close);
             }
         }
     }
@@ -1348,7 +1539,7 @@ impl Session {
                 out.decisions.push(self.decided(
                     policy.mode,
                     &format!("mqtt deliver PUBLISH {topic}"),
-                    &format!("[read {topic:?}]"),
+                    &format!("[read {}]", bounded_debug(&topic)),
                     decision,
                     "deliver",
                 ));
@@ -1361,7 +1552,8 @@ impl Session {
                     return None;
                 }
                 Some(CloseReason::Forbidden(format!(
-                    "the broker delivered a message on {topic:?}, which the client may not read"
+                    "the broker delivered a message on {}, which the client may not read",
+                    bounded_debug(&topic)
                 )))
             }
             _ => {

@@ -14,7 +14,7 @@ use crate::decision::DenyReason;
 use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::identity::Identity;
 use crate::identity_headers::IdentityHeaderNames;
-use crate::introspection::{HttpCall, IntrospectionConfig, Verdict};
+use crate::introspection::{HttpCall, IntrospectionConfig, IntrospectionError, Verdict};
 use crate::jwt::{peek_issuer, JwtProvider, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
 use crate::mtls::{MtlsConfig, PeerCertificate};
 use crate::routes::PublicRoute;
@@ -81,8 +81,12 @@ impl Default for CacheConfig {
 /// What the filter must do with a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// A public route: no identity, continue.
-    Public,
+    /// A public route: no identity, continue, without any credential the client sent (unless
+    /// `forward_token`): the headers to remove and the `:path` without query credentials.
+    Public {
+        strip_headers: Vec<String>,
+        new_path: Option<String>,
+    },
     /// Authenticated: set the identity headers, remove the credential unless forwarded.
     Allow {
         identity: Identity,
@@ -123,6 +127,15 @@ pub struct RequestFacts<'a> {
     pub peer: Option<PeerCertificate>,
 }
 
+/// Events the filter counts (monotonic, per VM), beside the decisions themselves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuthCounters {
+    /// Requests refused (503) because the fetched keys they need are stale.
+    pub stale_keys: u64,
+    /// Introspection answers that were not what the protocol says (decided as inactive).
+    pub malformed_introspection: u64,
+}
+
 /// The validated configuration and the per-VM state the decisions use.
 pub struct TokenAuth {
     config: TokenAuthConfig,
@@ -130,6 +143,7 @@ pub struct TokenAuth {
     jwt: Option<JwtVerifier>,
     device_keys: Option<DeviceKeys>,
     cache: VerdictCache<Cached>,
+    counters: AuthCounters,
 }
 
 fn bad_config(what: &str, detail: impl std::fmt::Display) -> String {
@@ -203,11 +217,24 @@ impl TokenAuth {
             jwt,
             device_keys,
             config,
+            counters: AuthCounters::default(),
         })
     }
 
     pub fn config(&self) -> &TokenAuthConfig {
         &self.config
+    }
+
+    /// Accepted choices worth a warning in the log at configure time.
+    pub fn warnings(&self) -> Vec<String> {
+        self.jwt
+            .as_ref()
+            .map(JwtVerifier::warnings)
+            .unwrap_or_default()
+    }
+
+    pub fn counters(&self) -> AuthCounters {
+        self.counters
     }
 
     /// The configured JWT providers (none if only other credentials are configured).
@@ -219,19 +246,33 @@ impl TokenAuth {
         self.jwt.as_ref().and_then(|j| j.provider(issuer))
     }
 
-    /// Installs a fetched key set for an issuer.
-    pub fn set_remote_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String> {
+    /// Installs a key set fetched for an issuer at `fetched_at`.
+    pub fn set_remote_keys(
+        &mut self,
+        issuer: &str,
+        keys: KeySet,
+        fetched_at: u64,
+    ) -> Result<(), String> {
         let provider = self
             .jwt
             .as_mut()
             .and_then(|j| j.provider_mut(issuer))
             .ok_or_else(|| format!("no provider for issuer {issuer}"))?;
-        provider.set_remote_keys(keys).map_err(|e| e.to_string())?;
+        provider
+            .set_remote_keys(keys, fetched_at)
+            .map_err(|e| e.to_string())?;
         // A changed key set clears every verdict: a token verified with a withdrawn key must
         // not outlive the rotation, and a refusal for lack of keys must not outlive new keys.
         // (The filter installs a set only when it differs from the one in force.)
         self.cache.clear();
         Ok(())
+    }
+
+    /// The keys in force for `issuer` were fetched again, unchanged, at `fetched_at`.
+    pub fn confirm_remote_keys(&mut self, issuer: &str, fetched_at: u64) {
+        if let Some(provider) = self.jwt.as_mut().and_then(|j| j.provider_mut(issuer)) {
+            provider.confirm_remote_keys(fetched_at);
+        }
     }
 
     fn challenge(&self, error: Option<(&str, &str)>) -> String {
@@ -254,6 +295,23 @@ impl TokenAuth {
         };
         let challenge = code.map(|c| self.challenge(Some((c, reason.description()))));
         Outcome::Deny { reason, challenge }
+    }
+
+    /// A public route: let it through without whatever credential the client sent, whether
+    /// or not it is well-formed (brokers log headers and paths).
+    fn public(&self, path: &str) -> Outcome {
+        if self.config.forward_token {
+            return Outcome::Public {
+                strip_headers: Vec::new(),
+                new_path: None,
+            };
+        }
+        let credentials = &self.config.credentials;
+        let stripped = credentials.strip_all_from_path(path);
+        Outcome::Public {
+            strip_headers: credentials.all_header_names(),
+            new_path: (stripped != path).then_some(stripped),
+        }
     }
 
     /// Allows `identity` if it has a required role, removing the credential as configured.
@@ -286,7 +344,7 @@ impl TokenAuth {
             .iter()
             .any(|r| r.matches(facts.method, facts.path))
         {
-            return Outcome::Public;
+            return self.public(facts.path);
         }
         let view = RequestView::new(facts.headers, facts.path);
         let found = match self.config.credentials.extract(&view) {
@@ -334,7 +392,12 @@ impl TokenAuth {
         }
         let looks_like_jwt = token.split('.').count() == 3;
         let issuer = if looks_like_jwt && self.jwt.is_some() {
-            peek_issuer(token).ok()
+            match peek_issuer(token) {
+                Ok(issuer) => Some(issuer),
+                // Refused before any provider is chosen: say why.
+                Err(e @ TokenError::DuplicateMember(_)) => return self.deny(e.deny_reason()),
+                Err(_) => None,
+            }
         } else {
             None
         };
@@ -353,7 +416,7 @@ impl TokenAuth {
         if let Some(intro) = &self.config.introspection {
             return Outcome::Introspect {
                 token: token.to_string(),
-                call: intro.build_request(token, None),
+                call: intro.build_request(token),
             };
         }
         let reason = if looks_like_jwt {
@@ -377,16 +440,25 @@ impl TokenAuth {
         };
         match verified {
             Ok(verified) => {
+                // Never cached past the freshness of the keys that verified it.
+                let ttl =
+                    verified
+                        .keys_fresh_until
+                        .map_or(self.config.cache.max_ttl_secs, |until| {
+                            until
+                                .saturating_sub(now)
+                                .min(self.config.cache.max_ttl_secs)
+                        });
                 self.cache.insert(
                     token,
                     Cached::Allowed(verified.identity.clone()),
                     now,
-                    self.config.cache.max_ttl_secs,
+                    ttl,
                     verified.expires_at,
                 );
                 self.allow(verified.identity, Some(found), path)
             }
-            Err(TokenError::UnknownKid) | Err(TokenError::KeysUnavailable) => {
+            Err(TokenError::UnknownKid | TokenError::KeysUnavailable | TokenError::KeysStale) => {
                 match peek_issuer(token) {
                     Ok(issuer) if self.provider(&issuer).is_some_and(|p| p.remote().is_some()) => {
                         Outcome::FetchKeys { issuer }
@@ -403,8 +475,16 @@ impl TokenAuth {
     pub fn authenticate_without_fetch(&mut self, facts: &RequestFacts<'_>, now: u64) -> Outcome {
         match self.authenticate(facts, now) {
             Outcome::FetchKeys { issuer } => {
-                let has_keys = self.provider(&issuer).is_some_and(|p| p.has_keys());
-                if has_keys {
+                let provider = self.provider(&issuer);
+                let stale = provider.is_some_and(|p| p.remote_keys_stale(now));
+                let has_keys = provider.is_some_and(|p| p.has_keys());
+                if stale {
+                    self.counters.stale_keys += 1;
+                    Outcome::Deny {
+                        reason: TokenError::KeysStale.deny_reason(),
+                        challenge: None,
+                    }
+                } else if has_keys {
                     self.deny(TokenError::UnknownKid.deny_reason())
                 } else {
                     Outcome::Deny {
@@ -458,6 +538,22 @@ impl TokenAuth {
                     }
                 }
             }
+            // An answer that is not what the protocol says is no evidence the token is valid:
+            // inactive (401), remembered as briefly as any refusal, and counted.
+            Err(IntrospectionError::Malformed(_)) => {
+                self.counters.malformed_introspection += 1;
+                let reason = DenyReason::Unauthenticated(
+                    "invalid token (malformed introspection answer)".into(),
+                );
+                self.cache.insert(
+                    token,
+                    Cached::Refused(reason.clone()),
+                    now,
+                    intro.negative_ttl_s,
+                    None,
+                );
+                IntrospectionOutcome::Refused(reason)
+            }
             // An IdP failure is never cached: the next request asks again.
             Err(e) => IntrospectionOutcome::Refused(e.deny_reason()),
         }
@@ -477,6 +573,13 @@ impl TokenAuth {
             },
             IntrospectionOutcome::Refused(reason) => self.deny(reason.clone()),
         }
+    }
+
+    /// The request headers this engine reads, which must be text: pseudo-headers and the
+    /// configured credential headers. (Identity headers are removed by name, whatever their
+    /// bytes; every other header goes upstream untouched.)
+    pub fn reads_header(&self, name: &str) -> bool {
+        crate::header_pairs::is_pseudo(name) || self.config.credentials.reads_header(name)
     }
 
     /// Every identity header name, for stripping what the client sent.
@@ -605,7 +708,147 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(decide(&mut a, "/version", &[]), Outcome::Public);
+        assert!(matches!(
+            decide(&mut a, "/version", &[]),
+            Outcome::Public { .. }
+        ));
+    }
+
+    #[test]
+    fn public_routes_strip_every_credential_the_client_sent() {
+        let mut a = auth(serde_json::json!({"credentials": {"sources": [
+            {"type": "bearer"}, {"type": "header", "name": "X-Auth-Token"},
+            {"type": "query", "name": "access_token"},
+            {"type": "device_key", "in": "header", "id": "x-device-id", "key": "x-device-key"}]},
+            "device_keys": {"devices": {"lamp": {"key_sha256": [
+                "4fb871485c80f49dae1ba02def42c5aab66a2b8e96a4ac3ec5d5734a09cdf2dc"]}}}}));
+        let bearer = format!("Bearer {}", token("valid_rs256"));
+        // Well-formed or not, one credential or an ambiguous pair: nothing reaches the broker.
+        let outcome = decide(
+            &mut a,
+            "/version?access_token=abc&x=1",
+            &[("authorization", &bearer), ("x-auth-token", "opaque")],
+        );
+        assert_eq!(
+            outcome,
+            Outcome::Public {
+                strip_headers: vec![
+                    "authorization".to_string(),
+                    "x-auth-token".to_string(),
+                    "x-device-id".to_string(),
+                    "x-device-key".to_string()
+                ],
+                new_path: Some("/version?x=1".to_string()),
+            }
+        );
+        let mut forwarding = auth(serde_json::json!({"forward_token": true}));
+        assert_eq!(
+            decide(&mut forwarding, "/version", &[("authorization", &bearer)]),
+            Outcome::Public {
+                strip_headers: Vec::new(),
+                new_path: None
+            }
+        );
+    }
+
+    fn remote_auth() -> TokenAuth {
+        let config = serde_json::json!({
+            "jwt_providers": [{
+                "issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256", "ES256"],
+                "remote": {"cluster": "idp", "authority": "idp", "path": "/certs",
+                           "refresh_secs": 600, "max_stale_secs": 3600}
+            }],
+            "cache": {"capacity": 10, "max_ttl_secs": 60}
+        });
+        TokenAuth::new(serde_json::from_value(config).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn stale_fetched_keys_are_503_and_counted_until_fetched_again() {
+        let mut a = remote_auth();
+        let keys = KeySet::from_jwks_json(JWKS).unwrap();
+        a.set_remote_keys(ISS, keys, NOW).unwrap();
+        let headers = vec![(
+            "authorization".to_string(),
+            format!("Bearer {}", token("valid_rs256")),
+        )];
+        let facts = RequestFacts {
+            method: "GET",
+            path: "/v2/entities",
+            headers: &headers,
+            peer: None,
+        };
+        assert!(matches!(
+            a.authenticate(&facts, NOW + 3590),
+            Outcome::Allow { .. }
+        ));
+        // Past max_stale_secs: fetch first (the verdict cached 11 s earlier is not used: it
+        // never outlives the keys); if that fails, 503.
+        let later = NOW + 3601;
+        assert_eq!(
+            a.authenticate(&facts, later),
+            Outcome::FetchKeys {
+                issuer: ISS.to_string()
+            }
+        );
+        match a.authenticate_without_fetch(&facts, later) {
+            Outcome::Deny { reason, challenge } => {
+                assert_eq!(reason.status(), 503);
+                assert_eq!(challenge, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(a.counters().stale_keys, 1);
+        // The same set fetched again renews it.
+        a.confirm_remote_keys(ISS, later);
+        assert!(matches!(
+            a.authenticate(&facts, later),
+            Outcome::Allow { .. }
+        ));
+    }
+
+    #[test]
+    fn an_answer_that_is_not_rfc7662_is_inactive_cached_and_counted() {
+        for body in [
+            &br#"{"sub": "alice"}"#[..],
+            br#"{"active": "true", "sub": "alice"}"#,
+            br#"{"active": 1}"#,
+            br#"{"active": true, "sub": "alice", "exp": "tomorrow"}"#,
+            br#"{"active": true, "sub": "alice", "exp": -5}"#,
+            br#"{"active": false, "active": true, "sub": "alice"}"#,
+            b"<html>",
+        ] {
+            let mut a = introspecting();
+            let ask =
+                |a: &mut TokenAuth| decide(a, "/v2/entities", &[("x-auth-token", "opaque-3")]);
+            assert!(matches!(ask(&mut a), Outcome::Introspect { .. }));
+            let decided = a.finish_introspection("opaque-3", 200, body, NOW);
+            let text = String::from_utf8_lossy(body);
+            assert!(
+                matches!(
+                    decided,
+                    IntrospectionOutcome::Refused(DenyReason::Unauthenticated(_))
+                ),
+                "{text}: {decided:?}"
+            );
+            assert_eq!(a.counters().malformed_introspection, 1, "{text}");
+            match ask(&mut a) {
+                Outcome::Deny { reason, .. } => assert_eq!(reason.status(), 401, "{text}"),
+                other => panic!("{text}: not cached: {other:?}"),
+            }
+            // Remembered for the negative TTL only.
+            let facts_headers = vec![("x-auth-token".to_string(), "opaque-3".to_string())];
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/v2/entities",
+                headers: &facts_headers,
+                peer: None,
+            };
+            assert!(matches!(
+                a.authenticate(&facts, NOW + 11),
+                Outcome::Introspect { .. }
+            ));
+        }
     }
 
     #[test]

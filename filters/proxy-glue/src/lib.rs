@@ -1,11 +1,15 @@
 //! The only place that talks to proxy-wasm on behalf of our filters: configuration loading,
 //! deny responses, metrics and the panic hook. Filter crates stay thin; policy stays pure.
 
+pub mod filter_state;
+pub mod host;
 pub mod remote_keys;
 
+use policy::header_pairs::{HeaderPairs, NotText};
+use policy::log_text::{bounded, bounded_debug};
 use policy::DenyReason;
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{BufferType, MetricType};
+use proxy_wasm::types::{BufferType, MapType, MetricType};
 
 /// Logs panics through the host before the VM aborts, so the reason reaches Envoy's log. (Envoy
 /// then answers 503 for the request; a panic is never an allow.)
@@ -35,11 +39,11 @@ pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Opti
 /// The raw plugin configuration (`{}` when there is none), for filters that parse and
 /// validate it in `policy`. A failure to read it is logged.
 pub fn parse_plugin_config_bytes(filter: &str) -> Option<Vec<u8>> {
-    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(Some(bytes)) => Some(bytes),
-        Ok(None) => Some(b"{}".to_vec()),
+    match host::read_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(Some(bytes)) if !bytes.is_empty() => Some(bytes),
+        Ok(_) => Some(b"{}".to_vec()),
         Err(status) => {
-            log::error!("{filter}: cannot read plugin configuration: {status:?}");
+            log::error!("{filter}: cannot read plugin configuration: {status}");
             None
         }
     }
@@ -51,11 +55,9 @@ pub fn send_deny(reason: &DenyReason, extra_headers: &[(&str, &str)]) {
     let body = reason.ngsi_body();
     let mut headers = vec![("content-type", "application/json")];
     headers.extend_from_slice(extra_headers);
-    if let Err(status) =
-        hostcalls::send_http_response(reason.status(), headers, Some(body.as_bytes()))
-    {
+    if let Err(status) = host::send_local_response(reason.status(), &headers, body.as_bytes()) {
         // Without a local reply the stream would hang paused; resetting it is the closed way.
-        log::error!("cannot send deny response ({status:?}); resetting the stream");
+        log::error!("cannot send deny response ({status}); resetting the stream");
         let _ = hostcalls::reset_http_request();
     }
 }
@@ -98,9 +100,10 @@ pub fn now_secs() -> Option<u64> {
         .map(|d| d.as_secs())
 }
 
-/// A string property (e.g. `connection.subject_peer_certificate`); absent or unreadable → None.
+/// A string property (e.g. `connection.subject_peer_certificate`); absent, unreadable or not
+/// text → None.
 pub fn string_property(path: &[&str]) -> Option<String> {
-    match hostcalls::get_property(path.to_vec()) {
+    match host::property(path) {
         Ok(Some(bytes)) => String::from_utf8(bytes).ok(),
         _ => None,
     }
@@ -108,20 +111,50 @@ pub fn string_property(path: &[&str]) -> Option<String> {
 
 /// A boolean property (Envoy encodes it as one byte).
 pub fn bool_property(path: &[&str]) -> bool {
-    matches!(hostcalls::get_property(path.to_vec()), Ok(Some(b)) if b.first() == Some(&1))
+    matches!(host::property(path), Ok(Some(b)) if b.first() == Some(&1))
 }
 
-/// Every request header, names lowercase, in order (repeated names kept). Read it while the
-/// request headers are available (Envoy drops them once the filter continued).
-pub fn request_headers() -> Vec<(String, String)> {
-    hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v))
-        .collect()
+/// Every request header as bytes, names lowercase, in order (repeated names kept). Read it
+/// while the request headers are available (Envoy drops them once the filter continued).
+/// A map the host can't give is logged and answered 503 by the caller.
+pub fn request_header_pairs(filter: &str) -> Result<HeaderPairs, DenyReason> {
+    host::header_map(MapType::HttpRequestHeaders).map_err(|e| {
+        log::error!("{filter}: cannot read the request headers: {e}");
+        DenyReason::Unavailable("the request headers could not be read".into())
+    })
 }
 
-/// The first value of `name` (lowercase) in headers from [`request_headers`], or "".
+/// The request headers the filter's engine reads (`reads`), as text. A header it reads that is
+/// not UTF-8 (legal obs-text in HTTP/1.1, e.g. `caf\xE9`) is refused with 400, a log line and
+/// the counter `<filter>.denied.header_not_text`; headers it does not read are not
+/// looked at and go upstream untouched.
+pub fn request_text_headers(
+    filter: &str,
+    reads: impl Fn(&str) -> bool,
+) -> Result<Vec<(String, String)>, DenyReason> {
+    let pairs = request_header_pairs(filter)?;
+    pairs
+        .text_view(reads)
+        .map_err(|e| refuse_not_text(filter, &e))
+}
+
+/// A filter's metric prefix: its name with `_` for `-` (`token-auth` → `token_auth`).
+fn metric_prefix(filter: &str) -> String {
+    filter.replace('-', "_")
+}
+
+/// Logs and counts a needed header that is not text; the 400 to answer.
+pub fn refuse_not_text(filter: &str, e: &NotText) -> DenyReason {
+    let metric_prefix = metric_prefix(filter);
+    log::warn!(
+        "{filter}: decision=deny status=400 reason=header_not_text header={}",
+        bounded_debug(&e.name)
+    );
+    Counter::define(&format!("{metric_prefix}.denied.header_not_text")).inc();
+    e.deny_reason()
+}
+
+/// The first value of `name` (lowercase) in text headers, or "".
 pub fn first_header(headers: &[(String, String)], name: &str) -> String {
     headers
         .iter()
@@ -130,33 +163,42 @@ pub fn first_header(headers: &[(String, String)], name: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The status and body of the callout answer being handled (status 0: the call was reset, no
-/// headers).
-pub fn callout_answer() -> (u32, Vec<u8>) {
-    let headers =
-        hostcalls::get_map(proxy_wasm::types::MapType::HttpCallResponseHeaders).unwrap_or_default();
-    let status = headers
-        .iter()
-        .find(|(k, _)| k == ":status")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, usize::MAX)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// Reads a request header, returning every value (Envoy's single-value call hides repeats,
-/// which an authorization filter must see).
-pub fn request_header_values(name: &str) -> Vec<String> {
-    match hostcalls::get_map(proxy_wasm::types::MapType::HttpRequestHeaders) {
-        Ok(pairs) => pairs
-            .into_iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-            .collect(),
-        Err(_) => Vec::new(),
+/// The status and body of the callout answer being handled. Status 0 means the call failed:
+/// reset (no headers), or an answer we can't trust as text — a `:status` that is not three
+/// digits, or a body that is not UTF-8 (every dependency we call answers JSON). Such an answer
+/// is logged and counted as `<filter>.callout.malformed`; the caller fails closed (503).
+pub fn callout_answer(filter: &str) -> (u32, Vec<u8>) {
+    let metric_prefix = metric_prefix(filter);
+    let headers = match host::header_map(MapType::HttpCallResponseHeaders) {
+        Ok(headers) => headers,
+        Err(e) => {
+            log::warn!("{filter}: cannot read a callout answer's headers: {e}");
+            Counter::define(&format!("{metric_prefix}.callout.malformed")).inc();
+            return (0, Vec::new());
+        }
+    };
+    if headers.is_empty() {
+        return (0, Vec::new());
+    }
+    let body = match host::read_buffer(BufferType::HttpCallResponseBody, 0, usize::MAX) {
+        Ok(body) => body.unwrap_or_default(),
+        Err(status) => {
+            log::warn!("{filter}: cannot read a callout answer's body: {status}");
+            return (0, Vec::new());
+        }
+    };
+    match policy::header_pairs::answer_status(&headers, &body) {
+        Ok(status) => (status, body),
+        Err(why) => {
+            log::warn!(
+                "{filter}: callout answer refused: {why} (status bytes {})",
+                bounded(&String::from_utf8_lossy(
+                    headers.first(":status").unwrap_or_default()
+                ))
+            );
+            Counter::define(&format!("{metric_prefix}.callout.malformed")).inc();
+            (0, Vec::new())
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! through an Envoy cluster (after OIDC discovery when configured), refreshed on a timer,
 //! fetched again on an unknown `kid` (at most every [`MIN_REFETCH_SECS`] per issuer), shared
 //! between the workers' VMs through Envoy shared data, and kept when a fetch fails (the last
-//! good set stays in force).
+//! good set stays in force, for at most the provider's `remote.max_stale_secs` after its last
+//! successful fetch: then tokens that need it get 503). A set that is refused (too large,
+//! duplicate `kid`s, no usable key) is logged and never installed nor shared.
 //!
 //! The filter owns the callouts' answers: it hands every answer to
 //! [`RemoteKeys::on_response`], which says whether it was one of ours and whether a fetch
@@ -25,16 +27,22 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// What holds the JWT providers whose remote keys are managed here.
 pub trait KeyHolder {
     fn providers(&self) -> &[JwtProvider];
-    /// Installs a fetched key set (the holder drops verdicts made with the old one).
-    fn install_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String>;
+    /// Installs a key set fetched at `fetched_at` (the holder drops verdicts made with the
+    /// old one).
+    fn install_keys(&mut self, issuer: &str, keys: KeySet, fetched_at: u64) -> Result<(), String>;
+    /// The keys in force were fetched again, unchanged, at `fetched_at`.
+    fn confirm_keys(&mut self, issuer: &str, fetched_at: u64);
 }
 
 impl KeyHolder for TokenAuth {
     fn providers(&self) -> &[JwtProvider] {
         TokenAuth::providers(self)
     }
-    fn install_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String> {
-        self.set_remote_keys(issuer, keys)
+    fn install_keys(&mut self, issuer: &str, keys: KeySet, fetched_at: u64) -> Result<(), String> {
+        self.set_remote_keys(issuer, keys, fetched_at)
+    }
+    fn confirm_keys(&mut self, issuer: &str, fetched_at: u64) {
+        self.confirm_remote_keys(issuer, fetched_at);
     }
 }
 
@@ -42,12 +50,27 @@ impl KeyHolder for JwtVerifier {
     fn providers(&self) -> &[JwtProvider] {
         JwtVerifier::providers(self)
     }
-    fn install_keys(&mut self, issuer: &str, keys: KeySet) -> Result<(), String> {
+    fn install_keys(&mut self, issuer: &str, keys: KeySet, fetched_at: u64) -> Result<(), String> {
         self.provider_mut(issuer)
             .ok_or_else(|| format!("no provider for issuer {issuer}"))?
-            .set_remote_keys(keys)
+            .set_remote_keys(keys, fetched_at)
             .map_err(|e| e.to_string())
     }
+    fn confirm_keys(&mut self, issuer: &str, fetched_at: u64) {
+        if let Some(provider) = self.provider_mut(issuer) {
+            provider.confirm_remote_keys(fetched_at);
+        }
+    }
+}
+
+/// A key set as shared between workers: when it was fetched, and the JWKS text.
+fn shared_entry(fetched_at: u64, jwks: &str) -> String {
+    format!("{fetched_at}\n{jwks}")
+}
+
+fn parse_shared_entry(text: &str) -> Option<(u64, &str)> {
+    let (at, jwks) = text.split_once('\n')?;
+    Some((at.parse().ok()?, jwks))
 }
 
 /// The counters a filter keeps for its key fetches.
@@ -69,6 +92,8 @@ struct IssuerKeys {
     /// The JWKS text in force: the same set fetched again (by this or another worker) is not
     /// re-installed, so verdict caches are cleared only when keys really change.
     installed: Option<String>,
+    /// When the keys in force were last fetched (by any worker).
+    fetched_at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,12 +217,13 @@ impl RemoteKeys {
             return Progress::NotOurs;
         };
         // Status 0: the call was reset. Any non-2xx is a failure too.
-        let (status, body) = crate::callout_answer();
+        let (status, body) = crate::callout_answer(self.filter);
         let ok = (200..300).contains(&status);
         if !ok {
             self.metrics.callout_failures.inc();
         }
         let text = String::from_utf8_lossy(&body).into_owned();
+        let now = crate::now_secs().unwrap_or(0);
         let loaded = match (step, ok) {
             (Step::Discovery, true) => {
                 if self.follow_discovery(holder, &issuer, &text) {
@@ -205,9 +231,9 @@ impl RemoteKeys {
                 }
                 false
             }
-            (Step::Keys, true) => match self.install(holder, &issuer, &text) {
+            (Step::Keys, true) => match self.install(holder, &issuer, &text, now) {
                 Ok(_) => {
-                    self.share(&issuer, &text);
+                    self.share(&issuer, &text, now);
                     true
                 }
                 Err(e) => {
@@ -244,36 +270,45 @@ impl RemoteKeys {
             if cas.is_some() && cas == known {
                 continue;
             }
-            if self
-                .install(holder, &issuer, &String::from_utf8_lossy(&bytes))
-                .is_ok()
-            {
+            let text = String::from_utf8_lossy(&bytes);
+            let Some((fetched_at, jwks)) = parse_shared_entry(&text) else {
+                continue;
+            };
+            if self.install(holder, &issuer, jwks, fetched_at).is_ok() {
                 self.issuers.entry(issuer).or_default().shared_cas = cas;
             }
         }
     }
 
-    /// Installs a JWKS unless it is the set already in force; Ok(true) if keys changed.
+    /// Installs a JWKS fetched at `fetched_at` unless it is the set already in force (then
+    /// only its freshness is renewed); Ok(true) if keys changed.
     fn install(
         &mut self,
         holder: &mut impl KeyHolder,
         issuer: &str,
         text: &str,
+        fetched_at: u64,
     ) -> Result<bool, String> {
         let entry = self.issuers.entry(issuer.to_string()).or_default();
         if entry.installed.as_deref() == Some(text) {
+            if fetched_at > entry.fetched_at {
+                entry.fetched_at = fetched_at;
+                holder.confirm_keys(issuer, fetched_at);
+            }
             return Ok(false);
         }
         let keys = KeySet::from_jwks_json(text).map_err(|e| format!("JWKS rejected: {e}"))?;
-        holder.install_keys(issuer, keys)?;
+        holder.install_keys(issuer, keys, fetched_at)?;
         entry.installed = Some(text.to_string());
+        entry.fetched_at = fetched_at;
         Ok(true)
     }
 
-    /// Offers fetched keys to the other workers.
-    fn share(&mut self, issuer: &str, text: &str) {
+    /// Offers fetched keys (and when they were fetched) to the other workers.
+    fn share(&mut self, issuer: &str, text: &str, fetched_at: u64) {
         let shared_key = format!("{}{issuer}", self.shared_prefix);
-        if hostcalls::set_shared_data(&shared_key, Some(text.as_bytes()), None).is_ok() {
+        let entry = shared_entry(fetched_at, text);
+        if hostcalls::set_shared_data(&shared_key, Some(entry.as_bytes()), None).is_ok() {
             if let Ok((_, cas)) = hostcalls::get_shared_data(&shared_key) {
                 self.issuers
                     .entry(issuer.to_string())
@@ -331,5 +366,22 @@ impl RemoteKeys {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_entries_carry_the_fetch_time() {
+        let jwks = "{\"keys\":[]}\n";
+        assert_eq!(
+            parse_shared_entry(&shared_entry(1_767_225_600, jwks)),
+            Some((1_767_225_600, jwks))
+        );
+        // An entry written by a module without fetch times is ignored (the worker fetches).
+        assert_eq!(parse_shared_entry("{\"keys\":[]}"), None);
+        assert_eq!(parse_shared_entry("soon\n{}"), None);
     }
 }

@@ -24,9 +24,11 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
+use policy::log_text::bounded;
 use policy::mtls::PeerCertificate;
 use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
 use policy::DenyReason;
+use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, parse_plugin_config, send_deny, string_property, Counter};
 use proxy_wasm::hostcalls;
@@ -39,6 +41,7 @@ proxy_wasm::main! {{
     proxy_wasm::set_root_context(|id| Box::new(Root { id, state: None }));
 }}
 
+const FILTER: &str = "token-auth";
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
 
 struct Metrics {
@@ -54,6 +57,8 @@ struct Metrics {
     callout_failures: Counter,
     jwks_fetched: Counter,
     jwks_failed: Counter,
+    jwks_stale: Counter,
+    introspection_malformed: Counter,
 }
 
 impl Metrics {
@@ -72,6 +77,8 @@ impl Metrics {
             callout_failures: c("callout.failed"),
             jwks_fetched: c("jwks.fetched"),
             jwks_failed: c("jwks.failed"),
+            jwks_stale: c("jwks.stale"),
+            introspection_malformed: c("introspection.malformed"),
         }
     }
 
@@ -110,6 +117,7 @@ struct State {
     callouts: HashMap<u32, LookupKey>,
     keys: RemoteKeys,
     last_cache: policy::cache::CacheStats,
+    last_counters: policy::token_auth::AuthCounters,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -145,6 +153,9 @@ impl RootContext for Root {
                 return false;
             }
         };
+        for warning in auth.warnings() {
+            log::warn!("token-auth: {warning}");
+        }
         let needs_ticks = auth.config().introspection.is_some()
             || auth.providers().iter().any(|p| p.remote().is_some());
         let metrics = Metrics::define();
@@ -166,6 +177,7 @@ impl RootContext for Root {
             callouts: HashMap::new(),
             keys,
             last_cache: Default::default(),
+            last_counters: Default::default(),
         }));
         self.state = Some(state.clone());
         if needs_ticks {
@@ -306,14 +318,19 @@ fn strip_client_identity(state: &Shared) {
         .iter()
         .map(|n| n.to_string())
         .collect();
+    // By name: a copy is removed whatever its bytes (its value is never read).
     for name in names {
-        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, None);
+        let _ = host::set_header(MapType::HttpRequestHeaders, &name, None);
     }
 }
 
-/// Runs `f` on the facts of the current (effective) stream's request.
-fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> R {
-    let headers = proxy_glue::request_headers();
+/// Runs `f` on the facts of the current (effective) stream's request. The headers the engine
+/// reads must be text: otherwise the request is refused (400) without asking the engine.
+fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> Result<R, DenyReason> {
+    let headers = {
+        let s = state.borrow();
+        proxy_glue::request_text_headers(FILTER, |name| s.auth.reads_header(name))?
+    };
     let method = proxy_glue::first_header(&headers, ":method");
     let path = proxy_glue::first_header(&headers, ":path");
     let wants_peer = state.borrow().auth.config().mtls.is_some();
@@ -324,12 +341,12 @@ fn with_request<R>(state: &Shared, f: impl FnOnce(&RequestFacts) -> R) -> R {
             dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
         }
     });
-    f(&RequestFacts {
+    Ok(f(&RequestFacts {
         method: &method,
         path: &path,
         headers: &headers,
         peer,
-    })
+    }))
 }
 
 /// Decides the effective stream `ctx` and executes the outcome. `may_fetch` is false once a
@@ -352,8 +369,12 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
         } else {
             s.auth.authenticate_without_fetch(facts, now)
         };
-        count_cache(&mut s);
+        count_engine_events(&mut s);
         outcome
+    });
+    let outcome = outcome.unwrap_or_else(|reason| Outcome::Deny {
+        reason,
+        challenge: None,
     });
     match outcome {
         Outcome::FetchKeys { issuer } => {
@@ -396,7 +417,9 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
     }
 }
 
-fn count_cache(s: &mut State) {
+/// Adds what the engine counted since the last call (cache hits and misses, stale keys,
+/// malformed introspection answers) to the metrics.
+fn count_engine_events(s: &mut State) {
     let stats = s.auth.cache_stats();
     s.metrics
         .cache_hits
@@ -405,13 +428,39 @@ fn count_cache(s: &mut State) {
         .cache_misses
         .add(stats.misses.saturating_sub(s.last_cache.misses));
     s.last_cache = stats;
+    let counters = s.auth.counters();
+    s.metrics.jwks_stale.add(
+        counters
+            .stale_keys
+            .saturating_sub(s.last_counters.stale_keys),
+    );
+    s.metrics.introspection_malformed.add(
+        counters
+            .malformed_introspection
+            .saturating_sub(s.last_counters.malformed_introspection),
+    );
+    s.last_counters = counters;
+}
+
+/// Removes the credential headers and, if it changed, rewrites `:path` (query credentials).
+fn remove_credentials(strip_headers: &[String], new_path: Option<&str>) {
+    for name in strip_headers {
+        let _ = host::set_header(MapType::HttpRequestHeaders, name, None);
+    }
+    if let Some(path) = new_path {
+        let _ = host::set_header(MapType::HttpRequestHeaders, ":path", Some(path));
+    }
 }
 
 /// Executes a final outcome on the effective stream; returns the action for its callback.
 fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
     let s = state.borrow();
     match outcome {
-        Outcome::Public => {
+        Outcome::Public {
+            strip_headers,
+            new_path,
+        } => {
+            remove_credentials(&strip_headers, new_path.as_deref());
             s.metrics.public.inc();
             log::info!("token-auth: ctx={ctx} decision=allow public route");
             Action::Continue
@@ -421,16 +470,9 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
             strip_headers,
             new_path,
         } => {
-            for name in &strip_headers {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, None);
-            }
-            if let Some(path) = &new_path {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, ":path", Some(path));
-            }
+            remove_credentials(&strip_headers, new_path.as_deref());
             for (name, value) in s.auth.render_identity(&identity) {
-                if hostcalls::set_map_value(MapType::HttpRequestHeaders, &name, Some(&value))
-                    .is_err()
-                {
+                if host::set_header(MapType::HttpRequestHeaders, &name, Some(&value)).is_err() {
                     // Without its identity headers the request must not go on.
                     drop(s);
                     return execute(
@@ -446,14 +488,17 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
             s.metrics.allowed.inc();
             log::info!(
                 "token-auth: ctx={ctx} decision=allow subject={} kind={:?}",
-                identity.subject,
+                bounded(&identity.subject),
                 identity.kind
             );
             Action::Continue
         }
         Outcome::Deny { reason, challenge } => {
             s.metrics.denied(&reason).inc();
-            log::info!("token-auth: ctx={ctx} decision=deny {reason}");
+            log::info!(
+                "token-auth: ctx={ctx} decision=deny {}",
+                bounded(&reason.to_string())
+            );
             let extra: Vec<(&str, &str)> = challenge
                 .as_deref()
                 .map(|c| vec![("www-authenticate", c)])
@@ -538,7 +583,7 @@ fn start_introspection(state: &Shared, token: &str, owner: Option<u32>) -> bool 
     let Some(intro) = state.borrow().auth.config().introspection.clone() else {
         return false;
     };
-    let call = intro.build_request(token, None);
+    let call = intro.build_request(token);
     let body = (!call.body.is_empty()).then_some(call.body.as_slice());
     let Some(callout) = dispatch(
         state,
@@ -578,7 +623,7 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         return;
     };
     // Status 0: the call was reset. Any non-2xx is a failure too.
-    let (status, body) = proxy_glue::callout_answer();
+    let (status, body) = proxy_glue::callout_answer(FILTER);
     if !(200..300).contains(&status) {
         state.borrow().metrics.callout_failures.inc();
     }
@@ -589,19 +634,25 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
         .get(&key)
         .and_then(|l| l.token.clone());
     let Some(token) = token else { return };
-    let decided = state
-        .borrow_mut()
-        .auth
-        .finish_introspection(&token, status, &body, now);
+    let decided = {
+        let mut s = state.borrow_mut();
+        let decided = s.auth.finish_introspection(&token, status, &body, now);
+        count_engine_events(&mut s);
+        decided
+    };
     for ctx in take_waiters(state, &key) {
         on_stream(current, ctx, || {
             let outcome = with_request(state, |facts| match &decided {
                 IntrospectionOutcome::Allowed(_) | IntrospectionOutcome::Refused(_) => {
                     state.borrow().auth.outcome_for(&decided, facts)
                 }
+            })
+            .unwrap_or_else(|reason| Outcome::Deny {
+                reason,
+                challenge: None,
             });
             if execute(state, ctx, outcome) == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                resume(ctx);
             }
         });
     }
@@ -613,9 +664,17 @@ fn key_fetch_done(state: &Shared, current: u32, key: &LookupKey) {
     for ctx in take_waiters(state, key) {
         on_stream(current, ctx, || {
             if decide(state, ctx, false) == Action::Continue {
-                let _ = hostcalls::resume_http_request();
+                resume(ctx);
             }
         });
+    }
+}
+
+/// Lets a decided, waiting stream go on (a host refusal is logged: the stream then ends as
+/// the host decides, never with our allow).
+fn resume(ctx: u32) {
+    if let Err(status) = host::resume_request() {
+        log::warn!("{FILTER}: ctx={ctx} cannot resume the request: {status}");
     }
 }
 

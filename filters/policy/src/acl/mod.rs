@@ -8,7 +8,11 @@
 //! * A request (many [`Access`]es) is allowed only if every access is. Each access is split into
 //!   units (one per service path and, for `Only` attributes, one per attribute); every unit must
 //!   be *covered* by some allow rule (different units may be covered by different rules) and
-//!   must not be *touched* by any deny rule.
+//!   must not be *touched* by any deny rule. Units are a definition, never built: whether a rule
+//!   matches a unit is three separate checks (what the access shares, the unit's path, the
+//!   unit's attribute), so each rule is checked against the set of paths and the set of
+//!   attributes of an access: the work is (paths + attributes) × rules per access, not their
+//!   product (`matcher_tests` holds the unit-by-unit reference it is property-tested against).
 //! * The decision names the rule(s) that decided (`Allow("acl:r1,r2")`,
 //!   `Deny(Forbidden("denied by rule 'r3': ..."))`) or says what nothing allowed.
 //!
@@ -57,6 +61,7 @@
 //! `service_path` the whole subtree from the segment holding the placeholder, its `topic` every
 //! topic below the level holding the placeholder (`#`; everything if that is the first level).
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -71,6 +76,8 @@ use crate::identity::{Identity, IdentityKind};
 pub mod mosquitto;
 pub mod topic;
 
+#[cfg(test)]
+mod matcher_tests;
 #[cfg(test)]
 mod tests;
 
@@ -554,7 +561,7 @@ struct NgsiRule {
     service_path: Vec<Piece>,
     entity_id: IdRule,
     entity_type: Option<String>,
-    attributes: Option<Vec<String>>,
+    attributes: Option<BTreeSet<String>>,
     endpoint: Option<EndpointPrefix>,
 }
 
@@ -791,7 +798,7 @@ fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
                 "attribute {a:?}: only exact names or \"*\" are allowed"
             ));
         }
-        Some(n.attributes.clone())
+        Some(n.attributes.iter().cloned().collect())
     };
     let endpoint = n
         .endpoint_prefix
@@ -809,44 +816,110 @@ fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
 }
 
 // ------------------------------------------------------------------------------------------
-// Requests, split into units
+// Requests, as accesses ready to match
 // ------------------------------------------------------------------------------------------
 
+/// An entity id or type as an access names it: one literal, or wide (a pattern, any).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum EntReq {
-    Id(String),
+enum EntReq<'a> {
+    Id(Cow<'a, str>),
     Wide,
 }
 
-#[derive(Debug, Clone)]
-struct Unit<'a> {
+/// One access, parsed once and borrowed from the request: the decision checks each rule
+/// against its set of service paths and its set of attributes, never against their product.
+#[derive(Debug)]
+struct AccessView<'a> {
     action: Action,
-    entity: EntReq,
-    entity_type: EntReq,
-    attribute: Option<&'a str>,
+    entity: EntReq<'a>,
+    entity_type: EntReq<'a>,
+    /// `None`: every attribute (`All`, or an empty `Only`).
+    attributes: Option<&'a [String]>,
     service: String,
-    path: ServicePath,
-    path_text: &'a str,
+    paths: Vec<(ServicePath, &'a str)>,
     endpoint: Option<&'a str>,
 }
 
-impl fmt::Display for Unit<'_> {
+impl<'a> AccessView<'a> {
+    fn new(a: &'a Access) -> Result<AccessView<'a>, String> {
+        let literal_or_wide =
+            |re: &str| literal_regex(re).map_or(EntReq::Wide, |l| EntReq::Id(l.into()));
+        let entity = match &a.entity {
+            EntitySelector::Id(id) => EntReq::Id(Cow::Borrowed(id)),
+            EntitySelector::IdPattern(re) => literal_or_wide(re),
+            EntitySelector::Any => EntReq::Wide,
+        };
+        let entity_type = match &a.entity_type {
+            TypeSelector::Type(t) => EntReq::Id(Cow::Borrowed(t)),
+            TypeSelector::Pattern(re) => literal_or_wide(re),
+            TypeSelector::Any => EntReq::Wide,
+        };
+        let attributes = match &a.attributes {
+            AttributeSelector::Only(list) if !list.is_empty() => Some(list.as_slice()),
+            _ => None,
+        };
+        if a.tenant.service_paths.is_empty() {
+            return Err("the access names no service path".into());
+        }
+        let paths = a
+            .tenant
+            .service_paths
+            .iter()
+            .map(|p| Ok((ServicePath::parse(p)?, p.as_str())))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(AccessView {
+            action: a.action,
+            entity,
+            entity_type,
+            attributes,
+            service: a.tenant.service.to_lowercase(),
+            paths,
+            endpoint: a.endpoint.as_deref(),
+        })
+    }
+
+    /// The attributes one by one; `None` stands for every attribute.
+    fn attribute_items(&self) -> impl Iterator<Item = Option<&'a str>> + 'a {
+        let only = self.attributes.map(|l| l.iter().map(|s| Some(s.as_str())));
+        let all = self.attributes.is_none().then_some(None);
+        only.into_iter().flatten().chain(all)
+    }
+
+    /// One (service path, attribute) of this access, for the decision's reason.
+    fn unit(&self, path: usize, attribute: usize) -> UnitRef<'_> {
+        UnitRef {
+            view: self,
+            path_text: self.paths.get(path).map_or("", |(_, t)| t),
+            attribute: self.attribute_items().nth(attribute).flatten(),
+        }
+    }
+}
+
+/// One unit of an access — an action on its entity, one attribute, one service path — as
+/// the decision names it.
+struct UnitRef<'v> {
+    view: &'v AccessView<'v>,
+    path_text: &'v str,
+    attribute: Option<&'v str>,
+}
+
+impl fmt::Display for UnitRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let action = serde_json::to_value(self.action)
+        let action = serde_json::to_value(self.view.action)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
         let show = |e: &EntReq| match e {
-            EntReq::Id(s) => s.clone(),
+            EntReq::Id(s) => s.to_string(),
             EntReq::Wide => "*".into(),
         };
         write!(
             f,
             "{action} on entity {} of type {}, attribute {}, in service {:?} path {}",
-            show(&self.entity),
-            show(&self.entity_type),
+            show(&self.view.entity),
+            show(&self.view.entity_type),
             self.attribute.unwrap_or("*"),
-            self.service,
+            self.view.service,
             self.path_text
         )
     }
@@ -869,45 +942,6 @@ pub fn literal_regex(re: &str) -> Option<String> {
         }
     }
     None
-}
-
-fn split_access(a: &Access) -> Result<Vec<Unit<'_>>, String> {
-    let entity = match &a.entity {
-        EntitySelector::Id(id) => EntReq::Id(id.clone()),
-        EntitySelector::IdPattern(re) => literal_regex(re).map_or(EntReq::Wide, EntReq::Id),
-        EntitySelector::Any => EntReq::Wide,
-    };
-    let entity_type = match &a.entity_type {
-        TypeSelector::Type(t) => EntReq::Id(t.clone()),
-        TypeSelector::Pattern(re) => literal_regex(re).map_or(EntReq::Wide, EntReq::Id),
-        TypeSelector::Any => EntReq::Wide,
-    };
-    let attributes: Vec<Option<&str>> = match &a.attributes {
-        AttributeSelector::Only(list) if !list.is_empty() => {
-            list.iter().map(|s| Some(s.as_str())).collect()
-        }
-        _ => vec![None],
-    };
-    if a.tenant.service_paths.is_empty() {
-        return Err("the access names no service path".into());
-    }
-    let mut units = Vec::new();
-    for p in &a.tenant.service_paths {
-        let path = ServicePath::parse(p)?;
-        for attr in &attributes {
-            units.push(Unit {
-                action: a.action,
-                entity: entity.clone(),
-                entity_type: entity_type.clone(),
-                attribute: *attr,
-                service: a.tenant.service.to_lowercase(),
-                path: path.clone(),
-                path_text: p,
-                endpoint: a.endpoint.as_deref(),
-            });
-        }
-    }
-    Ok(units)
 }
 
 /// An NGSI rule's templates filled in for one caller, once per request.
@@ -964,19 +998,22 @@ fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
     }
 }
 
-/// Whether a filled NGSI rule covers (allow) or touches (deny) a unit.
-fn ngsi_match(rule: &NgsiRule, filled: &Filled, u: &Unit, deny: bool) -> bool {
-    let (service, id_glob, path) = match filled {
+// A filled NGSI rule covers (allow) or touches (deny) a unit of an access when the three
+// checks below all hold: the parts of the access every unit shares, the unit's service path,
+// the unit's attribute. Being separate is what lets the engine check each rule against the
+// set of paths and the set of attributes instead of their product.
+
+/// The parts every unit of an access shares: action aside, service, entity, type, endpoint.
+fn access_match(rule: &NgsiRule, filled: &Filled, v: &AccessView, deny: bool) -> bool {
+    let (service, id_glob) = match filled {
         Filled::NeverApplies => return false,
         Filled::TouchesAll => return true,
         Filled::Rule {
-            service,
-            id_glob,
-            path,
-        } => (service, id_glob, path),
+            service, id_glob, ..
+        } => (service, id_glob),
     };
-    let service_ok = service.as_ref().is_none_or(|s| *s == u.service);
-    let entity_ok = match (&id_glob, &u.entity) {
+    let service_ok = service.as_ref().is_none_or(|s| *s == v.service);
+    let entity_ok = match (id_glob, &v.entity) {
         (None, _) => true,
         // Orion's ids are at most 256 characters; a longer one is not matched by an allow
         // rule's glob (and is assumed to match a deny rule's).
@@ -984,27 +1021,37 @@ fn ngsi_match(rule: &NgsiRule, filled: &Filled, u: &Unit, deny: bool) -> bool {
         (Some(g), EntReq::Id(id)) => glob_match(g, id),
         (Some(_), EntReq::Wide) => deny,
     };
-    let type_ok = match (&rule.entity_type, &u.entity_type) {
+    let type_ok = match (&rule.entity_type, &v.entity_type) {
         (None, _) => true,
         (Some(t), EntReq::Id(x)) => t == x,
         (Some(_), EntReq::Wide) => deny,
     };
-    let attr_ok = match (&rule.attributes, u.attribute) {
-        (None, _) => true,
-        (Some(list), Some(a)) => list.iter().any(|l| l == a),
-        (Some(_), None) => deny,
-    };
-    let path_ok = if deny {
-        path.intersects(&u.path)
-    } else {
-        path.covers(&u.path)
-    };
-    let endpoint_ok = match (&rule.endpoint, u.endpoint) {
+    let endpoint_ok = match (&rule.endpoint, v.endpoint) {
         (None, _) => true,
         (Some(_), None) => false,
         (Some(p), Some(e)) => p.matches(e).unwrap_or(deny),
     };
-    service_ok && entity_ok && type_ok && attr_ok && path_ok && endpoint_ok
+    service_ok && entity_ok && type_ok && endpoint_ok
+}
+
+/// A unit's service path: covered by an allow rule, intersected by a deny rule.
+fn path_match(filled: &Filled, p: &ServicePath, deny: bool) -> bool {
+    match filled {
+        Filled::NeverApplies => false,
+        Filled::TouchesAll => true,
+        Filled::Rule { path, .. } if deny => path.intersects(p),
+        Filled::Rule { path, .. } => path.covers(p),
+    }
+}
+
+/// A unit's attribute (`None`: every attribute).
+fn attribute_match(rule: &NgsiRule, filled: &Filled, a: Option<&str>, deny: bool) -> bool {
+    match (filled, &rule.attributes, a) {
+        (Filled::NeverApplies, _, _) => false,
+        (Filled::TouchesAll, _, _) | (_, None, _) => true,
+        (_, Some(set), Some(a)) => set.contains(a),
+        (_, Some(_), None) => deny,
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1064,23 +1111,28 @@ impl Acl {
     }
 
     /// Decides an NGSI request: allowed only if every access is.
+    ///
+    /// The work is linear in (service paths + attributes) × rules per access, whatever the
+    /// product of paths and attributes: each rule is checked against each set once, and the
+    /// first unit a decision names is found from the first path and the first attribute.
     pub fn check_accesses(&self, identity: Option<&Identity>, accesses: &[Access]) -> Decision {
         if accesses.is_empty() {
             return forbidden("the request names nothing the acl could allow".into());
         }
-        let mut units = Vec::new();
-        for a in accesses {
-            match split_access(a) {
-                Ok(u) => units.extend(u),
-                Err(e) => return Decision::Deny(DenyReason::BadRequest(e)),
-            }
-        }
+        let views = match accesses
+            .iter()
+            .map(AccessView::new)
+            .collect::<Result<Vec<_>, _>>()
+        {
+            Ok(v) => v,
+            Err(e) => return Decision::Deny(DenyReason::BadRequest(e)),
+        };
         let ctx = Ctx {
             user: identity.map(|i| i.subject.as_str()),
             client: None,
             tenant: identity.and_then(|i| i.tenant.as_deref()),
         };
-        // The rules for this caller, filled in once: the per-unit loops below only match.
+        // The rules for this caller, filled in once: the per-access loops below only match.
         let prepared: Vec<(&Rule, &NgsiRule, Filled)> = self
             .rules
             .iter()
@@ -1090,33 +1142,75 @@ impl Acl {
                 Resource::Mqtt(_) => None,
             })
             .collect();
-        for u in &units {
-            for (r, n, f) in &prepared {
-                if r.effect == Effect::Deny
-                    && r.actions.contains(&u.action)
-                    && ngsi_match(n, f, u, true)
+        // Deny wins: first the first unit (in request order) some deny rule touches.
+        let mut attrs_memo = AttributeMemo::default();
+        for v in &views {
+            let first_attrs = attrs_memo.first_touched(v, &prepared);
+            let mut first: Option<(usize, usize, usize)> = None;
+            for (ri, (r, n, f)) in prepared.iter().enumerate() {
+                if r.effect != Effect::Deny
+                    || !r.actions.contains(&v.action)
+                    || !access_match(n, f, v, true)
                 {
-                    return forbidden(format!("denied by rule '{}': {u}", r.name));
+                    continue;
+                }
+                let Some(x) = first_attrs.get(ri).copied().flatten() else {
+                    continue;
+                };
+                let Some(p) = v.paths.iter().position(|(p, _)| path_match(f, p, true)) else {
+                    continue;
+                };
+                if first.is_none_or(|(fp, fx, _)| (p, x) < (fp, fx)) {
+                    first = Some((p, x, ri));
                 }
             }
+            if let Some((p, x, ri)) = first {
+                let name = prepared.get(ri).map_or("", |(r, _, _)| r.name.as_str());
+                return forbidden(format!("denied by rule '{name}': {}", v.unit(p, x)));
+            }
         }
-        let mut deciders = Vec::new();
-        for u in &units {
-            let allow = prepared.iter().find(|(r, n, f)| {
-                r.effect == Effect::Allow
-                    && r.actions.contains(&u.action)
-                    && ngsi_match(n, f, u, false)
-            });
-            match allow {
-                Some((r, _, _)) => {
-                    if !deciders.contains(&r.name.as_str()) {
-                        deciders.push(r.name.as_str());
+        // Then every unit must be covered by some allow rule; the decision names, in request
+        // order, the first allow rule covering each unit.
+        let mut deciders: Vec<usize> = Vec::new();
+        let mut cover_memo = CoverMemo::default();
+        for v in &views {
+            let candidates: Vec<usize> = prepared
+                .iter()
+                .enumerate()
+                .filter(|(_, (r, n, f))| {
+                    r.effect == Effect::Allow
+                        && r.actions.contains(&v.action)
+                        && access_match(n, f, v, false)
+                })
+                .map(|(i, _)| i)
+                .collect();
+            for (pi, (p, _)) in v.paths.iter().enumerate() {
+                let covering: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        prepared
+                            .get(i)
+                            .is_some_and(|(_, _, f)| path_match(f, p, false))
+                    })
+                    .collect();
+                match cover_memo.attributes_covered(v, covering, &prepared) {
+                    Ok(rules) => {
+                        for r in rules {
+                            if !deciders.contains(r) {
+                                deciders.push(*r);
+                            }
+                        }
                     }
+                    Err(x) => return forbidden(format!("no rule allows {}", v.unit(pi, x))),
                 }
-                None => return forbidden(format!("no rule allows {u}")),
             }
         }
-        Decision::Allow(format!("acl:{}", deciders.join(",")))
+        let names: Vec<&str> = deciders
+            .iter()
+            .filter_map(|&i| prepared.get(i).map(|(r, _, _)| r.name.as_str()))
+            .collect();
+        Decision::Allow(format!("acl:{}", names.join(",")))
     }
 
     /// [`Acl::check_accesses`] on a request model's output.
@@ -1170,5 +1264,92 @@ impl Acl {
             }
         }
         forbidden(format!("no rule allows {what} on {topic_or_filter:?}"))
+    }
+}
+
+/// For each prepared rule, the first attribute of an access it touches as a deny rule;
+/// remembered for the next access when it names the same attributes (an id list × an
+/// attribute list gives every access the same list).
+#[derive(Default)]
+struct AttributeMemo<'a> {
+    /// The attributes last seen, and per prepared rule the first one it touches.
+    last: Option<(Attributes<'a>, Vec<Option<usize>>)>,
+}
+
+/// An access's attribute names (`None`: every attribute).
+type Attributes<'a> = Option<&'a [String]>;
+
+impl<'a> AttributeMemo<'a> {
+    fn first_touched(
+        &mut self,
+        v: &AccessView<'a>,
+        prepared: &[(&Rule, &NgsiRule, Filled)],
+    ) -> &[Option<usize>] {
+        let fresh = self.last.as_ref().is_none_or(|(a, _)| *a != v.attributes);
+        if fresh {
+            let firsts = prepared
+                .iter()
+                .map(|(r, n, f)| {
+                    if r.effect != Effect::Deny {
+                        return None;
+                    }
+                    v.attribute_items()
+                        .position(|a| attribute_match(n, f, a, true))
+                })
+                .collect();
+            self.last = Some((v.attributes, firsts));
+        }
+        self.last.as_ref().map_or(&[], |(_, f)| f.as_slice())
+    }
+}
+
+/// Which allow rules (in order) cover the attributes of an access, given the rules that
+/// cover a service path — or the first attribute none covers. Remembered for the next path
+/// or access with the same rules and attributes.
+#[derive(Default)]
+struct CoverMemo<'a> {
+    /// The covering rules and attributes last seen, and what they decided.
+    last: Option<(Vec<usize>, Attributes<'a>, Covered)>,
+}
+
+/// The allow rules covering every attribute (in order), or the first attribute none covers.
+type Covered = Result<Vec<usize>, usize>;
+
+impl<'a> CoverMemo<'a> {
+    fn attributes_covered(
+        &mut self,
+        v: &AccessView<'a>,
+        covering: Vec<usize>,
+        prepared: &[(&Rule, &NgsiRule, Filled)],
+    ) -> Result<&[usize], usize> {
+        let fresh = self
+            .last
+            .as_ref()
+            .is_none_or(|(c, a, _)| *c != covering || *a != v.attributes);
+        if fresh {
+            let mut rules: Vec<usize> = Vec::new();
+            let mut outcome = Ok(());
+            for (x, a) in v.attribute_items().enumerate() {
+                let first = covering.iter().copied().find(|&i| {
+                    prepared
+                        .get(i)
+                        .is_some_and(|(_, n, f)| attribute_match(n, f, a, false))
+                });
+                match first {
+                    Some(i) if !rules.contains(&i) => rules.push(i),
+                    Some(_) => {}
+                    None => {
+                        outcome = Err(x);
+                        break;
+                    }
+                }
+            }
+            self.last = Some((covering, v.attributes, outcome.map(|()| rules)));
+        }
+        match self.last.as_ref() {
+            Some((_, _, Ok(rules))) => Ok(rules.as_slice()),
+            Some((_, _, Err(x))) => Err(*x),
+            None => Ok(&[]),
+        }
     }
 }

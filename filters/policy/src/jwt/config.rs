@@ -24,6 +24,10 @@ pub const MAX_MAX_TOKEN_BYTES: usize = 64 * 1024;
 pub const DEFAULT_REFRESH_SECS: u64 = 600;
 pub const MIN_REFRESH_SECS: u64 = 30;
 pub const MAX_REFRESH_SECS: u64 = 86_400;
+/// How long fetched keys are trusted after their last successful fetch, unless configured
+/// (4 hours; never less than two refresh periods), and the largest value allowed (7 days).
+pub const DEFAULT_MAX_STALE_SECS: u64 = 4 * 3_600;
+pub const MAX_MAX_STALE_SECS: u64 = 7 * 86_400;
 
 /// One token issuer: how its tokens are verified and mapped onto an identity.
 #[derive(Debug, Clone, Deserialize)]
@@ -32,9 +36,14 @@ pub struct JwtProviderConfig {
     /// The exact `iss` of the provider's tokens (and of its discovery document). Required.
     pub issuer: String,
     /// Accepted `aud` values; a token's `aud` (string or array) must contain one of them.
-    /// Empty: `aud` is not checked.
+    /// Required unless `allow_any_audience` is true: in a realm shared by several clients,
+    /// a token issued for another API must not get in (RFC 8725 §3.9).
     #[serde(default)]
     pub audiences: Vec<String>,
+    /// Accept tokens whatever their `aud` (or none). An explicit opt-out, logged as a warning
+    /// at configure time; exclusive with `audiences`.
+    #[serde(default)]
+    pub allow_any_audience: bool,
     /// The algorithm allow-list, e.g. `["RS256"]`. Required, non-empty. Supported: RS256,
     /// RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA, HS256, HS384, HS512.
     pub algorithms: Vec<String>,
@@ -136,6 +145,11 @@ pub struct RemoteJwksConfig {
     /// `path` is an OIDC discovery document whose `jwks_uri` names the JWKS.
     #[serde(default)]
     pub discovery: bool,
+    /// How long the last fetched keys are trusted when fetching them again fails, counted
+    /// from their last successful fetch (default 4 hours, or two refresh periods if longer;
+    /// at most 7 days). After it, tokens that need those keys get 503.
+    #[serde(default)]
+    pub max_stale_secs: Option<u64>,
 }
 
 /// Which claims fill which identity fields. Paths are dot-separated object keys
@@ -205,6 +219,23 @@ impl JwtProviderConfig {
                 "issuer",
                 "has leading/trailing whitespace or control characters",
             ));
+        }
+        match (self.audiences.is_empty(), self.allow_any_audience) {
+            (true, false) => {
+                return Err(ConfigError::new(
+                    "audiences",
+                    "required: list the `aud` values of tokens for this API, or set \
+                     \"allow_any_audience\": true to accept tokens for any audience \
+                     (not recommended: RFC 8725 §3.9)",
+                ))
+            }
+            (false, true) => {
+                return Err(ConfigError::new(
+                    "allow_any_audience",
+                    "cannot be combined with `audiences`",
+                ))
+            }
+            _ => {}
         }
         for (i, aud) in self.audiences.iter().enumerate() {
             if aud.is_empty() {
@@ -311,6 +342,24 @@ impl RemoteJwksConfig {
                 ),
             ));
         }
+        if let Some(max_stale) = self.max_stale_secs {
+            if max_stale < self.refresh_secs || max_stale > MAX_MAX_STALE_SECS {
+                return Err(ConfigError::new(
+                    "remote.max_stale_secs",
+                    format!(
+                        "{max_stale} is outside refresh_secs..={MAX_MAX_STALE_SECS} \
+                         ({}..={MAX_MAX_STALE_SECS})",
+                        self.refresh_secs
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// How long fetched keys stay usable after their last successful fetch.
+    pub fn effective_max_stale_secs(&self) -> u64 {
+        self.max_stale_secs
+            .unwrap_or(DEFAULT_MAX_STALE_SECS.max(2 * self.refresh_secs))
     }
 }

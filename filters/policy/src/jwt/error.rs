@@ -47,6 +47,15 @@ pub enum TokenError {
     /// answers 503, not 401.
     #[error("no keys are loaded for this issuer yet")]
     KeysUnavailable,
+    /// The token needs the fetched keys, and they were last fetched longer ago than the
+    /// provider's `remote.max_stale_secs`: the filter fetches again, and answers 503 if that
+    /// fails (a key the IdP rotated out must stop working even while the IdP is unreachable).
+    #[error("the fetched keys for this issuer are stale")]
+    KeysStale,
+    /// The header or the claims repeat a member (at any depth): readers that keep the first
+    /// or the last copy would disagree on what the token says.
+    #[error("token {0} has a duplicate member")]
+    DuplicateMember(&'static str),
     /// No candidate key verifies the signature.
     #[error("token signature does not verify")]
     InvalidSignature,
@@ -107,10 +116,12 @@ impl TokenError {
                 "token lifetime not accepted"
             }
             TokenError::AudienceMismatch => "token audience not accepted",
-            TokenError::MissingSubject | TokenError::MalformedClaims(_) => {
-                "token claims not accepted"
+            TokenError::MissingSubject
+            | TokenError::MalformedClaims(_)
+            | TokenError::DuplicateMember(_) => "token claims not accepted",
+            TokenError::KeysUnavailable | TokenError::KeysStale => {
+                "token cannot be verified at the moment"
             }
-            TokenError::KeysUnavailable => "token cannot be verified at the moment",
             TokenError::AlgorithmNotAllowed
             | TokenError::CriticalHeader
             | TokenError::EmbeddedKey
@@ -141,6 +152,8 @@ impl TokenError {
             TokenError::UnknownKid => "unknown_kid",
             TokenError::KeyTypeMismatch => "key_type_mismatch",
             TokenError::KeysUnavailable => "keys_unavailable",
+            TokenError::KeysStale => "keys_stale",
+            TokenError::DuplicateMember(_) => "duplicate_member",
             TokenError::InvalidSignature => "bad_signature",
             TokenError::MalformedClaims(_) => "malformed_claims",
             TokenError::Expired => "expired",
@@ -156,11 +169,13 @@ impl TokenError {
     }
 
     /// The decision this error leads to: 400 for `invalid_request`, 503 while keys are not
-    /// loaded, 401 otherwise. The description is [`TokenError::description`].
+    /// loaded or stale, 401 otherwise. The description is [`TokenError::description`].
     pub fn deny_reason(&self) -> DenyReason {
         let description = self.description().to_string();
         match self {
-            TokenError::KeysUnavailable => DenyReason::Unavailable(description),
+            TokenError::KeysUnavailable | TokenError::KeysStale => {
+                DenyReason::Unavailable(description)
+            }
             _ if self.error_code() == "invalid_request" => DenyReason::BadRequest(description),
             _ => DenyReason::Unauthenticated(description),
         }
@@ -176,6 +191,10 @@ pub enum KeyError {
     TooLarge { limit: usize },
     #[error("JWKS has more than {limit} keys")]
     TooManyKeys { limit: usize },
+    /// Two keys share a `kid`: which one a token means would be a guess, so the whole set is
+    /// refused (a fetched one leaves the last good set in force).
+    #[error("JWKS has more than one key with kid {kid:?}")]
+    DuplicateKid { kid: String },
     /// No entry could be used; `skipped` says why each was skipped.
     #[error("no usable key{}", format_skipped(.skipped))]
     NoUsableKeys { skipped: Vec<String> },

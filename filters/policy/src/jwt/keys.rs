@@ -18,9 +18,11 @@ use serde_json::{Map, Value};
 
 use super::algorithm::{Algorithm, KeyKind};
 use super::error::KeyError;
+use crate::strict_json;
 
-/// Largest JWKS document accepted, in bytes.
-pub const MAX_JWKS_BYTES: usize = 512 * 1024;
+/// Largest JWKS document accepted, in bytes. Real sets are a few KiB (Keycloak's, with two
+/// RSA keys and their certificates, is about 3 KiB).
+pub const MAX_JWKS_BYTES: usize = 64 * 1024;
 /// Most keys a JWKS may hold (each kid-less key may cost one signature check per token).
 pub const MAX_JWKS_KEYS: usize = 100;
 
@@ -183,15 +185,16 @@ impl KeySet {
     /// `sig`, `key_ops` without `verify`), have an unsupported `kty`, `crv` or `alg`, an `alg`
     /// that does not fit their key type, private key material, or invalid/weak key values (RSA
     /// under 2048 bits, a point not on the curve, an HMAC key under 32 bytes). The reasons are
-    /// kept in [`KeySet::skipped`] for the log. It fails if no usable key remains.
+    /// kept in [`KeySet::skipped`] for the log. It fails if no usable key remains, if two
+    /// entries share a `kid`, or if the document repeats a member anywhere.
     pub fn from_jwks_json(text: &str) -> Result<KeySet, KeyError> {
         if text.len() > MAX_JWKS_BYTES {
             return Err(KeyError::TooLarge {
                 limit: MAX_JWKS_BYTES,
             });
         }
-        let doc: Value =
-            serde_json::from_str(text).map_err(|e| KeyError::InvalidJson(e.to_string()))?;
+        let doc = strict_json::parse(text.as_bytes())
+            .map_err(|e| KeyError::InvalidJson(e.to_string()))?;
         KeySet::from_jwks_value(&doc)
     }
 
@@ -217,6 +220,19 @@ impl KeySet {
             return Err(KeyError::TooManyKeys {
                 limit: MAX_JWKS_KEYS,
             });
+        }
+        // A kid names one key. Two entries with the same kid (whatever else they say) make
+        // the set ambiguous: refused whole, never "try them all".
+        let mut kids = std::collections::HashSet::new();
+        for kid in entries
+            .iter()
+            .filter_map(|e| e.get("kid").and_then(Value::as_str))
+        {
+            if !kids.insert(kid) {
+                return Err(KeyError::DuplicateKid {
+                    kid: kid.chars().take(64).collect(),
+                });
+            }
         }
         let mut set = KeySet::default();
         for (index, entry) in entries.into_iter().enumerate() {

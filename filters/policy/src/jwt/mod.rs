@@ -17,9 +17,12 @@
 //!   kid, e.g. PEM keys, are tried when no key has it). A kid that names nothing is
 //!   [`TokenError::UnknownKid`] so the filter can refresh a remote JWKS.
 //! * `iss` must equal the provider's issuer; `aud` must intersect the configured audiences
-//!   when some are configured; `exp` is required unless `require_exp` is false; `nbf` and
-//!   `iat` may not be in the future. The clock skew is 60 s by default (at most 300 s), not
-//!   jwt-simple's 15 minutes; tokens are at most 8 KiB by default.
+//!   (required, unless the provider opts out with `allow_any_audience`); `exp` is required
+//!   unless `require_exp` is false; `nbf` and `iat` may not be in the future. NumericDates
+//!   are integers up to [`MAX_NUMERIC_DATE`] (2100). The clock skew is 60 s by default (at
+//!   most 300 s), not jwt-simple's 15 minutes; tokens are at most 8 KiB by default.
+//! * Header and claims with a repeated member (at any depth) are refused.
+//! * Fetched keys are trusted for `remote.max_stale_secs` after their last successful fetch.
 //!
 //! # Configuration of one provider
 //!
@@ -73,8 +76,9 @@ pub use algorithm::{Algorithm, KeyKind};
 pub use claims::ClaimPath;
 pub use config::{
     ClaimMappingConfig, HmacSecret, InlineJwks, JwtProviderConfig, RemoteJwksConfig,
-    DEFAULT_CLOCK_SKEW_SECS, DEFAULT_MAX_TOKEN_BYTES, DEFAULT_REFRESH_SECS, MAX_CLOCK_SKEW_SECS,
-    MAX_MAX_TOKEN_BYTES, MAX_REFRESH_SECS, MIN_MAX_TOKEN_BYTES, MIN_REFRESH_SECS,
+    DEFAULT_CLOCK_SKEW_SECS, DEFAULT_MAX_STALE_SECS, DEFAULT_MAX_TOKEN_BYTES, DEFAULT_REFRESH_SECS,
+    MAX_CLOCK_SKEW_SECS, MAX_MAX_STALE_SECS, MAX_MAX_TOKEN_BYTES, MAX_REFRESH_SECS,
+    MIN_MAX_TOKEN_BYTES, MIN_REFRESH_SECS,
 };
 pub use discovery::{
     issuer_from_discovery, jwks_uri_from_discovery, split_url, OidcDiscovery, UrlParts,
@@ -84,6 +88,7 @@ pub use error::{ConfigError, KeyError, TokenError};
 pub use keys::{KeySet, VerificationKey, MAX_JWKS_BYTES, MAX_JWKS_KEYS};
 
 use crate::identity::Identity;
+use crate::strict_json::{self, StrictJsonError};
 use claims::ClaimMapping;
 
 /// The latest "now" used: later times are clamped, so that time arithmetic in the
@@ -102,6 +107,9 @@ pub struct VerifiedToken {
     pub expires_at: Option<u64>,
     /// The provider's issuer (equal to the token's `iss`).
     pub issuer: String,
+    /// When verified with fetched keys: the time they go stale. A verdict cached past it
+    /// would outlive the keys it was made with.
+    pub keys_fresh_until: Option<u64>,
 }
 
 /// A compact JWS split and decoded, not verified.
@@ -116,10 +124,17 @@ fn decode_segment(segment: &str, what: &'static str) -> Result<Vec<u8>, TokenErr
         .map_err(|_| TokenError::Malformed(what))
 }
 
-fn json_object(bytes: &[u8], what: &'static str) -> Result<Map<String, Value>, TokenError> {
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(obj)) => Ok(obj),
-        _ => Err(TokenError::Malformed(what)),
+/// Decodes a header or payload. A repeated member (at any depth) is refused: readers that keep
+/// the first or the last copy would disagree on what the token says.
+fn json_object(
+    bytes: &[u8],
+    what: &'static str,
+    part: &'static str,
+) -> Result<Map<String, Value>, TokenError> {
+    match strict_json::parse_object(bytes) {
+        Ok(obj) => Ok(obj),
+        Err(StrictJsonError::DuplicateMember) => Err(TokenError::DuplicateMember(part)),
+        Err(_) => Err(TokenError::Malformed(what)),
     }
 }
 
@@ -136,10 +151,12 @@ fn parse_token(token: &str) -> Result<ParsedToken, TokenError> {
     let header = json_object(
         &decode_segment(header, "header is not base64url")?,
         "header is not a JSON object",
+        "header",
     )?;
     let payload = json_object(
         &decode_segment(payload, "payload is not base64url")?,
         "payload is not a JSON object",
+        "claims",
     )?;
     decode_segment(signature, "signature is not base64url")?;
     Ok(ParsedToken { header, payload })
@@ -188,27 +205,28 @@ fn check_header(header: &Map<String, Value>) -> Result<(&str, Option<&str>), Tok
 #[derive(Debug, Clone, Copy)]
 struct TimeClaims {
     exp: Option<u64>,
+    nbf: Option<u64>,
     iat: Option<u64>,
 }
 
+/// The latest NumericDate accepted (`exp`, `nbf`, `iat`): 2100-01-01T00:00:00Z. Later dates
+/// are absurd for a token, and beyond 2^32 s the verification library's fixed-point time
+/// saturates, so a token with `exp` 1e20 would never expire.
+pub const MAX_NUMERIC_DATE: u64 = 4_102_444_800;
+
+/// A NumericDate: an integer number of seconds in `0..=MAX_NUMERIC_DATE`. Fractions,
+/// exponents that are not whole numbers, negative and absurd values are refused.
 fn timestamp(payload: &Map<String, Value>, name: &str) -> Result<Option<u64>, TokenError> {
     let Some(value) = payload.get(name) else {
         return Ok(None);
     };
     let malformed = match name {
-        "exp" => "exp is not a non-negative number",
-        "nbf" => "nbf is not a non-negative number",
-        _ => "iat is not a non-negative number",
+        "exp" => "exp is not an integer NumericDate before 2100",
+        "nbf" => "nbf is not an integer NumericDate before 2100",
+        _ => "iat is not an integer NumericDate before 2100",
     };
-    let Value::Number(number) = value else {
-        return Err(TokenError::MalformedClaims(malformed));
-    };
-    if let Some(secs) = number.as_u64() {
-        return Ok(Some(secs));
-    }
-    match number.as_f64() {
-        // Fractional seconds are allowed (NumericDate); `as` saturates.
-        Some(secs) if secs.is_finite() && secs >= 0.0 => Ok(Some(secs as u64)),
+    match value.as_u64() {
+        Some(secs) if secs <= MAX_NUMERIC_DATE => Ok(Some(secs)),
         _ => Err(TokenError::MalformedClaims(malformed)),
     }
 }
@@ -235,9 +253,9 @@ fn check_registered_claims(payload: &Map<String, Value>) -> Result<TimeClaims, T
             ))
         }
     }
-    timestamp(payload, "nbf")?;
     Ok(TimeClaims {
         exp: timestamp(payload, "exp")?,
+        nbf: timestamp(payload, "nbf")?,
         iat: timestamp(payload, "iat")?,
     })
 }
@@ -281,6 +299,8 @@ pub struct JwtProvider {
     claims: ClaimMapping,
     static_keys: KeySet,
     remote_keys: KeySet,
+    /// When the fetched keys were last fetched (or fetched again unchanged).
+    remote_fetched_at: Option<u64>,
     remote: Option<RemoteJwksConfig>,
 }
 
@@ -362,6 +382,7 @@ impl JwtProvider {
             claims,
             static_keys,
             remote_keys: KeySet::empty(),
+            remote_fetched_at: None,
             remote: config.remote.clone(),
         })
     }
@@ -398,10 +419,47 @@ impl JwtProvider {
         !self.static_keys.is_empty() || !self.remote_keys.is_empty()
     }
 
-    /// Replaces the fetched keys (a refresh or a rotation). HMAC keys are dropped (a
-    /// fetched JWKS is public). If nothing usable for the allowed algorithms remains, the
-    /// previous keys stay and the error says why.
-    pub fn set_remote_keys(&mut self, keys: KeySet) -> Result<(), KeyError> {
+    /// Configuration choices worth a warning at configure time.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.audiences.is_empty() {
+            out.push(format!(
+                "provider {:?}: allow_any_audience is set: tokens issued for any client of \
+                 this issuer are accepted (RFC 8725 §3.9)",
+                self.issuer
+            ));
+        }
+        out
+    }
+
+    /// The last time the fetched keys may be used (None without fetched keys).
+    fn remote_keys_fresh_until(&self) -> Option<u64> {
+        match (&self.remote, self.remote_fetched_at) {
+            (Some(remote), Some(at)) if !self.remote_keys.is_empty() => {
+                Some(at.saturating_add(remote.effective_max_stale_secs()))
+            }
+            _ => None,
+        }
+    }
+
+    /// True when fetched keys are loaded but were last fetched more than
+    /// `remote.max_stale_secs` before `now`.
+    pub fn remote_keys_stale(&self, now: u64) -> bool {
+        self.remote_keys_fresh_until()
+            .is_some_and(|until| now > until)
+    }
+
+    /// The fetch at `fetched_at` returned the keys already in force: they are fresh again.
+    pub fn confirm_remote_keys(&mut self, fetched_at: u64) {
+        if !self.remote_keys.is_empty() {
+            self.remote_fetched_at = Some(fetched_at);
+        }
+    }
+
+    /// Replaces the fetched keys (a refresh or a rotation), fetched at `fetched_at`. HMAC
+    /// keys are dropped (a fetched JWKS is public). If nothing usable for the allowed
+    /// algorithms remains, the previous keys stay and the error says why.
+    pub fn set_remote_keys(&mut self, keys: KeySet, fetched_at: u64) -> Result<(), KeyError> {
         let keys = keys.without_symmetric();
         if !self.algorithms.iter().any(|a| keys.supports(*a)) {
             let mut skipped = keys.skipped().to_vec();
@@ -413,6 +471,7 @@ impl JwtProvider {
             return Err(KeyError::NoUsableKeys { skipped });
         }
         self.remote_keys = keys;
+        self.remote_fetched_at = Some(fetched_at);
         Ok(())
     }
 
@@ -447,19 +506,30 @@ impl JwtProvider {
         }
     }
 
-    /// The keys to try for `alg` and `kid`, and whether they were chosen because no key has
-    /// the token's kid.
+    /// The keys to try for `alg` and `kid` at `now`, and whether they were chosen because no
+    /// key has the token's kid. Stale fetched keys are not used: a token that would need
+    /// them is [`TokenError::KeysStale`].
     fn candidates(
         &self,
         alg: Algorithm,
         kid: Option<&str>,
+        now: u64,
     ) -> Result<(Vec<&VerificationKey>, bool), TokenError> {
-        let all: Vec<&VerificationKey> = self
-            .static_keys
-            .keys()
-            .iter()
-            .chain(self.remote_keys.keys())
-            .collect();
+        let stale = self.remote_keys_stale(now);
+        let remote: &[VerificationKey] = if stale { &[] } else { self.remote_keys.keys() };
+        let all: Vec<&VerificationKey> = self.static_keys.keys().iter().chain(remote).collect();
+        let chosen = Self::choose(all, alg, kid);
+        match chosen {
+            Err(_) if stale => Err(TokenError::KeysStale),
+            other => other,
+        }
+    }
+
+    fn choose<'k>(
+        all: Vec<&'k VerificationKey>,
+        alg: Algorithm,
+        kid: Option<&str>,
+    ) -> Result<(Vec<&'k VerificationKey>, bool), TokenError> {
         if all.is_empty() {
             return Err(TokenError::KeysUnavailable);
         }
@@ -510,13 +580,20 @@ impl JwtProvider {
             Some(_) => return Err(TokenError::IssuerMismatch),
             None => return Err(TokenError::MissingIssuer),
         }
-        let (candidates, kid_unmatched) = self.candidates(alg, kid)?;
-
         let now = now.min(MAX_NOW);
+        let (candidates, kid_unmatched) = self.candidates(alg, kid, now)?;
+
         let options = self.options(now);
         for key in candidates {
             match key.verify(alg, token, options.clone()) {
-                Ok(_) => return self.finish(&parsed.payload, times, now),
+                Ok(_) => {
+                    let mut verified = self.finish(&parsed.payload, times, now)?;
+                    let fetched = self.remote_keys.keys().iter().any(|k| std::ptr::eq(k, key));
+                    if fetched {
+                        verified.keys_fresh_until = self.remote_keys_fresh_until();
+                    }
+                    return Ok(verified);
+                }
                 Err(err) => {
                     if let Some(error) = classify(&err, self.max_token_bytes) {
                         return Err(error);
@@ -524,7 +601,9 @@ impl JwtProvider {
                 }
             }
         }
-        Err(if kid_unmatched {
+        Err(if kid_unmatched && self.remote_keys_stale(now) {
+            TokenError::KeysStale
+        } else if kid_unmatched {
             TokenError::UnknownKid
         } else {
             TokenError::InvalidSignature
@@ -541,6 +620,18 @@ impl JwtProvider {
         if self.require_exp && times.exp.is_none() {
             return Err(TokenError::MissingExpiry);
         }
+        // The library checked these too, in its fixed-point time; checked again here on the
+        // bounded whole seconds, so no saturation anywhere can make a token valid.
+        let skew = self.clock_skew_secs;
+        if times.exp.is_some_and(|exp| exp.saturating_add(skew) < now) {
+            return Err(TokenError::Expired);
+        }
+        if times.nbf.is_some_and(|nbf| nbf > now.saturating_add(skew)) {
+            return Err(TokenError::NotYetValid);
+        }
+        if times.iat.is_some_and(|iat| iat > now.saturating_add(skew)) {
+            return Err(TokenError::IssuedInFuture);
+        }
         if let Some(max) = self.max_lifetime_secs {
             let exp = times.exp.ok_or(TokenError::MissingExpiry)?;
             let start = times.iat.unwrap_or(now);
@@ -553,6 +644,7 @@ impl JwtProvider {
             identity,
             expires_at: times.exp,
             issuer: self.issuer.clone(),
+            keys_fresh_until: None,
         })
     }
 }
@@ -597,6 +689,14 @@ impl JwtVerifier {
 
     pub fn providers(&self) -> &[JwtProvider] {
         &self.providers
+    }
+
+    /// Every provider's configure-time warnings.
+    pub fn warnings(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .flat_map(JwtProvider::warnings)
+            .collect()
     }
 
     pub fn provider(&self, issuer: &str) -> Option<&JwtProvider> {

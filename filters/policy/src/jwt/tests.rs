@@ -156,7 +156,12 @@ fn unsigned(header: Value, payload: Value, signature: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Providers
 
-fn config(cfg: Value) -> JwtProviderConfig {
+/// The tests here are about other things than audiences: a configuration that names none
+/// opts out explicitly (audience tests set `audiences` themselves).
+fn config(mut cfg: Value) -> JwtProviderConfig {
+    if cfg.get("audiences").is_none() && cfg.get("allow_any_audience").is_none() {
+        cfg["allow_any_audience"] = json!(true);
+    }
     serde_json::from_value(cfg).unwrap()
 }
 
@@ -693,10 +698,35 @@ fn audience_must_intersect_the_configured_audiences() {
         Err(TokenError::MalformedClaims(_))
     ));
 
-    // No audiences configured: aud is not checked.
-    let any = ed_provider(json!({"audiences": []}));
+    // Only an explicit opt-out accepts any aud (or none), and it is worth a warning.
+    let any = ed_provider(json!({"audiences": [], "allow_any_audience": true}));
     assert_ok(any.verify(&wrong, NOW));
     assert_ok(any.verify(&missing, NOW));
+    assert!(any.warnings()[0].contains("allow_any_audience"));
+    assert!(p.warnings().is_empty());
+}
+
+#[test]
+fn audiences_are_required_unless_explicitly_waived() {
+    let base = json!({"issuer": ISS, "algorithms": ["EdDSA"],
+                      "jwks": jwks(&[ed_jwk(ed_key(), "ed-1")])});
+    let refused = |cfg: Value| {
+        let cfg: JwtProviderConfig = serde_json::from_value(cfg).unwrap();
+        JwtProvider::new(&cfg).unwrap_err()
+    };
+    let err = refused(base.clone());
+    assert_eq!(err.field, "audiences");
+    assert!(err.message.contains("allow_any_audience"), "{err}");
+    assert_eq!(
+        refused(with(base.clone(), "audiences", json!([]))).field,
+        "audiences"
+    );
+    let both = with(
+        with(base, "audiences", json!([AUD])),
+        "allow_any_audience",
+        json!(true),
+    );
+    assert_eq!(refused(both).field, "allow_any_audience");
 }
 
 #[test]
@@ -721,21 +751,103 @@ fn registered_claims_must_have_their_types() {
             "{name}"
         );
     }
-    // NumericDate may be fractional.
-    let token = raw_hs256(
+    // NumericDates are integers in 0..=MAX_NUMERIC_DATE: no fractions, no absurd values
+    // that saturate into "never expires".
+    for (name, value) in [
+        ("exp", json!(NOW as f64 + 300.5)),
+        ("exp", json!(1e300)),
+        ("exp", json!(1e20)),
+        ("exp", json!(u64::MAX)),
+        ("exp", json!(MAX_NUMERIC_DATE + 1)),
+        ("nbf", json!(1.5)),
+        ("iat", json!(1e19)),
+    ] {
+        let token = raw_hs256(
+            SECRET,
+            json!({"alg": "HS256"}),
+            with(payload(), name, value.clone()),
+        );
+        let err = p.verify(&token, NOW).unwrap_err();
+        assert!(
+            matches!(err, TokenError::MalformedClaims(_)),
+            "{name}={value}: {err:?}"
+        );
+        assert_eq!(err.deny_reason().status(), 401, "{name}={value}");
+    }
+    let latest = raw_hs256(
         SECRET,
         json!({"alg": "HS256"}),
-        with(payload(), "exp", json!(NOW as f64 + 300.5)),
+        with(payload(), "exp", json!(MAX_NUMERIC_DATE)),
     );
-    assert_eq!(assert_ok(p.verify(&token, NOW)).expires_at, Some(NOW + 300));
-    // A far-future exp is not a problem (no overflow), and "now" is clamped.
-    let far = raw_hs256(
-        SECRET,
-        json!({"alg": "HS256"}),
-        with(payload(), "exp", json!(u64::MAX)),
+    assert_eq!(
+        assert_ok(p.verify(&latest, NOW)).expires_at,
+        Some(MAX_NUMERIC_DATE)
     );
-    assert_ok(p.verify(&far, NOW));
+    // "now" is clamped: a token is never valid at absurd times either.
+    assert!(p.verify(&latest, u64::MAX).is_err());
     assert!(p.verify(&hs_token(payload()), u64::MAX).is_err());
+}
+
+/// A token from raw header and payload text, signed with HMAC-SHA256 (for JSON that
+/// serde_json would not produce, such as duplicate members).
+fn raw_text_hs256(header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    let tag = hmac_sha256(SECRET, input.as_bytes());
+    format!("{input}.{}", b64(&tag))
+}
+
+#[test]
+fn duplicate_members_anywhere_are_refused() {
+    let p = hs_provider(json!({"claims": {"roles": ["realm_access.roles"], "tenant": "tenant"}}));
+    let claims = |extra: &str| {
+        format!(
+            r#"{{"iss":"{ISS}","sub":"alice","aud":"{AUD}","iat":{},"exp":{}{extra}}}"#,
+            NOW - 10,
+            NOW + 300
+        )
+    };
+    let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+    // The fixture itself verifies: the refusals below are the duplicates' doing.
+    let ok = raw_text_hs256(
+        header,
+        &claims(r#","tenant":"a","realm_access":{"roles":["x"]}"#),
+    );
+    assert_eq!(
+        assert_ok(p.verify(&ok, NOW)).identity.tenant.as_deref(),
+        Some("a")
+    );
+    for (what, token) in [
+        (
+            "registered",
+            raw_text_hs256(header, &claims(r#","sub":"admin""#)),
+        ),
+        (
+            "custom",
+            raw_text_hs256(header, &claims(r#","tenant":"a","tenant":"b""#)),
+        ),
+        (
+            "nested",
+            raw_text_hs256(
+                header,
+                &claims(r#","realm_access":{"roles":["x"],"roles":["city-admin"]}"#),
+            ),
+        ),
+        (
+            "in an array",
+            raw_text_hs256(header, &claims(r#","groups":[{"g":1,"g":2}]"#)),
+        ),
+        (
+            "header",
+            raw_text_hs256(r#"{"alg":"HS256","kid":"a","kid":"b"}"#, &claims("")),
+        ),
+    ] {
+        let err = p.verify(&token, NOW).unwrap_err();
+        assert!(
+            matches!(err, TokenError::DuplicateMember(_)),
+            "{what}: {err:?}"
+        );
+        assert_eq!(err.deny_reason().status(), 401, "{what}");
+    }
 }
 
 #[test]
@@ -889,21 +1001,21 @@ fn key_rotation_with_a_remote_jwks() {
     assert_eq!(err.deny_reason().status(), 503);
 
     let first = jwks(&[rsa_jwk(rsa_key(), "rsa-1")]).to_string();
-    p.set_remote_keys(KeySet::from_jwks_json(&first).unwrap())
+    p.set_remote_keys(KeySet::from_jwks_json(&first).unwrap(), NOW)
         .unwrap();
     assert_ok(p.verify(&old_token, NOW));
     assert_eq!(p.verify(&new_token, NOW), Err(TokenError::UnknownKid));
 
     // Rotation overlap: both keys published.
     let both = jwks(&[rsa_jwk(rsa_key(), "rsa-1"), rsa_jwk(rsa_key_2(), "rsa-2")]).to_string();
-    p.set_remote_keys(KeySet::from_jwks_json(&both).unwrap())
+    p.set_remote_keys(KeySet::from_jwks_json(&both).unwrap(), NOW)
         .unwrap();
     assert_ok(p.verify(&old_token, NOW));
     assert_ok(p.verify(&new_token, NOW));
 
     // The old key is withdrawn.
     let second = jwks(&[rsa_jwk(rsa_key_2(), "rsa-2")]).to_string();
-    p.set_remote_keys(KeySet::from_jwks_json(&second).unwrap())
+    p.set_remote_keys(KeySet::from_jwks_json(&second).unwrap(), NOW)
         .unwrap();
     assert_ok(p.verify(&new_token, NOW));
     let err = p.verify(&old_token, NOW).unwrap_err();
@@ -918,9 +1030,93 @@ fn key_rotation_with_a_remote_jwks() {
     verifier
         .provider_mut(ISS)
         .unwrap()
-        .set_remote_keys(KeySet::from_jwks_json(&second).unwrap())
+        .set_remote_keys(KeySet::from_jwks_json(&second).unwrap(), NOW)
         .unwrap();
     assert_ok(verifier.verify(&new_token, NOW));
+}
+
+#[test]
+fn an_ambiguous_or_oversized_jwks_is_refused_whole() {
+    // Two keys under one kid: which one a token means is a guess. Refused, whatever the
+    // keys are (same kty or not), and a provider keeps its last good set.
+    let dup = jwks(&[rsa_jwk(rsa_key(), "k"), rsa_jwk(rsa_key_2(), "k")]).to_string();
+    assert_eq!(
+        KeySet::from_jwks_json(&dup).unwrap_err(),
+        KeyError::DuplicateKid { kid: "k".into() }
+    );
+    let mixed = jwks(&[rsa_jwk(rsa_key(), "k"), ed_jwk(ed_key(), "k")]).to_string();
+    assert!(matches!(
+        KeySet::from_jwks_json(&mixed),
+        Err(KeyError::DuplicateKid { .. })
+    ));
+    // Also inline, at configure time.
+    let err = config_error(json!({"issuer": ISS, "algorithms": ["RS256"],
+        "jwks": jwks(&[rsa_jwk(rsa_key(), "k"), rsa_jwk(rsa_key_2(), "k")])}));
+    assert_eq!(err.field, "jwks");
+    // A repeated member inside a key (two moduli) is no better.
+    let one = rsa_jwk(rsa_key(), "k").to_string();
+    let twice_n = one.replacen("\"n\":", "\"n\":\"AQAB\",\"n\":", 1);
+    assert!(matches!(
+        KeySet::from_jwks_json(&format!("{{\"keys\":[{twice_n}]}}")),
+        Err(KeyError::InvalidJson(_))
+    ));
+    // Real sets are a few KiB: 64 KiB is the limit.
+    assert_eq!(MAX_JWKS_BYTES, 64 * 1024);
+    let padded = format!(
+        "{{\"keys\":[{one}],\"pad\":\"{}\"}}",
+        "x".repeat(MAX_JWKS_BYTES)
+    );
+    assert_eq!(
+        KeySet::from_jwks_json(&padded).unwrap_err(),
+        KeyError::TooLarge {
+            limit: MAX_JWKS_BYTES
+        }
+    );
+}
+
+#[test]
+fn fetched_keys_expire_after_max_stale_secs() {
+    let mut p = provider(json!({
+        "issuer": ISS, "audiences": [AUD], "algorithms": ["RS256"],
+        "remote": {"cluster": "idp", "authority": "idp", "path": "/certs",
+                   "refresh_secs": 600, "max_stale_secs": 3600},
+    }));
+    let token = rsa_key().sign(jc(payload())).unwrap();
+    let fetched_at = NOW - 3600;
+    p.set_remote_keys(
+        KeySet::from_jwks_json(&jwks(&[rsa_jwk(rsa_key(), "rsa-1")]).to_string()).unwrap(),
+        fetched_at,
+    )
+    .unwrap();
+    assert_ok(p.verify(&token, NOW));
+    assert!(!p.remote_keys_stale(NOW));
+    assert!(p.remote_keys_stale(NOW + 1));
+    let err = p.verify(&token, NOW + 1).unwrap_err();
+    assert_eq!(err, TokenError::KeysStale);
+    assert_eq!(err.deny_reason().status(), 503);
+    // Fetching the same set again renews it.
+    p.confirm_remote_keys(NOW + 1);
+    assert_ok(p.verify(&token, NOW + 1));
+
+    // Static keys never go stale; the default is 4 h, or two refresh periods if longer.
+    let remote = |refresh: u64| -> RemoteJwksConfig {
+        serde_json::from_value(json!({"cluster": "c", "authority": "a", "path": "/p",
+                                      "refresh_secs": refresh}))
+        .unwrap()
+    };
+    assert_eq!(
+        remote(600).effective_max_stale_secs(),
+        DEFAULT_MAX_STALE_SECS
+    );
+    assert_eq!(remote(86_400).effective_max_stale_secs(), 2 * 86_400);
+    for bad in [599, MAX_MAX_STALE_SECS + 1] {
+        let err = config_error(
+            json!({"issuer": ISS, "audiences": [AUD], "algorithms": ["RS256"],
+            "remote": {"cluster": "c", "authority": "a", "path": "/p", "refresh_secs": 600,
+                       "max_stale_secs": bad}}),
+        );
+        assert_eq!(err.field, "remote.max_stale_secs", "{bad}");
+    }
 }
 
 #[test]
@@ -928,7 +1124,7 @@ fn fetched_jwks_never_supplies_hmac_keys() {
     let mut p = remote_provider();
     let oct = json!({"kty": "oct", "kid": "hs", "k": b64(SECRET)});
     let mixed = jwks(&[oct.clone(), rsa_jwk(rsa_key(), "rsa-1")]).to_string();
-    p.set_remote_keys(KeySet::from_jwks_json(&mixed).unwrap())
+    p.set_remote_keys(KeySet::from_jwks_json(&mixed).unwrap(), NOW)
         .unwrap();
     assert!(!p.remote_keys().has_symmetric());
     assert_eq!(p.remote_keys().len(), 1);
@@ -938,11 +1134,11 @@ fn fetched_jwks_never_supplies_hmac_keys() {
     // previous keys stay.
     let only_oct = KeySet::from_jwks_json(&jwks(&[oct]).to_string()).unwrap();
     assert!(matches!(
-        p.set_remote_keys(only_oct),
+        p.set_remote_keys(only_oct, NOW),
         Err(KeyError::NoUsableKeys { .. })
     ));
     let only_ec = KeySet::from_jwks_json(&jwks(&[ec256_jwk(ec256_key(), "ec")]).to_string());
-    assert!(p.set_remote_keys(only_ec.unwrap()).is_err());
+    assert!(p.set_remote_keys(only_ec.unwrap(), NOW).is_err());
     assert_ok(p.verify(&rsa_key().sign(jc(payload())).unwrap(), NOW));
 }
 
@@ -959,6 +1155,7 @@ fn static_and_remote_keys_combine() {
     assert_eq!(p.verify(&rs, NOW), Err(TokenError::UnknownKid));
     p.set_remote_keys(
         KeySet::from_jwks_json(&jwks(&[rsa_jwk(rsa_key(), "rsa-1")]).to_string()).unwrap(),
+        NOW,
     )
     .unwrap();
     assert_ok(p.verify(&rs, NOW));
@@ -1687,6 +1884,7 @@ fn documented_example_config_is_valid() {
     let issuer = p.issuer().to_string();
     p.set_remote_keys(
         KeySet::from_jwks_json(&jwks(&[rsa_jwk(rsa_key(), "rsa-1")]).to_string()).unwrap(),
+        NOW,
     )
     .unwrap();
     let token = rsa_key()

@@ -37,11 +37,13 @@ fn token(sub: &str, exp: u64) -> String {
 
 fn base_config() -> Value {
     json!({
-        "jwt_providers": [{"issuer": ISS, "algorithms": ["HS256"],
+        "jwt_providers": [{"issuer": ISS, "algorithms": ["HS256"], "allow_any_audience": true,
                            "hmac_secret": STANDARD.encode(SECRET)}],
         "device_keys": {"devices": {"lamp-01": {"key_sha256": [sha("k1")]},
                                     "lamp-02": {"key_sha256": [sha("k2")]}}},
         "mtls": {"identity_from": "subject_cn", "roles": ["device"]},
+        // The defaults, and "c1" for everyone (the tests' usual client id).
+        "client_ids": ["%u", "%u-*", "c1"],
         "acl": {"rules": [
             {"name": "devices", "effect": "allow", "subjects": ["authenticated"],
              "actions": ["*"], "mqtt": {"topic": "devices/#"}},
@@ -170,11 +172,45 @@ impl Conn {
     fn open(&mut self, version: ProtocolVersion, username: Option<&str>, password: Option<&[u8]>) {
         let connect = connect_packet(version, "c1", username, password, None);
         let out = self.client(&connect);
-        assert_eq!(out.forward, connect, "{:?}", out.decisions);
-        assert!(out.close.is_none());
+        assert!(out.close.is_none(), "{:?}", out.decisions);
+        assert_forwarded_without_credentials(&out, &self.session, version, &connect);
         let connack = encode_connack(version, 0);
         assert_eq!(self.broker(&connack).forward, connack);
     }
+}
+
+/// The CONNECT went on as the client sent it, but with the verified subject as user name and no
+/// password.
+fn assert_forwarded_without_credentials(
+    out: &Output,
+    session: &Session,
+    version: ProtocolVersion,
+    connect: &[u8],
+) {
+    let Packet::Connect(sent) = crate::mqtt::decode_packet(&out.forward, version).unwrap() else {
+        panic!("not a CONNECT: {:?}", out.forward)
+    };
+    let Packet::Connect(original) = crate::mqtt::decode_packet(connect, version).unwrap() else {
+        panic!("not a CONNECT")
+    };
+    assert_eq!(sent.password, None);
+    assert_eq!(
+        sent.username,
+        session.identity().map(|i| i.subject.clone()),
+        "the user name is the verified subject"
+    );
+    assert_eq!(
+        Connect {
+            username: None,
+            password: None,
+            ..sent
+        },
+        Connect {
+            username: None,
+            password: None,
+            ..original
+        }
+    );
 }
 
 fn lines(out: &Output) -> String {
@@ -221,7 +257,7 @@ fn assert_refused(conn: &mut Conn, version: ProtocolVersion, connect: &[u8], cod
     let answer = conn.broker(&encode_connack(version, 0));
     assert_eq!(answer.forward, encode_connack(version, code));
     assert!(answer.close_after_write && answer.close.is_none());
-    assert!(conn.session.wants_close());
+    assert_eq!(conn.session.closing(), Some(&CloseReason::Refused));
     // The next callback closes.
     let after = conn.client(b"\xe0\x00");
     assert_eq!(after.close, Some(CloseReason::Refused));
@@ -238,7 +274,11 @@ fn valid_jwt_as_username_connects_and_expiry_is_remembered() {
     let t = token("alice", NOW + 300);
     let connect = connect_packet(V3, "c1", Some(&t), None, None);
     let out = conn.client(&connect);
-    assert_eq!(out.forward, connect);
+    assert_forwarded_without_credentials(&out, &conn.session, V3, &connect);
+    assert_eq!(
+        out.forward,
+        connect_packet(V3, "c1", Some("alice"), None, None)
+    );
     assert!(
         out.decisions[0].line.contains("decision=allow"),
         "{}",
@@ -429,13 +469,33 @@ fn forbidden_will_refuses_the_connect() {
 }
 
 #[test]
-fn broker_closing_without_connack_leaves_nothing_to_send() {
+fn refusal_goes_to_the_stand_in_cluster_and_its_first_bytes_become_the_connack() {
     let mut conn = Conn::new(policy());
     let out = conn.client(&connect_packet(V3, "c1", None, None, None));
     assert!(!out.forward.is_empty());
-    // The broker sends half a CONNACK: nothing goes to the client yet.
-    let half = conn.broker(&[0x20]);
-    assert!(half.forward.is_empty() && !half.close_after_write);
+    assert_eq!(out.refusal_cluster.as_deref(), Some("mqtt_acl_refusal"));
+    // Nothing from upstream yet: nothing to answer.
+    let none = conn.broker(&[]);
+    assert!(none.forward.is_empty() && !none.close_after_write);
+    // The stand-in's one packet (any bytes) becomes the CONNACK.
+    let answer = conn.broker(&[0xD0, 0x00]);
+    assert_eq!(answer.forward, encode_connack(V3, 0x05));
+    assert!(answer.close_after_write);
+}
+
+#[test]
+fn refusal_cluster_null_leaves_the_refusal_to_the_broker() {
+    let config = with(base_config(), "refusal_cluster", Value::Null);
+    let mut conn = Conn::new(policy_from(config));
+    let out = conn.client(&connect_packet(V3, "c1", None, None, None));
+    assert_eq!(out.refusal_cluster, None);
+    let answer = conn.broker(&encode_connack(V3, 0));
+    assert_eq!(answer.forward, encode_connack(V3, 0x05));
+    for bad in [json!(""), json!("a b"), json!(3)] {
+        let config = with(base_config(), "refusal_cluster", bad);
+        let config: Result<MqttAclConfig, _> = serde_json::from_value(config);
+        assert!(config.map_or(true, |c| MqttAcl::new(c).is_err()));
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -810,6 +870,23 @@ fn malformed_input_closes_and_nothing_after_it_is_forwarded() {
     let mut bytes = publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None);
     bytes.extend([0x30, 0x03, 0x00, 0x01, b'#']); // a wildcard in a PUBLISH topic
     let out = conn.client(&bytes);
+    // The allowed PUBLISH read before the bad packet still goes on; the close follows.
+    assert_eq!(
+        out.forward,
+        publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None)
+    );
+    assert!(out.close.is_none() && out.close_after_write);
+    assert!(matches!(
+        conn.session.closing(),
+        Some(CloseReason::Malformed(_))
+    ));
+    let next = conn.client(&publish(V3, "devices/lamp-01/state", QoS::AtMostOnce, None));
+    assert!(matches!(next.close, Some(CloseReason::Malformed(_))));
+    assert!(next.forward.is_empty());
+    // A bad packet first: closed at once, nothing forwarded.
+    let mut conn = Conn::new(policy());
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let out = conn.client(&[0x30, 0x03, 0x00, 0x01, b'#']);
     assert!(matches!(out.close, Some(CloseReason::Malformed(_))));
     assert!(out.forward.is_empty());
     // Before CONNECT: never forwarded.
@@ -837,7 +914,8 @@ fn packets_split_across_reads() {
         assert!(out.close.is_none());
         forwarded.extend(out.forward);
     }
-    let mut expected = connect;
+    // The CONNECT without its key, then the allowed PUBLISHes.
+    let mut expected = connect_packet(V3, "c1", Some("lamp-01"), None, None);
     expected.extend(&p1);
     expected.extend(&p1);
     assert_eq!(forwarded, expected);
@@ -905,11 +983,10 @@ fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
     use jwt_simple::prelude::{Claims, Duration, RS256KeyPair, RSAKeyPairLike};
     const REMOTE: &str = "https://keycloak.example/realms/city";
     let mut config = base_config();
-    config["jwt_providers"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"issuer": REMOTE, "algorithms": ["RS256"],
-                     "remote": {"cluster": "idp", "path": "/jwks", "authority": "idp"}}));
+    config["jwt_providers"].as_array_mut().unwrap().push(
+        json!({"issuer": REMOTE, "algorithms": ["RS256"], "allow_any_audience": true,
+                     "remote": {"cluster": "idp", "path": "/jwks", "authority": "idp"}}),
+    );
     let key = RS256KeyPair::generate(2048).unwrap().with_key_id("k1");
     let mut claims = Claims::create(Duration::from_secs(300))
         .with_issuer(REMOTE)
@@ -946,9 +1023,151 @@ fn remote_keys_missing_or_rotated_mean_server_unavailable_and_a_fetch() {
         .unwrap()
         .provider_mut(REMOTE)
         .unwrap()
-        .set_remote_keys(crate::jwt::KeySet::from_jwks_json(&jwks.to_string()).unwrap())
+        .set_remote_keys(
+            crate::jwt::KeySet::from_jwks_json(&jwks.to_string()).unwrap(),
+            NOW,
+        )
         .unwrap();
     let mut conn = Conn::new(policy);
     conn.open(V3, Some(&t), None);
     assert_eq!(conn.session.identity().unwrap().subject, "alice");
+}
+
+#[test]
+fn denied_huge_topics_and_client_ids_log_bounded_lines() {
+    // 200 denials of a 60 KB topic once wrote 36 MB of log: every logged client value is cut.
+    let config = with(base_config(), "on_forbidden_publish", json!("close"));
+    let mut conn = Conn::new(policy_from(config));
+    let client_id = format!("lamp-01-{}", "c".repeat(60_000));
+    let connect = connect_packet(V3, &client_id, Some("lamp-01"), Some(b"k1"), None);
+    assert!(conn.client(&connect).close.is_none());
+    conn.broker(&encode_connack(V3, 0));
+    let topic = format!("devices/lamp-02/{}", "t".repeat(60_000));
+    let out = conn.client(&publish(V3, &topic, QoS::AtMostOnce, None));
+    assert!(lines(&out).contains("decision=deny"), "{}", lines(&out));
+    for decided in &out.decisions {
+        assert!(decided.line.len() < 4096, "{} bytes", decided.line.len());
+    }
+    let Some(CloseReason::Forbidden(why)) = &out.close else {
+        panic!("not closed: {:?}", out.close);
+    };
+    assert!(why.len() < 1024, "{} bytes", why.len());
+}
+
+#[test]
+fn client_ids_are_bound_to_the_identity() {
+    // The default patterns (%u, %u-*): base_config without its extra "c1".
+    let mut config = base_config();
+    config.as_object_mut().unwrap().remove("client_ids");
+    let policy = policy_from(config);
+    for id in ["lamp-01", "lamp-01-sensor", ""] {
+        let mut conn = Conn::new(policy.clone());
+        let out = conn.client(&connect_packet(V3, id, Some("lamp-01"), Some(b"k1"), None));
+        assert!(
+            lines(&out).contains("decision=allow"),
+            "{id}: {}",
+            lines(&out)
+        );
+        assert!(!out.forward.is_empty());
+    }
+    // Another device's id (the broker would drop that device and its session), or one that
+    // only starts like ours: refused, 0x02 identifier rejected / v5 0x85.
+    for (version, id, code) in [
+        (V3, "lamp-02", 0x02),
+        (V5, "lamp-02", 0x85),
+        (V3, "lamp-012", 0x02),
+    ] {
+        let mut conn = Conn::new(policy.clone());
+        let connect = connect_packet(version, id, Some("lamp-01"), Some(b"k1"), None);
+        let out = assert_refused(&mut conn, version, &connect, code);
+        assert!(lines(&out).contains("client_ids"), "{}", lines(&out));
+    }
+    // Anonymous clients match only patterns without %u.
+    let anonymous = with(base_config(), "allow_anonymous", json!(true));
+    let anonymous = with(anonymous, "client_ids", json!(["%u", "anon-*"]));
+    let mut conn = Conn::new(policy_from(anonymous.clone()));
+    let out = conn.client(&connect_packet(V3, "anon-7", None, None, None));
+    assert!(lines(&out).contains("decision=allow"), "{}", lines(&out));
+    let mut conn = Conn::new(policy_from(anonymous));
+    let connect = connect_packet(V3, "lamp-01", None, None, None);
+    assert_refused(&mut conn, V3, &connect, 0x02);
+    // Patterns that say nothing sensible are refused.
+    for bad in ["", "a*b", "%c-*", "**"] {
+        let config = with(base_config(), "client_ids", json!([bad]));
+        let config: MqttAclConfig = serde_json::from_value(config).unwrap();
+        assert!(MqttAcl::new(config).is_err(), "{bad:?}");
+    }
+}
+
+/// The configuration example of filters/mqtt-acl/README.md, with real keys in place of its
+/// placeholders.
+fn readme_example() -> MqttAcl {
+    let readme = include_str!("../../../mqtt-acl/README.md");
+    let start = readme.find("```json\n").unwrap() + "```json\n".len();
+    let end = start + readme[start..].find("\n```").unwrap();
+    let mut config: Value = serde_json::from_str(&readme[start..end]).unwrap();
+    let base = base_config();
+    config["jwt_providers"] = base["jwt_providers"].clone();
+    config["device_keys"] = base["device_keys"].clone();
+    policy_from(config)
+}
+
+#[test]
+fn the_readme_example_lets_owners_and_devices_use_their_own_tree() {
+    // Its deny rule once covered reads inside devices/+/: a wildcard subscription touched by a
+    // deny rule is refused whole, so nobody could subscribe to devices/<own id>/#.
+    let policy = readme_example();
+    let device = Identity::new(IdentityKind::DeviceKey, "lamp-01");
+    let owner = Identity::new(IdentityKind::Jwt, "alice");
+    let delegate = Identity::new(IdentityKind::Jwt, "bob");
+    let check = |who: &Identity, topic: &str, access| {
+        policy
+            .check_topic(Some(who), "c1", topic, access)
+            .is_allowed()
+    };
+    for who in [&device, &owner, &delegate] {
+        assert!(
+            check(who, "devices/lamp-01/#", TopicAccess::Read),
+            "{}",
+            who.subject
+        );
+    }
+    assert!(check(&device, "devices/lamp-01/state", TopicAccess::Write));
+    assert!(check(&owner, "devices/lamp-01/cmd", TopicAccess::Write));
+    // What the rules still refuse.
+    assert!(!check(
+        &device,
+        "devices/lamp-01/config",
+        TopicAccess::Write
+    ));
+    assert!(!check(&delegate, "devices/lamp-01/cmd", TopicAccess::Write));
+    assert!(!check(&device, "devices/lamp-02/#", TopicAccess::Read));
+    assert!(!check(&owner, "devices/+/state", TopicAccess::Read));
+}
+
+#[test]
+fn a_client_without_a_complete_connect_is_closed_after_connect_timeout_secs() {
+    let mut conn = Conn::new(policy());
+    conn.session.set_opened_at(NOW);
+    let connect = connect_packet(V3, "c1", Some("lamp-01"), Some(b"k1"), None);
+    assert!(conn.client(&connect[..5]).forward.is_empty());
+    let env = |now| Env {
+        policy: &conn.policy,
+        now,
+    };
+    assert_eq!(conn.session.check_connect_timeout(&env(NOW + 9)), None);
+    let closed = conn.session.check_connect_timeout(&env(NOW + 10));
+    assert!(
+        matches!(closed, Some(CloseReason::Malformed(_))),
+        "{closed:?}"
+    );
+    // A decided CONNECT is not timed out.
+    let mut conn = Conn::new(policy());
+    conn.session.set_opened_at(NOW);
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW + 100,
+    };
+    assert_eq!(conn.session.check_connect_timeout(&env), None);
 }

@@ -29,7 +29,8 @@
 //!   Orion does: `/Madrid/` is `/Madrid`), each absolute, at most 10 levels of 1 to 50
 //!   alphanumerics/`_`; an empty item (`/a,`) is refused;
 //!   `/#` (a subtree) only as the last level and only where the scope allows it:
-//!   - [`TenantScope::Read`]: up to 10 paths, `/#` allowed; missing → `/#` (whole tree);
+//!   - [`TenantScope::Read`]: up to 10 paths (Orion's limit; repeats, after canonical form,
+//!     are dropped), `/#` allowed; missing → `/#` (whole tree);
 //!   - [`TenantScope::Write`]: exactly one path, no `/#`; missing → `/`;
 //!   - [`TenantScope::Subscribe`]: exactly one path, `/#` allowed; missing → `/#` (the
 //!     conservative choice: the rule must then cover the whole tree).
@@ -38,7 +39,7 @@ use crate::access::Tenant;
 use crate::decision::DenyReason;
 use percent_encoding::percent_decode_str;
 
-use super::bad;
+use super::{bad, dedup_names, MAX_LIST_ITEMS};
 
 const MAX_SERVICE_LEN: usize = 50;
 const MAX_PATH_LEVELS: usize = 10;
@@ -90,16 +91,24 @@ impl Query {
         Ok(found)
     }
 
-    /// A comma-separated list parameter; an empty item → 400.
+    /// A comma-separated list parameter, repeated items dropped (first kept); an empty item
+    /// or more than [`MAX_LIST_ITEMS`] items → 400 (counted before anything is copied).
     pub fn list(&self, name: &str) -> Result<Option<Vec<String>>, DenyReason> {
         let Some(v) = self.get(name)? else {
             return Ok(None);
         };
+        let count = v.split(',').count();
+        if count > MAX_LIST_ITEMS {
+            return Err(bad(format!(
+                "query parameter {name:?} has {count} items, more than the {MAX_LIST_ITEMS} \
+                 allowed"
+            )));
+        }
         let items: Vec<String> = v.split(',').map(str::to_string).collect();
         if items.iter().any(String::is_empty) {
             return Err(bad(format!("query parameter {name:?} has an empty item")));
         }
-        Ok(Some(items))
+        Ok(Some(dedup_names(items)))
     }
 
     /// True if the comma-separated `options` parameter contains `opt`.
@@ -330,10 +339,12 @@ pub fn tenant(
                     "more than {MAX_SERVICE_PATHS} fiware-servicepath entries"
                 )));
             }
-            items
+            let paths = items
                 .into_iter()
                 .map(|i| canonical_service_path(i, scope))
-                .collect::<Result<Vec<_>, _>>()?
+                .collect::<Result<Vec<_>, _>>()?;
+            // `/a,/a/` is one path: a repeat adds nothing to check.
+            dedup_names(paths)
         }
     };
     Ok(Tenant {

@@ -57,7 +57,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
             let obj = as_object(&v, "request")?;
             let attrs = attributes(obj.get("attributes"))?;
             let drafts =
-                Draft::per_selector(Read, entity_ids(obj.get("entities"), true)?, &attrs, None);
+                Draft::per_selector(Read, entity_ids(obj.get("entities"), true)?, &attrs, None)?;
             Ok(Classified::new(S::Read, drafts))
         }
         ("POST", ["ngsi10", "subscribeContext"] | ["ngsi9", "subscribeContextAvailability"]) => {
@@ -71,7 +71,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
                 entity_ids(obj.get("entities"), true)?,
                 &attrs,
                 Some(&reference),
-            );
+            )?;
             Ok(Classified::new(S::Subscribe, drafts))
         }
         (
@@ -182,7 +182,7 @@ fn attribute_names(v: Option<&Value>) -> Result<Vec<String>, DenyReason> {
         };
         names.push(name.to_string());
     }
-    Ok(names)
+    Ok(super::dedup_names(names))
 }
 
 /// Members of an Orion NGSIv1 contextElement that name its entity (no `entityId` object).
@@ -271,12 +271,13 @@ fn register_context(body: &[u8]) -> R {
             other => endpoint_str(other, "providingApplication")?,
         };
         let attrs = attributes(r.get("attributes"))?;
-        drafts.extend(Draft::per_selector(
+        let more = Draft::per_selector(
             Action::Register,
             entity_ids(r.get("entities"), true)?,
             &attrs,
             endpoint.as_deref(),
-        ));
+        )?;
+        super::extend_checked(&mut drafts, more)?;
     }
     Ok(Classified::new(TenantScope::Write, drafts))
 }

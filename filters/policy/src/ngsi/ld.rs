@@ -38,7 +38,7 @@ use serde_json::{Map, Value};
 use super::canonical::{CanonicalPath, Query, TenantScope};
 use super::{
     as_batch, as_object, attr_name_list, attribute_keys, bad, check_name, cross, endpoint_str,
-    only_or_all, opt_str, parse_json, req_str, Classified, Draft,
+    extend_checked, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
 };
 
 /// Entity members that are not attributes.
@@ -217,7 +217,7 @@ fn entity_types(obj: &Map<String, Value>, required: bool) -> Result<Vec<TypeSele
         Some(Value::String(_)) => Ok(vec![TypeSelector::Type(
             req_str(obj, "type", "entity")?.into(),
         )]),
-        Some(Value::Array(a)) if !a.is_empty() => a
+        Some(Value::Array(a)) if !a.is_empty() => super::as_list(a, "entity.type")?
             .iter()
             .map(|t| match t.as_str() {
                 Some(s) if !s.is_empty() => {
@@ -239,6 +239,7 @@ fn entity_drafts(v: &Value, actions: &[Action]) -> Result<Vec<Draft>, DenyReason
     let creates = actions.contains(&Action::Create);
     let types = entity_types(obj, creates)?;
     let attrs = AttributeSelector::Only(attribute_keys(obj, NOT_ATTRIBUTES)?);
+    super::check_expansion(actions.len().saturating_mul(types.len()), &attrs)?;
     let mut out = Vec::new();
     for action in actions {
         for t in &types {
@@ -261,7 +262,7 @@ fn batch(op: &str, q: &Query, body: &[u8]) -> R {
     let mut drafts = Vec::new();
     for item in items {
         match op {
-            "create" => drafts.extend(entity_drafts(item, &[Create])?),
+            "create" => extend_checked(&mut drafts, entity_drafts(item, &[Create])?)?,
             "upsert" => {
                 let mut d = entity_drafts(item, &[Create, Write])?;
                 if q.has_option("replace")? {
@@ -269,9 +270,9 @@ fn batch(op: &str, q: &Query, body: &[u8]) -> R {
                         x.attributes = AttributeSelector::All;
                     }
                 }
-                drafts.extend(d);
+                extend_checked(&mut drafts, d)?;
             }
-            "update" | "merge" => drafts.extend(entity_drafts(item, &[Write])?),
+            "update" | "merge" => extend_checked(&mut drafts, entity_drafts(item, &[Write])?)?,
             "delete" => {
                 let id = item
                     .as_str()
@@ -331,7 +332,7 @@ fn query_body(body: &[u8]) -> R {
         selectors(obj.get("entities"), "entities")?,
         &attrs,
         None,
-    );
+    )?;
     Ok(Classified::new(TenantScope::Read, drafts))
 }
 
@@ -369,7 +370,7 @@ fn subscription(body: &[u8], create: bool) -> R {
         selectors(obj.get("entities"), "entities")?,
         &attrs,
         endpoint.as_deref(),
-    );
+    )?;
     Ok(Classified::new(TenantScope::Subscribe, drafts))
 }
 
@@ -395,16 +396,14 @@ fn registration(body: &[u8]) -> R {
                 names.extend(n);
             }
         }
-        let attrs = only_or_all(names);
-        for (e, t) in selectors(i.get("entities"), "information.entities")? {
-            drafts.push(
-                Draft::new(Action::Register, e, t, attrs.clone())
-                    .with_endpoint(Some(endpoint.clone())),
-            );
-        }
-    }
-    if drafts.len() > super::MAX_BATCH_ENTITIES {
-        return Err(bad("registration expands to too many accesses"));
+        let attrs = only_or_all(super::dedup_names(names));
+        let more = Draft::per_selector(
+            Action::Register,
+            selectors(i.get("entities"), "information.entities")?,
+            &attrs,
+            Some(&endpoint),
+        )?;
+        super::extend_checked(&mut drafts, more)?;
     }
     Ok(Classified::new(TenantScope::Write, drafts))
 }

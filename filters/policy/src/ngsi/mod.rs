@@ -50,9 +50,27 @@ pub use canonical::{CanonicalPath, Query, TenantScope};
 /// the number of accesses one request may expand to (id list × type list, upsert = 2 each).
 pub const MAX_BATCH_ENTITIES: usize = 1000;
 
+/// At most this many items in any list a request names (URL `id`, `type`, `attrs`,
+/// `options`; body attribute lists, entity type arrays); more → 400. Duplicates are dropped
+/// (after counting): `attrs=a,a` is `attrs=a`. Real clients send one to a few (ngsijs, FiLiP).
+pub const MAX_LIST_ITEMS: usize = 1000;
+
+/// At most this many attribute names over all the accesses of one request (an access naming
+/// every attribute counts 1); more → 400. It bounds the product of an id list and an
+/// attribute list (1000 ids × 100 attrs), which every access carries, before it is built.
+pub const MAX_ACCESS_NAMES: usize = 100_000;
+
 /// Prefix of the description of a [`DenyReason::Forbidden`] for an endpoint the model does
 /// not classify.
 pub const UNCLASSIFIED: &str = "unclassified NGSI request";
+
+/// The request headers the NGSI model reads (besides pseudo-headers): the tenant headers. A
+/// filter must have them as text; anything else goes to the broker untouched.
+pub fn reads_header(name: &str) -> bool {
+    ["fiware-service", "fiware-servicepath", "ngsild-tenant"]
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
 
 /// One HTTP request as the filter sees it.
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +108,17 @@ pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
         return Err(bad(format!(
             "request expands to {} accesses, more than the {MAX_BATCH_ENTITIES} allowed",
             classified.drafts.len()
+        )));
+    }
+    let names: usize = classified
+        .drafts
+        .iter()
+        .map(|d| d.attributes.weight())
+        .sum();
+    if names > MAX_ACCESS_NAMES {
+        return Err(bad(format!(
+            "request names {names} attributes over its accesses, more than the \
+             {MAX_ACCESS_NAMES} allowed"
         )));
     }
     let tenant = canonical::tenant(req.headers, classified.scope, dialect == "ngsi-ld")?;
@@ -148,20 +177,22 @@ impl Draft {
     }
 
     /// One draft per (entity, type) selector, all with the same action, attributes and
-    /// endpoint: what queries, subscriptions and registrations name.
+    /// endpoint: what queries, subscriptions and registrations name. Refused (before the
+    /// attribute list is copied into each) when that expands past the caps.
     pub(crate) fn per_selector(
         action: Action,
         selectors: Vec<(EntitySelector, TypeSelector)>,
         attributes: &AttributeSelector,
         endpoint: Option<&str>,
-    ) -> Vec<Draft> {
-        selectors
+    ) -> Result<Vec<Draft>, DenyReason> {
+        check_expansion(selectors.len(), attributes)?;
+        Ok(selectors
             .into_iter()
             .map(|(e, t)| {
                 Draft::new(action, e, t, attributes.clone())
                     .with_endpoint(endpoint.map(str::to_owned))
             })
-            .collect()
+            .collect())
     }
 
     pub(crate) fn with_endpoint(mut self, endpoint: Option<String>) -> Self {
@@ -271,6 +302,66 @@ pub(crate) fn as_object<'v>(
         .ok_or_else(|| bad(format!("{what} must be a JSON object")))
 }
 
+/// Refuses `accesses` accesses that would each carry `attributes`, past
+/// [`MAX_BATCH_ENTITIES`] or [`MAX_ACCESS_NAMES`]: checked before the copies are made.
+pub(crate) fn check_expansion(
+    accesses: usize,
+    attributes: &AttributeSelector,
+) -> Result<(), DenyReason> {
+    if accesses > MAX_BATCH_ENTITIES {
+        return Err(bad(format!(
+            "request expands to {accesses} accesses, more than the {MAX_BATCH_ENTITIES} allowed"
+        )));
+    }
+    let names = accesses.saturating_mul(attributes.weight());
+    if names > MAX_ACCESS_NAMES {
+        return Err(bad(format!(
+            "request names {accesses} entities × {} attributes, more than the \
+             {MAX_ACCESS_NAMES} entity-attribute pairs allowed",
+            attributes.weight()
+        )));
+    }
+    Ok(())
+}
+
+/// Appends one body item's drafts, refusing as soon as the request passes
+/// [`MAX_BATCH_ENTITIES`] accesses (a body of many registrations stops at the first too many).
+pub(crate) fn extend_checked(drafts: &mut Vec<Draft>, more: Vec<Draft>) -> Result<(), DenyReason> {
+    let total = drafts.len().saturating_add(more.len());
+    if total > MAX_BATCH_ENTITIES {
+        return Err(bad(format!(
+            "request expands to more than {MAX_BATCH_ENTITIES} accesses"
+        )));
+    }
+    drafts.extend(more);
+    Ok(())
+}
+
+/// Drops repeated names, keeping the first of each in order (a repeat adds no access).
+pub(crate) fn dedup_names(names: Vec<String>) -> Vec<String> {
+    let mut keep = vec![true; names.len()];
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    for (i, n) in names.iter().enumerate() {
+        keep[i] = seen.insert(n.as_str());
+    }
+    names
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(n, k)| k.then_some(n))
+        .collect()
+}
+
+/// A list of at most [`MAX_LIST_ITEMS`] items.
+pub(crate) fn as_list<'v>(arr: &'v [Value], what: &str) -> Result<&'v [Value], DenyReason> {
+    if arr.len() > MAX_LIST_ITEMS {
+        return Err(bad(format!(
+            "{what} has {} items, more than the {MAX_LIST_ITEMS} allowed",
+            arr.len()
+        )));
+    }
+    Ok(arr)
+}
+
 /// An array of at most [`MAX_BATCH_ENTITIES`] items.
 pub(crate) fn as_batch<'v>(v: &'v Value, what: &str) -> Result<&'v Vec<Value>, DenyReason> {
     let arr = v
@@ -356,7 +447,7 @@ pub(crate) fn attr_name_list(
         check_name(s, what)?;
         names.push(s.to_string());
     }
-    Ok(only_or_all(names))
+    Ok(only_or_all(dedup_names(names)))
 }
 
 pub(crate) fn only_or_all(names: Vec<String>) -> AttributeSelector {
@@ -386,11 +477,7 @@ pub(crate) fn cross(
     types: &[TypeSelector],
     attributes: &AttributeSelector,
 ) -> Result<Vec<Draft>, DenyReason> {
-    if entities.len().saturating_mul(types.len()) > MAX_BATCH_ENTITIES {
-        return Err(bad(format!(
-            "request expands to more than {MAX_BATCH_ENTITIES} accesses"
-        )));
-    }
+    check_expansion(entities.len().saturating_mul(types.len()), attributes)?;
     let mut out = Vec::new();
     for e in entities {
         for t in types {

@@ -596,6 +596,96 @@ fn batch_limit() {
     assert_eq!(status("GET", &path, &[], ""), 400);
 }
 
+/// The description of a refusal, for tests that check it names the list and the limit.
+fn refusal(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> String {
+    match run(method, path, headers, body) {
+        Ok(r) => panic!("{method} {path}: expected a refusal, got {r:?}"),
+        Err(DenyReason::BadRequest(d)) => d,
+        Err(other) => panic!("{method} {path}: expected a 400, got {other:?}"),
+    }
+}
+
+fn names(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{prefix}{i}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn url_lists_are_capped_and_name_the_list() {
+    let path = format!("/v2/entities?attrs={}", names("a", MAX_LIST_ITEMS + 1));
+    let d = refusal("GET", &path, &[], "");
+    assert!(d.contains("\"attrs\"") && d.contains("1000 allowed"), "{d}");
+    let path = format!(
+        "/ngsi-ld/v1/entities?id={}",
+        names("urn:x:", MAX_LIST_ITEMS + 1)
+    );
+    let d = refusal("GET", &path, &[], "");
+    assert!(d.contains("\"id\"") && d.contains("1000 allowed"), "{d}");
+    // At the cap it is a request like any other.
+    let path = format!("/v2/entities/E?attrs={}", names("a", MAX_LIST_ITEMS));
+    assert_eq!(run("GET", &path, &[], "").unwrap().accesses.len(), 1);
+}
+
+#[test]
+fn repeated_names_are_dropped() {
+    let r = run(
+        "GET",
+        "/v2/entities?id=A,B,A&attrs=t,p,t,t",
+        &[("fiware-servicepath", "/a,/b,/a/,/a")],
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        shape(&r),
+        vec![
+            e(Read, id("A"), tany(), only(&["t", "p"])),
+            e(Read, id("B"), tany(), only(&["t", "p"])),
+        ]
+    );
+    assert_eq!(r.accesses[0].tenant.service_paths, vec!["/a", "/b"]);
+    let body = r#"{"entities":[{"id":"A"}],"attrs":["x","y","x"]}"#;
+    let r = run("POST", "/v2/op/query", &[], body).unwrap();
+    assert_eq!(shape(&r), vec![e(Read, id("A"), tany(), only(&["x", "y"]))]);
+}
+
+#[test]
+fn the_product_of_ids_and_attributes_is_capped_before_it_is_built() {
+    // The attack: 1000 ids × 1000 attributes would be a million names.
+    let path = format!(
+        "/v2/entities?id={}&type=Room&attrs={}",
+        names("E", 1000),
+        names("a", 1000)
+    );
+    let d = refusal("GET", &path, &[], "");
+    assert!(d.contains("1000 entities × 1000 attributes"), "{d}");
+    assert!(d.contains("100000 entity-attribute pairs"), "{d}");
+    // 1000 × 100 is at the cap and allowed.
+    let path = format!(
+        "/v2/entities?id={}&type=Room&attrs={}",
+        names("E", 1000),
+        names("a", 100)
+    );
+    assert_eq!(run("GET", &path, &[], "").unwrap().accesses.len(), 1000);
+    // Subscriptions and registrations: entities × attrs, and NGSI-LD entity type arrays.
+    let ents: Vec<String> = (0..1000).map(|i| format!(r#"{{"id":"E{i}"}}"#)).collect();
+    let attrs: Vec<String> = (0..101).map(|i| format!(r#""a{i}""#)).collect();
+    let body = format!(
+        r#"{{"subject":{{"entities":[{}]}},"notification":{{"http":{{"url":"http://n/"}},"attrs":[{}]}}}}"#,
+        ents.join(","),
+        attrs.join(",")
+    );
+    assert_eq!(status("POST", "/v2/subscriptions", &[], &body), 400);
+    let types: Vec<String> = (0..=MAX_LIST_ITEMS).map(|i| format!(r#""T{i}""#)).collect();
+    let body = format!(r#"[{{"id":"urn:a","type":[{}]}}]"#, types.join(","));
+    let d = refusal("POST", "/ngsi-ld/v1/entityOperations/update", &[], &body);
+    assert!(
+        d.contains("entity.type") && d.contains("1000 allowed"),
+        "{d}"
+    );
+}
+
 // ---------------------------------------------------------------- NGSI-LD
 
 #[test]

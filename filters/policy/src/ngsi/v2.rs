@@ -268,10 +268,12 @@ fn op_query(body: &[u8]) -> R {
         return Err(bad("op/query: attrs and attributes are incompatible"));
     }
     let attrs = attr_name_list(obj.get("attrs").or_else(|| obj.get("attributes")), "attrs")?;
-    let mut drafts = Vec::new();
-    for (e, t) in selectors(obj.get("entities"), "entities")? {
-        drafts.push(Draft::new(Action::Read, e, t, attrs.clone()));
-    }
+    let drafts = Draft::per_selector(
+        Action::Read,
+        selectors(obj.get("entities"), "entities")?,
+        &attrs,
+        None,
+    )?;
     Ok(Classified::new(TenantScope::Read, drafts))
 }
 
@@ -321,7 +323,7 @@ fn subscription(body: &[u8], create: bool) -> R {
         selectors(entities, "subject.entities")?,
         &attrs,
         endpoint.as_deref(),
-    );
+    )?;
     Ok(Classified::new(TenantScope::Subscribe, drafts))
 }
 
@@ -355,7 +357,7 @@ fn registration(body: &[u8]) -> R {
         selectors(Some(entities), "dataProvided.entities")?,
         &attrs,
         Some(&url),
-    );
+    )?;
     Ok(Classified::new(TenantScope::Write, drafts))
 }
 

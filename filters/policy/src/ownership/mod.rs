@@ -262,6 +262,12 @@ impl Ownership {
         &self.config
     }
 
+    /// The request headers this engine reads (they must be text; see
+    /// [`crate::enforcement::ngsi_filter_reads_header`]).
+    pub fn reads_header(&self, name: &str) -> bool {
+        crate::enforcement::ngsi_filter_reads_header(&self.config.identity_headers, name)
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         self.cache.stats()
     }
