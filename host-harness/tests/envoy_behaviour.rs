@@ -248,6 +248,33 @@ fn fail_reload_restarts_a_long_running_vm_on_the_next_request() {
     assert_eq!(reload_counter(&chain, "success"), 1);
 }
 
+/// A network filter (as mqtt-acl in front of Mosquitto) under FAIL_RELOAD: the connection that
+/// meets the trap is closed, never passed through; a later connection gets a fresh VM.
+#[test]
+fn fail_reload_restarts_a_network_filter_for_the_next_connection() {
+    fn connect(chain: &mut host_harness::Chain, data: &[u8]) -> host_harness::NetOutcome {
+        let event = host_harness::NetEvent::Downstream {
+            data: data.to_vec(),
+            end_stream: false,
+        };
+        chain.connection(Default::default(), &[event])
+    }
+    let mut chain = probe_chain(
+        spec(r#"{"mode": "tcp", "trap_data": "TRAP"}"#),
+        Scripted::new(),
+    );
+    assert_eq!(connect(&mut chain, b"hello").to_upstream, b"probe:hello");
+    let trapped = connect(&mut chain, b"TRAP now");
+    assert!(trapped.closed_by_filter, "{trapped:?}");
+    assert!(trapped.to_upstream.is_empty(), "{trapped:?}");
+    // Loaded at the start (clock 0), trapped at 0: within the backoff, still refused.
+    assert!(connect(&mut chain, b"hello").closed_by_filter);
+    chain.advance_clock(1000);
+    assert_eq!(connect(&mut chain, b"hello").to_upstream, b"probe:hello");
+    assert_eq!(chain.filters[0].reloads, 1);
+    assert_eq!(reload_counter(&chain, "success"), 1);
+}
+
 /// A configuration rejected at start is no run-time failure: FAIL_RELOAD does not retry it
 /// (Envoy refuses such a plugin when it loads); every request stays refused.
 #[test]

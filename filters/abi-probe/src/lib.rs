@@ -100,6 +100,10 @@ struct Config {
     /// seen, 1 for the first one after a (re)start.
     #[serde(default)]
     trap_header: Option<String>,
+    /// The same for the TCP mode (test-only): downstream data starting with these bytes traps
+    /// the VM.
+    #[serde(default)]
+    trap_data: Option<String>,
 }
 
 fn default_grow_mib() -> usize {
@@ -386,6 +390,7 @@ impl RootContext for ProbeRoot {
     fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(ProbeTcp {
             metrics: self.metrics,
+            trap_data: self.config.as_ref().and_then(|c| c.trap_data.clone()),
         }))
     }
 
@@ -1163,6 +1168,7 @@ fn grow(mib: usize) -> usize {
 
 struct ProbeTcp {
     metrics: Metrics,
+    trap_data: Option<String>,
 }
 
 impl Context for ProbeTcp {}
@@ -1182,9 +1188,14 @@ impl StreamContext for ProbeTcp {
         let peer = hostcalls::get_property(vec!["connection", "subject_peer_certificate"]);
         log::info!("abi-probe: peer certificate at data: {peer:?}");
         if data_size > 0 {
-            let read = self
-                .get_downstream_data(0, data_size)
-                .map_or(0, |d| d.len());
+            let data = self.get_downstream_data(0, data_size).unwrap_or_default();
+            if let Some(trigger) = &self.trap_data {
+                if data.starts_with(trigger.as_bytes()) {
+                    log::warn!("abi-probe: trap data received, trapping the VM (test filter)");
+                    trap();
+                }
+            }
+            let read = data.len();
             if read != data_size {
                 log::warn!("abi-probe: downstream callback said {data_size} bytes, read {read}");
             }
