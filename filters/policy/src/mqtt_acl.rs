@@ -21,18 +21,22 @@
 //! unknown, is refused as "server unavailable" and the keys are fetched. Opaque tokens
 //! (introspection) are not supported.
 //! A will message is checked like a PUBLISH to its topic at CONNECT: a forbidden will refuses
-//! the CONNECT.
+//! the CONNECT. The client id must fit `client_ids` (default `%u`, `%u-*`): nobody takes over
+//! another device's session. An accepted CONNECT goes on with the verified subject as user name
+//! and no password: no credential reaches the broker.
 //!
 //! # What the client sees
 //!
 //! Envoy lets a network filter write to the client only by replacing bytes that flow from the
 //! broker, so every answer is a broker packet turned into ours:
-//! * refused CONNECT: the broker gets a harmless CONNECT instead (same protocol version, clean
-//!   start, keep-alive kept, no will, no credentials, client id `mqtt-acl-refused-<n>`); its
-//!   CONNACK is replaced by ours — 3.1.1: 0x04 bad user name or password (a credential that
-//!   does not verify), 0x05 not authorized (no credential, forbidden will), 0x03 server
-//!   unavailable, 0x01 unacceptable protocol version (MQTT 3.1 and unknown levels); 5.0: 0x86,
-//!   0x87, 0x88, 0x8C bad authentication method (enhanced authentication) — and the connection
+//! * refused CONNECT: a harmless CONNECT (same protocol version, clean start, keep-alive kept,
+//!   no will, no credentials, client id `mqtt-acl-refused-<n>`) goes to `refusal_cluster` (the
+//!   sidecar's in-process echo stand-in; the broker only without it), and the answer is
+//!   replaced by ours — 3.1.1: 0x04 bad user name or password (a credential that
+//!   does not verify), 0x05 not authorized (no credential, forbidden will), 0x02 identifier
+//!   rejected (`client_ids`), 0x03 server unavailable, 0x01 unacceptable protocol version
+//!   (MQTT 3.1 and unknown levels); 5.0: 0x86, 0x87, 0x85, 0x88, 0x8C bad authentication
+//!   method (enhanced authentication) — and the connection
 //!   is closed once it is written. Everything else the client sent is dropped; its CONNECT
 //!   (credentials, will) never reaches the broker.
 //! * forbidden SUBSCRIBE filters: the broker gets the SUBSCRIBE without them and the client a
@@ -46,8 +50,8 @@
 //! * a message the broker delivers on a topic the client may not read (a subscription stored
 //!   in a persistent session before the policy changed): QoS 0 dropped, QoS 1/2 close.
 //! * token expiry: the connection is closed (by the next packet or the filter's tick).
-//! * malformed packets, protocol errors, packets over `max_packet_bytes`: closed; nothing from
-//!   the bad packet on is forwarded.
+//! * malformed packets, protocol errors, packets over `max_packet_bytes`: closed; what was
+//!   allowed before it in the same read still goes on, nothing from the bad packet on.
 //!
 //! # Device ownership
 //!
