@@ -28,7 +28,7 @@ pub fn odd_bytes(rng: &mut Rng, max_len: usize) -> Vec<u8> {
         .map(|_| match rng.gen_range(0..6) {
             0 => rng.gen_range(0x80..=0xFF),
             1 => pick(rng, &[0u8, b'\r', b'\n', 0x7F, b'\t']),
-            2 => pick(rng, &[b',', b'%', b'/', b'#', b'*', b'"', b'\\', b';']),
+            2 => pick(rng, b",%/#*\"\\;"),
             _ => rng.gen_range(0x20..0x7F),
         })
         .collect()
