@@ -128,7 +128,7 @@ fn case(
     name: &'static str,
     method: &'static str,
     path: String,
-    headers: &[(&'static str, &str)],
+    headers: &[(&'static str, String)],
     body: String,
     status: u32,
 ) -> Case {
@@ -136,7 +136,7 @@ fn case(
         name,
         method,
         path,
-        headers: headers.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        headers: headers.to_vec(),
         body: body.into_bytes(),
         status,
     }
@@ -184,10 +184,12 @@ fn v2_entities(entities: usize, attrs: usize) -> String {
 /// request the caller may make (an allow, or a filtered list).
 fn worst_requests(caller: &[(&'static str, &str)], no_grant: u32) -> Vec<Case> {
     let paths = ten_paths();
-    let with = |extra: &[(&'static str, &str)]| {
-        let mut h = caller.to_vec();
-        h.extend_from_slice(extra);
-        h
+    let with = |extra: &[(&'static str, &str)]| -> Vec<(&'static str, String)> {
+        caller
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect()
     };
     let city = with(&[("fiware-service", "city"), ("fiware-servicepath", &paths)]);
     let city_one = with(&[("fiware-service", "city"), ("fiware-servicepath", "/rooms")]);
