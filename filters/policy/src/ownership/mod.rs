@@ -50,7 +50,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -422,6 +422,17 @@ impl Ownership {
         let mut needed: BTreeMap<EntityKey, bool> = BTreeMap::new();
         let mut filter_list = false;
         let mut by_key: BTreeMap<EntityKey, BTreeSet<Action>> = BTreeMap::new();
+        // The ids the request writes, once: a device's create must come with a write of the
+        // same entity (an upsert), checked per access without rescanning the request.
+        let written: HashSet<&str> = req
+            .accesses
+            .iter()
+            .filter(|b| b.action == Action::Write)
+            .filter_map(|b| match &b.entity {
+                EntitySelector::Id(id) => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
         for a in &req.accesses {
             let id = match &a.entity {
                 EntitySelector::Id(id) => id,
@@ -454,11 +465,7 @@ impl Ownership {
                     let ok = matches!(a.action, Action::Write | Action::Create)
                         && *id == own
                         && !self.is_ownership_attr(a)
-                        && (a.action == Action::Write
-                            || req
-                                .accesses
-                                .iter()
-                                .any(|b| b.action == Action::Write && b.entity == a.entity));
+                        && (a.action == Action::Write || written.contains(id.as_str()));
                     if !ok {
                         return Eval::Done(Verdict::deny(forbidden(format!(
                             "device {:?} may only write its own entity {own:?}, not {:?} {}",
