@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use host_harness::chain::CalloutResolver;
-use host_harness::{Chain, Limits, PluginSpec, Shared};
+use host_harness::{Chain, FailurePolicy, Limits, PluginSpec, Shared};
 use rand::SeedableRng;
 
 use super::generate::Rng;
@@ -106,6 +106,8 @@ pub fn chain(
                 vm_configuration: Vec::new(),
                 limits: Limits::default(),
                 allow_on_headers_stop_iteration: *allow_on_headers_stop_iteration,
+                // A trap is a finding: keep the failed VM as it is rather than reload it.
+                failure_policy: FailurePolicy::FailClosed,
             })
             .expect("filter loads");
     }
