@@ -624,9 +624,22 @@ impl TokenAuth {
             || METHOD_OVERRIDE_HEADERS.contains(&name)
     }
 
-    /// Every identity header name, for stripping what the client sent.
-    pub fn identity_header_names(&self) -> [&str; 7] {
-        self.config.identity_headers.all()
+    /// Every identity header name to strip from what the client sent: the configured ones and
+    /// the defaults. A later filter left with the default names (entity-acl, device-ownership)
+    /// then never reads a client's `x-auth-subject` as an identity: it sees an anonymous caller.
+    pub fn identity_header_names(&self) -> Vec<String> {
+        let defaults = IdentityHeaderNames::default();
+        let mut names: Vec<String> = self
+            .config
+            .identity_headers
+            .all()
+            .iter()
+            .chain(defaults.all().iter())
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn render_identity(&self, identity: &Identity) -> Vec<(String, String)> {
@@ -689,6 +702,21 @@ mod tests {
             peer: None,
         };
         auth.authenticate(&facts, NOW)
+    }
+
+    #[test]
+    fn renamed_identity_headers_still_strip_the_default_names() {
+        let a = auth(serde_json::json!({"identity_headers": {"subject": "x-user"}}));
+        let names = a.identity_header_names();
+        for n in [
+            "x-user",
+            "x-auth-subject",
+            "x-auth-kind",
+            "x-roles",
+            "x-auth-tenant",
+        ] {
+            assert!(names.iter().any(|m| m == n), "{n} not stripped: {names:?}");
+        }
     }
 
     #[test]

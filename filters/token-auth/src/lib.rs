@@ -318,13 +318,7 @@ impl Stream {
 /// Removes every identity header the client sent: only this filter sets them. Fails (503)
 /// when the `x-envoy-*` headers can't be listed: they would reach the broker.
 fn strip_client_identity(state: &Shared) -> Result<(), DenyReason> {
-    let names: Vec<String> = state
-        .borrow()
-        .auth
-        .identity_header_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
+    let names = state.borrow().auth.identity_header_names();
     // By name: a copy is removed whatever its bytes (its value is never read).
     for name in names {
         let _ = host::set_header(MapType::HttpRequestHeaders, &name, None);
