@@ -60,7 +60,7 @@ CREDENTIAL_HEADERS = ["authorization", "x-auth-token"]
 KEEP_DEMO_RUNS = 3
 ENTITY_ACL_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "entity_acl.wasm")
 OWNERSHIP_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "device_ownership.wasm")
-DEMO_ACL = {"acl": {"rules": [
+DEMO_ACL = {"open_endpoints": ["/version"], "acl": {"rules": [
     {"name": "gateway-streetlights", "effect": "allow", "subjects": ["role:entities-writer"],
      "actions": ["read", "create", "write"],
      "ngsi": {"service": "", "service_path": "/#", "entity_type": "Streetlight"}},

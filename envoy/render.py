@@ -255,6 +255,37 @@ def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
     }
 
 
+# token-auth's default identity header names (policy::identity_headers::IdentityHeaderNames).
+DEFAULT_IDENTITY_HEADERS = {
+    "subject": "x-auth-subject", "kind": "x-auth-kind", "nick_name": "x-nick-name",
+    "display_name": "x-display-name", "roles": "x-roles", "organizations": "x-organizations",
+    "tenant": "x-auth-tenant",
+}
+
+
+def identity_header_names(config):
+    """The identity header names a filter configuration uses (defaults filled in)."""
+    names = dict(DEFAULT_IDENTITY_HEADERS)
+    names.update((config or {}).get("identity_headers") or {})
+    return {k: str(v).lower() for k, v in names.items()}
+
+
+def check_identity_headers(token_auth_config, extra_filters):
+    """Refuses a chain whose later filters read other identity header names than token-auth
+    sets: they would read headers the client sent (issue 12). token-auth also strips the
+    default names, so such a chain fails closed, but it would refuse every caller."""
+    expected = identity_header_names(token_auth_config)
+    for f in extra_filters:
+        if f["name"] not in ("entity-acl", "device-ownership"):
+            continue
+        got = identity_header_names(f["config"])
+        if got != expected:
+            diff = sorted(k for k in expected if expected[k] != got.get(k))
+            raise ValueError(
+                f"{f['name']}: identity_headers {diff} differ from token-auth's; give every "
+                "filter of the chain the same identity_headers")
+
+
 def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
     """One filter after token-auth, for render(extra_filters=...): {"name", "config", "wasm"}.
     allow_on_headers_stop_iteration=False exists for the test that shows what that
@@ -331,6 +362,7 @@ def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filte
                          failure_policy=DEFAULT_FAILURE_POLICY):
     """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
     filter after it."""
+    check_identity_headers(json_object(filter_config, "token-auth"), extra_filters)
     write_atomically(ecds_path(ecds_dir), ecds_resource(
         filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
         failure_policy=failure_policy))
@@ -399,6 +431,8 @@ def render(
     broker_host, broker_port = split_host_port(broker, "--broker")
     idp_host, idp_port = split_host_port(idp, "--idp")
     check_node_id(node_id, "--node-id")
+    if not without_token_auth:
+        check_identity_headers(filter_config, extra_filters)
     wasm = os.path.abspath(wasm)
     failure_policy = failure_policy_value(failure_policy)
     params = {

@@ -242,3 +242,18 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         assert proxy.pid == pid and proxy.proc.alive()
     finally:
         proxy.stop()
+
+
+def test_render_refuses_a_chain_whose_identity_header_names_differ(tmp_path):
+    """Issue 12: token-auth's identity_headers renamed, entity-acl on the defaults, would let
+    entity-acl read headers the client sent; render.py refuses the chain (no Envoy needed)."""
+    token_auth = {"identity_headers": {"subject": "x-user"}}
+    acl = render.chain_filter("entity-acl", {"acl": {"rules": []}}, wasm=str(tmp_path / "a.wasm"))
+    with pytest.raises(ValueError, match="identity_headers"):
+        render.render(token_auth, extra_filters=[acl])
+    with pytest.raises(ValueError, match="identity_headers"):
+        render.write_ecds_resources(str(tmp_path), token_auth, extra_filters=[acl])
+    same = render.chain_filter("entity-acl", {"identity_headers": {"subject": "X-User"},
+                                              "acl": {"rules": []}},
+                               wasm=str(tmp_path / "a.wasm"))
+    assert "x-user" in render.render(token_auth, extra_filters=[same])

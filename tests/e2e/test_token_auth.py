@@ -223,6 +223,35 @@ def test_spoofed_identity_is_stripped_on_a_public_route(envoy, broker):
         assert e2e.header_values(record, name) == [], name
 
 
+def test_client_sent_x_envoy_headers_never_reach_the_broker(envoy, idp, broker):
+    token = idp.token(ORION)
+    probe = new_probe()
+    sent = [("x-envoy-original-path", "/v2/entities/Secret"), ("X-Envoy-Retry-On", "5xx"),
+            ("x-envoy-upstream-alt-stat-name", "spoof")]
+    r = envoy.request("GET", "/v2/entities",
+                      [("authorization", f"Bearer {token}"), ("x-e2e-probe", probe)] + sent)
+    assert r.status == 200, r
+    record = only_record(broker, probe)
+    for name, _ in sent:
+        assert e2e.header_values(record, name.lower()) == [], name
+
+
+@pytest.mark.parametrize("path,headers", [
+    ("/v2/entities", [("x-http-method-override", "DELETE")]),
+    ("/v2/entities", [("X-Method-Override", "DELETE")]),
+    ("/v2/entities?type=T&_method=DELETE", []),
+    ("/version?_method=DELETE", []),
+])
+def test_a_method_override_is_400_and_never_reaches_the_broker(envoy, idp, broker, path,
+                                                               headers):
+    token = idp.token(ORION)
+    probe = new_probe()
+    r = envoy.request("GET", path,
+                      [("authorization", f"Bearer {token}"), ("x-e2e-probe", probe)] + headers)
+    assert r.status == 400, r
+    assert_not_received(broker, probe)
+
+
 def test_a_credential_sent_to_a_public_route_never_reaches_the_broker(envoy, idp, broker):
     """Brokers log request headers: a token sent where none is needed is removed like any
     other (one real JWT from the IdP, and an ambiguous second credential beside it)."""

@@ -24,7 +24,7 @@ use policy::header_pairs::status_of;
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify, NgsiRequest};
 use policy::ownership::config::BrokerApi;
-use policy::ownership::wire::{self, Endpoint, ListFormat, Listed};
+use policy::ownership::wire::{self, Endpoint, ListAnswer, ListFormat, Listed};
 use policy::ownership::{EntityKey, Eval, Ownership, OwnershipConfig, Record, Resolve};
 use policy::ownership::{SourceConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
@@ -370,11 +370,24 @@ impl HttpContext for Stream {
         let status = host::header_map(MapType::HttpResponseHeaders)
             .ok()
             .and_then(|h| status_of(&h));
-        if status != Some(200) || end_of_stream {
-            if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
-                s.list = None;
+        match wire::list_answer(status) {
+            ListAnswer::Unreadable => {
+                return fail_list(&state, self.id, "the answer has no readable :status")
             }
-            return Action::Continue;
+            ListAnswer::PassThrough => {
+                if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
+                    s.list = None;
+                }
+                return Action::Continue;
+            }
+            // A 2xx without a body (204, or a 200 ending at the headers) lists nothing.
+            ListAnswer::Filter if end_of_stream => {
+                if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {
+                    s.list = None;
+                }
+                return Action::Continue;
+            }
+            ListAnswer::Filter => {}
         }
         let _ = host::set_header(MapType::HttpResponseHeaders, "content-length", None);
         if let Some(s) = state.borrow_mut().streams.get_mut(&self.id) {

@@ -35,8 +35,15 @@ pub struct EntityAclConfig {
     /// The identity headers token-auth sets (the same names as in its configuration).
     #[serde(default)]
     pub identity_headers: IdentityHeaderNames,
+    /// Endpoints that touch no entity data (only `/version` today) which this filter lets
+    /// through; unlisted, they are refused (403). Default none: nothing passes without a rule.
+    #[serde(default)]
+    pub open_endpoints: Vec<String>,
     pub acl: AclConfig,
 }
+
+/// The endpoints that classify to no entity access, the only ones `open_endpoints` may name.
+pub const NON_ENTITY_ENDPOINTS: [&str; 1] = ["/version"];
 
 fn default_max_body() -> usize {
     DEFAULT_MAX_BODY_BYTES
@@ -53,6 +60,7 @@ pub struct EntityAcl {
     pub max_body_bytes: usize,
     pub body_timeout_ms: u64,
     pub identity_headers: IdentityHeaderNames,
+    open_endpoints: Vec<String>,
     acl: Acl,
 }
 
@@ -86,6 +94,16 @@ impl EntityAcl {
             ));
         }
         config.identity_headers.validate()?;
+        if let Some(e) = config
+            .open_endpoints
+            .iter()
+            .find(|e| !NON_ENTITY_ENDPOINTS.contains(&e.as_str()))
+        {
+            return Err(format!(
+                "open_endpoints: {e:?} is not an endpoint without entity data \
+                 (known: {NON_ENTITY_ENDPOINTS:?})"
+            ));
+        }
         if let Some(rule) = config.acl.rules.iter().find(|r| r.mqtt.is_some()) {
             return Err(format!(
                 "acl rule {:?} is an MQTT rule: entity-acl decides NGSI requests only \
@@ -99,6 +117,7 @@ impl EntityAcl {
             max_body_bytes: config.max_body_bytes,
             body_timeout_ms: config.body_timeout_ms,
             identity_headers: config.identity_headers,
+            open_endpoints: config.open_endpoints,
             acl,
         })
     }
@@ -130,13 +149,23 @@ impl EntityAcl {
             body,
         };
         match classify(&request) {
-            // Only `GET /version` touches no entity data: nothing for an entity ACL to protect
-            // (whether it needs a credential is token-auth's public-route decision).
-            Ok(classified) if classified.accesses.is_empty() => Verdict {
-                entities: "[]".into(),
-                decision: Decision::Allow("no entity data".into()),
-                operation: classified.operation,
-            },
+            // Only `GET /version` touches no entity data: it passes only when configured
+            // open (whether it needs a credential is token-auth's public-route decision).
+            Ok(classified) if classified.accesses.is_empty() => {
+                let endpoint = path_without_query(path);
+                let decision = if self.open_endpoints.iter().any(|e| e == endpoint) {
+                    Decision::Allow("open endpoint".into())
+                } else {
+                    Decision::Deny(DenyReason::Forbidden(format!(
+                        "{endpoint} is not in open_endpoints"
+                    )))
+                };
+                Verdict {
+                    entities: "[]".into(),
+                    decision,
+                    operation: classified.operation,
+                }
+            }
             Ok(classified) => Verdict {
                 entities: summarize_accesses(&classified.accesses),
                 decision: self.acl.check_request(identity, &classified),
@@ -189,6 +218,25 @@ mod tests {
             ("fiware-service".into(), service.into()),
             ("fiware-servicepath".into(), path.into()),
         ]
+    }
+
+    #[test]
+    fn version_passes_only_when_configured_open() {
+        let closed = EntityAcl::from_json(&config(json!([]))).unwrap();
+        let v = closed.decide(None, "GET", "/version", &[], b"");
+        assert!(
+            matches!(v.decision, Decision::Deny(DenyReason::Forbidden(_))),
+            "{v:?}"
+        );
+        let open =
+            EntityAcl::from_json(br#"{"open_endpoints": ["/version"], "acl": {"rules": []}}"#)
+                .unwrap();
+        let v = open.decide(None, "GET", "/version?x=1", &[], b"");
+        assert_eq!(v.decision, Decision::Allow("open endpoint".into()));
+        for bad in [r#"["/v2/entities"]"#, r#"["/version/"]"#, r#"["/"]"#] {
+            let json = format!(r#"{{"open_endpoints": {bad}, "acl": {{"rules": []}}}}"#);
+            assert!(EntityAcl::from_json(json.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -56,6 +56,41 @@ pub struct TokenAuthConfig {
     pub cache: CacheConfig,
 }
 
+/// Headers some brokers' frameworks (Express, Rails, Spring's HiddenHttpMethodFilter...) read
+/// to replace the request's method: the filters would check a GET the broker runs as a DELETE.
+/// Refused (400) rather than stripped, so a client relying on them learns why.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+];
+/// The query (or form) parameter with the same effect.
+pub const METHOD_OVERRIDE_PARAM: &str = "_method";
+
+/// A client-sent `x-envoy-*` header: Envoy's own controls and records (`x-envoy-original-path`,
+/// printed by the default access log; retry and timeout controls) are trusted by Envoy and
+/// upstreams alike, and Envoy only sanitizes some of them for external callers. Envoy's router
+/// adds its own after the filter chain, so token-auth (first in the chain) drops every one.
+pub fn is_client_envoy_header(name: &[u8]) -> bool {
+    name.len() > 8 && name[..8].eq_ignore_ascii_case(b"x-envoy-")
+}
+
+/// How the request tries to override its method, if it does (names are lowercase in facts;
+/// the query is percent-decoded, so `%5Fmethod` counts).
+fn method_override(facts: &RequestFacts<'_>) -> Option<String> {
+    if let Some((name, _)) = facts
+        .headers
+        .iter()
+        .find(|(n, _)| METHOD_OVERRIDE_HEADERS.contains(&n.as_str()))
+    {
+        return Some(format!("header {name}"));
+    }
+    let query = facts.path.split_once('?').map(|(_, q)| q)?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .any(|(k, _)| k.eq_ignore_ascii_case(METHOD_OVERRIDE_PARAM))
+        .then(|| format!("query parameter {METHOD_OVERRIDE_PARAM}"))
+}
+
 fn default_realm() -> String {
     "iot".into()
 }
@@ -338,6 +373,11 @@ impl TokenAuth {
 
     /// Decides a request, or says what data is missing.
     pub fn authenticate(&mut self, facts: &RequestFacts<'_>, now: u64) -> Outcome {
+        if let Some(how) = method_override(facts) {
+            return self.deny(DenyReason::BadRequest(format!(
+                "method override ({how}) refused: it changes the request's meaning upstream"
+            )));
+        }
         if self
             .config
             .public_routes
@@ -579,12 +619,27 @@ impl TokenAuth {
     /// configured credential headers. (Identity headers are removed by name, whatever their
     /// bytes; every other header goes upstream untouched.)
     pub fn reads_header(&self, name: &str) -> bool {
-        crate::header_pairs::is_pseudo(name) || self.config.credentials.reads_header(name)
+        crate::header_pairs::is_pseudo(name)
+            || self.config.credentials.reads_header(name)
+            || METHOD_OVERRIDE_HEADERS.contains(&name)
     }
 
-    /// Every identity header name, for stripping what the client sent.
-    pub fn identity_header_names(&self) -> [&str; 7] {
-        self.config.identity_headers.all()
+    /// Every identity header name to strip from what the client sent: the configured ones and
+    /// the defaults. A later filter left with the default names (entity-acl, device-ownership)
+    /// then never reads a client's `x-auth-subject` as an identity: it sees an anonymous caller.
+    pub fn identity_header_names(&self) -> Vec<String> {
+        let defaults = IdentityHeaderNames::default();
+        let mut names: Vec<String> = self
+            .config
+            .identity_headers
+            .all()
+            .iter()
+            .chain(defaults.all().iter())
+            .map(|n| n.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     pub fn render_identity(&self, identity: &Identity) -> Vec<(String, String)> {
@@ -647,6 +702,89 @@ mod tests {
             peer: None,
         };
         auth.authenticate(&facts, NOW)
+    }
+
+    #[test]
+    fn renamed_identity_headers_still_strip_the_default_names() {
+        let a = auth(serde_json::json!({"identity_headers": {"subject": "x-user"}}));
+        let names = a.identity_header_names();
+        for n in [
+            "x-user",
+            "x-auth-subject",
+            "x-auth-kind",
+            "x-roles",
+            "x-auth-tenant",
+        ] {
+            assert!(names.iter().any(|m| m == n), "{n} not stripped: {names:?}");
+        }
+    }
+
+    #[test]
+    fn client_envoy_headers_are_recognised_by_prefix() {
+        for n in [
+            "x-envoy-original-path",
+            "X-Envoy-Retry-On",
+            "x-envoy-internal",
+        ] {
+            assert!(is_client_envoy_header(n.as_bytes()), "{n}");
+        }
+        for n in ["x-envoy-", "x-envoyx", "x-forwarded-for", "envoy-x"] {
+            assert!(!is_client_envoy_header(n.as_bytes()), "{n}");
+        }
+    }
+
+    #[test]
+    fn method_overrides_are_refused_even_on_public_routes_and_with_a_valid_token() {
+        let mut auth = auth(serde_json::json!({}));
+        let bearer = format!("Bearer {}", token("valid_rs256"));
+        for (path, headers) in [
+            (
+                "/v2/entities",
+                vec![
+                    ("authorization", bearer.as_str()),
+                    ("x-http-method-override", "DELETE"),
+                ],
+            ),
+            (
+                "/v2/entities",
+                vec![
+                    ("authorization", bearer.as_str()),
+                    ("x-method-override", "PUT"),
+                ],
+            ),
+            (
+                "/v2/entities",
+                vec![
+                    ("authorization", bearer.as_str()),
+                    ("x-http-method", "DELETE"),
+                ],
+            ),
+            (
+                "/v2/entities?type=T&_method=DELETE",
+                vec![("authorization", bearer.as_str())],
+            ),
+            (
+                "/v2/entities?%5Fmethod=DELETE",
+                vec![("authorization", bearer.as_str())],
+            ),
+            ("/version?_METHOD=POST", vec![]),
+        ] {
+            match decide(&mut auth, path, &headers) {
+                Outcome::Deny {
+                    reason: DenyReason::BadRequest(why),
+                    ..
+                } => {
+                    assert!(why.contains("method override"), "{why}")
+                }
+                other => panic!("{path} {headers:?}: {other:?}"),
+            }
+        }
+        let ok = decide(
+            &mut auth,
+            "/v2/entities?q=_method==x",
+            &[("authorization", &bearer)],
+        );
+        assert!(matches!(ok, Outcome::Allow { .. }), "{ok:?}");
     }
 
     #[test]

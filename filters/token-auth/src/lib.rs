@@ -27,7 +27,9 @@ use policy::cache::{token_digest, TokenDigest};
 use policy::introspection::SHED_RETRY_AFTER_SECS;
 use policy::log_text::bounded;
 use policy::mtls::PeerCertificate;
-use policy::token_auth::{IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig};
+use policy::token_auth::{
+    is_client_envoy_header, IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig,
+};
 use policy::DenyReason;
 use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
@@ -284,7 +286,11 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        strip_client_identity(&state);
+        if let Err(reason) = strip_client_identity(&state) {
+            log::warn!("{FILTER}: ctx={} {reason}", self.id);
+            send_deny(&reason, &[]);
+            return Action::Pause;
+        }
         decide(&state, self.id, true)
     }
 
@@ -313,19 +319,30 @@ impl Stream {
     }
 }
 
-/// Removes every identity header the client sent: only this filter sets them.
-fn strip_client_identity(state: &Shared) {
-    let names: Vec<String> = state
-        .borrow()
-        .auth
-        .identity_header_names()
-        .iter()
-        .map(|n| n.to_string())
-        .collect();
+/// Removes every identity header the client sent: only this filter sets them. Fails (503)
+/// when the `x-envoy-*` headers can't be listed: they would reach the broker.
+fn strip_client_identity(state: &Shared) -> Result<(), DenyReason> {
+    let names = state.borrow().auth.identity_header_names();
     // By name: a copy is removed whatever its bytes (its value is never read).
     for name in names {
         let _ = host::set_header(MapType::HttpRequestHeaders, &name, None);
     }
+    strip_client_envoy_headers()
+}
+
+/// Removes every `x-envoy-*` header the client sent (see `is_client_envoy_header`).
+fn strip_client_envoy_headers() -> Result<(), DenyReason> {
+    let headers = host::header_map(MapType::HttpRequestHeaders)
+        .map_err(|e| DenyReason::Unavailable(format!("cannot read the request headers: {e:?}")))?;
+    let names: Vec<String> = headers
+        .iter()
+        .filter(|(n, _)| is_client_envoy_header(n))
+        .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    for name in names {
+        let _ = host::set_header(MapType::HttpRequestHeaders, &name, None);
+    }
+    Ok(())
 }
 
 /// Runs `f` on the facts of the current (effective) stream's request. The headers the engine

@@ -967,3 +967,15 @@ fn access_struct_from_other_models_is_decided_too() {
     recs.insert(EntityKey::new("t1", "A"), Some(Record::owned_by("alice")));
     assert_eq!(status(&own, Some(&user("alice")), &req, false, &recs), 200);
 }
+
+#[test]
+fn every_2xx_list_answer_is_filtered_and_no_status_is_refused() {
+    use wire::ListAnswer;
+    for s in [200, 201, 203, 204, 206, 299] {
+        assert_eq!(wire::list_answer(Some(s)), ListAnswer::Filter, "{s}");
+    }
+    for s in [100, 199, 300, 304, 400, 404, 500, 503] {
+        assert_eq!(wire::list_answer(Some(s)), ListAnswer::PassThrough, "{s}");
+    }
+    assert_eq!(wire::list_answer(None), ListAnswer::Unreadable);
+}

@@ -570,6 +570,27 @@ pub fn created_type(kind: CreateBody, body: &[u8], id: &str) -> Option<String> {
 
 // ---- lists ----
 
+/// What the filter does with the answer to a list request, by its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListAnswer {
+    /// Any 2xx (200, 206 Partial Content of a temporal query, ...) may carry entities:
+    /// filter it, or refuse it with 503 if it cannot be filtered.
+    Filter,
+    /// 1xx/3xx/4xx/5xx: an error or redirect carries no entity of the list; passed unchanged.
+    PassThrough,
+    /// No readable `:status`: nothing says the body is harmless, so it is refused (503).
+    Unreadable,
+}
+
+/// Classifies a list answer's `:status` (None when it is missing or not three digits).
+pub fn list_answer(status: Option<u32>) -> ListAnswer {
+    match status {
+        Some(200..=299) => ListAnswer::Filter,
+        Some(_) => ListAnswer::PassThrough,
+        None => ListAnswer::Unreadable,
+    }
+}
+
 /// The entities of a list response: `(id, record the broker source reads from it)`, in order.
 pub type Listed = Vec<(String, Result<Option<Record>, String>)>;
 
