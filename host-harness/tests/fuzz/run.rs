@@ -19,7 +19,7 @@ pub const START_NANOS: u64 = START_SECS * 1_000_000_000;
 /// Findings other branches fix, tolerated (counted, printed, never silently) until those fixes
 /// are merged. **Lead: set this to `false` once proxy-glue reads header maps as bytes and
 /// policy bounds query expansion; `FUZZ_STRICT=1` does the same for one run.**
-pub const TOLERATE_KNOWN_FINDINGS: bool = true;
+pub const TOLERATE_KNOWN_FINDINGS: bool = false;
 
 /// A known finding: the class, and why this input belongs to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
