@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use host_harness::chain::{Chain, HttpRequest, NoCallouts, UpstreamResponse};
-use host_harness::{Limits, PluginSpec, Shared};
+use host_harness::{FailurePolicy, Limits, PluginSpec, Shared};
 
 /// The most fuel (about one per wasm instruction) one callback of entity-acl or
 /// device-ownership may burn on any single request.
@@ -50,6 +50,8 @@ fn spec(name: &str, file: &str, config: &str) -> PluginSpec {
         // what today's filters hit; the budget asserted below is far tighter.
         limits: Limits::default(),
         allow_on_headers_stop_iteration: true,
+        // A trap is a finding here: keep the failed VM rather than reload it.
+        failure_policy: FailurePolicy::FailClosed,
     }
 }
 

@@ -55,6 +55,16 @@ fn median_us(mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// One timed request: its name, method, path, caller, headers and body.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a Identity,
+    &'a [(String, String)],
+    &'a [u8],
+);
+
 fn main() {
     let acl = EntityAcl::from_json(ENTITY_ACL.as_bytes()).expect("entity-acl config");
     let config: OwnershipConfig =
@@ -96,7 +106,7 @@ fn main() {
         ("fiware-service".to_string(), "city".to_string()),
         ("fiware-servicepath".to_string(), "/rooms".to_string()),
     ];
-    let cases: [(&str, &str, &str, &Identity, &[(String, String)], &[u8]); 4] = [
+    let cases: [Case; 4] = [
         ("attack (400)", "GET", &attack, &alice, &headers, b""),
         (
             "at the caps, no grant (403)",
