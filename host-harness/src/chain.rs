@@ -143,6 +143,9 @@ struct Hold {
     unseen_body: Option<Vec<u8>>,
     unseen_eos: bool,
     unseen_trailers: bool,
+    /// What later filters had buffered when this one started buffering: the stream has one
+    /// body field, so it waits here until this filter lets its own buffer go on.
+    parked_downstream: Option<Vec<u8>>,
 }
 
 /// A chain of plugins in one "Envoy": the VMs, the state they share, and the callout answers.
@@ -755,14 +758,19 @@ impl Chain {
                 }
                 Frame::Data { chunk, eos } => {
                     let held = run.holds[d][k].buffering;
-                    let size = {
+                    // A filter that is not buffering sees only the chunk it is passed (as in
+                    // Envoy). The body field may hold what a later filter buffered so far: it
+                    // is set aside for this call and put back after, never lost.
+                    let (size, set_aside) = {
                         let mut data = lock(&run.data);
                         let body = body_mut(&mut data, dir);
-                        if !held {
-                            body.clear();
-                        }
+                        let set_aside = if held {
+                            None
+                        } else {
+                            Some(std::mem::take(body))
+                        };
                         body.extend_from_slice(&chunk);
-                        body.len()
+                        (body.len(), set_aside)
                     };
                     self.set_open(i, ctx, dir, Part::Body, true);
                     let export = match dir {
@@ -774,9 +782,18 @@ impl Chain {
                     let Some(resumed) = self.after_callback(run, i, action) else {
                         return;
                     };
+                    let set_aside = set_aside.filter(|b| !b.is_empty());
                     if resumed {
                         // Continue: the held headers (if any) go first, then this body.
-                        let visible = std::mem::take(body_mut(&mut lock(&run.data), dir));
+                        let visible = {
+                            let mut data = lock(&run.data);
+                            let body = body_mut(&mut data, dir);
+                            let visible = std::mem::take(body);
+                            if let Some(later) = set_aside {
+                                *body = later;
+                            }
+                            visible
+                        };
                         let hold = std::mem::take(&mut run.holds[d][k]);
                         self.set_open(i, ctx, dir, Part::Body, false);
                         self.set_open(i, ctx, dir, Part::Headers, false);
@@ -794,6 +811,9 @@ impl Chain {
                     hold.stopped = true;
                     hold.buffering = true;
                     hold.eos = eos;
+                    if set_aside.is_some() {
+                        hold.parked_downstream = set_aside;
+                    }
                     return;
                 }
                 Frame::Trailers => {
@@ -864,7 +884,15 @@ impl Chain {
             return;
         }
         if hold.buffering {
-            let body = std::mem::take(body_mut(&mut lock(&run.data), dir));
+            let body = {
+                let mut data = lock(&run.data);
+                let field = body_mut(&mut data, dir);
+                let own = std::mem::take(field);
+                if let Some(later) = hold.parked_downstream {
+                    *field = later;
+                }
+                own
+            };
             self.deliver(
                 run,
                 dir,

@@ -422,8 +422,6 @@ fn device_ownership_stays_within_its_budget() {
 }
 
 #[test]
-#[ignore = "in this chain device-ownership answers 400 'body is not valid JSON at column 1' to the \
-            NGSI-LD batch (sent in 64 KiB chunks behind token-auth): to investigate"]
 fn the_chain_stays_within_its_budget() {
     let mut chain = chain(&[
         ("token-auth", "token_auth.wasm", TOKEN_AUTH),
