@@ -147,13 +147,8 @@ OBS_TEXT = bytes(range(0x80, 0x100))
 
 # Inputs known to get a wrong answer today, with that answer and why: the test prints them as
 # PENDING (and fails if they get anything else that is not a documented refusal). Remove an
-# entry once its fix is merged; the test says when one starts passing.
-SERVICE_PATH_SYNTAX = ("a Fiware-ServicePath with a lone CR is accepted by Envoy's codec and by "
-                       "the filters and reaches the broker (Orion's syntax: alphanumerics and _ "
-                       "per level); the NGSI model should refuse it with 400")
-KNOWN = {
-    "CR alone in Fiware-ServicePath": (200, SERVICE_PATH_SYNTAX),
-}
+# entry once its fix is merged; the test says when one starts passing. None today.
+KNOWN = {}
 
 
 def barrage(token):
@@ -266,9 +261,12 @@ def barrage(token):
         "16030100c4010000c00303") + os.urandom(32) + b"\x00" * 64, codec=True)
     case("NUL in a header value", head("GET", "/v2/entities", [auth, ("X-Junk", b"a\x00b")]),
          codec=True)
-    # In a header the filters read (Envoy 1.40's codec passes a lone CR in other headers on).
+    # In a header the filters read. Envoy's HTTP/1 codecs remove a CR not followed by LF from a
+    # header value (RFC 9110 5.5 allows rejecting or removing it; envoyproxy/envoy#34088 pins
+    # that behaviour), so the filters and the broker both see the same `/ab`, a valid path:
+    # 200 is right, and so is a refusal by the codec.
     case("CR alone in Fiware-ServicePath", head("GET", "/v2/entities", [
-        auth, ("Fiware-ServicePath", b"/a\rb")]), codec=True)
+        auth, ("Fiware-ServicePath", b"/a\rb")]), allowed=REFUSED | {200}, codec=True)
     case("header without a colon",
          b"GET /v2/entities HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n", codec=True)
     case("space before the colon",
