@@ -717,6 +717,8 @@ const GOOD_TOKENS: &[&str] = &[
     "no_roles",
     "list_injection",
     "rotated_rsa2",
+    // The duplicate-member tests' control: the same claims, no member repeated.
+    "duplicates_control",
 ];
 
 /// The IdP of one chain's life: how discovery and the JWKS answer (fixed per chain), and the
@@ -1093,7 +1095,9 @@ const MQTT_SECRET: &str = "0123456789abcdef0123456789abcdef";
 
 fn mqtt_config() -> String {
     json!({
+        // The fuzz tokens carry no `aud`: the explicit opt-out, as the mqtt-acl scenarios do.
         "jwt_providers": [{"issuer": "https://idp.example.org", "algorithms": ["HS256"],
+                           "allow_any_audience": true,
                            "hmac_secret": "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="}],
         "device_keys": {"devices": {"lamp-01": {"key_sha256": ["3b256f451f98330c67236eb5cbc1b61fe284e2c01ece772d555ad736af2ffc9c"]}}},
         "acl": {"rules": [
