@@ -716,3 +716,13 @@ class MqttSubscriber:
                 self.proc.kill()
         self._thread.join(5)
         return "\n".join(self.lines)
+
+
+def mqtt_varint(n):
+    """MQTT's variable byte integer (remaining lengths, property lengths)."""
+    out = b""
+    while True:
+        b, n = n % 128, n // 128
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out

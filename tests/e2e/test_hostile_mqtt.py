@@ -56,24 +56,15 @@ def s(text):
     return len(raw).to_bytes(2, "big") + raw
 
 
-def varint(n):
-    out = b""
-    while True:
-        b, n = n % 128, n // 128
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
 def packet(first_byte, body):
-    return bytes([first_byte]) + varint(len(body)) + body
+    return bytes([first_byte]) + e2e.mqtt_varint(len(body)) + body
 
 
 def connect(client_id, username=None, password=None, level=4, properties=b""):
     flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
     body = s("MQTT") + bytes([level, flags]) + (60).to_bytes(2, "big")
     if level == 5:
-        body += varint(len(properties)) + properties
+        body += e2e.mqtt_varint(len(properties)) + properties
     body += s(client_id)
     if username is not None:
         body += s(username)

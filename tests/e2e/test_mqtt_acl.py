@@ -227,16 +227,7 @@ def _connect_packet(client_id, username=None):
     body = s("MQTT") + bytes([4, flags]) + (60).to_bytes(2, "big") + s(client_id)
     if username is not None:
         body += s(username)
-    return bytes([0x10]) + _varint(len(body)) + body
-
-
-def _varint(n):
-    out = b""
-    while True:
-        b, n = n % 128, n // 128
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
+    return bytes([0x10]) + e2e.mqtt_varint(len(body)) + body
 
 
 def test_connection_closes_when_the_token_expires(proxy):

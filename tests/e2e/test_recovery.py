@@ -49,9 +49,23 @@ def start_envoy(work_dir, broker, probe_wasm, policy):
                      failure_policy=policy, exact_balance=True, concurrency=WORKERS).start()
 
 
+def wait_until_idle(proxy, bound_s=10):
+    """Waits until no worker holds a connection. exact_balance gives a new connection to the
+    worker with the fewest active ones: a closed connection that a busy worker has not yet
+    processed would skew the next round's spread."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        active = [value for name, value in proxy.stats("listener.").items()
+                  if name.endswith("downstream_cx_active") and ".worker_" in f".{name}"]
+        if active and not any(active):
+            return
+        time.sleep(0.02)
+
+
 def one_round(proxy, headers=()):
     """ROUND connections opened at once (spread over the workers), one GET on each:
     [(status, x-vm-stream)]."""
+    wait_until_idle(proxy)
     conns = [http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=e2e.HTTP_TIMEOUT)
              for _ in range(ROUND)]
     try:
