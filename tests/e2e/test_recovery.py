@@ -106,8 +106,11 @@ def reload_stats(proxy):
 def test_fail_reload_serves_again_on_both_workers(work_dir, broker, probe_wasm):
     proxy = start_envoy(work_dir, broker, probe_wasm, "reload")
     try:
-        assert one_round(proxy) == [(200, s) for s in ("1", "1", "2", "2")], \
-            "before the trap every connection is served, two per worker's VM"
+        # Stream numbers depend on what each VM served before (the launcher's readiness
+        # request lands on one worker), so only the statuses are fixed here; the spread over
+        # the workers is checked from Envoy's per-worker stats at the end.
+        assert [s for s, _ in one_round(proxy)] == [200] * ROUND, \
+            "before the trap every connection is served"
         trapped_at = trap(proxy)
 
         refused, seen_fresh_vm = 0, False
