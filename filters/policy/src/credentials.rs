@@ -205,19 +205,27 @@ impl TokenSource {
         }
     }
 
-    /// The header names this source reads, lowercase.
-    fn header_names(&self) -> Vec<String> {
-        match self {
-            TokenSource::Bearer => vec!["authorization".to_string()],
-            TokenSource::Header { name } => vec![name.to_ascii_lowercase()],
-            TokenSource::Query { .. } => Vec::new(),
+    /// The header names this source reads, as configured (any case), without allocating: the
+    /// per-request header check asks this for every header of every request.
+    fn configured_header_names(&self) -> impl Iterator<Item = &str> {
+        let names = match self {
+            TokenSource::Bearer => [Some("authorization"), None],
+            TokenSource::Header { name } => [Some(name.as_str()), None],
             TokenSource::DeviceKey {
                 location: KeyLocation::Header,
                 id,
                 key,
-            } => vec![id.to_ascii_lowercase(), key.to_ascii_lowercase()],
-            TokenSource::DeviceKey { .. } => Vec::new(),
-        }
+            } => [Some(id.as_str()), Some(key.as_str())],
+            TokenSource::Query { .. } | TokenSource::DeviceKey { .. } => [None, None],
+        };
+        names.into_iter().flatten()
+    }
+
+    /// The header names this source reads, lowercase.
+    fn header_names(&self) -> Vec<String> {
+        self.configured_header_names()
+            .map(str::to_ascii_lowercase)
+            .collect()
     }
 
     /// The query parameter names this source reads.
@@ -323,8 +331,8 @@ impl CredentialConfig {
     pub fn reads_header(&self, name: &str) -> bool {
         self.sources
             .iter()
-            .flat_map(TokenSource::header_names)
-            .any(|header| name.eq_ignore_ascii_case(&header))
+            .flat_map(TokenSource::configured_header_names)
+            .any(|header| name.eq_ignore_ascii_case(header))
     }
 
     /// Every header any source reads (lowercase, each once): what a public route removes,
