@@ -220,29 +220,28 @@ impl Chain {
             self.shared
                 .define_metric(MetricType::Counter, &reload_metric(&spec.name, event));
         }
-        let vm = PluginVm::start(
+        let vm = self.start_vm(spec, index)?;
+        self.filters.push(vm);
+        self.pump_background();
+        Ok(&self.filters[index])
+    }
+
+    /// Starts a VM for the filter at `index` in this chain's runtime, shared data and clusters.
+    fn start_vm(&self, spec: PluginSpec, index: usize) -> Result<PluginVm> {
+        PluginVm::start(
             &self.runtime,
             spec,
             self.shared.clone(),
             self.clusters.clone(),
             index,
-        )?;
-        self.filters.push(vm);
-        self.pump_background();
-        Ok(&self.filters[index])
+        )
     }
 
     /// Replaces a filter's configuration (or module) as ECDS does: a fresh VM is started with
     /// the new configuration; if it rejects it, the old one stays in force. Returns whether
     /// the new configuration took effect.
     pub fn reconfigure(&mut self, index: usize, spec: PluginSpec) -> Result<Result<(), VmFailure>> {
-        let vm = PluginVm::start(
-            &self.runtime,
-            spec,
-            self.shared.clone(),
-            self.clusters.clone(),
-            index,
-        )?;
+        let vm = self.start_vm(spec, index)?;
         if let Some(failure) = vm.failure.clone() {
             return Ok(Err(failure));
         }
@@ -275,13 +274,7 @@ impl Chain {
                 continue;
             }
             let (spec, reloads) = (old.spec.clone(), old.reloads);
-            let mut fresh = PluginVm::start(
-                &self.runtime,
-                spec,
-                self.shared.clone(),
-                self.clusters.clone(),
-                index,
-            )?;
+            let mut fresh = self.start_vm(spec, index)?;
             if fresh.is_serving() {
                 fresh.reloads = reloads + 1;
                 self.filters[index] = fresh;
