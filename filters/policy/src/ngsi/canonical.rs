@@ -179,7 +179,7 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
                 "request path must not contain encoded separators (%2F, %5C)",
             ));
         }
-        if d.chars().any(char::is_control) {
+        if d.chars().any(super::is_refused_char) {
             return Err(bad("request path must not contain control characters"));
         }
         segments.push(d);
@@ -189,7 +189,7 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         let k = decode_once(k)?;
         let v = decode_once(v)?;
-        if v.chars().any(char::is_control) {
+        if v.chars().any(super::is_refused_char) {
             return Err(bad("query parameters must not contain control characters"));
         }
         pairs.push((k, v));
