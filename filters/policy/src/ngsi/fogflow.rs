@@ -15,8 +15,8 @@
 //! |---|---|---|
 //! | `/ngsi10/updateContext`, `/v1/updateContext` | POST | per contextElement: UPDATE/APPEND → Create + Write (FogFlow creates unknown entities); DELETE → Delete attrs (All if none) |
 //! | `/ngsi10/notifyContext` | POST | Create + Write per `contextResponses[].contextElement` |
-//! | `/ngsi10/queryContext` | POST | Read per `entities` item, `attributes` |
-//! | `/ngsi10/subscribeContext` | POST | Subscribe per `entities`, `attributes`, endpoint `reference` |
+//! | `/ngsi10/queryContext`, `/v1/queryContext` | POST | Read per `entities` item, `attributes` and the attributes `restriction` filters on |
+//! | `/ngsi10/subscribeContext` | POST | Subscribe per `entities`, `attributes` (and those of `restriction`, `notifyConditions`), endpoint `reference` |
 //! | `/ngsi10/unsubscribeContext` | POST | Subscribe Any |
 //! | `/ngsi10/entity[/{id}[/{attr}]]` | GET | Read (Any / id / id+attr) |
 //! | `/ngsi10/entity/{id}` | DELETE | Delete All |
@@ -31,7 +31,10 @@
 //! by e.g. ngsijs' v1 API and ngsi-go), whose contextElements carry `id`/`type`/`isPattern`
 //! at top level instead of an `entityId` object: on that route both forms are accepted, and
 //! an element with both is refused (400: Orion and FogFlow would read different entities).
-//! `/ngsi10/updateContext` takes the `entityId` form only.
+//! `/ngsi10/updateContext` takes the `entityId` form only. `/v1/queryContext` is Orion's
+//! legacy NGSIv1 query (Orion 3.10 serves it on `/v1/` and `/ngsi10/`; ngsijs sends it): its
+//! `entities` items have the same `id`/`type`/`isPattern` members as FogFlow's, so both routes
+//! share one reading.
 
 use crate::access::{Action, AttributeSelector, EntitySelector, Tenant, TypeSelector};
 use crate::decision::DenyReason;
@@ -39,8 +42,8 @@ use serde_json::{Map, Value};
 
 use super::canonical::{CanonicalPath, TenantScope};
 use super::{
-    as_batch, as_object, bad, check_name, endpoint_str, only_or_all, opt_str, parse_json, req_str,
-    Classified, Draft,
+    as_batch, as_object, bad, check_name, endpoint_str, named_attrs, only_or_all, opt_str,
+    parse_json, req_str, Classified, Draft,
 };
 
 type R = Result<Option<Classified>, DenyReason>;
@@ -130,10 +133,10 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["ngsi10", "updateContext"]) => update_context(body, false),
         ("POST", ["v1", "updateContext"]) => update_context(body, true),
         ("POST", ["ngsi10", "notifyContext"]) => notify_context(body),
-        ("POST", ["ngsi10", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
+        ("POST", ["ngsi10" | "v1", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
             let v = parse_json(body)?;
             let obj = as_object(&v, "request")?;
-            let attrs = attributes(obj.get("attributes"))?;
+            let attrs = named_attrs::ngsi10_body(obj)?.join(attributes(obj.get("attributes"))?);
             let drafts =
                 Draft::per_selector(Read, entity_ids(obj.get("entities"), true)?, &attrs, None)?;
             Ok(Classified::new(S::Read, drafts))
@@ -141,7 +144,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["ngsi10", "subscribeContext"] | ["ngsi9", "subscribeContextAvailability"]) => {
             let v = parse_json(body)?;
             let obj = as_object(&v, "subscription")?;
-            let attrs = attributes(obj.get("attributes"))?;
+            let attrs = named_attrs::ngsi10_body(obj)?.join(attributes(obj.get("attributes"))?);
             let reference = endpoint_str(obj.get("reference"), "reference")?
                 .ok_or_else(|| bad("subscription.reference is required"))?;
             let drafts = Draft::per_selector(

@@ -7,6 +7,10 @@
 //! A `type` query that is an NGSI-LD selection expression (`|`, `;`, parentheses) reaches
 //! [`TypeSelector::Any`] (the conservative reading for a read).
 //!
+//! A read's attributes are the ones it returns (`attrs`) and the ones it filters on or names
+//! (`q`, `geoproperty`, `geometryProperty`, `pick`, `omit`; a query body's `q` and `geoQ`); a
+//! subscription's add `watchedAttributes`, `q` and `geoQ`. See [`super::named_attrs`].
+//!
 //! | endpoint (under `/ngsi-ld/v1`) | method | access |
 //! |---|---|---|
 //! | `/entities` | GET | Read per id×type (`id`/`idPattern`, `type`, `attrs`) |
@@ -38,7 +42,7 @@ use serde_json::{Map, Value};
 use super::canonical::{CanonicalPath, Query, TenantScope};
 use super::{
     as_batch, as_object, attr_name_list, attribute_keys, bad, check_name, cross, endpoint_str,
-    extend_checked, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
+    extend_checked, named_attrs, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
 };
 
 /// Entity members that are not attributes.
@@ -138,8 +142,11 @@ fn one(
     ))
 }
 
+/// What a read returns (`attrs`) and what it filters on or names (`q`, `geoproperty`,
+/// `pick`, `omit`, ...: [`named_attrs`]).
 fn query_attrs(q: &Query) -> Result<AttributeSelector, DenyReason> {
-    Ok(q.list("attrs")?.map_or(AttributeSelector::All, only_or_all))
+    let projection = q.list("attrs")?.map_or(AttributeSelector::All, only_or_all);
+    Ok(named_attrs::ld_url(q)?.join(projection))
 }
 
 /// `type=` as a list of types; a selection expression → Any.
@@ -326,7 +333,7 @@ fn selectors(
 fn query_body(body: &[u8]) -> R {
     let v = parse_json(body)?;
     let obj = as_object(&v, "query")?;
-    let attrs = attr_name_list(obj.get("attrs"), "attrs")?;
+    let attrs = named_attrs::ld_body(obj)?.join(attr_name_list(obj.get("attrs"), "attrs")?);
     let drafts = Draft::per_selector(
         Action::Read,
         selectors(obj.get("entities"), "entities")?,
@@ -365,6 +372,8 @@ fn subscription(body: &[u8], create: bool) -> R {
             None => {}
         }
     }
+    // What it watches and filters on is read too (`watchedAttributes`, `q`, `geoQ`).
+    let attrs = named_attrs::ld_body(obj)?.join(attrs);
     let drafts = Draft::per_selector(
         Action::Subscribe,
         selectors(obj.get("entities"), "entities")?,

@@ -44,8 +44,11 @@
 pub mod canonical;
 pub mod fogflow;
 pub mod ld;
+pub mod named_attrs;
 pub mod v2;
 
+#[cfg(test)]
+mod named_attrs_tests;
 #[cfg(test)]
 mod tests;
 
