@@ -278,3 +278,23 @@ def test_render_refuses_a_chain_whose_identity_header_names_differ(tmp_path):
                                               "acl": {"rules": []}},
                                wasm=str(tmp_path / "a.wasm"))
     assert "x-user" in render.render(token_auth, extra_filters=[same])
+
+
+def test_render_refuses_an_unknown_or_split_broker_setting(tmp_path):
+    """entity-acl and device-ownership model the broker behind the sidecar (`broker`): an
+    unknown value, or two different ones in one chain, is refused before Envoy sees it."""
+    wasm = str(tmp_path / "a.wasm")
+    typo = render.chain_filter("entity-acl", {"broker": "fog-flow", "acl": {"rules": []}},
+                               wasm=wasm)
+    with pytest.raises(ValueError, match="broker 'fog-flow' is not one of"):
+        render.render({}, extra_filters=[typo])
+    with pytest.raises(ValueError, match="broker"):
+        render.write_ecds_resources(str(tmp_path), {}, extra_filters=[typo])
+    acl = render.chain_filter("entity-acl", {"broker": "fogflow", "acl": {"rules": []}},
+                              wasm=wasm)
+    own = render.chain_filter("device-ownership", {"sources": []}, wasm=wasm)
+    with pytest.raises(ValueError, match="different brokers"):
+        render.render({}, extra_filters=[own, acl])
+    own_ff = render.chain_filter("device-ownership", {"broker": "fogflow", "sources": []},
+                                 wasm=wasm)
+    assert "fogflow" in render.render({}, extra_filters=[own_ff, acl])

@@ -199,7 +199,7 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
                 "request path must not contain encoded separators (%2F, %5C)",
             ));
         }
-        if d.chars().any(char::is_control) {
+        if d.chars().any(super::is_refused_char) {
             return Err(bad("request path must not contain control characters"));
         }
         segments.push(d);
@@ -210,7 +210,7 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
         let (k, raw) = part.split_once('=').unwrap_or((part, ""));
         let k = decode_once(k)?;
         let v = decode_once(raw)?;
-        if v.chars().any(char::is_control) {
+        if v.chars().any(super::is_refused_char) {
             return Err(bad("query parameters must not contain control characters"));
         }
         // Same bytes as `v` but for `+` (decoded once, so `%2B` stays a plus).

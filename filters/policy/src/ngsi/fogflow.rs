@@ -1,10 +1,11 @@
 //! FogFlow's NGSI9/NGSI10 API (smartfog/fogflow: `broker/restapisrv.go` for the broker,
 //! `discovery/main.go` for IoT Discovery). Routes are matched exactly as FogFlow's
-//! go-json-rest router registers them, case-sensitively: the broker serves `/ngsi10/...` and
-//! `/NGSI9/registerContext` (upper case), IoT Discovery serves `/ngsi9/...` (lower case).
-//! `/NGSI9/discoverContextAvailability` is routed by neither and is refused as unclassified.
+//! go-json-rest router registers them, case-sensitively: the broker serves `/ngsi10/...`, IoT
+//! Discovery serves `/ngsi9/...` (lower case). The upper-case `/NGSI9/...` routes are gone
+//! from FogFlow's broker (and were never Orion's): refused as not served (400).
 //! The broker's `/v2/...` and `/ngsi-ld/v1/...` routes are classified by [`super::v2`] and
-//! [`super::ld`].
+//! [`super::ld`]; with the `fogflow` broker setting only the routes of [`served`] pass, and
+//! [`widen`] makes each access what FogFlow really does.
 //!
 //! `entityId.isPattern` is accepted as a boolean or the strings `"true"`/`"false"` (the seed's
 //! registerContext example sends `"false"`); a pattern id becomes [`EntitySelector::IdPattern`],
@@ -20,8 +21,8 @@
 //! | `/ngsi10/entity[/{id}[/{attr}]]` | GET | Read (Any / id / id+attr) |
 //! | `/ngsi10/entity/{id}` | DELETE | Delete All |
 //! | `/ngsi10/subscription[/{id}]` | GET, DELETE (id) | Subscribe Any |
-//! | `/NGSI9/registerContext`, `/ngsi9/registerContext` | POST | Register per registration entity, attributes, endpoint `providingApplication` (none if empty) |
-//! | `/NGSI9/registration/{id}`, `/ngsi9/registration/{id}` | GET / DELETE | Register Any |
+//! | `/ngsi9/registerContext` | POST | Register per registration entity, attributes, endpoint `providingApplication` (none if empty) |
+//! | `/ngsi9/registration/{id}` | GET / DELETE | Register Any |
 //! | `/ngsi9/discoverContextAvailability` | POST | Read per `entities`, `attributes` |
 //! | `/ngsi9/subscribeContextAvailability` | POST | Subscribe per `entities`, endpoint `reference` |
 //! | `/ngsi9/unsubscribeContextAvailability` | POST | Subscribe Any |
@@ -35,7 +36,7 @@
 //! `entities` items have the same `id`/`type`/`isPattern` members as FogFlow's, so both routes
 //! share one reading.
 
-use crate::access::{Action, AttributeSelector, EntitySelector, TypeSelector};
+use crate::access::{Action, AttributeSelector, EntitySelector, Tenant, TypeSelector};
 use crate::decision::DenyReason;
 use serde_json::{Map, Value};
 
@@ -46,6 +47,83 @@ use super::{
 };
 
 type R = Result<Option<Classified>, DenyReason>;
+
+/// The routes FogFlow serves (smartfog/fogflow `broker/restapisrv.go` and
+/// `discovery/main.go`), by method and canonical path (a trailing `/` is already dropped, so
+/// FogFlow's `/ngsi-ld/v1/subscriptions/` is `ngsi-ld/v1/subscriptions`). The broker no longer
+/// routes `/NGSI9/registerContext`: it is not here. Routes FogFlow serves that the model does
+/// not classify (`notifyContextAvailability`, `/ngsi9/broker`, ...) stay unclassified (403).
+pub(crate) fn served(method: &str, parts: &[&str]) -> bool {
+    matches!(
+        (method, parts),
+        ("GET", ["version"])
+            // broker: NGSI10
+            | ("GET", ["ngsi10", "entity"] | ["ngsi10", "entity", _] | ["ngsi10", "entity", _, _])
+            | ("DELETE", ["ngsi10", "entity", _])
+            | ("GET", ["ngsi10", "subscription"] | ["ngsi10", "subscription", _])
+            | ("DELETE", ["ngsi10", "subscription", _])
+            | (
+                "POST",
+                ["ngsi10", "updateContext" | "queryContext" | "notifyContext"
+                    | "subscribeContext" | "unsubscribeContext" | "notifyContextAvailability"]
+            )
+            // broker: NGSI v2
+            | ("GET" | "POST", ["v2", "entities"])
+            | ("GET", ["v2", "entities", _])
+            | ("POST", ["v2", "notify"])
+            // broker: NGSI-LD
+            | ("POST", ["ngsi-ld", "v1", "entityOperations", "upsert" | "query"])
+            | ("GET" | "POST", ["ngsi-ld", "v1", "entities"])
+            | ("GET" | "DELETE", ["ngsi-ld", "v1", "entities", _])
+            | ("DELETE", ["ngsi-ld", "v1", "entities", _, "attrs", _])
+            | ("POST", ["ngsi-ld", "v1", "subscriptions" | "notifyContext"])
+            | ("DELETE", ["ngsi-ld", "v1", "subscriptions", _])
+            // IoT Discovery: NGSI9
+            | (
+                "POST",
+                ["ngsi9", "registerContext" | "discoverContextAvailability"
+                    | "subscribeContextAvailability" | "unsubscribeContextAvailability"]
+            )
+            | ("GET" | "DELETE", ["ngsi9", "registration", _])
+    )
+}
+
+/// What FogFlow really does with a classified request (read in its broker source):
+/// * it keys entities by id alone: the `type` of update bodies and `?type=` are ignored, so
+///   every access reaches any type;
+/// * `GET` by id returns every attribute whatever `attrs` says, and notifications carry the
+///   whole entity: reads and subscriptions reach all attributes;
+/// * `updateContext` `DELETE` removes the whole entity even when attributes are listed (and
+///   its NGSI-LD attribute delete is a no-op): deletes reach all attributes;
+/// * a create of an existing id overwrites it: a create is also a write.
+pub(crate) fn widen(drafts: Vec<Draft>) -> Vec<Draft> {
+    let mut out = Vec::with_capacity(drafts.len());
+    for mut d in drafts {
+        d.entity_type = TypeSelector::Any;
+        if matches!(d.action, Action::Read | Action::Subscribe | Action::Delete) {
+            d.attributes = AttributeSelector::All;
+        }
+        let also_write = d.action == Action::Create;
+        let write = also_write.then(|| Draft {
+            action: Action::Write,
+            ..d.clone()
+        });
+        out.push(d);
+        out.extend(write);
+    }
+    out.dedup();
+    out
+}
+
+/// FogFlow has no tenants nor service paths: every request reaches the one space, which rules
+/// name as the default service `""` and the whole tree `/#` (entity-acl refuses other rules
+/// when the broker is FogFlow).
+pub(crate) fn tenant() -> Tenant {
+    Tenant {
+        service: String::new(),
+        service_paths: vec!["/#".into()],
+    }
+}
 
 pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
     use Action::*;
@@ -102,8 +180,8 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         | ("DELETE", ["ngsi10", "subscription", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
         }
-        ("POST", ["NGSI9" | "ngsi9", "registerContext"]) => register_context(body),
-        ("GET" | "DELETE", ["NGSI9" | "ngsi9", "registration", _]) => {
+        ("POST", ["ngsi9", "registerContext"]) => register_context(body),
+        ("GET" | "DELETE", ["ngsi9", "registration", _]) => {
             Ok(Classified::new(S::Write, vec![Draft::any(Register)]))
         }
         _ => Ok(None),

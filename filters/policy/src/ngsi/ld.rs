@@ -24,7 +24,7 @@
 //! | `/entityOperations/delete` | POST | Delete All per id |
 //! | `/entityOperations/query` | POST | Read per `entities` item, `attrs` |
 //! | `/subscriptions` | POST | Subscribe per `entities` (Any if only watchedAttributes), `notification.attributes`, endpoint `notification.endpoint.uri` |
-//! | `/subscriptions/{id}` | PATCH | Subscribe per body `entities` (Any if absent), endpoint if given |
+//! | `/subscriptions/{id}` | PATCH | Subscribe Any (the id may name any subscription) + Subscribe per body `entities`, endpoint if given |
 //! | `/subscriptions[/{id}]` | GET / DELETE | Subscribe Any |
 //! | `/csourceRegistrations` | POST | Register per `information[].entities`, property+relationship names, endpoint `endpoint` |
 //! | `/csourceRegistrations[/{id}]` | GET / PATCH / DELETE | Register Any |
@@ -96,7 +96,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["entityOperations", op]) => batch(op, q, body),
         ("POST", ["temporal", "entityOperations", "query"]) => query_body(body),
         ("POST", ["subscriptions"]) => subscription(body, true),
-        ("PATCH", ["subscriptions", _]) => subscription(body, false),
+        ("PATCH", ["subscriptions", _]) => super::by_id(subscription(body, false)?),
         ("GET", ["subscriptions"] | ["subscriptions", _]) | ("DELETE", ["subscriptions", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
         }

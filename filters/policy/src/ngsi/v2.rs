@@ -14,7 +14,7 @@
 //! | `/v2/op/query` | POST | Read per `entities` item (Any if none), `attrs` |
 //! | `/v2/subscriptions` | POST | Subscribe per `subject.entities`, `notification.attrs`, endpoint = http/httpCustom/mqtt/mqttCustom url |
 //! | `/v2/subscriptions[/{id}]` | GET / DELETE | Subscribe Any (listing shows others' endpoints and headers) |
-//! | `/v2/subscriptions/{id}` | PATCH | Subscribe per body `subject.entities` (Any if absent), endpoint if given |
+//! | `/v2/subscriptions/{id}` | PATCH | Subscribe Any (the id may name any subscription) + Subscribe per body `subject.entities`, endpoint if given |
 //! | `/v2/registrations` | POST | Register per `dataProvided.entities`, `dataProvided.attrs`, endpoint `provider.http.url` |
 //! | `/v2/registrations[/{id}]` | GET / DELETE | Register Any |
 //! | `/v2/notify` | POST | Create+Write per entity in `data` (Orion applies notifications as `append`) |
@@ -93,7 +93,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["v2", "op", "update"]) => op_update(body),
         ("POST", ["v2", "op", "query"]) => op_query(q, body),
         ("POST", ["v2", "subscriptions"]) => subscription(body, true),
-        ("PATCH", ["v2", "subscriptions", _]) => subscription(body, false),
+        ("PATCH", ["v2", "subscriptions", _]) => super::by_id(subscription(body, false)?),
         ("GET", ["v2", "subscriptions"] | ["v2", "subscriptions", _])
         | ("DELETE", ["v2", "subscriptions", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))

@@ -30,6 +30,7 @@ fn user(sub: &str) -> Identity {
 fn request(method: &str, path: &str, body: &str) -> RequestAccess {
     let headers: Vec<(String, String)> = Vec::new();
     classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
         method,
         path,
         headers: &headers,
@@ -506,6 +507,15 @@ fn config_errors_name_what_is_wrong() {
         err(json!({"sources": [{"kind": "broker", "cluster": "o", "api": "v3"}]}))
             .contains("unknown variant `v3`")
     );
+    let e = err(json!({"broker": "scorpio", "sources": [{"kind": "broker", "cluster": "o"}]}));
+    assert!(
+        e.contains("unknown variant `scorpio`, expected one of `orion`, `ngsi-ld`, `fogflow`"),
+        "{e}"
+    );
+    let fogflow =
+        engine(json!({"broker": "fogflow", "sources": [{"kind": "broker", "cluster": "o"}]}));
+    assert_eq!(fogflow.config().broker, crate::ngsi::Broker::FogFlow);
+    assert_eq!(broker().config().broker, crate::ngsi::Broker::Orion);
     assert!(err(json!({"device_entity_id": "{device}{device}", "sources": [{"kind": "broker", "cluster": "o"}]})).contains("exactly once"));
     assert!(err(json!({"sources": [{"kind": "static", "entities": [{"id": "A", "owner": "a", "service": "City"}]}]})).contains("lowercase"));
     assert!(
