@@ -10,7 +10,7 @@
         [--ecds DIR]
         [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
         [--entity-acl-config FILE [--entity-acl-wasm W]]
-        [--failure-policy reload|fail-closed]
+        [--failure-policy reload|fail-closed] [--no-validate]
 
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
@@ -32,6 +32,11 @@ path) then come from DIR/token-auth.json, an ECDS resource Envoy watches and rel
 time (and DIR/entity-acl.json, DIR/device-ownership.json for those filters). The resources
 are written here from the configurations and .wasm paths (atomically); change them later with
 envoy/push-config.
+
+Before writing anything, each filter's configuration is checked offline: host-harness validate
+starts the real .wasm with it as Envoy would, and a refusal stops render.py (exit 2) with the
+filter's reason. Without a built harness (target/{release,debug}/host-harness or $HOST_HARNESS)
+it says "NOT validated offline" and goes on; --no-validate skips the check.
 
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
 default, Envoy's FAIL_RELOAD) refuses the failing request with 503 and starts a fresh VM for the
@@ -259,7 +264,8 @@ def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
 DEFAULT_IDENTITY_HEADERS = {
     "subject": "x-auth-subject", "kind": "x-auth-kind", "nick_name": "x-nick-name",
     "display_name": "x-display-name", "roles": "x-roles", "organizations": "x-organizations",
-    "tenant": "x-auth-tenant",
+    "tenant": "x-auth-tenant", "app_id": "x-app-id", "eidas_profile": "x-eidas-profile",
+    "format": "list",
 }
 
 
@@ -494,6 +500,16 @@ def render(
     return string.Template(text).substitute(params)
 
 
+def validate_chain(token_auth_config, token_auth_wasm, extra_filters):
+    """Every filter of the chain must accept its configuration offline (the real .wasm in
+    host-harness), before anything is written."""
+    def warn(message):
+        print(f"render.py: {message}", file=sys.stderr)
+    validate_offline(ECDS_NAME, token_auth_wasm, token_auth_config, warn)
+    for f in extra_filters:
+        validate_offline(f["name"], f["wasm"], f["config"], warn)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--filter-config", required=True, help="token-auth JSON configuration file")
@@ -521,6 +537,9 @@ def main(argv=None):
                             help=f"{wasm_file} path")
     parser.add_argument("--owners", metavar="HOST:PORT",
                         help="ownership registry for device-ownership (cluster \"owners\")")
+    parser.add_argument("--no-validate", action="store_true",
+                        help="skip the offline check (host-harness validate) of each filter's"
+                             " configuration against its .wasm")
     parser.add_argument("--failure-policy", choices=list(FAILURE_POLICIES), default="reload",
                         help="when a filter's VM fails: refuse that request and start a fresh VM"
                              " (reload, the default), or refuse every request until a restart"
@@ -548,6 +567,8 @@ def main(argv=None):
                 raise ValueError(f"--{name}-wasm: {wasm} does not exist (build it with `cargo wasm`)")
             with open(config_file, encoding="utf-8") as f:
                 extra_filters.append(chain_filter(name, json.load(f), wasm))
+        if not args.no_validate:
+            validate_chain(config, args.wasm, extra_filters)
         text = render(
             config,
             listen=args.listen,
@@ -583,9 +604,6 @@ def main(argv=None):
                   file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,3 +659,88 @@ def render_mqtt(
     }
     with open(template_path, encoding="utf-8") as f:
         return string.Template(f.read()).substitute(params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Offline validation and module files: what render.py and push-config check before Envoy sees
+# a configuration.
+
+HOST_HARNESS_CANDIDATES = (
+    os.path.join(ROOT, "target", "release", "host-harness"),
+    os.path.join(ROOT, "target", "debug", "host-harness"),
+)
+
+
+def host_harness():
+    """The host-harness binary ($HOST_HARNESS, else the workspace's build), or None."""
+    explicit = os.environ.get("HOST_HARNESS")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    return next((p for p in HOST_HARNESS_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def validate_offline(name, wasm, filter_config, warn=None):
+    """Starts `wasm` with `filter_config` (dict or JSON text: the exact plugin configuration
+    string Envoy would get) in host-harness, as Envoy starts plugin `name`. Returns None if it
+    accepted; raises ValueError with the filter's reason if it refused. Without a built
+    harness, says so through `warn` (loudly: nothing was checked) and returns "not validated"."""
+    import subprocess
+    import tempfile
+
+    harness = host_harness()
+    if harness is None:
+        (warn or print)(f"WARNING: {name}: configuration NOT validated offline: host-harness is "
+                        "not built (cargo build --release -p host-harness, or set $HOST_HARNESS)")
+        return "not validated"
+    text = filter_config if isinstance(filter_config, str) else json.dumps(
+        json_object(filter_config, name), separators=(",", ":"))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        f.write(text)
+    try:
+        done = subprocess.run([harness, "validate", "--name", name, wasm, f.name],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        os.unlink(f.name)
+    if done.returncode == 0:
+        return None
+    said = (done.stdout + done.stderr).strip().replace(f.name, "<configuration>")
+    if done.returncode == 1:
+        raise ValueError(f"{name}: the filter refuses this configuration (host-harness "
+                         f"validate):\n{said}")
+    raise ValueError(f"{name}: {harness} validate could not check it (exit {done.returncode};"
+                     f" rebuild the harness, or --no-validate):\n{said}")
+
+
+def check_local_code(plugin, what):
+    """Refuses a wasm PluginConfig whose module is not a local file. A `remote` (HTTP +
+    sha256) source makes Envoy fetch at run time: in an ECDS update, Envoy 1.40 acknowledges it
+    and serves requests without the filter if the fetch fails; and the module's integrity then
+    rests on the fetch. Local files, named by content (install_module), have neither problem."""
+    code = ((plugin.get("vm_config") or {}).get("code") or {})
+    if "local" not in code or "remote" in code:
+        raise ValueError(f"{what}: the wasm module must come from a local file (vm_config.code."
+                         "local.filename); a remote source is refused: Envoy would fetch it at "
+                         "run time, and a failed fetch in an update leaves the listener without "
+                         "the filter")
+
+
+def install_module(wasm, modules_dir, name):
+    """Copies `wasm` to modules_dir/<name>-<sha256 prefix>.wasm (atomically; kept if already
+    there) and returns that path. A module file is never changed once written, so a reload
+    never swaps the bytes under an Envoy worker that is still reading the previous one."""
+    import hashlib
+    import shutil
+
+    with open(wasm, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    os.makedirs(modules_dir, exist_ok=True)
+    target = os.path.join(modules_dir, f"{name}-{digest}.wasm")
+    if not os.path.isfile(target):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        shutil.copyfile(wasm, tmp)
+        os.rename(tmp, target)
+    return os.path.abspath(target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -99,6 +99,14 @@ pub struct HttpOutcome {
     pub reset: bool,
     /// The stream neither completed nor was reset: a filter paused and nothing resumed it.
     pub stalled: bool,
+    /// Why it stalled, as far as the host can tell (set with `stalled`).
+    pub stall_reason: Option<String>,
+    /// ABI contract breaches by a filter on this stream (e.g. a second local response).
+    /// Envoy would not say so; a test must.
+    pub contract_violations: Vec<String>,
+    /// What may explain an unexpected outcome (e.g. a body Envoy held back from a filter),
+    /// shown when a step's expectation fails.
+    pub hints: Vec<String>,
     pub callouts: Vec<CalloutRecord>,
 }
 
@@ -539,13 +547,37 @@ impl Chain {
             break;
         }
         for run in runs.iter_mut().filter(|r| !r.ended) {
+            let reason = self.stall_reason(run);
+            self.shared
+                .log("host-harness", 3, format!("stream stalled: {reason}"));
             run.outcome.stalled = true;
-            self.shared.log(
-                "host-harness",
-                3,
-                "stream stalled: a filter paused and nothing resumed it".into(),
-            );
+            run.outcome.stall_reason = Some(reason);
         }
+    }
+
+    /// Why `run` is stuck. The usual cause: a filter paused in its request headers to read the
+    /// body, but with `allow_on_headers_stop_iteration` false Envoy holds the body back from it
+    /// until it continues (StopAllIterationAndWatermark), so it waits for what never comes.
+    fn stall_reason(&self, run: &HttpRun) -> String {
+        self.body_held_back(run).unwrap_or_else(|| {
+            "a filter paused and nothing resumed it (no callout pending, no tick due)".into()
+        })
+    }
+
+    /// A filter paused in its request headers while the body waits behind it, held back by
+    /// `allow_on_headers_stop_iteration` = false: said in those words, since the filter's own
+    /// symptom (a stall, or its body timeout's 503) does not name the setting.
+    fn body_held_back(&self, run: &HttpRun) -> Option<String> {
+        let i = run.holds[Dir::Request as usize]
+            .iter()
+            .position(|h| h.stopped && h.stop_all && (h.unseen_body.is_some() || h.unseen_eos))?;
+        Some(format!(
+            "filter {} paused in its request headers and Envoy held the body back from it \
+             (allow_on_headers_stop_iteration = false): a filter that reads the body after \
+             pausing its headers needs allow_on_headers_stop_iteration = true (scenario \
+             [[filter]] key; render.py sets it for the body-reading filters)",
+            self.filters[i].spec.name
+        ))
     }
 
     /// Moves the clock to the next tick (if before `deadline`) and fires it. Callouts it
@@ -940,6 +972,17 @@ impl Chain {
     }
 
     fn apply_action(&mut self, run: &mut HttpRun, i: usize, action: Deferred) -> bool {
+        if let (Deferred::LocalResponse(second), Some(first)) = (&action, &run.outcome.local_reply)
+        {
+            // Envoy sends the first and drops the rest; a filter that tries twice has lost
+            // track of its own decision.
+            run.outcome.contract_violations.push(format!(
+                "filter {} sent a second local response ({}) after {} on the same request; \
+                 Envoy sends only one local response per stream",
+                self.filters[i].spec.name, second.status, first.status
+            ));
+            return false;
+        }
         if run.ended {
             return false;
         }
@@ -969,9 +1012,8 @@ impl Chain {
     }
 
     fn local_reply(&mut self, run: &mut HttpRun, reply: LocalResponse) {
-        if run.outcome.local_reply.is_some() {
-            // Envoy sends at most one local reply per stream.
-            return;
+        if let Some(hint) = self.body_held_back(run) {
+            run.outcome.hints.push(hint);
         }
         let mut headers = vec![(":status".to_string(), reply.status.to_string().into_bytes())];
         let mut extra = reply.headers.clone();

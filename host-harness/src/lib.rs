@@ -6,12 +6,14 @@
 //! - [`vm`]: one plugin in one VM, Envoy's start sequence, guarded calls (fuel, memory, traps).
 //! - [`chain`]: a filter chain driven like Envoy's filter manager (HTTP and TCP).
 //! - [`scenario`]: scenario files (TOML) and the runner behind `host-harness run`.
+//! - [`validate`]: does a filter accept a configuration (`host-harness validate`).
 
 pub mod abi;
 pub mod chain;
 pub mod host;
 pub mod scenario;
 pub mod shared;
+pub mod validate;
 pub mod vm;
 
 pub use chain::{Chain, HttpOutcome, HttpRequest, NetEvent, NetOutcome, UpstreamResponse};

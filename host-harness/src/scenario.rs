@@ -583,6 +583,7 @@ fn run(
         let vm = chain.add_filter(spec)?;
         let rejected = !vm.is_serving();
         let mut failures = Vec::new();
+        let unexpectedly_refused = rejected && !def.expect_rejected;
         if rejected != def.expect_rejected {
             failures.push(match &vm.failure {
                 Some(f) => format!("filter {} did not start: {f}", def.name),
@@ -591,6 +592,20 @@ fn run(
                     def.name
                 ),
             });
+        }
+        if unexpectedly_refused {
+            // The filter's own words say why (without --verbose), and the steps are not run:
+            // every request would only get the 503 of a plugin that is not serving.
+            failures.extend(
+                shared
+                    .logs_since(logs_before)
+                    .iter()
+                    .map(|l| format!("{} said: {}", l.plugin, l.message)),
+            );
+            failures.push(format!(
+                "{} steps not run (a filter that refused its configuration answers every request with 503)",
+                scenario.steps.len()
+            ));
         }
         if let Some(want) = &def.expect_log {
             let logs = shared.logs_since(logs_before);
@@ -606,6 +621,9 @@ fn run(
             failures,
             request: None,
         });
+        if unexpectedly_refused {
+            return Ok(());
+        }
     }
     let scenario_upstream = upstream_response(&scenario.upstream);
     for (n, step) in scenario.steps.iter().enumerate() {
@@ -824,8 +842,13 @@ fn check_headers(
 
 fn check_http(expect: &Expect, outcome: &HttpOutcome, failures: &mut Vec<String>) {
     if outcome.stalled {
-        failures.push("the stream stalled: a filter paused and nothing resumed it".into());
+        let why = outcome
+            .stall_reason
+            .as_deref()
+            .unwrap_or("nothing resumed it");
+        failures.push(format!("the stream stalled: {why}"));
     }
+    failures.extend(outcome.contract_violations.iter().cloned());
     if let Some(status) = expect.status {
         if outcome.status != status {
             let detail = if outcome.reset {
@@ -837,6 +860,7 @@ fn check_http(expect: &Expect, outcome: &HttpOutcome, failures: &mut Vec<String>
                 "expected status {status}, got {}{detail}",
                 outcome.status
             ));
+            failures.extend(outcome.hints.iter().map(|h| format!("hint: {h}")));
         }
     }
     let reached = outcome.upstream.is_some();

@@ -102,6 +102,122 @@ fn usage_errors_exit_2() {
     assert!(text.contains("no scenario files"), "{text}");
 }
 
+#[test]
+fn version_and_help_are_answers_not_errors() {
+    let (out, text) = run(&["--version"]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(
+        text.trim(),
+        format!("host-harness {}", env!("CARGO_PKG_VERSION"))
+    );
+    let (out, text) = run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("host-harness validate"), "{text}");
+    let (out, text) = run(&["run", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("--wasm-dir DIR"), "{text}");
+    let (out, text) = run(&["validate", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("--root-id ID"), "{text}");
+}
+
+#[test]
+fn a_second_local_response_fails_the_step_and_says_so() {
+    let (out, text) = run(&["run", "tests/scenarios-failing/second-local-response.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "filter abi-probe sent a second local response (503) after 403 on the same request"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1 passed, 1 failed"), "{text}");
+}
+
+#[test]
+fn a_refused_configuration_shows_the_filters_reason_and_skips_the_steps() {
+    let (out, text) = run(&["run", "tests/scenarios-failing/refused-configuration.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("filter example did not start: configuration rejected by the plugin"),
+        "{text}"
+    );
+    // The filter's own log line, without --verbose.
+    assert!(
+        text.contains("example said: example: configuration rejected: empty token"),
+        "{text}"
+    );
+    assert!(text.contains("2 steps not run"), "{text}");
+    assert!(!text.contains("would get the 503"), "{text}");
+    assert!(text.contains("0 passed, 1 failed"), "{text}");
+}
+
+#[test]
+fn a_body_held_back_from_a_paused_filter_names_allow_on_headers_stop_iteration() {
+    let (out, text) = run(&["run", "tests/scenarios-failing/body-held-back.toml"]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the stream stalled: filter entity-acl paused in its request headers and Envoy held the body back"),
+        "{text}"
+    );
+    assert!(
+        text.contains("needs allow_on_headers_stop_iteration = true"),
+        "{text}"
+    );
+}
+
+#[test]
+fn validate_accepts_a_good_configuration_and_prints_the_reason_for_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("harness-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.json");
+    std::fs::write(
+        &good,
+        r#"{"mode": "token_list", "tokens": {"tok": {"user": "alice"}}}"#,
+    )
+    .unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"mode": "token_list", "tokens": {"": {"user": "x"}}}"#,
+    )
+    .unwrap();
+    let wasm = "target/wasm32-wasip1/release/example.wasm";
+
+    let (out, text) = run(&["validate", wasm, good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.starts_with("ACCEPTED "), "{text}");
+    assert!(
+        text.contains("(example, "),
+        "plugin name from the file: {text}"
+    );
+
+    let (out, text) = run(&[
+        "validate",
+        "--name",
+        "my-example",
+        wasm,
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.starts_with("REFUSED "), "{text}");
+    assert!(text.contains("(my-example, "), "{text}");
+    assert!(
+        text.contains("configuration rejected by the plugin"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[error] example: configuration rejected: empty token"),
+        "{text}"
+    );
+
+    let (out, text) = run(&["validate", wasm]);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let (out, text) = run(&["validate", "no-such.wasm", good.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("cannot load no-such.wasm"), "{text}");
+}
+
 /// A one-request-at-a-time HTTP server on loopback that answers 200 and records the request
 /// line, for live callouts.
 fn serve_once(listener: std::net::TcpListener) -> std::thread::JoinHandle<String> {

@@ -539,11 +539,13 @@ PUSH_CONFIG = os.path.join(ROOT, "envoy", "push-config")
 PUSH_TIMEOUT = 30
 
 
-def push_config(proxy, work_dir, filter_config=None, wasm=None, expect=0, resource=None):
+def push_config(proxy, work_dir, filter_config=None, wasm=None, expect=0, resource=None,
+                extra_args=()):
     """envoy/push-config, as an operator runs it, on `resource` (default: token-auth's ECDS
     file); returns its stderr. `expect`: its exit status."""
     args = [sys.executable, PUSH_CONFIG, "--resource", resource or proxy.ecds_resource,
-            "--admin", f"127.0.0.1:{proxy.admin_port}", "--timeout", str(PUSH_TIMEOUT)]
+            "--admin", f"127.0.0.1:{proxy.admin_port}", "--timeout", str(PUSH_TIMEOUT),
+            *extra_args]
     if filter_config is not None:
         path = os.path.join(work_dir, f"push-{uuid.uuid4().hex[:8]}.json")
         with open(path, "w") as f:

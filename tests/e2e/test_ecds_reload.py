@@ -4,6 +4,7 @@ directory) and changed with envoy/push-config, as operators do (envoy/README.md,
 policy at runtime"). Real Envoy 1.40, real IdP, the Orion stand-in.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -209,7 +210,11 @@ def test_no_request_fails_while_the_policy_and_the_module_change(
         for filter_config, module, status, outcome in steps:
             started = time.monotonic()
             windows.append((accepted_at, started, expected))
-            push(ecds, work_dir, filter_config, module, expect=status)
+            # Envoy's side under load: the offline check (seconds per push) would stretch the
+            # pushes past the clients' bounded window; test_a_configuration_the_filter_rejects...
+            # covers it.
+            push(ecds, work_dir, filter_config, module, expect=status,
+                 extra_args=["--no-validate"])
             accepted_at, expected = time.monotonic(), outcome
             # Let some requests run under this configuration before the next change.
             e2e.wait_until(lambda: completed_since(accepted_at) >= 5,
@@ -243,8 +248,18 @@ def test_a_configuration_the_filter_rejects_is_refused_and_the_old_one_stays(
     log_size = len(ecds.log_text())
 
     # Would allow the JWT (no required role) if Envoy took it.
+    # push-config checks it offline first (host-harness validate): refused, nothing written.
     out = push(ecds, work_dir, base_config(idp, bogus_field=1), expect=1)
+    assert "REFUSED offline, nothing written" in out, out
+    assert "unknown field `bogus_field`" in out, out
+    assert ecds_stats(ecds)["update_attempt"] == before["update_attempt"]
+    assert resource_version(ecds) == in_force
+
+    # Without that check, Envoy refuses it, and push-config says why.
+    out = push(ecds, work_dir, base_config(idp, bogus_field=1), expect=1,
+               extra_args=["--no-validate"])
     assert "REJECTED" in out and "restored" in out
+    assert "Envoy's reason:" in out and "bogus_field" in out, out
     after = ecds_stats(ecds)
     assert after["update_rejected"] == before["update_rejected"] + 1
     assert after["config_fail"] == before["config_fail"] + 1
@@ -351,6 +366,23 @@ def test_push_config_refuses_bad_input_without_touching_the_file(ecds, work_dir)
     assert ecds_stats(ecds)["update_attempt"] == before_stats["update_attempt"]
 
 
+def test_push_config_refuses_a_remote_module_source(ecds, work_dir):
+    """A resource whose module Envoy would fetch (a `remote` code source) is refused: in an ECDS
+    update Envoy 1.40 serves without the filter when that fetch does not happen."""
+    with open(ecds.ecds_resource) as f:
+        resource = json.load(f)
+    config = resource["resources"][0]["typed_config"]["config"]
+    config["vm_config"]["code"] = {"remote": {
+        "http_uri": {"uri": "https://filters.example/token_auth.wasm", "cluster": "idp",
+                     "timeout": "5s"},
+        "sha256": "0" * 64}}
+    remote = os.path.join(work_dir, "remote-resource.json")
+    with open(remote, "w") as f:
+        json.dump(resource, f)
+    out = push(ecds, work_dir, {"mode": "passthrough"}, expect=2, resource=remote)
+    assert "must come from a local file" in out and "remote source is refused" in out, out
+
+
 def test_swapping_the_wasm_module_takes_effect_without_restart(
         ecds, idp, broker, work_dir, wasm, example_wasm):
     pid = ecds.pid
@@ -360,8 +392,15 @@ def test_swapping_the_wasm_module_takes_effect_without_restart(
     out = push(ecds, work_dir, {"mode": "passthrough"}, example_wasm)
     assert "accepted" in out
     dump = ecds.admin("/config_dump?resource=ecds_filters").json()["configs"][0]
-    assert dump["ecds_filter"]["typed_config"]["config"]["vm_config"]["code"]["local"][
-        "filename"] == example_wasm
+    # Envoy loads a copy named by content beside the resource, never the file given.
+    loaded = dump["ecds_filter"]["typed_config"]["config"]["vm_config"]["code"]["local"][
+        "filename"]
+    with open(example_wasm, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    assert loaded == os.path.join(os.path.dirname(ecds.ecds_resource), "modules",
+                                  f"token-auth-{digest}.wasm")
+    with open(loaded, "rb") as a, open(example_wasm, "rb") as b:
+        assert a.read() == b.read()
     # The example filter in pass-through mode: no credential needed, no identity set.
     probe = new_probe()
     r = ecds.request("GET", "/v2/entities", {"x-e2e-probe": probe})

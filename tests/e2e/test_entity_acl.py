@@ -235,9 +235,10 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         assert proxy.request("GET", room, ngsi_headers(token, probe())).status == 403
         pid = proxy.pid
 
-        def push(config, expect):
+        def push(config, expect, extra_args=()):
             return e2e.push_config(proxy, work_dir, config, expect=expect,
-                                   resource=proxy.ecds_resource_of("entity-acl"))
+                                   resource=proxy.ecds_resource_of("entity-acl"),
+                                   extra_args=extra_args)
 
         rooms = {"name": "rooms-too", "effect": "allow", "subjects": ["role:entities-writer"],
                  "actions": ["read"], "ngsi": {"service": "smartcity", "service_path": "/#",
@@ -255,7 +256,12 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         # A rule with an unknown subject kind: entity-acl refuses it, the last one stays.
         bad = json.loads(json.dumps(new_acl))
         bad["acl"]["rules"][0]["subjects"] = ["usr:someone"]
+        # push-config refuses it offline (host-harness validate) with the filter's reason...
         stderr = push(bad, expect=1)
+        assert "REFUSED offline, nothing written" in stderr
+        assert 'subject kind "usr" is unknown' in stderr
+        # ...and without that check, Envoy rejects it.
+        stderr = push(bad, expect=1, extra_args=["--no-validate"])
         assert "REJECTED" in stderr
         assert 'entity-acl: acl rule #1 "writers-sensors": subject kind "usr" is unknown' \
             in proxy.log_text()

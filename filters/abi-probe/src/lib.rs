@@ -60,6 +60,9 @@ enum Mode {
     /// A local 403 reply from the request headers, answering Continue all the same: the host
     /// must still not forward the request.
     Deny,
+    /// Two local replies (403, then 503) from the request headers: a contract breach the
+    /// host harness must report (tests/scenarios-failing/second-local-response.toml).
+    DenyTwice,
     /// Resets the stream (`proxy_close_stream`) from the request headers.
     Reset,
     /// A real Wasm trap (`unreachable`) in the request headers.
@@ -469,6 +472,17 @@ impl HttpContext for ProbeHttp {
                 );
                 // Continue on purpose: the local reply must win all the same.
                 Action::Continue
+            }
+            Mode::DenyTwice => {
+                send_deny(
+                    &DenyReason::Forbidden("abi-probe deny_twice mode".into()),
+                    &[],
+                );
+                send_deny(
+                    &DenyReason::Unavailable("abi-probe deny_twice mode, again".into()),
+                    &[],
+                );
+                Action::Pause
             }
             Mode::Reset => {
                 let _ = hostcalls::reset_http_request();

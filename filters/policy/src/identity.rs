@@ -33,9 +33,27 @@ pub struct Identity {
     pub groups: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// The client (application) the credential was issued to: a JWT's `azp` (else
+    /// `client_id`), an introspection answer's `client_id`, Keyrock's `app_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    /// What Keyrock said in Wilma's JSON shapes, forwarded as is by the `wilma` header format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyrock: Option<Box<KeyrockJson>>,
     /// Seconds since the epoch after which this identity must not be trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+}
+
+/// Keyrock's own JSON for what Wilma forwards upstream (compact, non-ASCII escaped): the
+/// role objects `[{id, name}]`, the organization objects `[{id, name, roles}]` and the eIDAS
+/// profile, so a Wilma replacement sends the backend the same values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyrockJson {
+    pub roles: String,
+    pub organizations: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eidas_profile: Option<String>,
 }
 
 impl Identity {
@@ -47,6 +65,8 @@ impl Identity {
             roles: Vec::new(),
             groups: Vec::new(),
             tenant: None,
+            app_id: None,
+            keyrock: None,
             expires_at: None,
         }
     }

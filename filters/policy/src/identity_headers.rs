@@ -1,15 +1,38 @@
 //! The request headers that carry the caller's identity to the broker and to the later filters.
-//! Defaults are compatible with FIWARE Wilma (`X-Nick-Name`, `X-Display-Name`, `X-Roles`,
-//! `X-Organizations`); the subject header is what device-ownership and entity-acl read.
-//! token-auth removes every one of them from the client's request before setting its own.
+//! Names default to FIWARE Wilma's (`X-Nick-Name`, `X-Display-Name`, `X-Roles`,
+//! `X-Organizations`, `X-App-Id`, `X-Eidas-Profile`); the subject header is what
+//! device-ownership and entity-acl read. token-auth removes every one of them from the client's
+//! request before setting its own.
+//!
+//! Two value formats ([`HeaderFormat`]): `list` (the default) sends role and organization names
+//! comma-separated and percent-encoded; `wilma` sends what Wilma (ging/fiware-pep-proxy,
+//! `setHeaders`) sends, so backends written for Wilma keep working: `X-Roles` and
+//! `X-Organizations` as JSON arrays of objects (`[{"id", "name"}]`, organizations with their
+//! `roles`), always present (`[]` when empty), `X-Display-Name` always present (empty when
+//! unknown), `X-App-Id` and `X-Eidas-Profile` (JSON) when known. Keyrock's own objects are sent
+//! as Keyrock gave them; for other IdPs, which name roles without ids, `id` is the name.
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::identity::{Identity, IdentityKind};
+
+/// How role, organization and profile values are written (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderFormat {
+    /// Names, comma-separated, percent-encoded.
+    #[default]
+    List,
+    /// FIWARE Wilma's JSON values.
+    Wilma,
+}
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityHeaderNames {
+    /// The value format: `list` (default) or `wilma`.
+    pub format: HeaderFormat,
     /// The stable subject the other filters key on.
     pub subject: String,
     /// How the caller authenticated: jwt, opaque_token, device_key, client_certificate.
@@ -20,6 +43,10 @@ pub struct IdentityHeaderNames {
     pub roles: String,
     pub organizations: String,
     pub tenant: String,
+    /// The client the credential was issued to (Wilma's `X-App-Id`).
+    pub app_id: String,
+    /// Keyrock's eIDAS profile, JSON (Wilma's `X-Eidas-Profile`).
+    pub eidas_profile: String,
 }
 
 impl Default for IdentityHeaderNames {
@@ -32,6 +59,9 @@ impl Default for IdentityHeaderNames {
             roles: "x-roles".into(),
             organizations: "x-organizations".into(),
             tenant: "x-auth-tenant".into(),
+            app_id: "x-app-id".into(),
+            eidas_profile: "x-eidas-profile".into(),
+            format: HeaderFormat::default(),
         }
     }
 }
@@ -70,7 +100,7 @@ impl IdentityHeaderNames {
         self.all().iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 
-    pub fn all(&self) -> [&str; 7] {
+    pub fn all(&self) -> [&str; 9] {
         [
             &self.subject,
             &self.kind,
@@ -79,6 +109,8 @@ impl IdentityHeaderNames {
             &self.roles,
             &self.organizations,
             &self.tenant,
+            &self.app_id,
+            &self.eidas_profile,
         ]
     }
 
@@ -109,14 +141,41 @@ impl IdentityHeaderNames {
                 encode_value(&identity.subject, false),
             ),
         ];
-        if let Some(name) = &identity.display_name {
-            out.push((self.display_name.clone(), encode_value(name, false)));
+        match self.format {
+            HeaderFormat::List => {
+                if let Some(name) = &identity.display_name {
+                    out.push((self.display_name.clone(), encode_value(name, false)));
+                }
+                if !identity.roles.is_empty() {
+                    out.push((self.roles.clone(), encode_list(&identity.roles)));
+                }
+                if !identity.groups.is_empty() {
+                    out.push((self.organizations.clone(), encode_list(&identity.groups)));
+                }
+            }
+            HeaderFormat::Wilma => {
+                let display_name = identity.display_name.as_deref().unwrap_or_default();
+                out.push((self.display_name.clone(), encode_value(display_name, false)));
+                let (roles, organizations) = match &identity.keyrock {
+                    Some(k) => (k.roles.clone(), k.organizations.clone()),
+                    None => (
+                        wilma_objects(&identity.roles, None),
+                        wilma_objects(&identity.groups, Some(&[])),
+                    ),
+                };
+                out.push((self.roles.clone(), roles));
+                out.push((self.organizations.clone(), organizations));
+                if let Some(profile) = identity
+                    .keyrock
+                    .as_ref()
+                    .and_then(|k| k.eidas_profile.clone())
+                {
+                    out.push((self.eidas_profile.clone(), profile));
+                }
+            }
         }
-        if !identity.roles.is_empty() {
-            out.push((self.roles.clone(), encode_list(&identity.roles)));
-        }
-        if !identity.groups.is_empty() {
-            out.push((self.organizations.clone(), encode_list(&identity.groups)));
+        if let Some(app_id) = &identity.app_id {
+            out.push((self.app_id.clone(), encode_value(app_id, false)));
         }
         if let Some(tenant) = &identity.tenant {
             out.push((self.tenant.clone(), encode_value(tenant, false)));
@@ -152,6 +211,10 @@ impl IdentityHeaderNames {
             let Some(raw) = raw(name)? else {
                 return Ok(Vec::new());
             };
+            if self.format == HeaderFormat::Wilma {
+                return wilma_names(raw)
+                    .ok_or_else(|| format!("identity header {name} is not Wilma's JSON"));
+            }
             raw.split(',')
                 .filter(|item| !item.is_empty())
                 .map(|item| {
@@ -183,7 +246,22 @@ impl IdentityHeaderNames {
         identity.display_name = single(&self.display_name)?;
         identity.roles = list(&self.roles)?;
         identity.groups = list(&self.organizations)?;
+        if self.format == HeaderFormat::Wilma {
+            // Roles held through an organization count as the user's (Keyrock's own PDP
+            // decides on both), as they did in token-auth.
+            let through_organizations = raw(&self.organizations)?
+                .and_then(wilma_organization_roles)
+                .unwrap_or_default();
+            for role in through_organizations {
+                if !identity.roles.contains(&role) {
+                    identity.roles.push(role);
+                }
+            }
+            // Wilma sends an empty display name rather than none.
+            identity.display_name = identity.display_name.filter(|n| !n.is_empty());
+        }
         identity.tenant = single(&self.tenant)?;
+        identity.app_id = single(&self.app_id)?;
         Ok(Some(identity))
     }
 }
@@ -222,6 +300,39 @@ pub fn encode_value(value: &str, in_list: bool) -> String {
         }
     }
     out
+}
+
+/// Wilma's JSON for names without ids (`id` = name); organizations get `roles` when given.
+fn wilma_objects(names: &[String], organization_roles: Option<&[Value]>) -> String {
+    let items: Vec<Value> = names
+        .iter()
+        .map(|n| match organization_roles {
+            None => serde_json::json!({"id": n, "name": n}),
+            Some(roles) => serde_json::json!({"id": n, "name": n, "roles": roles}),
+        })
+        .collect();
+    crate::introspection::ascii_json(&Value::Array(items))
+}
+
+/// The `name`s of a Wilma JSON array of objects; `None` if it is not one.
+fn wilma_names(raw: &str) -> Option<Vec<String>> {
+    let items: Vec<Value> = serde_json::from_str(raw).ok()?;
+    items
+        .iter()
+        .map(|item| item.get("name")?.as_str().map(str::to_string))
+        .collect()
+}
+
+/// The role names inside Wilma's organizations JSON.
+fn wilma_organization_roles(raw: &str) -> Option<Vec<String>> {
+    let items: Vec<Value> = serde_json::from_str(raw).ok()?;
+    let mut names = Vec::new();
+    for org in &items {
+        if let Some(roles) = org.get("roles") {
+            names.extend(wilma_names(&roles.to_string())?);
+        }
+    }
+    Some(names)
 }
 
 fn encode_list(items: &[String]) -> String {
@@ -311,6 +422,96 @@ mod tests {
             ("x-roles", "admin"),
         ]);
         assert!(parse_from(&roles_twice).unwrap_err().contains("repeated"));
+    }
+
+    fn wilma() -> IdentityHeaderNames {
+        IdentityHeaderNames {
+            format: HeaderFormat::Wilma,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn wilma_format_sends_keyrocks_json_as_wilma_does() {
+        let user = crate::introspection::KeyrockUser::parse(
+            br#"{"id": "u-1", "app_id": "app-9", "displayName": "",
+                 "username": "alice", "roles": [{"id": "r1", "name": "admin"}],
+                 "organizations": [{"id": "o1", "name": "City", "description": "d",
+                                    "roles": [{"id": "r2", "name": "operator"}]}],
+                 "eidas_profile": {}}"#,
+        )
+        .unwrap();
+        let h = wilma().render(&user.to_identity());
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-nick-name"), Some("u-1"));
+        assert_eq!(get("x-roles"), Some(r#"[{"id":"r1","name":"admin"}]"#));
+        assert_eq!(
+            get("x-organizations"),
+            Some(r#"[{"id":"o1","name":"City","roles":[{"id":"r2","name":"operator"}]}]"#)
+        );
+        assert_eq!(get("x-app-id"), Some("app-9"));
+        assert_eq!(get("x-eidas-profile"), Some("{}"));
+        // The same values as the Wilma header builder of the introspection module.
+        for (name, value) in user.wilma_headers() {
+            if name != "x-display-name" {
+                assert_eq!(get(name), Some(value.as_str()), "{name}");
+            }
+        }
+        // Read back by the later filters: roles held through organizations count.
+        let back = wilma().parse(&h).unwrap().unwrap();
+        assert_eq!(back.subject, "u-1");
+        assert_eq!(back.roles, vec!["admin".to_string(), "operator".into()]);
+        assert_eq!(back.groups, vec!["City".to_string()]);
+        assert_eq!(back.app_id.as_deref(), Some("app-9"));
+    }
+
+    #[test]
+    fn wilma_format_for_identities_without_role_ids() {
+        let mut id = Identity::new(IdentityKind::Jwt, "5f0c-alice");
+        id.roles = vec!["operator".into(), "caf\u{e9}\"x".into()];
+        let h = wilma().render(&id);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(
+            get("x-roles"),
+            Some(
+                r#"[{"id":"operator","name":"operator"},{"id":"caf\u00e9\"x","name":"caf\u00e9\"x"}]"#
+            )
+        );
+        // Always sent, as Wilma does: empty arrays and an empty display name.
+        assert_eq!(get("x-organizations"), Some("[]"));
+        assert_eq!(get("x-display-name"), Some(""));
+        assert_eq!(get("x-app-id"), None);
+        assert_eq!(get("x-eidas-profile"), None);
+        for (_, v) in &h {
+            assert!(v.is_ascii() && !v.chars().any(char::is_control), "{v:?}");
+        }
+        let back = wilma().parse(&h).unwrap().unwrap();
+        assert_eq!(back.roles, id.roles);
+        assert_eq!(back.display_name, None);
+        // A list-format value where JSON is expected does not decode.
+        let mut bad = h.clone();
+        for (k, v) in bad.iter_mut() {
+            if k == "x-roles" {
+                *v = "admin".into();
+            }
+        }
+        assert!(wilma()
+            .parse(&bad)
+            .unwrap_err()
+            .contains("not Wilma's JSON"));
+    }
+
+    #[test]
+    fn the_wilma_names_are_identity_headers() {
+        let names = IdentityHeaderNames::default();
+        for n in [
+            "x-app-id",
+            "x-eidas-profile",
+            "x-nick-name",
+            "x-organizations",
+        ] {
+            assert!(names.contains(n), "{n}");
+        }
     }
 
     #[test]

@@ -109,7 +109,7 @@ use serde_json::{Map, Value};
 use url::form_urlencoded;
 
 use crate::decision::DenyReason;
-use crate::identity::{Identity, IdentityKind};
+use crate::identity::{Identity, IdentityKind, KeyrockJson};
 
 /// The largest introspection answer parsed; a larger one is an error.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -516,6 +516,7 @@ impl IntrospectionConfig {
         };
         let mut identity = Identity::new(IdentityKind::OpaqueToken, subject);
         identity.display_name = username;
+        identity.app_id = client_id.clone();
         identity.expires_at = exp;
         if let Some(path) = &self.roles_claim {
             identity.roles = claim_list(&obj, path)?;
@@ -783,6 +784,9 @@ pub struct KeyrockUser {
     pub roles: Vec<KeyrockRole>,
     #[serde(default)]
     pub organizations: Vec<KeyrockOrganization>,
+    /// The eIDAS profile of a user registered through eIDAS (Wilma's `X-Eidas-Profile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eidas_profile: Option<Value>,
 }
 
 impl KeyrockUser {
@@ -830,6 +834,8 @@ impl KeyrockUser {
             trusted_apps,
             roles,
             organizations,
+            // Keyrock's template gives `{}` to users without eIDAS; Wilma forwards that too.
+            eidas_profile: obj.get("eidas_profile").filter(|p| p.is_object()).cloned(),
         })
     }
 
@@ -869,31 +875,44 @@ impl KeyrockUser {
             }
         }
         identity.groups = groups;
+        identity.app_id = Some(self.app_id.clone());
+        identity.keyrock = Some(Box::new(self.wilma_json()));
         identity
+    }
+
+    /// Roles, organizations and eIDAS profile as Wilma forwards them (`JSON.stringify`).
+    fn wilma_json(&self) -> KeyrockJson {
+        let organizations: Vec<Value> = self
+            .organizations
+            .iter()
+            .map(|o| serde_json::json!({"id": o.id, "name": o.name, "roles": roles_json(&o.roles)}))
+            .collect();
+        KeyrockJson {
+            roles: ascii_json(&Value::Array(roles_json(&self.roles))),
+            organizations: ascii_json(&Value::Array(organizations)),
+            eidas_profile: self.eidas_profile.as_ref().map(ascii_json),
+        }
     }
 
     /// The headers Wilma sets upstream (`controllers/root.js`, `setHeaders`): `X-Nick-Name`
     /// (the id), `X-Display-Name`, `X-Roles`, `X-Organizations`, `X-App-Id`. JSON values have
     /// non-ASCII characters escaped so that they are valid header values.
     pub fn wilma_headers(&self) -> Vec<(&'static str, String)> {
-        let organizations: Vec<Value> = self
-            .organizations
-            .iter()
-            .map(|o| serde_json::json!({"id": o.id, "name": o.name, "roles": roles_json(&o.roles)}))
-            .collect();
-        vec![
+        let json = self.wilma_json();
+        let mut headers = vec![
             ("x-nick-name", self.id.clone()),
             (
                 "x-display-name",
                 self.display_name.clone().unwrap_or_default(),
             ),
-            (
-                "x-roles",
-                ascii_json(&Value::Array(roles_json(&self.roles))),
-            ),
-            ("x-organizations", ascii_json(&Value::Array(organizations))),
+            ("x-roles", json.roles),
+            ("x-organizations", json.organizations),
             ("x-app-id", self.app_id.clone()),
-        ]
+        ];
+        if let Some(profile) = json.eidas_profile {
+            headers.push(("x-eidas-profile", profile));
+        }
+        headers
     }
 }
 
@@ -906,7 +925,7 @@ fn roles_json(roles: &[KeyrockRole]) -> Vec<Value> {
 
 /// Compact JSON with every non-ASCII character as `\uXXXX` (UTF-16 surrogate pairs beyond the
 /// BMP), which is still the same JSON value.
-fn ascii_json(value: &Value) -> String {
+pub(crate) fn ascii_json(value: &Value) -> String {
     let json = value.to_string();
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {

@@ -12,7 +12,7 @@ use crate::cache::VerdictCache;
 use crate::credentials::{Credential, CredentialConfig, FoundCredential, RequestView};
 use crate::decision::DenyReason;
 use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityKind};
 use crate::identity_headers::IdentityHeaderNames;
 use crate::introspection::{HttpCall, IntrospectionConfig, IntrospectionError, Verdict};
 use crate::jwt::{peek_issuer, JwtProvider, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
@@ -49,6 +49,11 @@ pub struct TokenAuthConfig {
     /// credential, not for this application).
     #[serde(default)]
     pub required_roles: Vec<String>,
+    /// If not empty, a token (JWT or opaque) must have been issued to one of these clients:
+    /// the JWT's `azp` (else `client_id`), the introspection answer's `client_id`, Keyrock's
+    /// `app_id`. Else 403. Device keys and client certificates are not tokens and not checked.
+    #[serde(default)]
+    pub authorized_parties: Vec<String>,
     /// The realm in `WWW-Authenticate` challenges.
     #[serde(default = "default_realm")]
     pub realm: String,
@@ -236,6 +241,9 @@ impl TokenAuth {
                     .into(),
             );
         }
+        if config.authorized_parties.iter().any(|p| p.is_empty()) {
+            return Err("authorized_parties: a client id must not be empty".into());
+        }
         if config.cache.capacity == 0 {
             return Err("cache.capacity must be at least 1".into());
         }
@@ -355,6 +363,19 @@ impl TokenAuth {
         if !required.is_empty() && !required.iter().any(|r| identity.has_role(r)) {
             return self.deny(DenyReason::Forbidden(
                 "the credential is valid but not for this application".into(),
+            ));
+        }
+        let parties = &self.config.authorized_parties;
+        let is_token = matches!(identity.kind, IdentityKind::Jwt | IdentityKind::OpaqueToken);
+        if is_token
+            && !parties.is_empty()
+            && !identity
+                .app_id
+                .as_ref()
+                .is_some_and(|a| parties.contains(a))
+        {
+            return self.deny(DenyReason::Forbidden(
+                "the token was issued to a client that is not an authorized party".into(),
             ));
         }
         let (strip_headers, new_path) = match found {
@@ -1024,6 +1045,55 @@ mod tests {
             "path": "/introspect", "credentials": {"client_id": "envoy", "client_secret": "s"},
             "negative_ttl_s": 10}, "realm": "orion"});
         TokenAuth::new(serde_json::from_value(config).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn authorized_parties_refuse_tokens_of_other_clients() {
+        let config = serde_json::json!({"introspection": {
+            "kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+            "path": "/introspect", "credentials": {"client_id": "envoy", "client_secret": "s"}},
+            "realm": "orion", "authorized_parties": ["portal"]});
+        let mut a = TokenAuth::new(serde_json::from_value(config).unwrap()).unwrap();
+        let answers: [(&str, &[u8], u32); 3] = [
+            (
+                "from-portal",
+                br#"{"active": true, "sub": "alice", "client_id": "portal"}"#,
+                200,
+            ),
+            (
+                "from-other",
+                br#"{"active": true, "sub": "alice", "client_id": "other"}"#,
+                403,
+            ),
+            ("no-client", br#"{"active": true, "sub": "alice"}"#, 403),
+        ];
+        for (token, answer, want) in answers {
+            let decided = a.finish_introspection(token, 200, answer, NOW);
+            let headers = vec![("x-auth-token".to_string(), token.to_string())];
+            let facts = RequestFacts {
+                method: "GET",
+                path: "/v2/entities",
+                headers: &headers,
+                peer: None,
+            };
+            let status = match a.outcome_for(&decided, &facts) {
+                Outcome::Allow { identity, .. } => {
+                    assert_eq!(identity.app_id.as_deref(), Some("portal"));
+                    200
+                }
+                Outcome::Deny { reason, .. } => reason.status(),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(status, want, "{token}");
+        }
+        let empty = serde_json::json!({"introspection": {
+            "kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+            "path": "/introspect", "credentials": {"client_id": "envoy", "client_secret": "s"}},
+            "authorized_parties": [""]});
+        let Err(refused) = TokenAuth::new(serde_json::from_value(empty).unwrap()) else {
+            panic!("an empty authorized party was accepted");
+        };
+        assert!(refused.contains("authorized_parties"), "{refused}");
     }
 
     #[test]

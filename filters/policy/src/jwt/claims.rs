@@ -144,6 +144,13 @@ impl ClaimMapping {
                 Some(Value::String(s)) if usable(s) => Some(s.clone()),
                 _ => None,
             });
+        // The authorised party (OIDC Core §2), else RFC 9068's `client_id`.
+        identity.app_id = ["azp", "client_id"]
+            .iter()
+            .find_map(|claim| match claims.get(*claim) {
+                Some(Value::String(s)) if usable(s) => Some(s.clone()),
+                _ => None,
+            });
         identity.expires_at = expires_at;
         Ok(identity)
     }
