@@ -233,9 +233,9 @@ class Demo:
             with open(self.envoy.proc.log_path, "rb") as f:
                 f.seek(offset)
                 text = f.read().decode("utf-8", errors="replace")
-            auth = re.search(r"token-auth: ctx=\d+ (decision=.*)", text)
-            own = re.search(r"device-ownership (decision=.*)", text)
-            acl = re.search(r"entity-acl (decision=.*)", text)
+            auth = re.search(r"filter=token-auth (decision=.*)", text)
+            own = re.search(r"filter=device-ownership (decision=.*)", text)
+            acl = re.search(r"filter=entity-acl (decision=.*)", text)
             done = auth and ("decision=deny" in auth.group(1)
                              or (own and "decision=deny" in own.group(1)) or acl)
             if done:

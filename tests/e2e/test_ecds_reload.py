@@ -266,7 +266,7 @@ def test_a_configuration_the_filter_rejects_is_refused_and_the_old_one_stays(
     assert after["version_text"] == in_force
     assert set(statuses_of(ecds, token)) == {403}, "the rejected configuration is in force"
     log = ecds.log_text()[log_size:]
-    assert "token-auth: configuration rejected: unknown field `bogus_field`" in log
+    assert "token-auth: configuration refused at bogus_field: unknown field `bogus_field`" in log
     assert "Filesystem config update rejected: Unable to create Wasm plugin token-auth" in log
     # push-config put the configuration in force back into the file: a restart starts with it.
     assert resource_version(ecds) == in_force
@@ -289,7 +289,7 @@ def test_a_bad_resource_file_is_rejected_by_envoy_and_the_old_configuration_stay
     resource["version_info"] = "hand-written-" + damage
     if damage == "configuration-not-json":
         config["configuration"]["value"] = "{required_roles: []"
-        reason = "token-auth: configuration rejected: key must be a string"
+        reason = "token-auth: configuration refused: key must be a string"
     elif damage == "wasm-missing":
         config["vm_config"]["code"]["local"]["filename"] = os.path.join(work_dir, "nope.wasm")
         reason = "Filesystem config update rejected: Invalid path: " + os.path.join(

@@ -162,7 +162,7 @@ def test_identity_headers_a_client_sends_are_not_believed(chain, broker, token):
                       ngsi_headers(token, p, **{"x-roles": "admin", "x-auth-subject": "root"}))
     assert r.status == 403
     assert broker.received(p) == []
-    assert f'subject="{SUBJECT}" operation="ngsi-v2 DELETE /v2/entities/urn:ngsi-ld:Room:1"' \
+    assert f'subject="{SUBJECT}" method="DELETE" path="/v2/entities/urn:ngsi-ld:Room:1"' \
         in chain.log_text()
 
 
@@ -263,7 +263,7 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         # ...and without that check, Envoy rejects it.
         stderr = push(bad, expect=1, extra_args=["--no-validate"])
         assert "REJECTED" in stderr
-        assert 'entity-acl: acl rule #1 "writers-sensors": subject kind "usr" is unknown' \
+        assert 'entity-acl: configuration refused: acl rule #1 "writers-sensors": subject kind "usr" is unknown' \
             in proxy.log_text()
         assert reaches_broker()
         assert proxy.pid == pid and proxy.proc.alive()

@@ -179,8 +179,9 @@ def test_forbidden_publish_never_reaches_a_subscriber(proxy):
         lines = sub.stop()
     assert "forbidden" not in lines, lines
     assert proxy.stats()["publish.denied"] >= 2
-    assert 'decision=deny status=403 reason=forbidden subject="lamp-01" ' \
-           'operation="mqtt PUBLISH devices/lamp-02/cmd"' in proxy.log_text()
+    assert 'decision=deny status=403 reason=forbidden subject="lamp-01" method="PUBLISH" ' \
+           'path=- tenant=- request_id=- rule=- operation="mqtt PUBLISH devices/lamp-02/cmd"' \
+        in proxy.log_text()
 
 
 def test_forbidden_publish_v5_gets_puback_not_authorized(proxy):
@@ -283,8 +284,9 @@ def test_device_identified_by_its_client_certificate(proxy, mtls_proxy, mqtt_cer
     finally:
         lines = sub.stop()
     assert "cert-forbidden" not in lines, lines
-    assert 'subject="lamp-01" operation="mqtt CONNECT" entities=[] by="authenticated:clientcertificate"' \
-        in mtls_proxy.log_text()
+    assert 'subject="lamp-01" method="CONNECT" path=- tenant=- request_id=- rule=- ' \
+           'operation="mqtt CONNECT" entities=[] client_id=' in mtls_proxy.log_text()
+    assert 'by="authenticated:clientcertificate"' in mtls_proxy.log_text()
     # Without a client certificate the TLS handshake itself fails.
     done = e2e.mqtt_run("pub", mtls_proxy.port, "--cafile", os.path.join(mqtt_certs, "ca.crt"),
                         "-t", "devices/lamp-01/state", "-m", "x")

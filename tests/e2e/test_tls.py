@@ -157,7 +157,7 @@ def test_a_device_with_its_certificate_and_no_token_is_identified(mtls_envoy, br
     assert e2e.header_values(record, "x-auth-subject") == [DEVICE]
     assert e2e.header_values(record, "x-auth-kind") == ["client_certificate"]
     assert e2e.header_values(record, "x-roles") == ["device"]
-    assert f"decision=allow subject={DEVICE} kind=ClientCertificate" in mtls_envoy.log_text()
+    assert f'decision=allow status=- reason=allowed subject="{DEVICE}"' in mtls_envoy.log_text()
 
 
 def test_spoofed_identity_headers_with_a_valid_certificate_are_replaced(

@@ -63,7 +63,7 @@ def test_a_configuration_the_filter_rejects_keeps_envoy_from_starting(work_dir, 
         proxy.start()
     assert proxy.proc.proc.wait(10) != 0
     log = proxy.log_text()
-    assert "token-auth: configuration rejected: unknown field `bogus_field`" in log
+    assert "token-auth: configuration refused at bogus_field: unknown field `bogus_field`" in log
     assert "Unable to create Wasm plugin token-auth" in log
 
 

@@ -29,9 +29,7 @@ use policy::ownership::{EntityKey, Eval, Ownership, OwnershipConfig, Record, Res
 use policy::ownership::{SourceConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::host;
-use proxy_glue::{
-    apply_decision, now_secs, parse_plugin_config, send_deny, Counter, Decided, DecisionMetrics,
-};
+use proxy_glue::{apply_decision, now_secs, send_deny, Counter, Decided, DecisionMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
@@ -161,15 +159,9 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = parse_plugin_config::<OwnershipConfig>(FILTER) else {
+        let Some(own) = proxy_glue::load_config::<OwnershipConfig, _>(FILTER, Ownership::new)
+        else {
             return false;
-        };
-        let own = match Ownership::new(config) {
-            Ok(own) => own,
-            Err(e) => {
-                log::error!("{FILTER}: configuration rejected: {e}");
-                return false;
-            }
         };
         let remote = own.can_record_owner();
         self.state = Some(Rc::new(RefCell::new(State {
@@ -452,6 +444,7 @@ fn conclude(state: &Shared, ctx: u32, decision: &Decision) -> bool {
     let about = Decided {
         filter: FILTER,
         mode: mode(state),
+        log_allows: state.borrow().own.config().log_allows,
         identity: identity.as_ref(),
         operation: &operation,
         entities: &entities,

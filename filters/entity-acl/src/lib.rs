@@ -13,11 +13,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use policy::enforcement::Mode;
 use policy::entity_acl::{EntityAcl, Verdict};
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::host;
-use proxy_glue::{apply_decision, parse_plugin_config_bytes, Decided, DecisionMetrics};
+use proxy_glue::{apply_decision, Decided, DecisionMetrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -48,15 +47,8 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(bytes) = parse_plugin_config_bytes(FILTER) else {
+        let Some(acl) = proxy_glue::load_config(FILTER, EntityAcl::new) else {
             return false;
-        };
-        let acl = match EntityAcl::from_json(&bytes) {
-            Ok(acl) => acl,
-            Err(e) => {
-                log::error!("{FILTER}: {e}");
-                return false;
-            }
         };
         if acl.rule_count() == 0 {
             log::warn!("{FILTER}: the acl has no rules: every request is denied");
@@ -104,15 +96,21 @@ impl RootContext for Root {
             let decision = Decision::Deny(DenyReason::Unavailable(
                 "the request body did not arrive in time".into(),
             ));
-            let mode = state.borrow().acl.mode;
-            state.borrow().metrics.record(&decision, mode);
-            match (&decision, mode) {
-                // Shadow mode never stops traffic, not even traffic it could not judge.
-                (_, Mode::Shadow) => {
-                    let _ = host::resume_request();
-                }
-                (Decision::Deny(reason), Mode::Enforce) => proxy_glue::send_deny(reason, &[]),
-                (Decision::Allow(_), Mode::Enforce) => {}
+            let go_on = {
+                let s = state.borrow();
+                let about = Decided {
+                    filter: FILTER,
+                    mode: s.acl.mode,
+                    log_allows: s.acl.log_allows,
+                    identity: None,
+                    operation: "-",
+                    entities: "[]",
+                };
+                apply_decision(&about, &decision, &s.metrics)
+            };
+            // Shadow mode never stops traffic, not even traffic it could not judge.
+            if go_on {
+                let _ = host::resume_request();
             }
         }
         let _ = hostcalls::set_effective_context(self.id);
@@ -312,6 +310,7 @@ impl Stream {
         let about = Decided {
             filter: FILTER,
             mode: s.acl.mode,
+            log_allows: s.acl.log_allows,
             identity,
             operation: &verdict.operation,
             entities: &verdict.entities,

@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
+use policy::decision_line::LogAllows;
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
@@ -119,15 +120,8 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(bytes) = proxy_glue::parse_plugin_config_bytes("mqtt-acl") else {
+        let Some(policy) = proxy_glue::load_config(policy::mqtt_acl::FILTER, MqttAcl::new) else {
             return false;
-        };
-        let policy = match MqttAcl::from_json(&bytes) {
-            Ok(policy) => policy,
-            Err(e) => {
-                log::error!("mqtt-acl: configuration rejected: {e}");
-                return false;
-            }
         };
         if let Err(status) = hostcalls::set_tick_period(TICK) {
             log::error!(
@@ -207,7 +201,7 @@ impl RootContext for Root {
                     continue;
                 }
                 if let Some(out) = session.check_expiry(&env) {
-                    record(metrics, *id, session, &out);
+                    record(metrics, policy.log_allows(), *id, session, &out);
                     if let Some(reason) = out.close {
                         to_close.push((*id, reason.to_string()));
                     }
@@ -272,13 +266,9 @@ fn close_connection(id: u32, why: &str) {
 }
 
 /// Writes the decision lines and counts what an output says.
-fn record(metrics: &Metrics, id: u32, session: &Session, out: &Output) {
+fn record(metrics: &Metrics, log_allows: LogAllows, id: u32, session: &Session, out: &Output) {
     for decided in &out.decisions {
-        if decided.is_allowed() {
-            log::info!("{}", decided.line);
-        } else {
-            log::warn!("{}", decided.line);
-        }
+        proxy_glue::emit_decision(&decided.line, log_allows);
         for counter in &decided.counters {
             metrics.inc(counter);
         }
@@ -375,7 +365,7 @@ impl Stream {
                 From::Client => session.on_client_bytes(&bytes, &env),
                 From::Broker => session.on_broker_bytes(&bytes, &env),
             };
-            record(metrics, self.id, session, &out);
+            record(metrics, policy.log_allows(), self.id, session, &out);
             if let Some(issuer) = &out.keys_wanted {
                 keys_wanted.insert(issuer.clone());
             }

@@ -1,12 +1,11 @@
 //! What every authorization filter after token-auth (entity-acl, device-ownership, mqtt-acl)
-//! does the same way: enforce or only watch (shadow mode), say what clients see, and write one
-//! decision line per request.
+//! does the same way: enforce or only watch (shadow mode), and say what clients see (the decision
+//! line is `crate::decision_line`'s).
 
 use serde::Deserialize;
 
 use crate::access::{Access, EntitySelector};
-use crate::decision::{Decision, DenyReason};
-use crate::identity::Identity;
+use crate::decision::DenyReason;
 
 /// The request headers an NGSI policy filter (entity-acl, device-ownership) reads, which must
 /// be text: pseudo-headers, the tenant headers of the NGSI model, the identity headers
@@ -89,47 +88,10 @@ fn quoted_if_needed(value: &str) -> String {
     }
 }
 
-/// One line per decided request, e.g.
-/// `entity-acl decision=deny status=403 reason=forbidden subject="bob" operation="ngsi-v2 GET
-/// /v2/entities/Room1" entities=[read Room1] by="denied by rule 'r3': ..."`.
-/// In shadow mode a denial reads `decision=shadow-deny` (the request went on).
-pub fn decision_line(
-    filter: &str,
-    mode: Mode,
-    identity: Option<&Identity>,
-    operation: &str,
-    entities: &str,
-    decision: &Decision,
-) -> String {
-    use crate::log_text::bounded_debug;
-    let subject = identity.map_or("-".to_string(), |i| bounded_debug(&i.subject));
-    let (verdict, status, reason, by) = match decision {
-        Decision::Allow(by) => ("allow", 200, "allowed", by.as_str()),
-        Decision::Deny(r) => (
-            if mode == Mode::Shadow {
-                "shadow-deny"
-            } else {
-                "deny"
-            },
-            r.status(),
-            r.label(),
-            r.description(),
-        ),
-    };
-    format!(
-        "{filter} decision={verdict} status={status} reason={reason} subject={subject} \
-         operation={} entities={} by={}",
-        bounded_debug(operation),
-        crate::log_text::bounded_to(entities, 4 * crate::log_text::MAX_LOGGED_VALUE),
-        bounded_debug(by),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::access::{Action, AttributeSelector, Tenant, TypeSelector};
-    use crate::identity::IdentityKind;
 
     fn access(action: Action, id: &str) -> Access {
         Access {
@@ -165,34 +127,5 @@ mod tests {
             "{s}"
         );
         assert!(s.ends_with("... (+2 more)]"), "{s}");
-    }
-
-    #[test]
-    fn decision_line_names_subject_verdict_and_decider() {
-        let id = Identity::new(IdentityKind::Jwt, "bob");
-        let deny = Decision::Deny(DenyReason::Forbidden("denied by rule 'r3'".into()));
-        let line = decision_line(
-            "entity-acl",
-            Mode::Enforce,
-            Some(&id),
-            "ngsi-v2 GET /v2/entities/R",
-            "[read R]",
-            &deny,
-        );
-        assert_eq!(
-            line,
-            r#"entity-acl decision=deny status=403 reason=forbidden subject="bob" operation="ngsi-v2 GET /v2/entities/R" entities=[read R] by="denied by rule 'r3'""#
-        );
-        let shadow = decision_line("entity-acl", Mode::Shadow, None, "op", "[]", &deny);
-        assert!(shadow.contains("decision=shadow-deny") && shadow.contains("subject=-"));
-        let allow = decision_line(
-            "entity-acl",
-            Mode::Enforce,
-            None,
-            "op",
-            "[]",
-            &Decision::Allow("acl:r1".into()),
-        );
-        assert!(allow.contains("decision=allow status=200") && allow.contains(r#"by="acl:r1""#));
     }
 }

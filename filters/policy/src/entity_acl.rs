@@ -27,6 +27,10 @@ pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
 pub struct EntityAclConfig {
     #[serde(default)]
     pub mode: Mode,
+    /// Allowed requests are logged at `debug` (default), `info`, or not at all (`off`).
+    /// Denials are always logged, at warning.
+    #[serde(default)]
+    pub log_allows: crate::decision_line::LogAllows,
     /// Bodies above this are refused with 413 (before buffering them, when Content-Length says
     /// so).
     #[serde(default = "default_max_body")]
@@ -68,6 +72,7 @@ fn default_body_timeout() -> u64 {
 #[derive(Debug, Clone)]
 pub struct EntityAcl {
     pub mode: Mode,
+    pub log_allows: crate::decision_line::LogAllows,
     pub max_body_bytes: usize,
     pub body_timeout_ms: u64,
     pub identity_headers: IdentityHeaderNames,
@@ -89,7 +94,7 @@ impl EntityAcl {
     /// Parses and validates the plugin configuration; the error says what is wrong.
     pub fn from_json(json: &[u8]) -> Result<EntityAcl, String> {
         let config: EntityAclConfig =
-            serde_json::from_slice(json).map_err(|e| format!("configuration rejected: {e}"))?;
+            crate::config_error::parse(json).map_err(|e| e.to_string())?;
         EntityAcl::new(config)
     }
 
@@ -130,6 +135,7 @@ impl EntityAcl {
         let acl = Acl::from_config(&config.acl).map_err(|e| e.to_string())?;
         Ok(EntityAcl {
             mode: config.mode,
+            log_allows: config.log_allows,
             max_body_bytes: config.max_body_bytes,
             body_timeout_ms: config.body_timeout_ms,
             identity_headers: config.identity_headers,

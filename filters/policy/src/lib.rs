@@ -7,8 +7,10 @@
 pub mod access;
 pub mod acl;
 pub mod cache;
+pub mod config_error;
 pub mod credentials;
 pub mod decision;
+pub mod decision_line;
 pub mod device_keys;
 pub mod enforcement;
 pub mod entity_acl;

@@ -70,8 +70,9 @@ use crate::acl::mosquitto::import_acl_file;
 use crate::acl::topic::{Level, TopicFilter};
 use crate::acl::{Acl, AclConfig, TopicAccess};
 use crate::decision::{Decision, DenyReason};
+use crate::decision_line::DecisionLine;
 use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
-use crate::enforcement::{decision_line, Mode};
+use crate::enforcement::Mode;
 use crate::identity::{Identity, IdentityKind};
 use crate::jwt::{JwtProviderConfig, JwtVerifier, TokenError};
 use crate::log_text::bounded_debug;
@@ -98,6 +99,10 @@ pub struct MqttAclConfig {
     /// `enforce` (default) or `shadow`.
     #[serde(default)]
     pub mode: Mode,
+    /// Allowed requests are logged at `debug` (default), `info`, or not at all (`off`).
+    /// Denials are always logged, at warning.
+    #[serde(default)]
+    pub log_allows: crate::decision_line::LogAllows,
     /// As token-auth's `jwt_providers`, inline keys only.
     #[serde(default)]
     pub jwt_providers: Vec<JwtProviderConfig>,
@@ -439,6 +444,7 @@ fn forbidden(message: String) -> Decision {
 #[derive(Debug, Clone)]
 pub struct MqttAcl {
     mode: Mode,
+    log_allows: crate::decision_line::LogAllows,
     jwt: Option<JwtVerifier>,
     device_keys: Option<DeviceKeys>,
     mtls: Option<MtlsConfig>,
@@ -464,8 +470,7 @@ impl MqttAcl {
 
     /// Parses and validates the plugin configuration; the error says what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<MqttAcl, String> {
-        let config: MqttAclConfig =
-            serde_json::from_slice(bytes).map_err(|e| format!("invalid configuration: {e}"))?;
+        let config: MqttAclConfig = crate::config_error::parse(bytes).map_err(|e| e.to_string())?;
         MqttAcl::new(config)
     }
 
@@ -556,6 +561,7 @@ impl MqttAcl {
         }
         Ok(MqttAcl {
             mode: config.mode,
+            log_allows: config.log_allows,
             jwt,
             device_keys,
             mtls: config.mtls,
@@ -571,6 +577,11 @@ impl MqttAcl {
             client_ids,
             connect_timeout_secs: config.connect_timeout_secs,
         })
+    }
+
+    /// At which level allowed packets are logged.
+    pub fn log_allows(&self) -> crate::decision_line::LogAllows {
+        self.log_allows
     }
 
     pub fn mode(&self) -> Mode {
@@ -649,8 +660,8 @@ impl std::fmt::Display for CloseReason {
 /// One decision, for the decision log and the counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decided {
-    /// The decision line (`mqtt-acl decision=... operation="mqtt PUBLISH a/b" ...`).
-    pub line: String,
+    /// The decision line (`filter=mqtt-acl decision=... operation="mqtt PUBLISH a/b" ...`).
+    pub line: DecisionLine,
     pub decision: Decision,
     /// Counters to increment (after `mqtt_acl.`), e.g. `publish.denied`, `shadow.denied`.
     pub counters: Vec<&'static str>,
@@ -870,15 +881,24 @@ impl Session {
         decision: Decision,
         kind: &'static str,
     ) -> Decided {
-        let mut line = decision_line(
-            FILTER,
-            mode,
-            self.identity.as_ref(),
-            operation,
-            what,
-            &decision,
-        );
-        line.push_str(&format!(" client_id={}", bounded_debug(&self.client_id)));
+        let packet = match kind {
+            "connect" => "CONNECT",
+            "publish" => "PUBLISH",
+            "subscribe" => "SUBSCRIBE",
+            _ => "DELIVER",
+        };
+        let identity = self.identity.as_ref();
+        let line = DecisionLine::new(FILTER, mode, &decision)
+            .subject(identity.map(|i| i.subject.as_str()))
+            .request(
+                Some(packet),
+                None,
+                identity.and_then(|i| i.tenant.as_deref()),
+                None,
+            )
+            .text("operation", operation)
+            .literal("entities", what)
+            .text("client_id", &self.client_id);
         let mut counters = Vec::new();
         match (&decision, kind) {
             (Decision::Allow(_), "connect") => counters.push("connect.allowed"),

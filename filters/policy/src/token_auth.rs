@@ -23,6 +23,10 @@ use crate::routes::PublicRoute;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenAuthConfig {
+    /// Allowed requests are logged at `debug` (default), `info`, or not at all (`off`).
+    /// Denials are always logged, at warning.
+    #[serde(default)]
+    pub log_allows: crate::decision_line::LogAllows,
     /// Where credentials are looked for, in order (default: Bearer, then X-Auth-Token).
     #[serde(default)]
     pub credentials: CredentialConfig,

@@ -78,6 +78,21 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: MapType,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
+    fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
+    fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_continue_stream(stream_type: StreamType) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
@@ -201,6 +216,56 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostStatus> {
         HostStatus::NOT_FOUND => Ok(None),
         other => Err(HostStatus(other)),
     }
+}
+
+/// One header's value as bytes (the first, if repeated; None: absent). Fails once the map is
+/// no longer readable (e.g. request headers after the filter continued).
+pub fn header_value(map: MapType, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: as in `header_map`; `name` is a live slice for the duration of the call.
+    let status =
+        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
+    // SAFETY: as in `header_map`.
+    let bytes = unsafe { take_host_bytes(data, size) };
+    match status {
+        HostStatus::OK => Ok(Some(bytes.unwrap_or_default())),
+        HostStatus::NOT_FOUND => Ok(None),
+        other => Err(HostStatus(other)),
+    }
+}
+
+/// Sets a property of the current stream. Envoy keeps it as filter state `wasm.<name>`, which
+/// access logs read (`%FILTER_STATE(wasm.<name>:PLAIN)%`).
+pub fn set_property(name: &str, value: &[u8]) -> Result<(), HostStatus> {
+    // SAFETY: both slices are live for the duration of the call.
+    check(unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) })
+}
+
+/// Log levels as the ABI numbers them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Trace = 0,
+    Debug = 1,
+    Info = 2,
+    Warn = 3,
+    Error = 4,
+    Critical = 5,
+}
+
+/// Writes a log line at `level` (the SDK's logger panics on a refused line and drops debug lines
+/// below its own fixed level; this asks the host only).
+pub fn log(level: Level, message: &str) -> Result<(), HostStatus> {
+    // SAFETY: `message` is a live slice for the duration of the call.
+    check(unsafe { proxy_log(level as u32, message.as_ptr(), message.len()) })
+}
+
+/// Whether the host would print a line at `level` (so a line it would drop is never built).
+pub fn logs_at(level: Level) -> bool {
+    let mut host_level: u32 = 0;
+    // SAFETY: the host writes one u32 through the pointer.
+    let status = unsafe { proxy_get_log_level(&mut host_level) };
+    status == HostStatus::OK && host_level <= level as u32
 }
 
 /// Lets the paused request go on.

@@ -5,6 +5,11 @@ pub mod filter_state;
 pub mod host;
 pub mod remote_keys;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use policy::config_error::ConfigError;
+use policy::decision_line::{DecisionLine, LogAllows};
 use policy::header_pairs::{HeaderPairs, NotText};
 use policy::log_text::{bounded, bounded_debug};
 use policy::DenyReason;
@@ -22,18 +27,30 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Reads the plugin configuration (only available inside `on_configure`) and parses it. Every
-/// failure is logged with a message that says what is wrong; the caller returns false so Envoy
+/// Reads the plugin configuration (only available inside `on_configure`), parses it and builds
+/// the filter's engine from it (`build`, e.g. `EntityAcl::new`). Every failure is logged with
+/// the JSON path of the bad value when there is one (`entity-acl: configuration refused at
+/// acl.rules[2].actions[0]: unknown variant ...`); the caller then returns false so Envoy
 /// rejects the configuration.
-pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Option<T> {
+pub fn load_config<C, T>(filter: &str, build: impl FnOnce(C) -> Result<T, String>) -> Option<T>
+where
+    C: serde::de::DeserializeOwned,
+{
     let bytes = parse_plugin_config_bytes(filter)?;
-    match serde_json::from_slice(&bytes) {
-        Ok(config) => Some(config),
+    let built = policy::config_error::parse::<C>(&bytes)
+        .and_then(|config| build(config).map_err(ConfigError::Invalid));
+    match built {
+        Ok(engine) => Some(engine),
         Err(e) => {
-            log::error!("{filter}: configuration rejected: {e}");
+            log::error!("{filter}: {e}");
             None
         }
     }
+}
+
+/// [`load_config`] for a configuration that needs no further building.
+pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Option<T> {
+    load_config(filter, Ok::<T, String>)
 }
 
 /// The raw plugin configuration (`{}` when there is none), for filters that parse and
@@ -146,8 +163,9 @@ fn metric_prefix(filter: &str) -> String {
 /// Logs and counts a needed header that is not text; the 400 to answer.
 pub fn refuse_not_text(filter: &str, e: &NotText) -> DenyReason {
     let metric_prefix = metric_prefix(filter);
+    // The decision line follows (reason bad_request); this line names the header.
     log::warn!(
-        "{filter}: decision=deny status=400 reason=header_not_text header={}",
+        "{filter}: refusing reason=header_not_text header={}",
         bounded_debug(&e.name)
     );
     Counter::define(&format!("{metric_prefix}.denied.header_not_text")).inc();
@@ -250,8 +268,9 @@ impl DecisionMetrics {
 
 /// What a request's decision is about, for the decision line.
 pub struct Decided<'a> {
-    pub filter: &'a str,
+    pub filter: &'static str,
     pub mode: policy::enforcement::Mode,
+    pub log_allows: LogAllows,
     pub identity: Option<&'a policy::Identity>,
     /// e.g. `ngsi-v2 GET /v2/entities/Room1`.
     pub operation: &'a str,
@@ -259,31 +278,25 @@ pub struct Decided<'a> {
     pub entities: &'a str,
 }
 
-/// Applies a decision the same way in every policy filter: one decision log line, the
-/// metrics, and for a denial in enforce mode the deny response (with the client-facing
-/// reason). Returns true when the request may go on (allowed, or shadow mode).
+/// Applies a decision the same way in every NGSI policy filter: the decision line (logged,
+/// exported, counted), the filter's metrics, and for a denial in enforce mode the deny
+/// response (with the client-facing reason). Returns true when the request may go on
+/// (allowed, or shadow mode).
 pub fn apply_decision(
     about: &Decided,
     decision: &policy::Decision,
     metrics: &DecisionMetrics,
 ) -> bool {
-    use policy::enforcement::{client_reason, decision_line, Mode};
-    let line = decision_line(
-        about.filter,
-        about.mode,
-        about.identity,
-        about.operation,
-        about.entities,
-        decision,
-    );
+    use policy::enforcement::{client_reason, Mode};
+    let line = with_request_facts(DecisionLine::new(about.filter, about.mode, decision))
+        .subject(about.identity.map(|i| i.subject.as_str()))
+        .text("operation", about.operation)
+        .literal("entities", about.entities);
     metrics.record(decision, about.mode);
+    emit_decision(&line, about.log_allows);
     match decision {
-        policy::Decision::Allow(_) => {
-            log::info!("{line}");
-            true
-        }
+        policy::Decision::Allow(_) => true,
         policy::Decision::Deny(reason) => {
-            log::warn!("{line}");
             if about.mode == Mode::Shadow {
                 return true;
             }
@@ -291,4 +304,61 @@ pub fn apply_decision(
             false
         }
     }
+}
+
+/// `line` with the method, path, tenant (`fiware-service`, else `ngsild-tenant`) and
+/// `x-request-id` of the current request. Read while the request headers are readable (in the
+/// headers callback, or while the filter holds the request); a header that can't be read is
+/// left out.
+pub fn with_request_facts(line: DecisionLine) -> DecisionLine {
+    let get = |name: &str| {
+        host::header_value(MapType::HttpRequestHeaders, name)
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    };
+    let tenant = get("fiware-service").or_else(|| get("ngsild-tenant"));
+    line.request(
+        get(":method").as_deref(),
+        get(":path").as_deref(),
+        tenant.as_deref(),
+        get("x-request-id").as_deref(),
+    )
+}
+
+/// The one place every filter's decisions go through: the decision line is logged (denials at
+/// warning, allows as `log_allows` says), its facts are set as filter state for Envoy's access
+/// log (`wasm.iot_filter`, `wasm.iot_decision`, ...), and the labelled counter
+/// `iot_decisions.filter.<f>.decision.<d>.reason.<r>` is incremented.
+pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
+    use host::Level;
+    let level = match (line.is_allow(), log_allows) {
+        (false, _) => Some(Level::Warn),
+        (true, LogAllows::Info) => Some(Level::Info),
+        (true, LogAllows::Debug) => Some(Level::Debug),
+        (true, LogAllows::Off) => None,
+    };
+    if let Some(level) = level.filter(|l| host::logs_at(*l)) {
+        let _ = host::log(level, &line.to_string());
+    }
+    // Outside a stream (none is current) there is no filter state to set: nothing to export.
+    for (name, value) in line.filter_state() {
+        let _ = host::set_property(name, value.as_bytes());
+    }
+    decision_counter(&line.metric_name()).inc();
+}
+
+thread_local! {
+    /// Labelled decision counters, defined once per VM (Envoy allocates a new metric id on
+    /// every define). The names come from closed sets, so the map stays small.
+    static DECISION_COUNTERS: RefCell<HashMap<String, Counter>> = RefCell::new(HashMap::new());
+}
+
+fn decision_counter(name: &str) -> Counter {
+    DECISION_COUNTERS.with(|counters| {
+        *counters
+            .borrow_mut()
+            .entry(name.to_string())
+            .or_insert_with(|| Counter::define(name))
+    })
 }

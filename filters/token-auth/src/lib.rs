@@ -24,16 +24,17 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
+use policy::decision_line::{DecisionLine, Reason};
+use policy::enforcement::Mode;
 use policy::introspection::SHED_RETRY_AFTER_SECS;
-use policy::log_text::bounded;
 use policy::mtls::PeerCertificate;
 use policy::token_auth::{
     is_client_envoy_header, IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig,
 };
-use policy::DenyReason;
+use policy::{Decision, DenyReason};
 use proxy_glue::host;
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
-use proxy_glue::{now_secs, parse_plugin_config, send_deny, string_property, Counter};
+use proxy_glue::{now_secs, send_deny, string_property, Counter};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
@@ -148,15 +149,9 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(config) = parse_plugin_config::<TokenAuthConfig>("token-auth") else {
+        let Some(auth) = proxy_glue::load_config::<TokenAuthConfig, _>(FILTER, TokenAuth::new)
+        else {
             return false;
-        };
-        let auth = match TokenAuth::new(config) {
-            Ok(auth) => auth,
-            Err(e) => {
-                log::error!("token-auth: configuration rejected: {e}");
-                return false;
-            }
         };
         for warning in auth.warnings() {
             log::warn!("token-auth: {warning}");
@@ -287,7 +282,10 @@ impl HttpContext for Stream {
             return Action::Pause;
         };
         if let Err(reason) = strip_client_identity(&state) {
-            log::warn!("{FILTER}: ctx={} {reason}", self.id);
+            emit(
+                &state.borrow(),
+                DecisionLine::new(FILTER, Mode::Enforce, &Decision::Deny(reason.clone())),
+            );
             send_deny(&reason, &[]);
             return Action::Pause;
         }
@@ -376,7 +374,6 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
     let Some(now) = now_secs() else {
         return execute(
             state,
-            ctx,
             Outcome::Deny {
                 reason: DenyReason::Unavailable("no clock".into()),
                 challenge: None,
@@ -424,7 +421,7 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
             // Joining a lookup in flight is free; a new one must fit under max_in_flight.
             if !in_flight {
                 if let Err(reason) = admit_introspection(state) {
-                    return shed(state, ctx, reason);
+                    return shed(state, reason);
                 }
             }
             wait_for(state, ctx, key.clone(), Some(token.clone()));
@@ -436,11 +433,11 @@ fn decide(state: &Shared, ctx: u32, may_fetch: bool) -> Action {
                     challenge: None,
                 };
                 state.borrow_mut().waiting.remove(&ctx);
-                return execute(state, ctx, outcome);
+                return execute(state, outcome);
             }
             Action::Pause
         }
-        other => execute(state, ctx, other),
+        other => execute(state, other),
     }
 }
 
@@ -455,13 +452,14 @@ fn admit_introspection(state: &Shared) -> Result<(), DenyReason> {
 
 /// Refuses a request whose token would need one introspection too many: 503 with
 /// `Retry-After`, a log line and `token_auth.introspection.shed`.
-fn shed(state: &Shared, ctx: u32, reason: DenyReason) -> Action {
+fn shed(state: &Shared, reason: DenyReason) -> Action {
     let s = state.borrow();
     s.metrics.introspection_shed.inc();
     s.metrics.denied(&reason).inc();
-    log::warn!(
-        "token-auth: ctx={ctx} decision=deny reason=introspection_shed {}",
-        bounded(&reason.to_string())
+    let decision = Decision::Deny(reason.clone());
+    emit(
+        &s,
+        DecisionLine::new(FILTER, Mode::Enforce, &decision).reason(Reason::IntrospectionShed),
     );
     let retry_after = SHED_RETRY_AFTER_SECS.to_string();
     send_deny(&reason, &[("retry-after", &retry_after)]);
@@ -503,8 +501,16 @@ fn remove_credentials(strip_headers: &[String], new_path: Option<&str>) {
     }
 }
 
+/// Logs, exports and counts a decision on the current stream, with the request's facts.
+fn emit(s: &State, line: DecisionLine) {
+    proxy_glue::emit_decision(
+        &proxy_glue::with_request_facts(line),
+        s.auth.config().log_allows,
+    );
+}
+
 /// Executes a final outcome on the effective stream; returns the action for its callback.
-fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
+fn execute(state: &Shared, outcome: Outcome) -> Action {
     let s = state.borrow();
     match outcome {
         Outcome::Public {
@@ -513,7 +519,11 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
         } => {
             remove_credentials(&strip_headers, new_path.as_deref());
             s.metrics.public.inc();
-            log::info!("token-auth: ctx={ctx} decision=allow public route");
+            let decision = Decision::Allow("public route".into());
+            emit(
+                &s,
+                DecisionLine::new(FILTER, Mode::Enforce, &decision).reason(Reason::Public),
+            );
             Action::Continue
         }
         Outcome::Allow {
@@ -528,7 +538,6 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
                     drop(s);
                     return execute(
                         state,
-                        ctx,
                         Outcome::Deny {
                             reason: DenyReason::Unavailable("cannot set identity".into()),
                             challenge: None,
@@ -537,18 +546,25 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
                 }
             }
             s.metrics.allowed.inc();
-            log::info!(
-                "token-auth: ctx={ctx} decision=allow subject={} kind={:?}",
-                bounded(&identity.subject),
-                identity.kind
+            // The kind's snake_case name (`jwt`, `opaque_token`, ...), as its serde form.
+            let kind = serde_json::to_value(identity.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let decision = Decision::Allow(format!("verified {kind} credential"));
+            emit(
+                &s,
+                DecisionLine::new(FILTER, Mode::Enforce, &decision)
+                    .subject(Some(&identity.subject))
+                    .literal("kind", &kind),
             );
             Action::Continue
         }
         Outcome::Deny { reason, challenge } => {
             s.metrics.denied(&reason).inc();
-            log::info!(
-                "token-auth: ctx={ctx} decision=deny {}",
-                bounded(&reason.to_string())
+            emit(
+                &s,
+                DecisionLine::new(FILTER, Mode::Enforce, &Decision::Deny(reason.clone())),
             );
             let extra: Vec<(&str, &str)> = challenge
                 .as_deref()
@@ -561,6 +577,10 @@ fn execute(state: &Shared, ctx: u32, outcome: Outcome) -> Action {
         Outcome::FetchKeys { .. } | Outcome::Introspect { .. } => {
             let reason = DenyReason::Unavailable("internal error".into());
             s.metrics.denied(&reason).inc();
+            emit(
+                &s,
+                DecisionLine::new(FILTER, Mode::Enforce, &Decision::Deny(reason.clone())),
+            );
             send_deny(&reason, &[]);
             Action::Pause
         }
@@ -702,7 +722,7 @@ fn handle_callout_response(state: &Shared, current: u32, callout: u32) {
                 reason,
                 challenge: None,
             });
-            if execute(state, ctx, outcome) == Action::Continue {
+            if execute(state, outcome) == Action::Continue {
                 resume(ctx);
             }
         });

@@ -17,6 +17,10 @@ pub struct OwnershipConfig {
     /// `enforce` (default) or `shadow`.
     #[serde(default)]
     pub mode: Mode,
+    /// Allowed requests are logged at `debug` (default), `info`, or not at all (`off`).
+    /// Denials are always logged, at warning.
+    #[serde(default)]
+    pub log_allows: crate::decision_line::LogAllows,
     /// Where token-auth put the identity (defaults as token-auth's).
     #[serde(default)]
     pub identity_headers: IdentityHeaderNames,
