@@ -456,6 +456,21 @@ mod tests {
             r#"{"notification": {"http": {"url": "http://169.254.169.254/"}}}"#,
         );
         assert!(!d.is_allowed(), "{d:?}");
+        // A registration's new provider endpoint (the broker forwards requests there).
+        let admin = EntityAcl::from_json(
+            br#"{"broker": "ngsi-ld", "acl": {"rules": [{"name": "all", "effect": "allow",
+                "subjects": ["anyone"], "actions": ["*"],
+                "ngsi": {"service": "*", "service_path": "/#"}}]}}"#,
+        )
+        .unwrap();
+        let d = admin.decide(
+            Some(&alice()),
+            "PATCH",
+            "/ngsi-ld/v1/csourceRegistrations/urn:r",
+            &[],
+            br#"{"endpoint": "http://metadata.google.internal/computeMetadata/v1/"}"#,
+        );
+        assert!(!d.decision.is_allowed(), "{d:?}");
         // An ordinary endpoint, and a private network one, are the rules' business.
         for url in [
             "http://hooks.example.com/ngsi",

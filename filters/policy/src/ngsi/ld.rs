@@ -27,7 +27,7 @@
 //! | `/subscriptions/{id}` | PATCH | Subscribe Any (the id may name any subscription) + Subscribe per body `entities`, endpoint if given |
 //! | `/subscriptions[/{id}]` | GET / DELETE | Subscribe Any |
 //! | `/csourceRegistrations` | POST | Register per `information[].entities`, property+relationship names, endpoint `endpoint` |
-//! | `/csourceRegistrations[/{id}]` | GET / PATCH / DELETE | Register Any |
+//! | `/csourceRegistrations[/{id}]` | GET / PATCH / DELETE | Register Any (PATCH: with the body's new `endpoint`, if any) |
 //! | `/temporal/entities` | GET / POST | Read (as `/entities`) / Create + Write |
 //! | `/temporal/entities/{id}` | GET / DELETE | Read / Delete All |
 //! | `/temporal/entities/{id}/attrs` | POST | Write body attrs |
@@ -102,8 +102,19 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         }
         ("POST", ["csourceRegistrations"]) => registration(body),
         ("GET", ["csourceRegistrations"] | ["csourceRegistrations", _])
-        | ("PATCH" | "DELETE", ["csourceRegistrations", _]) => {
+        | ("DELETE", ["csourceRegistrations", _]) => {
             Ok(Classified::new(S::Write, vec![Draft::any(Register)]))
+        }
+        ("PATCH", ["csourceRegistrations", _]) => {
+            // The id may name anyone's registration; a new endpoint is where the broker will
+            // forward requests, checked like any endpoint.
+            let v = parse_json(body)?;
+            let endpoint =
+                endpoint_str(as_object(&v, "registration")?.get("endpoint"), "endpoint")?;
+            Ok(Classified::new(
+                S::Write,
+                vec![Draft::any(Register).with_endpoint(endpoint)],
+            ))
         }
         ("GET", ["types"] | ["attributes"]) => Ok(Classified::new(S::Read, vec![Draft::any(Read)])),
         ("GET", ["types", t]) => Ok(Classified::new(

@@ -1026,6 +1026,12 @@ fn ld_subscriptions_and_registrations() {
             "PATCH",
             &format!("{p}/csourceRegistrations/urn:r"),
             r#"{"endpoint":"http://x"}"#,
+            vec![ep(Register, eany(), tany(), all(), "http://x")],
+        ),
+        (
+            "PATCH",
+            &format!("{p}/csourceRegistrations/urn:r"),
+            r#"{"expiresAt":"2040-01-01T00:00:00Z"}"#,
             vec![e(Register, eany(), tany(), all())],
         ),
         (
