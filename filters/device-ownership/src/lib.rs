@@ -54,6 +54,8 @@ struct Metrics {
     lists_filtered: Counter,
     list_removed: Counter,
     list_failed: Counter,
+    /// A lookup answered 2xx with something that is not the entity looked up.
+    lookup_invalid: Counter,
 }
 
 impl Metrics {
@@ -69,6 +71,7 @@ impl Metrics {
             lists_filtered: c("list.filtered"),
             list_removed: c("list.removed"),
             list_failed: c("list.failed"),
+            lookup_invalid: c("lookup.invalid"),
         }
     }
 }
@@ -756,6 +759,7 @@ fn lookup_answered(state: &Shared, current: u32, lk: LookupKey, status: u32, bod
         match c.sources.get(lk.source) {
             Some(SourceConfig::Broker { .. }) => wire::parse_broker_lookup(
                 lk.api,
+                &lk.key.id,
                 status,
                 body,
                 &c.owner_attribute,
@@ -768,6 +772,10 @@ fn lookup_answered(state: &Shared, current: u32, lk: LookupKey, status: u32, bod
     let record = match parsed {
         Ok(r) => r,
         Err(e) => {
+            if (200..300).contains(&status) {
+                // Non-2xx answers are counted as callout failures already.
+                state.borrow().metrics.lookup_invalid.inc();
+            }
             log::warn!(
                 "{FILTER}: ownership lookup of {} in sources[{}] failed: {}",
                 bounded_debug(&lk.key.to_string()),

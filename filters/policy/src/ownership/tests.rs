@@ -598,6 +598,7 @@ fn broker_lookups() {
     assert_eq!(path, "/ngsi10/entity/urn:ngsi-ld:Lamp:1%20x%2Fy");
     let r = wire::parse_broker_lookup(
         BrokerApi::V2,
+        "L",
         200,
         br#"{"id": "L", "owner": "alice", "delegations": [{"public": true}]}"#,
         "owner",
@@ -609,6 +610,7 @@ fn broker_lookups() {
     assert_eq!(
         wire::parse_broker_lookup(
             BrokerApi::V2,
+            "L",
             200,
             br#"{"id": "L"}"#,
             "owner",
@@ -618,12 +620,12 @@ fn broker_lookups() {
         None
     );
     assert_eq!(
-        wire::parse_broker_lookup(BrokerApi::V2, 404, b"", "owner", "delegations").unwrap(),
+        wire::parse_broker_lookup(BrokerApi::V2, "L", 404, b"", "owner", "delegations").unwrap(),
         None
     );
     let ngsi10 = br#"{"entityId": {"id": "S"}, "attributes": [{"name": "owner", "type": "string", "value": "carol"}]}"#;
     assert_eq!(
-        wire::parse_broker_lookup(BrokerApi::Ngsi10, 200, ngsi10, "owner", "delegations").unwrap(),
+        wire::parse_broker_lookup(BrokerApi::Ngsi10, "S", 200, ngsi10, "owner", "delegations").unwrap(),
         Some(Record::owned_by("carol"))
     );
     for (s, b) in [
@@ -635,7 +637,7 @@ fn broker_lookups() {
         (0, b""),
     ] {
         assert!(
-            wire::parse_broker_lookup(BrokerApi::V2, s, b, "owner", "delegations").is_err(),
+            wire::parse_broker_lookup(BrokerApi::V2, "L", s, b, "owner", "delegations").is_err(),
             "{s}"
         );
     }
@@ -978,4 +980,53 @@ fn every_2xx_list_answer_is_filtered_and_no_status_is_refused() {
         assert_eq!(wire::list_answer(Some(s)), ListAnswer::PassThrough, "{s}");
     }
     assert_eq!(wire::list_answer(None), ListAnswer::Unreadable);
+}
+
+/// A 200 lookup answer says something about the entity looked up only if it is that entity:
+/// a list, another entity, or an object without id (random JSON from a broken broker) is an
+/// error (503), never "exists, nobody owns it" (that let a create claim an owned entity).
+/// Fails on the code before the id check: each of these parsed as `Ok(None)`/`Ok(Some)`.
+#[test]
+fn broker_lookup_answer_must_be_the_entity_looked_up() {
+    let parse = |api, id, body: &str| {
+        wire::parse_broker_lookup(api, id, 200, body.as_bytes(), "owner", "delegations")
+    };
+    for (api, body) in [
+        (BrokerApi::V2, r#"{}"#),
+        (BrokerApi::V2, r#"{"error": "x"}"#),
+        (BrokerApi::V2, r#"{"id": "lamp-02", "owner": "mallory"}"#),
+        (BrokerApi::V2, r#"{"id": 5}"#),
+        (BrokerApi::V2, r#"{"id": "LAMP-01"}"#),
+        (BrokerApi::V2, r#"{"entityId": {"id": "lamp-01"}}"#),
+        (BrokerApi::Ld, r#"{"type": "Lamp"}"#),
+        (BrokerApi::Ld, r#"{"id": "urn:other"}"#),
+        (BrokerApi::Ld, r#"{"id": "lamp-01%20"}"#),
+        (BrokerApi::Ngsi10, r#"{"id": "lamp-01"}"#),
+        (BrokerApi::Ngsi10, r#"{"entityId": {"id": "lamp-02"}}"#),
+        (BrokerApi::Ngsi10, r#"{"attributes": []}"#),
+    ] {
+        let got = parse(api, "lamp-01", body);
+        assert!(got.is_err(), "{api:?} {body}: {got:?}");
+    }
+    // The entity itself, in each API's shape: known owner, or exists without one.
+    assert_eq!(
+        parse(BrokerApi::Ld, "lamp-01", r#"{"id": "lamp-01", "type": "Lamp"}"#),
+        Ok(None)
+    );
+    assert_eq!(
+        parse(
+            BrokerApi::Ld,
+            "urn:a b",
+            r#"{"id": "urn:a b", "type": "Lamp", "owner": "alice"}"#
+        ),
+        Ok(Some(Record::owned_by("alice")))
+    );
+    assert_eq!(
+        parse(
+            BrokerApi::Ngsi10,
+            "lamp-01",
+            r#"{"entityId": {"id": "lamp-01", "type": "Lamp", "isPattern": false}, "attributes": []}"#
+        ),
+        Ok(None)
+    );
 }
