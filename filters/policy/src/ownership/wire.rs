@@ -627,7 +627,8 @@ pub fn list_entities(
     Ok((v, out))
 }
 
-fn list_items(format: ListFormat, v: &Value) -> Result<Vec<&Value>, String> {
+/// The items of a parsed list response, in the order of [`list_entities`].
+pub fn list_items(format: ListFormat, v: &Value) -> Result<Vec<&Value>, String> {
     match (format, v) {
         (_, Value::Array(a)) => Ok(a.iter().collect()),
         (ListFormat::Ngsi10, Value::Object(o)) => match o.get("contextResponses") {
