@@ -286,6 +286,26 @@ def check_identity_headers(token_auth_config, extra_filters):
                 "filter of the chain the same identity_headers")
 
 
+# The `broker` setting of entity-acl and device-ownership (policy::ngsi::Broker).
+BROKERS = ("orion", "ngsi-ld", "fogflow")
+
+
+def check_broker(extra_filters):
+    """Refuses an unknown `broker` in entity-acl or device-ownership, and a chain whose two
+    NGSI filters model different brokers (one sidecar is in front of one broker)."""
+    seen = {}
+    for f in extra_filters:
+        if f["name"] not in ("entity-acl", "device-ownership"):
+            continue
+        broker = (f["config"] or {}).get("broker", "orion")
+        if broker not in BROKERS:
+            raise ValueError(f"{f['name']}: broker {broker!r} is not one of {', '.join(BROKERS)}")
+        seen[f["name"]] = broker
+    if len(set(seen.values())) > 1:
+        raise ValueError(f"entity-acl and device-ownership name different brokers {seen}; "
+                         "give both the broker behind this sidecar")
+
+
 def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
     """One filter after token-auth, for render(extra_filters=...): {"name", "config", "wasm"}.
     allow_on_headers_stop_iteration=False exists for the test that shows what that
@@ -363,6 +383,7 @@ def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filte
     """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
     filter after it."""
     check_identity_headers(json_object(filter_config, "token-auth"), extra_filters)
+    check_broker(extra_filters)
     write_atomically(ecds_path(ecds_dir), ecds_resource(
         filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
         failure_policy=failure_policy))
@@ -433,6 +454,7 @@ def render(
     check_node_id(node_id, "--node-id")
     if not without_token_auth:
         check_identity_headers(filter_config, extra_filters)
+    check_broker(extra_filters)
     wasm = os.path.abspath(wasm)
     failure_policy = failure_policy_value(failure_policy)
     params = {

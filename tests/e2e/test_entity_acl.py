@@ -257,3 +257,75 @@ def test_render_refuses_a_chain_whose_identity_header_names_differ(tmp_path):
                                               "acl": {"rules": []}},
                                wasm=str(tmp_path / "a.wasm"))
     assert "x-user" in render.render(token_auth, extra_filters=[same])
+
+
+def test_render_refuses_an_unknown_or_split_broker_setting(tmp_path):
+    """entity-acl and device-ownership model the broker behind the sidecar (`broker`): an
+    unknown value, or two different ones in one chain, is refused before Envoy sees it."""
+    wasm = str(tmp_path / "a.wasm")
+    typo = render.chain_filter("entity-acl", {"broker": "fog-flow", "acl": {"rules": []}},
+                               wasm=wasm)
+    with pytest.raises(ValueError, match="broker 'fog-flow' is not one of"):
+        render.render({}, extra_filters=[typo])
+    with pytest.raises(ValueError, match="broker"):
+        render.write_ecds_resources(str(tmp_path), {}, extra_filters=[typo])
+    acl = render.chain_filter("entity-acl", {"broker": "fogflow", "acl": {"rules": []}},
+                              wasm=wasm)
+    own = render.chain_filter("device-ownership", {"sources": []}, wasm=wasm)
+    with pytest.raises(ValueError, match="different brokers"):
+        render.render({}, extra_filters=[own, acl])
+    own_ff = render.chain_filter("device-ownership", {"broker": "fogflow", "sources": []},
+                                 wasm=wasm)
+    assert "fogflow" in render.render({}, extra_filters=[own_ff, acl])
+
+
+def test_broker_semantics_in_envoy(work_dir, wasm, acl_wasm, idp, broker, token):
+    """Issue 12 through a real Envoy: a subscription whose notifications would go to the
+    metadata service (any spelling) or loopback is refused, a narrow subscribe grant does not
+    change a subscription by id, and FogFlow's API is not served by an Orion sidecar. Each
+    reached the broker on main."""
+    acl = json.loads(json.dumps(ACL))
+    acl["acl"]["rules"].append(
+        {"name": "writers-subscribe-sensors", "effect": "allow",
+         "subjects": ["role:entities-writer"], "actions": ["subscribe"],
+         "ngsi": {"service": "smartcity", "service_path": "/#",
+                  "entity_id": "urn:ngsi-ld:Sensor:*"}})
+    proxy = chain_envoy(work_dir, wasm, acl_wasm, idp, broker, "envoy-broker-semantics", acl=acl)
+    try:
+        def subscription(url):
+            return json.dumps({"subject": {"entities": [{"id": "urn:ngsi-ld:Sensor:7"}]},
+                               "notification": {"http": {"url": url}}})
+
+        for url, status in [
+            ("http://169.254.169.254/latest/meta-data/", 403),
+            ("http://[::ffff:a9fe:a9fe]/latest/meta-data/", 403),
+            ("http://0x7f.1:1026/v2/op/update", 403),
+            ("http://localhost./", 403),
+            ("http://hooks.example.com/ngsi", 201),
+        ]:
+            p = probe()
+            r = proxy.request("POST", "/v2/subscriptions",
+                              ngsi_headers(token, p, **{"fiware-servicepath": "/"}),
+                              subscription(url))
+            if status == 403:
+                assert r.status == 403, (url, r.status, r.body)
+                assert broker.received(p) == [], url
+            else:
+                assert r.status < 300, (url, r.status, r.body)
+                assert len(broker.received(p)) == 1
+        p = probe()
+        r = proxy.request("PATCH", "/v2/subscriptions/5f0a1b2c3d4e5f6a7b8c9d0e",
+                          ngsi_headers(token, p, **{"fiware-servicepath": "/"}),
+                          subscription("http://hooks.example.com/stolen"))
+        assert r.status == 403, r.body
+        assert broker.received(p) == []
+        p = probe()
+        r = proxy.request("POST", "/ngsi10/updateContext", ngsi_headers(token, p), json.dumps(
+            {"contextElements": [{"entityId": {"id": "urn:ngsi-ld:Sensor:7", "type": "Sensor"},
+                                  "attributes": [{"name": "t", "value": 1}]}],
+             "updateAction": "UPDATE"}))
+        assert r.status == 400, r.body
+        assert "not served by the configured broker (orion)" in r.json()["description"]
+        assert broker.received(p) == []
+    finally:
+        proxy.stop()

@@ -489,6 +489,7 @@ fn decide(state: &Shared, ctx: u32) -> Action {
             return Action::Pause;
         };
         let req = NgsiRequest {
+            broker: s.own.config().broker,
             method: &stream.method,
             path: &stream.path,
             headers: &stream.headers,

@@ -142,6 +142,7 @@ fn main() {
         });
         let own_us = median_us(|| {
             let req = NgsiRequest {
+                broker: own.config().broker,
                 method,
                 path,
                 headers,

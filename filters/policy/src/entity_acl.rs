@@ -4,12 +4,15 @@
 
 use serde::Deserialize;
 
+use crate::access::{Action, RequestAccess};
+use crate::acl::RuleConfig;
 use crate::acl::{Acl, AclConfig};
 use crate::decision::{Decision, DenyReason};
 use crate::enforcement::{summarize_accesses, Mode};
 use crate::identity::Identity;
 use crate::identity_headers::IdentityHeaderNames;
-use crate::ngsi::{classify, NgsiRequest};
+use crate::ngsi::{classify, Broker, NgsiRequest};
+use crate::notification_endpoint;
 
 /// Default request body limit: Orion's own default maximum request size is 1 MB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -39,6 +42,14 @@ pub struct EntityAclConfig {
     /// through; unlisted, they are refused (403). Default none: nothing passes without a rule.
     #[serde(default)]
     pub open_endpoints: Vec<String>,
+    /// The broker behind the sidecar: `orion` (default), `ngsi-ld` or `fogflow`. It decides
+    /// which routes exist and what a request really does (see README, "Which broker").
+    #[serde(default)]
+    pub broker: Broker,
+    /// Let subscriptions and registrations name loopback, link-local and metadata endpoints
+    /// (refused by default, see [`notification_endpoint`]). Default false.
+    #[serde(default)]
+    pub allow_local_notification_endpoints: bool,
     pub acl: AclConfig,
 }
 
@@ -60,7 +71,9 @@ pub struct EntityAcl {
     pub max_body_bytes: usize,
     pub body_timeout_ms: u64,
     pub identity_headers: IdentityHeaderNames,
+    pub broker: Broker,
     open_endpoints: Vec<String>,
+    allow_local_notification_endpoints: bool,
     acl: Acl,
 }
 
@@ -111,13 +124,18 @@ impl EntityAcl {
                 rule.name
             ));
         }
+        if config.broker == Broker::FogFlow {
+            config.acl.rules.iter().try_for_each(fogflow_rule)?;
+        }
         let acl = Acl::from_config(&config.acl).map_err(|e| e.to_string())?;
         Ok(EntityAcl {
             mode: config.mode,
             max_body_bytes: config.max_body_bytes,
             body_timeout_ms: config.body_timeout_ms,
             identity_headers: config.identity_headers,
+            broker: config.broker,
             open_endpoints: config.open_endpoints,
+            allow_local_notification_endpoints: config.allow_local_notification_endpoints,
             acl,
         })
     }
@@ -143,6 +161,7 @@ impl EntityAcl {
         body: &[u8],
     ) -> Verdict {
         let request = NgsiRequest {
+            broker: self.broker,
             method,
             path,
             headers,
@@ -168,7 +187,10 @@ impl EntityAcl {
             }
             Ok(classified) => Verdict {
                 entities: summarize_accesses(&classified.accesses),
-                decision: self.acl.check_request(identity, &classified),
+                decision: match self.check_endpoints(&classified) {
+                    Ok(()) => self.acl.check_request(identity, &classified),
+                    Err(reason) => Decision::Deny(reason),
+                },
                 operation: classified.operation,
             },
             Err(reason) => Verdict {
@@ -177,6 +199,21 @@ impl EntityAcl {
                 decision: Decision::Deny(reason),
             },
         }
+    }
+
+    /// Refuses a subscription or registration whose endpoint the broker must not connect to
+    /// (see [`notification_endpoint`]), unless the operator allowed it.
+    fn check_endpoints(&self, request: &RequestAccess) -> Result<(), DenyReason> {
+        if self.allow_local_notification_endpoints {
+            return Ok(());
+        }
+        request
+            .accesses
+            .iter()
+            .filter(|a| matches!(a.action, Action::Subscribe | Action::Register))
+            .filter_map(|a| a.endpoint.as_deref())
+            .filter(|e| !self.acl.allow_rule_names_endpoint(e))
+            .try_for_each(notification_endpoint::check)
     }
 
     /// The verdict for a body over the limit.
@@ -190,6 +227,24 @@ impl EntityAcl {
             ))),
         }
     }
+}
+
+/// FogFlow keys entities by id alone and has no tenants or service paths: a rule naming a
+/// type, a tenant or a service path could never apply as written (an allow rule would grant
+/// nothing, a deny rule would touch everything), so it is refused at configure time.
+fn fogflow_rule(rule: &RuleConfig) -> Result<(), String> {
+    let Some(n) = &rule.ngsi else {
+        return Ok(());
+    };
+    if n.entity_type != "*" || !matches!(n.service.as_str(), "" | "*") || n.service_path != "/#" {
+        return Err(format!(
+            "acl rule {:?}: broker \"fogflow\" keys entities by id alone and has no tenants \
+             or service paths; give entity_type \"*\", service \"\" (or \"*\") and \
+             service_path \"/#\"",
+            rule.name
+        ));
+    }
+    Ok(())
 }
 
 /// Query strings may carry anything (q filters with values); logs get the path only.
@@ -296,6 +351,191 @@ mod tests {
             v.decision,
             Decision::Deny(DenyReason::Forbidden(_))
         ));
+    }
+
+    #[test]
+    fn the_broker_setting_is_validated() {
+        let err = |json: serde_json::Value| {
+            EntityAcl::from_json(json.to_string().as_bytes()).unwrap_err()
+        };
+        let e = err(json!({"broker": "fog-flow", "acl": {"rules": []}}));
+        assert!(e.contains("unknown variant `fog-flow`"), "{e}");
+        assert!(e.contains("`orion`, `ngsi-ld`, `fogflow`"), "{e}");
+        let default = EntityAcl::from_json(&config(json!([]))).unwrap();
+        assert_eq!(default.broker, Broker::Orion);
+        // FogFlow has no types, tenants or service paths: rules naming them are refused.
+        for ngsi in [
+            json!({"service": "", "service_path": "/#", "entity_type": "Room"}),
+            json!({"service": "openiot", "service_path": "/#"}),
+            json!({"service": "%t", "service_path": "/#"}),
+            json!({"service": "", "service_path": "/rooms/#"}),
+        ] {
+            let e = err(json!({"broker": "fogflow", "acl": {"rules": [{"name": "r",
+                "effect": "allow", "subjects": ["anyone"], "actions": ["read"], "ngsi": ngsi}]}}));
+            assert!(e.contains("keys entities by id alone"), "{e}");
+        }
+        let ok = json!({"broker": "fogflow", "acl": {"rules": [{"name": "r", "effect": "allow",
+            "subjects": ["anyone"], "actions": ["read"],
+            "ngsi": {"service": "*", "service_path": "/#", "entity_id": "urn:*"}}]}});
+        let acl = EntityAcl::from_json(ok.to_string().as_bytes()).unwrap();
+        assert_eq!(acl.broker, Broker::FogFlow);
+    }
+
+    fn subscriber_acl(extra: serde_json::Value) -> EntityAcl {
+        let mut cfg = json!({ "acl": { "rules": [
+            {"name": "alice-subscribes-rooms", "effect": "allow", "subjects": ["user:alice"],
+             "actions": ["subscribe"],
+             "ngsi": {"service": "city", "service_path": "/#", "entity_id": "urn:Room:*"}},
+            {"name": "ops-local-hook", "effect": "allow", "subjects": ["user:ops"],
+             "actions": ["subscribe"],
+             "ngsi": {"service": "city", "service_path": "/#",
+                      "endpoint_prefix": "http://127.0.0.1:9090/hooks/"}}
+        ]}});
+        if let (Some(c), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        EntityAcl::from_json(cfg.to_string().as_bytes()).unwrap()
+    }
+
+    fn subscribe(acl: &EntityAcl, who: &str, method: &str, path: &str, body: &str) -> Decision {
+        let who = Identity::new(IdentityKind::Jwt, who);
+        let h = headers("city", "/");
+        acl.decide(Some(&who), method, path, &h, body.as_bytes())
+            .decision
+    }
+
+    fn v2_subscription(url: &str) -> String {
+        json!({"subject": {"entities": [{"id": "urn:Room:1"}]},
+               "notification": {"http": {"url": url}}})
+        .to_string()
+    }
+
+    /// A subscription whose notifications would go to the broker's own host or the metadata
+    /// service is refused, in any spelling; on main it was allowed by a subscribe rule
+    /// without endpoint_prefix.
+    #[test]
+    fn local_and_metadata_notification_endpoints_are_refused() {
+        let acl = subscriber_acl(json!({}));
+        for url in [
+            "http://169.254.169.254/latest/meta-data/",
+            "http://2852039166/",
+            "http://[::ffff:169.254.169.254]/",
+            "http://localhost:1026/v2/entities",
+            "http://0x7f.1:1026/",
+        ] {
+            let d = subscribe(
+                &acl,
+                "alice",
+                "POST",
+                "/v2/subscriptions",
+                &v2_subscription(url),
+            );
+            match d {
+                Decision::Deny(DenyReason::Forbidden(m)) => {
+                    assert!(m.contains("notification endpoint"), "{url}: {m}")
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        let ld = json!({"type": "Subscription", "entities": [{"id": "urn:Room:1", "type": "Room"}],
+            "notification": {"endpoint": {"uri": "http://[::1]:1026/ngsi-ld/v1/entities"}}});
+        let d = acl.decide(
+            Some(&alice()),
+            "POST",
+            "/ngsi-ld/v1/subscriptions",
+            &headers("city", ""),
+            ld.to_string().as_bytes(),
+        );
+        assert!(!d.decision.is_allowed(), "{d:?}");
+        // PATCH of the endpoint is checked too (and needs rights over every subscription).
+        let d = subscribe(
+            &acl,
+            "alice",
+            "PATCH",
+            "/v2/subscriptions/abc",
+            r#"{"notification": {"http": {"url": "http://169.254.169.254/"}}}"#,
+        );
+        assert!(!d.is_allowed(), "{d:?}");
+        // A registration's new provider endpoint (the broker forwards requests there).
+        let admin = EntityAcl::from_json(
+            br#"{"broker": "ngsi-ld", "acl": {"rules": [{"name": "all", "effect": "allow",
+                "subjects": ["anyone"], "actions": ["*"],
+                "ngsi": {"service": "*", "service_path": "/#"}}]}}"#,
+        )
+        .unwrap();
+        let d = admin.decide(
+            Some(&alice()),
+            "PATCH",
+            "/ngsi-ld/v1/csourceRegistrations/urn:r",
+            &[],
+            br#"{"endpoint": "http://metadata.google.internal/computeMetadata/v1/"}"#,
+        );
+        assert!(!d.decision.is_allowed(), "{d:?}");
+        // An ordinary endpoint, and a private network one, are the rules' business.
+        for url in [
+            "http://hooks.example.com/ngsi",
+            "http://10.1.2.3:8080/notify",
+        ] {
+            let d = subscribe(
+                &acl,
+                "alice",
+                "POST",
+                "/v2/subscriptions",
+                &v2_subscription(url),
+            );
+            assert!(d.is_allowed(), "{url}: {d:?}");
+        }
+        // The operator's opt-ins: a rule naming the endpoint, or the setting.
+        let named = v2_subscription("http://127.0.0.1:9090/hooks/a");
+        let d = subscribe(&acl, "ops", "POST", "/v2/subscriptions", &named);
+        assert!(d.is_allowed(), "{d:?}");
+        // The named receiver is a known one for every rule (alice's rule allows any endpoint);
+        // the rest of that host is not.
+        let d = subscribe(&acl, "alice", "POST", "/v2/subscriptions", &named);
+        assert!(d.is_allowed(), "{d:?}");
+        let elsewhere = v2_subscription("http://127.0.0.1:9090/admin/");
+        let d = subscribe(&acl, "ops", "POST", "/v2/subscriptions", &elsewhere);
+        assert!(!d.is_allowed(), "{d:?}");
+        let open = subscriber_acl(json!({"allow_local_notification_endpoints": true}));
+        let d = subscribe(
+            &open,
+            "alice",
+            "POST",
+            "/v2/subscriptions",
+            &v2_subscription("http://localhost:1026/"),
+        );
+        assert!(d.is_allowed(), "{d:?}");
+    }
+
+    /// Orion finds a subscription by id alone: a narrow subscribe grant does not let its
+    /// holder rewrite (PATCH) someone else's subscription. On main the PATCH was decided on
+    /// its body alone and allowed.
+    #[test]
+    fn a_subscription_changed_by_id_needs_every_subscription() {
+        let acl = subscriber_acl(json!({}));
+        let body = r#"{"subject": {"entities": [{"id": "urn:Room:1"}]},
+                       "notification": {"http": {"url": "http://hooks.example.com/x"}}}"#;
+        for (method, path, body) in [
+            ("PATCH", "/v2/subscriptions/5f0a1b2c3d4e5f6a7b8c9d0e", body),
+            (
+                "PATCH",
+                "/v2/subscriptions/5f0a1b2c3d4e5f6a7b8c9d0e",
+                r#"{"status": "inactive"}"#,
+            ),
+            ("DELETE", "/v2/subscriptions/5f0a1b2c3d4e5f6a7b8c9d0e", ""),
+            ("GET", "/v2/subscriptions/5f0a1b2c3d4e5f6a7b8c9d0e", ""),
+            (
+                "PATCH",
+                "/ngsi-ld/v1/subscriptions/urn:ngsi-ld:Subscription:1",
+                r#"{"isActive": false}"#,
+            ),
+        ] {
+            let d = subscribe(&acl, "alice", method, path, body);
+            assert!(!d.is_allowed(), "{method} {path}: {d:?}");
+        }
+        // Creating one within the grant is still fine.
+        let d = subscribe(&acl, "alice", "POST", "/v2/subscriptions", body);
+        assert!(d.is_allowed(), "{d:?}");
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod mqtt;
 pub mod mqtt_acl;
 pub mod mtls;
 pub mod ngsi;
+pub mod notification_endpoint;
 pub mod ownership;
 pub mod routes;
 pub mod strict_json;

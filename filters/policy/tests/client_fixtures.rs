@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 
 use policy::access::{Access, Action, AttributeSelector, EntitySelector, Tenant, TypeSelector};
-use policy::ngsi::{classify, NgsiRequest, UNCLASSIFIED};
+use policy::ngsi::{classify, Broker, NgsiRequest, UNCLASSIFIED};
 use serde_json::{Map, Value};
 
 const CLIENTS: &[&str] = &["ngsijs", "filip"];
@@ -213,6 +213,7 @@ fn check(entry: &Value) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     let expect = expectation(&entry["expect"])?;
     let got = classify(&NgsiRequest {
+        broker: broker_of(path),
         method,
         path,
         headers: &headers,
@@ -262,6 +263,16 @@ fn check(entry: &Value) -> Result<(), String> {
             }
             Ok(())
         }
+    }
+}
+
+/// ngsijs and FiLiP speak Orion's NGSI v2 and NGSI-LD: the recorded request is meant for an
+/// NGSI-LD broker when its path says so, for Orion otherwise.
+fn broker_of(path: &str) -> Broker {
+    if path.starts_with("/ngsi-ld/") {
+        Broker::NgsiLd
+    } else {
+        Broker::Orion
     }
 }
 

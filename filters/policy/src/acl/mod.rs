@@ -19,8 +19,10 @@
 //! # Covered (allow) — what a widening selector needs
 //! An allow rule covers a unit only if every entity the unit could reach is granted:
 //! * entity: `Id(x)` needs the rule's `entity_id` glob to match `x`; `IdPattern(re)` counts as
-//!   `Id(lit)` only when `re` is provably a single literal (`^lit$`, built only of
-//!   `[A-Za-z0-9_:-]` and backslash-escaped punctuation); any other `IdPattern` and `Any` need
+//!   `Id(lit)` only when `re` is a single literal under every broker's regex engine (`^lit$`,
+//!   built only of `[A-Za-z0-9_:-]` and the escapes `\.` `\[` `\]` `\(` `\)` `\*` `\+` `\?`
+//!   `\{` `\}` `\|` `\^` `\$` `\\`; glibc's `\<` `\>` `` \` `` `\'` are anchors, not
+//!   characters); any other `IdPattern` and `Any` need
 //!   `entity_id: "*"`. No attempt is made to prove a regex is contained in a glob.
 //! * type: `Type(t)` needs `entity_type` `"*"` or `t`; `Pattern` is treated like `IdPattern`
 //!   (single literal or else needs `"*"`); `Any` needs `"*"`.
@@ -930,7 +932,16 @@ impl fmt::Display for UnitRef<'_> {
     }
 }
 
-/// `^lit$` where lit is plain characters or backslash-escaped punctuation.
+/// Characters that, backslash-escaped, are one literal character under every regex engine the
+/// brokers use: POSIX ERE as glibc's `regcomp` compiles it (Orion's subscription cache), PCRE
+/// (MongoDB queries), Java and JavaScript (NGSI-LD brokers). Other escapes are not: glibc
+/// reads `\<`, `\>`, `` \` `` and `\'` as anchors and `\w`, `\b`, digits as classes and
+/// back-references.
+const LITERAL_ESCAPES: &str = ".[]()*+?{}|^$\\";
+
+/// `^lit$` where lit is plain characters (`[A-Za-z0-9_:-]`) or one of [`LITERAL_ESCAPES`]
+/// escaped: the only patterns taken as naming one entity (or type). Anything else may match
+/// more than one name under some engine, and is a pattern.
 pub fn literal_regex(re: &str) -> Option<String> {
     let body = re.strip_prefix('^')?;
     let mut out = String::new();
@@ -938,7 +949,7 @@ pub fn literal_regex(re: &str) -> Option<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => match chars.next() {
-                Some(e) if e.is_ascii_punctuation() => out.push(e),
+                Some(e) if LITERAL_ESCAPES.contains(e) => out.push(e),
                 _ => return None,
             },
             '$' if chars.peek().is_none() => return if out.is_empty() { None } else { Some(out) },
@@ -1113,6 +1124,19 @@ impl Acl {
 
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// True if some allow rule's `endpoint_prefix` matches `endpoint`: the operator named it,
+    /// so [`crate::notification_endpoint`]'s refusals do not apply to it (the rules still
+    /// decide who may use it).
+    pub fn allow_rule_names_endpoint(&self, endpoint: &str) -> bool {
+        self.rules.iter().any(|r| match &r.resource {
+            Resource::Ngsi(n) if r.effect == Effect::Allow => n
+                .endpoint
+                .as_ref()
+                .is_some_and(|p| p.matches(endpoint) == Some(true)),
+            _ => false,
+        })
     }
 
     /// Decides an NGSI request: allowed only if every access is.

@@ -283,10 +283,74 @@ fn literal_regex_table() {
         ("^Room1$|^Room2$", None),
         ("^$", None),
         ("^Room\\d$", None),
+        // Escapes that are one character under every engine.
+        (
+            "^a\\.b\\[c\\]\\(d\\)\\*\\+\\?\\{\\}\\|\\^\\$\\\\$",
+            Some("a.b[c](d)*+?{}|^$\\"),
+        ),
+        // glibc regcomp (Orion's subscription cache) reads these as anchors, PCRE as literals:
+        // not one name under every engine.
+        ("^Room\\<1$", None),
+        ("^Room1\\>$", None),
+        ("^Room1\\'$", None),
+        ("^\\`Room1$", None),
+        // Other punctuation escapes are not needed for a literal and are not trusted.
+        ("^Room\\/1$", None),
+        ("^Room\\-1$", None),
+        ("^Room\\ 1$", None),
     ];
     for (re, want) in cases {
         assert_eq!(literal_regex(re).as_deref(), want, "{re}");
     }
+}
+
+/// A pattern with a glibc anchor escape reaches the entity a deny rule names (Orion matches
+/// `^urn:ngsi-ld:Room:vault1\'$` against `urn:ngsi-ld:Room:vault1`): it is a pattern, so it
+/// needs an allow rule for every id and is touched by the deny rule. On main it was read as
+/// the literal id `urn:ngsi-ld:Room:vault1'` and allowed.
+#[test]
+fn anchor_escaped_patterns_are_patterns_against_a_deny_rule() {
+    let a = acl(json!([
+        ngsi_rule(
+            "rooms",
+            "allow",
+            &["user:alice"],
+            &["read", "subscribe"],
+            json!({"service": "city", "service_path": "/#", "entity_id": "urn:ngsi-ld:Room:*"})
+        ),
+        ngsi_rule(
+            "no-vault",
+            "deny",
+            &["anyone"],
+            &["*"],
+            json!({"service": "city", "service_path": "/#", "entity_id": "urn:ngsi-ld:Room:vault1"})
+        ),
+    ]));
+    let alice = user("alice");
+    for re in [
+        "^urn:ngsi-ld:Room:vault1\\'$",
+        "^urn:ngsi-ld:Room:\\<vault1$",
+        "^urn:ngsi-ld:Room:vault1\\>$",
+        "^\\`urn:ngsi-ld:Room:vault1$",
+    ] {
+        for action in [Action::Read, Action::Subscribe] {
+            let x = access(
+                action,
+                EntitySelector::IdPattern(re.into()),
+                TypeSelector::Type("Room".into()),
+                "/a",
+            );
+            assert!(!allowed(&a, Some(&alice), &[x]), "{re} {action:?}");
+        }
+    }
+    // A real literal of an allowed room still counts as that one room.
+    let ok = access(
+        Action::Read,
+        EntitySelector::IdPattern("^urn:ngsi-ld:Room:1$".into()),
+        TypeSelector::Type("Room".into()),
+        "/a",
+    );
+    assert!(allowed(&a, Some(&alice), &[ok]));
 }
 
 // ---------------------------------------------------------------- MQTT matching

@@ -69,6 +69,11 @@ impl CanonicalPath {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Query {
     pub pairs: Vec<(String, String)>,
+    /// Each value of `pairs` decoded as an HTML form field: a raw `+` is a space, as the
+    /// brokers' HTTP layers read query parameters (libmicrohttpd in Orion and Orion-LD, Go's
+    /// `net/url` in FogFlow, the servlet/Spring decoders of Scorpio and Stellio). Filter
+    /// expressions (`q=temperature+>+3`) are read in this form; see [`Query::get_form`].
+    pub form_values: Vec<String>,
 }
 
 impl Query {
@@ -88,6 +93,21 @@ impl Query {
         if found == Some("") {
             return Err(bad(format!("query parameter {name:?} is empty")));
         }
+        Ok(found)
+    }
+
+    /// The value of a parameter as the broker reads a filter expression (raw `+` is a space),
+    /// with the same refusals as [`Query::get`].
+    pub fn get_form(&self, name: &str) -> Result<Option<&str>, DenyReason> {
+        if self.get(name)?.is_none() {
+            return Ok(None);
+        }
+        let found = self
+            .pairs
+            .iter()
+            .zip(&self.form_values)
+            .find(|((k, _), _)| k == name)
+            .map(|(_, form)| form.as_str());
         Ok(found)
     }
 
@@ -179,24 +199,27 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
                 "request path must not contain encoded separators (%2F, %5C)",
             ));
         }
-        if d.chars().any(char::is_control) {
+        if d.chars().any(super::is_refused_char) {
             return Err(bad("request path must not contain control characters"));
         }
         segments.push(d);
     }
     let mut pairs = Vec::new();
+    let mut form_values = Vec::new();
     for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let (k, raw) = part.split_once('=').unwrap_or((part, ""));
         let k = decode_once(k)?;
-        let v = decode_once(v)?;
-        if v.chars().any(char::is_control) {
+        let v = decode_once(raw)?;
+        if v.chars().any(super::is_refused_char) {
             return Err(bad("query parameters must not contain control characters"));
         }
+        // Same bytes as `v` but for `+` (decoded once, so `%2B` stays a plus).
+        form_values.push(decode_once(&raw.replace('+', "%20"))?);
         pairs.push((k, v));
     }
     Ok(CanonicalPath {
         segments,
-        query: Query { pairs },
+        query: Query { pairs, form_values },
     })
 }
 

@@ -1,10 +1,11 @@
 //! FogFlow's NGSI9/NGSI10 API (smartfog/fogflow: `broker/restapisrv.go` for the broker,
 //! `discovery/main.go` for IoT Discovery). Routes are matched exactly as FogFlow's
-//! go-json-rest router registers them, case-sensitively: the broker serves `/ngsi10/...` and
-//! `/NGSI9/registerContext` (upper case), IoT Discovery serves `/ngsi9/...` (lower case).
-//! `/NGSI9/discoverContextAvailability` is routed by neither and is refused as unclassified.
+//! go-json-rest router registers them, case-sensitively: the broker serves `/ngsi10/...`, IoT
+//! Discovery serves `/ngsi9/...` (lower case). The upper-case `/NGSI9/...` routes are gone
+//! from FogFlow's broker (and were never Orion's): refused as not served (400).
 //! The broker's `/v2/...` and `/ngsi-ld/v1/...` routes are classified by [`super::v2`] and
-//! [`super::ld`].
+//! [`super::ld`]; with the `fogflow` broker setting only the routes of [`served`] pass, and
+//! [`widen`] makes each access what FogFlow really does.
 //!
 //! `entityId.isPattern` is accepted as a boolean or the strings `"true"`/`"false"` (the seed's
 //! registerContext example sends `"false"`); a pattern id becomes [`EntitySelector::IdPattern`],
@@ -14,14 +15,14 @@
 //! |---|---|---|
 //! | `/ngsi10/updateContext`, `/v1/updateContext` | POST | per contextElement: UPDATE/APPEND → Create + Write (FogFlow creates unknown entities); DELETE → Delete attrs (All if none) |
 //! | `/ngsi10/notifyContext` | POST | Create + Write per `contextResponses[].contextElement` |
-//! | `/ngsi10/queryContext` | POST | Read per `entities` item, `attributes` |
-//! | `/ngsi10/subscribeContext` | POST | Subscribe per `entities`, `attributes`, endpoint `reference` |
+//! | `/ngsi10/queryContext`, `/v1/queryContext` | POST | Read per `entities` item, `attributes` and the attributes `restriction` filters on |
+//! | `/ngsi10/subscribeContext` | POST | Subscribe per `entities`, `attributes` (and those of `restriction`, `notifyConditions`), endpoint `reference` |
 //! | `/ngsi10/unsubscribeContext` | POST | Subscribe Any |
 //! | `/ngsi10/entity[/{id}[/{attr}]]` | GET | Read (Any / id / id+attr) |
 //! | `/ngsi10/entity/{id}` | DELETE | Delete All |
 //! | `/ngsi10/subscription[/{id}]` | GET, DELETE (id) | Subscribe Any |
-//! | `/NGSI9/registerContext`, `/ngsi9/registerContext` | POST | Register per registration entity, attributes, endpoint `providingApplication` (none if empty) |
-//! | `/NGSI9/registration/{id}`, `/ngsi9/registration/{id}` | GET / DELETE | Register Any |
+//! | `/ngsi9/registerContext` | POST | Register per registration entity, attributes, endpoint `providingApplication` (none if empty) |
+//! | `/ngsi9/registration/{id}` | GET / DELETE | Register Any |
 //! | `/ngsi9/discoverContextAvailability` | POST | Read per `entities`, `attributes` |
 //! | `/ngsi9/subscribeContextAvailability` | POST | Subscribe per `entities`, endpoint `reference` |
 //! | `/ngsi9/unsubscribeContextAvailability` | POST | Subscribe Any |
@@ -30,19 +31,99 @@
 //! by e.g. ngsijs' v1 API and ngsi-go), whose contextElements carry `id`/`type`/`isPattern`
 //! at top level instead of an `entityId` object: on that route both forms are accepted, and
 //! an element with both is refused (400: Orion and FogFlow would read different entities).
-//! `/ngsi10/updateContext` takes the `entityId` form only.
+//! `/ngsi10/updateContext` takes the `entityId` form only. `/v1/queryContext` is Orion's
+//! legacy NGSIv1 query (Orion 3.10 serves it on `/v1/` and `/ngsi10/`; ngsijs sends it): its
+//! `entities` items have the same `id`/`type`/`isPattern` members as FogFlow's, so both routes
+//! share one reading.
 
-use crate::access::{Action, AttributeSelector, EntitySelector, TypeSelector};
+use crate::access::{Action, AttributeSelector, EntitySelector, Tenant, TypeSelector};
 use crate::decision::DenyReason;
 use serde_json::{Map, Value};
 
 use super::canonical::{CanonicalPath, TenantScope};
 use super::{
-    as_batch, as_object, bad, check_name, endpoint_str, only_or_all, opt_str, parse_json, req_str,
-    Classified, Draft,
+    as_batch, as_object, bad, check_name, endpoint_str, named_attrs, only_or_all, opt_str,
+    parse_json, req_str, Classified, Draft,
 };
 
 type R = Result<Option<Classified>, DenyReason>;
+
+/// The routes FogFlow serves (smartfog/fogflow `broker/restapisrv.go` and
+/// `discovery/main.go`), by method and canonical path (a trailing `/` is already dropped, so
+/// FogFlow's `/ngsi-ld/v1/subscriptions/` is `ngsi-ld/v1/subscriptions`). The broker no longer
+/// routes `/NGSI9/registerContext`: it is not here. Routes FogFlow serves that the model does
+/// not classify (`notifyContextAvailability`, `/ngsi9/broker`, ...) stay unclassified (403).
+pub(crate) fn served(method: &str, parts: &[&str]) -> bool {
+    matches!(
+        (method, parts),
+        ("GET", ["version"])
+            // broker: NGSI10
+            | ("GET", ["ngsi10", "entity"] | ["ngsi10", "entity", _] | ["ngsi10", "entity", _, _])
+            | ("DELETE", ["ngsi10", "entity", _])
+            | ("GET", ["ngsi10", "subscription"] | ["ngsi10", "subscription", _])
+            | ("DELETE", ["ngsi10", "subscription", _])
+            | (
+                "POST",
+                ["ngsi10", "updateContext" | "queryContext" | "notifyContext"
+                    | "subscribeContext" | "unsubscribeContext" | "notifyContextAvailability"]
+            )
+            // broker: NGSI v2
+            | ("GET" | "POST", ["v2", "entities"])
+            | ("GET", ["v2", "entities", _])
+            | ("POST", ["v2", "notify"])
+            // broker: NGSI-LD
+            | ("POST", ["ngsi-ld", "v1", "entityOperations", "upsert" | "query"])
+            | ("GET" | "POST", ["ngsi-ld", "v1", "entities"])
+            | ("GET" | "DELETE", ["ngsi-ld", "v1", "entities", _])
+            | ("DELETE", ["ngsi-ld", "v1", "entities", _, "attrs", _])
+            | ("POST", ["ngsi-ld", "v1", "subscriptions" | "notifyContext"])
+            | ("DELETE", ["ngsi-ld", "v1", "subscriptions", _])
+            // IoT Discovery: NGSI9
+            | (
+                "POST",
+                ["ngsi9", "registerContext" | "discoverContextAvailability"
+                    | "subscribeContextAvailability" | "unsubscribeContextAvailability"]
+            )
+            | ("GET" | "DELETE", ["ngsi9", "registration", _])
+    )
+}
+
+/// What FogFlow really does with a classified request (read in its broker source):
+/// * it keys entities by id alone: the `type` of update bodies and `?type=` are ignored, so
+///   every access reaches any type;
+/// * `GET` by id returns every attribute whatever `attrs` says, and notifications carry the
+///   whole entity: reads and subscriptions reach all attributes;
+/// * `updateContext` `DELETE` removes the whole entity even when attributes are listed (and
+///   its NGSI-LD attribute delete is a no-op): deletes reach all attributes;
+/// * a create of an existing id overwrites it: a create is also a write.
+pub(crate) fn widen(drafts: Vec<Draft>) -> Vec<Draft> {
+    let mut out = Vec::with_capacity(drafts.len());
+    for mut d in drafts {
+        d.entity_type = TypeSelector::Any;
+        if matches!(d.action, Action::Read | Action::Subscribe | Action::Delete) {
+            d.attributes = AttributeSelector::All;
+        }
+        let also_write = d.action == Action::Create;
+        let write = also_write.then(|| Draft {
+            action: Action::Write,
+            ..d.clone()
+        });
+        out.push(d);
+        out.extend(write);
+    }
+    out.dedup();
+    out
+}
+
+/// FogFlow has no tenants nor service paths: every request reaches the one space, which rules
+/// name as the default service `""` and the whole tree `/#` (entity-acl refuses other rules
+/// when the broker is FogFlow).
+pub(crate) fn tenant() -> Tenant {
+    Tenant {
+        service: String::new(),
+        service_paths: vec!["/#".into()],
+    }
+}
 
 pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
     use Action::*;
@@ -52,10 +133,10 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["ngsi10", "updateContext"]) => update_context(body, false),
         ("POST", ["v1", "updateContext"]) => update_context(body, true),
         ("POST", ["ngsi10", "notifyContext"]) => notify_context(body),
-        ("POST", ["ngsi10", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
+        ("POST", ["ngsi10" | "v1", "queryContext"] | ["ngsi9", "discoverContextAvailability"]) => {
             let v = parse_json(body)?;
             let obj = as_object(&v, "request")?;
-            let attrs = attributes(obj.get("attributes"))?;
+            let attrs = named_attrs::ngsi10_body(obj)?.join(attributes(obj.get("attributes"))?);
             let drafts =
                 Draft::per_selector(Read, entity_ids(obj.get("entities"), true)?, &attrs, None)?;
             Ok(Classified::new(S::Read, drafts))
@@ -63,7 +144,7 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["ngsi10", "subscribeContext"] | ["ngsi9", "subscribeContextAvailability"]) => {
             let v = parse_json(body)?;
             let obj = as_object(&v, "subscription")?;
-            let attrs = attributes(obj.get("attributes"))?;
+            let attrs = named_attrs::ngsi10_body(obj)?.join(attributes(obj.get("attributes"))?);
             let reference = endpoint_str(obj.get("reference"), "reference")?
                 .ok_or_else(|| bad("subscription.reference is required"))?;
             let drafts = Draft::per_selector(
@@ -99,8 +180,8 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         | ("DELETE", ["ngsi10", "subscription", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
         }
-        ("POST", ["NGSI9" | "ngsi9", "registerContext"]) => register_context(body),
-        ("GET" | "DELETE", ["NGSI9" | "ngsi9", "registration", _]) => {
+        ("POST", ["ngsi9", "registerContext"]) => register_context(body),
+        ("GET" | "DELETE", ["ngsi9", "registration", _]) => {
             Ok(Classified::new(S::Write, vec![Draft::any(Register)]))
         }
         _ => Ok(None),

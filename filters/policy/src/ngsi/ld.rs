@@ -7,6 +7,10 @@
 //! A `type` query that is an NGSI-LD selection expression (`|`, `;`, parentheses) reaches
 //! [`TypeSelector::Any`] (the conservative reading for a read).
 //!
+//! A read's attributes are the ones it returns (`attrs`) and the ones it filters on or names
+//! (`q`, `geoproperty`, `geometryProperty`, `pick`, `omit`; a query body's `q` and `geoQ`); a
+//! subscription's add `watchedAttributes`, `q` and `geoQ`. See [`super::named_attrs`].
+//!
 //! | endpoint (under `/ngsi-ld/v1`) | method | access |
 //! |---|---|---|
 //! | `/entities` | GET | Read per id×type (`id`/`idPattern`, `type`, `attrs`) |
@@ -20,10 +24,10 @@
 //! | `/entityOperations/delete` | POST | Delete All per id |
 //! | `/entityOperations/query` | POST | Read per `entities` item, `attrs` |
 //! | `/subscriptions` | POST | Subscribe per `entities` (Any if only watchedAttributes), `notification.attributes`, endpoint `notification.endpoint.uri` |
-//! | `/subscriptions/{id}` | PATCH | Subscribe per body `entities` (Any if absent), endpoint if given |
+//! | `/subscriptions/{id}` | PATCH | Subscribe Any (the id may name any subscription) + Subscribe per body `entities`, endpoint if given |
 //! | `/subscriptions[/{id}]` | GET / DELETE | Subscribe Any |
 //! | `/csourceRegistrations` | POST | Register per `information[].entities`, property+relationship names, endpoint `endpoint` |
-//! | `/csourceRegistrations[/{id}]` | GET / PATCH / DELETE | Register Any |
+//! | `/csourceRegistrations[/{id}]` | GET / PATCH / DELETE | Register Any (PATCH: with the body's new `endpoint`, if any) |
 //! | `/temporal/entities` | GET / POST | Read (as `/entities`) / Create + Write |
 //! | `/temporal/entities/{id}` | GET / DELETE | Read / Delete All |
 //! | `/temporal/entities/{id}/attrs` | POST | Write body attrs |
@@ -38,7 +42,7 @@ use serde_json::{Map, Value};
 use super::canonical::{CanonicalPath, Query, TenantScope};
 use super::{
     as_batch, as_object, attr_name_list, attribute_keys, bad, check_name, cross, endpoint_str,
-    extend_checked, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
+    extend_checked, named_attrs, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
 };
 
 /// Entity members that are not attributes.
@@ -92,14 +96,25 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
         ("POST", ["entityOperations", op]) => batch(op, q, body),
         ("POST", ["temporal", "entityOperations", "query"]) => query_body(body),
         ("POST", ["subscriptions"]) => subscription(body, true),
-        ("PATCH", ["subscriptions", _]) => subscription(body, false),
+        ("PATCH", ["subscriptions", _]) => super::by_id(subscription(body, false)?),
         ("GET", ["subscriptions"] | ["subscriptions", _]) | ("DELETE", ["subscriptions", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
         }
         ("POST", ["csourceRegistrations"]) => registration(body),
         ("GET", ["csourceRegistrations"] | ["csourceRegistrations", _])
-        | ("PATCH" | "DELETE", ["csourceRegistrations", _]) => {
+        | ("DELETE", ["csourceRegistrations", _]) => {
             Ok(Classified::new(S::Write, vec![Draft::any(Register)]))
+        }
+        ("PATCH", ["csourceRegistrations", _]) => {
+            // The id may name anyone's registration; a new endpoint is where the broker will
+            // forward requests, checked like any endpoint.
+            let v = parse_json(body)?;
+            let endpoint =
+                endpoint_str(as_object(&v, "registration")?.get("endpoint"), "endpoint")?;
+            Ok(Classified::new(
+                S::Write,
+                vec![Draft::any(Register).with_endpoint(endpoint)],
+            ))
         }
         ("GET", ["types"] | ["attributes"]) => Ok(Classified::new(S::Read, vec![Draft::any(Read)])),
         ("GET", ["types", t]) => Ok(Classified::new(
@@ -138,8 +153,11 @@ fn one(
     ))
 }
 
+/// What a read returns (`attrs`) and what it filters on or names (`q`, `geoproperty`,
+/// `pick`, `omit`, ...: [`named_attrs`]).
 fn query_attrs(q: &Query) -> Result<AttributeSelector, DenyReason> {
-    Ok(q.list("attrs")?.map_or(AttributeSelector::All, only_or_all))
+    let projection = q.list("attrs")?.map_or(AttributeSelector::All, only_or_all);
+    Ok(named_attrs::ld_url(q)?.join(projection))
 }
 
 /// `type=` as a list of types; a selection expression → Any.
@@ -326,7 +344,7 @@ fn selectors(
 fn query_body(body: &[u8]) -> R {
     let v = parse_json(body)?;
     let obj = as_object(&v, "query")?;
-    let attrs = attr_name_list(obj.get("attrs"), "attrs")?;
+    let attrs = named_attrs::ld_body(obj)?.join(attr_name_list(obj.get("attrs"), "attrs")?);
     let drafts = Draft::per_selector(
         Action::Read,
         selectors(obj.get("entities"), "entities")?,
@@ -365,6 +383,8 @@ fn subscription(body: &[u8], create: bool) -> R {
             None => {}
         }
     }
+    // What it watches and filters on is read too (`watchedAttributes`, `q`, `geoQ`).
+    let attrs = named_attrs::ld_body(obj)?.join(attrs);
     let drafts = Draft::per_selector(
         Action::Subscribe,
         selectors(obj.get("entities"), "entities")?,

@@ -19,29 +19,43 @@
 //! Other decisions:
 //! * methods are matched exactly (uppercase); `HEAD`, `OPTIONS` (CORS preflight) and any
 //!   method an endpoint does not list are unclassified;
-//! * listing, reading or deleting subscriptions/registrations by id needs Subscribe/Register
-//!   on everything (`Any`): the model cannot know which entities an existing one covers, and
-//!   a listing reveals other clients' endpoints and custom headers;
+//! * listing, reading, changing (`PATCH`) or deleting subscriptions/registrations by id needs
+//!   Subscribe/Register on everything (`Any`, all attributes): brokers find them by id alone,
+//!   the model cannot know which entities an existing one covers, and reading one reveals
+//!   the entity ids it watches and other clients' endpoints and custom headers; a `PATCH`
+//!   needs, on top, the accesses of its new body (entities, attributes, endpoint);
 //! * writes that may create (v2 `append`/`appendStrict`, `POST /v2/entities?options=upsert`,
 //!   `/v2/notify`, LD upsert and temporal POST, FogFlow `UPDATE`/`APPEND`/notifyContext) are
 //!   Create + Write, so a rule must grant both;
 //! * body attribute names are reported sorted; JSON bodies with duplicate keys are refused.
 //!
 //! Dispatch is by the first canonical path segment, case-sensitively, as the brokers route:
-//! `v2` and `version` → [`v2`], `ngsi-ld` → [`ld`], `ngsi10`, `NGSI9`, `ngsi9`, `v1` →
-//! [`fogflow`].
+//! `v2` and `version` → [`v2`], `ngsi-ld` → [`ld`], `ngsi10`, `ngsi9`, `v1` → [`fogflow`].
+//! Before that, a path under one of the NGSI APIs (`/v2`, `/v1`, `/version`, `/ngsi-ld`,
+//! `/ngsi10`, `/ngsi9`, `/NGSI9`) must be one the configured [`Broker`] serves (Orion: `/v2`,
+//! `/v1`, `/version`; NGSI-LD brokers: `/ngsi-ld`, `/version`; FogFlow: exactly
+//! [`fogflow::served`]); one it does not serve is a [`DenyReason::BadRequest`] (400) starting
+//! with [`NOT_SERVED`]: the broker would answer 404, or worse, another component behind the
+//! same address would answer with semantics the model did not decide. Other paths are
+//! unclassified (403) as before.
+//! On FogFlow, [`fogflow::widen`] turns each access into what FogFlow really does, and the
+//! tenant is always the default service and the whole tree ([`fogflow::tenant`]).
 
 pub mod canonical;
 pub mod fogflow;
 pub mod ld;
+pub mod named_attrs;
 pub mod v2;
 
+#[cfg(test)]
+mod named_attrs_tests;
 #[cfg(test)]
 mod tests;
 
 use crate::access::Action;
 use crate::access::{Access, AttributeSelector, EntitySelector, RequestAccess, TypeSelector};
 use crate::decision::DenyReason;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use canonical::{CanonicalPath, Query, TenantScope};
@@ -72,9 +86,74 @@ pub fn reads_header(name: &str) -> bool {
         .any(|h| h.eq_ignore_ascii_case(name))
 }
 
+/// The broker behind the sidecar (the `broker` setting of entity-acl and device-ownership).
+/// It decides which routes exist (a route it does not serve is refused, 400, whatever the
+/// rules say) and what a classified request really does there (see [`fogflow`] for FogFlow's
+/// widening).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Broker {
+    /// FIWARE Orion: `/v2/...`, the NGSIv1 `/v1/...` routes Orion still serves, `/version`.
+    #[default]
+    #[serde(rename = "orion")]
+    Orion,
+    /// An NGSI-LD broker (Orion-LD, Scorpio, Stellio): `/ngsi-ld/v1/...`, `/version`.
+    #[serde(rename = "ngsi-ld")]
+    NgsiLd,
+    /// FogFlow: the routes its broker and IoT Discovery register, nothing else.
+    #[serde(rename = "fogflow")]
+    FogFlow,
+}
+
+impl Broker {
+    /// The setting's spelling, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Orion => "orion",
+            Broker::NgsiLd => "ngsi-ld",
+            Broker::FogFlow => "fogflow",
+        }
+    }
+
+    /// False if the path is one of the NGSI APIs ([`API_PREFIXES`]) and this broker does not
+    /// serve `method` on it. Other paths (a broker's admin routes, typos) are left to the
+    /// model, which refuses them as unclassified.
+    fn serves(self, method: &str, canon: &CanonicalPath) -> bool {
+        let first = canon.segments.first().map(String::as_str).unwrap_or("");
+        if !API_PREFIXES.contains(&first) {
+            return true;
+        }
+        match self {
+            Broker::Orion => matches!(first, "v2" | "v1" | "version"),
+            Broker::NgsiLd => matches!(first, "ngsi-ld" | "version"),
+            Broker::FogFlow => fogflow::served(method, &canon.parts()),
+        }
+    }
+}
+
+/// The broker a test request is meant for, from its first path segment: `/ngsi-ld` an NGSI-LD
+/// broker, FogFlow's `/ngsi10` and `/ngsi9` FogFlow, anything else Orion.
+#[cfg(test)]
+pub(crate) fn broker_for_path(path: &str) -> Broker {
+    let first = path.trim_start_matches('/').split(['/', '?']).next();
+    match first {
+        Some("ngsi-ld") => Broker::NgsiLd,
+        Some("ngsi10" | "ngsi9") => Broker::FogFlow,
+        _ => Broker::Orion,
+    }
+}
+
+/// First path segments of the NGSI APIs some broker serves: Orion's `v2`, `v1` and
+/// `version`, NGSI-LD's `ngsi-ld`, FogFlow's `ngsi10`, `ngsi9` and its former `NGSI9`.
+const API_PREFIXES: [&str; 7] = ["v2", "v1", "version", "ngsi-ld", "ngsi10", "ngsi9", "NGSI9"];
+
+/// Prefix of the description of the 400 for a route the configured broker does not serve.
+pub const NOT_SERVED: &str = "not served by the configured broker";
+
 /// One HTTP request as the filter sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct NgsiRequest<'a> {
+    /// The broker behind the sidecar.
+    pub broker: Broker,
     /// Uppercase HTTP method.
     pub method: &'a str,
     /// `:path`, with its query string, exactly as received (still percent-encoded).
@@ -87,18 +166,27 @@ pub struct NgsiRequest<'a> {
 /// Classify a request into the accesses it performs, or refuse it (see the module docs).
 pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
     let canon = canonical::canonical_path(req.path)?;
+    if !req.broker.serves(req.method, &canon) {
+        return Err(bad(format!(
+            "{NOT_SERVED} ({}): {} {}",
+            req.broker.name(),
+            req.method,
+            canon.display()
+        )));
+    }
     let first = canon.segments.first().map(String::as_str).unwrap_or("");
     let (dialect, classified) = match first {
         "v2" | "version" => ("ngsi-v2", v2::classify(req.method, &canon, req.body)?),
         "ngsi-ld" => ("ngsi-ld", ld::classify(req.method, &canon, req.body)?),
-        "ngsi10" | "NGSI9" | "ngsi9" | "v1" => {
-            ("fogflow", fogflow::classify(req.method, &canon, req.body)?)
-        }
+        "ngsi10" | "ngsi9" | "v1" => ("fogflow", fogflow::classify(req.method, &canon, req.body)?),
         _ => return Err(unclassified(req.method, &canon)),
     };
-    let Some(classified) = classified else {
+    let Some(mut classified) = classified else {
         return Err(unclassified(req.method, &canon));
     };
+    if req.broker == Broker::FogFlow {
+        classified.drafts = fogflow::widen(classified.drafts);
+    }
     // Only `/version` touches nothing; an empty batch or entity list is not a vacuous allow.
     let is_version = canon.segments == ["version"];
     if classified.drafts.is_empty() && !is_version {
@@ -121,7 +209,11 @@ pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
              {MAX_ACCESS_NAMES} allowed"
         )));
     }
-    let tenant = canonical::tenant(req.headers, classified.scope, dialect == "ngsi-ld")?;
+    let tenant = match req.broker {
+        // FogFlow has no tenants: its headers are ignored, every entity lives in one space.
+        Broker::FogFlow => fogflow::tenant(),
+        _ => canonical::tenant(req.headers, classified.scope, dialect == "ngsi-ld")?,
+    };
     let accesses = classified
         .drafts
         .into_iter()
@@ -212,6 +304,19 @@ impl Classified {
     pub(crate) fn new(scope: TenantScope, drafts: Vec<Draft>) -> Option<Self> {
         Some(Classified { scope, drafts })
     }
+}
+
+/// A change of a subscription by id: brokers find subscriptions by id alone (Orion's
+/// `mongoUpdateSubscription` looks up `_id` only), so the id may name any subscription of the
+/// tenant, whoever made it and whatever it watches. The change needs Subscribe on everything
+/// (as reading or deleting one by id does) on top of the accesses of its new body.
+pub(crate) fn by_id(body: Option<Classified>) -> Result<Option<Classified>, DenyReason> {
+    Ok(body.map(|mut c| {
+        c.drafts.insert(0, Draft::any(Action::Subscribe));
+        // A body naming no entity already asks for all of them.
+        c.drafts.dedup();
+        c
+    }))
 }
 
 pub(crate) fn bad(msg: impl Into<String>) -> DenyReason {
@@ -405,10 +510,16 @@ pub(crate) fn check_name(s: &str, what: &str) -> Result<(), DenyReason> {
     if s.is_empty() {
         return Err(bad(format!("{what} must not be empty")));
     }
-    if s.chars().any(char::is_control) {
+    if s.chars().any(is_refused_char) {
         return Err(bad(format!("{what} contains control characters")));
     }
     Ok(())
+}
+
+/// Characters no name may hold: controls, and U+2028/U+2029, which Java and JavaScript regex
+/// engines (NGSI-LD brokers) treat as line ends, so `^id$` would match `id` followed by one.
+pub(crate) fn is_refused_char(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{2028}' | '\u{2029}')
 }
 
 /// The keys of an entity object that name attributes (all but `skip`), sorted (so the result

@@ -42,6 +42,26 @@ fn ep(a: Action, en: EntitySelector, t: TypeSelector, at: AttributeSelector, url
     (a, en, t, at, Some(url.into()))
 }
 
+fn run_on(
+    broker: Broker,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<RequestAccess, DenyReason> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    classify(&NgsiRequest {
+        broker,
+        method,
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+    })
+}
+
 fn run(
     method: &str,
     path: &str,
@@ -53,6 +73,7 @@ fn run(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     classify(&NgsiRequest {
+        broker: broker_for_path(path),
         method,
         path,
         headers: &headers,
@@ -385,7 +406,12 @@ fn v2_subscriptions_and_registrations() {
             "PATCH",
             "/v2/subscriptions/abc",
             r#"{"notification":{"http":{"url":"http://evil/"}}}"#,
-            vec![ep(Subscribe, eany(), tany(), all(), "http://evil/")],
+            // Orion finds the subscription by id alone: the change needs every subscription
+            // the id may name, and the new body.
+            vec![
+                e(Subscribe, eany(), tany(), all()),
+                ep(Subscribe, eany(), tany(), all(), "http://evil/"),
+            ],
         ),
         (
             "GET",
@@ -955,7 +981,10 @@ fn ld_subscriptions_and_registrations() {
             "PATCH",
             &format!("{p}/subscriptions/urn:sub:1"),
             r#"{"notification":{"endpoint":{"uri":"http://other/"}}}"#,
-            vec![ep(Subscribe, eany(), tany(), all(), "http://other/")],
+            vec![
+                e(Subscribe, eany(), tany(), all()),
+                ep(Subscribe, eany(), tany(), all(), "http://other/"),
+            ],
         ),
         (
             "GET",
@@ -997,6 +1026,12 @@ fn ld_subscriptions_and_registrations() {
             "PATCH",
             &format!("{p}/csourceRegistrations/urn:r"),
             r#"{"endpoint":"http://x"}"#,
+            vec![ep(Register, eany(), tany(), all(), "http://x")],
+        ),
+        (
+            "PATCH",
+            &format!("{p}/csourceRegistrations/urn:r"),
+            r#"{"expiresAt":"2040-01-01T00:00:00Z"}"#,
             vec![e(Register, eany(), tany(), all())],
         ),
         (
@@ -1174,25 +1209,16 @@ fn fogflow_seed_requests() {
     assert_eq!(
         shape(&r),
         vec![
-            e(
-                Create,
-                id("Temperature100"),
-                ty("Temperature"),
-                only(&["temp"])
-            ),
-            e(
-                Write,
-                id("Temperature100"),
-                ty("Temperature"),
-                only(&["temp"])
-            ),
+            e(Create, id("Temperature100"), tany(), only(&["temp"])),
+            e(Write, id("Temperature100"), tany(), only(&["temp"])),
         ]
     );
+    // FogFlow has no tenants: the one space, whatever headers say.
     assert_eq!(
         r.accesses[0].tenant,
         Tenant {
             service: String::new(),
-            service_paths: vec!["/".into()]
+            service_paths: vec!["/#".into()]
         }
     );
 
@@ -1202,21 +1228,20 @@ fn fogflow_seed_requests() {
         ("x-auth-token", "t"),
         ("fiware-servicepath", "/"),
     ];
-    let r = run("POST", "/NGSI9/registerContext", &h, SEED_REGISTER).unwrap();
+    // FogFlow's broker no longer routes the upper-case /NGSI9 (its IoT Discovery serves
+    // /ngsi9): refused as not served, whatever the body.
+    let refused = run("POST", "/NGSI9/registerContext", &h, SEED_REGISTER).unwrap_err();
+    assert!(refused.to_string().contains(NOT_SERVED), "{refused}");
+    let r = run("POST", "/ngsi9/registerContext", &h, SEED_REGISTER).unwrap();
     assert_eq!(
         shape(&r),
-        vec![e(
-            Register,
-            id("Lamp.0020"),
-            ty("Lamp"),
-            only(&["on", "off"])
-        )]
+        vec![e(Register, id("Lamp.0020"), tany(), only(&["on", "off"]))]
     );
     assert_eq!(
         r.accesses[0].tenant,
         Tenant {
-            service: "openiot".into(),
-            service_paths: vec!["/".into()]
+            service: String::new(),
+            service_paths: vec!["/#".into()]
         }
     );
 }
@@ -1229,18 +1254,14 @@ fn fogflow_endpoints() {
             "/ngsi10/updateContext",
             r#"{"contextElements":[{"entityId":{"id":"D.1","type":"Temperature","isPattern":false},"attributes":[{"name":"temperature","type":"float","value":73},{"name":"pressure","type":"float","value":44}]}],"updateAction":"APPEND"}"#,
             vec![
+                // FogFlow keys entities by id alone: the type in the body reaches nothing.
                 e(
                     Create,
                     id("D.1"),
-                    ty("Temperature"),
+                    tany(),
                     only(&["temperature", "pressure"]),
                 ),
-                e(
-                    Write,
-                    id("D.1"),
-                    ty("Temperature"),
-                    only(&["temperature", "pressure"]),
-                ),
+                e(Write, id("D.1"), tany(), only(&["temperature", "pressure"])),
             ],
         ),
         (
@@ -1248,8 +1269,9 @@ fn fogflow_endpoints() {
             "/ngsi10/updateContext",
             r#"{"contextElements":[{"entityId":{"id":"D.1"}},{"entityId":{"id":"D.2","type":"T"},"attributes":[{"name":"a"}]}],"updateAction":"DELETE"}"#,
             vec![
+                // FogFlow's DELETE removes the whole entity, whatever attributes are listed.
                 e(Delete, id("D.1"), tany(), all()),
-                e(Delete, id("D.2"), ty("T"), only(&["a"])),
+                e(Delete, id("D.2"), tany(), all()),
             ],
         ),
         (
@@ -1284,15 +1306,16 @@ fn fogflow_endpoints() {
             "POST",
             "/ngsi10/queryContext",
             r#"{"entities":[{"type":"Temperature","isPattern":true}]}"#,
-            vec![e(Read, eany(), ty("Temperature"), all())],
+            vec![e(Read, eany(), tany(), all())],
         ),
         (
             "POST",
             "/ngsi10/queryContext",
             r#"{"entities":[{"id":"Device.*","isPattern":true},{"id":"D.1","type":"T","isPattern":false}],"attributes":["temperature"]}"#,
             vec![
-                e(Read, pat("Device.*"), tany(), only(&["temperature"])),
-                e(Read, id("D.1"), ty("T"), only(&["temperature"])),
+                // Reads on FogFlow reach every attribute.
+                e(Read, pat("Device.*"), tany(), all()),
+                e(Read, id("D.1"), tany(), all()),
             ],
         ),
         (
@@ -1302,7 +1325,7 @@ fn fogflow_endpoints() {
             vec![ep(
                 Subscribe,
                 eany(),
-                ty("AirQualityObserved"),
+                tany(),
                 all(),
                 "http://host.docker.internal:9090",
             )],
@@ -1318,8 +1341,8 @@ fn fogflow_endpoints() {
             "/ngsi10/notifyContext",
             r#"{"subscriptionId":"s1","contextResponses":[{"contextElement":{"entityId":{"id":"D.1","type":"T"},"attributes":[{"name":"a","value":1}]},"statusCode":{"code":200}}]}"#,
             vec![
-                e(Create, id("D.1"), ty("T"), only(&["a"])),
-                e(Write, id("D.1"), ty("T"), only(&["a"])),
+                e(Create, id("D.1"), tany(), only(&["a"])),
+                e(Write, id("D.1"), tany(), only(&["a"])),
             ],
         ),
         (
@@ -1338,7 +1361,7 @@ fn fogflow_endpoints() {
             "GET",
             "/ngsi10/entity/D.1/temperature",
             "",
-            vec![e(Read, id("D.1"), tany(), only(&["temperature"]))],
+            vec![e(Read, id("D.1"), tany(), all())],
         ),
         (
             "DELETE",
@@ -1365,14 +1388,14 @@ fn fogflow_endpoints() {
             vec![ep(
                 Register,
                 id("S.1"),
-                ty("Sensor"),
+                tany(),
                 only(&["t"]),
                 "http://edge:8070/ngsi10",
             )],
         ),
         (
             "GET",
-            "/NGSI9/registration/r1",
+            "/ngsi9/registration/r1",
             "",
             vec![e(Register, eany(), tany(), all())],
         ),
@@ -1386,19 +1409,13 @@ fn fogflow_endpoints() {
             "POST",
             "/ngsi9/discoverContextAvailability",
             r#"{"entities":[{"type":"Sensor","isPattern":true}],"attributes":["t"]}"#,
-            vec![e(Read, eany(), ty("Sensor"), only(&["t"]))],
+            vec![e(Read, eany(), tany(), all())],
         ),
         (
             "POST",
             "/ngsi9/subscribeContextAvailability",
             r#"{"entities":[{"type":"Sensor","isPattern":true}],"reference":"http://master:1060"}"#,
-            vec![ep(
-                Subscribe,
-                eany(),
-                ty("Sensor"),
-                all(),
-                "http://master:1060",
-            )],
+            vec![ep(Subscribe, eany(), tany(), all(), "http://master:1060")],
         ),
     ]);
 }
@@ -1474,7 +1491,7 @@ fn fogflow_malformed_and_unrouted() {
             "POST",
             "/NGSI9/discoverContextAvailability",
             r#"{"entities":[{"type":"T","isPattern":true}]}"#,
-            403,
+            400,
         ),
         ("POST", "/NGSI10/updateContext", SEED_UPDATE, 403),
         // Orion's NGSIv1 element form: only on /v1/updateContext, never mixed with entityId,
@@ -1509,9 +1526,10 @@ fn fogflow_malformed_and_unrouted() {
             r#"{"contextElements":[{"attributes":[{"name":"a"}]}],"updateAction":"UPDATE"}"#,
             400,
         ),
-        ("POST", "/ngsi10/UpdateContext", SEED_UPDATE, 403),
-        ("GET", "/ngsi10/updateContext", "", 403),
-        ("POST", "/ngsi10/entity", "{}", 403),
+        // Not routes of FogFlow's router (case, method): not served.
+        ("POST", "/ngsi10/UpdateContext", SEED_UPDATE, 400),
+        ("GET", "/ngsi10/updateContext", "", 400),
+        ("POST", "/ngsi10/entity", "{}", 400),
     ]);
 }
 
@@ -1881,5 +1899,173 @@ mod properties {
                 prop_assert!(r.operation.starts_with("ngsi-v2 ") || r.operation.starts_with("ngsi-ld ") || r.operation.starts_with("fogflow "));
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------- the broker setting
+
+/// Each broker serves its own API only: another's is refused (400, not served), whatever the
+/// rules would say; paths outside every NGSI API stay unclassified (403).
+#[test]
+fn each_broker_serves_its_own_routes() {
+    use Broker::*;
+    let update = r#"{"contextElements":[{"entityId":{"id":"D.1"},"attributes":[{"name":"a"}]}],"updateAction":"UPDATE"}"#;
+    let served = [
+        (Orion, "GET", "/version", ""),
+        (Orion, "GET", "/v2/entities", ""),
+        (
+            Orion,
+            "PATCH",
+            "/v2/entities/R1/attrs",
+            r#"{"a":{"value":1}}"#,
+        ),
+        (Orion, "POST", "/v1/updateContext", update),
+        (NgsiLd, "GET", "/version", ""),
+        (NgsiLd, "GET", "/ngsi-ld/v1/entities?type=Room", ""),
+        (FogFlow, "GET", "/version", ""),
+        (FogFlow, "POST", "/ngsi10/updateContext", update),
+        (FogFlow, "GET", "/ngsi10/entity/D.1", ""),
+        (FogFlow, "GET", "/v2/entities/D.1", ""),
+        (FogFlow, "GET", "/ngsi-ld/v1/entities/", ""),
+        (FogFlow, "DELETE", "/ngsi-ld/v1/subscriptions/s1", ""),
+        (
+            FogFlow,
+            "POST",
+            "/ngsi9/discoverContextAvailability",
+            r#"{"entities":[{"id":"D.1"}]}"#,
+        ),
+    ];
+    for (broker, method, path, body) in served {
+        let r = run_on(broker, method, path, &[], body);
+        assert!(r.is_ok(), "{broker:?} {method} {path}: {r:?}");
+    }
+    let not_served = [
+        (Orion, "POST", "/ngsi10/updateContext", update),
+        (Orion, "GET", "/ngsi-ld/v1/entities?type=Room", ""),
+        (Orion, "POST", "/ngsi9/registerContext", "{}"),
+        (NgsiLd, "GET", "/v2/entities", ""),
+        (NgsiLd, "POST", "/v1/updateContext", update),
+        (NgsiLd, "POST", "/ngsi10/queryContext", "{}"),
+        // FogFlow's broker routes only some of NGSI v2 and NGSI-LD.
+        (
+            FogFlow,
+            "PATCH",
+            "/v2/entities/D.1/attrs",
+            r#"{"a":{"value":1}}"#,
+        ),
+        (FogFlow, "GET", "/v2/entities/D.1/attrs/a", ""),
+        (FogFlow, "POST", "/v2/op/update", "{}"),
+        (FogFlow, "POST", "/v2/subscriptions", "{}"),
+        (FogFlow, "PATCH", "/ngsi-ld/v1/entities/D.1/attrs", "{}"),
+        (FogFlow, "PATCH", "/ngsi-ld/v1/subscriptions/s1", "{}"),
+        (FogFlow, "POST", "/ngsi-ld/v1/entityOperations/delete", "[]"),
+        (FogFlow, "POST", "/v1/updateContext", update),
+        // Gone from FogFlow's broker (commit ac5aa4c0); never Orion's or an LD broker's.
+        (FogFlow, "POST", "/NGSI9/registerContext", "{}"),
+        (Orion, "GET", "/NGSI9/registration/r1", ""),
+    ];
+    for (broker, method, path, body) in not_served {
+        match run_on(broker, method, path, &[], body) {
+            Err(e) => {
+                assert_eq!(e.status(), 400, "{broker:?} {method} {path}: {e}");
+                assert!(e.description().starts_with(NOT_SERVED), "{e}");
+                assert!(e.description().contains(broker.name()), "{e}");
+            }
+            Ok(r) => panic!("{broker:?} {method} {path}: classified {r:?}"),
+        }
+    }
+    // Outside every NGSI API: unclassified, as before (Orion's admin routes among them).
+    for broker in [Orion, NgsiLd, FogFlow] {
+        let e = run_on(broker, "GET", "/statistics", &[], "").unwrap_err();
+        assert!(e.description().starts_with(UNCLASSIFIED), "{e}");
+    }
+}
+
+/// FogFlow keys entities by id alone, returns every attribute, deletes whole entities and has
+/// no tenants: the accesses say so. On main the same requests were typed, attribute-limited
+/// and tenant-scoped, so a rule limited to a type or some attributes was bypassed.
+#[test]
+fn fogflow_accesses_are_what_fogflow_does() {
+    let h = [
+        ("fiware-service", "openiot"),
+        ("fiware-servicepath", "/rooms"),
+    ];
+    let shape_on = |method: &str, path: &str, body: &str| {
+        shape(&run_on(Broker::FogFlow, method, path, &h, body).unwrap())
+    };
+    // `?type=` and `?attrs=` are ignored by FogFlow's GET by id.
+    assert_eq!(
+        shape_on(
+            "GET",
+            "/ngsi-ld/v1/entities/urn:a?type=Public&attrs=name",
+            ""
+        ),
+        vec![e(Read, id("urn:a"), tany(), all())]
+    );
+    assert_eq!(
+        shape_on("GET", "/v2/entities/urn:a?type=Public&attrs=name", ""),
+        vec![e(Read, id("urn:a"), tany(), all())]
+    );
+    // The type in an update body is ignored: the update reaches the entity of any type.
+    assert_eq!(
+        shape_on(
+            "POST",
+            "/ngsi10/updateContext",
+            r#"{"contextElements":[{"entityId":{"id":"urn:a","type":"Public"},"attributes":[{"name":"name"}]}],"updateAction":"UPDATE"}"#
+        ),
+        vec![
+            e(Create, id("urn:a"), tany(), only(&["name"])),
+            e(Write, id("urn:a"), tany(), only(&["name"])),
+        ]
+    );
+    // A create overwrites an existing id: it is a write too.
+    assert_eq!(
+        shape_on(
+            "POST",
+            "/ngsi-ld/v1/entities",
+            r#"{"id":"urn:a","type":"Public","name":{"type":"Property","value":1}}"#
+        ),
+        vec![
+            e(Create, id("urn:a"), tany(), only(&["name"])),
+            e(Write, id("urn:a"), tany(), only(&["name"])),
+        ]
+    );
+    // One space, whatever the tenant headers say.
+    let r = run_on(Broker::FogFlow, "GET", "/ngsi10/entity/urn:a", &h, "").unwrap();
+    assert_eq!(r.accesses[0].tenant, fogflow::tenant());
+    // The same request for Orion keeps its type, attributes and tenant.
+    let r = run_on(
+        Broker::Orion,
+        "GET",
+        "/v2/entities/urn:a?type=Public&attrs=name",
+        &h,
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        shape(&r),
+        vec![e(Read, id("urn:a"), ty("Public"), only(&["name"]))]
+    );
+    assert_eq!(r.accesses[0].tenant.service, "openiot");
+}
+
+/// U+2028/U+2029 end a line for Java and JavaScript regex engines (`^id$` would match
+/// `id\u{2028}`): no name may hold them.
+#[test]
+fn line_separators_are_refused_in_names() {
+    for (method, path, body) in [
+        ("GET", "/v2/entities/R1%E2%80%A8", ""),
+        ("GET", "/v2/entities?id=R1%E2%80%A9", ""),
+        (
+            "POST",
+            "/v2/entities",
+            "{\"id\":\"R1\\u2028\",\"type\":\"Room\"}",
+        ),
+    ] {
+        assert_eq!(
+            status(method, path, &[], body),
+            400,
+            "{method} {path} {body}"
+        );
     }
 }

@@ -14,12 +14,17 @@
 //! | `/v2/op/query` | POST | Read per `entities` item (Any if none), `attrs` |
 //! | `/v2/subscriptions` | POST | Subscribe per `subject.entities`, `notification.attrs`, endpoint = http/httpCustom/mqtt/mqttCustom url |
 //! | `/v2/subscriptions[/{id}]` | GET / DELETE | Subscribe Any (listing shows others' endpoints and headers) |
-//! | `/v2/subscriptions/{id}` | PATCH | Subscribe per body `subject.entities` (Any if absent), endpoint if given |
+//! | `/v2/subscriptions/{id}` | PATCH | Subscribe Any (the id may name any subscription) + Subscribe per body `subject.entities`, endpoint if given |
 //! | `/v2/registrations` | POST | Register per `dataProvided.entities`, `dataProvided.attrs`, endpoint `provider.http.url` |
 //! | `/v2/registrations[/{id}]` | GET / DELETE | Register Any |
 //! | `/v2/notify` | POST | Create+Write per entity in `data` (Orion applies notifications as `append`) |
 //!
 //! `?type=` on `/v2/entities/{id}...` narrows the type; without it the access reaches any type.
+//!
+//! A read's attributes are the ones it returns (`attrs`) and the ones it filters or sorts on
+//! (`q`, `mq`, `orderBy`, op/query `expression`; a geo-query reads every attribute); a
+//! subscription's add those of `subject.condition` (`attrs`, `expression`). See
+//! [`super::named_attrs`].
 
 use crate::access::{Action, AttributeSelector, EntitySelector, TypeSelector};
 use crate::decision::DenyReason;
@@ -28,7 +33,7 @@ use serde_json::{Map, Value};
 use super::canonical::{CanonicalPath, Query, TenantScope};
 use super::{
     as_batch, as_object, attr_name_list, attribute_keys, bad, check_name, cross, endpoint_str,
-    only_or_all, opt_str, parse_json, req_str, Classified, Draft,
+    named_attrs, only_or_all, opt_str, parse_json, req_str, Classified, Draft,
 };
 
 /// Orion's type for entities created without one.
@@ -86,9 +91,9 @@ pub(crate) fn classify(method: &str, canon: &CanonicalPath, body: &[u8]) -> R {
             )],
         )),
         ("POST", ["v2", "op", "update"]) => op_update(body),
-        ("POST", ["v2", "op", "query"]) => op_query(body),
+        ("POST", ["v2", "op", "query"]) => op_query(q, body),
         ("POST", ["v2", "subscriptions"]) => subscription(body, true),
-        ("PATCH", ["v2", "subscriptions", _]) => subscription(body, false),
+        ("PATCH", ["v2", "subscriptions", _]) => super::by_id(subscription(body, false)?),
         ("GET", ["v2", "subscriptions"] | ["v2", "subscriptions", _])
         | ("DELETE", ["v2", "subscriptions", _]) => {
             Ok(Classified::new(S::Subscribe, vec![Draft::any(Subscribe)]))
@@ -125,8 +130,11 @@ fn type_selectors(q: &Query) -> Result<Vec<TypeSelector>, DenyReason> {
     }
 }
 
+/// What a read returns (`attrs`) and what it filters and sorts on (`q`, `mq`, `orderBy`,
+/// geo-queries: [`named_attrs`]).
 fn query_attrs(q: &Query) -> Result<AttributeSelector, DenyReason> {
-    Ok(q.list("attrs")?.map_or(AttributeSelector::All, only_or_all))
+    let projection = q.list("attrs")?.map_or(AttributeSelector::All, only_or_all);
+    Ok(named_attrs::v2_url(q)?.join(projection))
 }
 
 fn entity_path(method: &str, id: &str, rest: &[&str], q: &Query, body: &[u8]) -> R {
@@ -257,7 +265,7 @@ fn op_update(body: &[u8]) -> R {
     Ok(Classified::new(TenantScope::Write, drafts))
 }
 
-fn op_query(body: &[u8]) -> R {
+fn op_query(q: &Query, body: &[u8]) -> R {
     let v = if body.is_empty() {
         Value::Object(Map::new())
     } else {
@@ -267,7 +275,8 @@ fn op_query(body: &[u8]) -> R {
     if obj.contains_key("attrs") && obj.contains_key("attributes") {
         return Err(bad("op/query: attrs and attributes are incompatible"));
     }
-    let attrs = attr_name_list(obj.get("attrs").or_else(|| obj.get("attributes")), "attrs")?;
+    let projection = attr_name_list(obj.get("attrs").or_else(|| obj.get("attributes")), "attrs")?;
+    let attrs = named_attrs::v2_op_query(q, obj)?.join(projection);
     let drafts = Draft::per_selector(
         Action::Read,
         selectors(obj.get("entities"), "entities")?,
@@ -318,6 +327,8 @@ fn subscription(body: &[u8], create: bool) -> R {
             ));
         }
     }
+    // What it watches and filters on is read too (`subject.condition`).
+    let attrs = named_attrs::v2_subscription(subject)?.join(attrs);
     let drafts = Draft::per_selector(
         Action::Subscribe,
         selectors(entities, "subject.entities")?,

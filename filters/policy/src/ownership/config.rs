@@ -8,6 +8,7 @@ use serde::Deserialize;
 use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
 use crate::enforcement::Mode;
 use crate::identity_headers::IdentityHeaderNames;
+use crate::ngsi::Broker;
 
 /// The whole filter configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +45,10 @@ pub struct OwnershipConfig {
     pub max_list_lookups: usize,
     #[serde(default)]
     pub cache: CacheConfig,
+    /// The broker behind the sidecar: `orion` (default), `ngsi-ld` or `fogflow` (see
+    /// [`crate::ngsi::Broker`]): which routes exist and what a request really does there.
+    #[serde(default)]
+    pub broker: Broker,
     /// Which entities ownership decides (absent: every entity); the others pass untouched.
     #[serde(default)]
     pub scope: Option<ScopeConfig>,

@@ -30,6 +30,7 @@ fn user(sub: &str) -> Identity {
 fn request(method: &str, path: &str, body: &str) -> RequestAccess {
     let headers: Vec<(String, String)> = Vec::new();
     classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
         method,
         path,
         headers: &headers,
@@ -506,6 +507,15 @@ fn config_errors_name_what_is_wrong() {
         err(json!({"sources": [{"kind": "broker", "cluster": "o", "api": "v3"}]}))
             .contains("unknown variant `v3`")
     );
+    let e = err(json!({"broker": "scorpio", "sources": [{"kind": "broker", "cluster": "o"}]}));
+    assert!(
+        e.contains("unknown variant `scorpio`, expected one of `orion`, `ngsi-ld`, `fogflow`"),
+        "{e}"
+    );
+    let fogflow =
+        engine(json!({"broker": "fogflow", "sources": [{"kind": "broker", "cluster": "o"}]}));
+    assert_eq!(fogflow.config().broker, crate::ngsi::Broker::FogFlow);
+    assert_eq!(broker().config().broker, crate::ngsi::Broker::Orion);
     assert!(err(json!({"device_entity_id": "{device}{device}", "sources": [{"kind": "broker", "cluster": "o"}]})).contains("exactly once"));
     assert!(err(json!({"sources": [{"kind": "static", "entities": [{"id": "A", "owner": "a", "service": "City"}]}]})).contains("lowercase"));
     assert!(
@@ -1049,6 +1059,7 @@ fn out(own: &Ownership, method: &str, path: &str, headers: &[(&str, &str)], body
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let req = classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
         method,
         path,
         headers: &headers,
@@ -1088,6 +1099,10 @@ fn scope_configuration_is_checked() {
     refused(json!({"service_paths": ["/a/#/b"]}), "scope.service_paths");
     refused(json!({"service_paths": ["/a-b"]}), "alphanumerics");
     refused(json!({"services": ["City"]}), "lowercase");
+    let fogflow = config(json!({"broker": "fogflow", "scope": {"services": ["city"]},
+                                "sources": [{"kind": "broker", "cluster": "orion"}]}));
+    let err = Ownership::new(fogflow).err().unwrap();
+    assert!(err.contains("scope can't be used with broker \"fogflow\""), "{err}");
     let unknown: Result<OwnershipConfig, _> = serde_json::from_value(json!({
         "sources": [{"kind": "broker", "cluster": "orion"}], "scope": {"types": ["Lamp"]}}));
     assert!(unknown.is_err());
