@@ -235,6 +235,13 @@ fn request(c: &Case) -> HttpRequest {
     }
 }
 
+/// A filter naming `n` distinct attributes (`a0>1<sep>a1>1...`), `>` percent-encoded as
+/// clients send it: at `n` = 1000 (MAX_NAMED_ATTRIBUTES) it is ~6.9 KB decoded, under the
+/// 8192-byte expression cap.
+fn filter_names(n: usize, separator: &str) -> String {
+    json_list(|i| format!("a{i}%3E1"), n).replace(',', separator)
+}
+
 /// A body of `entities` entities with `attrs` attributes each, in v2 (`/v2/op/update`) form.
 fn v2_entities(entities: usize, attrs: usize) -> String {
     json_list(
@@ -321,6 +328,43 @@ fn worst_requests(caller: &[(&'static str, &str)], no_grant: u32) -> Vec<Case> {
             &city,
             String::new(),
             no_grant,
+        ),
+        case(
+            "at the caps of filters: 99 ids × (1 attr + a q on 1000 attributes) × 10 service paths",
+            "GET",
+            format!(
+                "/v2/entities?id={}&type=Room&attrs=temperature&q={}",
+                list("urn:ngsi-ld:Room:", 99),
+                filter_names(1000, ";")
+            ),
+            &city,
+            String::new(),
+            no_grant,
+        ),
+        case(
+            "at the caps of filters: NGSI-LD q on 1000 attributes, 16 parentheses deep",
+            "GET",
+            format!(
+                "/ngsi-ld/v1/entities?id={}&type=Room&attrs=temperature&q={}{}{}",
+                list("urn:ngsi-ld:Room:", 99),
+                "(".repeat(16),
+                filter_names(1000, "%7C"),
+                ")".repeat(16)
+            ),
+            &ld,
+            String::new(),
+            no_grant,
+        ),
+        case(
+            "a filter over its cap: q on 1001 attributes",
+            "GET",
+            format!(
+                "/v2/entities?type=Room&attrs=temperature&q={}",
+                filter_names(1001, ";")
+            ),
+            &city,
+            String::new(),
+            400,
         ),
         case(
             "one list over its cap: 1001 attrs",

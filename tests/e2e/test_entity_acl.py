@@ -24,6 +24,10 @@ ACL = {
          "actions": ["create", "write", "read"],
          "ngsi": {"service": "smartcity", "service_path": "/sensors/#",
                   "entity_id": "urn:ngsi-ld:Sensor:*", "entity_type": "Sensor"}},
+        {"name": "meters-temperature", "effect": "allow", "subjects": ["role:entities-writer"],
+         "actions": ["read"],
+         "ngsi": {"service": "smartcity", "service_path": "/sensors/#", "entity_type": "Meter",
+                  "attributes": ["temperature"]}},
         {"name": "no-calibration", "effect": "deny", "subjects": ["anyone"], "actions": ["*"],
          "ngsi": {"service": "*", "service_path": "/#",
                   "entity_id": "urn:ngsi-ld:Sensor:calibration*"}},
@@ -160,6 +164,23 @@ def test_identity_headers_a_client_sends_are_not_believed(chain, broker, token):
     assert broker.received(p) == []
     assert f'subject="{SUBJECT}" operation="ngsi-v2 DELETE /v2/entities/urn:ngsi-ld:Room:1"' \
         in chain.log_text()
+
+
+def test_a_filter_on_an_attribute_the_caller_may_not_read_is_refused(chain, broker, token):
+    """Issue 12: q, orderBy, ... name attributes the caller reads one bit at a time. Envoy
+    passes the query string as sent; a raw '+' is a space to Orion, so the filter reads it so."""
+    allowed = probe()
+    r = chain.request("GET", "/v2/entities?id=urn:ngsi-ld:Meter:1&type=Meter&attrs=temperature&q=temperature+%3E+20",
+                      ngsi_headers(token, allowed))
+    assert r.status == 200, r.body
+    assert len(broker.received(allowed)) == 1
+    for query in ("q=pressure+%3E+3", "q=!pressure", "orderBy=!pressure",
+                  "mq=pressure.accuracy%3C1", "georel=near;maxDistance:10&geometry=point&coords=1,2"):
+        p = probe()
+        r = chain.request("GET", f"/v2/entities?id=urn:ngsi-ld:Meter:1&type=Meter&attrs=temperature&{query}",
+                          ngsi_headers(token, p))
+        assert r.status == 403, (query, r.body)
+        assert broker.received(p) == [], query
 
 
 def test_unclassified_paths_are_refused(chain, broker, token):

@@ -106,7 +106,14 @@ fn main() {
         ("fiware-service".to_string(), "city".to_string()),
         ("fiware-servicepath".to_string(), "/rooms".to_string()),
     ];
-    let cases: [Case; 4] = [
+    // 99 ids × (1 attr + a q on 1000 attributes): the most names a filter may add.
+    let q: Vec<String> = (0..1000).map(|i| format!("a{i}%3E1")).collect();
+    let filter_caps = format!(
+        "/v2/entities?id={}&type=Room&attrs=temperature&q={}",
+        list("urn:ngsi-ld:Room:", 99),
+        q.join(";")
+    );
+    let cases: [Case; 6] = [
         ("attack (400)", "GET", &attack, &alice, &headers, b""),
         (
             "at the caps, no grant (403)",
@@ -120,6 +127,22 @@ fn main() {
             "at the caps, granted (200)",
             "GET",
             &at_caps,
+            &olga,
+            &headers,
+            b"",
+        ),
+        (
+            "filters at the caps, no grant (403)",
+            "GET",
+            &filter_caps,
+            &alice,
+            &headers,
+            b"",
+        ),
+        (
+            "filters at the caps, granted (200)",
+            "GET",
+            &filter_caps,
             &olga,
             &headers,
             b"",
