@@ -256,9 +256,11 @@ impl Ownership {
         if config.scope.is_some() && config.broker == crate::ngsi::Broker::FogFlow {
             // FogFlow keys entities by id alone and ignores types and tenants: nothing in a
             // request proves an entity out of scope.
-            return Err("scope can't be used with broker \"fogflow\" (FogFlow keys entities by \
+            return Err(
+                "scope can't be used with broker \"fogflow\" (FogFlow keys entities by \
                  id alone, so no request is provably out of scope)"
-                .into());
+                    .into(),
+            );
         }
         let scope = config.scope.as_ref().map(Scope::compile).transpose()?;
         let cache = VerdictCache::new(config.cache.max_entries);

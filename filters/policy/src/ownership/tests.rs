@@ -1102,7 +1102,10 @@ fn scope_configuration_is_checked() {
     let fogflow = config(json!({"broker": "fogflow", "scope": {"services": ["city"]},
                                 "sources": [{"kind": "broker", "cluster": "orion"}]}));
     let err = Ownership::new(fogflow).err().unwrap();
-    assert!(err.contains("scope can't be used with broker \"fogflow\""), "{err}");
+    assert!(
+        err.contains("scope can't be used with broker \"fogflow\""),
+        "{err}"
+    );
     let unknown: Result<OwnershipConfig, _> = serde_json::from_value(json!({
         "sources": [{"kind": "broker", "cluster": "orion"}], "scope": {"types": ["Lamp"]}}));
     assert!(unknown.is_err());
