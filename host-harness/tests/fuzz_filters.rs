@@ -518,8 +518,11 @@ fn response(status: u32, headers: &[(&str, &[u8])], body: &[u8]) -> CalloutAnswe
     })
 }
 
-/// The broker answering device-ownership's lookups: owner records (as keyValues), 404s, and
-/// broken answers, drawn from the case's stream.
+/// The broker answering device-ownership's lookups: owner records, 404s, and broken answers,
+/// drawn from the case's stream. A record is the entity looked up, in the lookup's API (v2 and
+/// NGSI-LD keyValues `{"id", ...}`, NGSI10 a contextElement) with the id the broker decodes
+/// from the path: a real broker answers a lookup of `lamp-01` with `lamp-01`, and the filter
+/// refuses (503) anything else as a broken answer.
 struct Broker {
     rng: Arc<Mutex<Option<Rng>>>,
     log: Arc<Mutex<DependencyLog>>,
@@ -532,24 +535,38 @@ impl CalloutResolver for Broker {
         let mut log = self.log.lock().unwrap();
         log.calls += 1;
         let path = host_harness::chain::header(&call.headers, ":path").unwrap_or_default();
-        let id = path
+        let encoded = path
             .split('?')
             .next()
             .unwrap_or("")
             .rsplit('/')
             .next()
-            .unwrap_or("")
-            .to_string();
+            .unwrap_or("");
+        let id = percent_encoding::percent_decode_str(encoded)
+            .decode_utf8_lossy()
+            .into_owned();
         match rng.gen_range(0..10) {
             0..=5 => {
                 let owner = pick(rng, &["alice", "bob", "carol"]);
-                let mut record = json!({"id": id, "type": "Lamp", "owner": owner});
-                if chance(rng, 0.3) {
-                    record["delegations"] = json!([{"user": "bob", "access": pick(rng, &["read", "read_write", "READ_ACCESS"])}]);
-                }
-                if chance(rng, 0.2) {
-                    record["public"] = json!(chance(rng, 0.5));
-                }
+                let delegations = chance(rng, 0.3).then(|| {
+                    json!([{"user": "bob", "access": pick(rng, &["read", "read_write", "READ_ACCESS"])}])
+                });
+                let record = if path.starts_with("/ngsi10/") {
+                    let mut attributes =
+                        vec![json!({"name": "owner", "type": "string", "value": owner})];
+                    if let Some(d) = delegations {
+                        attributes
+                            .push(json!({"name": "delegations", "type": "array", "value": d}));
+                    }
+                    json!({"entityId": {"id": id, "type": "Lamp", "isPattern": false},
+                           "attributes": attributes})
+                } else {
+                    let mut record = json!({"id": id, "type": "Lamp", "owner": owner});
+                    if let Some(d) = delegations {
+                        record["delegations"] = d;
+                    }
+                    record
+                };
                 response(200, &[], record.to_string().as_bytes())
             }
             6 => response(404, &[], b"{\"error\":\"NotFound\"}"),

@@ -25,6 +25,7 @@ use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify, NgsiRequest};
 use policy::ownership::config::BrokerApi;
 use policy::ownership::wire::{self, Endpoint, ListAnswer, ListFormat, Listed};
+use policy::ownership::{scope, ScopeInput};
 use policy::ownership::{EntityKey, Eval, Ownership, OwnershipConfig, Record, Resolve};
 use policy::ownership::{SourceConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
@@ -52,6 +53,8 @@ struct Metrics {
     lists_filtered: Counter,
     list_removed: Counter,
     list_failed: Counter,
+    /// A lookup answered 2xx with something that is not the entity looked up.
+    lookup_invalid: Counter,
 }
 
 impl Metrics {
@@ -67,6 +70,7 @@ impl Metrics {
             lists_filtered: c("list.filtered"),
             list_removed: c("list.removed"),
             list_failed: c("list.failed"),
+            lookup_invalid: c("lookup.invalid"),
         }
     }
 }
@@ -112,6 +116,8 @@ struct ListState {
     strip: Vec<String>,
     doc: Option<serde_json::Value>,
     listed: Listed,
+    /// Per listed entity: provably out of scope by its type, passed as is.
+    out_of_scope: Vec<bool>,
 }
 
 struct StreamState {
@@ -131,6 +137,8 @@ struct StreamState {
     new_body: Option<Vec<u8>>,
     list: Option<ListState>,
     invalidate: Vec<EntityKey>,
+    /// An NGSI-LD request with its own JSON-LD context (types can't be scoped).
+    ld_context: bool,
 }
 
 struct State {
@@ -278,6 +286,7 @@ impl HttpContext for Stream {
             new_body: None,
             list: None,
             invalidate: Vec::new(),
+            ld_context: false,
         };
         let identity = match identity {
             Ok(i) => i,
@@ -483,10 +492,27 @@ fn decide(state: &Shared, ctx: u32) -> Action {
     };
     match classified {
         Ok((req, endpoint)) => {
-            if let Some(s) = state.borrow_mut().streams.get_mut(&ctx) {
-                s.req = Some(req);
-                s.endpoint = Some(endpoint);
-                s.phase = Phase::Deciding;
+            let out_of_scope = {
+                let mut s = state.borrow_mut();
+                let State { own, streams, .. } = &mut *s;
+                let Some(stream) = streams.get_mut(&ctx) else {
+                    return Action::Pause;
+                };
+                stream.ld_context =
+                    scope::carries_ld_context(&stream.headers, &stream.path, &stream.body);
+                let input = ScopeInput {
+                    dialect: endpoint.dialect,
+                    ld_context: stream.ld_context,
+                };
+                let why = own.out_of_scope(&req, input);
+                stream.req = Some(req);
+                stream.endpoint = Some(endpoint);
+                stream.phase = Phase::Deciding;
+                why
+            };
+            if let Some(why) = out_of_scope {
+                // Not ownership's business: passed untouched, without a lookup.
+                return done(state, ctx, &Decision::Allow(why));
             }
             advance(state, ctx)
         }
@@ -750,6 +776,7 @@ fn lookup_answered(state: &Shared, current: u32, lk: LookupKey, status: u32, bod
         match c.sources.get(lk.source) {
             Some(SourceConfig::Broker { .. }) => wire::parse_broker_lookup(
                 lk.api,
+                &lk.key.id,
                 status,
                 body,
                 &c.owner_attribute,
@@ -762,6 +789,10 @@ fn lookup_answered(state: &Shared, current: u32, lk: LookupKey, status: u32, bod
     let record = match parsed {
         Ok(r) => r,
         Err(e) => {
+            if (200..300).contains(&status) {
+                // Non-2xx answers are counted as callout failures already.
+                state.borrow().metrics.lookup_invalid.inc();
+            }
             log::warn!(
                 "{FILTER}: ownership lookup of {} in sources[{}] failed: {}",
                 bounded_debug(&lk.key.to_string()),
@@ -1130,6 +1161,7 @@ fn prepare_list(state: &Shared, ctx: u32, body: &mut Option<Vec<u8>>) -> Result<
         strip,
         doc: None,
         listed: Vec::new(),
+        out_of_scope: Vec::new(),
     });
     Ok(())
 }
@@ -1179,12 +1211,24 @@ fn start_list(state: &Shared, ctx: u32, body: &[u8]) -> Action {
         Ok(p) => p,
         Err(e) => return fail_list(state, ctx, &e),
     };
-    if let Some(st) = state.borrow_mut().streams.get_mut(&ctx) {
-        if let Some(l) = st.list.as_mut() {
-            l.doc = Some(doc);
-            l.listed = listed;
+    {
+        let mut s = state.borrow_mut();
+        let State { own, streams, .. } = &mut *s;
+        if let Some(st) = streams.get_mut(&ctx) {
+            if let Some(l) = st.list.as_mut() {
+                l.out_of_scope = wire::list_items(l.format, &doc)
+                    .map(|items| {
+                        items
+                            .into_iter()
+                            .map(|e| own.listed_out_of_scope(l.format, e, st.ld_context))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                l.doc = Some(doc);
+                l.listed = listed;
+            }
+            st.phase = Phase::ResponseLookups;
         }
-        st.phase = Phase::ResponseLookups;
     }
     continue_list(state, ctx)
 }
@@ -1202,7 +1246,7 @@ fn continue_list(state: &Shared, ctx: u32) -> Action {
     if let Some(f) = failure {
         return fail_list(state, ctx, &f.to_string());
     }
-    let (service, listed) = {
+    let (service, listed, out_of_scope) = {
         let s = state.borrow();
         let Some(st) = s.streams.get(&ctx) else {
             return Action::Pause;
@@ -1213,16 +1257,20 @@ fn continue_list(state: &Shared, ctx: u32) -> Action {
             .and_then(|r| r.accesses.first())
             .map(|a| a.tenant.service.clone())
             .unwrap_or_default();
-        let listed: Vec<(String, Result<Option<Record>, String>)> = st
+        let (listed, out_of_scope): (Listed, Vec<bool>) = st
             .list
             .as_ref()
-            .map(|l| l.listed.clone())
+            .map(|l| (l.listed.clone(), l.out_of_scope.clone()))
             .unwrap_or_default();
-        (service, listed)
+        (service, listed, out_of_scope)
     };
     let max = state.borrow().own.config().max_list_lookups;
     let mut to_fetch: Vec<LookupKey> = Vec::new();
-    for (id, embedded) in &listed {
+    for (i, (id, embedded)) in listed.iter().enumerate() {
+        if out_of_scope.get(i).copied().unwrap_or(false) {
+            // Passed as is: no record needed.
+            continue;
+        }
         let key = EntityKey::new(service.clone(), id.clone());
         let known = state
             .borrow()
@@ -1290,11 +1338,14 @@ fn finish_list(state: &Shared, ctx: u32, service: &str) -> Action {
         let keep: Vec<bool> = list
             .listed
             .iter()
-            .map(|(id, _)| {
-                st.records
-                    .get(&EntityKey::new(service, id.clone()))
-                    .and_then(Option::as_ref)
-                    .is_some_and(|r| r.read_by(st.identity.as_ref()).is_some())
+            .enumerate()
+            .map(|(i, (id, _))| {
+                list.out_of_scope.get(i).copied().unwrap_or(false)
+                    || st
+                        .records
+                        .get(&EntityKey::new(service, id.clone()))
+                        .and_then(Option::as_ref)
+                        .is_some_and(|r| r.read_by(st.identity.as_ref()).is_some())
             })
             .collect();
         let total = keep.len();

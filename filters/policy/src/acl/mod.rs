@@ -407,15 +407,16 @@ impl IdRule {
     }
 }
 
-/// A canonical service path: segments, and whether it covers the subtree.
+/// A canonical service path: segments, and whether it covers the subtree. (device-ownership's
+/// scope reads paths the same way.)
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ServicePath {
+pub(crate) struct ServicePath {
     segments: Vec<String>,
     subtree: bool,
 }
 
 impl ServicePath {
-    fn parse(p: &str) -> Result<ServicePath, String> {
+    pub(crate) fn parse(p: &str) -> Result<ServicePath, String> {
         let rest = p
             .strip_prefix('/')
             .ok_or_else(|| format!("service path {p:?} must start with '/'"))?;
@@ -460,7 +461,11 @@ impl ServicePath {
         }
     }
 
-    fn intersects(&self, req: &ServicePath) -> bool {
+    pub(crate) fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    pub(crate) fn intersects(&self, req: &ServicePath) -> bool {
         match (self.subtree, req.subtree) {
             (true, true) => {
                 req.segments.starts_with(&self.segments) || self.segments.starts_with(&req.segments)

@@ -53,6 +53,25 @@ pub struct OwnershipConfig {
     /// [`crate::ngsi::Broker`]): which routes exist and what a request really does there.
     #[serde(default)]
     pub broker: Broker,
+    /// Which entities ownership decides (absent: every entity); the others pass untouched.
+    #[serde(default)]
+    pub scope: Option<ScopeConfig>,
+}
+
+/// `scope`: an entity is in scope when it matches every list given (see
+/// [`super::scope`] for what each dialect can prove). An empty list is refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    /// Entity types (NGSI v2 exact; NGSI-LD by local name).
+    #[serde(default)]
+    pub entity_types: Option<Vec<String>>,
+    /// Service paths, `/a` or `/a/#` (that path and its subtree); NGSI v2 only.
+    #[serde(default)]
+    pub service_paths: Option<Vec<String>>,
+    /// Tenants (`fiware-service` / `NGSILD-Tenant`, lowercase; `""` is the default tenant).
+    #[serde(default)]
+    pub services: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

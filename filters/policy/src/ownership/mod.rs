@@ -45,6 +45,7 @@
 //! public entities.
 
 pub mod config;
+pub mod scope;
 pub mod wire;
 
 #[cfg(test)]
@@ -60,6 +61,7 @@ use crate::decision::{Decision, DenyReason};
 use crate::identity::{Identity, IdentityKind};
 
 pub use config::{OwnershipConfig, SourceConfig};
+pub use scope::{Scope, ScopeInput};
 
 /// What a delegate may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -244,18 +246,50 @@ pub struct Ownership {
     config: OwnershipConfig,
     statics: HashMap<EntityKey, Record>,
     cache: VerdictCache<Option<Record>>,
+    scope: Option<Scope>,
 }
 
 impl Ownership {
     /// Validates the configuration (every error names what is wrong).
     pub fn new(config: OwnershipConfig) -> Result<Self, String> {
         let statics = config.validate()?;
+        if config.scope.is_some() && config.broker == crate::ngsi::Broker::FogFlow {
+            // FogFlow keys entities by id alone and ignores types and tenants: nothing in a
+            // request proves an entity out of scope.
+            return Err(
+                "scope can't be used with broker \"fogflow\" (FogFlow keys entities by \
+                 id alone, so no request is provably out of scope)"
+                    .into(),
+            );
+        }
+        let scope = config.scope.as_ref().map(Scope::compile).transpose()?;
         let cache = VerdictCache::new(config.cache.max_entries);
         Ok(Ownership {
             config,
             statics,
             cache,
+            scope,
         })
+    }
+
+    /// Why the request is outside the configured scope (it then passes untouched, without a
+    /// lookup), or None: ownership decides it. See [`scope`].
+    pub fn out_of_scope(&self, req: &RequestAccess, input: ScopeInput) -> Option<String> {
+        let why = self.scope.as_ref()?.request_out(req, input)?;
+        Some(format!("out of scope: {why}"))
+    }
+
+    /// True if an entity of a list answer is provably out of scope by its type: it is passed
+    /// as is (see [`Scope::listed_out`]).
+    pub fn listed_out_of_scope(
+        &self,
+        format: wire::ListFormat,
+        entity: &serde_json::Value,
+        ld_context: bool,
+    ) -> bool {
+        self.scope
+            .as_ref()
+            .is_some_and(|s| s.listed_out(format, entity, ld_context))
     }
 
     pub fn config(&self) -> &OwnershipConfig {
@@ -266,6 +300,8 @@ impl Ownership {
     /// [`crate::enforcement::ngsi_filter_reads_header`]).
     pub fn reads_header(&self, name: &str) -> bool {
         crate::enforcement::ngsi_filter_reads_header(&self.config.identity_headers, name)
+            // With a scope, an NGSI-LD `Link` (a JSON-LD context) keeps types in scope.
+            || (self.scope.is_some() && name.eq_ignore_ascii_case("link"))
     }
 
     pub fn cache_stats(&self) -> CacheStats {

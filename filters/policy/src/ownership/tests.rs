@@ -608,6 +608,7 @@ fn broker_lookups() {
     assert_eq!(path, "/ngsi10/entity/urn:ngsi-ld:Lamp:1%20x%2Fy");
     let r = wire::parse_broker_lookup(
         BrokerApi::V2,
+        "L",
         200,
         br#"{"id": "L", "owner": "alice", "delegations": [{"public": true}]}"#,
         "owner",
@@ -619,6 +620,7 @@ fn broker_lookups() {
     assert_eq!(
         wire::parse_broker_lookup(
             BrokerApi::V2,
+            "L",
             200,
             br#"{"id": "L"}"#,
             "owner",
@@ -628,12 +630,13 @@ fn broker_lookups() {
         None
     );
     assert_eq!(
-        wire::parse_broker_lookup(BrokerApi::V2, 404, b"", "owner", "delegations").unwrap(),
+        wire::parse_broker_lookup(BrokerApi::V2, "L", 404, b"", "owner", "delegations").unwrap(),
         None
     );
     let ngsi10 = br#"{"entityId": {"id": "S"}, "attributes": [{"name": "owner", "type": "string", "value": "carol"}]}"#;
     assert_eq!(
-        wire::parse_broker_lookup(BrokerApi::Ngsi10, 200, ngsi10, "owner", "delegations").unwrap(),
+        wire::parse_broker_lookup(BrokerApi::Ngsi10, "S", 200, ngsi10, "owner", "delegations")
+            .unwrap(),
         Some(Record::owned_by("carol"))
     );
     for (s, b) in [
@@ -645,7 +648,7 @@ fn broker_lookups() {
         (0, b""),
     ] {
         assert!(
-            wire::parse_broker_lookup(BrokerApi::V2, s, b, "owner", "delegations").is_err(),
+            wire::parse_broker_lookup(BrokerApi::V2, "L", s, b, "owner", "delegations").is_err(),
             "{s}"
         );
     }
@@ -988,4 +991,383 @@ fn every_2xx_list_answer_is_filtered_and_no_status_is_refused() {
         assert_eq!(wire::list_answer(Some(s)), ListAnswer::PassThrough, "{s}");
     }
     assert_eq!(wire::list_answer(None), ListAnswer::Unreadable);
+}
+
+/// A 200 lookup answer says something about the entity looked up only if it is that entity:
+/// a list, another entity, or an object without id (random JSON from a broken broker) is an
+/// error (503), never "exists, nobody owns it" (that let a create claim an owned entity).
+/// Fails on the code before the id check: each of these parsed as `Ok(None)`/`Ok(Some)`.
+#[test]
+fn broker_lookup_answer_must_be_the_entity_looked_up() {
+    let parse = |api, id, body: &str| {
+        wire::parse_broker_lookup(api, id, 200, body.as_bytes(), "owner", "delegations")
+    };
+    for (api, body) in [
+        (BrokerApi::V2, r#"{}"#),
+        (BrokerApi::V2, r#"{"error": "x"}"#),
+        (BrokerApi::V2, r#"{"id": "lamp-02", "owner": "mallory"}"#),
+        (BrokerApi::V2, r#"{"id": 5}"#),
+        (BrokerApi::V2, r#"{"id": "LAMP-01"}"#),
+        (BrokerApi::V2, r#"{"entityId": {"id": "lamp-01"}}"#),
+        (BrokerApi::Ld, r#"{"type": "Lamp"}"#),
+        (BrokerApi::Ld, r#"{"id": "urn:other"}"#),
+        (BrokerApi::Ld, r#"{"id": "lamp-01%20"}"#),
+        (BrokerApi::Ngsi10, r#"{"id": "lamp-01"}"#),
+        (BrokerApi::Ngsi10, r#"{"entityId": {"id": "lamp-02"}}"#),
+        (BrokerApi::Ngsi10, r#"{"attributes": []}"#),
+    ] {
+        let got = parse(api, "lamp-01", body);
+        assert!(got.is_err(), "{api:?} {body}: {got:?}");
+    }
+    // The entity itself, in each API's shape: known owner, or exists without one.
+    assert_eq!(
+        parse(
+            BrokerApi::Ld,
+            "lamp-01",
+            r#"{"id": "lamp-01", "type": "Lamp"}"#
+        ),
+        Ok(None)
+    );
+    assert_eq!(
+        parse(
+            BrokerApi::Ld,
+            "urn:a b",
+            r#"{"id": "urn:a b", "type": "Lamp", "owner": "alice"}"#
+        ),
+        Ok(Some(Record::owned_by("alice")))
+    );
+    assert_eq!(
+        parse(
+            BrokerApi::Ngsi10,
+            "lamp-01",
+            r#"{"entityId": {"id": "lamp-01", "type": "Lamp", "isPattern": false}, "attributes": []}"#
+        ),
+        Ok(None)
+    );
+}
+
+// ---- scope ----
+
+fn scoped(scope: Value) -> Ownership {
+    engine(json!({"sources": [{"kind": "broker", "cluster": "orion"}], "scope": scope}))
+}
+
+/// Whether `own` leaves the request alone (out of scope), as the filter asks it.
+fn out(own: &Ownership, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> bool {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let req = classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
+        method,
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+    })
+    .unwrap();
+    let input = ScopeInput {
+        dialect: Endpoint::of(method, path).unwrap().dialect,
+        ld_context: scope::carries_ld_context(&headers, path, body.as_bytes()),
+    };
+    own.out_of_scope(&req, input).is_some()
+}
+
+#[test]
+fn scope_configuration_is_checked() {
+    let refused = |scope: Value, needle: &str| {
+        let cfg =
+            config(json!({"sources": [{"kind": "broker", "cluster": "orion"}], "scope": scope}));
+        let err = Ownership::new(cfg).err().unwrap();
+        assert!(err.contains(needle), "{err}");
+    };
+    refused(
+        json!({}),
+        "must name entity_types, service_paths or services",
+    );
+    refused(
+        json!({"entity_types": []}),
+        "scope.entity_types must not be empty",
+    );
+    refused(
+        json!({"service_paths": []}),
+        "scope.service_paths must not be empty",
+    );
+    refused(json!({"services": []}), "scope.services must not be empty");
+    refused(json!({"entity_types": [""]}), "not an entity type");
+    refused(json!({"service_paths": ["devices"]}), "must start with '/'");
+    refused(json!({"service_paths": ["/a/#/b"]}), "scope.service_paths");
+    refused(json!({"service_paths": ["/a-b"]}), "alphanumerics");
+    refused(json!({"services": ["City"]}), "lowercase");
+    let fogflow = config(json!({"broker": "fogflow", "scope": {"services": ["city"]},
+                                "sources": [{"kind": "broker", "cluster": "orion"}]}));
+    let err = Ownership::new(fogflow).err().unwrap();
+    assert!(
+        err.contains("scope can't be used with broker \"fogflow\""),
+        "{err}"
+    );
+    let unknown: Result<OwnershipConfig, _> = serde_json::from_value(json!({
+        "sources": [{"kind": "broker", "cluster": "orion"}], "scope": {"types": ["Lamp"]}}));
+    assert!(unknown.is_err());
+    // Absent: every entity is in scope, as before.
+    let own = broker();
+    assert!(!out(&own, "GET", "/v2/entities?type=Room", &[], ""));
+}
+
+/// Fails on main (no `scope`): every request was decided by ownership.
+#[test]
+fn v2_requests_out_of_scope_by_type_only_when_every_type_is_provably_out() {
+    let own = scoped(json!({"entity_types": ["Lamp"]}));
+    assert!(out(&own, "GET", "/v2/entities?type=Room", &[], ""));
+    assert!(out(&own, "GET", "/v2/entities/Room1?type=Room", &[], ""));
+    assert!(out(
+        &own,
+        "PATCH",
+        "/v2/entities/Room1/attrs?type=Room",
+        &[],
+        r#"{"t": {"value": 1}}"#
+    ));
+    assert!(out(
+        &own,
+        "GET",
+        "/v2/entities?typePattern=%5ERoom%24",
+        &[],
+        ""
+    ));
+    assert!(out(
+        &own,
+        "POST",
+        "/v2/entities",
+        &[],
+        r#"{"id": "Room1", "type": "Room"}"#
+    ));
+    // In scope: a scoped type, no type, a real pattern, a mix.
+    assert!(!out(&own, "GET", "/v2/entities?type=Lamp", &[], ""));
+    assert!(!out(&own, "GET", "/v2/entities", &[], ""));
+    assert!(!out(&own, "GET", "/v2/entities/Lamp1", &[], ""));
+    assert!(!out(&own, "GET", "/v2/entities?typePattern=Ro.*", &[], ""));
+    assert!(!out(&own, "GET", "/v2/entities?type=Room,Lamp", &[], ""));
+    assert!(!out(
+        &own,
+        "POST",
+        "/v2/op/update",
+        &[],
+        r#"{"actionType": "append", "entities": [{"id": "R", "type": "Room"}, {"id": "L", "type": "Lamp"}]}"#
+    ));
+    assert!(!out(
+        &own,
+        "POST",
+        "/v2/op/update",
+        &[],
+        r#"{"actionType": "append", "entities": [{"id": "R", "type": "Room"}, {"id": "X"}]}"#
+    ));
+    // NGSI10 (FogFlow) ignores types: always in scope.
+    assert!(!out(
+        &own,
+        "POST",
+        "/ngsi10/updateContext",
+        &[],
+        r#"{"updateAction": "UPDATE", "contextElements": [{"entityId": {"id": "R", "type": "Room"}, "attributes": []}]}"#
+    ));
+}
+
+#[test]
+fn v2_service_paths_and_services_scope_hierarchically() {
+    let own = scoped(json!({"service_paths": ["/devices/#"], "services": ["smartcity"]}));
+    let city = |path: &'static str| {
+        [
+            ("fiware-service", "smartcity"),
+            ("fiware-servicepath", path),
+        ]
+    };
+    assert!(out(&own, "GET", "/v2/entities", &city("/public"), ""));
+    assert!(out(&own, "GET", "/v2/entities", &city("/public/#"), ""));
+    assert!(out(&own, "GET", "/v2/entities", &city("/devicesx"), ""));
+    assert!(!out(&own, "GET", "/v2/entities", &city("/devices"), ""));
+    assert!(!out(
+        &own,
+        "GET",
+        "/v2/entities",
+        &city("/devices/lamps"),
+        ""
+    ));
+    assert!(!out(&own, "GET", "/v2/entities", &city("/#"), ""));
+    assert!(!out(
+        &own,
+        "GET",
+        "/v2/entities",
+        &city("/public,/devices/a"),
+        ""
+    ));
+    // No service path on a read is the whole tree.
+    assert!(!out(
+        &own,
+        "GET",
+        "/v2/entities",
+        &[("fiware-service", "smartcity")],
+        ""
+    ));
+    // A write without one is `/`: out of `/devices/#`.
+    assert!(out(
+        &own,
+        "PATCH",
+        "/v2/entities/L/attrs",
+        &[("fiware-service", "smartcity")],
+        r#"{"on": {"value": true}}"#
+    ));
+    // Another tenant, or the default one, is out of scope whatever the path.
+    assert!(out(
+        &own,
+        "GET",
+        "/v2/entities",
+        &[("fiware-service", "other")],
+        ""
+    ));
+    assert!(out(&own, "GET", "/v2/entities", &[], ""));
+    // NGSI-LD: tenants scope, service paths prove nothing.
+    assert!(out(
+        &own,
+        "GET",
+        "/ngsi-ld/v1/entities?type=Lamp",
+        &[("ngsild-tenant", "other")],
+        ""
+    ));
+    assert!(!out(
+        &own,
+        "GET",
+        "/ngsi-ld/v1/entities?type=Lamp",
+        &[
+            ("ngsild-tenant", "smartcity"),
+            ("fiware-servicepath", "/public")
+        ],
+        ""
+    ));
+    // NGSI10: always in scope.
+    assert!(!out(
+        &own,
+        "GET",
+        "/ngsi10/entity/L",
+        &[("fiware-service", "other")],
+        ""
+    ));
+}
+
+#[test]
+fn ngsi_ld_types_are_scoped_by_local_name_and_only_without_a_context() {
+    let own = scoped(json!({"entity_types": ["Lamp"]}));
+    assert!(out(&own, "GET", "/ngsi-ld/v1/entities?type=Room", &[], ""));
+    assert!(out(
+        &own,
+        "GET",
+        "/ngsi-ld/v1/entities?type=https%3A%2F%2Fx.org%2FRoom",
+        &[],
+        ""
+    ));
+    // Any spelling of a scoped local name is in scope.
+    for t in [
+        "Lamp",
+        "ngsi-ld:Lamp",
+        "https%3A%2F%2Fsmartdatamodels.org%2FLamp",
+    ] {
+        assert!(
+            !out(
+                &own,
+                "GET",
+                &format!("/ngsi-ld/v1/entities?type={t}"),
+                &[],
+                ""
+            ),
+            "{t}"
+        );
+    }
+    // A context of its own may map `Room` to a scoped type.
+    let link = [(
+        "link",
+        "<https://x.org/ctx.jsonld>; rel=\"http://www.w3.org/ns/json-ld#context\"",
+    )];
+    assert!(!out(
+        &own,
+        "GET",
+        "/ngsi-ld/v1/entities?type=Room",
+        &link,
+        ""
+    ));
+    assert!(!out(
+        &own,
+        "POST",
+        "/ngsi-ld/v1/entityOperations/query",
+        &[],
+        r#"{"type": "Query", "entities": [{"type": "Room"}], "@context": "https://x.org/ctx.jsonld"}"#
+    ));
+    // Operations by id: NGSI-LD brokers key entities by id alone, the type proves nothing.
+    assert!(!out(
+        &own,
+        "GET",
+        "/ngsi-ld/v1/entities/urn:R:1?type=Room",
+        &[],
+        ""
+    ));
+    assert!(!out(
+        &own,
+        "POST",
+        "/ngsi-ld/v1/entities",
+        &[],
+        r#"{"id": "urn:R:1", "type": "Room"}"#
+    ));
+    assert!(!out(&own, "GET", "/ngsi-ld/v1/entities", &[], ""));
+}
+
+#[test]
+fn listed_entities_out_of_scope_by_their_type() {
+    let own = scoped(json!({"entity_types": ["Lamp", "https://x.org/Streetlight"]}));
+    let listed = |f, v: Value, ctx| own.listed_out_of_scope(f, &v, ctx);
+    assert!(listed(
+        ListFormat::V2,
+        json!({"id": "R", "type": "Room"}),
+        false
+    ));
+    assert!(!listed(
+        ListFormat::V2,
+        json!({"id": "L", "type": "Lamp"}),
+        false
+    ));
+    assert!(!listed(ListFormat::V2, json!({"id": "L"}), false));
+    assert!(listed(
+        ListFormat::Ld,
+        json!({"id": "R", "type": "Room"}),
+        false
+    ));
+    assert!(!listed(
+        ListFormat::Ld,
+        json!({"id": "R", "type": "Room"}),
+        true
+    ));
+    assert!(!listed(
+        ListFormat::Ld,
+        json!({"id": "S", "type": "Streetlight"}),
+        false
+    ));
+    assert!(!listed(
+        ListFormat::Ld,
+        json!({"id": "M", "type": ["Room", "Lamp"]}),
+        false
+    ));
+    assert!(listed(
+        ListFormat::Ld,
+        json!({"id": "M", "type": ["Room", "Desk"]}),
+        false
+    ));
+    assert!(!listed(
+        ListFormat::Ld,
+        json!({"id": "M", "type": []}),
+        false
+    ));
+    assert!(!listed(
+        ListFormat::Ngsi10,
+        json!({"contextElement": {"entityId": {"id": "R", "type": "Room"}}}),
+        false
+    ));
+    // Without entity_types nothing in a list is out by itself.
+    let own = scoped(json!({"services": ["city"]}));
+    assert!(!own.listed_out_of_scope(ListFormat::V2, &json!({"id": "R", "type": "Room"}), false));
 }

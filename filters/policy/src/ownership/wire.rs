@@ -333,11 +333,16 @@ pub fn broker_lookup(
     (path, headers)
 }
 
-/// A broker lookup's answer: 200 with the entity (owner attribute absent → the broker does not
-/// know an owner: None), 404 (no such entity: None), anything else an error (409 from Orion:
-/// the id is ambiguous across service paths or types).
+/// A broker lookup's answer: 200 with the entity looked up (owner attribute absent → the
+/// broker does not know an owner: None), 404 (no such entity: None), anything else an error
+/// (409 from Orion: the id is ambiguous across service paths or types).
+///
+/// A 200 must be the entity `id` itself, as the lookup's API writes it (v2 / NGSI-LD `id`,
+/// NGSI10 `entityId.id`): a list, another entity or an object without id says nothing about
+/// `id`, and reading it as "exists, no owner" would let a create claim someone's entity.
 pub fn parse_broker_lookup(
     api: BrokerApi,
+    id: &str,
     status: u32,
     body: &[u8],
     owner_attr: &str,
@@ -356,7 +361,15 @@ pub fn parse_broker_lookup(
             if !v.is_object() {
                 return Err("broker answer is not an entity object".into());
             }
-            embedded_record(format, &v, owner_attr, delegations_attr)
+            let (answered, entity) = item_id(format, &v)
+                .map_err(|_| "broker answer is an object without an entity id".to_string())?;
+            if answered != id {
+                return Err(format!(
+                    "broker answered entity {}, not the one looked up",
+                    crate::log_text::bounded_debug(&answered)
+                ));
+            }
+            embedded_record(format, entity, owner_attr, delegations_attr)
         }
         0 => Err("broker call failed (reset or no answer)".into()),
         other => Err(format!("broker answered status {other}")),
@@ -614,7 +627,8 @@ pub fn list_entities(
     Ok((v, out))
 }
 
-fn list_items(format: ListFormat, v: &Value) -> Result<Vec<&Value>, String> {
+/// The items of a parsed list response, in the order of [`list_entities`].
+pub fn list_items(format: ListFormat, v: &Value) -> Result<Vec<&Value>, String> {
     match (format, v) {
         (_, Value::Array(a)) => Ok(a.iter().collect()),
         (ListFormat::Ngsi10, Value::Object(o)) => match o.get("contextResponses") {
