@@ -95,7 +95,7 @@ mod tests {
             refusal(r#"{"max_body": 5, "acl": {"rules": []}}"#),
             "configuration refused at max_body: unknown field `max_body`, expected one of \
              `mode`, `log_allows`, `max_body_bytes`, `body_timeout_ms`, `identity_headers`, \
-             `open_endpoints`, `acl`"
+             `open_endpoints`, `broker`, `allow_local_notification_endpoints`, `acl`"
         );
         assert_eq!(
             refusal(r#"{"max_body_bytes": "big", "acl": {"rules": []}}"#),
