@@ -17,6 +17,11 @@
 //!    failed);
 //! 4. each VM stays within a stated memory and fuel-per-callback budget over the run.
 //!
+//! entity-acl and device-ownership run one chain per `broker` setting (orion, ngsi-ld,
+//! fogflow): each request goes to its dialect's broker, one in six also to another broker,
+//! which must refuse it (no lookup, nothing forwarded) if it serves no route of that API.
+//! `fuzz-broker` lines give each broker's requests, statuses and peak memory/fuel.
+//!
 //! ```text
 //! cargo test -p host-harness --test fuzz_filters -- --nocapture          # CI: fixed seed
 //! FUZZ_SEED=1234abcd FUZZ_CASES=5000 cargo test -p host-harness --test fuzz_filters
@@ -76,6 +81,8 @@ fn pairs(list: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
 /// A generated request, and facts about it the properties need.
 struct Generated {
     request: HttpRequest,
+    /// The API the request was generated for (before any mutation of its path).
+    dialect: generate::Dialect,
     /// `ids × attrs` of a huge list query (0 for an ordinary request).
     expansion: usize,
 }
@@ -258,6 +265,7 @@ fn ngsi_request(rng: &mut Rng) -> Generated {
             properties: BTreeMap::new(),
         },
         expansion,
+        dialect,
     }
 }
 
@@ -325,6 +333,101 @@ fn send(
     Some(outcome)
 }
 
+// ================================ brokers ================================
+
+/// The brokers entity-acl and device-ownership can sit in front of (their `broker` setting).
+const BROKERS: [&str; 3] = ["orion", "ngsi-ld", "fogflow"];
+
+/// The broker a generated request is meant for: its dialect's broker (other paths, `/version`
+/// and the like, go to the brokers in turn).
+fn home_broker(dialect: generate::Dialect, case: u64) -> usize {
+    match dialect {
+        generate::Dialect::V2 => 0,
+        generate::Dialect::Ld => 1,
+        generate::Dialect::FogFlow => 2,
+        generate::Dialect::Other => (case % 3) as usize,
+    }
+}
+
+/// Another broker that also gets this request now and then (one case in six), to check that it
+/// refuses the routes it does not serve. Drawn from its own stream, so that a case's request
+/// and answers are those of the case whatever is drawn here.
+fn cross_broker(settings: &run::Settings, target: &str, case: u64, home: usize) -> Option<usize> {
+    let mut rng = settings.rng(&format!("x-{target}"), case);
+    chance(&mut rng, 1.0 / 6.0).then(|| (home + rng.gen_range(1..3)) % 3)
+}
+
+/// True if `broker` serves no route of the API named by the path's first segment (decoded), so
+/// the request must be refused before it reaches the broker. FogFlow serves parts of NGSI v2
+/// and NGSI-LD: those are left to the other checks.
+fn foreign_api(broker: &str, request: &HttpRequest) -> bool {
+    let path = host_harness::chain::header(&request.headers, ":path").unwrap_or_default();
+    let first = path
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let first = percent_encoding::percent_decode_str(first).decode_utf8_lossy();
+    match broker {
+        "orion" => matches!(first.as_ref(), "ngsi-ld" | "ngsi10" | "ngsi9"),
+        "ngsi-ld" => matches!(first.as_ref(), "v2" | "v1" | "ngsi10" | "ngsi9"),
+        _ => false,
+    }
+}
+
+/// One chain per broker, with the figures the run reports for each.
+struct BrokerChains {
+    chains: Vec<Chain>,
+    cases: [u64; 3],
+    max_memory: [usize; 3],
+    max_fuel: [(u64, &'static str); 3],
+    /// How many requests got each status, per broker: shows each broker decided its dialects
+    /// (200s and 403s), not only refused them.
+    statuses: [BTreeMap<u32, u64>; 3],
+}
+
+impl BrokerChains {
+    fn new(build: impl Fn(usize) -> Chain) -> BrokerChains {
+        BrokerChains {
+            chains: (0..3).map(build).collect(),
+            cases: [0; 3],
+            max_memory: [0; 3],
+            max_fuel: [(0, ""); 3],
+            statuses: Default::default(),
+        }
+    }
+
+    /// Notes the figures of broker `b`'s chain (before it is rebuilt, and at the end).
+    fn note(&mut self, b: usize) {
+        for vm in self.chains[b].filters.iter_mut() {
+            self.max_memory[b] = self.max_memory[b].max(vm.memory_bytes());
+            if vm.usage.fuel_max_call > self.max_fuel[b].0 {
+                self.max_fuel[b] = (vm.usage.fuel_max_call, vm.usage.fuel_max_call_export);
+            }
+        }
+    }
+
+    /// Checks every chain's budget and prints one line per broker.
+    fn finish(&mut self, report: &mut Report) {
+        for (b, broker) in BROKERS.iter().enumerate() {
+            self.note(b);
+            report.check_budget(u64::MAX, &mut self.chains[b], BUDGET);
+            let statuses: Vec<String> = self.statuses[b]
+                .iter()
+                .map(|(status, n)| format!("{status}:{n}"))
+                .collect();
+            println!(
+                "fuzz-broker target={} broker={} requests={} statuses=[{}] max_memory_bytes={} max_fuel_per_call={} ({})",
+                report.target, broker, self.cases[b], statuses.join(","), self.max_memory[b],
+                self.max_fuel[b].0, self.max_fuel[b].1
+            );
+        }
+    }
+}
+
 // ================================ entity-acl ================================
 
 const ENTITY_ACL_CONFIG: &str = r#"{
@@ -388,71 +491,134 @@ fn entity_acl_expected(acl: &policy::entity_acl::EntityAcl, request: &HttpReques
     })
 }
 
-fn entity_acl_chain() -> Chain {
+/// FogFlow keys entities by id alone: its rules name no type, tenant or service path.
+const ENTITY_ACL_FOGFLOW_CONFIG: &str = r#"{
+  "mode": "enforce",
+  "broker": "fogflow",
+  "max_body_bytes": 65536,
+  "acl": {"rules": [
+    {"name": "citizens-read", "effect": "allow", "subjects": ["role:citizen"],
+     "actions": ["read"], "ngsi": {"service": "", "service_path": "/#"}},
+    {"name": "own-device", "effect": "allow", "subjects": ["role:device"],
+     "actions": ["write"], "ngsi": {"service": "", "service_path": "/#", "entity_id": "%u"}},
+    {"name": "rooms", "effect": "allow", "subjects": ["user:alice", "group:facility"],
+     "actions": ["read", "create", "write", "delete"],
+     "ngsi": {"service": "*", "service_path": "/#", "entity_id": "urn:ngsi-ld:Room:*",
+              "attributes": ["temperature", "humidity"]}},
+    {"name": "operator-subscriptions", "effect": "allow", "subjects": ["role:operator"],
+     "actions": ["subscribe", "register"],
+     "ngsi": {"service": "", "service_path": "/#",
+              "endpoint_prefix": "http://quantumleap:8668/v2/"}},
+    {"name": "no-vault", "effect": "deny", "subjects": ["anyone"], "actions": ["*"],
+     "ngsi": {"service": "*", "service_path": "/#", "entity_id": "urn:ngsi-ld:Room:vault*"}}
+  ]}
+}"#;
+
+/// entity-acl's configuration for broker `BROKERS[b]`.
+fn entity_acl_config(b: usize) -> String {
+    match BROKERS[b] {
+        "fogflow" => ENTITY_ACL_FOGFLOW_CONFIG.to_string(),
+        broker => ENTITY_ACL_CONFIG.replacen(
+            "\"mode\": \"enforce\",",
+            &format!("\"mode\": \"enforce\", \"broker\": \"{broker}\","),
+            1,
+        ),
+    }
+}
+
+fn entity_acl_chain(b: usize) -> Chain {
     run::chain(
-        &[("entity_acl.wasm", ENTITY_ACL_CONFIG, true)],
+        &[("entity_acl.wasm", &entity_acl_config(b), true)],
         &[],
         Box::new(NoCallouts),
     )
 }
 
+/// Every request goes to the chain of its dialect's broker, and one in six also to another
+/// broker's chain, which must refuse a route of an API it does not serve.
 #[test]
 fn entity_acl() {
     let settings = run::settings(600);
     let mut report = Report::new("entity-acl", &settings);
-    let acl = policy::entity_acl::EntityAcl::from_json(ENTITY_ACL_CONFIG.as_bytes())
-        .expect("the fuzz configuration is valid");
+    let acls: Vec<_> = (0..3)
+        .map(|b| {
+            policy::entity_acl::EntityAcl::from_json(entity_acl_config(b).as_bytes())
+                .expect("the fuzz configuration is valid")
+        })
+        .collect();
     let upstream = UpstreamResponse::default();
-    let mut chain = entity_acl_chain();
-    report.vms_started += 1;
+    let mut brokers = BrokerChains::new(entity_acl_chain);
+    report.vms_started += 3;
     let mut agreed = 0u64;
     for case in settings.case_numbers() {
         let mut rng = settings.rng("entity-acl", case);
         let generated = ngsi_request(&mut rng);
         report.cases += 1;
-        let Some(outcome) = send(
-            &mut report,
-            case,
-            &mut chain,
-            &generated,
-            &upstream,
-            &DependencyLog::default,
-        ) else {
-            report.note_usage(&mut chain);
-            chain = entity_acl_chain();
-            report.vms_started += 1;
-            continue;
-        };
-        // The native decision of a huge expansion would take gigabytes: only the VM is run.
-        if generated.expansion > 50_000 {
-            continue;
-        }
-        if let Some(expected) = entity_acl_expected(&acl, &generated.request) {
-            if outcome.status != expected {
+        let home = home_broker(generated.dialect, case);
+        let targets =
+            std::iter::once(home).chain(cross_broker(&settings, "entity-acl", case, home));
+        for b in targets {
+            brokers.cases[b] += 1;
+            let chain = &mut brokers.chains[b];
+            let Some(outcome) = send(
+                &mut report,
+                case,
+                chain,
+                &generated,
+                &upstream,
+                &DependencyLog::default,
+            ) else {
+                brokers.note(b);
+                brokers.chains[b] = entity_acl_chain(b);
+                report.vms_started += 1;
+                continue;
+            };
+            *brokers.statuses[b].entry(outcome.status).or_default() += 1;
+            let broker = BROKERS[b];
+            if outcome.upstream.is_some() && foreign_api(broker, &generated.request) {
                 report.finding(
                     case,
                     None,
                     format!(
-                        "entity-acl answered {} where policy decides {expected} (body {}); request {}",
+                        "broker {broker}: a route of an API it does not serve reached it (status {}); request {}",
                         outcome.status,
-                        escape(&outcome.body),
                         describe_request(&generated.request)
                     ),
                 );
-            } else {
-                agreed += 1;
+            }
+            // The native decision of a huge expansion would take gigabytes: only the VM is run.
+            if generated.expansion > 50_000 {
+                continue;
+            }
+            if let Some(expected) = entity_acl_expected(&acls[b], &generated.request) {
+                if outcome.status != expected {
+                    report.finding(
+                        case,
+                        None,
+                        format!(
+                            "broker {broker}: entity-acl answered {} where policy decides {expected} (body {}); request {}",
+                            outcome.status,
+                            escape(&outcome.body),
+                            describe_request(&generated.request)
+                        ),
+                    );
+                } else {
+                    agreed += 1;
+                }
+            }
+            if outcome.status == 200 && outcome.upstream.as_ref().is_none_or(|u| !u.complete) {
+                report.finding(
+                    case,
+                    None,
+                    format!(
+                        "broker {broker}: answered 200 but the request did not reach the broker whole"
+                    ),
+                );
             }
         }
-        if outcome.status == 200 && outcome.upstream.as_ref().is_none_or(|u| !u.complete) {
-            report.finding(
-                case,
-                None,
-                "answered 200 but the request did not reach the broker whole".into(),
-            );
-        }
     }
-    report.check_budget(u64::MAX, &mut chain, BUDGET);
-    println!("entity-acl: {agreed} cases compared equal to policy's decision");
+    brokers.finish(&mut report);
+    println!("entity-acl: {agreed} decisions compared equal to policy's");
     report.finish();
 }
 
@@ -617,15 +783,27 @@ fn broker_answer(rng: &mut Rng) -> (UpstreamResponse, bool) {
     (upstream, broken && status == 200)
 }
 
+/// device-ownership's configuration for broker `BROKERS[b]`.
+fn device_ownership_config(b: usize) -> String {
+    DEVICE_OWNERSHIP_CONFIG.replacen(
+        "{\n",
+        &format!("{{\n  \"broker\": \"{}\",\n", BROKERS[b]),
+        1,
+    )
+}
+
+/// As entity-acl's: each request through its dialect's broker's chain (so the lookups of every
+/// API are fuzzed), one in six also through another broker's, which must refuse a route of an
+/// API it does not serve without looking anything up.
 #[test]
 fn device_ownership() {
     let settings = run::settings(600);
     let mut report = Report::new("device-ownership", &settings);
     let rng_slot: Arc<Mutex<Option<Rng>>> = Arc::new(Mutex::new(None));
     let log: Arc<Mutex<DependencyLog>> = Arc::default();
-    let build = || {
+    let build = |b: usize| {
         run::chain(
-            &[("device_ownership.wasm", DEVICE_OWNERSHIP_CONFIG, true)],
+            &[("device_ownership.wasm", &device_ownership_config(b), true)],
             &["orion"],
             Box::new(Broker {
                 rng: rng_slot.clone(),
@@ -633,13 +811,12 @@ fn device_ownership() {
             }),
         )
     };
-    let mut chain = build();
-    report.vms_started += 1;
+    let mut brokers = BrokerChains::new(build);
+    report.vms_started += 3;
     for case in settings.case_numbers() {
         let mut rng = settings.rng("device-ownership", case);
         // The broker draws from its own stream for this case.
         *rng_slot.lock().unwrap() = Some(settings.rng("device-ownership-broker", case));
-        *log.lock().unwrap() = DependencyLog::default();
         let generated = ngsi_request(&mut rng);
         let (upstream, mut upstream_broken) = broker_answer(&mut rng);
         // The well-formed list generated is NGSI v2's shape; for NGSI-LD and NGSI10 answers it
@@ -648,46 +825,69 @@ fn device_ownership() {
             host_harness::chain::header(&generated.request.headers, ":path").unwrap_or_default();
         upstream_broken |= upstream.status == 200 && !path.starts_with("/v2/");
         report.cases += 1;
+        let home = home_broker(generated.dialect, case);
         // A cached answer may decide later requests; let the cache expire now and then.
         if chance(&mut rng, 0.1) {
-            chain.advance_clock(61_000);
+            brokers.chains[home].advance_clock(61_000);
         }
-        let dependency = || {
-            let mut log = log.lock().unwrap().clone();
-            log.failed |= upstream_broken;
-            log
-        };
-        let outcome = send(
-            &mut report,
-            case,
-            &mut chain,
-            &generated,
-            &upstream,
-            &dependency,
-        );
-        let Some(outcome) = outcome else {
-            report.note_usage(&mut chain);
-            chain = build();
-            report.vms_started += 1;
-            continue;
-        };
-        // A lookup that failed must stop the request before the broker (a broken *answer* of
-        // the broker comes after it reached the broker).
-        let dep = log.lock().unwrap().clone();
-        if dep.failed && outcome.upstream.is_some() {
-            report.finding(
+        let targets =
+            std::iter::once(home).chain(cross_broker(&settings, "device-ownership", case, home));
+        for b in targets {
+            brokers.cases[b] += 1;
+            *log.lock().unwrap() = DependencyLog::default();
+            let dependency = || {
+                let mut log = log.lock().unwrap().clone();
+                log.failed |= upstream_broken;
+                log
+            };
+            let outcome = send(
+                &mut report,
                 case,
-                None,
-                format!(
-                    "a lookup failed ({} calls) yet the request reached the broker (status {}); request {}",
-                    dep.calls,
-                    outcome.status,
-                    describe_request(&generated.request)
-                ),
+                &mut brokers.chains[b],
+                &generated,
+                &upstream,
+                &dependency,
             );
+            let Some(outcome) = outcome else {
+                brokers.note(b);
+                brokers.chains[b] = build(b);
+                report.vms_started += 1;
+                continue;
+            };
+            *brokers.statuses[b].entry(outcome.status).or_default() += 1;
+            let broker = BROKERS[b];
+            // A lookup that failed must stop the request before the broker (a broken *answer*
+            // of the broker comes after it reached the broker).
+            let dep = log.lock().unwrap().clone();
+            if dep.failed && outcome.upstream.is_some() {
+                report.finding(
+                    case,
+                    None,
+                    format!(
+                        "broker {broker}: a lookup failed ({} calls) yet the request reached the broker (status {}); request {}",
+                        dep.calls,
+                        outcome.status,
+                        describe_request(&generated.request)
+                    ),
+                );
+            }
+            if foreign_api(broker, &generated.request)
+                && (dep.calls > 0 || outcome.upstream.is_some())
+            {
+                report.finding(
+                    case,
+                    None,
+                    format!(
+                        "broker {broker}: a route of an API it does not serve was looked up ({} calls) or reached it (status {}); request {}",
+                        dep.calls,
+                        outcome.status,
+                        describe_request(&generated.request)
+                    ),
+                );
+            }
         }
     }
-    report.check_budget(u64::MAX, &mut chain, BUDGET);
+    brokers.finish(&mut report);
     report.finish();
 }
 
