@@ -245,9 +245,10 @@ def filter_yaml(entry, spaces):
 
 def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
                   allow_on_headers_stop_iteration=False, name=ECDS_NAME,
-                  failure_policy=DEFAULT_FAILURE_POLICY):
+                  failure_policy=DEFAULT_FAILURE_POLICY, network=False):
     """The ECDS resource file's content (a DiscoveryResponse with one TypedExtensionConfig):
-    the same wasm filter configuration sidecar.yaml has inline."""
+    the same wasm filter configuration sidecar.yaml (or, with `network`, mqtt-sidecar.yaml)
+    has inline."""
     return {
         "version_info": str(version),
         "resources": [{
@@ -255,7 +256,8 @@ def ecds_resource(filter_config, wasm=DEFAULT_WASM, version="1",
             "name": name,
             "typed_config": wasm_filter(wasm_plugin(
                 name, wasm, filter_config, failure_policy,
-                allow_on_headers_stop_iteration))["typed_config"],
+                None if network else allow_on_headers_stop_iteration),
+                network=network)["typed_config"],
         }],
     }
 
@@ -611,6 +613,45 @@ def main(argv=None):
 
 MQTT_TEMPLATE = os.path.join(HERE, "mqtt-sidecar.yaml")
 DEFAULT_MQTT_WASM = os.path.join(WASM_DIR, "mqtt_acl.wasm")
+# mqtt-acl's filter name, vm_id and (with ecds_dir) ECDS resource name: <ecds_dir>/mqtt-acl.json.
+MQTT_ECDS_NAME = "mqtt-acl"
+NETWORK_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
+
+
+def _mqtt_acl_ecds_yaml(ecds_dir):
+    """mqtt-acl's network filter entry discovered by ECDS from ecds_dir/mqtt-acl.json (YAML
+    lines at the filters list's indentation). Envoy reads the file at start and again whenever
+    a file is renamed into ecds_dir (envoy/push-config); each new connection gets the
+    configuration in force when it is accepted."""
+    return _indent([
+        "# mqtt-acl's configuration (and .wasm path) come by ECDS from the file below; change it",
+        "# at run time with envoy/push-config --resource <that file> (envoy/README.md). A",
+        "# configuration the filter or Envoy rejects leaves the previous one in force",
+        f"# (extension_config_discovery.network_filter.{MQTT_ECDS_NAME}.update_rejected counts it).",
+        f"- name: {MQTT_ECDS_NAME}",
+        "  config_discovery:",
+        "    config_source:",
+        "      path_config_source:",
+        f"        path: {yaml_string(ecds_path(ecds_dir, MQTT_ECDS_NAME))}",
+        "        # The directory, not the file: push-config (and Kubernetes ConfigMaps) rename.",
+        f"        watched_directory: {{ path: {yaml_string(os.path.abspath(ecds_dir))} }}",
+        "    # No default: the listener waits until the file gave a configuration.",
+        "    apply_default_config_without_warming: false",
+        "    # Only a network wasm filter configuration is accepted from the file.",
+        "    type_urls:",
+        f"    - {NETWORK_WASM_TYPE}",
+    ], 6)
+
+
+def write_mqtt_ecds_resource(ecds_dir, filter_config, wasm=DEFAULT_MQTT_WASM,
+                             failure_policy=DEFAULT_FAILURE_POLICY):
+    """Writes mqtt-acl's first ECDS resource, ecds_dir/mqtt-acl.json (atomically), for
+    render_mqtt(..., ecds_dir=ecds_dir); returns its path."""
+    path = ecds_path(ecds_dir, MQTT_ECDS_NAME)
+    write_atomically(path, ecds_resource(json_object(filter_config, MQTT_ECDS_NAME), wasm,
+                                         name=MQTT_ECDS_NAME, failure_policy=failure_policy,
+                                         network=True))
+    return path
 
 
 def render_mqtt(
@@ -626,13 +667,16 @@ def render_mqtt(
     template_path=MQTT_TEMPLATE,
     failure_policy=DEFAULT_FAILURE_POLICY,
     exact_balance=False,
+    ecds_dir=None,
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
     JSON string (an object). tls_cert/tls_key make the listener MQTT over TLS; client_ca also
     requires client certificates signed by that CA (mTLS). `failure_policy` as render()'s.
     exact_balance spreads connections evenly over the workers (connection_balance_config), e.g.
-    so a test reaches every worker."""
+    so a test reaches every worker. With `ecds_dir`, mqtt-acl is discovered by ECDS from
+    ecds_dir/mqtt-acl.json instead of inline (reloadable with envoy/push-config; write the
+    first resource with write_mqtt_ecds_resource(...))."""
     filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
@@ -650,8 +694,9 @@ def render_mqtt(
         "BROKER_ADDRESS": broker_host,
         "BROKER_PORT": broker_port,
         "BROKER_CLUSTER_TYPE": "STATIC" if _IPV4.match(broker_host) else "STRICT_DNS",
-        "MQTT_ACL_FILTER": filter_yaml(wasm_filter(
-            wasm_plugin("mqtt-acl", wasm, filter_config, failure_policy), network=True), 6),
+        "MQTT_ACL_FILTER": _mqtt_acl_ecds_yaml(ecds_dir) if ecds_dir else filter_yaml(
+            wasm_filter(wasm_plugin(MQTT_ECDS_NAME, wasm, filter_config, failure_policy),
+                        network=True), 6),
         "FAILURE_POLICY": failure_policy_value(failure_policy),
         "TRANSPORT_SOCKET": tls,
         "CONNECTION_BALANCE": ("    connection_balance_config: { exact_balance: {} }\n"

@@ -629,7 +629,9 @@ class Mosquitto:
 @dataclass
 class MqttEnvoy(EnvoyProcess):
     """Envoy rendered by envoy/render.py's render_mqtt (envoy/mqtt-sidecar.yaml): listener ->
-    mqtt-acl -> tcp_proxy -> Mosquitto."""
+    mqtt-acl -> tcp_proxy -> Mosquitto. With `ecds_dir`, mqtt-acl's configuration is written to
+    `ecds_dir`/mqtt-acl.json before the start and discovered from it (change it with
+    envoy/push-config)."""
 
     work_dir: str
     name: str
@@ -639,11 +641,15 @@ class MqttEnvoy(EnvoyProcess):
     concurrency: int = 2
     tls: dict = None
     exact_balance: bool = False
+    ecds_dir: str = None
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
 
     def start(self):
+        if self.ecds_dir:
+            os.makedirs(self.ecds_dir, exist_ok=True)
+            render.write_mqtt_ecds_resource(self.ecds_dir, self.filter_config, self.wasm)
         tls = self.tls or {}
         return self.launch(
             render.render_mqtt(
@@ -657,8 +663,14 @@ class MqttEnvoy(EnvoyProcess):
                 tls_key=tls.get("key"),
                 client_ca=tls.get("client_ca"),
                 exact_balance=self.exact_balance,
+                ecds_dir=self.ecds_dir,
             ),
             "wasm:debug,filter:debug")
+
+    @property
+    def ecds_resource(self):
+        """mqtt-acl's ECDS resource file (with ecds_dir)."""
+        return render.ecds_path(self.ecds_dir, render.MQTT_ECDS_NAME)
 
     def stats(self, prefix="wasmcustom.mqtt_acl."):
         return super().stats(prefix)
