@@ -1286,10 +1286,7 @@ impl Acl {
                 .instantiate_for_deny(&ctx)
                 .is_none_or(|f| f.intersects(&req));
             if hit {
-                return Decision::denied_by_rule(
-                    &r.name,
-                    &format!("{what} on {topic_or_filter:?}"),
-                );
+                return Decision::denied_by_rule(&r.name, format!("{what} on {topic_or_filter:?}"));
             }
         }
         for (r, t) in mqtt_rules().filter(|(r, _)| r.effect == Effect::Allow) {
