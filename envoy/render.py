@@ -12,6 +12,12 @@
         [--entity-acl-config FILE [--entity-acl-wasm W]]
         [--failure-policy reload|fail-closed] [--no-validate]
 
+    python3 envoy/render.py --mqtt --filter-config mqtt-acl.json [--out mqtt-sidecar.yaml]
+        [--listen 127.0.0.1:1883] [--admin 127.0.0.1:9902] [--broker 127.0.0.1:11883]
+        [--wasm target/wasm32-wasip1/release/mqtt_acl.wasm] [--node-id iot-mqtt-sidecar]
+        [--tls-cert ... --tls-key ... [--client-ca ...]] [--ecds DIR]
+        [--failure-policy reload|fail-closed] [--no-validate]
+
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
 --listen or --admin lets the kernel choose (read them back from the admin interface, or with
@@ -36,6 +42,12 @@ Before writing anything, each filter's configuration is checked offline: host-ha
 starts the real .wasm with it as Envoy would, and a refusal stops render.py (exit 2) with the
 filter's reason. Without a built harness (target/{release,debug}/host-harness or $HOST_HARNESS)
 it says "NOT validated offline" and goes on; --no-validate skips the check.
+
+--mqtt renders envoy/mqtt-sidecar.yaml instead (render_mqtt): mqtt-acl, the network filter, in
+front of an MQTT broker (--broker), with --filter-config as mqtt-acl's configuration; with
+--ecds DIR it is discovered from DIR/mqtt-acl.json, written here (change it with push-config).
+The HTTP-only options (--idp, the chain filters, --owners, --allow-on-headers-stop-iteration)
+are refused with it.
 
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
 default, Envoy's FAIL_RELOAD) refuses the failing request with 503 and starts a fresh VM for the
@@ -538,16 +550,29 @@ def validate_chain(token_auth_config, token_auth_wasm, extra_filters):
         validate_offline(f["name"], f["wasm"], f["config"], warn)
 
 
+# The command line's defaults for the HTTP sidecar and (--mqtt) the MQTT one.
+HTTP_CLI_DEFAULTS = {"listen": "127.0.0.1:10000", "admin": "127.0.0.1:9901",
+                     "broker": "127.0.0.1:1026", "wasm": DEFAULT_WASM, "node_id": "iot-sidecar"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--filter-config", required=True, help="token-auth JSON configuration file")
+    parser.add_argument("--filter-config", required=True,
+                        help="token-auth JSON configuration file (with --mqtt: mqtt-acl's)")
+    parser.add_argument("--mqtt", action="store_true",
+                        help="render the MQTT sidecar (mqtt-sidecar.yaml: mqtt-acl in front of an"
+                             " MQTT broker) instead of the HTTP one")
     parser.add_argument("--out", help="output file (default: standard output)")
-    parser.add_argument("--listen", default="127.0.0.1:10000", help="listener HOST:PORT")
-    parser.add_argument("--admin", default="127.0.0.1:9901", help="admin interface HOST:PORT")
-    parser.add_argument("--broker", default="127.0.0.1:1026", help="NGSI broker HOST:PORT")
+    parser.add_argument("--listen", help="listener HOST:PORT (default 127.0.0.1:10000;"
+                                         " --mqtt: 127.0.0.1:1883)")
+    parser.add_argument("--admin", help="admin interface HOST:PORT (default 127.0.0.1:9901;"
+                                        " --mqtt: 127.0.0.1:9902)")
+    parser.add_argument("--broker", help="NGSI broker HOST:PORT (default 127.0.0.1:1026;"
+                                         " --mqtt: the MQTT broker, 127.0.0.1:11883)")
     parser.add_argument("--idp", default="127.0.0.1:3000", help="identity provider HOST:PORT")
-    parser.add_argument("--wasm", default=DEFAULT_WASM, help="token_auth.wasm path")
-    parser.add_argument("--node-id", default="iot-sidecar")
+    parser.add_argument("--wasm", help="token_auth.wasm path (--mqtt: mqtt_acl.wasm)")
+    parser.add_argument("--node-id", help="Envoy's node id (default iot-sidecar; --mqtt:"
+                                          " iot-mqtt-sidecar)")
     parser.add_argument(
         "--allow-on-headers-stop-iteration",
         action="store_true",
@@ -573,6 +598,11 @@ def main(argv=None):
                              " (reload, the default), or refuse every request until a restart"
                              " (fail-closed); see envoy/README.md")
     args = parser.parse_args(argv)
+    if args.mqtt:
+        return _main_mqtt(parser, args)
+    for option, default in HTTP_CLI_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
             config = json.load(f)
@@ -703,6 +733,59 @@ def render_mqtt(
     }
     with open(template_path, encoding="utf-8") as f:
         return string.Template(f.read()).substitute(params)
+
+
+MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",
+                     "broker": "127.0.0.1:11883", "wasm": DEFAULT_MQTT_WASM,
+                     "node_id": "iot-mqtt-sidecar"}
+# HTTP-only options, refused with --mqtt (their parser defaults, to tell whether one was given).
+_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners",
+                      *(f"{name.replace('-', '_')}_config" for name in CHAIN_FILTERS))
+
+
+def _main_mqtt(parser, args):
+    """render.py --mqtt: envoy/mqtt-sidecar.yaml with --filter-config as mqtt-acl's
+    configuration; with --ecds DIR, mqtt-acl is discovered from DIR/mqtt-acl.json, written here
+    (as for the HTTP sidecar)."""
+    given = [o for o in _HTTP_ONLY_OPTIONS if getattr(args, o) != parser.get_default(o)]
+    if given:
+        print(f"render.py: --mqtt: {', '.join('--' + o.replace('_', '-') for o in given)} "
+              "only apply to the HTTP sidecar", file=sys.stderr)
+        return 2
+    for option, default in MQTT_CLI_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    try:
+        with open(args.filter_config, encoding="utf-8") as f:
+            config = json_object(json.load(f), MQTT_ECDS_NAME)
+        if not os.path.isfile(args.wasm):
+            raise ValueError(f"--wasm: {args.wasm} does not exist (build it with `cargo wasm`)")
+        for option in ("tls_cert", "tls_key", "client_ca"):
+            value = getattr(args, option)
+            if value and not os.path.isfile(value):
+                raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
+        if args.ecds and not os.path.isdir(args.ecds):
+            raise ValueError(f"--ecds: {args.ecds} is not a directory")
+        if not args.no_validate:
+            validate_offline(MQTT_ECDS_NAME, args.wasm, config,
+                             lambda message: print(f"render.py: {message}", file=sys.stderr))
+        text = render_mqtt(config, listen=args.listen, admin=args.admin, broker=args.broker,
+                           wasm=args.wasm, node_id=args.node_id, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, client_ca=args.client_ca,
+                           failure_policy=args.failure_policy, ecds_dir=args.ecds)
+        written = (write_mqtt_ecds_resource(args.ecds, config, args.wasm, args.failure_policy)
+                   if args.ecds else None)
+    except (OSError, ValueError) as e:
+        print(f"render.py: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if written:
+        print(f"render.py: wrote {MQTT_ECDS_NAME}'s ECDS resource {written}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
