@@ -167,6 +167,36 @@ def test_a_jwt_for_another_api_is_401(envoy, idp, broker):
     assert_not_received(broker, probe)
 
 
+def test_authorized_parties_admit_only_tokens_the_idp_issued_to_a_listed_client(
+        work_dir, wasm, idp, broker):
+    """authorized_parties with oidc-provider's client_credentials JWTs, which name their client
+    in client_id (no azp): sensor-gateway's token passes, parking-app's is 403 and never reaches
+    the broker. (azp itself: tests/scenarios/token-auth-authorized-parties.toml.)"""
+    proxy = e2e.Envoy(work_dir=work_dir, name="envoy-authorized-parties",
+                      filter_config=e2e.token_auth_config(
+                          idp, authorized_parties=[e2e.IdP.CLIENT[0]]),
+                      broker_port=broker.port, idp_port=idp.port, wasm=wasm,
+                      concurrency=1).start()
+    try:
+        listed = idp.token(ORION)
+        assert e2e.jwt_parts(listed)[1]["client_id"] == e2e.IdP.CLIENT[0]
+        probe = new_probe()
+        r = proxy.request("GET", "/v2/entities",
+                          {"authorization": f"Bearer {listed}", "x-e2e-probe": probe})
+        assert r.status == 200, r
+        assert e2e.header_values(only_record(broker, probe), "x-app-id") == [e2e.IdP.CLIENT[0]]
+
+        other = idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)
+        probe = new_probe()
+        r = proxy.request("GET", "/v2/entities",
+                          {"authorization": f"Bearer {other}", "x-e2e-probe": probe})
+        assert r.status == 403, r
+        assert_not_received(broker, probe)
+        assert "not an authorized party" in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
 def test_a_jwt_from_an_unknown_issuer_is_401_without_asking_the_idp(envoy, idp, broker):
     """A JWT whose issuer no provider names is refused outright, even with introspection
     configured: sending it to the IdP would let anyone make the IdP work (and get 503s)."""
