@@ -320,6 +320,9 @@ def test_a_bad_resource_file_is_rejected_by_envoy_and_the_old_configuration_stay
         # config_reload counted it.
         dump = ecds.admin("/config_dump?resource=ecds_filters").json()["configs"]
         assert dump[0]["version_info"] == resource["version_info"]
+        # ... with no error_state: nothing in the dump says it was refused (push-config gives
+        # the reason from Envoy's log or the filter's own words instead).
+        assert "error_state" not in dump[0], dump[0]
         assert after["config_reload"] == before["config_reload"] + 1
         # And the same refused resource again (another version_info) is skipped as "identical
         # to the last one read", yet reported as a success with its version -- while the old
