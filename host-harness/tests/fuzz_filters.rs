@@ -936,6 +936,11 @@ const GOOD_TOKENS: &[&str] = &[
     "rotated_rsa2",
     // The duplicate-member tests' control: the same claims, no member repeated.
     "duplicates_control",
+    // authorized_parties' fixtures (the fuzzed chain requires no party, so they verify).
+    "azp_portal",
+    "azp_other",
+    "client_id_portal",
+    "azp_other_client_id_portal",
 ];
 
 /// The IdP of one chain's life: how discovery and the JWKS answer (fixed per chain), and the
