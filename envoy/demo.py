@@ -5,7 +5,7 @@ in Envoy 1.40 in front of an NGSI broker.
 Run by `scripts/demo` (after `scripts/setup`). It starts, on loopback and on ports the kernel
 chooses, the Orion stand-in (tests/e2e/broker_standin.py, which records what reaches it), the
 OIDC provider (tests/e2e/idp, npm oidc-provider) and Envoy from .venv configured by
-envoy/render.py from envoy/sidecar.yaml -- all through tests/e2e/e2e_support.py, the same code
+envoy/render.py from envoy/sidecar.yaml -- all through envoy/processes.py, the same code
 the end-to-end tests use -- then sends allowed and denied requests and prints, for each, what
 was sent, the answer, the filter's decision and what reached the broker:
 
@@ -44,11 +44,10 @@ import textwrap
 import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+import processes  # envoy/processes.py: the parts, started as the e2e tests start them
+import render  # envoy/render.py
 
-import e2e_support as e2e  # noqa: E402  (tests/e2e/e2e_support.py)
-import render  # noqa: E402  (envoy/render.py, on the path through e2e_support)
+ROOT = processes.ROOT
 
 ORION = "urn:orion"
 # A list query the demo ACL grants (a list without a type could reach any type).
@@ -94,7 +93,7 @@ def short(token):
 
 
 def token_curl(idp, resource):
-    return (f"curl -s -u {e2e.IdP.CLIENT[0]}:{e2e.IdP.CLIENT[1]} -d grant_type=client_credentials "
+    return (f"curl -s -u {processes.IdP.CLIENT[0]}:{processes.IdP.CLIENT[1]} -d grant_type=client_credentials "
             f"-d resource={resource} http://127.0.0.1:{idp.port}/token")
 
 
@@ -141,27 +140,27 @@ class Demo:
 
     def start(self):
         headline(f"Starting the parts on loopback (logs in {rel(self.work_dir)}/)")
-        if not os.path.isfile(e2e.WASM):
-            raise RuntimeError(f"{rel(e2e.WASM)} is missing: run scripts/setup")
+        if not os.path.isfile(processes.WASM):
+            raise RuntimeError(f"{rel(processes.WASM)} is missing: run scripts/setup")
         # A copy, so a rebuild while the demo runs (--keep) cannot swap the module under Envoy.
         wasm = os.path.join(self.work_dir, "token_auth.wasm")
-        shutil.copyfile(e2e.WASM, wasm)
+        shutil.copyfile(processes.WASM, wasm)
         for module in (ENTITY_ACL_WASM, OWNERSHIP_WASM):
             if not os.path.isfile(module):
                 raise RuntimeError(f"{rel(module)} is missing: run scripts/setup")
-        acl_wasm = e2e.copy_module(self.work_dir, ENTITY_ACL_WASM)
-        ownership_wasm = e2e.copy_module(self.work_dir, OWNERSHIP_WASM)
+        acl_wasm = processes.copy_module(self.work_dir, ENTITY_ACL_WASM)
+        ownership_wasm = processes.copy_module(self.work_dir, OWNERSHIP_WASM)
 
-        self.broker = e2e.Broker(self.work_dir)
+        self.broker = processes.Broker(self.work_dir)
         say(f"broker     Orion stand-in (tests/e2e/broker_standin.py)  127.0.0.1:{self.broker.port}"
             f"   what it received: http://127.0.0.1:{self.broker.control_port}/requests", 1)
-        self.idp = e2e.IdP(self.work_dir)
+        self.idp = processes.IdP(self.work_dir)
         say(f"IdP        oidc-provider {self._idp_version()} (tests/e2e/idp)         "
             f"{self.idp.issuer}", 1)
-        self.envoy = e2e.Envoy(
+        self.envoy = processes.Envoy(
             work_dir=self.work_dir,
             name="envoy",
-            filter_config=e2e.token_auth_config(self.idp),
+            filter_config=processes.token_auth_config(self.idp),
             broker_port=self.broker.port,
             idp_port=self.idp.port,
             wasm=wasm,
@@ -177,7 +176,7 @@ class Demo:
         for rule in DEMO_ACL["acl"]["rules"]:
             say("entity ACL " + json.dumps(rule), 1)
         say("ownership  " + json.dumps(demo_ownership(self.broker.port)["sources"][0]), 1)
-        e2e.wait_until(lambda: self.envoy.stats().get("jwks.fetched", 0) >= 1,
+        processes.wait_until(lambda: self.envoy.stats().get("jwks.fetched", 0) >= 1,
                        "the filter to load the IdP's signing keys", timeout=15)
         say(f"the filter found the IdP's keys by OIDC discovery "
             f"({self.idp.issuer}/.well-known/openid-configuration -> /jwks)", 1)
@@ -194,7 +193,7 @@ class Demo:
         return all(p is not None and p.proc.alive() for p in (self.envoy, self.idp, self.broker))
 
     def _idp_version(self):
-        path = os.path.join(e2e.HERE, "idp", "node_modules", "oidc-provider", "package.json")
+        path = os.path.join(processes.E2E_DIR, "idp", "node_modules", "oidc-provider", "package.json")
         try:
             with open(path) as f:
                 return json.load(f)["version"]
@@ -269,10 +268,10 @@ class Demo:
         for record in records:
             say(f"broker    {record['method']} {record['path']}", 1)
             for name in IDENTITY_HEADERS:
-                for value in e2e.header_values(record, name):
+                for value in processes.header_values(record, name):
                     say(f"            {name}: {value}", 1)
             for name in CREDENTIAL_HEADERS:
-                values = e2e.header_values(record, name)
+                values = processes.header_values(record, name)
                 if name == "authorization" or values:
                     say(f"            {name}: "
                         + (", ".join(values) if values else "(none: the credential is not forwarded)"),
@@ -307,7 +306,7 @@ class Demo:
 
     @staticmethod
     def describe_jwt(token):
-        header, payload, _ = e2e.jwt_parts(token)
+        header, payload, _ = processes.jwt_parts(token)
         ttl = payload.get("exp", 0) - payload.get("iat", 0)
         return (f"{header.get('alg')} JWT, kid {header.get('kid')}, sub={payload.get('sub')} "
                 f"aud={payload.get('aud')} roles={json.dumps(payload.get('roles'))}, valid {ttl} s")
@@ -320,12 +319,12 @@ class Demo:
         o.expect(r.status == 200, f"status {r.status}, expected 200")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
-            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+            o.expect(processes.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
                      "x-auth-subject is not sensor-gateway")
-            o.expect(e2e.header_values(rec, "x-auth-kind") == ["jwt"], "x-auth-kind is not jwt")
-            o.expect(e2e.header_values(rec, "x-roles") == ["device,entities-writer"],
+            o.expect(processes.header_values(rec, "x-auth-kind") == ["jwt"], "x-auth-kind is not jwt")
+            o.expect(processes.header_values(rec, "x-roles") == ["device,entities-writer"],
                      "x-roles is not device,entities-writer")
-            o.expect(e2e.header_values(rec, "authorization") == [],
+            o.expect(processes.header_values(rec, "authorization") == [],
                      "Authorization was forwarded to the broker")
             o.expect(token not in json.dumps(rec), "the token reached the broker")
 
@@ -346,9 +345,9 @@ class Demo:
 
     def step_forged(self, o):
         token = self.idp.token(ORION)
-        header, payload, signature = e2e.jwt_parts(token)
+        header, payload, signature = processes.jwt_parts(token)
         payload.update(sub="admin", roles=["admin"])
-        forged = ".".join([token.split(".")[0], e2e.b64url(json.dumps(payload).encode()), signature])
+        forged = ".".join([token.split(".")[0], processes.b64url(json.dumps(payload).encode()), signature])
         say("a fresh JWT from the IdP, its payload changed (sub=admin, roles=[admin]), "
             "header and signature kept", 1)
         r, records, decision = self.send("GET", "/v2/entities",
@@ -370,10 +369,10 @@ class Demo:
         o.expect(r.status == 200, f"status {r.status}, expected 200")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
-            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
-                     f"the broker saw x-auth-subject {e2e.header_values(rec, 'x-auth-subject')}")
-            o.expect(e2e.header_values(rec, "x-roles") == ["device,entities-writer"],
-                     f"the broker saw x-roles {e2e.header_values(rec, 'x-roles')}")
+            o.expect(processes.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+                     f"the broker saw x-auth-subject {processes.header_values(rec, 'x-auth-subject')}")
+            o.expect(processes.header_values(rec, "x-roles") == ["device,entities-writer"],
+                     f"the broker saw x-roles {processes.header_values(rec, 'x-roles')}")
             o.expect(not any(v == "admin" for k, v in rec["headers"]),
                      "a spoofed 'admin' reached the broker")
 
@@ -408,7 +407,7 @@ class Demo:
             o.expect(rec.get("complete") and arrived == dict(
                 entity, owner={"type": "Text", "value": "sensor-gateway"}),
                 "the body did not arrive whole, with the owner attribute added")
-            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+            o.expect(processes.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
                      "x-auth-subject is not sensor-gateway")
 
     def step_opaque(self, o):
@@ -420,17 +419,17 @@ class Demo:
         self.show_exchange("GET", LIST, [("Authorization", f"Bearer {short(token)}")],
                            None, r, records, decision)
         say(f"IdP       {asked} introspection request(s) at /token/introspection "
-            f"(the filter, as client {e2e.IdP.PEP[0]})", 1)
+            f"(the filter, as client {processes.IdP.PEP[0]})", 1)
         o.expect(token.count(".") == 0, "the IdP gave a JWT, not an opaque token")
         o.expect(r.status == 200, f"status {r.status}, expected 200")
         o.expect(asked == 1, f"{asked} introspection requests, expected 1")
         if o.expect(len(records) == 1, f"{len(records)} requests at the broker, expected 1"):
             rec = records[0]
-            o.expect(e2e.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
+            o.expect(processes.header_values(rec, "x-auth-subject") == ["sensor-gateway"],
                      "x-auth-subject is not sensor-gateway")
-            o.expect(e2e.header_values(rec, "x-auth-kind") == ["opaque_token"],
+            o.expect(processes.header_values(rec, "x-auth-kind") == ["opaque_token"],
                      "x-auth-kind is not opaque_token")
-            o.expect(e2e.header_values(rec, "authorization") == [],
+            o.expect(processes.header_values(rec, "authorization") == [],
                      "Authorization was forwarded to the broker")
 
     def step_acl_denied(self, o):
@@ -469,7 +468,7 @@ class Demo:
             json.dumps({"id": light, "type": "Streetlight"}))
         say(f"sensor-gateway created {light} ({created.status}); parking-app (role citizen, "
             "which the ACL lets read Streetlights) asks for it", 1)
-        other = self.idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)
+        other = self.idp.token(ORION, client=processes.IdP.OTHER_CLIENT)
         path = f"/v2/entities/{light}?type=Streetlight"
         r, records, decision = self.send("GET", path, {"authorization": f"Bearer {other}"})
         self.show_exchange("GET", path, [("Authorization", f"Bearer {short(other)}")],
@@ -481,7 +480,7 @@ class Demo:
                  "device-ownership did not refuse it")
 
     def step_list_filtered(self, o):
-        other = self.idp.token(ORION, client=e2e.IdP.OTHER_CLIENT)
+        other = self.idp.token(ORION, client=processes.IdP.OTHER_CLIENT)
         stored = [e for e in self.broker_entities() if e.get("type") == "Streetlight"]
         say(f"the broker holds {len(stored)} Streetlights, all created by sensor-gateway", 1)
         r, records, decision = self.send("GET", LIST, {"authorization": f"Bearer {other}"})
@@ -498,7 +497,7 @@ class Demo:
 
     def broker_entities(self):
         """What the stand-in stores, asked directly (through the sidecar it would be filtered)."""
-        return e2e.request(self.broker.port, "GET", "/v2/entities").json()
+        return processes.request(self.broker.port, "GET", "/v2/entities").json()
 
     def run_steps(self):
         self.step(1, "A token from the IdP (client_credentials), then GET /v2/entities",
@@ -562,7 +561,7 @@ class Demo:
     def failure_report(self):
         header = ["", "What the parts logged (last lines):"]
         wanted = lambda l: any(m in l for m in ("wasm log", "idp:", "[critical]", "[error]"))  # noqa: E731
-        for name, path, lines in e2e.started_logs(wanted):
+        for name, path, lines in processes.started_logs(wanted):
             keep = [re.sub(r" \[source/[^\]]*\]", "", l) for l in lines]
             if keep:
                 for line in header:
@@ -574,7 +573,7 @@ class Demo:
 
 
 def new_work_dir():
-    base = os.path.join(e2e.HERE, "work")
+    base = os.path.join(processes.E2E_DIR, "work")
     os.makedirs(base, exist_ok=True)
     runs = sorted(d for d in os.listdir(base) if d.startswith("demo-"))
     for old in runs[:max(0, len(runs) - (KEEP_DEMO_RUNS - 1))]:

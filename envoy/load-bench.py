@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "envoy"))
+import processes  # noqa: E402  (envoy/processes.py: free ports, readiness)
 import render  # noqa: E402  (envoy/render.py: the wasm filter stanza)
 ENVOY = ROOT / ".venv/bin/envoy"
 WASM = ROOT / "target/wasm32-wasip1/release/token_auth.wasm"
@@ -47,12 +47,6 @@ ENTITY_ACL = {"acl": {"rules": [{
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
 PATH = "/v2/entities?type=Room&limit=10"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_filters(variant, jwks):
@@ -111,19 +105,12 @@ def envoy_config(variant, port, admin_port, jwks):
                     "http_filters": filters}}]}]}]}}
 
 
-def wait_ready(admin_port, proc, timeout=30):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+def wait_ready(admin_port, proc):
+    def ready():
         if proc.poll() is not None:
             raise RuntimeError("envoy exited during start-up")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("envoy not ready")
+        return processes.request(admin_port, "GET", "/ready", timeout=1).status == 200
+    processes.wait_until(ready, "envoy /ready")
 
 
 def check(port, token):
@@ -170,7 +157,7 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as work:
         for n, variant in enumerate(VARIANTS):
-            port, admin = free_port(), free_port()
+            port, admin = processes.free_port(), processes.free_port()
             cfg = Path(work) / f"{variant}.json"
             cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks)))
             log = open(Path(work) / f"{variant}.log", "w")

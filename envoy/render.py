@@ -12,6 +12,12 @@
         [--entity-acl-config FILE [--entity-acl-wasm W]]
         [--failure-policy reload|fail-closed] [--no-validate]
 
+    python3 envoy/render.py --mqtt --filter-config mqtt-acl.json [--out mqtt-sidecar.yaml]
+        [--listen 127.0.0.1:1883] [--admin 127.0.0.1:9902] [--broker 127.0.0.1:11883]
+        [--wasm target/wasm32-wasip1/release/mqtt_acl.wasm] [--node-id iot-mqtt-sidecar]
+        [--tls-cert ... --tls-key ... [--client-ca ...]] [--ecds DIR]
+        [--failure-policy reload|fail-closed] [--no-validate]
+
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
 it is checked to be a JSON object and embedded as the plugin's configuration string. Port 0 for
 --listen or --admin lets the kernel choose (read them back from the admin interface, or with
@@ -27,16 +33,21 @@ order token-auth -> device-ownership -> entity-acl, each with its JSON configura
 filters/device-ownership/README.md and README.md, "entity-acl"); --owners adds the cluster
 "owners" for device-ownership's registry source.
 
---ecds DIR renders envoy/sidecar-ecds.yaml instead: the filter's configuration (and its .wasm
-path) then come from DIR/token-auth.json, an ECDS resource Envoy watches and reloads at run
-time (and DIR/entity-acl.json, DIR/device-ownership.json for those filters). The resources
-are written here from the configurations and .wasm paths (atomically); change them later with
-envoy/push-config.
+--ecds DIR: each filter's configuration (and its .wasm path) comes instead from DIR/token-auth.json
+(and DIR/entity-acl.json, DIR/device-ownership.json for those filters), an ECDS resource Envoy
+watches and reloads at run time. The resources are written here from the configurations and
+.wasm paths (atomically); change them later with envoy/push-config.
 
 Before writing anything, each filter's configuration is checked offline: host-harness validate
 starts the real .wasm with it as Envoy would, and a refusal stops render.py (exit 2) with the
 filter's reason. Without a built harness (target/{release,debug}/host-harness or $HOST_HARNESS)
 it says "NOT validated offline" and goes on; --no-validate skips the check.
+
+--mqtt renders envoy/mqtt-sidecar.yaml instead (render_mqtt): mqtt-acl, the network filter, in
+front of an MQTT broker (--broker), with --filter-config as mqtt-acl's configuration; with
+--ecds DIR it is discovered from DIR/mqtt-acl.json, written here (change it with push-config).
+The HTTP-only options (--idp, the chain filters, --owners, --allow-on-headers-stop-iteration)
+are refused with it.
 
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
 default, Envoy's FAIL_RELOAD) refuses the failing request with 503 and starts a fresh VM for the
@@ -54,11 +65,12 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TEMPLATE = os.path.join(HERE, "sidecar.yaml")
-ECDS_TEMPLATE = os.path.join(HERE, "sidecar-ecds.yaml")
-# The ECDS resource: the http filter's name in sidecar-ecds.yaml and the resource's name must be
-# the same (Envoy matches them); the file in the watched directory is <name>.json.
+# token-auth's filter name, vm_id and ECDS resource name. With ECDS, a filter's name in the
+# listener and its resource's name must be the same (Envoy matches them); the file in the
+# watched directory is <name>.json.
 ECDS_NAME = "token-auth"
 WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+NETWORK_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
 WASM_DIR = os.path.join(ROOT, "target", "wasm32-wasip1", "release")
 DEFAULT_WASM = os.path.join(WASM_DIR, "token_auth.wasm")
 
@@ -197,10 +209,56 @@ def wasm_plugin(name, wasm, filter_config, failure_policy=DEFAULT_FAILURE_POLICY
 
 def wasm_filter(plugin, network=False):
     """An http_filters (or network filters) entry running `plugin` (a wasm_plugin(...))."""
-    kind = "network" if network else "http"
-    return {"name": f"envoy.filters.{kind}.wasm",
-            "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm",
+    return {"name": f"envoy.filters.{'network' if network else 'http'}.wasm",
+            "typed_config": {"@type": NETWORK_WASM_TYPE if network else WASM_TYPE,
                              "config": plugin}}
+
+
+def discovered_filter(name, ecds_dir, network=False):
+    """The one builder of a filter entry configured by ECDS from ecds_dir/<name>.json (the
+    resource ecds_resource(...) builds): Envoy reads the file at start and again whenever a file
+    is renamed into ecds_dir (envoy/push-config does). No default configuration: the listener
+    waits until the file gave one. Only a wasm filter configuration (http or network) is
+    accepted from the file."""
+    return {
+        "name": name,
+        "config_discovery": {
+            "config_source": {"path_config_source": {
+                "path": ecds_path(ecds_dir, name),
+                # The directory, not the file: a rename replaces the file's inode, and
+                # Kubernetes ConfigMap volumes update by renaming a symlink.
+                "watched_directory": {"path": os.path.abspath(ecds_dir)},
+            }},
+            "apply_default_config_without_warming": False,
+            "type_urls": [NETWORK_WASM_TYPE if network else WASM_TYPE],
+        },
+    }
+
+
+def _discovered_filter_comment(name, ecds_dir, network=False):
+    """What an operator must know about a filter configured by ECDS (YAML comment lines)."""
+    scope = "network_filter" if network else "http_filter"
+    return [
+        f"# By ECDS from {ecds_path(ecds_dir, name)}: the .wasm, the",
+        "# filter's JSON and failure_policy (one TypedExtensionConfig of this name). Change it",
+        "# only by rename, with envoy/push-config; a rejected file leaves the previous one in",
+        f"# force (extension_config_discovery.{scope}.{name}.update_rejected). At start and",
+        "# on errors: envoy/README.md, \"Changing policy at runtime\".",
+    ]
+
+
+def filter_entry_yaml(name, wasm, filter_config, spaces, ecds_dir=None, network=False,
+                      failure_policy=DEFAULT_FAILURE_POLICY, allow_on_headers_stop_iteration=None):
+    """A wasm filter's entry in a listener's filter list, as YAML lines at `spaces`
+    indentation: inline (wasm_filter(wasm_plugin(...))), or with `ecds_dir` discovered by ECDS
+    (discovered_filter(...); write its resource with ecds_resource(...)). Every template's wasm
+    filter comes from here."""
+    if ecds_dir:
+        return _indent(_discovered_filter_comment(name, ecds_dir, network), spaces) + "\n" + \
+            filter_yaml(discovered_filter(name, ecds_dir, network), spaces)
+    return filter_yaml(wasm_filter(wasm_plugin(
+        name, wasm, filter_config, failure_policy,
+        None if network else allow_on_headers_stop_iteration), network=network), spaces)
 
 
 def _yaml_lines(value):
@@ -343,24 +401,9 @@ def _chain_filter_yaml(f, number, ecds_dir=None, failure_policy=DEFAULT_FAILURE_
         "#    It decides on the request body: allow_on_headers_stop_iteration must be true, or",
         "#    the body never reaches it (it then answers 503 after its body_timeout_ms).",
     ]
-    if ecds_dir:
-        lines += [
-            f"#    Configured by ECDS from {ecds_path(ecds_dir, name)} (change it with",
-            "#    envoy/push-config --resource <that file>); see token-auth's entry above.",
-            f"- name: {name}",
-            "  config_discovery:",
-            "    config_source:",
-            "      path_config_source:",
-            f"        path: {yaml_string(ecds_path(ecds_dir, name))}",
-            f"        watched_directory: {{ path: {yaml_string(os.path.abspath(ecds_dir))} }}",
-            "    apply_default_config_without_warming: false",
-            "    type_urls:",
-            f"    - {WASM_TYPE}",
-        ]
-        return _indent(lines, 10)
-    entry = wasm_filter(wasm_plugin(name, f["wasm"], f["config"], failure_policy,
-                                    f.get("allow_on_headers_stop_iteration", True)))
-    return _indent(lines, 10) + "\n" + filter_yaml(entry, 10)
+    return _indent(lines, 10) + "\n" + filter_entry_yaml(
+        name, f["wasm"], f["config"], 10, ecds_dir, failure_policy=failure_policy,
+        allow_on_headers_stop_iteration=f.get("allow_on_headers_stop_iteration", True))
 
 
 def write_atomically(path, data):
@@ -431,7 +474,7 @@ def render(
     wasm=DEFAULT_WASM,
     node_id="iot-sidecar",
     allow_on_headers_stop_iteration=False,
-    template_path=None,
+    template_path=TEMPLATE,
     tls_cert=None,
     tls_key=None,
     client_ca=None,
@@ -448,13 +491,12 @@ def render(
     `failure_policy`: every wasm filter's ("reload", the default, or "fail-closed").
     `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
     reach every worker's VM deterministically).
-    With `ecds_dir`, the ECDS template (each filter's configuration then lives in its resource
-    file: write them with write_ecds_resources(...))."""
+    With `ecds_dir`, every filter is discovered by ECDS (its configuration then lives in its
+    resource file: write them with write_ecds_resources(...))."""
     without_token_auth = filter_config is None and not ecds_dir
     # None: only for tests whose requests carry identity headers themselves (tests/e2e parity).
     filter_config = json_object({} if without_token_auth else filter_config, "token-auth")
-    if template_path is None:
-        template_path = ECDS_TEMPLATE if ecds_dir else TEMPLATE
+    template_path = template_path or TEMPLATE
     listen_host, listen_port = split_host_port(listen, "--listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "--admin", allow_zero=True)
     broker_host, broker_port = split_host_port(broker, "--broker")
@@ -477,9 +519,9 @@ def render(
         "IDP_ADDRESS": idp_host,
         "IDP_PORT": idp_port,
         "IDP_CLUSTER_TYPE": "STATIC" if _IPV4.match(idp_host) else "STRICT_DNS",
-        "TOKEN_AUTH_FILTER": filter_yaml(wasm_filter(wasm_plugin(
-            ECDS_NAME, wasm, filter_config, failure_policy,
-            allow_on_headers_stop_iteration)), 10),
+        "TOKEN_AUTH_FILTER": filter_entry_yaml(
+            ECDS_NAME, wasm, filter_config, 10, ecds_dir, failure_policy=failure_policy,
+            allow_on_headers_stop_iteration=allow_on_headers_stop_iteration),
         "FAILURE_POLICY": failure_policy,
         "CONNECTION_BALANCE": _indent([
             "# Tests: hand connections to the workers in turn, so that fresh connections reach",
@@ -491,10 +533,6 @@ def render(
             for n, f in enumerate(extra_filters, start=2)),
         "EXTRA_CLUSTERS": owners_cluster(owners) if owners else "",
     }
-    if ecds_dir:
-        params["ECDS_NAME"] = ECDS_NAME
-        params["ECDS_DIR"] = yaml_string(os.path.abspath(ecds_dir))
-        params["ECDS_PATH"] = yaml_string(ecds_path(ecds_dir))
     with open(template_path, encoding="utf-8") as f:
         text = f.read()
     if without_token_auth:
@@ -512,16 +550,29 @@ def validate_chain(token_auth_config, token_auth_wasm, extra_filters):
         validate_offline(f["name"], f["wasm"], f["config"], warn)
 
 
+# The command line's defaults for the HTTP sidecar and (--mqtt) the MQTT one.
+HTTP_CLI_DEFAULTS = {"listen": "127.0.0.1:10000", "admin": "127.0.0.1:9901",
+                     "broker": "127.0.0.1:1026", "wasm": DEFAULT_WASM, "node_id": "iot-sidecar"}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--filter-config", required=True, help="token-auth JSON configuration file")
+    parser.add_argument("--filter-config", required=True,
+                        help="token-auth JSON configuration file (with --mqtt: mqtt-acl's)")
+    parser.add_argument("--mqtt", action="store_true",
+                        help="render the MQTT sidecar (mqtt-sidecar.yaml: mqtt-acl in front of an"
+                             " MQTT broker) instead of the HTTP one")
     parser.add_argument("--out", help="output file (default: standard output)")
-    parser.add_argument("--listen", default="127.0.0.1:10000", help="listener HOST:PORT")
-    parser.add_argument("--admin", default="127.0.0.1:9901", help="admin interface HOST:PORT")
-    parser.add_argument("--broker", default="127.0.0.1:1026", help="NGSI broker HOST:PORT")
+    parser.add_argument("--listen", help="listener HOST:PORT (default 127.0.0.1:10000;"
+                                         " --mqtt: 127.0.0.1:1883)")
+    parser.add_argument("--admin", help="admin interface HOST:PORT (default 127.0.0.1:9901;"
+                                        " --mqtt: 127.0.0.1:9902)")
+    parser.add_argument("--broker", help="NGSI broker HOST:PORT (default 127.0.0.1:1026;"
+                                         " --mqtt: the MQTT broker, 127.0.0.1:11883)")
     parser.add_argument("--idp", default="127.0.0.1:3000", help="identity provider HOST:PORT")
-    parser.add_argument("--wasm", default=DEFAULT_WASM, help="token_auth.wasm path")
-    parser.add_argument("--node-id", default="iot-sidecar")
+    parser.add_argument("--wasm", help="token_auth.wasm path (--mqtt: mqtt_acl.wasm)")
+    parser.add_argument("--node-id", help="Envoy's node id (default iot-sidecar; --mqtt:"
+                                          " iot-mqtt-sidecar)")
     parser.add_argument(
         "--allow-on-headers-stop-iteration",
         action="store_true",
@@ -547,6 +598,11 @@ def main(argv=None):
                              " (reload, the default), or refuse every request until a restart"
                              " (fail-closed); see envoy/README.md")
     args = parser.parse_args(argv)
+    if args.mqtt:
+        return _main_mqtt(parser, args)
+    for option, default in HTTP_CLI_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
             config = json.load(f)
@@ -615,32 +671,6 @@ MQTT_TEMPLATE = os.path.join(HERE, "mqtt-sidecar.yaml")
 DEFAULT_MQTT_WASM = os.path.join(WASM_DIR, "mqtt_acl.wasm")
 # mqtt-acl's filter name, vm_id and (with ecds_dir) ECDS resource name: <ecds_dir>/mqtt-acl.json.
 MQTT_ECDS_NAME = "mqtt-acl"
-NETWORK_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
-
-
-def _mqtt_acl_ecds_yaml(ecds_dir):
-    """mqtt-acl's network filter entry discovered by ECDS from ecds_dir/mqtt-acl.json (YAML
-    lines at the filters list's indentation). Envoy reads the file at start and again whenever
-    a file is renamed into ecds_dir (envoy/push-config); each new connection gets the
-    configuration in force when it is accepted."""
-    return _indent([
-        "# mqtt-acl's configuration (and .wasm path) come by ECDS from the file below; change it",
-        "# at run time with envoy/push-config --resource <that file> (envoy/README.md). A",
-        "# configuration the filter or Envoy rejects leaves the previous one in force",
-        f"# (extension_config_discovery.network_filter.{MQTT_ECDS_NAME}.update_rejected counts it).",
-        f"- name: {MQTT_ECDS_NAME}",
-        "  config_discovery:",
-        "    config_source:",
-        "      path_config_source:",
-        f"        path: {yaml_string(ecds_path(ecds_dir, MQTT_ECDS_NAME))}",
-        "        # The directory, not the file: push-config (and Kubernetes ConfigMaps) rename.",
-        f"        watched_directory: {{ path: {yaml_string(os.path.abspath(ecds_dir))} }}",
-        "    # No default: the listener waits until the file gave a configuration.",
-        "    apply_default_config_without_warming: false",
-        "    # Only a network wasm filter configuration is accepted from the file.",
-        "    type_urls:",
-        f"    - {NETWORK_WASM_TYPE}",
-    ], 6)
 
 
 def write_mqtt_ecds_resource(ecds_dir, filter_config, wasm=DEFAULT_MQTT_WASM,
@@ -694,9 +724,8 @@ def render_mqtt(
         "BROKER_ADDRESS": broker_host,
         "BROKER_PORT": broker_port,
         "BROKER_CLUSTER_TYPE": "STATIC" if _IPV4.match(broker_host) else "STRICT_DNS",
-        "MQTT_ACL_FILTER": _mqtt_acl_ecds_yaml(ecds_dir) if ecds_dir else filter_yaml(
-            wasm_filter(wasm_plugin(MQTT_ECDS_NAME, wasm, filter_config, failure_policy),
-                        network=True), 6),
+        "MQTT_ACL_FILTER": filter_entry_yaml(MQTT_ECDS_NAME, wasm, filter_config, 6, ecds_dir,
+                                             network=True, failure_policy=failure_policy),
         "FAILURE_POLICY": failure_policy_value(failure_policy),
         "TRANSPORT_SOCKET": tls,
         "CONNECTION_BALANCE": ("    connection_balance_config: { exact_balance: {} }\n"
@@ -704,6 +733,59 @@ def render_mqtt(
     }
     with open(template_path, encoding="utf-8") as f:
         return string.Template(f.read()).substitute(params)
+
+
+MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",
+                     "broker": "127.0.0.1:11883", "wasm": DEFAULT_MQTT_WASM,
+                     "node_id": "iot-mqtt-sidecar"}
+# HTTP-only options, refused with --mqtt (their parser defaults, to tell whether one was given).
+_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners",
+                      *(f"{name.replace('-', '_')}_config" for name in CHAIN_FILTERS))
+
+
+def _main_mqtt(parser, args):
+    """render.py --mqtt: envoy/mqtt-sidecar.yaml with --filter-config as mqtt-acl's
+    configuration; with --ecds DIR, mqtt-acl is discovered from DIR/mqtt-acl.json, written here
+    (as for the HTTP sidecar)."""
+    given = [o for o in _HTTP_ONLY_OPTIONS if getattr(args, o) != parser.get_default(o)]
+    if given:
+        print(f"render.py: --mqtt: {', '.join('--' + o.replace('_', '-') for o in given)} "
+              "only apply to the HTTP sidecar", file=sys.stderr)
+        return 2
+    for option, default in MQTT_CLI_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    try:
+        with open(args.filter_config, encoding="utf-8") as f:
+            config = json_object(json.load(f), MQTT_ECDS_NAME)
+        if not os.path.isfile(args.wasm):
+            raise ValueError(f"--wasm: {args.wasm} does not exist (build it with `cargo wasm`)")
+        for option in ("tls_cert", "tls_key", "client_ca"):
+            value = getattr(args, option)
+            if value and not os.path.isfile(value):
+                raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
+        if args.ecds and not os.path.isdir(args.ecds):
+            raise ValueError(f"--ecds: {args.ecds} is not a directory")
+        if not args.no_validate:
+            validate_offline(MQTT_ECDS_NAME, args.wasm, config,
+                             lambda message: print(f"render.py: {message}", file=sys.stderr))
+        text = render_mqtt(config, listen=args.listen, admin=args.admin, broker=args.broker,
+                           wasm=args.wasm, node_id=args.node_id, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, client_ca=args.client_ca,
+                           failure_policy=args.failure_policy, ecds_dir=args.ecds)
+        written = (write_mqtt_ecds_resource(args.ecds, config, args.wasm, args.failure_policy)
+                   if args.ecds else None)
+    except (OSError, ValueError) as e:
+        print(f"render.py: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if written:
+        print(f"render.py: wrote {MQTT_ECDS_NAME}'s ECDS resource {written}", file=sys.stderr)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------

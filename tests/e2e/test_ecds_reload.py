@@ -1,6 +1,6 @@
 """Changing token-auth's policy, or its .wasm, in a running Envoy through ECDS: the Envoy is
-rendered from envoy/sidecar-ecds.yaml (the filter's configuration comes from a file in a watched
-directory) and changed with envoy/push-config, as operators do (envoy/README.md, "Changing
+rendered by envoy/render.py with an ECDS directory (the filter's configuration comes from a file
+in a watched directory) and changed with envoy/push-config, as operators do (envoy/README.md, "Changing
 policy at runtime"). Real Envoy 1.40, real IdP, the Orion stand-in.
 """
 
@@ -476,10 +476,10 @@ def test_a_configuration_rejected_at_start_serves_500_until_a_good_one_is_pushed
         proxy.stop()
 
 
-def test_the_ecds_template_matches_sidecar_yaml_outside_the_filter(work_dir, wasm, idp):
-    """sidecar-ecds.yaml is a copy of sidecar.yaml with the filter's configuration moved to
-    ECDS: everything else (listener, path normalization, clusters, TLS) must stay the same.
-    Also renders it through render.py's command line, which writes the first resource."""
+def test_the_ecds_rendering_matches_the_inline_one_outside_the_filter(work_dir, wasm, idp):
+    """render.py --ecds moves the filter's configuration to ECDS: everything else (listener,
+    path normalization, clusters, TLS) must stay the same. Rendered through render.py's command
+    line, which also writes the first resource: the same settings as the inline entry."""
 
     def significant(text, start_marker):
         lines = [l for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]

@@ -16,6 +16,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -293,3 +295,63 @@ def test_a_resource_with_the_http_wasm_type_is_rejected_by_the_network_filter(
         assert not fleet_publish_delivered(proxy, subscriber)
     finally:
         e2e.render.write_atomically(proxy.ecds_resource, original)
+
+
+RENDER = os.path.join(e2e.ROOT, "envoy", "render.py")
+
+
+def test_render_py_mqtt_on_the_command_line_renders_the_reloadable_mqtt_sidecar(
+        work_dir, mosquitto, mqtt_wasm):
+    """render.py --mqtt --ecds DIR, as an operator runs it: writes DIR/mqtt-acl.json (the
+    builders' resource) and a configuration Envoy runs; push-config then changes the policy."""
+    ecds_dir = os.path.join(work_dir, "mqtt-ecds-cli")
+    os.makedirs(ecds_dir, exist_ok=True)
+    config_path = os.path.join(work_dir, "mqtt-acl-cli.json")
+    with open(config_path, "w") as f:
+        json.dump(POLICY_A, f)
+    done = subprocess.run(
+        [sys.executable, RENDER, "--mqtt", "--filter-config", config_path, "--ecds", ecds_dir,
+         "--wasm", mqtt_wasm, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--broker", f"127.0.0.1:{mosquitto.port}", "--node-id", "envoy-mqtt-cli"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    resource_path = os.path.join(ecds_dir, "mqtt-acl.json")
+    assert f"wrote mqtt-acl's ECDS resource {resource_path}" in done.stderr
+    assert "NOT validated" not in done.stderr  # host-harness validate checked it
+    with open(resource_path) as f:
+        assert json.load(f) == e2e.render.ecds_resource(POLICY_A, mqtt_wasm, name="mqtt-acl",
+                                                        network=True)
+    assert done.stdout == e2e.render.render_mqtt(
+        POLICY_A, listen="127.0.0.1:0", admin="127.0.0.1:0",
+        broker=f"127.0.0.1:{mosquitto.port}", wasm=mqtt_wasm, node_id="envoy-mqtt-cli",
+        ecds_dir=ecds_dir)
+
+    proxy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-cli", filter_config=POLICY_A,
+                          broker_port=mosquitto.port, wasm=mqtt_wasm, ecds_dir=ecds_dir)
+    proxy.launch(done.stdout, "wasm:debug")
+    try:
+        Device(proxy).close()  # lamp-01's key is accepted: policy A came from the file
+        e2e.push_config(proxy, work_dir, POLICY_B)
+        assert ecds_stats(proxy)["update_rejected"] == 0
+        sub = e2e.MqttSubscriber(proxy.port, "-u", "watcher", "-P", DEVICE_KEY,
+                                 "-i", "watcher-" + uuid.uuid4().hex[:6], "-q", "1",
+                                 "-t", "fleet/#", "-t", "devices/#")
+        try:
+            assert fleet_publish_delivered(proxy, sub), "policy B (fleet writes) in force"
+        finally:
+            sub.stop()
+    finally:
+        proxy.stop()
+
+
+def test_render_py_mqtt_refuses_http_only_options(tmp_path):
+    config_path = tmp_path / "mqtt-acl.json"
+    config_path.write_text(json.dumps(POLICY_A))
+    for extra in (["--idp", "127.0.0.1:3001"], ["--entity-acl-config", str(config_path)],
+                  ["--allow-on-headers-stop-iteration"]):
+        done = subprocess.run([sys.executable, RENDER, "--mqtt", "--filter-config",
+                               str(config_path), "--no-validate", *extra],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, (extra, done.stderr)
+        assert f"--mqtt: {extra[0]} only apply to the HTTP sidecar" in done.stderr
+        assert done.stdout == ""

@@ -13,10 +13,13 @@
 //!   case-insensitive (`/V1/...`, `/NGSI10/...`): those spellings are refused, never allowed.
 //! * Orion itself drops one trailing `/` of the URL path (`urlCheck` in `rest.cpp`); so do we.
 //!
-//! Query: split on `&`, then on the first `=`, each side percent-decoded once. `+` is kept
-//! literally (Orion's HTTP layer, libmicrohttpd, does not turn `+` into a space; regexes in
-//! `idPattern` rely on it). A parameter the model reads (id, type, attrs, ...) given twice is
-//! refused as ambiguous.
+//! Query: split on `&`, then on the first `=`, each side decoded once as an HTML form field: a
+//! raw `+` is a space, `%2B` is a plus. That is how every broker's HTTP layer reads query
+//! parameters, names and values alike: libmicrohttpd in Orion and Orion-LD (`MHD_unescape_plus`
+//! before percent-decoding, in `MHD_parse_arguments_`), Go's `url.ParseQuery` in FogFlow, the
+//! Netty/Spring decoders of Scorpio and Stellio. So `id=Room+1` names the entity `Room 1`, and
+//! an `idPattern` regex needs `%2B` for a plus. A parameter the model reads (id, type, attrs,
+//! ...) given twice is refused as ambiguous.
 //!
 //! Tenant, as Orion treats `fiware-service` / `fiware-servicepath` (orion-api.md, "Multi
 //! tenancy" and "Entity service paths"):
@@ -68,12 +71,8 @@ impl CanonicalPath {
 /// Decoded query parameters in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Query {
+    /// Names and values decoded as the brokers decode them (see the module docs).
     pub pairs: Vec<(String, String)>,
-    /// Each value of `pairs` decoded as an HTML form field: a raw `+` is a space, as the
-    /// brokers' HTTP layers read query parameters (libmicrohttpd in Orion and Orion-LD, Go's
-    /// `net/url` in FogFlow, the servlet/Spring decoders of Scorpio and Stellio). Filter
-    /// expressions (`q=temperature+>+3`) are read in this form; see [`Query::get_form`].
-    pub form_values: Vec<String>,
 }
 
 impl Query {
@@ -93,21 +92,6 @@ impl Query {
         if found == Some("") {
             return Err(bad(format!("query parameter {name:?} is empty")));
         }
-        Ok(found)
-    }
-
-    /// The value of a parameter as the broker reads a filter expression (raw `+` is a space),
-    /// with the same refusals as [`Query::get`].
-    pub fn get_form(&self, name: &str) -> Result<Option<&str>, DenyReason> {
-        if self.get(name)?.is_none() {
-            return Ok(None);
-        }
-        let found = self
-            .pairs
-            .iter()
-            .zip(&self.form_values)
-            .find(|((k, _), _)| k == name)
-            .map(|(_, form)| form.as_str());
         Ok(found)
     }
 
@@ -165,6 +149,12 @@ fn decode_once(s: &str) -> Result<String, DenyReason> {
         .map_err(|_| bad("percent-encoded request path is not UTF-8"))
 }
 
+/// A query name or value as the brokers decode it: raw `+` is a space, then percent-decoded
+/// once (so `%2B` is a plus).
+pub(crate) fn decode_form_field(raw: &str) -> Result<String, DenyReason> {
+    decode_once(&raw.replace('+', "%20"))
+}
+
 /// Canonicalise `:path` (with query) or refuse it (400).
 pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
     if raw.contains('#') {
@@ -205,21 +195,17 @@ pub fn canonical_path(raw: &str) -> Result<CanonicalPath, DenyReason> {
         segments.push(d);
     }
     let mut pairs = Vec::new();
-    let mut form_values = Vec::new();
     for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (k, raw) = part.split_once('=').unwrap_or((part, ""));
-        let k = decode_once(k)?;
-        let v = decode_once(raw)?;
-        if v.chars().any(super::is_refused_char) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        let (k, v) = (decode_form_field(k)?, decode_form_field(v)?);
+        if k.chars().chain(v.chars()).any(super::is_refused_char) {
             return Err(bad("query parameters must not contain control characters"));
         }
-        // Same bytes as `v` but for `+` (decoded once, so `%2B` stays a plus).
-        form_values.push(decode_once(&raw.replace('+', "%20"))?);
         pairs.push((k, v));
     }
     Ok(CanonicalPath {
         segments,
-        query: Query { pairs, form_values },
+        query: Query { pairs },
     })
 }
 

@@ -23,7 +23,7 @@
 //! an expression the brokers would not parse (empty statement, operator without attribute,
 //! unbalanced parentheses or quotes). Names repeat freely (`q=a>1;a<5` names `a` once).
 //! URL expressions are read with a raw `+` as a space, as every broker decodes them
-//! ([`Query::get_form`]).
+//! (see `canonical`).
 
 use std::collections::HashSet;
 
@@ -123,13 +123,13 @@ fn check_len(expr: &str, what: &str) -> Result<(), DenyReason> {
 /// Names in the v2 URL parameters `q`, `mq`, `orderBy`, `georel`/`geometry`/`coords`.
 pub(crate) fn v2_url(q: &Query) -> Result<NamedAttrs, DenyReason> {
     let mut out = NamedAttrs::default();
-    if let Some(e) = q.get_form("q")? {
+    if let Some(e) = q.get("q")? {
         v2_string_filter(e, "q", &mut out)?;
     }
-    if let Some(e) = q.get_form("mq")? {
+    if let Some(e) = q.get("mq")? {
         v2_string_filter(e, "mq", &mut out)?;
     }
-    if let Some(e) = q.get_form("orderBy")? {
+    if let Some(e) = q.get("orderBy")? {
         v2_order_by(e, &mut out)?;
     }
     for geo in ["georel", "geometry", "coords"] {
@@ -296,20 +296,20 @@ fn v2_order_by(expr: &str, out: &mut NamedAttrs) -> Result<(), DenyReason> {
 /// `geometryProperty`, `pick`, `omit`.
 pub(crate) fn ld_url(q: &Query) -> Result<NamedAttrs, DenyReason> {
     let mut out = NamedAttrs::default();
-    if let Some(e) = q.get_form("q")? {
+    if let Some(e) = q.get("q")? {
         ld_query(e, "q", &mut out)?;
     }
     let mut geo_query = false;
     for key in ["georel", "geometry", "coordinates"] {
         geo_query |= q.get(key)?.is_some();
     }
-    match q.get_form("geoproperty")? {
+    match q.get("geoproperty")? {
         Some(p) => out.add(p, "geoproperty")?,
         None if geo_query => out.add("location", "geoproperty")?,
         None => {}
     }
     for key in ["geometryProperty", "pick", "omit"] {
-        if let Some(list) = q.get_form(key)? {
+        if let Some(list) = q.get(key)? {
             check_len(list, key)?;
             for name in list.split(',') {
                 if !NOT_ATTRIBUTES.contains(&trim(name)) {

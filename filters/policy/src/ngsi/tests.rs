@@ -150,7 +150,7 @@ fn v2_entities() {
         ),
         (
             "GET",
-            "/v2/entities?idPattern=Room[0-9]+&attrs=*",
+            "/v2/entities?idPattern=Room[0-9]%2B&attrs=*",
             "",
             vec![e(Read, pat("Room[0-9]+"), tany(), all())],
         ),
@@ -1591,8 +1591,13 @@ fn canonicalisation() {
     // Encoded ordinary characters are the same endpoint.
     let r = run("GET", "/v2/%65ntities?%69d=R%31", &[], "").unwrap();
     assert_eq!(shape(&r), vec![e(Read, id("R1"), tany(), all())]);
-    // `+` in a query is literal (not a space).
-    let r = run("GET", "/v2/entities?idPattern=R+", &[], "").unwrap();
+    // A raw `+` in a query is a space, as every broker's HTTP layer decodes it (libmicrohttpd's
+    // MHD_unescape_plus in Orion): `id=Room+1` is the entity `Room 1`, names included.
+    let r = run("GET", "/v2/entities?id=Room+1", &[], "").unwrap();
+    assert_eq!(shape(&r), vec![e(Read, id("Room 1"), tany(), all())]);
+    let r = run("GET", "/v2/entities?i%64=Room%2B1&type+=X", &[], "").unwrap();
+    assert_eq!(shape(&r), vec![e(Read, id("Room+1"), tany(), all())]);
+    let r = run("GET", "/v2/entities?idPattern=R%2B", &[], "").unwrap();
     assert_eq!(shape(&r), vec![e(Read, pat("R+"), tany(), all())]);
     let err = run("GET", "/V2/entities", &[], "").unwrap_err();
     assert!(err.description().starts_with(UNCLASSIFIED), "{err}");

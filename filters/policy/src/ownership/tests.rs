@@ -948,6 +948,11 @@ fn attrs_widening() {
         wire::widen_attrs_path("/v2/entities?attrs=*", &["owner"]),
         None
     );
+    // The parameter is found however the broker would decode its name (`att%72s` is `attrs`).
+    assert_eq!(
+        wire::widen_attrs_path("/v2/entities?att%72s=t", &["owner"]).map(|x| x.1),
+        Some(vec!["owner".to_string()])
+    );
     assert_eq!(
         wire::widen_attrs_path("/v2/entities?type=L", &["owner"]),
         None

@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use super::config::BrokerApi;
 use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
 use crate::decision::DenyReason;
-use crate::ngsi::canonical::canonical_path;
+use crate::ngsi::canonical::{canonical_path, decode_form_field};
 
 /// The NGSI dialect of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -740,10 +740,10 @@ pub fn widen_attrs_path(path: &str, names: &[&str]) -> Option<(String, Vec<Strin
     let mut pairs: Vec<String> = Vec::new();
     for pair in query.split('&') {
         let (k, val) = pair.split_once('=').unwrap_or((pair, ""));
-        if k == "attrs" && added.is_empty() {
-            let decoded = percent_encoding::percent_decode_str(val)
-                .decode_utf8()
-                .ok()?;
+        // Name and value as the broker decodes them (`+` is a space).
+        let is_attrs = decode_form_field(k).is_ok_and(|k| k == "attrs");
+        if is_attrs && added.is_empty() {
+            let decoded = decode_form_field(val).ok()?;
             let items: Vec<&str> = decoded.split(',').collect();
             if items.contains(&"*") {
                 return None;
