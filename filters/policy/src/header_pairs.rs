@@ -163,6 +163,31 @@ impl HeaderPairs {
         }
     }
 
+    /// Removes every value of `name` (lowercase), as the host does for a removed header.
+    pub fn remove(&mut self, name: &str) {
+        self.pairs.retain(|(n, _)| n.as_slice() != name.as_bytes());
+    }
+
+    /// Sets `name` (lowercase) to `value`, replacing every value, as the host's replace does
+    /// (the first copy keeps its place; a new header goes last).
+    pub fn set(&mut self, name: &str, value: &[u8]) {
+        let mut replaced = false;
+        self.pairs.retain_mut(|(n, v)| {
+            if n.as_slice() != name.as_bytes() {
+                return true;
+            }
+            if replaced {
+                return false;
+            }
+            *v = value.to_vec();
+            replaced = true;
+            true
+        });
+        if !replaced {
+            self.pairs.push((name.as_bytes().to_vec(), value.to_vec()));
+        }
+    }
+
     /// The headers `reads` names, as text pairs (lowercase names, repeats kept, in order). A
     /// header `reads` names whose value is not UTF-8 fails the whole view: the engine would
     /// otherwise decide on a header it could not read. Headers it does not read are left out
@@ -350,5 +375,28 @@ mod tests {
             bytes[i] = byte;
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn set_and_remove_follow_the_host() {
+        let mut pairs = HeaderPairs::from_pairs(vec![
+            (b"a".to_vec(), b"1".to_vec()),
+            (b"b".to_vec(), b"2".to_vec()),
+            (b"a".to_vec(), b"3".to_vec()),
+        ]);
+        pairs.set("a", b"9");
+        pairs.set("c", b"4");
+        let names: Vec<(&[u8], &[u8])> = pairs.iter().collect();
+        assert_eq!(
+            names,
+            vec![
+                (&b"a"[..], &b"9"[..]),
+                (&b"b"[..], &b"2"[..]),
+                (&b"c"[..], &b"4"[..])
+            ]
+        );
+        pairs.remove("b");
+        assert_eq!(pairs.first("b"), None);
+        assert_eq!(pairs.iter().count(), 2);
     }
 }

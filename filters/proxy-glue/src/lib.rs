@@ -287,6 +287,23 @@ pub fn apply_decision(
     decision: &policy::Decision,
     metrics: &DecisionMetrics,
 ) -> bool {
+    match record_decision(about, decision, metrics) {
+        Ok(()) => true,
+        Err(reason) => {
+            send_deny(&reason, &[]);
+            false
+        }
+    }
+}
+
+/// [`apply_decision`] without the response: logs, exports and counts the decision, and
+/// returns the client-facing reason to answer with when the request must stop (a denial in
+/// enforce mode), for a caller that sends the one local response itself.
+pub fn record_decision(
+    about: &Decided,
+    decision: &policy::Decision,
+    metrics: &DecisionMetrics,
+) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
     let line = with_request_facts(DecisionLine::new(about.filter, about.mode, decision))
         .subject(about.identity.map(|i| i.subject.as_str()))
@@ -295,14 +312,9 @@ pub fn apply_decision(
     metrics.record(decision, about.mode);
     emit_decision(&line, about.log_allows);
     match decision {
-        policy::Decision::Allow(_) => true,
-        policy::Decision::Deny(reason) => {
-            if about.mode == Mode::Shadow {
-                return true;
-            }
-            send_deny(&client_reason(reason), &[]);
-            false
-        }
+        policy::Decision::Allow(_) => Ok(()),
+        policy::Decision::Deny(_) if about.mode == Mode::Shadow => Ok(()),
+        policy::Decision::Deny(reason) => Err(client_reason(reason)),
     }
 }
 

@@ -154,6 +154,7 @@ const FILTER_CRATES: &[&str] = &[
     "example",
     "mqtt-acl",
     "proxy-glue",
+    "http-stages",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -1,0 +1,173 @@
+//! The entity-acl stage: decides every NGSI request (v2, NGSI-LD, FogFlow NGSI9/10) against
+//! the entity ACL of its configuration (`policy::entity_acl`), with the caller an earlier
+//! stage authenticated, or else the identity headers token-auth set.
+//!
+//! It decides on the body: the driver holds the request until the body has fully arrived, up
+//! to `max_body_bytes` (413 beyond, including bodies that end with trailers), and answers a
+//! body that does not arrive within `body_timeout_ms` with 503 (Envoy must run the filter with
+//! `allow_on_headers_stop_iteration: true`, or the body never reaches it).
+
+use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
+use policy::{Decision, DenyReason, Identity};
+use proxy_glue::{record_decision, Decided, DecisionMetrics};
+
+use crate::{Caller, Request, Stage, Step};
+
+pub const NAME: &str = "entity-acl";
+
+pub struct EntityAclStage {
+    acl: EntityAcl,
+    metrics: DecisionMetrics,
+}
+
+/// Who the request is from, and the headers the engine reads; kept between the headers and
+/// the body.
+struct Facts {
+    identity: Option<Identity>,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl EntityAclStage {
+    /// The stage of the separate entity-acl filter, from its plugin configuration.
+    pub fn from_plugin_config() -> Option<Self> {
+        proxy_glue::load_config(NAME, EntityAcl::new).map(Self::with)
+    }
+
+    pub fn new(config: EntityAclConfig) -> Result<Self, String> {
+        EntityAcl::new(config).map(Self::with)
+    }
+
+    fn with(acl: EntityAcl) -> Self {
+        if acl.rule_count() == 0 {
+            log::warn!("{NAME}: the acl has no rules: every request is denied");
+        }
+        log::info!(
+            "{NAME}: configured with {} rules, mode {:?}",
+            acl.rule_count(),
+            acl.mode
+        );
+        EntityAclStage {
+            acl,
+            metrics: DecisionMetrics::define("entity_acl"),
+        }
+    }
+
+    /// The request's facts, or the denial when they can't be had.
+    fn facts(&self, req: &Request) -> Result<Facts, Verdict> {
+        let headers = req
+            .text_headers(NAME, |name| self.acl.reads_header(name))
+            .map_err(|reason| deny_verdict("-".into(), reason))?;
+        let get = |name: &str| proxy_glue::first_header(&headers, name);
+        let (method, path) = (get(":method"), get(":path"));
+        let identity = match &req.caller {
+            Caller::Known(identity) => identity.clone(),
+            Caller::FromHeaders => self
+                .acl
+                .identity_headers
+                .parse(&headers)
+                .map_err(|e| deny_verdict(format!("{method} -"), DenyReason::BadRequest(e)))?,
+        };
+        Ok(Facts {
+            identity,
+            method,
+            path,
+            headers,
+        })
+    }
+
+    /// Logs and counts the verdict; Next lets the request go on (allowed, or shadow mode).
+    fn apply(&self, identity: Option<&Identity>, verdict: &Verdict) -> Step {
+        let about = Decided {
+            filter: NAME,
+            mode: self.acl.mode,
+            log_allows: self.acl.log_allows,
+            identity,
+            operation: &verdict.operation,
+            entities: &verdict.entities,
+        };
+        match record_decision(&about, &verdict.decision, &self.metrics) {
+            Ok(()) => Step::Next,
+            Err(reason) => Step::deny(reason),
+        }
+    }
+}
+
+fn deny_verdict(operation: String, reason: DenyReason) -> Verdict {
+    Verdict {
+        operation,
+        entities: "[]".into(),
+        decision: Decision::Deny(reason),
+    }
+}
+
+impl Stage for EntityAclStage {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn on_request(&mut self, req: &mut Request) -> Step {
+        let facts = match self.facts(req) {
+            Ok(facts) => facts,
+            Err(verdict) => return self.apply(None, &verdict),
+        };
+        let declared_too_large = proxy_glue::first_header(&facts.headers, "content-length")
+            .parse::<usize>()
+            .is_ok_and(|n| n > self.acl.max_body_bytes);
+        if declared_too_large {
+            let verdict = self.acl.too_large(&facts.method, &facts.path);
+            return self.apply(facts.identity.as_ref(), &verdict);
+        }
+        Step::NeedBody
+    }
+
+    fn on_body(&mut self, req: &mut Request) -> Step {
+        let facts = match self.facts(req) {
+            Ok(facts) => facts,
+            Err(verdict) => return self.apply(None, &verdict),
+        };
+        let verdict = self.acl.decide(
+            facts.identity.as_ref(),
+            &facts.method,
+            &facts.path,
+            &facts.headers,
+            &req.body,
+        );
+        self.apply(facts.identity.as_ref(), &verdict)
+    }
+
+    fn body_limit(&self) -> usize {
+        self.acl.max_body_bytes
+    }
+
+    fn body_timeout_ms(&self) -> Option<u64> {
+        Some(self.acl.body_timeout_ms)
+    }
+
+    fn on_body_too_large(&mut self, req: &mut Request) -> Step {
+        match self.facts(req) {
+            Ok(facts) => {
+                let verdict = self.acl.too_large(&facts.method, &facts.path);
+                self.apply(facts.identity.as_ref(), &verdict)
+            }
+            Err(verdict) => self.apply(None, &verdict),
+        }
+    }
+
+    fn on_body_timeout(&mut self, req: &mut Request) -> Step {
+        log::warn!(
+            "{NAME}: the request body did not arrive within {} ms; a slow client, or Envoy \
+             runs this filter without allow_on_headers_stop_iteration: true",
+            self.acl.body_timeout_ms
+        );
+        self.refuse(
+            req,
+            DenyReason::Unavailable("the request body did not arrive in time".into()),
+        )
+    }
+
+    fn refuse(&mut self, _req: &mut Request, reason: DenyReason) -> Step {
+        self.apply(None, &deny_verdict("-".into(), reason))
+    }
+}

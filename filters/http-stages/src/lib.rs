@@ -1,0 +1,556 @@
+//! The one driver of every HTTP filter. A filter is a list of *stages* (token-auth,
+//! device-ownership, entity-acl); the separate filters run one stage each, `ngsi-gateway`
+//! runs several in one pass. The driver is the only `RootContext`/`HttpContext` of them all.
+//!
+//! Per stream the driver reads the request headers once ([`Request`]), runs the stages in
+//! order from a cursor, and executes what each returns ([`Step`]):
+//! - `Next`: the stage passed; the next one runs (after the last, the request goes on).
+//! - `NeedBody`: the stage decides on the whole body. The driver holds the request until the
+//!   body (or trailers) arrived, reads it once into [`Request::body`] for every later stage,
+//!   answers a body over the stage's limit through [`Stage::on_body_too_large`] and a body
+//!   that does not arrive in time through [`Stage::on_body_timeout`] (on the root tick).
+//! - `Wait`: the stage made (or joined) a callout; the request (and its body) is held. When
+//!   the answer arrives the stage names the streams it settles, and the driver resumes each
+//!   one (as the effective context) with [`Stage::resume`], then goes on FROM THE NEXT STAGE.
+//! - `Deny`: the driver sends the one local response and the stream stops.
+//!
+//! A stage logs and counts its own decision (the decision line names the stage, as the
+//! separate filters always did); the driver only moves requests along.
+
+pub mod entity_acl;
+pub mod lookups;
+mod request;
+// pub mod token_auth;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use policy::DenyReason;
+use proxy_glue::host;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+
+pub use request::{Caller, Request};
+
+/// What a stage wants done with the request.
+#[derive(Debug)]
+pub enum Step {
+    /// Passed: the next stage runs.
+    Next,
+    /// Call [`Stage::on_body`] once the whole body has arrived.
+    NeedBody,
+    /// A callout is in flight; the stage names this stream when it is settled.
+    Wait,
+    /// Stop here with this (client-facing) reason and extra response headers.
+    Deny {
+        reason: DenyReason,
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+impl Step {
+    pub fn deny(reason: DenyReason) -> Self {
+        Step::Deny {
+            reason,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// One HTTP concern. Every method runs with the request's stream as the effective context.
+pub trait Stage {
+    /// The filter name the stage's decision lines and logs carry (`entity-acl`).
+    fn name(&self) -> &'static str;
+
+    /// The request headers arrived (and every earlier stage passed).
+    fn on_request(&mut self, req: &mut Request) -> Step;
+
+    /// After `NeedBody`: the whole body is in `req.body`.
+    fn on_body(&mut self, _req: &mut Request) -> Step {
+        Step::Next
+    }
+
+    /// The largest body this stage takes (after `NeedBody`).
+    fn body_limit(&self) -> usize {
+        usize::MAX
+    }
+
+    /// How long this stage waits for a body it needs (None: as long as Envoy does).
+    fn body_timeout_ms(&self) -> Option<u64> {
+        None
+    }
+
+    /// The body grew over [`Stage::body_limit`].
+    fn on_body_too_large(&mut self, req: &mut Request) -> Step {
+        let limit = self.body_limit();
+        self.refuse(
+            req,
+            DenyReason::PayloadTooLarge(format!("request body larger than {limit} bytes")),
+        )
+    }
+
+    /// The body did not arrive within [`Stage::body_timeout_ms`].
+    fn on_body_timeout(&mut self, req: &mut Request) -> Step {
+        self.refuse(
+            req,
+            DenyReason::Unavailable("the request body did not arrive in time".into()),
+        )
+    }
+
+    /// The request could not be judged (headers or body unreadable): the stage records its
+    /// refusal (decision line, counters) and says what to answer.
+    fn refuse(&mut self, req: &mut Request, reason: DenyReason) -> Step;
+
+    /// After `Wait`, once the stage named this stream settled.
+    fn resume(&mut self, _req: &mut Request) -> Step {
+        Step::Next
+    }
+
+    /// A callout answer arrived (read it with `proxy_glue::callout_answer` now: the current
+    /// context is the one that made the call). None: not this stage's call; otherwise the
+    /// streams it settles.
+    fn on_callout(&mut self, _token: u32) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// Whether the stage needs the root's once-a-second tick.
+    fn needs_ticks(&self) -> bool {
+        false
+    }
+
+    /// The tick (the root is the effective context); returns the streams it settled.
+    fn on_tick(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+
+    /// The stream ended (the stage drops what it kept for it).
+    fn forget(&mut self, _ctx: u32) {}
+}
+
+/// Builds a filter's stages from its plugin configuration (inside `on_configure`); None when
+/// the configuration is refused (the builder has logged why).
+pub type Build = fn() -> Option<Vec<Box<dyn Stage>>>;
+
+thread_local! {
+    /// The filter's name and stage builder, set once by [`main`] (the SDK's root-context
+    /// factory is a plain `fn`, so it can't capture them).
+    static FILTER: std::cell::Cell<Option<(&'static str, Build)>> = const { std::cell::Cell::new(None) };
+}
+
+/// The entry point of every HTTP filter cdylib: `proxy_wasm::main! {{ http_stages::main(...) }}`.
+pub fn main(filter: &'static str, build: Build) {
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_glue::install_panic_hook();
+    FILTER.with(|f| f.set(Some((filter, build))));
+    proxy_wasm::set_root_context(|id| {
+        let (filter, build) = FILTER
+            .with(|f| f.get())
+            .unwrap_or(("http-stages", no_stages));
+        Box::new(Root {
+            id,
+            filter,
+            build,
+            pipeline: None,
+        })
+    });
+}
+
+fn no_stages() -> Option<Vec<Box<dyn Stage>>> {
+    None
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// A stage is running (inside a callback).
+    Running,
+    /// The stage at the cursor waits for the body (since the time in ms).
+    AwaitingBody { since_ms: u64 },
+    /// The stage at the cursor waits for a callout.
+    Waiting,
+    /// Every stage passed: the request went on.
+    Passed,
+    /// Denied (the local response is on its way).
+    Stopped,
+}
+
+struct Flow {
+    request: Request,
+    cursor: usize,
+    phase: Phase,
+    /// Bytes of body Envoy has buffered so far, and whether it is all there.
+    body_size: usize,
+    body_complete: bool,
+    body_read: bool,
+}
+
+struct Pipeline {
+    stages: Vec<Box<dyn Stage>>,
+    flows: HashMap<u32, Flow>,
+}
+
+type Shared = Rc<RefCell<Pipeline>>;
+
+struct Root {
+    id: u32,
+    filter: &'static str,
+    build: Build,
+    pipeline: Option<Shared>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.borrow_mut().on_callout(self.id, token);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let Some(stages) = (self.build)() else {
+            return false;
+        };
+        if stages.is_empty() {
+            log::error!("{}: configuration refused: no stage to run", self.filter);
+            return false;
+        }
+        if stages
+            .iter()
+            .any(|s| s.needs_ticks() || s.body_timeout_ms().is_some())
+        {
+            self.set_tick_period(Duration::from_secs(1));
+        }
+        self.pipeline = Some(Rc::new(RefCell::new(Pipeline {
+            stages,
+            flows: HashMap::new(),
+        })));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.borrow_mut().on_tick(self.id);
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            id: context_id,
+            pipeline: self.pipeline.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    id: u32,
+    pipeline: Option<Shared>,
+}
+
+impl Context for Stream {
+    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.borrow_mut().on_callout(self.id, token);
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.borrow_mut().forget(self.id);
+        }
+        true
+    }
+}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let Some(pipeline) = &self.pipeline else {
+            proxy_glue::send_deny(
+                &DenyReason::Unavailable("filter not configured".into()),
+                &[],
+            );
+            return Action::Pause;
+        };
+        pipeline
+            .borrow_mut()
+            .on_request_headers(self.id, end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &self.pipeline {
+            Some(p) => p
+                .borrow_mut()
+                .on_request_body(self.id, Some(body_size), end_of_stream),
+            None => Action::Pause,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        match &self.pipeline {
+            // The body (if any) ended without end_of_stream: trailers close the request.
+            Some(p) => p.borrow_mut().on_request_body(self.id, None, true),
+            None => Action::Pause,
+        }
+    }
+}
+
+impl Pipeline {
+    fn on_request_headers(&mut self, ctx: u32, end_of_stream: bool) -> Action {
+        let (headers, unreadable) = match host::header_map(MapType::HttpRequestHeaders) {
+            Ok(headers) => (headers, None),
+            Err(e) => {
+                log::error!(
+                    "{}: cannot read the request headers: {e}",
+                    self.stages.first().map_or("-", |s| s.name())
+                );
+                let reason =
+                    DenyReason::Unavailable("the request headers could not be read".into());
+                (Default::default(), Some(reason))
+            }
+        };
+        let mut flow = Flow {
+            request: Request::new(ctx, headers),
+            cursor: 0,
+            phase: Phase::Running,
+            body_size: 0,
+            body_complete: end_of_stream,
+            body_read: end_of_stream,
+        };
+        let step = match (unreadable, self.stages.first_mut()) {
+            (Some(reason), Some(stage)) => stage.refuse(&mut flow.request, reason),
+            (None, Some(stage)) => stage.on_request(&mut flow.request),
+            (_, None) => Step::Next,
+        };
+        let action = self.advance(&mut flow, step);
+        self.flows.insert(ctx, flow);
+        action
+    }
+
+    /// A body chunk (`Some(total buffered)`) or the trailers (None) arrived.
+    fn on_request_body(&mut self, ctx: u32, body_size: Option<usize>, end: bool) -> Action {
+        let Some(mut flow) = self.flows.remove(&ctx) else {
+            return Action::Continue;
+        };
+        if let Some(size) = body_size {
+            flow.body_size = size;
+        }
+        flow.body_complete |= end;
+        let action = match flow.phase {
+            Phase::Passed => Action::Continue,
+            // Still deciding, or denied (the local reply is on its way): nothing goes on.
+            Phase::Waiting | Phase::Stopped | Phase::Running => Action::Pause,
+            Phase::AwaitingBody { .. } => self.advance(&mut flow, Step::NeedBody),
+        };
+        self.flows.insert(ctx, flow);
+        action
+    }
+
+    /// Executes `step` of the stage at the cursor, and runs the later stages while they pass.
+    fn advance(&mut self, flow: &mut Flow, mut step: Step) -> Action {
+        loop {
+            let Some(stage) = self.stages.get_mut(flow.cursor) else {
+                flow.phase = Phase::Passed;
+                return Action::Continue;
+            };
+            flow.phase = Phase::Running;
+            step = match step {
+                Step::Next => {
+                    flow.cursor += 1;
+                    match self.stages.get_mut(flow.cursor) {
+                        Some(next) => next.on_request(&mut flow.request),
+                        None => {
+                            flow.phase = Phase::Passed;
+                            return Action::Continue;
+                        }
+                    }
+                }
+                Step::NeedBody => {
+                    if flow.body_size > stage.body_limit() {
+                        stage.on_body_too_large(&mut flow.request)
+                    } else if !flow.body_complete {
+                        flow.phase = Phase::AwaitingBody {
+                            since_ms: now_millis().unwrap_or(0),
+                        };
+                        return Action::Pause;
+                    } else if let Err(reason) = read_body(flow, stage.name()) {
+                        stage.refuse(&mut flow.request, reason)
+                    } else {
+                        stage.on_body(&mut flow.request)
+                    }
+                }
+                Step::Wait => {
+                    flow.phase = Phase::Waiting;
+                    return Action::Pause;
+                }
+                Step::Deny { reason, headers } => {
+                    let headers: Vec<(&str, &str)> =
+                        headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                    proxy_glue::send_deny(&reason, &headers);
+                    flow.phase = Phase::Stopped;
+                    return Action::Pause;
+                }
+            };
+        }
+    }
+
+    /// Resumes a held stream (the effective context) with `step` of the stage at its cursor;
+    /// lets the request go on when every stage passed.
+    fn resume_with(&mut self, ctx: u32, step: impl FnOnce(&mut dyn Stage, &mut Request) -> Step) {
+        let Some(mut flow) = self.flows.remove(&ctx) else {
+            return;
+        };
+        let first = match self.stages.get_mut(flow.cursor) {
+            Some(stage) => step(stage.as_mut(), &mut flow.request),
+            None => Step::Next,
+        };
+        let action = self.advance(&mut flow, first);
+        let name = self
+            .stages
+            .get(flow.cursor.min(self.stages.len().saturating_sub(1)));
+        if action == Action::Continue {
+            if let Err(status) = host::resume_request() {
+                log::warn!(
+                    "{}: ctx={ctx} cannot resume the request: {status}",
+                    name.map_or("-", |s| s.name())
+                );
+            }
+        }
+        self.flows.insert(ctx, flow);
+    }
+
+    /// Resumes the settled waiters `ready` of stage `index`, each as the effective context,
+    /// then restores `current`. A stream that no longer exists is skipped.
+    fn resume_ready(&mut self, current: u32, index: usize, ready: Vec<u32>) {
+        for ctx in ready {
+            let waits_here = self
+                .flows
+                .get(&ctx)
+                .is_some_and(|f| f.phase == Phase::Waiting && f.cursor == index);
+            if !waits_here {
+                continue;
+            }
+            if ctx != current && hostcalls::set_effective_context(ctx).is_err() {
+                continue;
+            }
+            self.resume_with(ctx, |stage, req| stage.resume(req));
+            if ctx != current {
+                let _ = hostcalls::set_effective_context(current);
+            }
+        }
+    }
+
+    fn on_callout(&mut self, current: u32, token: u32) {
+        for index in 0..self.stages.len() {
+            let answered = self.stages.get_mut(index).and_then(|s| s.on_callout(token));
+            if let Some(ready) = answered {
+                self.resume_ready(current, index, ready);
+                return;
+            }
+        }
+    }
+
+    fn on_tick(&mut self, root: u32) {
+        for index in 0..self.stages.len() {
+            let ready = match self.stages.get_mut(index) {
+                Some(stage) => stage.on_tick(),
+                None => Vec::new(),
+            };
+            self.resume_ready(root, index, ready);
+        }
+        // Requests whose body has not arrived in time are refused.
+        let Some(now) = now_millis() else { return };
+        let expired: Vec<u32> = self
+            .flows
+            .iter()
+            .filter(|(_, flow)| match flow.phase {
+                Phase::AwaitingBody { since_ms } => self
+                    .stages
+                    .get(flow.cursor)
+                    .and_then(|s| s.body_timeout_ms())
+                    .is_some_and(|timeout| now.saturating_sub(since_ms) >= timeout),
+                _ => false,
+            })
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in expired {
+            if hostcalls::set_effective_context(ctx).is_err() {
+                continue;
+            }
+            self.resume_with(ctx, |stage, req| stage.on_body_timeout(req));
+        }
+        let _ = hostcalls::set_effective_context(root);
+    }
+
+    fn forget(&mut self, ctx: u32) {
+        self.flows.remove(&ctx);
+        for stage in &mut self.stages {
+            stage.forget(ctx);
+        }
+    }
+}
+
+/// Reads the whole buffered body once (copying it per chunk would be quadratic).
+fn read_body(flow: &mut Flow, filter: &str) -> Result<(), DenyReason> {
+    if flow.body_read {
+        return Ok(());
+    }
+    flow.body_read = true;
+    if flow.body_size == 0 {
+        return Ok(());
+    }
+    match host::read_buffer(BufferType::HttpRequestBody, 0, flow.body_size) {
+        Ok(body) => {
+            flow.request.body = body.unwrap_or_default();
+            Ok(())
+        }
+        Err(status) => {
+            log::error!("{filter}: cannot read the request body: {status}");
+            Err(DenyReason::Unavailable(
+                "the request body could not be read".into(),
+            ))
+        }
+    }
+}
+
+/// The host clock in ms since the epoch.
+pub fn now_millis() -> Option<u64> {
+    let now = hostcalls::get_current_time().ok()?;
+    now.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_millis()).ok())
+}
+
+/// Sends a callout, counting it as sent or failed. None when the host refused it (logged).
+pub fn dispatch(
+    filter: &str,
+    call: Callout<'_>,
+    sent: proxy_glue::Counter,
+    failed: proxy_glue::Counter,
+) -> Option<u32> {
+    match hostcalls::dispatch_http_call(call.cluster, call.headers, call.body, vec![], call.timeout)
+    {
+        Ok(token) => {
+            sent.inc();
+            Some(token)
+        }
+        Err(status) => {
+            failed.inc();
+            log::error!("{filter}: cannot call cluster {}: {status:?}", call.cluster);
+            None
+        }
+    }
+}
+
+/// One HTTP callout to make.
+pub struct Callout<'a> {
+    pub cluster: &'a str,
+    pub headers: Vec<(&'a str, &'a str)>,
+    pub body: Option<&'a [u8]>,
+    pub timeout: Duration,
+}
