@@ -180,7 +180,7 @@ def test_forbidden_publish_never_reaches_a_subscriber(proxy):
     assert "forbidden" not in lines, lines
     assert proxy.stats()["publish.denied"] >= 2
     assert 'decision=deny status=403 reason=forbidden subject="lamp-01" method="PUBLISH" ' \
-           'path=- tenant=- request_id=- rule=- operation="mqtt PUBLISH devices/lamp-02/cmd"' \
+           'path=- tenant=- request_id=- rule="default-deny" operation="mqtt PUBLISH devices/lamp-02/cmd"' \
         in proxy.log_text()
 
 

@@ -92,9 +92,57 @@ pub enum Decision {
     Deny(DenyReason),
 }
 
+/// The rule a default denial names in the decision line: no configured rule allowed the
+/// request (or MQTT packet), and ACLs deny by default. Reserved: no configured rule may be
+/// named so ([`crate::acl::Acl::from_config`]).
+pub const DEFAULT_DENY_RULE: &str = "default-deny";
+
+// How ACL decisions carry the rule that decided, in their text (one place writes and reads it):
+// an allow is `acl:<rule>[,<rule>...]` (mqtt-acl may add ` ownership:...`), a denial by a deny
+// rule `denied by rule '<rule>': <what>`, a default denial `no rule allows <what>`.
+const ALLOWED_BY_RULES: &str = "acl:";
+const DENIED_BY_RULE: &str = "denied by rule '";
+const DENIED_BY_DEFAULT: &str = "no rule allows ";
+
 impl Decision {
     pub fn is_allowed(&self) -> bool {
         matches!(self, Decision::Allow(_))
+    }
+
+    /// Allowed by these configured rules (in the order they covered the request).
+    pub fn allowed_by_rules(rules: &[&str]) -> Decision {
+        Decision::Allow(format!("{ALLOWED_BY_RULES}{}", rules.join(",")))
+    }
+
+    /// Refused (403) by the configured deny rule `rule`; `what` says what it touched.
+    pub fn denied_by_rule(rule: &str, what: impl fmt::Display) -> Decision {
+        Decision::Deny(DenyReason::Forbidden(format!(
+            "{DENIED_BY_RULE}{rule}': {what}"
+        )))
+    }
+
+    /// Refused (403) because no configured rule allows `what` (the ACLs' default).
+    pub fn denied_by_default(what: impl fmt::Display) -> Decision {
+        Decision::Deny(DenyReason::Forbidden(format!("{DENIED_BY_DEFAULT}{what}")))
+    }
+
+    /// The configured rule(s) that decided, for the decision line: the allowing rules, the
+    /// deny rule, or [`DEFAULT_DENY_RULE`]; None when no ACL rule decided (a malformed request,
+    /// a token, an ownership check). Only the text the constructors above write is read: the
+    /// rule's name comes before anything a client chose (the first `': ` ends it).
+    pub fn rule(&self) -> Option<&str> {
+        let rule = match self {
+            Decision::Allow(by) => by
+                .strip_prefix(ALLOWED_BY_RULES)
+                .map(|rest| rest.split_once(' ').map_or(rest, |(rules, _)| rules)),
+            Decision::Deny(DenyReason::Forbidden(why)) => match why.strip_prefix(DENIED_BY_RULE) {
+                Some(rest) => rest.split_once("': ").map(|(rule, _)| rule),
+                None if why.starts_with(DENIED_BY_DEFAULT) => Some(DEFAULT_DENY_RULE),
+                None => None,
+            },
+            Decision::Deny(_) => None,
+        };
+        rule.filter(|r| !r.is_empty())
     }
 }
 

@@ -158,7 +158,7 @@ impl DecisionLine {
             path: None,
             tenant: None,
             request_id: None,
-            rule: rule_of(decision),
+            rule: decision.rule().map(str::to_string),
             extra: Vec::new(),
             by,
         }
@@ -265,25 +265,10 @@ impl fmt::Display for DecisionLine {
     }
 }
 
-/// The configured rule a decision names: the ACL engine allows with `acl:<rule>[,<rule>...]`
-/// (mqtt-acl may add ` ownership:...`) and denies with `denied by rule '<rule>': ...`. Other
-/// decisions (no rule allows, a check that is not a rule) name none.
-fn rule_of(decision: &Decision) -> Option<String> {
-    let rule = match decision {
-        Decision::Allow(by) => by
-            .strip_prefix("acl:")
-            .map(|rest| rest.split_once(' ').map_or(rest, |(rules, _)| rules)),
-        Decision::Deny(DenyReason::Forbidden(why)) => why
-            .strip_prefix("denied by rule '")
-            .and_then(|rest| rest.split_once("':").map(|(rule, _)| rule)),
-        Decision::Deny(_) => None,
-    };
-    rule.filter(|r| !r.is_empty()).map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decision::DEFAULT_DENY_RULE;
 
     fn deny_by_rule() -> Decision {
         Decision::Deny(DenyReason::Forbidden(
@@ -364,10 +349,26 @@ mod tests {
         assert_eq!(rule(deny_by_rule()), Some("secret-rooms".into()));
         assert_eq!(rule(Decision::Allow("open endpoint".into())), None);
         assert_eq!(
+            rule(Decision::denied_by_default("read on Room1")),
+            Some(DEFAULT_DENY_RULE.into())
+        );
+        // Not an ACL rule's decision: no rule.
+        assert_eq!(
             rule(Decision::Deny(DenyReason::Forbidden(
-                "no rule allows read on Room1".into()
+                "not the owner of device \"lamp-01\"".into()
             ))),
             None
+        );
+        assert_eq!(
+            rule(Decision::Deny(DenyReason::BadRequest(
+                "no rule allows x".into()
+            ))),
+            None
+        );
+        // What the request names comes after the rule: it can't make another rule.
+        assert_eq!(
+            rule(Decision::denied_by_rule("r", "read on entity \"x': y\"")),
+            Some("r".into())
         );
     }
 
@@ -388,6 +389,12 @@ mod tests {
         };
         assert_eq!(rule_for("/v2/entities/Room1"), Some("reads".into()));
         assert_eq!(rule_for("/v2/entities/vault1"), Some("no-vault".into()));
+        // A write no rule allows: the default denial names DEFAULT_DENY_RULE.
+        let v = acl.decide(None, "DELETE", "/v2/entities/Room1", &[], b"");
+        assert_eq!(
+            DecisionLine::new("entity-acl", Mode::Enforce, &v.decision).rule,
+            Some(DEFAULT_DENY_RULE.into())
+        );
     }
 
     #[test]

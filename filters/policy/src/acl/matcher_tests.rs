@@ -7,10 +7,14 @@ use crate::access::Tenant;
 use proptest::prelude::*;
 use serde_json::json;
 
+fn forbidden(msg: String) -> Decision {
+    Decision::Deny(DenyReason::Forbidden(msg))
+}
+
 /// The unit-by-unit decision (the engine's definition, quadratic in paths × attributes).
 fn reference(acl: &Acl, identity: Option<&Identity>, accesses: &[Access]) -> Decision {
     if accesses.is_empty() {
-        return forbidden("the request names nothing the acl could allow".into());
+        return forbidden("no rule allows anything: the request names nothing to allow".into());
     }
     let views = match accesses
         .iter()

@@ -72,7 +72,7 @@ use serde::{Deserialize, Serialize};
 use crate::access::{
     Access, Action, AttributeSelector, EntitySelector, RequestAccess, TypeSelector,
 };
-use crate::decision::{Decision, DenyReason};
+use crate::decision::{Decision, DenyReason, DEFAULT_DENY_RULE};
 use crate::identity::{Identity, IdentityKind};
 
 pub mod mosquitto;
@@ -1080,10 +1080,6 @@ pub struct Acl {
     rules: Vec<Rule>,
 }
 
-fn forbidden(msg: String) -> Decision {
-    Decision::Deny(DenyReason::Forbidden(msg))
-}
-
 impl Acl {
     /// Validates and compiles every rule; the error names the rule and what is wrong.
     pub fn from_config(cfg: &AclConfig) -> Result<Acl, AclError> {
@@ -1099,6 +1095,15 @@ impl Acl {
                 rule: label.clone(),
                 message,
             })?;
+            if r.name == DEFAULT_DENY_RULE {
+                return Err(AclError::Rule {
+                    rule: label,
+                    message: format!(
+                        "the name {DEFAULT_DENY_RULE:?} is reserved: the decision log names \
+                         requests no rule allows so"
+                    ),
+                });
+            }
             if !names.insert(r.name.clone()) {
                 return Err(AclError::Rule {
                     rule: label,
@@ -1146,7 +1151,7 @@ impl Acl {
     /// first unit a decision names is found from the first path and the first attribute.
     pub fn check_accesses(&self, identity: Option<&Identity>, accesses: &[Access]) -> Decision {
         if accesses.is_empty() {
-            return forbidden("the request names nothing the acl could allow".into());
+            return Decision::denied_by_default("anything: the request names nothing to allow");
         }
         let views = match accesses
             .iter()
@@ -1195,7 +1200,7 @@ impl Acl {
             }
             if let Some((p, x, ri)) = first {
                 let name = prepared.get(ri).map_or("", |(r, _, _)| r.name.as_str());
-                return forbidden(format!("denied by rule '{name}': {}", v.unit(p, x)));
+                return Decision::denied_by_rule(name, v.unit(p, x));
             }
         }
         // Then every unit must be covered by some allow rule; the decision names, in request
@@ -1231,7 +1236,7 @@ impl Acl {
                             }
                         }
                     }
-                    Err(x) => return forbidden(format!("no rule allows {}", v.unit(pi, x))),
+                    Err(x) => return Decision::denied_by_default(v.unit(pi, x)),
                 }
             }
         }
@@ -1239,7 +1244,7 @@ impl Acl {
             .iter()
             .filter_map(|&i| prepared.get(i).map(|(r, _, _)| r.name.as_str()))
             .collect();
-        Decision::Allow(format!("acl:{}", names.join(",")))
+        Decision::allowed_by_rules(&names)
     }
 
     /// [`Acl::check_accesses`] on a request model's output.
@@ -1281,18 +1286,15 @@ impl Acl {
                 .instantiate_for_deny(&ctx)
                 .is_none_or(|f| f.intersects(&req));
             if hit {
-                return forbidden(format!(
-                    "denied by rule '{}': {what} on {topic_or_filter:?}",
-                    r.name
-                ));
+                return Decision::denied_by_rule(&r.name, format!("{what} on {topic_or_filter:?}"));
             }
         }
         for (r, t) in mqtt_rules().filter(|(r, _)| r.effect == Effect::Allow) {
             if t.instantiate(&ctx).is_some_and(|f| f.covers(&req)) {
-                return Decision::Allow(format!("acl:{}", r.name));
+                return Decision::allowed_by_rules(&[&r.name]);
             }
         }
-        forbidden(format!("no rule allows {what} on {topic_or_filter:?}"))
+        Decision::denied_by_default(format_args!("{what} on {topic_or_filter:?}"))
     }
 }
 

@@ -171,6 +171,10 @@ fn config_errors_are_clear() {
             {"name": "x", "effect": "allow", "subjects": ["anyone"], "actions": ["read"], "mqtt": {"topic": "b"}}]}),
             "duplicate rule name",
         ),
+        (
+            json!({"rules": [{"name": "default-deny", "effect": "deny", "subjects": ["anyone"], "actions": ["read"], "mqtt": {"topic": "a"}}]}),
+            "the name \"default-deny\" is reserved",
+        ),
     ];
     for (cfg, want) in cases {
         let err = Acl::from_json(&cfg.to_string()).unwrap_err().to_string();
