@@ -519,6 +519,7 @@ class MqttEnvoy(EnvoyProcess):
     tls: dict = None
     exact_balance: bool = False
     ecds_dir: str = None
+    http_clusters: tuple = ()
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -541,6 +542,7 @@ class MqttEnvoy(EnvoyProcess):
                 client_ca=tls.get("client_ca"),
                 exact_balance=self.exact_balance,
                 ecds_dir=self.ecds_dir,
+                http_clusters=self.http_clusters,
             ),
             "wasm:debug,filter:debug")
 

@@ -445,6 +445,26 @@ def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filte
             name=f["name"], failure_policy=failure_policy))
 
 
+def plain_cluster(name, address, comment):
+    """A plain HTTP/1.1 cluster `name` at host:port, YAML lines at the clusters list's
+    indentation (e.g. the web app an mqtt-acl http_backend asks)."""
+    host, port = split_host_port(address, name)
+    kind = "STATIC" if _IPV4.match(host) else "STRICT_DNS"
+    return _indent([
+        f"# {comment}",
+        f"- name: {name}",
+        f"  type: {kind}",
+        "  connect_timeout: 1s",
+        "  dns_lookup_family: V4_ONLY",
+        "  load_assignment:",
+        f"    cluster_name: {name}",
+        "    endpoints:",
+        "    - lb_endpoints:",
+        "      - endpoint:",
+        f"          address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}",
+    ], 2)
+
+
 def owners_cluster(owners):
     """The "owners" cluster (an ownership registry device-ownership calls), YAML lines at the
     clusters list's indentation."""
@@ -698,6 +718,7 @@ def render_mqtt(
     failure_policy=DEFAULT_FAILURE_POLICY,
     exact_balance=False,
     ecds_dir=None,
+    http_clusters=(),
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
@@ -706,7 +727,8 @@ def render_mqtt(
     exact_balance spreads connections evenly over the workers (connection_balance_config), e.g.
     so a test reaches every worker. With `ecds_dir`, mqtt-acl is discovered by ECDS from
     ecds_dir/mqtt-acl.json instead of inline (reloadable with envoy/push-config; write the
-    first resource with write_mqtt_ecds_resource(...))."""
+    first resource with write_mqtt_ecds_resource(...)). `http_clusters`: (name, "host:port")
+    pairs of plain HTTP clusters to add, e.g. the web app of mqtt-acl's http_backend."""
     filter_config = json_object(filter_config, "mqtt-acl")
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
@@ -732,7 +754,11 @@ def render_mqtt(
                                if exact_balance else ""),
     }
     with open(template_path, encoding="utf-8") as f:
-        return string.Template(f.read()).substitute(params)
+        text = string.Template(f.read()).substitute(params)
+    for name, address in http_clusters:
+        cluster = plain_cluster(name, address, "An HTTP service the filter asks.")
+        text = text.replace("\n  clusters:\n", f"\n  clusters:\n{cluster}\n", 1)
+    return text
 
 
 MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",

@@ -1246,6 +1246,7 @@ impl Chain {
         let n = self.filters.len();
         let d = dir as usize;
         let mut chunk = chunk;
+        self.sync_held(run, dir);
         while k < n {
             if run.outcome.closed_by_filter {
                 return;
@@ -1264,8 +1265,10 @@ impl Chain {
                 *net_buffer(&mut data, dir) = buffer;
             }
             if let Some(open) = self.filters[i].open_mut(ctx) {
-                open.downstream = dir == NetDir::Downstream;
-                open.upstream = dir == NetDir::Upstream;
+                match dir {
+                    NetDir::Downstream => open.downstream = true,
+                    NetDir::Upstream => open.upstream = true,
+                }
             }
             let export = match dir {
                 NetDir::Downstream => "proxy_on_downstream_data",
@@ -1273,19 +1276,33 @@ impl Chain {
             };
             let action =
                 self.filters[i].call_action(ctx, export, (ctx, size as u32, eos as u32), 3);
-            let buffer = std::mem::take(net_buffer(&mut lock(&run.data), dir));
+            let paused = matches!(action, Ok(Action::Pause));
+            if paused {
+                // Envoy keeps the paused filter's handle on the buffer: a later callback
+                // (a callout answer, through its context) may still change it.
+                run.stopped_at[d] = Some(k);
+                run.held[d][k] = lock(&run.data).net_buffer_copy(dir);
+            } else if let Some(open) = self.filters[i].open_mut(ctx) {
+                match dir {
+                    NetDir::Downstream => open.downstream = false,
+                    NetDir::Upstream => open.upstream = false,
+                }
+            }
             let resumed = self.net_deferred(run, i);
             match action {
                 Err(_) => {
                     run.outcome.closed_by_filter = true;
                     return;
                 }
-                Ok(Action::Pause) if !resumed => {
-                    run.held[d][k] = buffer;
-                    run.stopped_at[d] = Some(k);
-                    return;
-                }
+                Ok(Action::Pause) if !resumed => return,
                 Ok(_) => {
+                    let buffer = if paused {
+                        // Continued from within its own callback.
+                        run.stopped_at[d] = None;
+                        std::mem::take(&mut run.held[d][k])
+                    } else {
+                        std::mem::take(net_buffer(&mut lock(&run.data), dir))
+                    };
                     chunk = buffer;
                     k += 1;
                 }
@@ -1297,6 +1314,14 @@ impl Chain {
         match dir {
             NetDir::Downstream => run.outcome.to_upstream.extend_from_slice(&chunk),
             NetDir::Upstream => run.outcome.to_downstream.extend_from_slice(&chunk),
+        }
+    }
+
+    /// What a paused filter's buffer holds now (it may have been written since the pause).
+    fn sync_held(&mut self, run: &mut NetRun, dir: NetDir) {
+        let d = dir as usize;
+        if let Some(k) = run.stopped_at[d] {
+            run.held[d][k] = lock(&run.data).net_buffer_copy(dir);
         }
     }
 
@@ -1322,6 +1347,7 @@ impl Chain {
                         _ => NetDir::Downstream,
                     };
                     let d = dir as usize;
+                    self.sync_held(run, dir);
                     match run.stopped_at[d].take() {
                         Some(k) => {
                             let held = std::mem::take(&mut run.held[d][k]);
@@ -1409,6 +1435,15 @@ fn body_mut(data: &mut StreamData, dir: Dir) -> &mut Vec<u8> {
     match dir {
         Dir::Request => &mut data.request_body,
         Dir::Response => &mut data.response_body,
+    }
+}
+
+impl StreamData {
+    fn net_buffer_copy(&self, dir: NetDir) -> Vec<u8> {
+        match dir {
+            NetDir::Downstream => self.downstream_data.clone(),
+            NetDir::Upstream => self.upstream_data.clone(),
+        }
     }
 }
 

@@ -622,6 +622,74 @@ fn entity_acl() {
     report.finish();
 }
 
+/// ngsi_gateway.wasm with only `entity_acl` runs the very stage entity_acl.wasm wraps: on the
+/// same hostile requests it must answer the same statuses and pass the same ones upstream.
+#[test]
+fn ngsi_gateway_entity_acl_stage_answers_as_entity_acl() {
+    let settings = run::settings(300);
+    let mut report = Report::new("ngsi-gateway", &settings);
+    let upstream = UpstreamResponse::default();
+    let b = 0;
+    let gateway_config = format!("{{\"entity_acl\": {}}}", entity_acl_config(b));
+    let gateway_chain = || {
+        run::chain(
+            &[("ngsi_gateway.wasm", &gateway_config, true)],
+            &[],
+            Box::new(NoCallouts),
+        )
+    };
+    let mut alone = entity_acl_chain(b);
+    let mut gateway = gateway_chain();
+    report.vms_started += 2;
+    let mut agreed = 0u64;
+    for case in settings.case_numbers() {
+        let mut rng = settings.rng("ngsi-gateway", case);
+        let generated = ngsi_request(&mut rng);
+        report.cases += 1;
+        let dependency = DependencyLog::default;
+        let a = send(
+            &mut report,
+            case,
+            &mut alone,
+            &generated,
+            &upstream,
+            &dependency,
+        );
+        let g = send(
+            &mut report,
+            case,
+            &mut gateway,
+            &generated,
+            &upstream,
+            &dependency,
+        );
+        let (Some(a), Some(g)) = (a, g) else {
+            alone = entity_acl_chain(b);
+            gateway = gateway_chain();
+            report.vms_started += 2;
+            continue;
+        };
+        if (a.status, a.upstream.is_some()) != (g.status, g.upstream.is_some()) {
+            report.finding(
+                case,
+                None,
+                format!(
+                    "entity-acl answered {} (upstream {}), the gateway {} (upstream {}); request {}",
+                    a.status,
+                    a.upstream.is_some(),
+                    g.status,
+                    g.upstream.is_some(),
+                    describe_request(&generated.request)
+                ),
+            );
+        } else {
+            agreed += 1;
+        }
+    }
+    println!("ngsi-gateway: {agreed} answers equal to entity-acl's");
+    report.finish();
+}
+
 // ================================ device-ownership ================================
 
 const DEVICE_OWNERSHIP_CONFIG: &str = r#"{

@@ -20,7 +20,7 @@
 pub mod entity_acl;
 pub mod lookups;
 mod request;
-// pub mod token_auth;
+pub mod token_auth;
 
 use std::cell::RefCell;
 use std::collections::HashMap;

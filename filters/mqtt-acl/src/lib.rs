@@ -15,6 +15,15 @@
 //! (`proxy_glue::remote_keys`: discovery, refresh, shared data between workers, last good set
 //! kept): at configure time, when their refresh is due, and (at most every 30 s) when a CONNECT
 //! brought a token whose `kid` they lack; that CONNECT was refused as "server unavailable".
+//!
+//! HTTP backend. When the session asks the `http_backend` (mosquitto-go-auth's protocol) the
+//! stream context sends the requests (`dispatch_http_call`, answered to the same context) and
+//! holds the client's data back: it answers StopIteration, so Envoy keeps the read buffer
+//! (and the filter's handle on it) and tcp_proxy gets nothing. The bytes already decided stay
+//! at the front of that buffer (`held`); new client data lands behind them and is fed to the
+//! session on its own. When the last answer is in, the decided bytes are written to the
+//! buffer and `proxy_continue_stream(Downstream)` lets tcp_proxy forward it (Envoy's
+//! `continueReading`; the first time, for a CONNECT, this also starts tcp_proxy).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -23,7 +32,7 @@ use std::time::Duration;
 
 use policy::decision_line::LogAllows;
 use policy::log_text::bounded_debug;
-use policy::mqtt_acl::{Env, MqttAcl, Output, Session};
+use policy::mqtt_acl::{Ask, BackendAnswer, BackendVerdict, Env, MqttAcl, Output, Session};
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
 use proxy_glue::host;
@@ -42,7 +51,7 @@ proxy_wasm::main! {{
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 18] = [
+const COUNTERS: [&str; 22] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -61,6 +70,10 @@ const COUNTERS: [&str; 18] = [
     "jwks.failed",
     "callout.sent",
     "callout.failed",
+    "backend.asked",
+    "backend.allowed",
+    "backend.denied",
+    "backend.unavailable",
 ];
 const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
 
@@ -221,6 +234,8 @@ impl RootContext for Root {
             id: context_id,
             state: self.state.clone(),
             peer_read: false,
+            asks: HashMap::new(),
+            held: Vec::new(),
         }))
     }
 
@@ -288,6 +303,11 @@ struct Stream {
     /// The peer certificate was read (at the first client data: Envoy runs the new-connection
     /// callback before the TLS handshake, so the certificate is not known then).
     peer_read: bool,
+    /// Backend requests in flight: callout token → the session's ask id.
+    asks: HashMap<u32, u32>,
+    /// While the session waits for the backend: the decided client bytes at the front of
+    /// Envoy's read buffer, not yet handed to tcp_proxy.
+    held: Vec<u8>,
 }
 
 /// The verified client certificate of the current connection, if it has one.
@@ -299,7 +319,54 @@ fn peer_certificate() -> Option<PeerCertificate> {
     })
 }
 
-impl Context for Stream {}
+impl Context for Stream {
+    fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
+        let Some(ask_id) = self.asks.remove(&token) else {
+            return;
+        };
+        let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
+        let answer = BackendAnswer {
+            status: (status != 0).then_some(status),
+            body,
+        };
+        let Some(now) = now_secs() else {
+            self.close_now("the host clock is not available");
+            return;
+        };
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        let Some(mut out) = self.with_session(&state, now, |session, env| {
+            session.on_backend_answer(ask_id, &answer, env)
+        }) else {
+            return;
+        };
+        self.count_answer(&state, &answer);
+        self.send_asks(&state, now, &mut out);
+        let (waiting, _) = self.session_flags(&state);
+        if out.close.is_some() {
+            self.forget();
+            let _ = hostcalls::close_downstream();
+            return;
+        }
+        self.route_refusal(&out);
+        let mut buffered = std::mem::take(&mut self.held);
+        let in_buffer = buffered.len();
+        buffered.extend_from_slice(&out.forward);
+        if let Err(status) = host::write_buffer(BufferType::DownstreamData, 0, in_buffer, &buffered)
+        {
+            self.close_now(&format!("cannot write the decided data ({status:?})"));
+            return;
+        }
+        if waiting {
+            self.held = buffered;
+            return;
+        }
+        if let Err(status) = host::resume_downstream() {
+            self.close_now(&format!("cannot resume the client's data ({status})"));
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum From {
@@ -308,6 +375,127 @@ enum From {
 }
 
 impl Stream {
+    /// Runs `f` on this connection's session and records what it decided; None if the
+    /// session is gone (the connection was closed).
+    fn with_session(
+        &self,
+        state: &Shared,
+        now: u64,
+        f: impl FnOnce(&mut Session, &Env<'_>) -> Output,
+    ) -> Option<Output> {
+        let mut guard = state.borrow_mut();
+        let State {
+            policy,
+            metrics,
+            sessions,
+            ..
+        } = &mut *guard;
+        let session = sessions.get_mut(&self.id)?;
+        let env = Env { policy, now };
+        let out = f(session, &env);
+        record(metrics, policy.log_allows(), self.id, session, &out);
+        if out.close.is_some() {
+            sessions.remove(&self.id);
+        }
+        Some(out)
+    }
+
+    /// (waiting for the backend, CONNECT not decided yet).
+    fn session_flags(&self, state: &Shared) -> (bool, bool) {
+        state
+            .borrow()
+            .sessions
+            .get(&self.id)
+            .map_or((false, false), |s| {
+                (s.waiting_for_backend(), s.awaiting_connect())
+            })
+    }
+
+    fn count_answer(&self, state: &Shared, answer: &BackendAnswer) {
+        let s = state.borrow();
+        let verdict = match s.policy.backend() {
+            Some(backend) if backend.allows(answer) => BackendVerdict::Allow,
+            _ if answer.status.is_some_and(|st| st < 500) => BackendVerdict::Deny,
+            _ => BackendVerdict::Unavailable,
+        };
+        s.metrics.inc(match verdict {
+            BackendVerdict::Allow => "backend.allowed",
+            BackendVerdict::Deny => "backend.denied",
+            BackendVerdict::Unavailable => "backend.unavailable",
+        });
+    }
+
+    /// Sends the output's backend requests. One that cannot be sent is answered "no answer"
+    /// at once (fail closed); what that decides is merged into `out`.
+    fn send_asks(&mut self, state: &Shared, now: u64, out: &mut Output) {
+        let mut pending: Vec<Ask> = std::mem::take(&mut out.asks);
+        // Each failed send decides at least one packet: bounded by the packets held.
+        for _ in 0..10_000 {
+            let Some(ask) = pending.pop() else {
+                return;
+            };
+            let sent = {
+                let s = state.borrow();
+                match s.policy.backend() {
+                    Some(backend) => {
+                        let headers = backend.headers(&ask.request);
+                        hostcalls::dispatch_http_call(
+                            backend.cluster(),
+                            headers,
+                            Some(&ask.request.body),
+                            vec![],
+                            Duration::from_millis(backend.timeout_ms()),
+                        )
+                        .map_err(|status| format!("{status:?}"))
+                    }
+                    None => Err("no http_backend".into()),
+                }
+            };
+            match sent {
+                Ok(token) => {
+                    self.asks.insert(token, ask.id);
+                    state.borrow().metrics.inc("backend.asked");
+                }
+                Err(why) => {
+                    log::warn!(
+                        "mqtt-acl: connection {}: cannot ask the auth backend ({why}); denied",
+                        self.id
+                    );
+                    state.borrow().metrics.inc("backend.unavailable");
+                    let answer = BackendAnswer::none();
+                    let Some(more) = self.with_session(state, now, |session, env| {
+                        session.on_backend_answer(ask.id, &answer, env)
+                    }) else {
+                        return;
+                    };
+                    out.forward.extend_from_slice(&more.forward);
+                    pending.extend(more.asks);
+                    out.decisions.extend(more.decisions);
+                    if more.close.is_some() {
+                        out.close = more.close;
+                    }
+                    out.close_after_write |= more.close_after_write;
+                    if more.refusal_cluster.is_some() {
+                        out.refusal_cluster = more.refusal_cluster;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A refused CONNECT goes to the refusal stand-in (see `on_data`).
+    fn route_refusal(&self, out: &Output) {
+        if let Some(cluster) = &out.refusal_cluster {
+            if let Err(status) = proxy_glue::filter_state::set(TCP_PROXY_CLUSTER, cluster) {
+                log::warn!(
+                    "mqtt-acl: connection {}: cannot send the refused client to cluster \
+                     {cluster:?} ({status:?}); the broker answers a harmless CONNECT",
+                    self.id
+                );
+            }
+        }
+    }
+
     fn close_now(&self, why: &str) -> Action {
         log::warn!("mqtt-acl: connection {}: {why}", self.id);
         if let Some(state) = &self.state {
@@ -328,13 +516,25 @@ impl Stream {
             let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("not configured");
         };
-        let bytes = match host::read_buffer(buffer, 0, size) {
+        let mut bytes = match host::read_buffer(buffer, 0, size) {
             Ok(bytes) => bytes.unwrap_or_default(),
             Err(status) => {
                 let _ = host::write_buffer(buffer, 0, size, &[]);
                 return self.close_now(&format!("cannot read the data ({status:?})"));
             }
         };
+        // While the backend is asked, the front of the buffer is what was decided already.
+        let held = if from == From::Client {
+            std::mem::take(&mut self.held)
+        } else {
+            Vec::new()
+        };
+        if !held.is_empty() {
+            if !bytes.starts_with(&held) {
+                return self.close_now("the held client data changed in Envoy's buffer");
+            }
+            bytes.drain(..held.len());
+        }
         let Some(now) = now_secs() else {
             let _ = host::write_buffer(buffer, 0, size, &[]);
             return self.close_now("the host clock is not available");
@@ -369,33 +569,33 @@ impl Stream {
             if let Some(issuer) = &out.keys_wanted {
                 keys_wanted.insert(issuer.clone());
             }
-            let undecided = session.awaiting_connect();
             if out.close.is_some() {
                 sessions.remove(&self.id);
             }
-            (out, undecided)
+            out
         };
-        let (out, undecided) = out;
+        let mut out = out;
+        self.send_asks(&state, now, &mut out);
+        let (waiting, undecided) = self.session_flags(&state);
         if out.close.is_some() {
             let _ = host::write_buffer(buffer, 0, size, &[]);
             let _ = hostcalls::close_downstream();
             return Action::Pause;
         }
-        if let Some(cluster) = &out.refusal_cluster {
-            // tcp_proxy connects on the first data it gets (`upstream_connect_mode:
-            // ON_DOWNSTREAM_DATA`), after this callback: the refused client reaches the
-            // stand-in, never the broker. Without filter state the broker answers the
-            // harmless CONNECT.
-            if let Err(status) = proxy_glue::filter_state::set(TCP_PROXY_CLUSTER, cluster) {
-                log::warn!(
-                    "mqtt-acl: connection {}: cannot send the refused client to cluster \
-                     {cluster:?} ({status:?}); the broker answers a harmless CONNECT",
-                    self.id
-                );
-            }
-        }
-        if let Err(status) = host::write_buffer(buffer, 0, size, &out.forward) {
+        // tcp_proxy connects on the first data it gets (`upstream_connect_mode:
+        // ON_DOWNSTREAM_DATA`), after this callback: the refused client reaches the
+        // stand-in, never the broker. Without filter state the broker answers the
+        // harmless CONNECT.
+        self.route_refusal(&out);
+        let mut forward = held;
+        forward.extend_from_slice(&out.forward);
+        if let Err(status) = host::write_buffer(buffer, 0, size, &forward) {
             return self.close_now(&format!("cannot replace the data ({status:?})"));
+        }
+        if from == From::Client && waiting {
+            // Held back until the backend answers (on_http_call_response resumes).
+            self.held = forward;
+            return Action::Pause;
         }
         if from == From::Client && undecided {
             // The CONNECT is not complete: tcp_proxy must not start (it would pick its

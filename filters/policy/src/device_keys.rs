@@ -80,6 +80,11 @@ impl DeviceKeys {
         })
     }
 
+    /// Whether `device_id` is listed (its credentials are this table's to verify).
+    pub fn knows(&self, device_id: &str) -> bool {
+        self.devices.contains_key(device_id)
+    }
+
     /// The device's identity if `key` is one of its keys. Unknown devices and wrong keys are
     /// indistinguishable to the caller.
     pub fn verify(&self, device_id: &str, key: &str) -> Option<Identity> {

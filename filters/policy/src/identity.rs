@@ -14,6 +14,9 @@ pub enum IdentityKind {
     DeviceKey,
     /// A client certificate presented over mTLS.
     ClientCertificate,
+    /// A user name and password an HTTP auth backend accepted (mqtt-acl's `http_backend`,
+    /// mosquitto-go-auth's `user` check).
+    HttpBackend,
 }
 
 /// An authenticated caller. Only token-auth creates one; the other filters read it from the

@@ -132,6 +132,7 @@ impl IdentityHeaderNames {
             IdentityKind::OpaqueToken => "opaque_token",
             IdentityKind::DeviceKey => "device_key",
             IdentityKind::ClientCertificate => "client_certificate",
+            IdentityKind::HttpBackend => "http_backend",
         };
         let mut out = vec![
             (self.subject.clone(), encode_value(&identity.subject, false)),

@@ -64,6 +64,12 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+mod backend;
+pub use backend::{
+    BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
+    ACC_SUBSCRIBE, ACC_WRITE,
+};
+
 use serde::Deserialize;
 
 use crate::acl::mosquitto::import_acl_file;
@@ -143,6 +149,10 @@ pub struct MqttAclConfig {
     /// Seconds a client has to complete its CONNECT after opening the connection (default 10).
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// An HTTP auth/ACL backend speaking mosquitto-go-auth's protocol (`user`, `superuser`,
+    /// `acl`), asked through an Envoy cluster in addition to the local rules.
+    #[serde(default)]
+    pub http_backend: Option<HttpBackendConfig>,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -449,8 +459,10 @@ pub struct MqttAcl {
     device_keys: Option<DeviceKeys>,
     mtls: Option<MtlsConfig>,
     allow_anonymous: bool,
-    acl: Acl,
+    /// The local rules; None when only the HTTP backend's `acl` decides topics.
+    acl: Option<Acl>,
     ownership: Option<Ownership>,
+    backend: Option<HttpBackend>,
     on_forbidden_publish: OnForbiddenPublish,
     limits: Limits,
     refusal_cluster: Option<String>,
@@ -493,14 +505,22 @@ impl MqttAcl {
                 return Err("mtls.strip_prefix must not be empty (leave it out)".into());
             }
         }
+        let backend = config
+            .http_backend
+            .as_ref()
+            .map(HttpBackend::new)
+            .transpose()?;
+        let backend_users = backend.as_ref().is_some_and(HttpBackend::checks_users);
+        let backend_topics = backend.as_ref().is_some_and(HttpBackend::checks_topics);
         if jwt.is_none()
             && device_keys.is_none()
             && config.mtls.is_none()
             && !config.allow_anonymous
+            && !backend_users
         {
             return Err(
-                "configure at least one of jwt_providers, device_keys, mtls (or \
-                        allow_anonymous): otherwise every CONNECT is refused"
+                "configure at least one of jwt_providers, device_keys, mtls, http_backend.user \
+                 (or allow_anonymous): otherwise every CONNECT is refused"
                     .into(),
             );
         }
@@ -508,10 +528,11 @@ impl MqttAcl {
             (Some(_), Some(_)) => {
                 return Err("give either acl or acl_file, not both".into());
             }
+            (None, None) if backend_topics => None,
             (None, None) => {
                 return Err(
                     "give acl ({\"rules\": [...]}) or acl_file (the text of a Mosquitto \
-                     acl_file); without rules every topic is denied"
+                     acl_file), or http_backend.acl; without rules every topic is denied"
                         .into(),
                 )
             }
@@ -526,11 +547,15 @@ impl MqttAcl {
                         ));
                     }
                 }
-                acl.clone()
+                Some(acl.clone())
             }
-            (None, Some(text)) => import_acl_file(text).map_err(|e| e.to_string())?,
+            (None, Some(text)) => Some(import_acl_file(text).map_err(|e| e.to_string())?),
         };
-        let acl = Acl::from_config(&acl_config).map_err(|e| e.to_string())?;
+        let acl = acl_config
+            .as_ref()
+            .map(Acl::from_config)
+            .transpose()
+            .map_err(|e| e.to_string())?;
         let ownership = config.ownership.as_ref().map(Ownership::new).transpose()?;
         let client_ids = config
             .client_ids
@@ -568,6 +593,7 @@ impl MqttAcl {
             allow_anonymous: config.allow_anonymous,
             acl,
             ownership,
+            backend,
             on_forbidden_publish: config.on_forbidden_publish,
             limits: Limits {
                 max_packet_bytes: config.max_packet_bytes,
@@ -588,7 +614,13 @@ impl MqttAcl {
         self.mode
     }
 
-    /// ACL and ownership: both must allow (deny wins).
+    /// The HTTP backend, if configured.
+    pub fn backend(&self) -> Option<&HttpBackend> {
+        self.backend.as_ref()
+    }
+
+    /// The local rules: ACL and ownership; both must allow (deny wins). Without local ACL
+    /// rules (only `http_backend.acl`) the ACL part allows and the backend decides.
     pub fn check_topic(
         &self,
         identity: Option<&Identity>,
@@ -596,7 +628,13 @@ impl MqttAcl {
         filter: &str,
         access: TopicAccess,
     ) -> Decision {
-        let by_acl = self.acl.check_topic(identity, client_id, filter, access);
+        let by_acl = match &self.acl {
+            Some(acl) => acl.check_topic(identity, client_id, filter, access),
+            None => match TopicFilter::parse(filter, access == TopicAccess::Read) {
+                Ok(_) => Decision::Allow("no local acl".into()),
+                Err(e) => Decision::Deny(DenyReason::BadRequest(e)),
+            },
+        };
         let Decision::Allow(acl_by) = by_acl else {
             return by_acl;
         };
@@ -690,7 +728,38 @@ pub struct Output {
     /// The CONNECT was refused: send this connection (and the harmless CONNECT in `forward`) to
     /// this Envoy cluster, a stand-in that answers in the broker's place (`refusal_cluster`).
     pub refusal_cluster: Option<String>,
+    /// Requests for the HTTP backend: the filter sends each and hands its answer to
+    /// [`Session::on_backend_answer`]. Until every one is answered the session reads no
+    /// further client packet (the filter holds the client's data back).
+    pub asks: Vec<Ask>,
 }
+
+/// A request for the HTTP backend, numbered within its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    pub id: u32,
+    pub request: BackendRequest,
+}
+
+/// What became of one client packet.
+enum Step {
+    Done,
+    Close(CloseReason),
+    /// It needs the backend's answers to these requests first.
+    Ask(Vec<BackendRequest>),
+}
+
+/// What authentication established.
+struct Authenticated {
+    identity: Option<Identity>,
+    /// The password the backend's `user` check gets: the client's when the backend is the one
+    /// to verify it, empty for an identity verified here (its credential goes nowhere).
+    backend_password: String,
+}
+
+/// Subscription filters the backend allowed that a connection remembers (deliveries they
+/// cover are not asked again); older ones are forgotten first.
+const MAX_GRANTS: usize = 256;
 
 impl Output {
     fn closing(mut self, reason: CloseReason) -> Output {
@@ -780,6 +849,17 @@ pub struct Session {
     pings: VecDeque<Ping>,
     /// SUBSCRIBE packet id → which of its filters were refused, until the SUBACK.
     partial_subacks: HashMap<u16, Vec<bool>>,
+    /// The backend's `superuser` check allowed: its `acl` is not asked.
+    superuser: bool,
+    /// Subscription filters the backend allowed in this connection.
+    granted: VecDeque<TopicFilter>,
+    /// Asks sent and not answered yet.
+    waiting: HashMap<u32, BackendRequest>,
+    /// The answers for the packet being decided, by request key.
+    answers: HashMap<String, BackendVerdict>,
+    /// The packet waiting for the backend; nothing after it is read until it is decided.
+    stalled: Option<Frame>,
+    next_ask: u32,
 }
 
 impl Session {
@@ -798,7 +878,147 @@ impl Session {
             opened_at: None,
             pings: VecDeque::new(),
             partial_subacks: HashMap::new(),
+            superuser: false,
+            granted: VecDeque::new(),
+            waiting: HashMap::new(),
+            answers: HashMap::new(),
+            stalled: None,
+            next_ask: 0,
         }
+    }
+
+    /// Asks are out: the client's data is to be held back until they are answered.
+    pub fn waiting_for_backend(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// The backend's answer to ask `id`: the packet that waited for it is decided (and those
+    /// read after it), as if it had just arrived.
+    pub fn on_backend_answer(&mut self, id: u32, answer: &BackendAnswer, env: &Env<'_>) -> Output {
+        let out = Output::default();
+        let Some(request) = self.waiting.remove(&id) else {
+            return out;
+        };
+        let verdict = match env.policy.backend() {
+            Some(backend) => backend.remember(&request, answer, env.now),
+            None => BackendVerdict::Unavailable,
+        };
+        self.answers.insert(request.key().to_string(), verdict);
+        if !self.waiting.is_empty() || !matches!(self.phase, Phase::AwaitConnect | Phase::Open) {
+            return out;
+        }
+        self.drain_client(env, out)
+    }
+
+    /// Sends the requests not asked yet and keeps `frame` until they are answered.
+    fn stall(&mut self, frame: Frame, missing: Vec<BackendRequest>, out: &mut Output) {
+        for request in missing {
+            if self.waiting.values().any(|r| r.key() == request.key()) {
+                continue;
+            }
+            self.next_ask = self.next_ask.wrapping_add(1);
+            let id = self.next_ask;
+            self.waiting.insert(id, request.clone());
+            out.asks.push(Ask { id, request });
+        }
+        self.stalled = Some(frame);
+    }
+
+    /// The answer to `request`: given for the packet being decided, or cached. None: it is to
+    /// be asked (pushed on `missing`).
+    fn backend_verdict(
+        &self,
+        env: &Env<'_>,
+        request: BackendRequest,
+        missing: &mut Vec<BackendRequest>,
+    ) -> Option<BackendVerdict> {
+        if let Some(verdict) = self.answers.get(request.key()) {
+            return Some(*verdict);
+        }
+        if let Some(verdict) = env
+            .policy
+            .backend()
+            .and_then(|b| b.cached(&request, env.now))
+        {
+            return Some(verdict);
+        }
+        missing.push(request);
+        None
+    }
+
+    /// The local rules, then, if they allow, the backend's `acl` check (`acc`): both must
+    /// allow. A local deny is final (the backend is not asked); a superuser skips the backend.
+    fn topic_decision(
+        &self,
+        env: &Env<'_>,
+        identity: Option<&Identity>,
+        topic: &str,
+        access: TopicAccess,
+        acc: u8,
+        missing: &mut Vec<BackendRequest>,
+    ) -> Decision {
+        let policy = env.policy;
+        let local = policy.check_topic(identity, &self.client_id, topic, access);
+        let Decision::Allow(by) = local else {
+            return local;
+        };
+        let Some(backend) = policy.backend().filter(|b| b.checks_topics()) else {
+            return Decision::Allow(by);
+        };
+        if self.superuser {
+            return Decision::Allow(format!("{by} backend:superuser"));
+        }
+        let username = identity.map_or("", |i| i.subject.as_str());
+        let Some(request) = backend.acl_request(username, &self.client_id, topic, acc) else {
+            return Decision::Allow(by);
+        };
+        match self.backend_verdict(env, request, missing) {
+            Some(BackendVerdict::Allow) => Decision::Allow(format!("{by} backend:acl")),
+            Some(BackendVerdict::Deny) => forbidden(format!(
+                "the auth backend denied {} (acc {acc})",
+                bounded_debug(topic)
+            )),
+            Some(BackendVerdict::Unavailable) => Decision::Deny(DenyReason::Unavailable(format!(
+                "the auth backend gave no answer for {} (acc {acc})",
+                bounded_debug(topic)
+            ))),
+            None => Decision::Deny(DenyReason::Unavailable(
+                "waiting for the auth backend".into(),
+            )),
+        }
+    }
+
+    /// A message the broker delivers: the local rules, then the backend. The broker's stream
+    /// cannot wait for an answer, so the backend's part is what it already said: a
+    /// subscription it allowed in this connection covers the topic, or a cached read (acc 1)
+    /// allow; otherwise the delivery is refused.
+    fn delivery_decision(&self, env: &Env<'_>, topic: &str) -> Decision {
+        let policy = env.policy;
+        let identity = self.identity.as_ref();
+        let local = policy.check_topic(identity, &self.client_id, topic, TopicAccess::Read);
+        let Decision::Allow(by) = local else {
+            return local;
+        };
+        let Some(backend) = policy.backend().filter(|b| b.checks_topics()) else {
+            return Decision::Allow(by);
+        };
+        if self.superuser {
+            return Decision::Allow(format!("{by} backend:superuser"));
+        }
+        if self.granted.iter().any(|f| f.matches_topic(topic)) {
+            return Decision::Allow(format!("{by} backend:subscription"));
+        }
+        let username = identity.map_or("", |i| i.subject.as_str());
+        let cached = backend
+            .acl_request(username, &self.client_id, topic, ACC_READ)
+            .and_then(|r| backend.cached(&r, env.now));
+        if cached == Some(BackendVerdict::Allow) {
+            return Decision::Allow(format!("{by} backend:acl"));
+        }
+        forbidden(format!(
+            "no subscription the auth backend allowed in this connection covers {}",
+            bounded_debug(topic)
+        ))
     }
 
     /// When the connection opened: a client that has not completed its CONNECT
@@ -976,20 +1196,39 @@ impl Session {
             out.decisions.extend(expired.decisions);
         }
         self.client.feed(bytes);
+        let held_limit = env.policy.limits.max_packet_bytes.saturating_mul(2);
+        if self.waiting_for_backend() && self.client.buffered_len() > held_limit {
+            self.phase = Phase::Closed;
+            return out.closing(CloseReason::Malformed(format!(
+                "more than {held_limit} bytes arrived while the auth backend was asked"
+            )));
+        }
+        self.drain_client(env, out)
+    }
+
+    /// Decides the client's packets in order until the data runs out or one waits for the
+    /// backend.
+    fn drain_client(&mut self, env: &Env<'_>, mut out: Output) -> Output {
         loop {
-            let frame = match self.client.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return out,
-                Err(error) => {
-                    if self.phase == Phase::AwaitConnect {
-                        if let ErrorKind::UnsupportedVersion { .. } = error.kind {
-                            self.refuse_version(&mut out, env, &error.to_string());
-                            return out;
+            if self.waiting_for_backend() {
+                return out;
+            }
+            let frame = match self.stalled.take() {
+                Some(frame) => frame,
+                None => match self.client.next_frame() {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => return out,
+                    Err(error) => {
+                        if self.phase == Phase::AwaitConnect {
+                            if let ErrorKind::UnsupportedVersion { .. } = error.kind {
+                                self.refuse_version(&mut out, env, &error.to_string());
+                                return out;
+                            }
                         }
+                        let reason = CloseReason::Malformed(format!("client sent {error}"));
+                        return self.close_after_forward(out, reason);
                     }
-                    let reason = CloseReason::Malformed(format!("client sent {error}"));
-                    return self.close_after_forward(out, reason);
-                }
+                },
             };
             match self.phase {
                 Phase::AwaitConnect => {
@@ -998,17 +1237,25 @@ impl Session {
                         return out
                             .closing(CloseReason::Malformed("first packet is not CONNECT".into()));
                     };
-                    self.on_connect(connect, env, &mut out);
+                    let connect = connect.clone();
+                    if let Some(missing) = self.on_connect(&connect, env, &mut out) {
+                        self.stall(frame, missing, &mut out);
+                        return out;
+                    }
+                    self.answers.clear();
                     if !matches!(self.phase, Phase::Open) {
                         // Refused: nothing more of what the client sent goes anywhere.
                         return out;
                     }
                 }
-                Phase::Open => {
-                    if let Some(close) = self.on_client_packet(frame, env, &mut out) {
-                        return self.close_after_forward(out, close);
+                Phase::Open => match self.on_client_packet(&frame, env, &mut out) {
+                    Step::Done => self.answers.clear(),
+                    Step::Close(close) => return self.close_after_forward(out, close),
+                    Step::Ask(missing) => {
+                        self.stall(frame, missing, &mut out);
+                        return out;
                     }
-                }
+                },
                 _ => return out,
             }
         }
@@ -1075,7 +1322,52 @@ impl Session {
         }
     }
 
+    /// Who the CONNECT's credentials say the client is. Local methods verify what they are
+    /// configured for; a credential none of them takes goes to the backend's `user` check
+    /// (an identity of kind `HttpBackend`, verified once the backend answers).
     fn authenticate(
+        &self,
+        connect: &Connect,
+        env: &Env<'_>,
+    ) -> Result<Authenticated, (Refusal, String)> {
+        let local = |identity: Option<Identity>| Authenticated {
+            identity,
+            backend_password: String::new(),
+        };
+        let backend_users = env.policy.backend().is_some_and(HttpBackend::checks_users);
+        let by_backend = |username: &str, password: Option<&[u8]>| {
+            let password = std::str::from_utf8(password.unwrap_or_default()).map_err(|_| {
+                (
+                    Refusal::BadCredentials,
+                    "a password that is not UTF-8 (the auth backend takes text)".to_string(),
+                )
+            })?;
+            Ok(Authenticated {
+                identity: Some(Identity::new(IdentityKind::HttpBackend, username)),
+                backend_password: password.to_string(),
+            })
+        };
+        let password = connect.password.as_deref().filter(|p| !p.is_empty());
+        let takes_device_key = |username: &str| {
+            env.policy
+                .device_keys
+                .as_ref()
+                .is_some_and(|keys| keys.knows(username))
+        };
+        if let Some(username) = connect.username.as_deref() {
+            let local_jwt =
+                password.is_none() && looks_like_jwt(username) && env.policy.jwt.is_some();
+            let local_key = password.is_some() && takes_device_key(username);
+            let local_cert = password.is_none() && env.policy.mtls.is_some() && self.peer.is_some();
+            let taken_locally = local_jwt || local_key || local_cert;
+            if backend_users && !taken_locally {
+                return by_backend(username, password);
+            }
+        }
+        self.authenticate_locally(connect, env).map(local)
+    }
+
+    fn authenticate_locally(
         &self,
         connect: &Connect,
         env: &Env<'_>,
@@ -1167,19 +1459,69 @@ impl Session {
         Err((Refusal::NotAuthorized, "no credentials".into()))
     }
 
-    fn on_connect(&mut self, connect: &Connect, env: &Env<'_>, out: &mut Output) {
+    /// The backend's `user` and `superuser` checks of an authenticated CONNECT: a refusal, if
+    /// the backend refuses, and whether the identity is a superuser.
+    fn backend_connect_checks(
+        &self,
+        auth: &Authenticated,
+        client_id: &str,
+        env: &Env<'_>,
+        missing: &mut Vec<BackendRequest>,
+    ) -> (Option<(Refusal, String)>, bool) {
+        let (Some(backend), Some(identity)) = (env.policy.backend(), auth.identity.as_ref()) else {
+            return (None, false);
+        };
+        let subject = bounded_debug(&identity.subject);
+        let mut refusal = None;
+        if let Some(request) =
+            backend.user_request(&identity.subject, &auth.backend_password, client_id)
+        {
+            refusal = match self.backend_verdict(env, request, missing) {
+                Some(BackendVerdict::Allow) | None => None,
+                // A credential only the backend could verify is a bad one; an identity
+                // verified here that the backend refuses is not authorized.
+                Some(BackendVerdict::Deny) if identity.kind == IdentityKind::HttpBackend => Some((
+                    Refusal::BadCredentials,
+                    format!("the auth backend refused user {subject}"),
+                )),
+                Some(BackendVerdict::Deny) => Some((
+                    Refusal::NotAuthorized,
+                    format!("the auth backend refused user {subject}"),
+                )),
+                Some(BackendVerdict::Unavailable) => Some((
+                    Refusal::Unavailable,
+                    format!("the auth backend gave no answer for user {subject}"),
+                )),
+            };
+        }
+        let superuser = backend
+            .superuser_request(&identity.subject)
+            .and_then(|request| self.backend_verdict(env, request, missing))
+            == Some(BackendVerdict::Allow);
+        (refusal, superuser)
+    }
+
+    /// Decides a CONNECT; Some(requests): the backend is to be asked first (nothing was
+    /// decided or written).
+    fn on_connect(
+        &mut self,
+        connect: &Connect,
+        env: &Env<'_>,
+        out: &mut Output,
+    ) -> Option<Vec<BackendRequest>> {
         let policy = env.policy;
         let version = connect.version;
         self.version = Some(version);
         self.client_id = connect.client_id.clone();
+        let mut missing = Vec::new();
         let mut verdict = self.authenticate(connect, env);
         if let (Err((Refusal::Unavailable, _)), Some(jwt), Some(username)) =
             (&verdict, &policy.jwt, connect.username.as_deref())
         {
             out.keys_wanted = remote_issuer(jwt, username);
         }
-        if let Ok(identity) = &verdict {
-            let subject = identity.as_ref().map(|i| i.subject.as_str());
+        if let Ok(auth) = &verdict {
+            let subject = auth.identity.as_ref().map(|i| i.subject.as_str());
             // An empty client id is the broker's to assign: nobody's session.
             let bound = connect.client_id.is_empty()
                 || policy
@@ -1197,12 +1539,23 @@ impl Session {
                 ));
             }
         }
-        if let (Ok(identity), Some(will)) = (&verdict, &connect.will) {
-            let decision = policy.check_topic(
-                identity.as_ref(),
-                &connect.client_id,
+        self.superuser = false;
+        if let Ok(auth) = &verdict {
+            let (refusal, superuser) =
+                self.backend_connect_checks(auth, &connect.client_id, env, &mut missing);
+            self.superuser = superuser;
+            if let Some(refusal) = refusal {
+                verdict = Err(refusal);
+            }
+        }
+        if let (Ok(auth), Some(will)) = (&verdict, &connect.will) {
+            let decision = self.topic_decision(
+                env,
+                auth.identity.as_ref(),
                 &will.topic,
                 TopicAccess::Write,
+                ACC_WRITE,
+                &mut missing,
             );
             if let Decision::Deny(reason) = decision {
                 verdict = Err((
@@ -1211,13 +1564,19 @@ impl Session {
                 ));
             }
         }
+        if !missing.is_empty() {
+            return Some(missing);
+        }
         match verdict {
-            Ok(identity) => {
-                self.identity = identity;
-                let by = match &self.identity {
+            Ok(auth) => {
+                self.identity = auth.identity;
+                let mut by = match &self.identity {
                     Some(i) => format!("{:?}", i.kind).to_lowercase(),
                     None => "anonymous".into(),
                 };
+                if self.superuser {
+                    by.push_str(" backend:superuser");
+                }
                 let decided = self.decided(
                     policy.mode,
                     "mqtt CONNECT",
@@ -1247,12 +1606,13 @@ impl Session {
                 if policy.mode == Mode::Shadow {
                     self.identity = None;
                     self.accept_connect(connect, env, out);
-                    return;
+                    return None;
                 }
                 let connack = encode_connack(version, refusal_code(refusal, version));
                 self.start_refusal(out, env, version, connect.keep_alive, connack);
             }
         }
+        None
     }
 
     fn accept_connect(&mut self, connect: &Connect, env: &Env<'_>, out: &mut Output) {
@@ -1286,24 +1646,40 @@ impl Session {
         }
     }
 
-    /// One packet after an accepted CONNECT; Some(reason) closes.
-    fn on_client_packet(
+    /// One packet after an accepted CONNECT.
+    fn on_client_packet(&mut self, frame: &Frame, env: &Env<'_>, out: &mut Output) -> Step {
+        match self.client_packet(frame, env, out) {
+            Ok(None) => Step::Done,
+            Ok(Some(close)) => Step::Close(close),
+            Err(missing) => Step::Ask(missing),
+        }
+    }
+
+    /// One packet after an accepted CONNECT: Ok(Some(reason)) closes; Err: the backend is to
+    /// be asked first (nothing was decided or written).
+    fn client_packet(
         &mut self,
-        frame: Frame,
+        frame: &Frame,
         env: &Env<'_>,
         out: &mut Output,
-    ) -> Option<CloseReason> {
+    ) -> Result<Option<CloseReason>, Vec<BackendRequest>> {
         let policy = env.policy;
         let mode = policy.mode;
-        match &frame.packet {
+        let mut missing = Vec::new();
+        Ok(match &frame.packet {
             Packet::Publish(publish) => {
                 let topic = frame.effective_topic.clone().unwrap_or_default();
-                let decision = policy.check_topic(
+                let decision = self.topic_decision(
+                    env,
                     self.identity.as_ref(),
-                    &self.client_id,
                     &topic,
                     TopicAccess::Write,
+                    ACC_WRITE,
+                    &mut missing,
                 );
+                if !missing.is_empty() {
+                    return Err(missing);
+                }
                 let allowed = decision.is_allowed();
                 out.decisions.push(self.decided(
                     mode,
@@ -1314,7 +1690,7 @@ impl Session {
                 ));
                 if allowed || mode == Mode::Shadow {
                     out.forward.extend_from_slice(&frame.raw);
-                    return None;
+                    return Ok(None);
                 }
                 if let Some(alias) = publish.properties.topic_alias() {
                     if !publish.topic.is_empty() {
@@ -1322,10 +1698,10 @@ impl Session {
                     }
                 }
                 if policy.on_forbidden_publish == OnForbiddenPublish::Close {
-                    return Some(CloseReason::Forbidden(format!(
+                    return Ok(Some(CloseReason::Forbidden(format!(
                         "forbidden PUBLISH to {} (on_forbidden_publish: close)",
                         bounded_debug(&topic)
-                    )));
+                    ))));
                 }
                 match (publish.qos, publish.packet_id) {
                     (QoS::AtMostOnce, _) => {}
@@ -1334,26 +1710,56 @@ impl Session {
                         self.pings.push_back(Ping::PubAck(packet_id));
                     }
                     _ => {
-                        return Some(CloseReason::Forbidden(format!(
+                        return Ok(Some(CloseReason::Forbidden(format!(
                             "forbidden QoS 2 PUBLISH to {}",
                             bounded_debug(&topic)
-                        )))
+                        ))))
                     }
                 }
                 None
             }
             Packet::Subscribe(subscribe) => {
+                let subscribe_acc = policy
+                    .backend()
+                    .map_or(ACC_SUBSCRIBE, |b| b.subscribe_acc());
+                let filters: Vec<&str> = subscribe
+                    .filters
+                    .iter()
+                    .map(|sub| {
+                        shared_subscription(&sub.filter)
+                            .map(|(_, f)| f)
+                            .unwrap_or(&sub.filter)
+                    })
+                    .collect();
+                let decisions: Vec<Decision> = filters
+                    .iter()
+                    .map(|filter| {
+                        self.topic_decision(
+                            env,
+                            self.identity.as_ref(),
+                            filter,
+                            TopicAccess::Read,
+                            subscribe_acc,
+                            &mut missing,
+                        )
+                    })
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(missing);
+                }
+                let asks_backend = policy.backend().is_some_and(|b| b.checks_topics());
                 let mut refused = Vec::with_capacity(subscribe.filters.len());
-                for sub in &subscribe.filters {
-                    let filter = shared_subscription(&sub.filter)
-                        .map(|(_, f)| f)
-                        .unwrap_or(&sub.filter);
-                    let decision = policy.check_topic(
-                        self.identity.as_ref(),
-                        &self.client_id,
-                        filter,
-                        TopicAccess::Read,
-                    );
+                for ((sub, filter), decision) in
+                    subscribe.filters.iter().zip(&filters).zip(decisions)
+                {
+                    if asks_backend && decision.is_allowed() {
+                        if let Ok(parsed) = TopicFilter::parse(filter, true) {
+                            if self.granted.len() >= MAX_GRANTS {
+                                self.granted.pop_front();
+                            }
+                            self.granted.push_back(parsed);
+                        }
+                    }
                     refused.push(!decision.is_allowed() && mode == Mode::Enforce);
                     out.decisions.push(self.decided(
                         mode,
@@ -1365,7 +1771,7 @@ impl Session {
                 }
                 if !refused.iter().any(|r| *r) {
                     out.forward.extend_from_slice(&frame.raw);
-                    return None;
+                    return Ok(None);
                 }
                 if refused.iter().all(|r| *r) {
                     out.forward.extend_from_slice(&[0xC0, 0x00]);
@@ -1373,7 +1779,7 @@ impl Session {
                         packet_id: subscribe.packet_id,
                         filters: refused.len(),
                     });
-                    return None;
+                    return Ok(None);
                 }
                 let kept = Subscribe {
                     packet_id: subscribe.packet_id,
@@ -1410,7 +1816,7 @@ impl Session {
                 out.forward.extend_from_slice(&frame.raw);
                 None
             }
-        }
+        })
     }
 
     /// Reads bytes from the broker.
@@ -1549,12 +1955,7 @@ impl Session {
             Packet::Publish(publish) => {
                 let policy = env.policy;
                 let topic = frame.effective_topic.clone().unwrap_or_default();
-                let decision = policy.check_topic(
-                    self.identity.as_ref(),
-                    &self.client_id,
-                    &topic,
-                    TopicAccess::Read,
-                );
+                let decision = self.delivery_decision(env, &topic);
                 if decision.is_allowed() {
                     out.forward.extend_from_slice(&frame.raw);
                     return None;

@@ -280,6 +280,13 @@ pub fn resume_response() -> Result<(), HostStatus> {
     check(unsafe { proxy_continue_stream(StreamType::HttpResponse) })
 }
 
+/// Lets the paused client data of a network filter go on: Envoy continues reading with the
+/// next filter (tcp_proxy), which forwards what the read buffer holds.
+pub fn resume_downstream() -> Result<(), HostStatus> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_continue_stream(StreamType::Downstream) })
+}
+
 /// Answers the current stream locally.
 pub fn send_local_response(
     status: u32,

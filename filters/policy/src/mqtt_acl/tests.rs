@@ -1178,3 +1178,346 @@ fn a_client_without_a_complete_connect_is_closed_after_connect_timeout_secs() {
     };
     assert_eq!(conn.session.check_connect_timeout(&env), None);
 }
+
+// ------------------------------------------------------------------------------------------
+// The HTTP backend (mosquitto-go-auth's protocol)
+// ------------------------------------------------------------------------------------------
+
+fn backend_config(local: Value) -> Value {
+    let mut config = json!({
+        "client_ids": ["*"],
+        "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
+                         "user": {"path": "/auth"}, "acl": {"path": "/acl"},
+                         "cache": {"allow_ttl_secs": 60, "deny_ttl_secs": 5}}
+    });
+    for (k, v) in local.as_object().unwrap() {
+        config[k] = v.clone();
+    }
+    config
+}
+
+impl Conn {
+    fn answer(&mut self, ask: &Ask, status: Option<u32>) -> Output {
+        let env = Env {
+            policy: &self.policy,
+            now: self.now,
+        };
+        let answer = BackendAnswer {
+            status,
+            body: Vec::new(),
+        };
+        self.session.on_backend_answer(ask.id, &answer, &env)
+    }
+}
+
+fn ask_body(ask: &Ask) -> Value {
+    serde_json::from_slice(&ask.request.body).unwrap()
+}
+
+#[test]
+fn backend_user_check_authenticates_an_opaque_token_and_acl_decides_topics() {
+    let mut conn = Conn::new(policy_from(backend_config(json!({}))));
+    let connect = connect_packet(V3, "browser-1", Some("3f2a9c-session"), None, None);
+    let out = conn.client(&connect);
+    assert!(
+        out.forward.is_empty() && out.decisions.is_empty(),
+        "{out:?}"
+    );
+    assert!(conn.session.awaiting_connect() && conn.session.waiting_for_backend());
+    assert_eq!(out.asks.len(), 1);
+    assert_eq!(out.asks[0].request.path, "/auth");
+    assert_eq!(
+        ask_body(&out.asks[0]),
+        json!({"username": "3f2a9c-session", "password": "", "clientid": "browser-1"})
+    );
+    let out = conn.answer(&out.asks[0].clone(), Some(200));
+    assert!(!conn.session.waiting_for_backend());
+    assert_forwarded_without_credentials(&out, &conn.session, V3, &connect);
+    assert!(
+        lines(&out).contains("authenticated:httpbackend"),
+        "{}",
+        lines(&out)
+    );
+    conn.broker(&encode_connack(V3, 0));
+
+    // A PUBLISH waits for the acl answer (acc 2); a 403 drops it.
+    let out = conn.client(&publish(V3, "lamps/7/set", QoS::AtMostOnce, None));
+    assert!(out.forward.is_empty());
+    assert_eq!(
+        ask_body(&out.asks[0]),
+        json!({"username": "3f2a9c-session", "clientid": "browser-1", "topic": "lamps/7/set",
+               "acc": 2})
+    );
+    let out = conn.answer(&out.asks[0].clone(), Some(403));
+    assert!(out.forward.is_empty());
+    assert!(
+        lines(&out).contains("the auth backend denied"),
+        "{}",
+        lines(&out)
+    );
+    // Within the deny TTL the cache answers: no second ask.
+    let out = conn.client(&publish(V3, "lamps/7/set", QoS::AtMostOnce, None));
+    assert!(out.asks.is_empty() && out.forward.is_empty(), "{out:?}");
+    // After it, the backend is asked again; a 200 lets the PUBLISH through.
+    conn.now += 5;
+    let packet = publish(V3, "lamps/7/set", QoS::AtMostOnce, None);
+    let out = conn.client(&packet);
+    assert_eq!(out.asks.len(), 1);
+    let out = conn.answer(&out.asks[0].clone(), Some(200));
+    assert_eq!(out.forward, packet);
+    let out = conn.client(&packet);
+    assert!(out.asks.is_empty());
+    assert_eq!(out.forward, packet, "the allow is cached");
+}
+
+#[test]
+fn packets_after_one_that_waits_for_the_backend_keep_their_order() {
+    let mut conn = Conn::new(policy_from(backend_config(json!({}))));
+    let connect = connect_packet(V3, "c1", Some("u1"), None, None);
+    let ask = conn.client(&connect).asks.remove(0);
+    conn.answer(&ask, Some(200));
+    conn.broker(&encode_connack(V3, 0));
+    let first = publish(V3, "a/1", QoS::AtMostOnce, None);
+    let second = publish(V3, "a/2", QoS::AtMostOnce, None);
+    let ping = [0xC0, 0x00];
+    let out = conn.client(&[first.clone(), second.clone(), ping.to_vec()].concat());
+    assert!(out.forward.is_empty());
+    assert_eq!(
+        out.asks.len(),
+        1,
+        "only the first packet is asked about yet"
+    );
+    let out = conn.answer(&out.asks[0].clone(), Some(200));
+    assert_eq!(out.forward, first);
+    assert_eq!(ask_body(&out.asks[0])["topic"], "a/2");
+    // More data while waiting is queued behind.
+    let third = publish(V3, "a/1", QoS::AtMostOnce, None);
+    let queued = conn.client(&third);
+    assert!(queued.forward.is_empty() && queued.asks.is_empty());
+    let out = conn.answer(&out.asks[0].clone(), Some(200));
+    assert_eq!(out.forward, [second, ping.to_vec(), third].concat());
+    assert!(out.asks.is_empty());
+}
+
+#[test]
+fn backend_down_refuses_the_connect_as_server_unavailable_and_is_not_cached() {
+    let policy = policy_from(backend_config(json!({})));
+    for (version, code) in [(V3, 0x03), (V5, reason::SERVER_UNAVAILABLE)] {
+        for status in [None, Some(503)] {
+            let mut conn = Conn::new(policy.clone());
+            let connect = connect_packet(version, "c1", Some("u1"), Some(b"pw"), None);
+            let out = conn.client(&connect);
+            assert_eq!(out.asks.len(), 1, "asked again: failures are not cached");
+            let out = conn.answer(&out.asks[0].clone(), status);
+            let Packet::Connect(harmless) =
+                crate::mqtt::decode_packet(&out.forward, version).unwrap()
+            else {
+                panic!("not a CONNECT")
+            };
+            assert_eq!(harmless.client_id, "mqtt-acl-refused-7");
+            let out = conn.broker(&encode_connack(version, 0));
+            assert_eq!(out.forward, encode_connack(version, code));
+        }
+    }
+}
+
+#[test]
+fn a_backend_refusal_of_its_own_credential_is_a_bad_password() {
+    let mut conn = Conn::new(policy_from(backend_config(json!({}))));
+    let connect = connect_packet(V3, "c1", Some("alice"), Some(b"wrong"), None);
+    let out = conn.client(&connect);
+    assert_eq!(ask_body(&out.asks[0])["password"], "wrong");
+    conn.answer(&out.asks[0].clone(), Some(401));
+    let out = conn.broker(&encode_connack(V3, 0));
+    assert_eq!(
+        out.forward,
+        encode_connack(V3, v3_connack::BAD_USERNAME_OR_PASSWORD)
+    );
+}
+
+#[test]
+fn a_locally_verified_identity_is_asked_with_a_blank_password_and_both_must_allow() {
+    let local = json!({"device_keys": {"devices": {"lamp-01": {"key_sha256": [sha("k1")]}}},
+                       "acl": {"rules": [{"name": "all", "effect": "allow",
+                                          "subjects": ["authenticated"], "actions": ["*"],
+                                          "mqtt": {"topic": "#"}}]}});
+    let policy = policy_from(backend_config(local));
+    // A wrong key is refused locally: the backend is never asked.
+    let mut conn = Conn::new(policy.clone());
+    let out = conn.client(&connect_packet(
+        V3,
+        "lamp-01",
+        Some("lamp-01"),
+        Some(b"bad"),
+        None,
+    ));
+    assert!(out.asks.is_empty());
+    assert_eq!(
+        conn.broker(&encode_connack(V3, 0)).forward,
+        encode_connack(V3, v3_connack::BAD_USERNAME_OR_PASSWORD)
+    );
+    // The right key: the backend is asked about lamp-01 without the key; its 403 refuses.
+    let mut conn = Conn::new(policy);
+    let out = conn.client(&connect_packet(
+        V3,
+        "lamp-01",
+        Some("lamp-01"),
+        Some(b"k1"),
+        None,
+    ));
+    assert_eq!(
+        ask_body(&out.asks[0]),
+        json!({"username": "lamp-01", "password": "", "clientid": "lamp-01"})
+    );
+    conn.answer(&out.asks[0].clone(), Some(403));
+    assert_eq!(
+        conn.broker(&encode_connack(V3, 0)).forward,
+        encode_connack(V3, v3_connack::NOT_AUTHORIZED)
+    );
+}
+
+#[test]
+fn a_local_deny_wins_and_the_backend_is_not_asked() {
+    let local = json!({"allow_anonymous": true, "client_ids": ["*"],
+                       "acl": {"rules": [
+                           {"name": "all", "effect": "allow", "subjects": ["anyone"],
+                            "actions": ["*"], "mqtt": {"topic": "#"}},
+                           {"name": "no-secret", "effect": "deny", "subjects": ["anyone"],
+                            "actions": ["*"], "mqtt": {"topic": "secret/#"}}]}});
+    let mut config = backend_config(local);
+    config["http_backend"]
+        .as_object_mut()
+        .unwrap()
+        .remove("user");
+    let mut conn = Conn::new(policy_from(config));
+    let out = conn.client(&connect_packet(V3, "anon", None, None, None));
+    assert!(out.asks.is_empty(), "anonymous: no user check");
+    conn.broker(&encode_connack(V3, 0));
+    let out = conn.client(&publish(V3, "secret/x", QoS::AtMostOnce, None));
+    assert!(out.asks.is_empty() && out.forward.is_empty());
+    // A topic the local rules allow is asked about (as the anonymous user "").
+    let out = conn.client(&publish(V3, "open/x", QoS::AtMostOnce, None));
+    assert_eq!(
+        ask_body(&out.asks[0]),
+        json!({"username": "", "clientid": "anon", "topic": "open/x", "acc": 2})
+    );
+}
+
+#[test]
+fn a_superuser_is_not_asked_about_topics() {
+    let mut config = backend_config(json!({}));
+    config["http_backend"]["superuser"] = json!({"path": "/superuser"});
+    let mut conn = Conn::new(policy_from(config));
+    let out = conn.client(&connect_packet(V3, "c1", Some("admin"), Some(b"pw"), None));
+    assert_eq!(out.asks.len(), 2, "user and superuser at once");
+    let paths: Vec<&str> = out.asks.iter().map(|a| a.request.path.as_str()).collect();
+    assert_eq!(paths, ["/auth", "/superuser"]);
+    assert_eq!(ask_body(&out.asks[1]), json!({"username": "admin"}));
+    assert!(conn
+        .answer(&out.asks[0].clone(), Some(200))
+        .forward
+        .is_empty());
+    let out = conn.answer(&out.asks[1].clone(), Some(200));
+    assert!(lines(&out).contains("backend:superuser"), "{}", lines(&out));
+    conn.broker(&encode_connack(V3, 0));
+    let packet = publish(V3, "any/topic", QoS::AtMostOnce, None);
+    let out = conn.client(&packet);
+    assert!(out.asks.is_empty());
+    assert_eq!(out.forward, packet);
+}
+
+#[test]
+fn subscriptions_the_backend_allowed_cover_deliveries() {
+    let mut conn = Conn::new(policy_from(backend_config(json!({}))));
+    let ask = conn
+        .client(&connect_packet(V3, "c1", Some("u1"), None, None))
+        .asks
+        .remove(0);
+    conn.answer(&ask, Some(200));
+    conn.broker(&encode_connack(V3, 0));
+    let sub = subscribe(V3, 1, &["lamps/7/#", "lamps/8/#"]);
+    let out = conn.client(&sub);
+    assert_eq!(out.asks.len(), 2);
+    assert_eq!(
+        ask_body(&out.asks[0])["acc"],
+        4,
+        "Mosquitto's MOSQ_ACL_SUBSCRIBE"
+    );
+    conn.answer(&out.asks[0].clone(), Some(200));
+    let out = conn.answer(&out.asks[1].clone(), Some(403));
+    assert_eq!(out.forward, subscribe(V3, 1, &["lamps/7/#"]));
+    let allowed = publish(V3, "lamps/7/state", QoS::AtMostOnce, None);
+    assert_eq!(conn.broker(&allowed).forward, allowed);
+    let other = publish(V3, "lamps/8/state", QoS::AtMostOnce, None);
+    let out = conn.broker(&other);
+    assert!(
+        out.forward.is_empty(),
+        "no subscription the backend allowed covers it"
+    );
+    assert!(out.close.is_none());
+}
+
+#[test]
+fn form_params_and_subscribe_acc_1_as_mosquitto_auth_plug() {
+    let mut config = backend_config(json!({}));
+    config["http_backend"]["params_mode"] = json!("form");
+    config["http_backend"]["subscribe_acc"] = json!(1);
+    let mut conn = Conn::new(policy_from(config));
+    let out = conn.client(&connect_packet(V3, "c1", Some("u 1"), Some(b"p&w"), None));
+    assert_eq!(
+        String::from_utf8(out.asks[0].request.body.clone()).unwrap(),
+        "username=u+1&password=p%26w&clientid=c1"
+    );
+    conn.answer(&out.asks[0].clone(), Some(200));
+    conn.broker(&encode_connack(V3, 0));
+    let out = conn.client(&subscribe(V3, 1, &["a/#"]));
+    assert_eq!(
+        String::from_utf8(out.asks[0].request.body.clone()).unwrap(),
+        "username=u+1&clientid=c1&topic=a%2F%23&acc=1"
+    );
+}
+
+#[test]
+fn too_much_data_while_waiting_closes() {
+    let mut conn = Conn::new(policy_from(with(
+        backend_config(json!({})),
+        "max_packet_bytes",
+        json!(1024),
+    )));
+    let ask = conn
+        .client(&connect_packet(V3, "c1", Some("u1"), None, None))
+        .asks
+        .remove(0);
+    conn.answer(&ask, Some(200));
+    conn.broker(&encode_connack(V3, 0));
+    let out = conn.client(&publish(V3, "a", QoS::AtMostOnce, None));
+    assert_eq!(out.asks.len(), 1);
+    let big = publish(V3, "b", QoS::AtMostOnce, None);
+    let mut closed = None;
+    for _ in 0..500 {
+        let out = conn.client(&big);
+        if out.close.is_some() {
+            closed = out.close;
+            break;
+        }
+    }
+    assert!(matches!(closed, Some(CloseReason::Malformed(why)) if why.contains("auth backend")));
+}
+
+#[test]
+fn http_backend_configuration_is_validated() {
+    let err = |config: Value| MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    // Without local rules the backend's acl is required.
+    let mut config = backend_config(json!({}));
+    config["http_backend"]
+        .as_object_mut()
+        .unwrap()
+        .remove("acl");
+    assert!(err(config).contains("http_backend.acl"));
+    let e = err(backend_config(
+        json!({"http_backend": {"cluster": "x", "authority": "y",
+                                                         "acl": {"path": "/acl"},
+                                                         "cache": {"ttl": 1}}}),
+    ));
+    assert!(e.contains("http_backend.cache"), "{e}");
+}

@@ -1,0 +1,541 @@
+//! The token-auth stage: the first of the chain. It authenticates every request and hands the
+//! caller's identity to later stages in memory and to later filters and the broker as request
+//! headers, after removing any copy the client sent.
+//!
+//! The decisions are `policy::token_auth`'s; this stage reads the request, executes outcomes,
+//! and runs the callouts the engine asks for.
+//!
+//! Callouts. A JWKS fetch (per issuer) or an introspection (per token digest) is one lookup
+//! ([`crate::lookups::Lookups`]): concurrent requests with the same token share one callout,
+//! the driver resumes every waiter on the answer, and a lookup whose owning stream went away is
+//! re-issued from the root on the next tick. While a stream waits, the driver holds its body
+//! and trailers, so nothing reaches the broker before the decision.
+//!
+//! Keys. Remote JWKS (optionally via OIDC discovery) are fetched at configure time, refreshed
+//! on a timer, and re-fetched once on an unknown `kid` (at most every 30 s per issuer), by
+//! `proxy_glue::remote_keys` (shared with mqtt-acl). Fetched key sets go into Envoy shared data
+//! so every worker uses the same keys; a failed fetch keeps the last good set.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use policy::cache::{token_digest, TokenDigest};
+use policy::decision_line::{DecisionLine, Reason};
+use policy::enforcement::Mode;
+use policy::introspection::SHED_RETRY_AFTER_SECS;
+use policy::mtls::PeerCertificate;
+use policy::token_auth::{
+    is_client_envoy_header, IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig,
+};
+use policy::{Decision, DenyReason};
+use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
+use proxy_glue::{now_secs, string_property, Counter};
+
+use crate::lookups::Lookups;
+use crate::{Caller, Callout, Request, Stage, Step};
+
+pub const NAME: &str = "token-auth";
+const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
+
+struct Metrics {
+    allowed: Counter,
+    public: Counter,
+    denied_bad_request: Counter,
+    denied_unauthenticated: Counter,
+    denied_forbidden: Counter,
+    denied_unavailable: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
+    callouts: Counter,
+    callout_failures: Counter,
+    jwks_fetched: Counter,
+    jwks_failed: Counter,
+    jwks_stale: Counter,
+    introspection_malformed: Counter,
+    introspection_shed: Counter,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let c = |name: &str| Counter::define(&format!("token_auth.{name}"));
+        Metrics {
+            allowed: c("allowed"),
+            public: c("public"),
+            denied_bad_request: c("denied.bad_request"),
+            denied_unauthenticated: c("denied.unauthenticated"),
+            denied_forbidden: c("denied.forbidden"),
+            denied_unavailable: c("denied.unavailable"),
+            cache_hits: c("cache.hit"),
+            cache_misses: c("cache.miss"),
+            callouts: c("callout.sent"),
+            callout_failures: c("callout.failed"),
+            jwks_fetched: c("jwks.fetched"),
+            jwks_failed: c("jwks.failed"),
+            jwks_stale: c("jwks.stale"),
+            introspection_malformed: c("introspection.malformed"),
+            introspection_shed: c("introspection.shed"),
+        }
+    }
+
+    fn denied(&self, reason: &DenyReason) -> &Counter {
+        match reason {
+            DenyReason::BadRequest(_) | DenyReason::PayloadTooLarge(_) => &self.denied_bad_request,
+            DenyReason::Unauthenticated(_) => &self.denied_unauthenticated,
+            DenyReason::Forbidden(_) => &self.denied_forbidden,
+            DenyReason::Unavailable(_) => &self.denied_unavailable,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LookupKey {
+    Keys(String),
+    Introspection(TokenDigest),
+}
+
+/// How a settled stream is decided when the driver resumes it.
+enum Settled {
+    /// The keys it waited for were fetched (or the fetch failed): decide with the keys at hand.
+    KeysFetched,
+    /// Its token was introspected.
+    Introspected(IntrospectionOutcome),
+}
+
+pub struct TokenAuthStage {
+    auth: TokenAuth,
+    metrics: Metrics,
+    /// Lookups, with the token being introspected (kept only while the lookup lives).
+    lookups: Lookups<LookupKey, String>,
+    /// Introspection callouts in flight (key fetches are `keys`').
+    callouts: HashMap<u32, LookupKey>,
+    keys: RemoteKeys,
+    settled: HashMap<u32, Settled>,
+    last_cache: policy::cache::CacheStats,
+    last_counters: policy::token_auth::AuthCounters,
+}
+
+impl TokenAuthStage {
+    /// The stage of the separate token-auth filter, from its plugin configuration.
+    pub fn from_plugin_config() -> Option<Self> {
+        proxy_glue::load_config::<TokenAuthConfig, _>(NAME, TokenAuth::new).map(Self::with)
+    }
+
+    pub fn new(config: TokenAuthConfig) -> Result<Self, String> {
+        TokenAuth::new(config).map(Self::with)
+    }
+
+    /// Builds the stage and starts the first key fetches (from the root, in `on_configure`).
+    fn with(auth: TokenAuth) -> Self {
+        for warning in auth.warnings() {
+            log::warn!("{NAME}: {warning}");
+        }
+        let metrics = Metrics::define();
+        let keys = RemoteKeys::new(
+            NAME,
+            SHARED_KEYS_PREFIX,
+            KeyMetrics {
+                fetched: metrics.jwks_fetched,
+                failed: metrics.jwks_failed,
+                callouts: metrics.callouts,
+                callout_failures: metrics.callout_failures,
+            },
+        );
+        let mut stage = TokenAuthStage {
+            auth,
+            metrics,
+            lookups: Lookups::default(),
+            callouts: HashMap::new(),
+            keys,
+            settled: HashMap::new(),
+            last_cache: Default::default(),
+            last_counters: Default::default(),
+        };
+        // Keys another worker already fetched, then the first fetch for issuers without keys.
+        let now = now_secs().unwrap_or(0);
+        stage.keys.sync_shared(&mut stage.auth);
+        for issuer in RemoteKeys::without_keys(&stage.auth) {
+            stage.start_key_fetch(&issuer, None, now);
+        }
+        stage
+    }
+
+    /// Removes every identity header and every `x-envoy-*` header the client sent: only this
+    /// stage sets them (by name: a copy is removed whatever its bytes).
+    fn strip_client_identity(&self, req: &mut Request) {
+        let mut names = self.auth.identity_header_names();
+        names.extend(
+            req.headers()
+                .iter()
+                .filter(|(n, _)| is_client_envoy_header(n))
+                .map(|(n, _)| String::from_utf8_lossy(n).into_owned()),
+        );
+        for name in names {
+            let _ = req.set_header(&name, None);
+        }
+    }
+
+    /// Runs `f` on the facts of the request. The headers the engine reads must be text:
+    /// otherwise the request is refused (400) without asking the engine.
+    fn with_request<R>(
+        &mut self,
+        req: &Request,
+        f: impl FnOnce(&mut Self, &RequestFacts) -> R,
+    ) -> Result<R, DenyReason> {
+        let headers = req.text_headers(NAME, |name| self.auth.reads_header(name))?;
+        let method = proxy_glue::first_header(&headers, ":method");
+        let path = proxy_glue::first_header(&headers, ":path");
+        let wants_peer = self.auth.config().mtls.is_some();
+        let peer = (wants_peer && proxy_glue::bool_property(&["connection", "mtls"])).then(|| {
+            PeerCertificate {
+                subject: string_property(&["connection", "subject_peer_certificate"]),
+                uri_san: string_property(&["connection", "uri_san_peer_certificate"]),
+                dns_san: string_property(&["connection", "dns_san_peer_certificate"]),
+            }
+        });
+        let facts = RequestFacts {
+            method: &method,
+            path: &path,
+            headers: &headers,
+            peer,
+        };
+        Ok(f(self, &facts))
+    }
+
+    /// Decides the request and executes the outcome. `may_fetch` is false once a fetch for it
+    /// has been tried: then it is decided with the keys at hand.
+    fn decide(&mut self, req: &mut Request, may_fetch: bool) -> Step {
+        let Some(now) = now_secs() else {
+            return self.execute(req, deny(DenyReason::Unavailable("no clock".into())));
+        };
+        let outcome = self.with_request(req, |stage, facts| {
+            let outcome = if may_fetch {
+                stage.auth.authenticate(facts, now)
+            } else {
+                stage.auth.authenticate_without_fetch(facts, now)
+            };
+            stage.count_engine_events();
+            outcome
+        });
+        let outcome = outcome.unwrap_or_else(deny);
+        match outcome {
+            Outcome::FetchKeys { issuer } => {
+                let key = LookupKey::Keys(issuer.clone());
+                let in_flight = self.lookups.in_flight(&key);
+                if self.keys.fetched_recently(&issuer, now) && !in_flight {
+                    return self.decide(req, false);
+                }
+                self.lookups.join(key.clone(), req.ctx, None);
+                if !in_flight && !self.start_key_fetch(&issuer, Some(req.ctx), now) {
+                    self.lookups.leave(&key, req.ctx);
+                    return self.decide(req, false);
+                }
+                Step::Wait
+            }
+            Outcome::Introspect { token, .. } => {
+                let key = LookupKey::Introspection(token_digest(&token));
+                let in_flight = self.lookups.in_flight(&key);
+                // Joining a lookup in flight is free; a new one must fit under max_in_flight.
+                if !in_flight {
+                    if let Err(reason) = self.admit_introspection() {
+                        return self.shed(reason);
+                    }
+                }
+                self.lookups.join(key.clone(), req.ctx, Some(token.clone()));
+                if !in_flight && !self.start_introspection(&token, Some(req.ctx)) {
+                    self.lookups.leave(&key, req.ctx);
+                    return self.execute(
+                        req,
+                        deny(DenyReason::Unavailable(
+                            "the identity provider cannot be reached".into(),
+                        )),
+                    );
+                }
+                Step::Wait
+            }
+            other => self.execute(req, other),
+        }
+    }
+
+    /// Whether one more introspection callout may start now (`introspection.max_in_flight`).
+    fn admit_introspection(&self) -> Result<(), DenyReason> {
+        match &self.auth.config().introspection {
+            Some(intro) => intro.admit(self.callouts.len()),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a request whose token would need one introspection too many: 503 with
+    /// `Retry-After`, a log line and `token_auth.introspection.shed`.
+    fn shed(&self, reason: DenyReason) -> Step {
+        self.metrics.introspection_shed.inc();
+        self.metrics.denied(&reason).inc();
+        let decision = Decision::Deny(reason.clone());
+        self.emit(
+            DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::IntrospectionShed),
+        );
+        Step::Deny {
+            reason,
+            headers: vec![("retry-after", SHED_RETRY_AFTER_SECS.to_string())],
+        }
+    }
+
+    /// Adds what the engine counted since the last call (cache hits and misses, stale keys,
+    /// malformed introspection answers) to the metrics.
+    fn count_engine_events(&mut self) {
+        let stats = self.auth.cache_stats();
+        self.metrics
+            .cache_hits
+            .add(stats.hits.saturating_sub(self.last_cache.hits));
+        self.metrics
+            .cache_misses
+            .add(stats.misses.saturating_sub(self.last_cache.misses));
+        self.last_cache = stats;
+        let counters = self.auth.counters();
+        self.metrics.jwks_stale.add(
+            counters
+                .stale_keys
+                .saturating_sub(self.last_counters.stale_keys),
+        );
+        self.metrics.introspection_malformed.add(
+            counters
+                .malformed_introspection
+                .saturating_sub(self.last_counters.malformed_introspection),
+        );
+        self.last_counters = counters;
+    }
+
+    /// Logs, exports and counts a decision on the current stream, with the request's facts.
+    fn emit(&self, line: DecisionLine) {
+        proxy_glue::emit_decision(
+            &proxy_glue::with_request_facts(line),
+            self.auth.config().log_allows,
+        );
+    }
+
+    /// Executes a final outcome.
+    fn execute(&mut self, req: &mut Request, outcome: Outcome) -> Step {
+        match outcome {
+            Outcome::Public {
+                strip_headers,
+                new_path,
+            } => {
+                remove_credentials(req, &strip_headers, new_path.as_deref());
+                req.caller = Caller::Known(None);
+                self.metrics.public.inc();
+                let decision = Decision::Allow("public route".into());
+                self.emit(DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::Public));
+                Step::Next
+            }
+            Outcome::Allow {
+                identity,
+                strip_headers,
+                new_path,
+            } => {
+                remove_credentials(req, &strip_headers, new_path.as_deref());
+                for (name, value) in self.auth.render_identity(&identity) {
+                    if req.set_header(&name, Some(&value)).is_err() {
+                        // Without its identity headers the request must not go on.
+                        return self.execute(
+                            req,
+                            deny(DenyReason::Unavailable("cannot set identity".into())),
+                        );
+                    }
+                }
+                self.metrics.allowed.inc();
+                // The kind's snake_case name (`jwt`, `opaque_token`, ...), as its serde form.
+                let kind = serde_json::to_value(identity.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let decision = Decision::Allow(format!("verified {kind} credential"));
+                self.emit(
+                    DecisionLine::new(NAME, Mode::Enforce, &decision)
+                        .subject(Some(&identity.subject))
+                        .literal("kind", &kind),
+                );
+                req.caller = Caller::Known(Some(identity));
+                Step::Next
+            }
+            Outcome::Deny { reason, challenge } => {
+                self.metrics.denied(&reason).inc();
+                self.emit(DecisionLine::new(
+                    NAME,
+                    Mode::Enforce,
+                    &Decision::Deny(reason.clone()),
+                ));
+                Step::Deny {
+                    reason,
+                    headers: challenge
+                        .map(|c| vec![("www-authenticate", c)])
+                        .unwrap_or_default(),
+                }
+            }
+            // Data requests are handled by `decide`; reaching here is a bug: fail closed.
+            Outcome::FetchKeys { .. } | Outcome::Introspect { .. } => {
+                self.execute(req, deny(DenyReason::Unavailable("internal error".into())))
+            }
+        }
+    }
+
+    /// Starts fetching an issuer's keys. `owner` is the stream making the call (None: the
+    /// root). Returns false if the call could not be made.
+    fn start_key_fetch(&mut self, issuer: &str, owner: Option<u32>, now: u64) -> bool {
+        if self.keys.start(&self.auth, issuer, now).is_none() {
+            return false;
+        }
+        self.lookups
+            .started(LookupKey::Keys(issuer.to_string()), owner);
+        true
+    }
+
+    fn start_introspection(&mut self, token: &str, owner: Option<u32>) -> bool {
+        let Some(intro) = self.auth.config().introspection.clone() else {
+            return false;
+        };
+        let call = intro.build_request(token);
+        let body = (!call.body.is_empty()).then_some(call.body.as_slice());
+        let callout = Callout {
+            cluster: &call.cluster,
+            headers: call.envoy_headers(),
+            body,
+            timeout: Duration::from_millis(call.timeout_ms),
+        };
+        let Some(sent) = crate::dispatch(
+            NAME,
+            callout,
+            self.metrics.callouts,
+            self.metrics.callout_failures,
+        ) else {
+            return false;
+        };
+        let key = LookupKey::Introspection(token_digest(token));
+        self.callouts.insert(sent, key.clone());
+        self.lookups.started(key, owner);
+        true
+    }
+
+    /// Ends a lookup; its waiters are settled as `how`.
+    fn settle(&mut self, key: &LookupKey, how: impl Fn() -> Settled) -> Vec<u32> {
+        let waiters = self.lookups.finish(key);
+        for ctx in &waiters {
+            self.settled.insert(*ctx, how());
+        }
+        waiters
+    }
+}
+
+fn deny(reason: DenyReason) -> Outcome {
+    Outcome::Deny {
+        reason,
+        challenge: None,
+    }
+}
+
+/// Removes the credential headers and, if it changed, rewrites `:path` (query credentials).
+fn remove_credentials(req: &mut Request, strip_headers: &[String], new_path: Option<&str>) {
+    for name in strip_headers {
+        let _ = req.set_header(name, None);
+    }
+    if let Some(path) = new_path {
+        let _ = req.set_header(":path", Some(path));
+    }
+}
+
+impl Stage for TokenAuthStage {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn on_request(&mut self, req: &mut Request) -> Step {
+        self.strip_client_identity(req);
+        self.decide(req, true)
+    }
+
+    fn refuse(&mut self, _req: &mut Request, reason: DenyReason) -> Step {
+        self.metrics.denied(&reason).inc();
+        self.emit(DecisionLine::new(
+            NAME,
+            Mode::Enforce,
+            &Decision::Deny(reason.clone()),
+        ));
+        Step::deny(reason)
+    }
+
+    fn resume(&mut self, req: &mut Request) -> Step {
+        match self.settled.remove(&req.ctx) {
+            Some(Settled::KeysFetched) => self.decide(req, false),
+            Some(Settled::Introspected(decided)) => {
+                let outcome = self
+                    .with_request(req, |stage, facts| stage.auth.outcome_for(&decided, facts))
+                    .unwrap_or_else(deny);
+                self.execute(req, outcome)
+            }
+            None => self.execute(req, deny(DenyReason::Unavailable("internal error".into()))),
+        }
+    }
+
+    fn on_callout(&mut self, token: u32) -> Option<Vec<u32>> {
+        match self.keys.on_response(&mut self.auth, token) {
+            Progress::Continuing => return Some(Vec::new()),
+            Progress::Done { issuer, .. } => {
+                return Some(self.settle(&LookupKey::Keys(issuer), || Settled::KeysFetched));
+            }
+            Progress::NotOurs => {}
+        }
+        let key = self.callouts.remove(&token)?;
+        // Status 0: the call was reset. Any non-2xx is a failure too.
+        let (status, body) = proxy_glue::callout_answer(NAME);
+        if !(200..300).contains(&status) {
+            self.metrics.callout_failures.inc();
+        }
+        let now = now_secs().unwrap_or(0);
+        let Some(token) = self.lookups.data(&key).cloned() else {
+            return Some(Vec::new());
+        };
+        let decided = self.auth.finish_introspection(&token, status, &body, now);
+        self.count_engine_events();
+        Some(self.settle(&key, || Settled::Introspected(decided.clone())))
+    }
+
+    fn needs_ticks(&self) -> bool {
+        self.auth.config().introspection.is_some()
+            || self.auth.providers().iter().any(|p| p.remote().is_some())
+    }
+
+    fn on_tick(&mut self) -> Vec<u32> {
+        let Some(now) = now_secs() else {
+            return Vec::new();
+        };
+        self.keys.sync_shared(&mut self.auth);
+        for issuer in self.keys.due(&self.auth, now) {
+            self.start_key_fetch(&issuer, None, now);
+        }
+        // Lookups whose owning stream went away: the root asks again for the waiters.
+        for key in self.lookups.orphans() {
+            match &key {
+                LookupKey::Keys(issuer) => {
+                    self.start_key_fetch(issuer, None, now);
+                }
+                LookupKey::Introspection(_) => {
+                    let token = self.lookups.data(&key).cloned();
+                    // Over the cap, the waiters wait for the next tick (or their timeout).
+                    if let (Some(token), Ok(())) = (token, self.admit_introspection()) {
+                        self.start_introspection(&token, None);
+                    }
+                }
+            }
+        }
+        Vec::new()
+    }
+
+    fn forget(&mut self, ctx: u32) {
+        self.settled.remove(&ctx);
+        for key in self.lookups.forget_stream(ctx) {
+            // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.
+            self.callouts.retain(|_, k| *k != key);
+            if let LookupKey::Keys(issuer) = &key {
+                self.keys.cancelled(issuer);
+            }
+        }
+    }
+}

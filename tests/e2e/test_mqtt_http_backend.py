@@ -1,0 +1,139 @@
+"""mqtt-acl with an HTTP auth/ACL backend (mosquitto-go-auth's protocol) in a real Envoy 1.40
+in front of a real Mosquitto, with the Mosquitto clients: the LAMPI deployment, where a web app
+answers /auth and /acl and the MQTT user name is the web session's token.
+
+The web app is a stand-in (webapp_auth_standin.py) that records what it was asked. Mosquitto
+runs with allow_anonymous and no ACL: every refusal seen here is the filter's."""
+
+import uuid
+
+import pytest
+
+import e2e_support as e2e
+from webapp_auth_standin import WebappAuth
+
+TOKEN = "tok-" + uuid.uuid4().hex  # alice's web session
+
+
+def config():
+    return {
+        "client_ids": ["*"],
+        # The local rules bound what the backend may grant: only lamps/.
+        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
+                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
+        "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
+                         "timeout_ms": 1000, "params_mode": "form",
+                         "user": {"path": "/auth"}, "acl": {"path": "/acl"},
+                         "cache": {"max_entries": 1000, "allow_ttl_secs": 300,
+                                   "deny_ttl_secs": 300}},
+    }
+
+
+@pytest.fixture(scope="module")
+def webapp():
+    app = WebappAuth(sessions={TOKEN: "alice"}, devices=(), grants={"alice": ["lamps/7/"]})
+    app.start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def mosquitto(work_dir):
+    server = e2e.Mosquitto(work_dir, name="mosquitto-backend")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mqtt_wasm(work_dir):
+    return e2e.copy_module(work_dir, e2e.MQTT_WASM)
+
+
+@pytest.fixture(scope="module")
+def proxy(work_dir, mosquitto, mqtt_wasm, webapp):
+    # One worker: the answer cache is per worker (VM), and the cache test counts asks.
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-backend", filter_config=config(),
+                          broker_port=mosquitto.port, wasm=mqtt_wasm, concurrency=1,
+                          http_clusters=(("webapp", f"127.0.0.1:{webapp.port}"),)).start()
+    yield envoy
+    envoy.stop()
+
+
+def acl_asks(webapp, client_id):
+    return [q for _, q in webapp.requests("/acl") if q.get("clientid") == client_id]
+
+
+def test_the_web_app_decides_and_only_what_it_allows_reaches_the_subscriber(
+        proxy, webapp, mosquitto):
+    marker = "on-" + uuid.uuid4().hex[:6]
+    sub = e2e.MqttSubscriber(proxy.port, "-u", TOKEN, "-i", "alice-sub", "-t", "lamps/7/#",
+                             "-t", "lamps/8/#")
+    try:
+        # The web app allowed lamps/7/# (acc 4) and refused lamps/8/#.
+        assert any("Subscribed (mid: 1): 0, 128" in line for line in sub.lines), sub.lines
+        for topic, payload in (("lamps/8/set", "refused-by-webapp"),
+                               ("other/x", "refused-locally"),
+                               ("lamps/7/set", marker)):
+            done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", "alice-pub",
+                                "-t", topic, "-m", payload)
+            assert done.returncode == 0, done.stderr
+        sub.wait_for(f"lamps/7/set {marker}")
+    finally:
+        lines = sub.stop()
+    assert "refused" not in lines, lines
+    # What the web app was asked, in go-auth's form parameters.
+    auth = [q for _, q in webapp.requests("/auth") if q["clientid"] == "alice-pub"]
+    assert auth and auth[0] == {"username": TOKEN, "password": "", "clientid": "alice-pub"}
+    assert {"username": TOKEN, "clientid": "alice-sub", "topic": "lamps/7/#", "acc": "4"} \
+        in acl_asks(webapp, "alice-sub")
+    pub_topics = {(q["topic"], q["acc"]) for q in acl_asks(webapp, "alice-pub")}
+    assert pub_topics == {("lamps/8/set", "2"), ("lamps/7/set", "2")}, pub_topics
+    # other/x: the local rules refused it; the web app was never asked.
+    assert "other/x" not in str(webapp.requests())
+    # The broker saw the session as user name, never a password, and only the allowed message.
+    log = mosquitto.log_text()
+    assert f"u'{TOKEN}'" in log, log[-2000:]
+    stats = proxy.stats()
+    assert stats["backend.denied"] >= 2 and stats["publish.denied"] >= 2
+
+
+def test_the_cache_answers_a_second_time_within_its_ttl(proxy, webapp):
+    client_id = "alice-" + uuid.uuid4().hex[:6]
+    for i in range(3):
+        done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", client_id,
+                            "-t", "lamps/7/level", "-m", str(i))
+        assert done.returncode == 0, done.stderr
+    # Three connections and three PUBLISHes; the web app was asked once about each.
+    assert len([q for _, q in webapp.requests("/auth") if q["clientid"] == client_id]) == 1
+    assert len(acl_asks(webapp, client_id)) == 1
+
+
+def test_an_unknown_session_is_a_bad_user_name_or_password(proxy, webapp, mosquitto):
+    accepted = mosquitto.connections_accepted()
+    done = e2e.mqtt_run("pub", proxy.port, "-u", "tok-stolen", "-i", "mallory",
+                        "-t", "lamps/7/set", "-m", "x")
+    assert done.returncode != 0
+    assert "bad user name or password" in done.stderr.lower(), done.stderr
+    assert ("/auth", {"username": "tok-stolen", "password": "", "clientid": "mallory"}) \
+        in webapp.requests()
+    assert mosquitto.connections_accepted() == accepted
+
+
+def test_backend_down_refuses_connects_as_server_unavailable(work_dir, mosquitto, mqtt_wasm):
+    nobody = e2e.free_port()  # nothing listens there
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-backend-down",
+                          filter_config=config(), broker_port=mosquitto.port, wasm=mqtt_wasm,
+                          http_clusters=(("webapp", f"127.0.0.1:{nobody}"),)).start()
+    try:
+        accepted = mosquitto.connections_accepted()
+        for version in ("mqttv311", "5"):
+            done = e2e.mqtt_run("pub", envoy.port, "-V", version, "-u", TOKEN, "-i", "alice-x",
+                                "-t", "lamps/7/set", "-m", "x")
+            assert done.returncode != 0
+            assert any(m in done.stderr.lower() for m in ("broker unavailable", "server unavailable")), \
+                done.stderr
+        assert mosquitto.connections_accepted() == accepted
+        assert envoy.stats()["backend.unavailable"] >= 2
+        assert "the auth backend gave no answer for user" in envoy.log_text()
+    finally:
+        envoy.stop()

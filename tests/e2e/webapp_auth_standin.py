@@ -1,0 +1,78 @@
+"""A stand-in for the web app that answers Mosquitto's auth plugin (the LAMPI Django app): the
+HTTP backend protocol of mosquitto-go-auth and mosquitto-auth-plug. POST /auth (username,
+password, clientid), /superuser (username), /acl (username, clientid, topic, acc); JSON or
+form bodies; 200 allows, 403 denies. It records every request it was asked, so a test can
+see what the filter sent and how often (the cache)."""
+
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class WebappAuth:
+    """`sessions`: session token (the MQTT user name) → the user it belongs to; `devices`:
+    device ids that may connect with a blank password (their certificate authenticated them);
+    `grants`: user or device → topic prefixes it may use (publish and subscribe)."""
+
+    def __init__(self, sessions, devices, grants):
+        self.sessions = dict(sessions)
+        self.devices = set(devices)
+        self.grants = {k: list(v) for k, v in grants.items()}
+        self.asked = []
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self):
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length).decode()
+                if self.headers.get("content-type", "").startswith("application/json"):
+                    params = json.loads(raw)
+                else:
+                    params = {k: v[0] for k, v in urllib.parse.parse_qs(
+                        raw, keep_blank_values=True).items()}
+                with standin._lock:
+                    standin.asked.append((self.path, params))
+                allowed = standin.decide(self.path, params)
+                self.send_response(200 if allowed else 403)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def who(self, username):
+        return self.sessions.get(username) or (username if username in self.devices else None)
+
+    def decide(self, path, params):
+        user = self.who(params.get("username", ""))
+        if path == "/auth":
+            if params.get("username") in self.devices:
+                return params.get("password") == ""
+            return user is not None and params.get("password") == ""
+        if path == "/acl":
+            topic = params.get("topic", "")
+            return user is not None and any(topic.startswith(p) for p in self.grants.get(user, ()))
+        return False
+
+    def requests(self, path=None):
+        with self._lock:
+            return [(p, dict(q)) for p, q in self.asked if path is None or p == path]
+
+    def stop(self):
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
