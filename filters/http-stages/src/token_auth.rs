@@ -356,13 +356,16 @@ impl TokenAuthStage {
                 req.caller = Caller::Known(Some(identity));
                 Step::Next
             }
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason,
+                challenge,
+                subject,
+            } => {
                 self.metrics.denied(&reason).inc();
-                self.emit(DecisionLine::new(
-                    NAME,
-                    Mode::Enforce,
-                    &Decision::Deny(reason.clone()),
-                ));
+                self.emit(
+                    DecisionLine::new(NAME, Mode::Enforce, &Decision::Deny(reason.clone()))
+                        .subject(subject.as_deref()),
+                );
                 Step::Deny {
                     reason,
                     headers: challenge
@@ -428,6 +431,7 @@ fn deny(reason: DenyReason) -> Outcome {
     Outcome::Deny {
         reason,
         challenge: None,
+        subject: None,
     }
 }
 
