@@ -321,14 +321,27 @@ pub fn record_decision(
 /// `line` with the method, path, tenant (`fiware-service`, else `ngsild-tenant`) and
 /// `x-request-id` of the current request. Read while the request headers are readable (in the
 /// headers callback, or while the filter holds the request); a header that can't be read is
-/// left out.
+/// left out. A filter that holds the headers it read uses [`with_facts_from`] instead (no host
+/// calls).
 pub fn with_request_facts(line: DecisionLine) -> DecisionLine {
-    let get = |name: &str| {
+    with_facts(line, |name| {
         host::header_value(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    };
+    })
+}
+
+/// [`with_request_facts`] from a copy of the request headers (as read, and kept up to date
+/// by the filter's own changes).
+pub fn with_facts_from(
+    line: DecisionLine,
+    headers: &policy::header_pairs::HeaderPairs,
+) -> DecisionLine {
+    with_facts(line, |name| headers.first(name).map(<[u8]>::to_vec))
+}
+
+fn with_facts(line: DecisionLine, header: impl Fn(&str) -> Option<Vec<u8>>) -> DecisionLine {
+    let get = |name: &str| header(name).map(|v| String::from_utf8_lossy(&v).into_owned());
     let tenant = get("fiware-service").or_else(|| get("ngsild-tenant"));
     line.request(
         get(":method").as_deref(),
