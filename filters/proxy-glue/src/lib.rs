@@ -371,18 +371,33 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
         let _ = host::set_property(name, value.as_bytes());
     }
     decision_counter(&line.metric_name()).inc();
+    for name in line.rule_metric_names() {
+        decision_counter(&name).inc();
+    }
 }
 
 thread_local! {
     /// Labelled decision counters, defined once per VM (Envoy allocates a new metric id on
-    /// every define). The names come from closed sets, so the map stays small.
+    /// every define). The names come from closed sets and the configured rule names, so the
+    /// map stays small; [`MAX_DECISION_COUNTERS`] bounds it whatever happens.
     static DECISION_COUNTERS: RefCell<HashMap<String, Counter>> = RefCell::new(HashMap::new());
 }
 
+/// At most this many labelled counters per VM (the closed-set ones number under a hundred;
+/// the rest are per-rule ones). Beyond it a new name is not counted: stats must not grow
+/// without bound even if a policy names thousands of rules.
+const MAX_DECISION_COUNTERS: usize = 4096;
+
 fn decision_counter(name: &str) -> Counter {
     DECISION_COUNTERS.with(|counters| {
+        let mut counters = counters.borrow_mut();
+        if let Some(counter) = counters.get(name) {
+            return *counter;
+        }
+        if counters.len() >= MAX_DECISION_COUNTERS {
+            return Counter(None);
+        }
         *counters
-            .borrow_mut()
             .entry(name.to_string())
             .or_insert_with(|| Counter::define(name))
     })
