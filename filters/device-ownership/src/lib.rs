@@ -457,6 +457,7 @@ fn conclude(state: &Shared, ctx: u32, decision: &Decision) -> bool {
         identity: identity.as_ref(),
         operation: &operation,
         entities: &entities,
+        request_headers: None,
     };
     let go_on = apply_decision(&about, decision, &metrics);
     if let Some(s) = state.borrow_mut().streams.get_mut(&ctx) {

@@ -276,6 +276,9 @@ pub struct Decided<'a> {
     pub operation: &'a str,
     /// [`policy::enforcement::summarize_accesses`] of what the request touches.
     pub entities: &'a str,
+    /// The request headers as the filter read them, for the decision line's request facts;
+    /// `None`: read them from the host.
+    pub request_headers: Option<&'a policy::header_pairs::HeaderPairs>,
 }
 
 /// Applies a decision the same way in every NGSI policy filter: the decision line (logged,
@@ -305,10 +308,14 @@ pub fn record_decision(
     metrics: &DecisionMetrics,
 ) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
-    let line = with_request_facts(DecisionLine::new(about.filter, about.mode, decision))
-        .subject(about.identity.map(|i| i.subject.as_str()))
-        .text("operation", about.operation)
-        .literal("entities", about.entities);
+    let line = DecisionLine::new(about.filter, about.mode, decision);
+    let line = match about.request_headers {
+        Some(headers) => with_facts_from(line, headers),
+        None => with_request_facts(line),
+    }
+    .subject(about.identity.map(|i| i.subject.as_str()))
+    .text("operation", about.operation)
+    .literal("entities", about.entities);
     metrics.record(decision, about.mode);
     emit_decision(&line, about.log_allows);
     match decision {
