@@ -1,6 +1,8 @@
 //! The linear matcher of [`Acl::check_accesses`] against a straightforward reference: split
 //! every access into units (one per service path × attribute) and, unit by unit, look for a
-//! deny rule touching it, then an allow rule covering it. Same decisions, same reasons.
+//! deny rule touching it, then an allow rule covering it, among the rules whose subjects match
+//! the caller by a linear scan (the engine finds them through its subject index). Same
+//! decisions, same reasons.
 
 use super::*;
 use crate::access::Tenant;
@@ -40,7 +42,7 @@ fn reference(acl: &Acl, identity: Option<&Identity>, accesses: &[Access]) -> Dec
     let rules: Vec<(&Rule, &NgsiRule, Filled)> = acl
         .rules
         .iter()
-        .filter(|r| r.subjects.iter().any(|s| s.matches(identity)))
+        .filter(|r| r.names(identity))
         .filter_map(|r| match &r.resource {
             Resource::Ngsi(n) => Some((r, n, fill(n, &ctx, r.effect == Effect::Deny))),
             Resource::Mqtt(_) => None,
@@ -80,6 +82,38 @@ fn reference(acl: &Acl, identity: Option<&Identity>, accesses: &[Access]) -> Dec
 
 const ACTIONS: [Action; 3] = [Action::Read, Action::Write, Action::Create];
 
+/// Every kind of subject, naming the callers of [`identity_strategy`] or not.
+const SUBJECTS: [&str; 10] = [
+    "authenticated",
+    "anyone",
+    "anonymous",
+    "user:alice",
+    "user:bob",
+    "device:alice",
+    "role:operator",
+    "role:admin",
+    "group:city",
+    "group:other",
+];
+
+/// No caller, or alice or bob with various kinds, roles and groups.
+fn identity_strategy() -> impl Strategy<Value = Option<Identity>> {
+    prop::option::of(
+        (
+            prop::sample::select(vec!["alice", "bob"]),
+            prop::sample::select(vec![IdentityKind::Jwt, IdentityKind::DeviceKey]),
+            prop::sample::subsequence(vec!["operator", "admin", "viewer"], 0..=2),
+            prop::sample::subsequence(vec!["city", "other"], 0..=2),
+        )
+            .prop_map(|(subject, kind, roles, groups)| {
+                let mut id = Identity::new(kind, subject);
+                id.roles = roles.into_iter().map(String::from).collect();
+                id.groups = groups.into_iter().map(String::from).collect();
+                id
+            }),
+    )
+}
+
 fn rule_strategy() -> impl Strategy<Value = serde_json::Value> {
     (
         prop::bool::ANY,
@@ -95,12 +129,13 @@ fn rule_strategy() -> impl Strategy<Value = serde_json::Value> {
             vec!["t", "p"],
             vec!["h", "t"],
         ]),
+        prop::sample::subsequence(SUBJECTS.to_vec(), 1..=3),
     )
-        .prop_map(|(allow, actions, service, path, id, ty, attrs)| {
+        .prop_map(|(allow, actions, service, path, id, ty, attrs, subjects)| {
             json!({
                 "name": "",
                 "effect": if allow { "allow" } else { "deny" },
-                "subjects": ["authenticated"],
+                "subjects": subjects,
                 "actions": actions,
                 "ngsi": {
                     "service": service, "service_path": path, "entity_id": id,
@@ -153,6 +188,7 @@ proptest! {
     fn linear_matcher_equals_the_unit_by_unit_reference(
         rules in prop::collection::vec(rule_strategy(), 0..6),
         accesses in prop::collection::vec(access_strategy(), 1..5),
+        caller in identity_strategy(),
     ) {
         let rules: Vec<serde_json::Value> = rules
             .into_iter()
@@ -163,11 +199,36 @@ proptest! {
             })
             .collect();
         let acl = Acl::from_json(&json!({ "rules": rules }).to_string()).unwrap();
-        let alice = Identity::new(IdentityKind::Jwt, "alice");
         prop_assert_eq!(
-            acl.check_accesses(Some(&alice), &accesses),
-            reference(&acl, Some(&alice), &accesses)
+            acl.check_accesses(caller.as_ref(), &accesses),
+            reference(&acl, caller.as_ref(), &accesses)
         );
+    }
+}
+
+proptest! {
+    /// The subject index finds exactly the rules a linear scan of every rule's subjects finds,
+    /// in rule order (NGSI and MQTT rules alike look their rules up through it).
+    #[test]
+    fn subject_index_finds_exactly_the_rules_naming_the_caller(
+        subjects in prop::collection::vec(prop::sample::subsequence(SUBJECTS.to_vec(), 1..=4), 0..8),
+        caller in identity_strategy(),
+    ) {
+        let rules: Vec<serde_json::Value> = subjects
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"name": format!("r{i}"), "effect": "allow", "subjects": s,
+                                 "actions": ["read"], "mqtt": {"topic": "a/#"}}))
+            .collect();
+        let acl = Acl::from_json(&json!({ "rules": rules }).to_string()).unwrap();
+        let linear: Vec<usize> = acl
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.names(caller.as_ref()))
+            .map(|(i, _)| i)
+            .collect();
+        prop_assert_eq!(acl.by_subject.rules_for(caller.as_ref()).to_vec(), linear);
     }
 }
 

@@ -64,7 +64,7 @@
 //! topic below the level holding the placeholder (`#`; everything if that is the first level).
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -228,7 +228,8 @@ impl Subject {
     }
 
     /// `user:` matches the subject whatever the credential kind; `device:` only devices (a device
-    /// key or a client certificate).
+    /// key or a client certificate). The definition [`SubjectIndex`] is tested against.
+    #[cfg(test)]
     fn matches(&self, id: Option<&Identity>) -> bool {
         match (self, id) {
             (Subject::Anyone, _) => true,
@@ -339,69 +340,111 @@ fn render(pieces: &[Piece], ctx: &Ctx, ok: impl Fn(&str) -> bool) -> Option<Stri
     Some(out)
 }
 
+/// One token of an entity-id glob, over the id's UTF-8 bytes: a literal byte, or `*`.
+/// Literal characters are whole UTF-8 sequences, so a `*` between them always spans whole
+/// characters: matching bytes decides exactly as matching characters would.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GlobTok {
-    Ch(char),
+    Byte(u8),
     Star,
 }
 
-/// `*` matches any run of characters other than `:`.
-fn glob_match(pat: &[GlobTok], s: &str) -> bool {
-    let s: Vec<char> = s.chars().collect();
-    let n = s.len();
-    let mut dp = vec![false; n + 1];
-    dp[0] = true;
-    for tok in pat {
-        let mut nd = vec![false; n + 1];
-        match tok {
-            GlobTok::Ch(c) => {
-                for j in 1..=n {
-                    nd[j] = dp[j - 1] && s[j - 1] == *c;
-                }
+impl GlobTok {
+    /// A template's literal text: `*` is the wildcard.
+    fn pattern(text: &str) -> impl Iterator<Item = GlobTok> + '_ {
+        text.bytes().map(|b| {
+            if b == b'*' {
+                GlobTok::Star
+            } else {
+                GlobTok::Byte(b)
             }
-            GlobTok::Star => {
-                for j in 0..=n {
-                    nd[j] = dp[j] || (j > 0 && nd[j - 1] && s[j - 1] != ':');
-                }
-            }
-        }
-        dp = nd;
+        })
     }
-    dp[n]
+
+    /// A substituted value: every character literal, `*` included.
+    fn literal(value: &str) -> impl Iterator<Item = GlobTok> + '_ {
+        value.bytes().map(GlobTok::Byte)
+    }
+}
+
+/// `*` matches any run of characters other than `:`. No allocation: the classic greedy match
+/// that backtracks to the last `*` only. A `*` cannot take a `:`, and an earlier `*` cannot
+/// help then (it could only start the last one later), so meeting a `:` there is a mismatch.
+fn glob_match(pat: &[GlobTok], s: &str) -> bool {
+    let text = s.as_bytes();
+    let (mut p, mut t) = (0, 0);
+    // The last `*` seen, and the text position up to which it has taken bytes.
+    let mut last_star: Option<(usize, usize)> = None;
+    while let Some(&byte) = text.get(t) {
+        match pat.get(p) {
+            Some(GlobTok::Byte(b)) if *b == byte => {
+                p += 1;
+                t += 1;
+                continue;
+            }
+            Some(GlobTok::Star) => {
+                last_star = Some((p, t));
+                p += 1;
+                continue;
+            }
+            _ => {}
+        }
+        match last_star {
+            Some((star, taken)) if text.get(taken).is_some_and(|&b| b != b':') => {
+                last_star = Some((star, taken + 1));
+                p = star + 1;
+                t = taken + 1;
+            }
+            _ => return false,
+        }
+    }
+    pat.get(p..)
+        .is_some_and(|rest| rest.iter().all(|tok| *tok == GlobTok::Star))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum IdRule {
     Any,
+    /// No placeholder: compiled once, at configure time.
+    Glob(Vec<GlobTok>),
     /// Literal pieces: `*` is a wildcard; substituted values are literal.
-    Glob(Vec<Piece>),
+    Template(Vec<Piece>),
 }
 
 impl IdRule {
-    fn instantiate(&self, ctx: &Ctx) -> Option<Option<Vec<GlobTok>>> {
+    fn compile(text: &str) -> Result<IdRule, String> {
+        if text == "*" {
+            return Ok(IdRule::Any);
+        }
+        let pieces = parse_template(text, false)?;
+        Ok(match pieces.as_slice() {
+            [] => IdRule::Glob(Vec::new()),
+            [Piece::Lit(lit)] => IdRule::Glob(GlobTok::pattern(lit).collect()),
+            _ => IdRule::Template(pieces),
+        })
+    }
+
+    /// The glob for one caller: `Some(None)` any id, `None` a placeholder that cannot be
+    /// substituted. Only a template allocates.
+    fn instantiate(&self, ctx: &Ctx) -> Option<Option<Cow<'_, [GlobTok]>>> {
         match self {
             IdRule::Any => Some(None),
-            IdRule::Glob(pieces) => {
+            IdRule::Glob(toks) => Some(Some(Cow::Borrowed(toks))),
+            IdRule::Template(pieces) => {
                 let mut toks = Vec::new();
                 for p in pieces {
                     match p {
-                        Piece::Lit(s) => toks.extend(s.chars().map(|c| {
-                            if c == '*' {
-                                GlobTok::Star
-                            } else {
-                                GlobTok::Ch(c)
-                            }
-                        })),
+                        Piece::Lit(s) => toks.extend(GlobTok::pattern(s)),
                         _ => {
                             let v = ctx.value(p)?;
                             if v.is_empty() {
                                 return None;
                             }
-                            toks.extend(v.chars().map(GlobTok::Ch));
+                            toks.extend(GlobTok::literal(v));
                         }
                     }
                 }
-                Some(Some(toks))
+                Some(Some(Cow::Owned(toks)))
             }
         }
     }
@@ -565,11 +608,19 @@ impl EndpointPrefix {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct NgsiRule {
     service: ServiceRule,
-    service_path: Vec<Piece>,
+    service_path: PathRule,
     entity_id: IdRule,
     entity_type: Option<String>,
     attributes: Option<BTreeSet<String>>,
     endpoint: Option<EndpointPrefix>,
+}
+
+/// An NGSI rule's service path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathRule {
+    /// No placeholder: parsed once, at configure time.
+    Fixed(ServicePath),
+    Template(Vec<Piece>),
 }
 
 /// Which tenants an NGSI rule names.
@@ -736,8 +787,11 @@ impl Rule {
         })
     }
 
-    fn applies_to(&self, id: Option<&Identity>, action: Action) -> bool {
-        self.actions.contains(&action) && self.subjects.iter().any(|s| s.matches(id))
+    /// Whether the rule names the caller. (The engine finds these rules through its
+    /// [`SubjectIndex`]; this is the definition the index is tested against.)
+    #[cfg(test)]
+    fn names(&self, id: Option<&Identity>) -> bool {
+        self.subjects.iter().any(|s| s.matches(id))
     }
 }
 
@@ -765,7 +819,12 @@ fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
         |_| true,
     )
     .unwrap_or_default();
-    ServicePath::parse(&probe)?;
+    let fixed_path = ServicePath::parse(&probe)?;
+    let service_path = if service_path.iter().all(|p| matches!(p, Piece::Lit(_))) {
+        PathRule::Fixed(fixed_path)
+    } else {
+        PathRule::Template(service_path)
+    };
     let entity_id = match n.entity_id.as_str() {
         "*" => IdRule::Any,
         "" => return Err("entity_id must not be empty (use \"*\" for any)".into()),
@@ -775,7 +834,7 @@ fn compile_ngsi(n: &NgsiResource) -> Result<NgsiRule, String> {
                     "entity_id {s:?} contains the forbidden character {c:?}"
                 ));
             }
-            IdRule::Glob(parse_template(s, false)?)
+            IdRule::compile(s)?
         }
     };
     let entity_type = match n.entity_type.as_str() {
@@ -960,18 +1019,19 @@ pub fn literal_regex(re: &str) -> Option<String> {
     None
 }
 
-/// An NGSI rule's templates filled in for one caller, once per request.
-enum Filled {
+/// An NGSI rule's templates filled in for one caller, once per request; what has no
+/// placeholder is borrowed from the compiled rule.
+enum Filled<'r> {
     /// An allow rule whose placeholder cannot be substituted: it grants nothing.
     NeverApplies,
     /// A deny rule whose service path cannot be rendered: when in doubt, it touches everything.
     TouchesAll,
     Rule {
         /// None: any service.
-        service: Option<String>,
+        service: Option<Cow<'r, str>>,
         /// None: any id.
-        id_glob: Option<Vec<GlobTok>>,
-        path: ServicePath,
+        id_glob: Option<Cow<'r, [GlobTok]>>,
+        path: Cow<'r, ServicePath>,
     },
 }
 
@@ -980,12 +1040,12 @@ fn service_value_ok(v: &str) -> bool {
     !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
+fn fill<'r>(rule: &'r NgsiRule, ctx: &Ctx, deny: bool) -> Filled<'r> {
     let service = match &rule.service {
         ServiceRule::Any => None,
-        ServiceRule::Exact(s) => Some(s.clone()),
+        ServiceRule::Exact(s) => Some(Cow::Borrowed(s.as_str())),
         ServiceRule::CallersTenant => match ctx.tenant.filter(|t| service_value_ok(t)) {
-            Some(t) => Some(t.to_ascii_lowercase()),
+            Some(t) => Some(Cow::Owned(t.to_ascii_lowercase())),
             // No usable tenant claim: an allow rule grants nothing, a deny rule every tenant.
             None if deny => None,
             None => return Filled::NeverApplies,
@@ -998,14 +1058,17 @@ fn fill(rule: &NgsiRule, ctx: &Ctx, deny: bool) -> Filled {
         None if deny => None,
         None => return Filled::NeverApplies,
     };
-    let path = match render(&rule.service_path, ctx, path_value_ok) {
-        Some(text) => match ServicePath::parse(&text) {
-            Ok(p) => p,
-            Err(_) if deny => return Filled::TouchesAll,
-            Err(_) => return Filled::NeverApplies,
+    let path = match &rule.service_path {
+        PathRule::Fixed(path) => Cow::Borrowed(path),
+        PathRule::Template(pieces) => match render(pieces, ctx, path_value_ok) {
+            Some(text) => match ServicePath::parse(&text) {
+                Ok(p) => Cow::Owned(p),
+                Err(_) if deny => return Filled::TouchesAll,
+                Err(_) => return Filled::NeverApplies,
+            },
+            None if deny => Cow::Owned(deny_path_prefix(pieces)),
+            None => return Filled::NeverApplies,
         },
-        None if deny => deny_path_prefix(&rule.service_path),
-        None => return Filled::NeverApplies,
     };
     Filled::Rule {
         service,
@@ -1028,7 +1091,7 @@ fn access_match(rule: &NgsiRule, filled: &Filled, v: &AccessView, deny: bool) ->
             service, id_glob, ..
         } => (service, id_glob),
     };
-    let service_ok = service.as_ref().is_none_or(|s| *s == v.service);
+    let service_ok = service.as_ref().is_none_or(|s| **s == v.service);
     let entity_ok = match (id_glob, &v.entity) {
         (None, _) => true,
         // Orion's ids are at most 256 characters; a longer one is not matched by an allow
@@ -1078,6 +1141,87 @@ fn attribute_match(rule: &NgsiRule, filled: &Filled, a: Option<&str>, deny: bool
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Acl {
     rules: Vec<Rule>,
+    /// Which rules can apply to whom, so that a request looks only at those.
+    by_subject: SubjectIndex,
+}
+
+/// The rules (by position) each subject names. A caller's rules are the union of the lists its
+/// identity reaches, in rule order: exactly the rules with a subject that
+/// [`Subject::matches`] the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct SubjectIndex {
+    users: BTreeMap<String, Vec<usize>>,
+    devices: BTreeMap<String, Vec<usize>>,
+    roles: BTreeMap<String, Vec<usize>>,
+    groups: BTreeMap<String, Vec<usize>>,
+    /// `authenticated` and `anyone`.
+    any_identity: Vec<usize>,
+    /// `anonymous` and `anyone`.
+    no_identity: Vec<usize>,
+}
+
+impl SubjectIndex {
+    fn new(rules: &[Rule]) -> SubjectIndex {
+        let mut index = SubjectIndex::default();
+        fn add(list: &mut Vec<usize>, rule: usize) {
+            // Rules are added in order: a rule naming a subject twice is listed once.
+            if list.last() != Some(&rule) {
+                list.push(rule);
+            }
+        }
+        for (i, rule) in rules.iter().enumerate() {
+            for subject in &rule.subjects {
+                match subject {
+                    Subject::User(u) => add(index.users.entry(u.clone()).or_default(), i),
+                    Subject::Device(d) => add(index.devices.entry(d.clone()).or_default(), i),
+                    Subject::Role(r) => add(index.roles.entry(r.clone()).or_default(), i),
+                    Subject::Group(g) => add(index.groups.entry(g.clone()).or_default(), i),
+                    Subject::Authenticated => add(&mut index.any_identity, i),
+                    Subject::Anonymous => add(&mut index.no_identity, i),
+                    Subject::Anyone => {
+                        add(&mut index.any_identity, i);
+                        add(&mut index.no_identity, i);
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// The positions of the rules that can apply to `identity`, ascending.
+    fn rules_for(&self, identity: Option<&Identity>) -> Cow<'_, [usize]> {
+        let Some(id) = identity else {
+            return Cow::Borrowed(&self.no_identity);
+        };
+        let is_device = matches!(
+            id.kind,
+            IdentityKind::DeviceKey | IdentityKind::ClientCertificate
+        );
+        let lists = [
+            Some(&self.any_identity),
+            self.users.get(&id.subject),
+            self.devices.get(&id.subject).filter(|_| is_device),
+        ]
+        .into_iter()
+        .chain(id.roles.iter().map(|r| self.roles.get(r)))
+        .chain(id.groups.iter().map(|g| self.groups.get(g)))
+        .flatten()
+        .filter(|l| !l.is_empty());
+        let mut found: Option<Cow<'_, [usize]>> = None;
+        for list in lists {
+            found = Some(match found {
+                None => Cow::Borrowed(list.as_slice()),
+                Some(so_far) => {
+                    let mut merged = so_far.into_owned();
+                    merged.extend_from_slice(list);
+                    merged.sort_unstable();
+                    merged.dedup();
+                    Cow::Owned(merged)
+                }
+            });
+        }
+        found.unwrap_or(Cow::Borrowed(&[]))
+    }
 }
 
 impl Acl {
@@ -1113,7 +1257,8 @@ impl Acl {
             }
             rules.push(rule);
         }
-        Ok(Acl { rules })
+        let by_subject = SubjectIndex::new(&rules);
+        Ok(Acl { rules, by_subject })
     }
 
     /// Parses `{"rules": [...]}` and compiles it.
@@ -1144,6 +1289,12 @@ impl Acl {
         })
     }
 
+    /// The rules that name the caller, in order.
+    fn rules_for<'a>(&'a self, identity: Option<&Identity>) -> impl Iterator<Item = &'a Rule> {
+        let positions = self.by_subject.rules_for(identity);
+        (0..positions.len()).filter_map(move |k| positions.get(k).and_then(|&i| self.rules.get(i)))
+    }
+
     /// Decides an NGSI request: allowed only if every access is.
     ///
     /// The work is linear in (service paths + attributes) × rules per access, whatever the
@@ -1168,9 +1319,7 @@ impl Acl {
         };
         // The rules for this caller, filled in once: the per-access loops below only match.
         let prepared: Vec<(&Rule, &NgsiRule, Filled)> = self
-            .rules
-            .iter()
-            .filter(|r| r.subjects.iter().any(|s| s.matches(identity)))
+            .rules_for(identity)
             .filter_map(|r| match &r.resource {
                 Resource::Ngsi(n) => Some((r, n, fill(n, &ctx, r.effect == Effect::Deny))),
                 Resource::Mqtt(_) => None,
@@ -1271,11 +1420,15 @@ impl Acl {
             tenant: identity.and_then(|i| i.tenant.as_deref()),
         };
         let action = access.action();
+        let callers_rules = self.by_subject.rules_for(identity);
         let mqtt_rules = || {
-            self.rules.iter().filter_map(|r| match &r.resource {
-                Resource::Mqtt(t) if r.applies_to(identity, action) => Some((r, t)),
-                _ => None,
-            })
+            callers_rules
+                .iter()
+                .filter_map(|&i| self.rules.get(i))
+                .filter_map(|r| match &r.resource {
+                    Resource::Mqtt(t) if r.actions.contains(&action) => Some((r, t)),
+                    _ => None,
+                })
         };
         let what = match access {
             TopicAccess::Read => "read",

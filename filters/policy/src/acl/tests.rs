@@ -197,20 +197,15 @@ fn rule_errors_name_the_rule() {
 #[test]
 fn glob_table() {
     let glob = |p: &str| {
-        let IdRule::Glob(pieces) = (if p == "*" {
-            IdRule::Any
-        } else {
-            IdRule::Glob(parse_template(p, false).unwrap())
-        }) else {
-            return None;
-        };
-        IdRule::Glob(pieces)
+        IdRule::compile(p)
+            .unwrap()
             .instantiate(&Ctx {
                 user: Some("u*"),
                 client: None,
                 tenant: None,
             })
             .unwrap()
+            .map(|g| g.into_owned())
     };
     let cases = [
         ("Room1", "Room1", true),
@@ -1229,6 +1224,26 @@ fn seg() -> impl Strategy<Value = String> {
     "[a-c]{1,3}"
 }
 
+/// The glob's definition, character by character (the engine's former matcher).
+fn glob_by_definition(pattern: &str, id: &str) -> bool {
+    let s: Vec<char> = id.chars().collect();
+    let n = s.len();
+    let mut dp = vec![false; n + 1];
+    dp[0] = true;
+    for c in pattern.chars() {
+        let mut nd = vec![false; n + 1];
+        for j in 0..=n {
+            nd[j] = if c == '*' {
+                dp[j] || (j > 0 && nd[j - 1] && s[j - 1] != ':')
+            } else {
+                j > 0 && dp[j - 1] && s[j - 1] == c
+            };
+        }
+        dp = nd;
+    }
+    dp[n]
+}
+
 fn nasty() -> impl Strategy<Value = String> {
     "[a-b*+#/$:]{0,4}"
 }
@@ -1238,12 +1253,23 @@ proptest! {
     /// but itself.
     #[test]
     fn glob_prefix_never_grants_a_sibling(prefix in "[A-Za-z0-9]{1,6}", id in "[A-Za-z0-9:]{0,8}") {
-        let star: Vec<GlobTok> = prefix.chars().map(GlobTok::Ch).chain([GlobTok::Star]).collect();
-        let exact: Vec<GlobTok> = prefix.chars().map(GlobTok::Ch).collect();
+        let star: Vec<GlobTok> = GlobTok::literal(&prefix).chain([GlobTok::Star]).collect();
+        let exact: Vec<GlobTok> = GlobTok::literal(&prefix).collect();
         if glob_match(&star, &id) {
             prop_assert!(id.starts_with(&prefix) && !id[prefix.len()..].contains(':'));
         }
         prop_assert_eq!(glob_match(&exact, &id), id == prefix);
+    }
+
+    /// The allocation-free glob decides exactly as the definition: a dynamic programme over
+    /// characters where `*` takes any run without `:`.
+    #[test]
+    fn glob_match_equals_the_character_definition(
+        pattern in "[ab:*é]{0,7}",
+        id in "[ab:é]{0,9}",
+    ) {
+        let toks: Vec<GlobTok> = GlobTok::pattern(&pattern).collect();
+        prop_assert_eq!(glob_match(&toks, &id), glob_by_definition(&pattern, &id));
     }
 
     /// `/a/#` covers exactly the paths whose segments start with `a`'s.
