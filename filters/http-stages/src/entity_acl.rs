@@ -7,6 +7,7 @@
 //! body that does not arrive within `body_timeout_ms` with 503 (Envoy must run the filter with
 //! `allow_on_headers_stop_iteration: true`, or the body never reaches it).
 
+use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{record_decision, Decided, DecisionMetrics};
@@ -17,6 +18,9 @@ pub const NAME: &str = "entity-acl";
 
 pub struct EntityAclStage {
     acl: EntityAcl,
+    /// Verdicts of bodiless requests, for this configuration only (a new configuration builds
+    /// a new stage).
+    cache: DecisionCache,
     metrics: DecisionMetrics,
 }
 
@@ -50,6 +54,7 @@ impl EntityAclStage {
         );
         EntityAclStage {
             acl,
+            cache: DecisionCache::default(),
             metrics: DecisionMetrics::define("entity_acl"),
         }
     }
@@ -77,21 +82,31 @@ impl EntityAclStage {
         })
     }
 
-    /// Logs and counts the verdict; Next lets the request go on (allowed, or shadow mode).
     fn apply(&self, req: &Request, identity: Option<&Identity>, verdict: &Verdict) -> Step {
-        let about = Decided {
-            filter: NAME,
-            mode: self.acl.mode,
-            log_allows: self.acl.log_allows,
-            identity,
-            operation: &verdict.operation,
-            entities: &verdict.entities,
-            request_headers: Some(req.headers()),
-        };
-        match record_decision(&about, &verdict.decision, &self.metrics) {
-            Ok(()) => Step::Next,
-            Err(reason) => Step::deny(reason),
-        }
+        apply(&self.acl, &self.metrics, req, identity, verdict)
+    }
+}
+
+/// Logs and counts the verdict; Next lets the request go on (allowed, or shadow mode).
+fn apply(
+    acl: &EntityAcl,
+    metrics: &DecisionMetrics,
+    req: &Request,
+    identity: Option<&Identity>,
+    verdict: &Verdict,
+) -> Step {
+    let about = Decided {
+        filter: NAME,
+        mode: acl.mode,
+        log_allows: acl.log_allows,
+        identity,
+        operation: &verdict.operation,
+        entities: &verdict.entities,
+        request_headers: Some(req.headers()),
+    };
+    match record_decision(&about, &verdict.decision, metrics) {
+        Ok(()) => Step::Next,
+        Err(reason) => Step::deny(reason),
     }
 }
 
@@ -128,14 +143,31 @@ impl Stage for EntityAclStage {
             Ok(facts) => facts,
             Err(verdict) => return self.apply(req, None, &verdict),
         };
-        let verdict = self.acl.decide(
-            facts.identity.as_ref(),
-            &facts.method,
-            &facts.path,
-            &facts.headers,
-            &req.body,
-        );
-        self.apply(req, facts.identity.as_ref(), &verdict)
+        let identity = facts.identity.as_ref();
+        let Some(now_ms) = crate::now_millis() else {
+            // No clock: decide without the cache (it must not serve past a token's expiry).
+            let verdict = self.acl.decide(
+                identity,
+                &facts.method,
+                &facts.path,
+                &facts.headers,
+                &req.body,
+            );
+            return self.apply(req, identity, &verdict);
+        };
+        let inputs = DecisionInputs {
+            identity,
+            method: &facts.method,
+            path: &facts.path,
+            headers: &facts.headers,
+        };
+        let EntityAclStage {
+            acl,
+            cache,
+            metrics,
+        } = self;
+        let verdict = acl.decide_cached(cache, now_ms / 1000, inputs, &req.body);
+        apply(acl, metrics, req, identity, &verdict)
     }
 
     fn body_limit(&self) -> usize {

@@ -4,16 +4,21 @@
 //! a linear scan looks at is looked at.
 //!
 //! Cases: a v2 GET of one entity, a v2 list by ids (10 ids), an NGSI-LD GET of one entity, an
-//! MQTT publish checked against 100 topic rules.
+//! MQTT publish checked against 100 topic rules; and the v2 GET answered from the decision
+//! cache.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use policy::acl::{Acl, TopicAccess};
+use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::EntityAcl;
 use policy::identity::{Identity, IdentityKind};
 use serde_json::{json, Value};
 use std::hint::black_box;
+
+/// Seconds since the epoch, before the caller's token expires.
+const NOW: u64 = 1_800_000_000;
 
 /// `n` NGSI rules: n-1 for other users, then the one that grants alice her rooms.
 fn ngsi_rules(n: usize, service_path: &str, entity_type: &str) -> Vec<Value> {
@@ -118,6 +123,23 @@ fn ngsi(c: &mut Criterion) {
             })
         });
     }
+    // The v2 GET again, answered from the decision cache (the same caller asks again).
+    let case = cases().swap_remove(0);
+    let mut cache = DecisionCache::default();
+    let inputs = DecisionInputs {
+        identity: Some(&alice),
+        method: case.method,
+        path: &case.path,
+        headers: &case.headers,
+    };
+    group.bench_function("v2_get_entity_100_rules_cached", |b| {
+        b.iter(|| {
+            let verdict = case
+                .acl
+                .decide_cached(&mut cache, NOW, black_box(inputs), b"");
+            verdict.decision.is_allowed()
+        })
+    });
     group.finish();
 }
 

@@ -2,12 +2,15 @@
 //! request with the NGSI model, then decide it with the ACL engine. The filter crate only
 //! gathers the request and applies the decision.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 
 use crate::access::{Action, RequestAccess};
 use crate::acl::RuleConfig;
 use crate::acl::{Acl, AclConfig};
 use crate::decision::{Decision, DenyReason};
+use crate::decision_cache::{DecisionCache, DecisionInputs};
 use crate::enforcement::{summarize_accesses, Mode};
 use crate::identity::Identity;
 use crate::identity_headers::IdentityHeaderNames;
@@ -207,6 +210,33 @@ impl EntityAcl {
         }
     }
 
+    /// [`EntityAcl::decide`] of `request` and `body`, answered from `cache` when a request
+    /// without a body was decided before for exactly the same caller (expiry included), method,
+    /// path and headers (see
+    /// [`crate::decision_cache`]); `now` in seconds since the epoch. The cache must be this
+    /// engine's own: a verdict is only valid for the policy that made it.
+    pub fn decide_cached<'c>(
+        &self,
+        cache: &'c mut DecisionCache,
+        now: u64,
+        request: DecisionInputs,
+        body: &[u8],
+    ) -> Cow<'c, Verdict> {
+        let decide = || {
+            let DecisionInputs {
+                identity,
+                method,
+                path,
+                headers,
+            } = request;
+            self.decide(identity, method, path, headers, body)
+        };
+        if !body.is_empty() {
+            return Cow::Owned(decide());
+        }
+        cache.get_or_decide(now, &request, decide)
+    }
+
     /// Refuses a subscription or registration whose endpoint the broker must not connect to
     /// (see [`notification_endpoint`]), unless the operator allowed it.
     fn check_endpoints(&self, request: &RequestAccess) -> Result<(), DenyReason> {
@@ -340,6 +370,89 @@ mod tests {
             b"",
         );
         assert!(!v.decision.is_allowed());
+    }
+
+    /// Through the cache, every request gets the verdict a fresh decision gives it, in any
+    /// order and repeated: the cache never answers one caller, tenant or path with another's.
+    #[test]
+    fn cached_decisions_are_the_fresh_decisions() {
+        use crate::decision_cache::{DecisionCache, DecisionInputs};
+        let acl = EntityAcl::from_json(&config(json!([
+            {"name": "alice-rooms", "effect": "allow", "subjects": ["user:alice"],
+             "actions": ["read"],
+             "ngsi": {"service": "openiot", "service_path": "/rooms/#", "entity_type": "Room"}},
+            {"name": "operators", "effect": "allow", "subjects": ["role:operator"],
+             "actions": ["read", "write"],
+             "ngsi": {"service": "%t", "service_path": "/#"}}
+        ])))
+        .unwrap();
+        let mut alice = alice();
+        alice.expires_at = Some(100);
+        let mut operator = Identity::new(IdentityKind::Jwt, "bob");
+        operator.roles = vec!["operator".into()];
+        operator.tenant = Some("openiot".into());
+        let mut other_tenant = operator.clone();
+        other_tenant.tenant = Some("other".into());
+        let bob = Identity::new(IdentityKind::Jwt, "bob");
+        let callers = [
+            None,
+            Some(&alice),
+            Some(&operator),
+            Some(&other_tenant),
+            Some(&bob),
+        ];
+        let tenants = [
+            headers("openiot", "/rooms/floor1"),
+            headers("openiot", "/secret"),
+            headers("other", "/rooms/floor1"),
+            vec![],
+        ];
+        let requests = [
+            ("GET", "/v2/entities/R1?type=Room"),
+            ("GET", "/v2/entities/R1"),
+            ("DELETE", "/v2/entities/R1?type=Room"),
+            ("GET", "/v2/entities?type=Room"),
+            ("GET", "/v2/entities/../R1"),
+        ];
+        let mut cache = DecisionCache::default();
+        let mut allowed = 0;
+        for round in 0..2 {
+            for caller in callers {
+                for h in &tenants {
+                    for (method, path) in requests {
+                        for now in [50, 100] {
+                            let fresh = acl.decide(caller, method, path, h, b"");
+                            let inputs = DecisionInputs {
+                                identity: caller,
+                                method,
+                                path,
+                                headers: h,
+                            };
+                            let cached = acl.decide_cached(&mut cache, now, inputs, b"");
+                            assert_eq!(*cached, fresh, "round {round}: {caller:?} {h:?} {path}");
+                            allowed += usize::from(fresh.decision.is_allowed());
+                        }
+                    }
+                }
+            }
+        }
+        assert!(allowed > 0);
+        // A request with a body is never answered from the cache.
+        let h = headers("openiot", "/rooms");
+        let inputs = DecisionInputs {
+            identity: Some(&operator),
+            method: "POST",
+            path: "/v2/entities",
+            headers: &h,
+        };
+        let before = cache.len();
+        let body = br#"{"id": "R9", "type": "Room"}"#;
+        let v = acl.decide_cached(&mut cache, 50, inputs, body);
+        assert_eq!(
+            *v,
+            acl.decide(Some(&operator), "POST", "/v2/entities", &h, body)
+        );
+        assert_eq!(cache.len(), before);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// How the caller proved who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentityKind {
     /// A user or client with an OIDC/OAuth2 JWT.
@@ -21,7 +21,7 @@ pub enum IdentityKind {
 
 /// An authenticated caller. Only token-auth creates one; the other filters read it from the
 /// identity headers token-auth sets (after removing any copy the client sent).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Identity {
     pub kind: IdentityKind,
     /// The stable subject: `sub`, a username, a device id or a certificate name.
@@ -51,7 +51,7 @@ pub struct Identity {
 /// Keyrock's own JSON for what Wilma forwards upstream (compact, non-ASCII escaped): the
 /// role objects `[{id, name}]`, the organization objects `[{id, name, roles}]` and the eIDAS
 /// profile, so a Wilma replacement sends the backend the same values.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct KeyrockJson {
     pub roles: String,
     pub organizations: String,

@@ -10,6 +10,7 @@ pub mod cache;
 pub mod config_error;
 pub mod credentials;
 pub mod decision;
+pub mod decision_cache;
 pub mod decision_line;
 pub mod device_keys;
 pub mod enforcement;
