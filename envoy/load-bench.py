@@ -1,27 +1,36 @@
 #!/usr/bin/env python3
 """Load benchmark through a real Envoy, in one run, so the ratios mean something on a noisy
-machine. Three Envoys of the same shape, one after the other, each answering with Envoy's own
-direct_response (no upstream, so only the filters' cost differs):
+machine. One Envoy per variant, all of the same shape and all started before measuring; each
+answers with Envoy's own direct_response (no upstream, so only the filters' cost differs):
 
   no_filter     router only
-  native        Envoy's jwt_authn (same JWKS, issuer, audience) + rbac (a path rule)
+  passthrough   example.wasm in pass-through mode: what one wasm module costs before deciding
+  native        Envoy's jwt_authn (same JWKS, issuer, audience, token cache) + rbac (a path rule)
   token_auth    token_auth.wasm (V8) with the same keys, issuer and audience
-  chain         token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm, as sidecar.yaml
+  separate      token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm, as sidecar.yaml
                 chains them: ownership from a static map (the list answer is filtered), a rule
                 granting the path's entities to authenticated callers
+  gateway       ngsi_gateway.wasm with the same configurations under its stage keys
+                (--gateway-stages; the separate filters it replaces are `separate`)
 
-For each: wrk at 1 connection and at 16 connections, the same valid RS256 token on every
-request (both filters cache verified tokens). Prints a Markdown table: req/s, p50, p99 and the
-ratio to no_filter.
+For each: wrk at each of --connections, the same valid RS256 token on every request (every
+variant caches verified tokens). Rounds are interleaved (round 1 of every variant, then round
+2, ...) and the median round is reported, so slow drift of the machine hits every variant
+alike. With --concurrency 1 Envoy is pinned to CPU 0 and wrk to CPU 1 (taskset); with more
+workers nothing is pinned. Prints a Markdown table: req/s, p50, p99, Envoy CPU per request
+(utime+stime from /proc over the requests wrk counted) and the req/s ratio to no_filter and to
+native.
 
     scripts/setup && apt-get install -y wrk
-    .venv/bin/python envoy/load-bench.py [--seconds 10]
+    .venv/bin/python envoy/load-bench.py [--seconds 10] [--rounds 3] [--concurrency 1]
+        [--connections 1,16] [--variants no_filter,passthrough,native,...] [--baseline DIR]
 """
 import argparse
 import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,24 +43,45 @@ sys.path.insert(0, str(ROOT / "envoy"))
 import processes  # noqa: E402  (envoy/processes.py: free ports, readiness)
 import render  # noqa: E402  (envoy/render.py: the wasm filter stanza)
 ENVOY = ROOT / ".venv/bin/envoy"
-WASM = ROOT / "target/wasm32-wasip1/release/token_auth.wasm"
-ENTITY_ACL_WASM = ROOT / "target/wasm32-wasip1/release/entity_acl.wasm"
-OWNERSHIP_WASM = ROOT / "target/wasm32-wasip1/release/device_ownership.wasm"
+RELEASE = ROOT / "target/wasm32-wasip1/release"
+WASM = {name: RELEASE / f"{name}.wasm" for name in
+        ("token_auth", "device_ownership", "entity_acl", "ngsi_gateway", "example")}
 OWNERSHIP = {"sources": [{"kind": "static", "entities": [
     {"id": "urn:ngsi-ld:Room:1", "owner": "someone-else"}]}]}
-VARIANTS = ["no_filter", "native", "token_auth", "chain"]
-# What the chain's entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
+VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gateway"]
+GATEWAY_STAGES = ["token_auth", "entity_acl"]
+# What entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
 ENTITY_ACL = {"acl": {"rules": [{
     "name": "rooms", "effect": "allow", "subjects": ["authenticated"], "actions": ["read"],
     "ngsi": {"service": "", "service_path": "/#", "entity_type": "Room"}}]}}
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
 PATH = "/v2/entities?type=Room&limit=10"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def http_filters(variant, jwks):
+def token_auth_config(jwks):
+    return {"jwt_providers": [{"issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256"],
+                               "jwks": json.loads(jwks), "claims": {"subject": "sub"}}]}
+
+
+def stage_configs(jwks):
+    """Each HTTP stage's configuration, the same for the separate filters and the gateway."""
+    return {"token_auth": token_auth_config(jwks), "device_ownership": OWNERSHIP,
+            "entity_acl": ENTITY_ACL}
+
+
+def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
+    """The http_filters of `variant`; `NAME@baseline` is NAME with the .wasm files of
+    baseline_dir (--baseline)."""
+    variant, _, baseline = variant.partition("@")
+    wasm = {name: Path(baseline_dir) / path.name for name, path in WASM.items()} \
+        if baseline else WASM
+    configs = stage_configs(jwks)
     if variant == "no_filter":
         return []
+    if variant == "passthrough":
+        return [wasm_filter("example", wasm["example"], {"mode": "passthrough"})]
     if variant == "native":
         return [
             {"name": "envoy.filters.http.jwt_authn", "typed_config": {
@@ -68,13 +98,17 @@ def http_filters(variant, jwks):
                     "permissions": [{"url_path": {"path": {"prefix": "/v2/entities"}}}],
                     "principals": [{"any": True}]}}}}},
         ]
-    config = {"jwt_providers": [{"issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256"],
-                                 "jwks": json.loads(jwks), "claims": {"subject": "sub"}}]}
-    filters = [wasm_filter("token-auth", WASM, config)]
-    if variant == "chain":
-        filters.append(wasm_filter("device-ownership", OWNERSHIP_WASM, OWNERSHIP, body=True))
-        filters.append(wasm_filter("entity-acl", ENTITY_ACL_WASM, ENTITY_ACL, body=True))
-    return filters
+    if variant == "token_auth":
+        return [wasm_filter("token-auth", wasm["token_auth"], configs["token_auth"])]
+    if variant == "separate":
+        return [wasm_filter("token-auth", wasm["token_auth"], configs["token_auth"]),
+                wasm_filter("device-ownership", wasm["device_ownership"],
+                            configs["device_ownership"], body=True),
+                wasm_filter("entity-acl", wasm["entity_acl"], configs["entity_acl"], body=True)]
+    if variant == "gateway":
+        config = {stage: configs[stage] for stage in gateway_stages}
+        return [wasm_filter("ngsi-gateway", wasm["ngsi_gateway"], config, body=True)]
+    raise ValueError(f"unknown variant {variant}")
 
 
 def wasm_filter(name, wasm, config, body=False):
@@ -84,9 +118,10 @@ def wasm_filter(name, wasm, config, body=False):
                                                  allow_on_headers_stop_iteration=body))
 
 
-def envoy_config(variant, port, admin_port, jwks):
-    filters = http_filters(variant, jwks) + [{"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+def envoy_config(variant, port, admin_port, jwks, gateway_stages, baseline_dir=None):
+    filters = http_filters(variant, jwks, gateway_stages, baseline_dir) + [{
+        "name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
     return {
         "node": {"id": f"bench-{variant}", "cluster": "bench"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -129,63 +164,127 @@ def to_ms(value, unit):
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(port, token, connections, seconds):
+def cpu_seconds(pid):
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wrk(port, token, connections, seconds, pin):
     threads = 1 if connections == 1 else 2
-    out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{PATH}"],
-        check=True, capture_output=True, text=True, timeout=seconds + 30).stdout
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+               "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{PATH}"]
+    if pin:
+        command = ["taskset", "-c", "1"] + command
+    out = subprocess.run(command, check=True, capture_output=True, text=True,
+                         timeout=seconds + 30).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     lat = {p: to_ms(v, u) for p, v, u in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise RuntimeError(f"{errors.group(1)} non-2xx responses under load:\n{out}")
-    return rps, lat["50"], lat["99"]
+    return rps, lat["50"], lat["99"], requests
+
+
+def start_envoy(work, n, variant, jwks, args):
+    port, admin = processes.free_port(), processes.free_port()
+    cfg = Path(work) / f"{variant}.json"
+    cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks, args.gateway_stages,
+                                           args.baseline)))
+    log = open(Path(work) / f"{variant}.log", "w")
+    command = [str(ENVOY), "-c", str(cfg), "--concurrency", str(args.concurrency),
+               "--base-id", str(4000 + n + os.getpid() % 1000 * 10), "--log-level", "warn"]
+    if args.pin:
+        command = ["taskset", "-c", "0"] + command
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(admin, proc)
+    except Exception:
+        proc.terminate()
+        raise RuntimeError(f"{variant}: Envoy did not start; its log:\n"
+                           + (Path(work) / f"{variant}.log").read_text()[-3000:])
+    return proc, port
+
+
+def names(value):
+    return [v for v in value.split(",") if v]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
+    parser.add_argument("--connections", type=names, default=["1", "16"])
+    parser.add_argument("--variants", type=names, default=VARIANTS)
+    parser.add_argument("--gateway-stages", type=names, default=GATEWAY_STAGES)
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure each wasm variant with the .wasm files of DIR (e.g."
+                             " a copy of target/wasm32-wasip1/release before a change), as"
+                             " VARIANT@baseline, in the same run")
     args = parser.parse_args()
-    for needed in (ENVOY, WASM, ENTITY_ACL_WASM, OWNERSHIP_WASM):
+    args.pin = args.concurrency == 1 and (os.cpu_count() or 1) >= 2 and bool(shutil.which("taskset"))
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}: choose from {VARIANTS}")
+    if "no_filter" not in args.variants:
+        args.variants.insert(0, "no_filter")   # every ratio is to it
+    if args.baseline:
+        args.variants += [f"{v}@baseline" for v in args.variants
+                          if v not in ("no_filter", "native")]
+    baseline = [Path(args.baseline) / w.name for w in WASM.values()] if args.baseline else []
+    for needed in [ENVOY] + list(WASM.values()) + baseline:
         if not needed.exists():
             sys.exit(f"{needed} is missing: run scripts/setup")
     if not shutil.which("wrk"):
         sys.exit("wrk is missing: apt-get install -y wrk")
     token = json.loads((FIXTURES / "tokens.json").read_text())["valid_rs256"]
     jwks = (FIXTURES / "jwks.json").read_text()
-    results = {}
+    connections = [int(c) for c in args.connections]
+    samples = {}   # (variant, connections) -> [(rps, p50, p99, cpu_us_per_request)]
     with tempfile.TemporaryDirectory() as work:
-        for n, variant in enumerate(VARIANTS):
-            port, admin = processes.free_port(), processes.free_port()
-            cfg = Path(work) / f"{variant}.json"
-            cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks)))
-            log = open(Path(work) / f"{variant}.log", "w")
-            proc = subprocess.Popen(
-                [str(ENVOY), "-c", str(cfg), "--concurrency", "1", "--base-id", str(4000 + n + os.getpid() % 1000 * 10),
-                 "--log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_ready(admin, proc)
-                ok, missing = check(port, token)
-                expected_missing = 200 if variant == "no_filter" else 401
+        envoys = {}
+        try:
+            for n, variant in enumerate(args.variants):
+                envoys[variant] = start_envoy(work, n, variant, jwks, args)
+                ok, missing = check(envoys[variant][1], token)
+                expected_missing = 200 if variant.split("@")[0] in ("no_filter", "passthrough") \
+                    else 401
                 if ok != 200 or missing != expected_missing:
                     raise RuntimeError(f"{variant}: token -> {ok}, no token -> {missing}")
-                for connections in (1, 16):
-                    results[(variant, connections)] = wrk(port, token, connections, args.seconds)
-            finally:
+            for _ in range(args.rounds):
+                for variant in args.variants:
+                    proc, port = envoys[variant]
+                    for c in connections:
+                        before = cpu_seconds(proc.pid)
+                        rps, p50, p99, requests = wrk(port, token, c, args.seconds, args.pin)
+                        cpu_us = (cpu_seconds(proc.pid) - before) * 1e6 / max(requests, 1)
+                        samples.setdefault((variant, c), []).append((rps, p50, p99, cpu_us))
+        finally:
+            for proc, _ in envoys.values():
                 proc.terminate()
                 proc.wait(timeout=10)
     version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout
     match = re.search(r"version: \S+?/([\d.]+)/", version)
     print(f"\n{time.strftime('%Y-%m-%d')}, Envoy {match.group(1) if match else '?'}, "
-          f"--concurrency 1, {os.cpu_count()} CPUs, wrk {args.seconds}s per cell\n")
-    print("| filter chain | connections | req/s | p50 | p99 | req/s ratio to no filter |")
-    print("|---|---|---|---|---|---|")
-    for connections in (1, 16):
-        base = results[("no_filter", connections)][0]
-        for variant in VARIANTS:
-            rps, p50, p99 = results[(variant, connections)]
-            print(f"| {variant} | {connections} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {rps / base:.2f} |")
+          f"--concurrency {args.concurrency}{' (Envoy on CPU 0, wrk on CPU 1)' if args.pin else ''}, "
+          f"{os.cpu_count()} CPUs, wrk {args.seconds}s per cell, median of {args.rounds} "
+          f"interleaved rounds; gateway stages: {' -> '.join(args.gateway_stages)}\n")
+    print("| filter chain | connections | req/s | p50 | p99 | Envoy CPU per request | "
+          "req/s ratio to no filter | req/s ratio to native |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in connections:
+        def median(variant):
+            rounds = samples[(variant, c)]
+            return tuple(statistics.median(r[i] for r in rounds) for i in range(4))
+        base = median("no_filter")[0]
+        native = median("native")[0] if "native" in args.variants else None
+        for variant in args.variants:
+            rps, p50, p99, cpu_us = median(variant)
+            to_native = f"{rps / native:.2f}" if native else "-"
+            print(f"| {variant} | {c} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {cpu_us:.1f} us "
+                  f"| {rps / base:.2f} | {to_native} |")
 
 
 if __name__ == "__main__":

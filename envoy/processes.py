@@ -401,6 +401,8 @@ class Envoy(EnvoyProcess):
     # render.py's failure_policy ("reload", the default, or "fail-closed") and exact_balance.
     failure_policy: str = render.DEFAULT_FAILURE_POLICY
     exact_balance: bool = False
+    # render.py --gateway: token-auth and extra_filters as stages of ngsi_gateway.wasm (`wasm`).
+    gateway: bool = False
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -411,7 +413,7 @@ class Envoy(EnvoyProcess):
             render.write_ecds_resources(
                 self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
                 allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
-                failure_policy=self.failure_policy)
+                failure_policy=self.failure_policy, gateway=self.gateway)
         tls = self.tls or {}
         return self.launch(
             render.render(
@@ -431,6 +433,7 @@ class Envoy(EnvoyProcess):
                 owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
                 failure_policy=self.failure_policy,
                 exact_balance=self.exact_balance,
+                gateway=self.gateway,
             ),
             "wasm:debug,http:debug,router:debug,pool:debug")
 

@@ -10,7 +10,7 @@
         [--ecds DIR]
         [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
         [--entity-acl-config FILE [--entity-acl-wasm W]]
-        [--failure-policy reload|fail-closed] [--no-validate]
+        [--failure-policy reload|fail-closed] [--no-validate] [--gateway]
 
     python3 envoy/render.py --mqtt --filter-config mqtt-acl.json [--out mqtt-sidecar.yaml]
         [--listen 127.0.0.1:1883] [--admin 127.0.0.1:9902] [--broker 127.0.0.1:11883]
@@ -33,6 +33,11 @@ order token-auth -> device-ownership -> entity-acl, each with its JSON configura
 filters/device-ownership/README.md and README.md, "entity-acl"); --owners adds the cluster
 "owners" for device-ownership's registry source.
 
+--gateway runs the same chain as ngsi-gateway (ngsi_gateway.wasm, or --wasm): one filter, one
+module, one pass, its configuration {"token_auth": ..., "device_ownership": ..., "entity_acl":
+...} built from the same files; with --ecds its resource is DIR/ngsi-gateway.json. The checks
+and the offline validation are the same (the gateway's configuration in its .wasm).
+
 --ecds DIR: each filter's configuration (and its .wasm path) comes instead from DIR/token-auth.json
 (and DIR/entity-acl.json, DIR/device-ownership.json for those filters), an ECDS resource Envoy
 watches and reloads at run time. The resources are written here from the configurations and
@@ -46,7 +51,7 @@ it says "NOT validated offline" and goes on; --no-validate skips the check.
 --mqtt renders envoy/mqtt-sidecar.yaml instead (render_mqtt): mqtt-acl, the network filter, in
 front of an MQTT broker (--broker), with --filter-config as mqtt-acl's configuration; with
 --ecds DIR it is discovered from DIR/mqtt-acl.json, written here (change it with push-config).
-The HTTP-only options (--idp, the chain filters, --owners, --allow-on-headers-stop-iteration)
+The HTTP-only options (--idp, the chain filters, --owners, --gateway, --allow-on-headers-stop-iteration)
 are refused with it.
 
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
@@ -87,6 +92,11 @@ CHAIN_FILTERS = {
         "decides every NGSI request (v2, NGSI-LD, FogFlow) against the entity ACL rules",
     ),
 }
+
+# ngsi-gateway (render --gateway): the chain above as stages of one module, one filter entry;
+# its configuration holds each stage's under the stage's key.
+GATEWAY_NAME = "ngsi-gateway"
+DEFAULT_GATEWAY_WASM = os.path.join(WASM_DIR, "ngsi_gateway.wasm")
 
 _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
 
@@ -384,6 +394,27 @@ def chain_filter(name, config, wasm=None, allow_on_headers_stop_iteration=True):
             "allow_on_headers_stop_iteration": bool(allow_on_headers_stop_iteration)}
 
 
+def gateway_filter(token_auth_config, extra_filters, wasm=None):
+    """The chain token-auth -> extra_filters as ngsi-gateway's one filter: {"name", "config",
+    "wasm", "about", ...}, its configuration one key per stage (`token_auth`,
+    `device_ownership`, `entity_acl`) holding exactly that filter's. The checks a chain of
+    separate filters gets (identity header names, broker) run first."""
+    token_auth_config = json_object(token_auth_config, "token-auth")
+    check_identity_headers(token_auth_config, extra_filters)
+    check_broker(extra_filters)
+    config = {"token_auth": token_auth_config}
+    for f in extra_filters:
+        if f["name"] not in CHAIN_FILTERS:
+            raise ValueError(f"{f['name']} is not a stage of ngsi-gateway")
+        config[f["name"].replace("-", "_")] = f["config"]
+    stages = " -> ".join(["token-auth"] + [f["name"] for f in extra_filters])
+    return {"name": GATEWAY_NAME, "config": config,
+            "wasm": os.path.abspath(wasm or DEFAULT_GATEWAY_WASM),
+            "about": f"ngsi-gateway: {stages} as stages of one module, in one pass",
+            # Any stage after token-auth decides on the body.
+            "allow_on_headers_stop_iteration": bool(extra_filters)}
+
+
 def test_probe_filter(config, wasm=os.path.join(WASM_DIR, "abi_probe.wasm")):
     """Tests only, never deploy: the abi-probe test filter as a chain filter (the recovery
     tests trap it on demand to watch the failure policy)."""
@@ -404,6 +435,21 @@ def _chain_filter_yaml(f, number, ecds_dir=None, failure_policy=DEFAULT_FAILURE_
     return _indent(lines, 10) + "\n" + filter_entry_yaml(
         name, f["wasm"], f["config"], 10, ecds_dir, failure_policy=failure_policy,
         allow_on_headers_stop_iteration=f.get("allow_on_headers_stop_iteration", True))
+
+
+def _gateway_entry_yaml(g, ecds_dir, failure_policy, allow_on_headers_stop_iteration):
+    """ngsi-gateway's http_filters entry, in token-auth's place in the template."""
+    lines = [
+        f"# (render.py --gateway) {g['about']}.",
+        "# The notes on token-auth above are about its token_auth stage. The configuration",
+        "# holds each stage's under its key (token_auth, device_ownership, entity_acl); the",
+        "# identity passes from stage to stage in memory. allow_on_headers_stop_iteration is",
+        "# true when a stage after token-auth decides on the body.",
+    ]
+    return _indent(lines, 10) + "\n" + filter_entry_yaml(
+        g["name"], g["wasm"], g["config"], 10, ecds_dir, failure_policy=failure_policy,
+        allow_on_headers_stop_iteration=(g["allow_on_headers_stop_iteration"]
+                                         or allow_on_headers_stop_iteration))
 
 
 def write_atomically(path, data):
@@ -430,9 +476,17 @@ def ecds_path(ecds_dir, name=ECDS_NAME):
 
 def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filters=(),
                          allow_on_headers_stop_iteration=False,
-                         failure_policy=DEFAULT_FAILURE_POLICY):
+                         failure_policy=DEFAULT_FAILURE_POLICY, gateway=False):
     """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
-    filter after it."""
+    filter after it; with `gateway`, ngsi-gateway.json alone (`wasm`: ngsi_gateway.wasm)."""
+    if gateway:
+        g = gateway_filter(filter_config, extra_filters,
+                           None if wasm == DEFAULT_WASM else wasm)
+        write_atomically(ecds_path(ecds_dir, g["name"]), ecds_resource(
+            g["config"], g["wasm"], name=g["name"], failure_policy=failure_policy,
+            allow_on_headers_stop_iteration=(g["allow_on_headers_stop_iteration"]
+                                             or allow_on_headers_stop_iteration)))
+        return
     check_identity_headers(json_object(filter_config, "token-auth"), extra_filters)
     check_broker(extra_filters)
     write_atomically(ecds_path(ecds_dir), ecds_resource(
@@ -503,6 +557,7 @@ def render(
     owners=None,
     failure_policy=DEFAULT_FAILURE_POLICY,
     exact_balance=False,
+    gateway=False,
 ):
     """Returns the rendered YAML. `filter_config` is token-auth's, a dict or a JSON string (an
     object); None leaves token-auth out (tests only: later filters then trust identity headers
@@ -512,8 +567,15 @@ def render(
     `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
     reach every worker's VM deterministically).
     With `ecds_dir`, every filter is discovered by ECDS (its configuration then lives in its
-    resource file: write them with write_ecds_resources(...))."""
+    resource file: write them with write_ecds_resources(...)).
+    `gateway`: the chain runs as ngsi-gateway, one filter whose stages are token-auth and
+    `extra_filters` (`wasm` is then ngsi_gateway.wasm; with `ecds_dir` its resource is
+    ngsi-gateway.json)."""
     without_token_auth = filter_config is None and not ecds_dir
+    if gateway and without_token_auth:
+        raise ValueError("gateway: its first stage is token-auth; give token-auth's configuration")
+    if gateway and wasm == DEFAULT_WASM:
+        wasm = DEFAULT_GATEWAY_WASM
     # None: only for tests whose requests carry identity headers themselves (tests/e2e parity).
     filter_config = json_object({} if without_token_auth else filter_config, "token-auth")
     template_path = template_path or TEMPLATE
@@ -539,7 +601,9 @@ def render(
         "IDP_ADDRESS": idp_host,
         "IDP_PORT": idp_port,
         "IDP_CLUSTER_TYPE": "STATIC" if _IPV4.match(idp_host) else "STRICT_DNS",
-        "TOKEN_AUTH_FILTER": filter_entry_yaml(
+        "TOKEN_AUTH_FILTER": _gateway_entry_yaml(
+            gateway_filter(filter_config, extra_filters, wasm), ecds_dir, failure_policy,
+            allow_on_headers_stop_iteration) if gateway else filter_entry_yaml(
             ECDS_NAME, wasm, filter_config, 10, ecds_dir, failure_policy=failure_policy,
             allow_on_headers_stop_iteration=allow_on_headers_stop_iteration),
         "FAILURE_POLICY": failure_policy,
@@ -548,7 +612,7 @@ def render(
             "# every worker's VM (by default the kernel picks, and one worker may get them all).",
             "connection_balance_config: { exact_balance: {} }"], 4) if exact_balance else "",
         "TRANSPORT_SOCKET": transport_socket(tls_cert, tls_key, client_ca),
-        "MORE_HTTP_FILTERS": "\n".join(
+        "MORE_HTTP_FILTERS": "" if gateway else "\n".join(
             _chain_filter_yaml(f, n, ecds_dir, failure_policy)
             for n, f in enumerate(extra_filters, start=2)),
         "EXTRA_CLUSTERS": owners_cluster(owners) if owners else "",
@@ -608,6 +672,9 @@ def main(argv=None):
                             help=f"add {name} after token-auth with this JSON configuration")
         parser.add_argument(f"--{name}-wasm", default=os.path.join(WASM_DIR, wasm_file),
                             help=f"{wasm_file} path")
+    parser.add_argument("--gateway", action="store_true",
+                        help="run token-auth and the filters after it as ngsi-gateway, one"
+                             " module (ngsi_gateway.wasm; --wasm names it), one pass")
     parser.add_argument("--owners", metavar="HOST:PORT",
                         help="ownership registry for device-ownership (cluster \"owners\")")
     parser.add_argument("--no-validate", action="store_true",
@@ -620,6 +687,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.mqtt:
         return _main_mqtt(parser, args)
+    if args.gateway and args.wasm is None:
+        args.wasm = DEFAULT_GATEWAY_WASM
     for option, default in HTTP_CLI_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
@@ -645,7 +714,13 @@ def main(argv=None):
                 raise ValueError(f"--{name}-wasm: {wasm} does not exist (build it with `cargo wasm`)")
             with open(config_file, encoding="utf-8") as f:
                 extra_filters.append(chain_filter(name, json.load(f), wasm))
-        if not args.no_validate:
+        gateway = gateway_filter(config, extra_filters, args.wasm) if args.gateway else None
+        if args.no_validate:
+            pass
+        elif gateway:
+            validate_offline(gateway["name"], gateway["wasm"], gateway["config"],
+                             lambda message: print(f"render.py: {message}", file=sys.stderr))
+        else:
             validate_chain(config, args.wasm, extra_filters)
         text = render(
             config,
@@ -663,11 +738,12 @@ def main(argv=None):
             extra_filters=extra_filters,
             owners=args.owners,
             failure_policy=args.failure_policy,
+            gateway=args.gateway,
         )
         if args.ecds:
             write_ecds_resources(args.ecds, config, args.wasm, extra_filters,
                                  allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration,
-                                 failure_policy=args.failure_policy)
+                                 failure_policy=args.failure_policy, gateway=args.gateway)
     except (OSError, ValueError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
@@ -677,7 +753,9 @@ def main(argv=None):
     else:
         sys.stdout.write(text)
     if args.ecds:
-        for name in ["token-auth"] + [f["name"] for f in extra_filters]:
+        written = [GATEWAY_NAME] if args.gateway else \
+            ["token-auth"] + [f["name"] for f in extra_filters]
+        for name in written:
             print(f"render.py: wrote {name}'s ECDS resource {ecds_path(args.ecds, name)}",
                   file=sys.stderr)
     return 0
@@ -765,7 +843,7 @@ MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",
                      "broker": "127.0.0.1:11883", "wasm": DEFAULT_MQTT_WASM,
                      "node_id": "iot-mqtt-sidecar"}
 # HTTP-only options, refused with --mqtt (their parser defaults, to tell whether one was given).
-_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners",
+_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners", "gateway",
                       *(f"{name.replace('-', '_')}_config" for name in CHAIN_FILTERS))
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -512,3 +513,69 @@ def test_the_ecds_rendering_matches_the_inline_one_outside_the_filter(work_dir, 
     assert json.loads(config["configuration"]["value"]) == base_config(idp)
     assert config["vm_config"]["code"]["local"]["filename"] == os.path.abspath(wasm)
     assert config["failure_policy"] == "FAIL_RELOAD"
+
+
+def configmap_update(directory, version, resource):
+    """Updates `directory` the way the kubelet updates a mounted ConfigMap: the new files in a
+    fresh hidden directory, a `..data_tmp` symlink to it renamed over `..data` (the one atomic
+    step), the old directory removed. `token-auth.json` itself is a symlink through `..data`
+    and never changes."""
+    fresh = os.path.join(directory, f"..{version}")
+    os.mkdir(fresh)
+    with open(os.path.join(fresh, "token-auth.json"), "w") as f:
+        json.dump(resource, f)
+    data = os.path.join(directory, "..data")
+    old = os.path.realpath(data) if os.path.islink(data) else None
+    tmp = os.path.join(directory, "..data_tmp")
+    os.symlink(os.path.basename(fresh), tmp)
+    os.rename(tmp, data)
+    if old and old != os.path.realpath(fresh):
+        shutil.rmtree(old)
+
+
+def test_a_kubernetes_configmap_update_reloads_the_policy(work_dir, wasm, idp, broker):
+    """ECDS from a directory laid out and updated as a Kubernetes ConfigMap volume: Envoy
+    watches the directory, so the rename of `..data` reloads token-auth.json (a symlink)."""
+    directory = os.path.join(work_dir, "ecds-configmap")
+    proxy = e2e.Envoy(work_dir=work_dir, name="envoy-ecds-configmap",
+                      filter_config=base_config(idp), broker_port=broker.port,
+                      idp_port=idp.port, wasm=wasm, ecds_dir=directory).start()
+    try:
+        token = idp.token(ORION)
+        assert jwt_get(proxy, token).status == 200
+
+        def resource(version, **overrides):
+            return e2e.render.ecds_resource(base_config(idp, **overrides), wasm,
+                                            version=version)
+
+        # The layout a ConfigMap mount has; the same resource Envoy already runs.
+        configmap_update(directory, "v1", resource("1"))
+        link_tmp = os.path.join(directory, ".token-auth.json.link")
+        os.symlink(os.path.join("..data", "token-auth.json"), link_tmp)
+        os.rename(link_tmp, proxy.ecds_resource)
+
+        # token-auth.json (a symlink) never changes again: only `..data` is renamed.
+        configmap_update(directory, "v2", resource("2", required_roles=["no-such-role"]))
+        e2e.wait_until(lambda: ecds_stats(proxy)["version_text"] == "2",
+                       "the ConfigMap update reloaded", timeout=10)
+        probe = new_probe()
+        assert jwt_get(proxy, token, probe).status == 403
+        assert broker.received(probe) == []
+
+        # A configuration the filter refuses: rejected, the previous one stays in force.
+        rejected = ecds_stats(proxy).get("update_rejected", 0)
+        configmap_update(directory, "v3", resource("3", required_roles="not-a-list"))
+        e2e.wait_until(lambda: ecds_stats(proxy).get("update_rejected", 0) > rejected,
+                       "the bad ConfigMap update was rejected", timeout=10)
+        assert ecds_stats(proxy)["version_text"] == "2"
+        assert jwt_get(proxy, token).status == 403
+
+        configmap_update(directory, "v4", resource("4"))
+        e2e.wait_until(lambda: ecds_stats(proxy)["version_text"] == "4",
+                       "the good ConfigMap update reloaded", timeout=10)
+        probe = new_probe()
+        assert jwt_get(proxy, token, probe).status == 200
+        assert len(broker.received(probe)) == 1
+        assert proxy.proc.alive()
+    finally:
+        proxy.stop()

@@ -9,6 +9,7 @@ same verification code token-auth uses)."""
 import base64
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import time
@@ -182,6 +183,11 @@ def test_forbidden_publish_never_reaches_a_subscriber(proxy):
     assert 'decision=deny status=403 reason=forbidden subject="lamp-01" method="PUBLISH" ' \
            'path=- tenant=- request_id=- rule="default-deny" operation="mqtt PUBLISH devices/lamp-02/cmd"' \
         in proxy.log_text()
+    # Per rule on /stats/prometheus, labelled as on the HTTP sidecar.
+    text = proxy.admin("/stats/prometheus").body.decode()
+    for rule, decision in (("default-deny", "deny"), ("own-topics", "allow")):
+        assert re.search(r'^iot_rule_decisions\{filter="mqtt_acl",rule="%s",decision="%s"\} '
+                         r'[1-9]' % (rule, decision), text, re.M), text
 
 
 def test_forbidden_publish_v5_gets_puback_not_authorized(proxy):

@@ -121,8 +121,20 @@ def prometheus_decisions(proxy):
     return out
 
 
+def prometheus_rule_decisions(proxy):
+    """{(filter, rule, decision): count} of iot_rule_decisions on /stats/prometheus."""
+    out = {}
+    for line in proxy.admin("/stats/prometheus").body.decode().splitlines():
+        m = re.fullmatch(r"iot_rule_decisions\{(.*)\} (\d+)", line)
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            out[(labels["filter"], labels["rule"], labels["decision"])] = int(m.group(2))
+    return out
+
+
 def test_prometheus_has_decisions_labelled_by_filter_decision_and_reason(chain, token):
     before = prometheus_decisions(chain)
+    before_rules = prometheus_rule_decisions(chain)
     r = chain.request("GET", "/v2/entities/urn:ngsi-ld:Sensor:calibration-9?type=Sensor",
                       headers(token))
     assert r.status == 403
@@ -133,7 +145,29 @@ def test_prometheus_has_decisions_labelled_by_filter_decision_and_reason(chain, 
     assert after.get(key, 0) - before.get(key, 0) == 1, after
     key = ("token_auth", "deny", "unauthenticated")
     assert after.get(key, 0) - before.get(key, 0) == 1, after
+    # Per rule: the deny rule that refused the calibration entity.
+    rules = prometheus_rule_decisions(chain)
+    assert rules.get(("entity_acl", "no-calibration", "deny"), 0) - before_rules.get(
+        ("entity_acl", "no-calibration", "deny"), 0) == 1, rules
     # The labelled counters replace no name: the per-filter counters are still there.
     text = chain.admin("/stats/prometheus").body.decode()
     assert re.search(r"^entity_acl_denied_forbidden\{\} \d+$", text, re.M)
     assert "# TYPE iot_decisions counter" in text
+
+
+def test_prometheus_counts_decisions_per_rule_with_default_deny_for_unmatched(chain, token):
+    before = prometheus_rule_decisions(chain)
+    r = chain.request("GET", "/v2/entities/urn:ngsi-ld:Sensor:9?type=Sensor", headers(token))
+    assert r.status < 500
+    r = chain.request("GET", "/v2/entities/urn:ngsi-ld:Room:9?type=Room", headers(token))
+    assert r.status == 403
+    after = prometheus_rule_decisions(chain)
+
+    def grew(key):
+        return after.get(key, 0) - before.get(key, 0)
+    assert grew(("entity_acl", "writers-sensors", "allow")) == 1, after
+    assert grew(("entity_acl", "default-deny", "deny")) == 1, after
+    # Only ACL rules have counters: token-auth's decisions name no rule.
+    assert not [k for k in after if k[0] == "token_auth"], after
+    text = chain.admin("/stats/prometheus").body.decode()
+    assert "# TYPE iot_rule_decisions counter" in text

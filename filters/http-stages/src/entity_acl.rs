@@ -78,7 +78,7 @@ impl EntityAclStage {
     }
 
     /// Logs and counts the verdict; Next lets the request go on (allowed, or shadow mode).
-    fn apply(&self, identity: Option<&Identity>, verdict: &Verdict) -> Step {
+    fn apply(&self, req: &Request, identity: Option<&Identity>, verdict: &Verdict) -> Step {
         let about = Decided {
             filter: NAME,
             mode: self.acl.mode,
@@ -86,6 +86,7 @@ impl EntityAclStage {
             identity,
             operation: &verdict.operation,
             entities: &verdict.entities,
+            request_headers: Some(req.headers()),
         };
         match record_decision(&about, &verdict.decision, &self.metrics) {
             Ok(()) => Step::Next,
@@ -110,14 +111,14 @@ impl Stage for EntityAclStage {
     fn on_request(&mut self, req: &mut Request) -> Step {
         let facts = match self.facts(req) {
             Ok(facts) => facts,
-            Err(verdict) => return self.apply(None, &verdict),
+            Err(verdict) => return self.apply(req, None, &verdict),
         };
         let declared_too_large = proxy_glue::first_header(&facts.headers, "content-length")
             .parse::<usize>()
             .is_ok_and(|n| n > self.acl.max_body_bytes);
         if declared_too_large {
             let verdict = self.acl.too_large(&facts.method, &facts.path);
-            return self.apply(facts.identity.as_ref(), &verdict);
+            return self.apply(req, facts.identity.as_ref(), &verdict);
         }
         Step::NeedBody
     }
@@ -125,7 +126,7 @@ impl Stage for EntityAclStage {
     fn on_body(&mut self, req: &mut Request) -> Step {
         let facts = match self.facts(req) {
             Ok(facts) => facts,
-            Err(verdict) => return self.apply(None, &verdict),
+            Err(verdict) => return self.apply(req, None, &verdict),
         };
         let verdict = self.acl.decide(
             facts.identity.as_ref(),
@@ -134,7 +135,7 @@ impl Stage for EntityAclStage {
             &facts.headers,
             &req.body,
         );
-        self.apply(facts.identity.as_ref(), &verdict)
+        self.apply(req, facts.identity.as_ref(), &verdict)
     }
 
     fn body_limit(&self) -> usize {
@@ -149,9 +150,9 @@ impl Stage for EntityAclStage {
         match self.facts(req) {
             Ok(facts) => {
                 let verdict = self.acl.too_large(&facts.method, &facts.path);
-                self.apply(facts.identity.as_ref(), &verdict)
+                self.apply(req, facts.identity.as_ref(), &verdict)
             }
-            Err(verdict) => self.apply(None, &verdict),
+            Err(verdict) => self.apply(req, None, &verdict),
         }
     }
 
@@ -167,7 +168,7 @@ impl Stage for EntityAclStage {
         )
     }
 
-    fn refuse(&mut self, _req: &mut Request, reason: DenyReason) -> Step {
-        self.apply(None, &deny_verdict("-".into(), reason))
+    fn refuse(&mut self, req: &mut Request, reason: DenyReason) -> Step {
+        self.apply(req, None, &deny_verdict("-".into(), reason))
     }
 }

@@ -161,8 +161,21 @@ impl TokenAuthStage {
 
     /// Removes every identity header and every `x-envoy-*` header the client sent: only this
     /// stage sets them (by name: a copy is removed whatever its bytes).
+    ///
+    /// Only names present in the request as read are removed (one host call each): the copy
+    /// holds every header the client sent, and names are compared ignoring ASCII case.
     fn strip_client_identity(&self, req: &mut Request) {
-        let mut names = self.auth.identity_header_names();
+        let sent = |name: &str| {
+            req.headers()
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+        };
+        let mut names: Vec<String> = self
+            .auth
+            .identity_header_names()
+            .into_iter()
+            .filter(|name| sent(name))
+            .collect();
         names.extend(
             req.headers()
                 .iter()
@@ -237,7 +250,7 @@ impl TokenAuthStage {
                 // Joining a lookup in flight is free; a new one must fit under max_in_flight.
                 if !in_flight {
                     if let Err(reason) = self.admit_introspection() {
-                        return self.shed(reason);
+                        return self.shed(req, reason);
                     }
                 }
                 self.lookups.join(key.clone(), req.ctx, Some(token.clone()));
@@ -266,11 +279,12 @@ impl TokenAuthStage {
 
     /// Refuses a request whose token would need one introspection too many: 503 with
     /// `Retry-After`, a log line and `token_auth.introspection.shed`.
-    fn shed(&self, reason: DenyReason) -> Step {
+    fn shed(&self, req: &Request, reason: DenyReason) -> Step {
         self.metrics.introspection_shed.inc();
         self.metrics.denied(&reason).inc();
         let decision = Decision::Deny(reason.clone());
         self.emit(
+            req,
             DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::IntrospectionShed),
         );
         Step::Deny {
@@ -305,9 +319,9 @@ impl TokenAuthStage {
     }
 
     /// Logs, exports and counts a decision on the current stream, with the request's facts.
-    fn emit(&self, line: DecisionLine) {
+    fn emit(&self, req: &Request, line: DecisionLine) {
         proxy_glue::emit_decision(
-            &proxy_glue::with_request_facts(line),
+            &proxy_glue::with_facts_from(line, req.headers()),
             self.auth.config().log_allows,
         );
     }
@@ -323,7 +337,10 @@ impl TokenAuthStage {
                 req.caller = Caller::Known(None);
                 self.metrics.public.inc();
                 let decision = Decision::Allow("public route".into());
-                self.emit(DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::Public));
+                self.emit(
+                    req,
+                    DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::Public),
+                );
                 Step::Next
             }
             Outcome::Allow {
@@ -349,6 +366,7 @@ impl TokenAuthStage {
                     .unwrap_or_default();
                 let decision = Decision::Allow(format!("verified {kind} credential"));
                 self.emit(
+                    req,
                     DecisionLine::new(NAME, Mode::Enforce, &decision)
                         .subject(Some(&identity.subject))
                         .literal("kind", &kind),
@@ -356,13 +374,17 @@ impl TokenAuthStage {
                 req.caller = Caller::Known(Some(identity));
                 Step::Next
             }
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason,
+                challenge,
+                subject,
+            } => {
                 self.metrics.denied(&reason).inc();
-                self.emit(DecisionLine::new(
-                    NAME,
-                    Mode::Enforce,
-                    &Decision::Deny(reason.clone()),
-                ));
+                self.emit(
+                    req,
+                    DecisionLine::new(NAME, Mode::Enforce, &Decision::Deny(reason.clone()))
+                        .subject(subject.as_deref()),
+                );
                 Step::Deny {
                     reason,
                     headers: challenge
@@ -428,6 +450,7 @@ fn deny(reason: DenyReason) -> Outcome {
     Outcome::Deny {
         reason,
         challenge: None,
+        subject: None,
     }
 }
 
@@ -451,13 +474,12 @@ impl Stage for TokenAuthStage {
         self.decide(req, true)
     }
 
-    fn refuse(&mut self, _req: &mut Request, reason: DenyReason) -> Step {
+    fn refuse(&mut self, req: &mut Request, reason: DenyReason) -> Step {
         self.metrics.denied(&reason).inc();
-        self.emit(DecisionLine::new(
-            NAME,
-            Mode::Enforce,
-            &Decision::Deny(reason.clone()),
-        ));
+        self.emit(
+            req,
+            DecisionLine::new(NAME, Mode::Enforce, &Decision::Deny(reason.clone())),
+        );
         Step::deny(reason)
     }
 

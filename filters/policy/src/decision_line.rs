@@ -110,6 +110,25 @@ pub const STATE_RULE: &str = "iot_rule";
 /// reason}`.
 pub const DECISIONS_METRIC: &str = "iot_decisions";
 
+/// The per-rule counter's name stem: `iot_rule_decisions.filter.<f>.rule.<rule>.decision.<d>`,
+/// tagged `iot_rule_decisions{filter, rule, decision}`. Rule names come from the configuration
+/// (and `default-deny`), never from a request, so the label values are bounded by the policy;
+/// only names a metric can carry as they are get one ([`metric_safe_rule`]).
+pub const RULE_DECISIONS_METRIC: &str = "iot_rule_decisions";
+
+/// Longest rule name with a counter of its own.
+pub const MAX_METRIC_RULE_NAME: usize = 64;
+
+/// Whether a rule name can be a metric label as it is: 1 to 64 ASCII letters, digits, `-`,
+/// `_` (no `.`, which separates a stat name's parts, and nothing a tag regex would misread).
+pub fn metric_safe_rule(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_METRIC_RULE_NAME
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// One decided request (or MQTT packet), ready to be logged, exported and counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecisionLine {
@@ -219,6 +238,24 @@ impl DecisionLine {
             self.kind.as_str(),
             self.reason.as_str()
         )
+    }
+
+    /// The per-rule counters of this decision: one per rule that decided (several allowing
+    /// rules may), e.g. `iot_rule_decisions.filter.entity_acl.rule.no-vault.decision.deny`;
+    /// none when no rule decided or for a name [`metric_safe_rule`] refuses.
+    pub fn rule_metric_names(&self) -> Vec<String> {
+        let filter = self.filter.replace('-', "_");
+        self.rule
+            .iter()
+            .flat_map(|rules| rules.split(','))
+            .filter(|name| metric_safe_rule(name))
+            .map(|name| {
+                format!(
+                    "{RULE_DECISIONS_METRIC}.filter.{filter}.rule.{name}.decision.{}",
+                    self.kind.as_str()
+                )
+            })
+            .collect()
     }
 
     /// What Envoy's access log gets, as (property name, value): the values unquoted but
@@ -395,6 +432,43 @@ mod tests {
             DecisionLine::new("entity-acl", Mode::Enforce, &v.decision).rule,
             Some(DEFAULT_DENY_RULE.into())
         );
+    }
+
+    #[test]
+    fn rule_counters_name_each_deciding_rule_that_a_metric_can_carry() {
+        let deny = DecisionLine::new("entity-acl", Mode::Enforce, &deny_by_rule());
+        assert_eq!(
+            deny.rule_metric_names(),
+            ["iot_rule_decisions.filter.entity_acl.rule.secret-rooms.decision.deny"]
+        );
+        let allow = DecisionLine::new(
+            "mqtt-acl",
+            Mode::Enforce,
+            &Decision::Allow("acl:a,b_2".into()),
+        );
+        assert_eq!(
+            allow.rule_metric_names(),
+            [
+                "iot_rule_decisions.filter.mqtt_acl.rule.a.decision.allow",
+                "iot_rule_decisions.filter.mqtt_acl.rule.b_2.decision.allow"
+            ]
+        );
+        let by_default = DecisionLine::new(
+            "entity-acl",
+            Mode::Shadow,
+            &Decision::denied_by_default("read on Room1"),
+        );
+        assert_eq!(
+            by_default.rule_metric_names(),
+            ["iot_rule_decisions.filter.entity_acl.rule.default-deny.decision.shadow-deny"]
+        );
+        // No rule decided, or a name a stat can't carry as it is: no per-rule counter.
+        let token = DecisionLine::new("token-auth", Mode::Enforce, &Decision::Allow("jwt".into()));
+        assert!(token.rule_metric_names().is_empty());
+        for name in ["has.dot", "has space", "quote\"", "", &"x".repeat(65)] {
+            assert!(!metric_safe_rule(name), "{name}");
+        }
+        assert!(metric_safe_rule(&"x".repeat(64)));
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub enum Outcome {
         reason: DenyReason,
         /// The `WWW-Authenticate` value, for 400/401/403.
         challenge: Option<String>,
+        /// Who was refused, when the credential was verified (a 403 for a missing role or
+        /// an unauthorized party), for the decision line; `None` when nobody was verified.
+        subject: Option<String>,
     },
     /// The keys of this issuer are not loaded (or a kid is unknown): fetch them, then ask
     /// again with [`TokenAuth::authenticate`].
@@ -334,6 +337,11 @@ impl TokenAuth {
     }
 
     fn deny(&self, reason: DenyReason) -> Outcome {
+        self.deny_as(reason, None)
+    }
+
+    /// A refusal; `verified` names the caller when the credential was verified (a 403).
+    fn deny_as(&self, reason: DenyReason, verified: Option<&Identity>) -> Outcome {
         let code = match reason {
             DenyReason::BadRequest(_) => Some("invalid_request"),
             DenyReason::Unauthenticated(_) => Some("invalid_token"),
@@ -341,7 +349,11 @@ impl TokenAuth {
             _ => None,
         };
         let challenge = code.map(|c| self.challenge(Some((c, reason.description()))));
-        Outcome::Deny { reason, challenge }
+        Outcome::Deny {
+            reason,
+            challenge,
+            subject: verified.map(|identity| identity.subject.clone()),
+        }
     }
 
     /// A public route: let it through without whatever credential the client sent, whether
@@ -365,9 +377,12 @@ impl TokenAuth {
     fn allow(&self, identity: Identity, found: Option<&FoundCredential>, path: &str) -> Outcome {
         let required = &self.config.required_roles;
         if !required.is_empty() && !required.iter().any(|r| identity.has_role(r)) {
-            return self.deny(DenyReason::Forbidden(
-                "the credential is valid but not for this application".into(),
-            ));
+            return self.deny_as(
+                DenyReason::Forbidden(
+                    "the credential is valid but not for this application".into(),
+                ),
+                Some(&identity),
+            );
         }
         let parties = &self.config.authorized_parties;
         let is_token = matches!(identity.kind, IdentityKind::Jwt | IdentityKind::OpaqueToken);
@@ -378,9 +393,12 @@ impl TokenAuth {
                 .as_ref()
                 .is_some_and(|a| parties.contains(a))
         {
-            return self.deny(DenyReason::Forbidden(
-                "the token was issued to a client that is not an authorized party".into(),
-            ));
+            return self.deny_as(
+                DenyReason::Forbidden(
+                    "the token was issued to a client that is not an authorized party".into(),
+                ),
+                Some(&identity),
+            );
         }
         let (strip_headers, new_path) = match found {
             Some(found) if !self.config.forward_token => {
@@ -426,6 +444,7 @@ impl TokenAuth {
             return Outcome::Deny {
                 reason: DenyReason::Unauthenticated("missing credential".into()),
                 challenge: Some(self.challenge(None)),
+                subject: None,
             };
         };
         match &found.credential {
@@ -548,6 +567,7 @@ impl TokenAuth {
                     Outcome::Deny {
                         reason: TokenError::KeysStale.deny_reason(),
                         challenge: None,
+                        subject: None,
                     }
                 } else if has_keys {
                     self.deny(TokenError::UnknownKid.deny_reason())
@@ -557,6 +577,7 @@ impl TokenAuth {
                             "the identity provider's keys are not available".into(),
                         ),
                         challenge: None,
+                        subject: None,
                     }
                 }
             }
@@ -635,6 +656,7 @@ impl TokenAuth {
             IntrospectionOutcome::Refused(DenyReason::Unavailable(d)) => Outcome::Deny {
                 reason: DenyReason::Unavailable(d.clone()),
                 challenge: None,
+                subject: None,
             },
             IntrospectionOutcome::Refused(reason) => self.deny(reason.clone()),
         }
@@ -857,7 +879,9 @@ mod tests {
     fn missing_and_bad_credentials_are_refused_with_challenges() {
         let mut a = auth(serde_json::json!({}));
         match decide(&mut a, "/v2/entities", &[]) {
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason, challenge, ..
+            } => {
                 assert_eq!(reason.status(), 401);
                 assert_eq!(challenge.as_deref(), Some("Bearer realm=\"orion\""));
             }
@@ -865,7 +889,9 @@ mod tests {
         }
         let expired = format!("Bearer {}", token("expired"));
         match decide(&mut a, "/v2/entities", &[("authorization", &expired)]) {
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason, challenge, ..
+            } => {
                 assert_eq!(reason.status(), 401);
                 assert!(challenge.unwrap().contains("error=\"invalid_token\""));
             }
@@ -955,7 +981,9 @@ mod tests {
             }
         );
         match a.authenticate_without_fetch(&facts, later) {
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason, challenge, ..
+            } => {
                 assert_eq!(reason.status(), 503);
                 assert_eq!(challenge, None);
             }
@@ -1019,9 +1047,15 @@ mod tests {
         let mut a = auth(serde_json::json!({"required_roles": ["city-admin"]}));
         let bearer = format!("Bearer {}", token("valid_rs256"));
         match decide(&mut a, "/v2/entities", &[("authorization", &bearer)]) {
-            Outcome::Deny { reason, challenge } => {
+            Outcome::Deny {
+                reason,
+                challenge,
+                subject,
+            } => {
                 assert_eq!(reason.status(), 403);
                 assert!(challenge.unwrap().contains("insufficient_scope"));
+                // The token was verified: the refusal names its subject.
+                assert_eq!(subject.as_deref(), Some("5f0c-alice"));
             }
             other => panic!("{other:?}"),
         }

@@ -276,6 +276,9 @@ pub struct Decided<'a> {
     pub operation: &'a str,
     /// [`policy::enforcement::summarize_accesses`] of what the request touches.
     pub entities: &'a str,
+    /// The request headers as the filter read them, for the decision line's request facts;
+    /// `None`: read them from the host.
+    pub request_headers: Option<&'a policy::header_pairs::HeaderPairs>,
 }
 
 /// Applies a decision the same way in every NGSI policy filter: the decision line (logged,
@@ -305,10 +308,14 @@ pub fn record_decision(
     metrics: &DecisionMetrics,
 ) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
-    let line = with_request_facts(DecisionLine::new(about.filter, about.mode, decision))
-        .subject(about.identity.map(|i| i.subject.as_str()))
-        .text("operation", about.operation)
-        .literal("entities", about.entities);
+    let line = DecisionLine::new(about.filter, about.mode, decision);
+    let line = match about.request_headers {
+        Some(headers) => with_facts_from(line, headers),
+        None => with_request_facts(line),
+    }
+    .subject(about.identity.map(|i| i.subject.as_str()))
+    .text("operation", about.operation)
+    .literal("entities", about.entities);
     metrics.record(decision, about.mode);
     emit_decision(&line, about.log_allows);
     match decision {
@@ -321,14 +328,27 @@ pub fn record_decision(
 /// `line` with the method, path, tenant (`fiware-service`, else `ngsild-tenant`) and
 /// `x-request-id` of the current request. Read while the request headers are readable (in the
 /// headers callback, or while the filter holds the request); a header that can't be read is
-/// left out.
+/// left out. A filter that holds the headers it read uses [`with_facts_from`] instead (no host
+/// calls).
 pub fn with_request_facts(line: DecisionLine) -> DecisionLine {
-    let get = |name: &str| {
+    with_facts(line, |name| {
         host::header_value(MapType::HttpRequestHeaders, name)
             .ok()
             .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    };
+    })
+}
+
+/// [`with_request_facts`] from a copy of the request headers (as read, and kept up to date
+/// by the filter's own changes).
+pub fn with_facts_from(
+    line: DecisionLine,
+    headers: &policy::header_pairs::HeaderPairs,
+) -> DecisionLine {
+    with_facts(line, |name| headers.first(name).map(<[u8]>::to_vec))
+}
+
+fn with_facts(line: DecisionLine, header: impl Fn(&str) -> Option<Vec<u8>>) -> DecisionLine {
+    let get = |name: &str| header(name).map(|v| String::from_utf8_lossy(&v).into_owned());
     let tenant = get("fiware-service").or_else(|| get("ngsild-tenant"));
     line.request(
         get(":method").as_deref(),
@@ -358,18 +378,33 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
         let _ = host::set_property(name, value.as_bytes());
     }
     decision_counter(&line.metric_name()).inc();
+    for name in line.rule_metric_names() {
+        decision_counter(&name).inc();
+    }
 }
 
 thread_local! {
     /// Labelled decision counters, defined once per VM (Envoy allocates a new metric id on
-    /// every define). The names come from closed sets, so the map stays small.
+    /// every define). The names come from closed sets and the configured rule names, so the
+    /// map stays small; [`MAX_DECISION_COUNTERS`] bounds it whatever happens.
     static DECISION_COUNTERS: RefCell<HashMap<String, Counter>> = RefCell::new(HashMap::new());
 }
 
+/// At most this many labelled counters per VM (the closed-set ones number under a hundred;
+/// the rest are per-rule ones). Beyond it a new name is not counted: stats must not grow
+/// without bound even if a policy names thousands of rules.
+const MAX_DECISION_COUNTERS: usize = 4096;
+
 fn decision_counter(name: &str) -> Counter {
     DECISION_COUNTERS.with(|counters| {
+        let mut counters = counters.borrow_mut();
+        if let Some(counter) = counters.get(name) {
+            return *counter;
+        }
+        if counters.len() >= MAX_DECISION_COUNTERS {
+            return Counter(None);
+        }
         *counters
-            .borrow_mut()
             .entry(name.to_string())
             .or_insert_with(|| Counter::define(name))
     })
