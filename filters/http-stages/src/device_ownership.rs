@@ -175,10 +175,10 @@ impl DeviceOwnershipStage {
         self.streams.entry(ctx).or_default()
     }
 
-    /// Logs and counts a decision on stream `ctx` (the effective context); Err: the request
+    /// Logs and counts a decision on `req`'s stream (the effective context); Err: the request
     /// must stop with this client-facing reason (a denial in enforce mode).
-    fn conclude(&self, ctx: u32, decision: &Decision) -> Result<(), DenyReason> {
-        let st = self.streams.get(&ctx);
+    fn conclude(&self, req: &Request, decision: &Decision) -> Result<(), DenyReason> {
+        let st = self.streams.get(&req.ctx);
         let (operation, entities) = match st.and_then(|s| s.access.as_ref()) {
             Some(r) => (r.operation.clone(), summarize_accesses(&r.accesses)),
             None => (
@@ -194,13 +194,14 @@ impl DeviceOwnershipStage {
             identity: st.and_then(|s| s.identity.as_ref()),
             operation: &operation,
             entities: &entities,
+            request_headers: Some(req.headers()),
         };
         record_decision(&about, decision, &self.metrics.decisions)
     }
 
     /// A final decision: Next (allowed, or shadow mode) or the denial.
-    fn done(&self, ctx: u32, decision: &Decision) -> Step {
-        match self.conclude(ctx, decision) {
+    fn done(&self, req: &Request, decision: &Decision) -> Step {
+        match self.conclude(req, decision) {
             Ok(()) => Step::Next,
             Err(reason) => Step::deny(reason),
         }
@@ -233,7 +234,7 @@ impl DeviceOwnershipStage {
             classify(&ngsi).and_then(|r| Endpoint::of(&st.method, &st.path).map(|e| (r, e)));
         let (access, endpoint) = match classified {
             Ok(c) => c,
-            Err(reason) => return self.done(ctx, &Decision::Deny(reason)),
+            Err(reason) => return self.done(req, &Decision::Deny(reason)),
         };
         st.ld_context = scope::carries_ld_context(&st.headers, &st.path, &req.body);
         let input = ScopeInput {
@@ -246,7 +247,7 @@ impl DeviceOwnershipStage {
         st.endpoint = Some(endpoint);
         if let Some(why) = out_of_scope {
             // Not ownership's business: passed untouched, without a lookup.
-            return self.done(ctx, &Decision::Allow(why));
+            return self.done(req, &Decision::Allow(why));
         }
         self.advance(req)
     }
@@ -357,13 +358,13 @@ impl DeviceOwnershipStage {
     fn finish_request(&mut self, req: &mut Request, verdict: Verdict) -> Step {
         let ctx = req.ctx;
         if let Decision::Deny(_) = &verdict.decision {
-            return self.done(ctx, &verdict.decision);
+            return self.done(req, &verdict.decision);
         }
         let Some((st, access, endpoint)) = self.streams.get(&ctx).and_then(|st| {
             let (access, endpoint) = (st.access.as_ref()?, st.endpoint.as_ref()?);
             Some((st, access, endpoint))
         }) else {
-            return self.done(ctx, &Decision::Deny(unavailable("internal error")));
+            return self.done(req, &Decision::Deny(unavailable("internal error")));
         };
         let identity = st.identity.as_ref();
         let new_body = match self
@@ -371,7 +372,7 @@ impl DeviceOwnershipStage {
             .create_body(&verdict, identity, endpoint, &req.body)
         {
             Ok(body) => body,
-            Err(reason) => return self.done(ctx, &Decision::Deny(reason)),
+            Err(reason) => return self.done(req, &Decision::Deny(reason)),
         };
         let claims = self
             .own
@@ -380,7 +381,7 @@ impl DeviceOwnershipStage {
         for (key, call) in claims {
             let Some(token) = self.send(&call) else {
                 let reason = unavailable("cannot reach the ownership registry");
-                return self.done(ctx, &Decision::Deny(reason));
+                return self.done(req, &Decision::Deny(reason));
             };
             self.metrics.claims.inc();
             self.callouts.insert(token, Purpose::Claim { ctx, key });
@@ -402,12 +403,12 @@ impl DeviceOwnershipStage {
         let st = self.stream(ctx);
         let (verdict, failure) = (st.verdict.take(), st.failure.take());
         let Some(verdict) = verdict else {
-            return self.done(ctx, &Decision::Deny(unavailable("internal error")));
+            return self.done(req, &Decision::Deny(unavailable("internal error")));
         };
         if let Some(reason) = failure {
-            return self.done(ctx, &Decision::Deny(reason));
+            return self.done(req, &Decision::Deny(reason));
         }
-        if let Err(reason) = self.conclude(ctx, &verdict.decision) {
+        if let Err(reason) = self.conclude(req, &verdict.decision) {
             return Step::deny(reason);
         }
         let shadow = self.own.config().mode == Mode::Shadow;
@@ -630,7 +631,7 @@ impl Stage for DeviceOwnershipStage {
             Ok(headers) => headers,
             Err(reason) => {
                 self.streams.insert(ctx, StreamState::default());
-                return self.done(ctx, &Decision::Deny(reason));
+                return self.done(req, &Decision::Deny(reason));
             }
         };
         let get = |name: &str| proxy_glue::first_header(&headers, name);
@@ -654,7 +655,7 @@ impl Stage for DeviceOwnershipStage {
         };
         self.streams.insert(ctx, st);
         if let Err(reason) = identity {
-            return self.done(ctx, &Decision::Deny(reason));
+            return self.done(req, &Decision::Deny(reason));
         }
         if declared.is_some_and(|n| n > self.body_limit()) {
             return self.on_body_too_large(req);
@@ -672,7 +673,7 @@ impl Stage for DeviceOwnershipStage {
 
     fn refuse(&mut self, req: &mut Request, reason: DenyReason) -> Step {
         self.streams.entry(req.ctx).or_default();
-        self.done(req.ctx, &Decision::Deny(reason))
+        self.done(req, &Decision::Deny(reason))
     }
 
     fn resume(&mut self, req: &mut Request) -> Step {
