@@ -1306,6 +1306,7 @@ impl Session {
     ) {
         let harmless = Connect {
             version,
+            bridge: false,
             client_id: format!("mqtt-acl-refused-{}", self.connection_id),
             clean_start: true,
             keep_alive,
@@ -1585,6 +1586,9 @@ impl Session {
                 };
                 if self.superuser {
                     by.push_str(" backend:superuser");
+                }
+                if connect.bridge {
+                    by.push_str(" bridge");
                 }
                 let decided = self.decided(
                     policy.mode,
