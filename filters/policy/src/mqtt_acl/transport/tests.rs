@@ -67,6 +67,7 @@ fn connect(username: &str, password: &[u8]) -> Vec<u8> {
             password: Some(password.to_vec()),
             will: None,
             properties: Properties::new(),
+            bridge: false,
         }),
         V3,
     )
