@@ -65,10 +65,12 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod backend;
+mod transport;
 pub use backend::{
     BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
     ACC_SUBSCRIBE, ACC_WRITE,
 };
+pub use transport::{Connection, Transport};
 
 use serde::Deserialize;
 
@@ -153,6 +155,10 @@ pub struct MqttAclConfig {
     /// `acl`), asked through an Envoy cluster in addition to the local rules.
     #[serde(default)]
     pub http_backend: Option<HttpBackendConfig>,
+    /// `mqtt` (default: raw MQTT) or `websocket` (MQTT over WebSockets; see
+    /// [`transport`](self::Connection)).
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -468,6 +474,7 @@ pub struct MqttAcl {
     refusal_cluster: Option<String>,
     client_ids: Vec<ClientIdPattern>,
     connect_timeout_secs: u64,
+    transport: Transport,
 }
 
 impl MqttAcl {
@@ -584,6 +591,7 @@ impl MqttAcl {
                 config.max_packet_bytes
             ));
         }
+        transport::check(&config)?;
         Ok(MqttAcl {
             mode: config.mode,
             log_allows: config.log_allows,
@@ -602,6 +610,7 @@ impl MqttAcl {
             refusal_cluster,
             client_ids,
             connect_timeout_secs: config.connect_timeout_secs,
+            transport: config.transport,
         })
     }
 
@@ -1297,6 +1306,7 @@ impl Session {
     ) {
         let harmless = Connect {
             version,
+            bridge: false,
             client_id: format!("mqtt-acl-refused-{}", self.connection_id),
             clean_start: true,
             keep_alive,
@@ -1576,6 +1586,9 @@ impl Session {
                 };
                 if self.superuser {
                     by.push_str(" backend:superuser");
+                }
+                if connect.bridge {
+                    by.push_str(" bridge");
                 }
                 let decided = self.decided(
                     policy.mode,

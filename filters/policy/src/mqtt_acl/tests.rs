@@ -85,6 +85,7 @@ fn connect_packet(
     encode(
         &Packet::Connect(Connect {
             version,
+            bridge: false,
             client_id: client_id.into(),
             clean_start: true,
             keep_alive: 60,
@@ -402,6 +403,63 @@ fn certificate_identity() {
     );
 }
 
+/// The CONNECT of a Mosquitto 2.0.11 bridge (`try_private` and `notifications` at their
+/// defaults, `remote_clientid lamp-01`): protocol level 0x84, clean session, and a retained
+/// QoS 1 will "0" on `$SYS/broker/connection/lamp-01/state`. Captured from a real bridge.
+const MOSQUITTO_BRIDGE_CONNECT: &[u8] = b"\x10\x3c\x00\x04MQTT\x84\x2e\x00\x3c\x00\x07lamp-01\
+    \x00\x24$SYS/broker/connection/lamp-01/state\x00\x010";
+
+#[test]
+fn a_mosquitto_bridge_connects_with_its_certificate_and_keeps_the_bridge_flag() {
+    let peer = PeerCertificate {
+        subject: Some("CN=lamp-01,O=Acme".into()),
+        uri_san: None,
+        dns_san: None,
+    };
+    // The bridge's will goes to its state topic: a PUBLISH the ACL must allow.
+    let mut conn = Conn::with_peer(policy(), Some(peer.clone()));
+    let out = assert_refused(
+        &mut conn,
+        V3,
+        MOSQUITTO_BRIDGE_CONNECT,
+        v3_connack::NOT_AUTHORIZED,
+    );
+    assert!(lines(&out).contains("will message"), "{}", lines(&out));
+
+    let mut config = base_config();
+    config["acl"]["rules"].as_array_mut().unwrap().push(json!(
+        {"name": "bridge-state", "effect": "allow", "subjects": ["role:device"],
+         "actions": ["write"], "mqtt": {"topic": "$SYS/broker/connection/%c/state"}}));
+    let mut conn = Conn::with_peer(policy_from(config), Some(peer));
+    let out = conn.client(MOSQUITTO_BRIDGE_CONNECT);
+    assert!(out.close.is_none(), "{}", lines(&out));
+    assert!(
+        lines(&out).contains(r#"by="authenticated:clientcertificate bridge""#),
+        "{}",
+        lines(&out)
+    );
+    // Forwarded with the certificate's identity as user name, still at level 0x84.
+    assert_forwarded_without_credentials(&out, &conn.session, V3, MOSQUITTO_BRIDGE_CONNECT);
+    assert_eq!(&out.forward[2..9], b"\x00\x04MQTT\x84");
+    let connack = encode_connack(V3, 0);
+    assert_eq!(conn.broker(&connack).forward, connack);
+    // Its notification, its topics out and in: checked as any client's.
+    let state = publish(
+        V3,
+        "$SYS/broker/connection/lamp-01/state",
+        QoS::AtLeastOnce,
+        Some(1),
+    );
+    assert_eq!(conn.client(&state).forward, state);
+    let out = conn.client(&publish(V3, "devices/lamp-02/state", QoS::AtMostOnce, None));
+    assert!(out.forward.is_empty(), "{}", lines(&out));
+    let sub = subscribe(V3, 2, &["devices/lamp-01/set", "devices/lamp-02/set"]);
+    assert_eq!(
+        conn.client(&sub).forward,
+        subscribe(V3, 2, &["devices/lamp-01/set"])
+    );
+}
+
 #[test]
 fn anonymous_is_refused_unless_allowed() {
     let mut conn = Conn::new(policy());
@@ -430,6 +488,7 @@ fn v5_enhanced_authentication_is_a_bad_authentication_method() {
     let connect = encode(
         &Packet::Connect(Connect {
             version: V5,
+            bridge: false,
             client_id: "c1".into(),
             clean_start: true,
             keep_alive: 60,
