@@ -1,7 +1,8 @@
 //! mqtt-acl: an Envoy network filter (before tcp_proxy) that authenticates MQTT CONNECTs and
 //! checks every PUBLISH and SUBSCRIBE against topic ACLs and device ownership.
 //!
-//! The decisions and every byte written are `policy::mqtt_acl`'s ([`Session`]); this crate
+//! The decisions and every byte written are `policy::mqtt_acl`'s ([`Connection`]: the MQTT
+//! session, raw or inside a WebSocket, `"transport": "websocket"`); this crate
 //! only moves bytes between Envoy's buffers and the session, writes the decision lines, counts,
 //! and closes connections.
 //!
@@ -33,7 +34,7 @@ use std::time::Duration;
 use policy::decision_line::LogAllows;
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{
-    Ask, AskRequest, BackendAnswer, BackendVerdict, Env, MqttAcl, Output, Session,
+    Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output,
 };
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
@@ -113,7 +114,7 @@ struct State {
     policy: MqttAcl,
     metrics: Metrics,
     /// Open connections by context id.
-    sessions: HashMap<u32, Session>,
+    sessions: HashMap<u32, Connection>,
     keys: RemoteKeys,
     /// Issuers a CONNECT needed keys of (fetched on the next tick).
     keys_wanted: HashSet<String>,
@@ -150,7 +151,11 @@ impl RootContext for Root {
             );
             return false;
         }
-        log::info!("mqtt-acl: configured ({:?} mode)", policy.mode());
+        log::info!(
+            "mqtt-acl: configured ({:?} mode, {:?} transport)",
+            policy.mode(),
+            policy.transport()
+        );
         for warning in policy.jwt().map(|j| j.warnings()).unwrap_or_default() {
             log::warn!("mqtt-acl: {warning}");
         }
@@ -290,7 +295,7 @@ fn close_connection(id: u32, why: &str) {
 }
 
 /// Writes the decision lines and counts what an output says.
-fn record(metrics: &Metrics, log_allows: LogAllows, id: u32, session: &Session, out: &Output) {
+fn record(metrics: &Metrics, log_allows: LogAllows, id: u32, session: &Connection, out: &Output) {
     for decided in &out.decisions {
         proxy_glue::emit_decision(&decided.line, log_allows);
         for counter in &decided.counters {
@@ -400,7 +405,7 @@ impl Stream {
         &self,
         state: &Shared,
         now: u64,
-        f: impl FnOnce(&mut Session, &Env<'_>) -> Output,
+        f: impl FnOnce(&mut Connection, &Env<'_>) -> Output,
     ) -> Option<Output> {
         let mut guard = state.borrow_mut();
         let State {
@@ -667,7 +672,7 @@ impl Stream {
                 .borrow()
                 .sessions
                 .get(&self.id)
-                .is_some_and(Session::awaiting_connect)
+                .is_some_and(Connection::awaiting_connect)
         })
     }
 
@@ -694,7 +699,7 @@ impl StreamContext for Stream {
             }
             _ => u64::from(self.id),
         };
-        let mut session = Session::new(&s.policy, None, connection_id);
+        let mut session = Connection::new(&s.policy, None, connection_id);
         if let Some(now) = now_secs() {
             session.set_opened_at(now);
         }

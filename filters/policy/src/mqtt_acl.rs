@@ -68,11 +68,13 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod backend;
 mod opaque;
+mod transport;
 pub use backend::{
     BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
     ACC_SUBSCRIBE, ACC_WRITE,
 };
 pub use opaque::OpaqueTokens;
+pub use transport::{Connection, Transport};
 
 use serde::Deserialize;
 
@@ -162,6 +164,10 @@ pub struct MqttAclConfig {
     /// Keyrock; its schema).
     #[serde(default)]
     pub introspection: Option<IntrospectionConfig>,
+    /// `mqtt` (default: raw MQTT) or `websocket` (MQTT over WebSockets; see
+    /// [`transport`](self::Connection)).
+    #[serde(default)]
+    pub transport: Transport,
 }
 
 fn default_connect_timeout() -> u64 {
@@ -478,6 +484,7 @@ pub struct MqttAcl {
     refusal_cluster: Option<String>,
     client_ids: Vec<ClientIdPattern>,
     connect_timeout_secs: u64,
+    transport: Transport,
 }
 
 impl MqttAcl {
@@ -600,6 +607,7 @@ impl MqttAcl {
                 config.max_packet_bytes
             ));
         }
+        transport::check(&config)?;
         Ok(MqttAcl {
             mode: config.mode,
             log_allows: config.log_allows,
@@ -619,6 +627,7 @@ impl MqttAcl {
             refusal_cluster,
             client_ids,
             connect_timeout_secs: config.connect_timeout_secs,
+            transport: config.transport,
         })
     }
 
