@@ -23,7 +23,7 @@ native.
 
     scripts/setup && apt-get install -y wrk
     .venv/bin/python envoy/load-bench.py [--seconds 10] [--rounds 3] [--concurrency 1]
-        [--connections 1,16] [--variants no_filter,passthrough,native,...]
+        [--connections 1,16] [--variants no_filter,passthrough,native,...] [--baseline DIR]
 """
 import argparse
 import json
@@ -49,7 +49,7 @@ WASM = {name: RELEASE / f"{name}.wasm" for name in
 OWNERSHIP = {"sources": [{"kind": "static", "entities": [
     {"id": "urn:ngsi-ld:Room:1", "owner": "someone-else"}]}]}
 VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gateway"]
-GATEWAY_STAGES = ["token_auth", "entity_acl"]
+GATEWAY_STAGES = ["token_auth", "device_ownership", "entity_acl"]
 # What entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
 ENTITY_ACL = {"acl": {"rules": [{
     "name": "rooms", "effect": "allow", "subjects": ["authenticated"], "actions": ["read"],
@@ -71,12 +71,17 @@ def stage_configs(jwks):
             "entity_acl": ENTITY_ACL}
 
 
-def http_filters(variant, jwks, gateway_stages):
+def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
+    """The http_filters of `variant`; `NAME@baseline` is NAME with the .wasm files of
+    baseline_dir (--baseline)."""
+    variant, _, baseline = variant.partition("@")
+    wasm = {name: Path(baseline_dir) / path.name for name, path in WASM.items()} \
+        if baseline else WASM
     configs = stage_configs(jwks)
     if variant == "no_filter":
         return []
     if variant == "passthrough":
-        return [wasm_filter("example", WASM["example"], {"mode": "passthrough"})]
+        return [wasm_filter("example", wasm["example"], {"mode": "passthrough"})]
     if variant == "native":
         return [
             {"name": "envoy.filters.http.jwt_authn", "typed_config": {
@@ -94,15 +99,15 @@ def http_filters(variant, jwks, gateway_stages):
                     "principals": [{"any": True}]}}}}},
         ]
     if variant == "token_auth":
-        return [wasm_filter("token-auth", WASM["token_auth"], configs["token_auth"])]
+        return [wasm_filter("token-auth", wasm["token_auth"], configs["token_auth"])]
     if variant == "separate":
-        return [wasm_filter("token-auth", WASM["token_auth"], configs["token_auth"]),
-                wasm_filter("device-ownership", WASM["device_ownership"],
+        return [wasm_filter("token-auth", wasm["token_auth"], configs["token_auth"]),
+                wasm_filter("device-ownership", wasm["device_ownership"],
                             configs["device_ownership"], body=True),
-                wasm_filter("entity-acl", WASM["entity_acl"], configs["entity_acl"], body=True)]
+                wasm_filter("entity-acl", wasm["entity_acl"], configs["entity_acl"], body=True)]
     if variant == "gateway":
         config = {stage: configs[stage] for stage in gateway_stages}
-        return [wasm_filter("ngsi-gateway", WASM["ngsi_gateway"], config, body=True)]
+        return [wasm_filter("ngsi-gateway", wasm["ngsi_gateway"], config, body=True)]
     raise ValueError(f"unknown variant {variant}")
 
 
@@ -113,8 +118,8 @@ def wasm_filter(name, wasm, config, body=False):
                                                  allow_on_headers_stop_iteration=body))
 
 
-def envoy_config(variant, port, admin_port, jwks, gateway_stages):
-    filters = http_filters(variant, jwks, gateway_stages) + [{
+def envoy_config(variant, port, admin_port, jwks, gateway_stages, baseline_dir=None):
+    filters = http_filters(variant, jwks, gateway_stages, baseline_dir) + [{
         "name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
     return {
@@ -185,7 +190,8 @@ def wrk(port, token, connections, seconds, pin):
 def start_envoy(work, n, variant, jwks, args):
     port, admin = processes.free_port(), processes.free_port()
     cfg = Path(work) / f"{variant}.json"
-    cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks, args.gateway_stages)))
+    cfg.write_text(json.dumps(envoy_config(variant, port, admin, jwks, args.gateway_stages,
+                                           args.baseline)))
     log = open(Path(work) / f"{variant}.log", "w")
     command = [str(ENVOY), "-c", str(cfg), "--concurrency", str(args.concurrency),
                "--base-id", str(4000 + n + os.getpid() % 1000 * 10), "--log-level", "warn"]
@@ -213,6 +219,10 @@ def main():
     parser.add_argument("--connections", type=names, default=["1", "16"])
     parser.add_argument("--variants", type=names, default=VARIANTS)
     parser.add_argument("--gateway-stages", type=names, default=GATEWAY_STAGES)
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure each wasm variant with the .wasm files of DIR (e.g."
+                             " a copy of target/wasm32-wasip1/release before a change), as"
+                             " VARIANT@baseline, in the same run")
     args = parser.parse_args()
     args.pin = args.concurrency == 1 and (os.cpu_count() or 1) >= 2 and bool(shutil.which("taskset"))
     unknown = set(args.variants) - set(VARIANTS)
@@ -220,7 +230,11 @@ def main():
         sys.exit(f"unknown variants {sorted(unknown)}: choose from {VARIANTS}")
     if "no_filter" not in args.variants:
         args.variants.insert(0, "no_filter")   # every ratio is to it
-    for needed in [ENVOY] + list(WASM.values()):
+    if args.baseline:
+        args.variants += [f"{v}@baseline" for v in args.variants
+                          if v not in ("no_filter", "native")]
+    baseline = [Path(args.baseline) / w.name for w in WASM.values()] if args.baseline else []
+    for needed in [ENVOY] + list(WASM.values()) + baseline:
         if not needed.exists():
             sys.exit(f"{needed} is missing: run scripts/setup")
     if not shutil.which("wrk"):
@@ -235,7 +249,8 @@ def main():
             for n, variant in enumerate(args.variants):
                 envoys[variant] = start_envoy(work, n, variant, jwks, args)
                 ok, missing = check(envoys[variant][1], token)
-                expected_missing = 200 if variant in ("no_filter", "passthrough") else 401
+                expected_missing = 200 if variant.split("@")[0] in ("no_filter", "passthrough") \
+                    else 401
                 if ok != 200 or missing != expected_missing:
                     raise RuntimeError(f"{variant}: token -> {ok}, no token -> {missing}")
             for _ in range(args.rounds):

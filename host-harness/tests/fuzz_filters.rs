@@ -1481,6 +1481,7 @@ fn mqtt_client_stream(rng: &mut Rng) -> (Vec<u8>, policy::mqtt::ProtocolVersion)
     };
     let connect = Packet::Connect(Connect {
         version,
+        bridge: chance(rng, 0.1),
         client_id: pick(rng, &["lamp-01", "web-alice", "", "c\u{e9}"]).to_string(),
         clean_start: chance(rng, 0.8),
         keep_alive: 60,

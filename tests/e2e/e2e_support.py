@@ -130,7 +130,8 @@ class Mosquitto:
     """Mosquitto on a free loopback port, open to anyone (allow_anonymous, no ACL): every
     refusal a test sees in front of it is the filter's."""
 
-    def __init__(self, work_dir, name="mosquitto"):
+    def __init__(self, work_dir, name="mosquitto", extra_conf=""):
+        """`extra_conf`: more mosquitto.conf lines (a bridge's `connection` section)."""
         if not os.access(MOSQUITTO, os.X_OK):
             raise RuntimeError(f"{MOSQUITTO} is missing: run tests/e2e/setup (apt mosquitto)")
         self.port = free_port()
@@ -138,7 +139,7 @@ class Mosquitto:
         with open(conf, "w") as f:
             f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
                     "persistence false\nlog_dest stderr\nlog_type all\n"
-                    "connection_messages true\n")
+                    "connection_messages true\n" + extra_conf)
         self.proc = Proc(name, [MOSQUITTO, "-c", conf], os.path.join(work_dir, f"{name}.log"))
         try:
             wait_until(lambda: self.proc.alive() and port_open(self.port), f"{name} listening")

@@ -1,7 +1,7 @@
 //! The verified-token cache: what the filter already knows about a token, so that it does not
 //! verify a JWT or call the IdP for every request.
 //!
-//! * **Keys are SHA-256 digests of the tokens**, never the tokens: a dump of the cache (its
+//! * **Keys are BLAKE3 digests of the tokens**, never the tokens: a dump of the cache (its
 //!   `Debug`, a shared-data key, a heap snapshot of the map) does not reveal a usable credential.
 //!   For a device key, hash the id and the key together (e.g. `id + "\n" + key`); a digest of a
 //!   low-entropy secret can still be brute-forced, which is why device keys should be long.
@@ -24,14 +24,13 @@ use std::fmt;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
-/// A SHA-256 digest of a token.
+/// A BLAKE3 digest (256 bits) of a token.
 pub type TokenDigest = [u8; 32];
 
 /// The digest a token is cached under.
 pub fn token_digest(token: &str) -> TokenDigest {
-    Sha256::digest(token.as_bytes()).into()
+    blake3::hash(token.as_bytes()).into()
 }
 
 /// Lowercase hex of a digest.
@@ -470,11 +469,15 @@ mod tests {
     }
 
     #[test]
-    fn digest_is_sha256() {
-        // SHA-256("abc"), FIPS 180-2 test vector.
+    fn digest_is_blake3() {
+        // BLAKE3 of "" and of "abc" (the reference implementation's values).
+        assert_eq!(
+            digest_hex(&token_digest("")),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
         assert_eq!(
             digest_hex(&token_digest("abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
         );
     }
 

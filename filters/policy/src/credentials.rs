@@ -587,11 +587,22 @@ fn bearer_token(value: &str) -> Result<&str, DenyReason> {
 /// RFC 6750 §2.1 b64token: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
 pub fn is_b64token(token: &str) -> bool {
     let body = token.trim_end_matches('=');
-    !body.is_empty()
-        && body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b))
+    !body.is_empty() && body.bytes().all(|b| B64TOKEN_CHAR[usize::from(b)])
 }
+
+/// The bytes of RFC 6750's b64token (letters, digits, `-._~+/`), as a table: every request's
+/// token (often 1 KB) is checked byte by byte.
+const B64TOKEN_CHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] =
+            c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~' | b'+' | b'/');
+        b += 1;
+    }
+    table
+};
 
 fn check_token(token: &str, what: &str) -> Result<(), DenyReason> {
     if token.is_empty() {

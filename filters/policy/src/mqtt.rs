@@ -4,6 +4,10 @@
 //!
 //! # Supported
 //! - MQTT 3.1.1 (protocol level 4) and MQTT 5.0 (level 5), every packet type, both directions.
+//! - Mosquitto's bridge flag: a bridge with `try_private true` (Mosquitto's default) sends
+//!   protocol level 0x84 (0x80 | 4) so that the remote broker knows it is a bridge (loop
+//!   detection, retained flags kept). Levels 0x84 and 0x85 are read as 3.1.1 and 5.0 with
+//!   [`Connect::bridge`] set, and re-encoded with the bit (see [`Connect::bridge`]).
 //! - Packets split across reads at any byte, several packets in one read.
 //! - v5 properties: every property of the spec, checked against the packets that may carry it,
 //!   with duplicates of single-valued properties refused.
@@ -13,8 +17,9 @@
 //!   topic. See [`Decoder::forget_topic_alias`] for PUBLISHes the filter does not forward.
 //!
 //! # Refused, and why
-//! - MQTT 3.1 (`MQIsdp`, level 3) and unknown levels: [`ErrorKind::UnsupportedVersion`], so the
-//!   filter can answer with CONNACK 0x01 / 0x84. Nothing here is checked for 3.1.
+//! - MQTT 3.1 (`MQIsdp`, level 3, also with the bridge flag: 0x83) and unknown levels:
+//!   [`ErrorKind::UnsupportedVersion`], so the filter can answer with CONNACK 0x01 / 0x84.
+//!   Nothing here is checked for 3.1.
 //! - Packets larger than [`Limits::max_packet_bytes`] (counted with their fixed header): refused
 //!   as soon as the remaining length is read, before buffering the body.
 //! - Anything the specs call malformed or a protocol error that matters for an ACL decision:
@@ -105,6 +110,9 @@ pub mod reason {
     pub const WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED: u8 = 0xA2;
 }
 
+/// The bit of the protocol level byte a Mosquitto bridge sets with `try_private true`.
+pub const BRIDGE_FLAG: u8 = 0x80;
+
 /// The protocol versions this codec speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProtocolVersion {
@@ -115,7 +123,7 @@ pub enum ProtocolVersion {
 }
 
 impl ProtocolVersion {
-    /// The protocol level byte of CONNECT.
+    /// The protocol level byte of CONNECT (without the bridge flag).
     pub fn level(self) -> u8 {
         match self {
             ProtocolVersion::V311 => 4,
@@ -243,6 +251,11 @@ pub fn packet_type_name(packet_type: u8) -> &'static str {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Connect {
     pub version: ProtocolVersion,
+    /// The protocol level carried [`BRIDGE_FLAG`] (0x84 / 0x85): a Mosquitto bridge
+    /// (`try_private true`) announcing itself. Not part of the MQTT specs; Mosquitto, the
+    /// broker this filter is tested with, accepts it and treats the client as a bridge. Encoded
+    /// back as it came, so the broker sees the same flag.
+    pub bridge: bool,
     /// May be empty (the broker then assigns one or refuses).
     pub client_id: String,
     /// "Clean Session" in 3.1.1.

@@ -192,6 +192,7 @@ fn connect() -> impl Strategy<Value = Connect> {
         option::of(bytes()),
         option::of(will),
         v5_properties,
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -203,10 +204,12 @@ fn connect() -> impl Strategy<Value = Connect> {
                 password,
                 will,
                 properties,
+                bridge,
             )| {
                 let v5 = version == V5;
                 Connect {
                     version,
+                    bridge,
                     client_id,
                     clean_start,
                     keep_alive,

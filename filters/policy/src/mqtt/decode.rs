@@ -7,7 +7,7 @@ use super::properties::{read_properties, Property, PropertyContext};
 use super::{
     packet_type_name, Auth, ConnAck, Connect, Disconnect, ErrorKind, Limits, MqttError, Packet,
     Properties, ProtocolVersion, Publish, PublishResponse, QoS, SubAck, Subscribe, Subscription,
-    SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+    SubscriptionOptions, UnsubAck, Unsubscribe, Will, BRIDGE_FLAG,
 };
 
 /// Reads the fields of one packet; every read past the end is a malformed-packet error.
@@ -201,14 +201,16 @@ fn check_first_byte(first: u8, version: Option<ProtocolVersion>) -> Result<u8, M
     Ok(packet_type)
 }
 
-/// The protocol version a CONNECT body asks for, or the error that refuses it.
-fn connect_version(reader: &mut Reader<'_>) -> Result<ProtocolVersion, MqttError> {
+/// The protocol version a CONNECT body asks for and whether the level carries Mosquitto's
+/// bridge flag, or the error that refuses it.
+fn connect_version(reader: &mut Reader<'_>) -> Result<(ProtocolVersion, bool), MqttError> {
     let name_length = reader.u16()?;
     let name = reader.take(usize::from(name_length))?;
     let level = reader.u8()?;
-    match (name, level) {
-        (b"MQTT", 4) => Ok(ProtocolVersion::V311),
-        (b"MQTT", 5) => Ok(ProtocolVersion::V5),
+    let bridge = level & BRIDGE_FLAG != 0;
+    match (name, level & !BRIDGE_FLAG) {
+        (b"MQTT", 4) => Ok((ProtocolVersion::V311, bridge)),
+        (b"MQTT", 5) => Ok((ProtocolVersion::V5, bridge)),
         (b"MQTT", _) | (b"MQIsdp", _) => Err(MqttError::new(
             ErrorKind::UnsupportedVersion { level },
             "only MQTT 3.1.1 and 5.0 are supported",
@@ -219,7 +221,7 @@ fn connect_version(reader: &mut Reader<'_>) -> Result<ProtocolVersion, MqttError
 
 fn parse_connect(body: &[u8]) -> Result<Connect, MqttError> {
     let mut reader = Reader::new(body);
-    let version = connect_version(&mut reader)?;
+    let (version, bridge) = connect_version(&mut reader)?;
     let v5 = version == ProtocolVersion::V5;
     let flags = reader.u8()?;
     let has_username = flags & 0x80 != 0;
@@ -285,6 +287,7 @@ fn parse_connect(body: &[u8]) -> Result<Connect, MqttError> {
     reader.finish()?;
     Ok(Connect {
         version,
+        bridge,
         client_id,
         clean_start,
         keep_alive,
@@ -726,7 +729,7 @@ impl Decoder {
         let packet = if packet_type == 1 {
             // Learn the version before the rest of CONNECT, so the filter can refuse an invalid
             // CONNECT with a CONNACK of the client's version.
-            if let Ok(version) = connect_version(&mut Reader::new(body)) {
+            if let Ok((version, _)) = connect_version(&mut Reader::new(body)) {
                 self.version = Some(version);
             }
             Packet::Connect(parse_connect(body)?)

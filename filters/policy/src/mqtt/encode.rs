@@ -5,7 +5,8 @@
 use super::properties::write_properties;
 use super::{
     ConnAck, Connect, MqttError, Packet, Properties, ProtocolVersion, Publish, PublishResponse,
-    QoS, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, MAX_VARIABLE_BYTE_INTEGER,
+    QoS, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, BRIDGE_FLAG,
+    MAX_VARIABLE_BYTE_INTEGER,
 };
 
 /// Bytes being written; strings and lengths that don't fit are errors, never truncated.
@@ -124,7 +125,8 @@ fn optional_reason_and_properties(
 fn connect_body(connect: &Connect, out: &mut Writer) -> Result<(), MqttError> {
     let version = connect.version;
     out.string("MQTT")?;
-    out.u8(version.level());
+    let bridge_flag = if connect.bridge { BRIDGE_FLAG } else { 0 };
+    out.u8(version.level() | bridge_flag);
     let mut flags = 0u8;
     if connect.username.is_some() {
         flags |= 0x80;

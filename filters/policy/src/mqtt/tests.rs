@@ -74,6 +74,7 @@ fn mosquitto_pub_connect_v311_with_username_and_password() {
         frames[0].packet,
         Packet::Connect(Connect {
             version: ProtocolVersion::V311,
+            bridge: false,
             client_id: "client1".into(),
             clean_start: true,
             keep_alive: 60,
@@ -98,6 +99,7 @@ fn mosquitto_pub_connect_v5_with_username_and_password() {
         frame.packet,
         Packet::Connect(Connect {
             version: ProtocolVersion::V5,
+            bridge: false,
             client_id: "client1".into(),
             clean_start: true,
             keep_alive: 60,
@@ -250,6 +252,7 @@ fn spec_connect_v311_with_will() {
         frame.packet,
         Packet::Connect(Connect {
             version: ProtocolVersion::V311,
+            bridge: false,
             client_id: "dev".into(),
             clean_start: true,
             keep_alive: 10,
@@ -397,6 +400,110 @@ fn unsupported_versions_are_reported_with_their_level() {
         kind_of(client_frames(unknown_name)),
         ErrorKind::ProtocolError
     );
+    // The bridge flag does not make 3.1 or an unknown level acceptable.
+    let bridge31 = b"\x10\x0e\x00\x06MQIsdp\x83\x02\x00\x3c\x00\x00";
+    assert_eq!(
+        kind_of(client_frames(bridge31)),
+        ErrorKind::UnsupportedVersion { level: 0x83 }
+    );
+    let bridge6 = b"\x10\x0c\x00\x04MQTT\x86\x02\x00\x3c\x00\x00";
+    assert_eq!(
+        kind_of(client_frames(bridge6)),
+        ErrorKind::UnsupportedVersion { level: 0x86 }
+    );
+}
+
+/// The will a Mosquitto bridge connects with (`notifications true`, its default).
+fn bridge_will(client_id: &str) -> Option<Will> {
+    Some(Will {
+        topic: format!("$SYS/broker/connection/{client_id}/state"),
+        payload: b"0".to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties::new(),
+    })
+}
+
+#[test]
+fn mosquitto_bridge_connect_v311_keeps_the_bridge_flag() {
+    // Captured from Mosquitto 2.0.11 bridging with `bridge_protocol_version mqttv311`,
+    // `remote_clientid lamp-01`, `cleansession true`, try_private and notifications left at
+    // their defaults (true): protocol level 0x84.
+    let raw = hex(
+        "103c00044d515454842e003c00076c616d702d30310024245359532f62726f6b65722f636f6e6e\
+         656374696f6e2f6c616d702d30312f7374617465000130",
+    );
+    let frames = client_frames(&raw).unwrap();
+    assert_eq!(frames.len(), 1);
+    let expected = Connect {
+        version: ProtocolVersion::V311,
+        bridge: true,
+        client_id: "lamp-01".into(),
+        clean_start: true,
+        keep_alive: 60,
+        username: None,
+        password: None,
+        will: bridge_will("lamp-01"),
+        properties: Properties::new(),
+    };
+    assert_eq!(frames[0].packet, Packet::Connect(expected.clone()));
+    // Encoded back byte for byte, the flag included...
+    assert_reencodes(&frames[0], ProtocolVersion::V311);
+    // ...and, with a user name added (what mqtt-acl forwards), still at level 0x84.
+    let forwarded = Connect {
+        username: Some("lamp-01".into()),
+        ..expected.clone()
+    };
+    let bytes = encode(&Packet::Connect(forwarded), ProtocolVersion::V311).unwrap();
+    assert_eq!(&bytes[2..9], b"\x00\x04MQTT\x84");
+    assert_eq!(bytes[9], 0xae, "user name flag added to the bridge's 0x2e");
+    // Without the flag: level 4, nothing else differs.
+    let plain = Connect {
+        bridge: false,
+        ..expected
+    };
+    let mut unflagged = raw.clone();
+    unflagged[8] = 0x04;
+    assert_eq!(
+        encode(&Packet::Connect(plain), ProtocolVersion::V311).unwrap(),
+        unflagged
+    );
+}
+
+#[test]
+fn mosquitto_bridge_connect_v5() {
+    // Captured from Mosquitto 2.0.11 with `bridge_protocol_version mqttv50`: it sends level 5
+    // without the flag (v5 has no-local and retain-as-published instead).
+    let raw = hex(
+        "104100044d515454052e003c0321001400076c616d702d3031000024245359532f62726f6b6572\
+         2f636f6e6e656374696f6e2f6c616d702d30312f7374617465000130",
+    );
+    let frames = client_frames(&raw).unwrap();
+    let Packet::Connect(connect) = &frames[0].packet else {
+        panic!("not a CONNECT: {:?}", frames[0].packet);
+    };
+    assert_eq!(
+        (connect.version, connect.bridge),
+        (ProtocolVersion::V5, false)
+    );
+    assert_eq!(connect.client_id, "lamp-01");
+    assert_reencodes(&frames[0], ProtocolVersion::V5);
+    // With the flag on v5 (level 0x85, accepted too): decoded and encoded back.
+    let mut flagged = raw.clone();
+    flagged[8] = 0x85;
+    let mut decoder = Decoder::client_to_broker(Limits::default());
+    decoder.feed(&flagged);
+    let frame = decoder.next_frame().unwrap().unwrap();
+    assert_eq!(decoder.version(), Some(ProtocolVersion::V5));
+    let Packet::Connect(connect) = &frame.packet else {
+        panic!("not a CONNECT");
+    };
+    assert!(connect.bridge);
+    assert_eq!(
+        connect.properties,
+        Properties(vec![Property::ReceiveMaximum(20)])
+    );
+    assert_reencodes(&frame, ProtocolVersion::V5);
 }
 
 #[test]
