@@ -49,7 +49,7 @@ WASM = {name: RELEASE / f"{name}.wasm" for name in
 OWNERSHIP = {"sources": [{"kind": "static", "entities": [
     {"id": "urn:ngsi-ld:Room:1", "owner": "someone-else"}]}]}
 VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gateway"]
-GATEWAY_STAGES = ["token_auth", "entity_acl"]
+GATEWAY_STAGES = ["token_auth", "device_ownership", "entity_acl"]
 # What entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
 ENTITY_ACL = {"acl": {"rules": [{
     "name": "rooms", "effect": "allow", "subjects": ["authenticated"], "actions": ["read"],

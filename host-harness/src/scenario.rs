@@ -140,6 +140,9 @@ pub struct UpstreamDef {
     pub headers: Headers,
     #[serde(default = "empty_json")]
     pub body: String,
+    /// Response trailers (the body then ends without end_of_stream, as in HTTP/2 or gRPC).
+    #[serde(default)]
+    pub trailers: Headers,
 }
 
 fn upstream_response(def: &UpstreamDef) -> UpstreamResponse {
@@ -147,7 +150,7 @@ fn upstream_response(def: &UpstreamDef) -> UpstreamResponse {
         status: def.status,
         headers: def.headers.pairs(),
         body: def.body.clone().into_bytes(),
-        trailers: Vec::new(),
+        trailers: def.trailers.pairs(),
     }
 }
 
@@ -161,6 +164,7 @@ impl Default for UpstreamDef {
             status: 200,
             headers: Headers::default(),
             body: empty_json(),
+            trailers: Headers::default(),
         }
     }
 }

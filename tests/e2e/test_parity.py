@@ -31,6 +31,9 @@ SCENARIOS = os.path.join(e2e.ROOT, "tests", "scenarios")
 HARNESS = os.path.join(e2e.ROOT, "target", "debug", "host-harness")
 WASM_DIR = os.path.join(e2e.ROOT, "target", "wasm32-wasip1", "release")
 CHAIN_WASM = {"entity_acl.wasm": "entity-acl", "device_ownership.wasm": "device-ownership"}
+GATEWAY_WASM = "ngsi_gateway.wasm"
+# ngsi-gateway's stage keys after token_auth, in chain order, and the filter each one is.
+GATEWAY_STAGES = {"device_ownership": "device-ownership", "entity_acl": "entity-acl"}
 
 PARITY_SCENARIOS = [
     "entity-acl-ngsi-v2.toml",
@@ -39,6 +42,7 @@ PARITY_SCENARIOS = [
     "entity-acl-chain.toml",
     "entity-acl-shadow.toml",
     "device-ownership-static.toml",
+    "ngsi-gateway-chain.toml",
 ]
 
 
@@ -47,9 +51,18 @@ def filter_config(f):
 
 
 def chain_of(scenario):
-    """(token-auth's configuration or None, the later filters) for render."""
+    """(token-auth's configuration or None, the later filters, whether it is ngsi-gateway)
+    for render: the gateway's configuration is split into its stages' and rendered back as
+    the gateway (render.py --gateway)."""
     token_auth, extra = None, []
     for f in scenario["filter"]:
+        if f["wasm"] == GATEWAY_WASM:
+            config = filter_config(f)
+            if len(scenario["filter"]) != 1 or "token_auth" not in config:
+                raise ValueError("parity renders a gateway alone, with its token_auth stage")
+            extra = [render.chain_filter(name, config[key])
+                     for key, name in GATEWAY_STAGES.items() if key in config]
+            return config["token_auth"], extra, True
         if f["wasm"] == "token_auth.wasm":
             token_auth = filter_config(f)
         elif f["wasm"] in CHAIN_WASM:
@@ -57,7 +70,7 @@ def chain_of(scenario):
                                              os.path.join(WASM_DIR, f["wasm"])))
         else:
             raise ValueError(f"no Envoy rendering for {f['wasm']}")
-    return token_auth, extra
+    return token_auth, extra, False
 
 
 def replayable(step):
@@ -109,10 +122,11 @@ def test_harness_and_envoy_agree(name, work_dir, wasm, idp, broker):
     with open(path, "rb") as f:
         scenario = tomllib.load(f)
     expected = harness_outcomes(path, work_dir)
-    token_auth, extra = chain_of(scenario)
+    token_auth, extra, gateway = chain_of(scenario)
     proxy = e2e.Envoy(work_dir=work_dir, name=f"parity-{name[:-5]}", filter_config=token_auth,
-                      broker_port=broker.port, idp_port=idp.port, wasm=wasm,
-                      extra_filters=extra).start()
+                      broker_port=broker.port, idp_port=idp.port,
+                      wasm=os.path.join(WASM_DIR, GATEWAY_WASM) if gateway else wasm,
+                      extra_filters=extra, gateway=gateway).start()
     compared, normalized, differences = 0, 0, []
     steps = [s for s in scenario.get("step", []) if "request" in s]
     try:

@@ -14,12 +14,33 @@
 //!   one (as the effective context) with [`Stage::resume`], then goes on FROM THE NEXT STAGE.
 //! - `Deny`: the driver sends the one local response and the stream stops.
 //!
+//! Responses. Once the request went upstream, the response passes the stages in REVERSE
+//! order (the last stage first), as Envoy runs the encoder side of separate filters, so a chain
+//! in one module behaves as the same filters chained in Envoy. Each stage's [`Stage::on_response`]
+//! returns the same [`Step`]s, with the response meaning:
+//! - `Next`: done with the response; the stage before it runs (after the first, it goes on).
+//! - `NeedBody`: the driver holds the response headers until the whole body (or trailers)
+//!   arrived, reads it once into [`Response::body`], and calls [`Stage::on_response_body`]
+//!   (over [`Stage::response_body_limit`]: [`Stage::on_response_body_too_large`]).
+//! - `Wait`: a callout is in flight; the driver resumes the stream with
+//!   [`Stage::resume_response`] when the stage names it settled, then goes on from the stage
+//!   before it.
+//! - `Deny`: the response is replaced by the one local response (e.g. 503 when an answer
+//!   can't be checked); no earlier stage sees it.
+//!
+//! A stage changes what the client gets through [`Response::set_header`] and
+//! [`Response::replace_body`]. A response to a request the module denied (its own local
+//! response) or never let through passes untouched. Stages that don't override the response
+//! hooks cost nothing: the response headers are read only when a stage asks for them.
+//!
 //! A stage logs and counts its own decision (the decision line names the stage, as the
-//! separate filters always did); the driver only moves requests along.
+//! separate filters always did); the driver only moves requests and responses along.
 
+pub mod device_ownership;
 pub mod entity_acl;
 pub mod lookups;
 mod request;
+mod response;
 pub mod token_auth;
 
 use std::cell::RefCell;
@@ -34,8 +55,9 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 pub use request::{Caller, Request};
+pub use response::Response;
 
-/// What a stage wants done with the request.
+/// What a stage wants done with the request (or, from the response hooks, the response).
 #[derive(Debug)]
 pub enum Step {
     /// Passed: the next stage runs.
@@ -109,6 +131,35 @@ pub trait Stage {
         Step::Next
     }
 
+    /// The response headers arrived (the request passed every stage; the stages after this
+    /// one are done with the response). Runs with the response held, so it may change headers.
+    fn on_response(&mut self, _req: &Request, _resp: &mut Response) -> Step {
+        Step::Next
+    }
+
+    /// After `NeedBody` from [`Stage::on_response`]: the whole body is in `resp.body`.
+    fn on_response_body(&mut self, _req: &Request, _resp: &mut Response) -> Step {
+        Step::Next
+    }
+
+    /// The largest response body this stage takes (after `NeedBody`).
+    fn response_body_limit(&self) -> usize {
+        usize::MAX
+    }
+
+    /// The response body grew over [`Stage::response_body_limit`]: 503 unless the stage says
+    /// otherwise (an answer the stage had to check and could not is never passed).
+    fn on_response_body_too_large(&mut self, _req: &Request, _resp: &mut Response) -> Step {
+        Step::deny(DenyReason::Unavailable(
+            "the response could not be checked".into(),
+        ))
+    }
+
+    /// After `Wait` in the response phase, once the stage named this stream settled.
+    fn resume_response(&mut self, _req: &Request, _resp: &mut Response) -> Step {
+        Step::Next
+    }
+
     /// A callout answer arrived (read it with `proxy_glue::callout_answer` now: the current
     /// context is the one that made the call). None: not this stage's call; otherwise the
     /// streams it settles.
@@ -121,7 +172,8 @@ pub trait Stage {
         false
     }
 
-    /// The tick (the root is the effective context); returns the streams it settled.
+    /// The tick (the root is the effective context); returns the streams it settled (in either
+    /// phase).
     fn on_tick(&mut self) -> Vec<u32> {
         Vec::new()
     }
@@ -170,7 +222,7 @@ enum Phase {
     AwaitingBody { since_ms: u64 },
     /// The stage at the cursor waits for a callout.
     Waiting,
-    /// Every stage passed: the request went on.
+    /// Every stage passed: the request (or response) went on.
     Passed,
     /// Denied (the local response is on its way).
     Stopped,
@@ -181,6 +233,19 @@ struct Flow {
     cursor: usize,
     phase: Phase,
     /// Bytes of body Envoy has buffered so far, and whether it is all there.
+    body_size: usize,
+    body_complete: bool,
+    body_read: bool,
+    /// The response side, once response headers arrived for a request that went on.
+    response: Option<ResponseFlow>,
+}
+
+/// Where a response is in the stages (they run in reverse order).
+struct ResponseFlow {
+    response: Response,
+    /// The stages still to run: the current one is `left - 1`.
+    left: usize,
+    phase: Phase,
     body_size: usize,
     body_complete: bool,
     body_read: bool,
@@ -298,6 +363,31 @@ impl HttpContext for Stream {
             None => Action::Pause,
         }
     }
+
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        match &self.pipeline {
+            Some(p) => p.borrow_mut().on_response_headers(self.id, end_of_stream),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &self.pipeline {
+            Some(p) => p
+                .borrow_mut()
+                .on_response_body(self.id, Some(body_size), end_of_stream),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        match &self.pipeline {
+            // A response body that ends with trailers is complete at them (a held body must
+            // not slip out unchecked with the trailers).
+            Some(p) => p.borrow_mut().on_response_body(self.id, None, true),
+            None => Action::Continue,
+        }
+    }
 }
 
 impl Pipeline {
@@ -321,6 +411,7 @@ impl Pipeline {
             body_size: 0,
             body_complete: end_of_stream,
             body_read: end_of_stream,
+            response: None,
         };
         let step = match (unreadable, self.stages.first_mut()) {
             (Some(reason), Some(stage)) => stage.refuse(&mut flow.request, reason),
@@ -424,21 +515,173 @@ impl Pipeline {
         self.flows.insert(ctx, flow);
     }
 
-    /// Resumes the settled waiters `ready` of stage `index`, each as the effective context,
-    /// then restores `current`. A stream that no longer exists is skipped.
+    /// The response headers arrived. The stages see them (last stage first) only when the
+    /// request went on; a response to a request this module denied is its own local response.
+    fn on_response_headers(&mut self, ctx: u32, end_of_stream: bool) -> Action {
+        let Some(mut flow) = self.flows.remove(&ctx) else {
+            return Action::Continue;
+        };
+        let action = if flow.phase != Phase::Passed || flow.response.is_some() {
+            // Not ours to check, or a second set of headers: the local response a stage sent
+            // in place of the first (the response flow ends; it passes untouched).
+            flow.response = None;
+            Action::Continue
+        } else {
+            let mut resp = ResponseFlow {
+                response: Response::new(end_of_stream),
+                left: self.stages.len(),
+                phase: Phase::Running,
+                body_size: 0,
+                body_complete: end_of_stream,
+                body_read: end_of_stream,
+            };
+            let step = match self.stages.last_mut() {
+                Some(stage) => stage.on_response(&flow.request, &mut resp.response),
+                None => Step::Next,
+            };
+            let action = self.advance_response(&flow.request, &mut resp, step);
+            flow.response = Some(resp);
+            action
+        };
+        self.flows.insert(ctx, flow);
+        action
+    }
+
+    /// A response body chunk (`Some(total buffered)`) or the trailers (None) arrived.
+    fn on_response_body(&mut self, ctx: u32, body_size: Option<usize>, end: bool) -> Action {
+        let Some(mut flow) = self.flows.remove(&ctx) else {
+            return Action::Continue;
+        };
+        let action = match flow.response.as_mut() {
+            None => Action::Continue,
+            Some(resp) => {
+                if let Some(size) = body_size {
+                    resp.body_size = size;
+                }
+                resp.body_complete |= end;
+                match resp.phase {
+                    Phase::Passed => Action::Continue,
+                    // Still checking, or replaced by a local response: nothing goes on.
+                    Phase::Waiting | Phase::Stopped | Phase::Running => Action::Pause,
+                    Phase::AwaitingBody { .. } => {
+                        self.advance_response(&flow.request, resp, Step::NeedBody)
+                    }
+                }
+            }
+        };
+        self.flows.insert(ctx, flow);
+        action
+    }
+
+    /// Executes `step` of the response stage at `resp.left - 1`, and runs the earlier stages
+    /// while they pass.
+    fn advance_response(
+        &mut self,
+        request: &Request,
+        resp: &mut ResponseFlow,
+        mut step: Step,
+    ) -> Action {
+        loop {
+            let Some(index) = resp.left.checked_sub(1) else {
+                resp.phase = Phase::Passed;
+                return Action::Continue;
+            };
+            let Some(stage) = self.stages.get_mut(index) else {
+                resp.phase = Phase::Passed;
+                return Action::Continue;
+            };
+            resp.phase = Phase::Running;
+            step = match step {
+                Step::Next => {
+                    resp.left = index;
+                    match index.checked_sub(1).and_then(|i| self.stages.get_mut(i)) {
+                        Some(earlier) => earlier.on_response(request, &mut resp.response),
+                        None => {
+                            resp.phase = Phase::Passed;
+                            return Action::Continue;
+                        }
+                    }
+                }
+                Step::NeedBody => {
+                    if resp.body_size > stage.response_body_limit() {
+                        stage.on_response_body_too_large(request, &mut resp.response)
+                    } else if !resp.body_complete {
+                        resp.phase = Phase::AwaitingBody { since_ms: 0 };
+                        return Action::Pause;
+                    } else if let Err(reason) = read_response_body(resp, stage.name()) {
+                        Step::deny(reason)
+                    } else {
+                        stage.on_response_body(request, &mut resp.response)
+                    }
+                }
+                Step::Wait => {
+                    resp.phase = Phase::Waiting;
+                    return Action::Pause;
+                }
+                Step::Deny { reason, headers } => {
+                    let headers: Vec<(&str, &str)> =
+                        headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                    proxy_glue::send_deny(&reason, &headers);
+                    resp.phase = Phase::Stopped;
+                    return Action::Pause;
+                }
+            };
+        }
+    }
+
+    /// Resumes a held response (the effective context) with `step` of the stage at its
+    /// cursor; lets the response go on when every stage passed.
+    fn resume_response_with(
+        &mut self,
+        ctx: u32,
+        step: impl FnOnce(&mut dyn Stage, &Request, &mut Response) -> Step,
+    ) {
+        let Some(mut flow) = self.flows.remove(&ctx) else {
+            return;
+        };
+        if let Some(resp) = flow.response.as_mut() {
+            let index = resp.left.checked_sub(1);
+            let first = match index.and_then(|i| self.stages.get_mut(i)) {
+                Some(stage) => step(stage.as_mut(), &flow.request, &mut resp.response),
+                None => Step::Next,
+            };
+            let name = index
+                .and_then(|i| self.stages.get(i))
+                .map_or("-", |s| s.name());
+            let action = self.advance_response(&flow.request, resp, first);
+            if action == Action::Continue {
+                if let Err(status) = host::resume_response() {
+                    log::warn!("{name}: ctx={ctx} cannot resume the response: {status}");
+                }
+            }
+        }
+        self.flows.insert(ctx, flow);
+    }
+
+    /// Resumes the settled waiters `ready` of stage `index` (in whichever phase they wait),
+    /// each as the effective context, then restores `current`. A stream that no longer
+    /// exists, or does not wait at that stage, is skipped.
     fn resume_ready(&mut self, current: u32, index: usize, ready: Vec<u32>) {
         for ctx in ready {
-            let waits_here = self
-                .flows
-                .get(&ctx)
-                .is_some_and(|f| f.phase == Phase::Waiting && f.cursor == index);
-            if !waits_here {
+            let Some(flow) = self.flows.get(&ctx) else {
+                continue;
+            };
+            let request_waits = flow.phase == Phase::Waiting && flow.cursor == index;
+            let response_waits = flow
+                .response
+                .as_ref()
+                .is_some_and(|r| r.phase == Phase::Waiting && r.left == index + 1);
+            if !request_waits && !response_waits {
                 continue;
             }
             if ctx != current && hostcalls::set_effective_context(ctx).is_err() {
                 continue;
             }
-            self.resume_with(ctx, |stage, req| stage.resume(req));
+            if request_waits {
+                self.resume_with(ctx, |stage, req| stage.resume(req));
+            } else {
+                self.resume_response_with(ctx, |stage, req, resp| stage.resume_response(req, resp));
+            }
             if ctx != current {
                 let _ = hostcalls::set_effective_context(current);
             }
@@ -513,6 +756,29 @@ fn read_body(flow: &mut Flow, filter: &str) -> Result<(), DenyReason> {
             log::error!("{filter}: cannot read the request body: {status}");
             Err(DenyReason::Unavailable(
                 "the request body could not be read".into(),
+            ))
+        }
+    }
+}
+
+/// Reads the whole buffered response body once.
+fn read_response_body(resp: &mut ResponseFlow, filter: &str) -> Result<(), DenyReason> {
+    if resp.body_read {
+        return Ok(());
+    }
+    resp.body_read = true;
+    if resp.body_size == 0 {
+        return Ok(());
+    }
+    match host::read_buffer(BufferType::HttpResponseBody, 0, resp.body_size) {
+        Ok(body) => {
+            resp.response.set_body(body.unwrap_or_default());
+            Ok(())
+        }
+        Err(status) => {
+            log::error!("{filter}: cannot read the response body: {status}");
+            Err(DenyReason::Unavailable(
+                "the response could not be checked".into(),
             ))
         }
     }

@@ -4,7 +4,7 @@
 use policy::header_pairs::HeaderPairs;
 use policy::{DenyReason, Identity};
 use proxy_glue::host::{self, HostStatus};
-use proxy_wasm::types::MapType;
+use proxy_wasm::types::{BufferType, MapType};
 
 /// Who the caller is, as far as this module knows.
 #[derive(Debug, Clone, Default)]
@@ -64,5 +64,16 @@ impl Request {
             None => self.headers.remove(name),
         }
         done
+    }
+
+    /// Replaces the whole request body (after `NeedBody`, while the driver holds it), upstream
+    /// and in this copy; a `content-length` the request carries is set to the new length.
+    pub fn replace_body(&mut self, body: Vec<u8>) -> Result<(), HostStatus> {
+        host::write_buffer(BufferType::HttpRequestBody, 0, self.body.len(), &body)?;
+        if self.headers.first("content-length").is_some() {
+            self.set_header("content-length", Some(&body.len().to_string()))?;
+        }
+        self.body = body;
+        Ok(())
     }
 }

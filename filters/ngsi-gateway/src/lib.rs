@@ -1,21 +1,23 @@
 //! ngsi-gateway: the HTTP chain in one module, one pass. Its stages are the very ones the
-//! separate filters wrap (`http_stages::token_auth`, `http_stages::entity_acl`): the request
-//! headers are read once, the caller token-auth authenticated is handed to entity-acl in
-//! memory (token-auth still writes the identity headers for the broker), the body is buffered
-//! once, and one local response answers a denial at any stage.
+//! separate filters wrap (`http_stages::token_auth`, `http_stages::device_ownership`,
+//! `http_stages::entity_acl`), run in that order: the request headers are read once, the caller
+//! token-auth authenticated is handed to the later stages in memory (token-auth still writes
+//! the identity headers for the broker), the body is buffered once (and a create body
+//! device-ownership rewrites is what entity-acl and the broker see), and one local response
+//! answers a denial at any stage. Responses pass the stages in reverse order, as Envoy runs
+//! separate filters: device-ownership filters list answers to what the caller may read.
 //!
-//! Configuration: `{"token_auth": {...}, "entity_acl": {...}}`, each key holding exactly what
-//! that filter's configuration holds; an absent key skips the stage, an unknown key or an
-//! empty object is refused, and an error names its JSON path from the key
-//! (`configuration refused at entity_acl.acl.rules[1].effect: ...`).
-//!
-//! Not yet a stage here: `device_ownership` (its key is refused with a message saying so; run
-//! device-ownership.wasm as a separate filter after the gateway meanwhile).
+//! Configuration: `{"token_auth": {...}, "device_ownership": {...}, "entity_acl": {...}}`,
+//! each key holding exactly what that filter's configuration holds; an absent key skips the
+//! stage, an unknown key or an empty object is refused, and an error names its JSON path from
+//! the key (`configuration refused at entity_acl.acl.rules[1].effect: ...`).
 
+use http_stages::device_ownership::DeviceOwnershipStage;
 use http_stages::entity_acl::EntityAclStage;
 use http_stages::token_auth::TokenAuthStage;
 use http_stages::Stage;
 use policy::entity_acl::EntityAclConfig;
+use policy::ownership::OwnershipConfig;
 use policy::token_auth::TokenAuthConfig;
 use serde::Deserialize;
 
@@ -30,8 +32,7 @@ proxy_wasm::main! {{
 #[serde(deny_unknown_fields)]
 struct GatewayConfig {
     token_auth: Option<TokenAuthConfig>,
-    /// Accepted as JSON only to refuse it with a clear message (not a stage here yet).
-    device_ownership: Option<serde_json::Value>,
+    device_ownership: Option<OwnershipConfig>,
     entity_acl: Option<EntityAclConfig>,
 }
 
@@ -42,15 +43,15 @@ fn build() -> Option<Vec<Box<dyn Stage>>> {
 /// The stages of a parsed configuration, in chain order. An engine's own check names the key
 /// (`entity_acl: ...`), as serde's path does.
 fn stages(config: GatewayConfig) -> Result<Vec<Box<dyn Stage>>, String> {
-    if config.device_ownership.is_some() {
-        return Err("device_ownership: not a stage of ngsi-gateway yet; run \
-                    device_ownership.wasm as a separate filter after the gateway"
-            .into());
-    }
     let mut stages: Vec<Box<dyn Stage>> = Vec::new();
     if let Some(c) = config.token_auth {
         stages.push(Box::new(
             TokenAuthStage::new(c).map_err(|e| format!("token_auth: {e}"))?,
+        ));
+    }
+    if let Some(c) = config.device_ownership {
+        stages.push(Box::new(
+            DeviceOwnershipStage::new(c).map_err(|e| format!("device_ownership: {e}"))?,
         ));
     }
     if let Some(c) = config.entity_acl {
@@ -60,8 +61,8 @@ fn stages(config: GatewayConfig) -> Result<Vec<Box<dyn Stage>>, String> {
     }
     if stages.is_empty() {
         return Err(
-            "no stage configured: give at least one of token_auth, entity_acl \
-                    (a gateway that checks nothing is a mistake)"
+            "no stage configured: give at least one of token_auth, device_ownership, \
+                    entity_acl (a gateway that checks nothing is a mistake)"
                 .into(),
         );
     }

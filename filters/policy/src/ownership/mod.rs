@@ -44,10 +44,14 @@
 //! table. A request without identity (a public route token-auth let through) may only read
 //! public entities.
 
+pub mod calls;
 pub mod config;
+pub mod list;
 pub mod scope;
 pub mod wire;
 
+#[cfg(test)]
+mod stage_tests;
 #[cfg(test)]
 mod tests;
 
@@ -60,7 +64,9 @@ use crate::cache::{CacheStats, VerdictCache};
 use crate::decision::{Decision, DenyReason};
 use crate::identity::{Identity, IdentityKind};
 
+pub use calls::{graver, Lookup, SourceCall};
 pub use config::{OwnershipConfig, SourceConfig};
+pub use list::{Filtered, ListFilter, ListPlan};
 pub use scope::{Scope, ScopeInput};
 
 /// What a delegate may do.

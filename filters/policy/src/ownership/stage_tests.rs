@@ -1,0 +1,291 @@
+//! Tests of what the device-ownership stage used to decide itself: the source calls and
+//! what their answers mean, claims, create bodies, failure precedence and list answers.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+
+use super::config::BrokerApi;
+use super::wire::{Dialect, Endpoint, ListFormat};
+use super::*;
+use crate::ngsi::{classify, NgsiRequest};
+
+fn engine(v: Value) -> Ownership {
+    Ownership::new(serde_json::from_value(v).unwrap()).unwrap()
+}
+
+fn broker() -> Ownership {
+    engine(
+        json!({"sources": [{"kind": "broker", "cluster": "orion", "authority": "orion:1026",
+                                "timeout_ms": 700}]}),
+    )
+}
+
+fn registry() -> Ownership {
+    engine(json!({"sources": [{"kind": "registry", "cluster": "owners"}]}))
+}
+
+fn alice() -> Identity {
+    Identity::new(IdentityKind::Jwt, "alice")
+}
+
+fn header<'a>(call: &'a SourceCall, name: &str) -> Option<&'a str> {
+    call.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn access(method: &str, path: &str, body: &str) -> RequestAccess {
+    let headers = vec![("fiware-servicepath".to_string(), "/rooms".to_string())];
+    classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
+        method,
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+    })
+    .unwrap()
+}
+
+fn creates(ids: &[&str]) -> Verdict {
+    Verdict {
+        decision: Decision::Allow("new entity".into()),
+        new_entities: ids.iter().map(|id| EntityKey::new("city", *id)).collect(),
+        invalidate: Vec::new(),
+        filter_list: false,
+    }
+}
+
+#[test]
+fn lookup_api_follows_the_request_unless_configured() {
+    let own = broker();
+    assert_eq!(own.lookup_api(Dialect::V2), BrokerApi::V2);
+    assert_eq!(own.lookup_api(Dialect::Ld), BrokerApi::Ld);
+    assert_eq!(own.lookup_api(Dialect::Ngsi10), BrokerApi::Ngsi10);
+    let fixed =
+        engine(json!({"sources": [{"kind": "broker", "cluster": "orion", "api": "ngsi-ld"}]}));
+    assert_eq!(fixed.lookup_api(Dialect::V2), BrokerApi::Ld);
+    // Without a broker source the request's dialect decides.
+    assert_eq!(registry().lookup_api(Dialect::Ld), BrokerApi::Ld);
+}
+
+#[test]
+fn broker_lookup_calls_read_the_owner_attributes() {
+    let own = broker();
+    let lookup = Lookup {
+        key: EntityKey::new("city", "Lamp 1"),
+        source: 0,
+        api: BrokerApi::V2,
+    };
+    let call = own.lookup_call(&lookup).unwrap();
+    assert_eq!(call.cluster, "orion");
+    assert_eq!(call.timeout_ms, 700);
+    assert_eq!(call.body, None);
+    assert_eq!(header(&call, ":method"), Some("GET"));
+    assert_eq!(header(&call, ":authority"), Some("orion:1026"));
+    assert_eq!(
+        header(&call, ":path"),
+        Some("/v2/entities/Lamp%201?attrs=owner,delegations&options=keyValues")
+    );
+    assert_eq!(header(&call, "fiware-service"), Some("city"));
+    assert_eq!(header(&call, "fiware-servicepath"), Some("/#"));
+    // The answer: the entity itself, with or without owner; anything else is an error.
+    let answer = own.lookup_answer(&lookup, 200, br#"{"id": "Lamp 1", "owner": "alice"}"#);
+    assert_eq!(answer, Ok(Some(Record::owned_by("alice"))));
+    assert_eq!(own.lookup_answer(&lookup, 404, b""), Ok(None));
+    assert!(own
+        .lookup_answer(&lookup, 200, br#"{"id": "Lamp 2", "owner": "alice"}"#)
+        .is_err());
+    assert!(own.lookup_answer(&lookup, 500, b"").is_err());
+    // A static source has no call.
+    let statics = engine(json!({"sources": [{"kind": "static", "entities": []}]}));
+    assert_eq!(statics.lookup_call(&lookup), None);
+    assert!(statics.lookup_answer(&lookup, 200, b"{}").is_err());
+}
+
+#[test]
+fn registry_lookup_calls_post_the_key() {
+    let own = registry();
+    let lookup = Lookup {
+        key: EntityKey::new("city", "Lamp1"),
+        source: 0,
+        api: BrokerApi::Auto,
+    };
+    let call = own.lookup_call(&lookup).unwrap();
+    assert_eq!(call.cluster, "owners");
+    assert_eq!(header(&call, ":method"), Some("POST"));
+    // The authority defaults to the cluster name.
+    assert_eq!(header(&call, ":authority"), Some("owners"));
+    let body: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    assert_eq!(body, json!({"entity_id": "Lamp1", "service": "city"}));
+    assert_eq!(
+        own.lookup_answer(&lookup, 200, br#"{"owner": "bob", "public": true}"#)
+            .unwrap()
+            .map(|r| (r.owner, r.public)),
+        Some(("bob".to_string(), true))
+    );
+    assert_eq!(own.lookup_answer(&lookup, 404, b""), Ok(None));
+    assert!(own.lookup_answer(&lookup, 0, b"").is_err());
+}
+
+#[test]
+fn claims_name_the_caller_type_and_service_path() {
+    let own = registry();
+    let body = r#"{"id": "Lamp1", "type": "Lamp", "on": {"value": true}}"#;
+    let req = access("POST", "/v2/entities", body);
+    let endpoint = Endpoint::of("POST", "/v2/entities").unwrap();
+    let calls = own.claim_calls(
+        &creates(&["Lamp1"]),
+        Some(&alice()),
+        &req,
+        &endpoint,
+        body.as_bytes(),
+    );
+    assert_eq!(calls.len(), 1);
+    let (key, call) = &calls[0];
+    assert_eq!(*key, EntityKey::new("city", "Lamp1"));
+    assert_eq!(header(call, ":path"), Some("/ownership/claim"));
+    let claim: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    assert_eq!(claim["owner"], "alice");
+    assert_eq!(claim["entity_type"], "Lamp");
+    assert_eq!(claim["service_path"], "/rooms");
+    // No registry: nothing to claim (the broker records the owner in the body).
+    let none = broker().claim_calls(
+        &creates(&["Lamp1"]),
+        Some(&alice()),
+        &req,
+        &endpoint,
+        body.as_bytes(),
+    );
+    assert!(none.is_empty());
+}
+
+#[test]
+fn create_bodies_get_the_owner_with_a_broker_source_only() {
+    let body = br#"{"id": "Lamp1", "type": "Lamp"}"#;
+    let endpoint = Endpoint::of("POST", "/v2/entities").unwrap();
+    let new = broker()
+        .create_body(&creates(&["Lamp1"]), Some(&alice()), &endpoint, body)
+        .unwrap()
+        .unwrap();
+    let new: Value = serde_json::from_slice(&new).unwrap();
+    assert_eq!(new["owner"]["value"], "alice");
+    // The registry records the owner by the claim: the body goes as it is (but is checked).
+    let reg = registry();
+    assert_eq!(
+        reg.create_body(&creates(&["Lamp1"]), Some(&alice()), &endpoint, body),
+        Ok(None)
+    );
+    let other = br#"{"id": "Lamp1", "type": "Lamp", "owner": {"value": "mallory"}}"#;
+    assert!(matches!(
+        reg.create_body(&creates(&["Lamp1"]), Some(&alice()), &endpoint, other),
+        Err(DenyReason::Forbidden(_))
+    ));
+    // Nobody to own it: refused.
+    assert!(matches!(
+        broker().create_body(&creates(&["Lamp1"]), None, &endpoint, body),
+        Err(DenyReason::Forbidden(_))
+    ));
+    // Nothing new: nothing to do.
+    assert_eq!(
+        broker().create_body(&creates(&[]), None, &endpoint, body),
+        Ok(None)
+    );
+}
+
+#[test]
+fn a_definite_refusal_outranks_an_unavailable_source() {
+    let forbidden = || DenyReason::Forbidden("claimed".into());
+    let unavailable = || DenyReason::Unavailable("down".into());
+    assert_eq!(graver(None, unavailable()), unavailable());
+    assert_eq!(graver(Some(unavailable()), forbidden()), forbidden());
+    assert_eq!(graver(Some(forbidden()), unavailable()), forbidden());
+    let first = DenyReason::Unavailable("first".into());
+    assert_eq!(graver(Some(first.clone()), unavailable()), first);
+}
+
+#[test]
+fn list_plans_widen_the_restriction_with_a_broker_source() {
+    let own = broker();
+    let path = "/v2/entities?type=Lamp&attrs=on";
+    let plan = own
+        .list_plan(&Endpoint::of("GET", path).unwrap(), path, b"")
+        .unwrap();
+    assert_eq!(plan.format, ListFormat::V2);
+    assert_eq!(
+        plan.new_path.as_deref(),
+        Some("/v2/entities?type=Lamp&attrs=on,owner,delegations")
+    );
+    assert_eq!(plan.strip, vec!["owner", "delegations"]);
+    let body = br#"{"entities": [{"idPattern": ".*"}], "attrs": ["on"]}"#;
+    let ep = Endpoint::of("POST", "/v2/op/query").unwrap();
+    let plan = own.list_plan(&ep, "/v2/op/query", body).unwrap();
+    let widened: Value = serde_json::from_slice(plan.new_body.as_deref().unwrap()).unwrap();
+    assert_eq!(widened["attrs"], json!(["on", "owner", "delegations"]));
+    // A registry answers for listed entities: the request goes as it is.
+    let plan = registry()
+        .list_plan(&Endpoint::of("GET", path).unwrap(), path, b"")
+        .unwrap();
+    assert_eq!((plan.new_path, plan.strip), (None, Vec::<String>::new()));
+    // Not a list endpoint.
+    let one = "/v2/entities/Lamp1";
+    assert_eq!(
+        own.list_plan(&Endpoint::of("GET", one).unwrap(), one, b""),
+        None
+    );
+}
+
+#[test]
+fn list_answers_keep_what_the_caller_reads() {
+    let mut own = broker();
+    let body = br#"[{"id": "L1", "owner": "alice"}, {"id": "L2", "owner": "bob"},
+                    {"id": "L3"}]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, vec!["owner".into()], body, false).unwrap();
+    let mut records = HashMap::new();
+    // The broker source reads every owner from the answer itself: no lookup.
+    assert_eq!(list.lookups(&mut own, "", &mut records, 0), Ok(Vec::new()));
+    assert_eq!(records.len(), 3);
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    assert_eq!((filtered.kept, filtered.total), (1, 3));
+    let v: Value = serde_json::from_slice(&filtered.body).unwrap();
+    assert_eq!(v, json!([{"id": "L1"}]));
+    assert!(ListFilter::parse(&own, ListFormat::V2, Vec::new(), b"nope", false).is_err());
+}
+
+#[test]
+fn list_answers_from_a_registry_need_bounded_lookups() {
+    let mut own = engine(json!({"max_list_lookups": 2,
+                                "sources": [{"kind": "registry", "cluster": "owners"}]}));
+    let body = br#"[{"id": "L1"}, {"id": "L2"}, {"id": "L1"}]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), body, false).unwrap();
+    let mut records = HashMap::new();
+    let needed = list.lookups(&mut own, "city", &mut records, 0).unwrap();
+    // Each entity once, from the registry (source 0).
+    assert_eq!(
+        needed,
+        vec![
+            (EntityKey::new("city", "L1"), 0),
+            (EntityKey::new("city", "L2"), 0)
+        ]
+    );
+    // Once looked up (L2 unknown), the answer keeps the caller's entity (twice listed).
+    records.insert(
+        EntityKey::new("city", "L1"),
+        Some(Record::owned_by("alice")),
+    );
+    records.insert(EntityKey::new("city", "L2"), None);
+    assert_eq!(
+        list.lookups(&mut own, "city", &mut records, 0),
+        Ok(Vec::new())
+    );
+    let filtered = list.finish(Some(&alice()), "city", &records).unwrap();
+    assert_eq!((filtered.kept, filtered.total), (2, 3));
+    // Over max_list_lookups: an error (the answer is refused).
+    let three = br#"[{"id": "A"}, {"id": "B"}, {"id": "C"}]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), three, false).unwrap();
+    let err = list
+        .lookups(&mut own, "city", &mut HashMap::new(), 0)
+        .unwrap_err();
+    assert!(err.contains("max_list_lookups 2"), "{err}");
+}
