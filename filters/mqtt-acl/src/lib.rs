@@ -33,7 +33,9 @@ use std::time::Duration;
 
 use policy::decision_line::LogAllows;
 use policy::log_text::bounded_debug;
-use policy::mqtt_acl::{Ask, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output};
+use policy::mqtt_acl::{
+    Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output,
+};
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
 use proxy_glue::host;
@@ -52,7 +54,7 @@ proxy_wasm::main! {{
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 22] = [
+const COUNTERS: [&str; 26] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -75,6 +77,10 @@ const COUNTERS: [&str; 22] = [
     "backend.allowed",
     "backend.denied",
     "backend.unavailable",
+    "introspection.asked",
+    "introspection.answered",
+    "introspection.unavailable",
+    "introspection.shed",
 ];
 const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
 
@@ -112,6 +118,8 @@ struct State {
     keys: RemoteKeys,
     /// Issuers a CONNECT needed keys of (fetched on the next tick).
     keys_wanted: HashSet<String>,
+    /// Introspection callouts in flight (bounded by the endpoint's `max_in_flight`).
+    introspections: usize,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -168,6 +176,7 @@ impl RootContext for Root {
             sessions: HashMap::new(),
             keys,
             keys_wanted: HashSet::new(),
+            introspections: 0,
         }));
         // Keys another worker already fetched, then the first fetch for issuers without keys.
         let now = now_secs().unwrap_or(0);
@@ -308,8 +317,9 @@ struct Stream {
     /// The peer certificate was read (at the first client data: Envoy runs the new-connection
     /// callback before the TLS handshake, so the certificate is not known then).
     peer_read: bool,
-    /// Backend requests in flight: callout token → the session's ask id.
-    asks: HashMap<u32, u32>,
+    /// Callouts in flight: callout token → the session's ask id, and whether it is an
+    /// introspection.
+    asks: HashMap<u32, (u32, bool)>,
     /// While the session waits for the backend: the decided client bytes at the front of
     /// Envoy's read buffer, not yet handed to tcp_proxy.
     held: Vec<u8>,
@@ -326,7 +336,7 @@ fn peer_certificate() -> Option<PeerCertificate> {
 
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
-        let Some(ask_id) = self.asks.remove(&token) else {
+        let Some((ask_id, introspection)) = self.asks.remove(&token) else {
             return;
         };
         let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
@@ -334,11 +344,21 @@ impl Context for Stream {
             status: (status != 0).then_some(status),
             body,
         };
-        let Some(now) = now_secs() else {
-            self.close_now("the host clock is not available");
+        let Some(state) = self.state.clone() else {
             return;
         };
-        let Some(state) = self.state.clone() else {
+        if introspection {
+            let mut s = state.borrow_mut();
+            s.introspections = s.introspections.saturating_sub(1);
+            s.metrics.inc(match answer.status {
+                Some(status) if status < 500 => "introspection.answered",
+                _ => "introspection.unavailable",
+            });
+        } else {
+            self.count_answer(&state, &answer);
+        }
+        let Some(now) = now_secs() else {
+            self.close_now("the host clock is not available");
             return;
         };
         let Some(mut out) = self.with_session(&state, now, |session, env| {
@@ -346,7 +366,6 @@ impl Context for Stream {
         }) else {
             return;
         };
-        self.count_answer(&state, &answer);
         self.send_asks(&state, now, &mut out);
         let (waiting, _) = self.session_flags(&state);
         if out.close.is_some() {
@@ -439,34 +458,71 @@ impl Stream {
             let Some(ask) = pending.pop() else {
                 return;
             };
+            let introspection = matches!(ask.request, AskRequest::Introspect { .. });
             let sent = {
-                let s = state.borrow();
-                match s.policy.backend() {
-                    Some(backend) => {
-                        let headers = backend.headers(&ask.request);
-                        hostcalls::dispatch_http_call(
+                let mut s = state.borrow_mut();
+                match &ask.request {
+                    AskRequest::Backend(request) => match s.policy.backend() {
+                        Some(backend) => hostcalls::dispatch_http_call(
                             backend.cluster(),
-                            headers,
-                            Some(&ask.request.body),
+                            backend.headers(request),
+                            Some(&request.body),
                             vec![],
                             Duration::from_millis(backend.timeout_ms()),
                         )
-                        .map_err(|status| format!("{status:?}"))
+                        .map_err(|status| format!("{status:?}")),
+                        None => Err("no http_backend".into()),
+                    },
+                    AskRequest::Introspect { call, .. } => {
+                        let admitted = s
+                            .policy
+                            .opaque_tokens()
+                            .map(|o| o.config().admit(s.introspections));
+                        match admitted {
+                            Some(Ok(())) => {
+                                let body = (!call.body.is_empty()).then_some(call.body.as_slice());
+                                let sent = hostcalls::dispatch_http_call(
+                                    &call.cluster,
+                                    call.envoy_headers(),
+                                    body,
+                                    vec![],
+                                    Duration::from_millis(call.timeout_ms),
+                                )
+                                .map_err(|status| format!("{status:?}"));
+                                if sent.is_ok() {
+                                    s.introspections += 1;
+                                }
+                                sent
+                            }
+                            Some(Err(shed)) => {
+                                s.metrics.inc("introspection.shed");
+                                Err(shed.description().to_string())
+                            }
+                            None => Err("no introspection".into()),
+                        }
                     }
-                    None => Err("no http_backend".into()),
                 }
+            };
+            let (asked, unavailable, whom) = if introspection {
+                (
+                    "introspection.asked",
+                    "introspection.unavailable",
+                    "the introspection endpoint",
+                )
+            } else {
+                ("backend.asked", "backend.unavailable", "the auth backend")
             };
             match sent {
                 Ok(token) => {
-                    self.asks.insert(token, ask.id);
-                    state.borrow().metrics.inc("backend.asked");
+                    self.asks.insert(token, (ask.id, introspection));
+                    state.borrow().metrics.inc(asked);
                 }
                 Err(why) => {
                     log::warn!(
-                        "mqtt-acl: connection {}: cannot ask the auth backend ({why}); denied",
+                        "mqtt-acl: connection {}: cannot ask {whom} ({why}); denied",
                         self.id
                     );
-                    state.borrow().metrics.inc("backend.unavailable");
+                    state.borrow().metrics.inc(unavailable);
                     let answer = BackendAnswer::none();
                     let Some(more) = self.with_session(state, now, |session, env| {
                         session.on_backend_answer(ask.id, &answer, env)
@@ -681,5 +737,11 @@ impl StreamContext for Stream {
 impl Drop for Stream {
     fn drop(&mut self) {
         self.forget();
+        // Introspections this connection still waits for: their answers will not come here.
+        let pending = self.asks.values().filter(|(_, i)| *i).count();
+        if let (Some(state), true) = (&self.state, pending > 0) {
+            let mut s = state.borrow_mut();
+            s.introspections = s.introspections.saturating_sub(pending);
+        }
     }
 }

@@ -464,6 +464,42 @@ impl IntrospectionConfig {
         }
     }
 
+    /// What an answer (`status` 0: none) decides, and how long that may be remembered: the
+    /// one reading of an answer that token-auth and mqtt-acl share.
+    pub fn decide(&self, status: u32, body: &[u8], now: u64) -> AnswerDecision {
+        match self.parse_response(status, body, now) {
+            Ok(verdict) => {
+                let cache_ttl = Some(self.cache_ttl(&verdict));
+                let outcome = match verdict {
+                    Verdict::Active(info) => Ok(info.identity),
+                    other => Err(other
+                        .deny_reason()
+                        .unwrap_or_else(|| DenyReason::Unauthenticated("invalid token".into()))),
+                };
+                AnswerDecision {
+                    outcome,
+                    cache_ttl,
+                    malformed: false,
+                }
+            }
+            // An answer that is not what the protocol says is no evidence the token is valid:
+            // inactive, remembered as briefly as any refusal, and counted by the caller.
+            Err(IntrospectionError::Malformed(_)) => AnswerDecision {
+                outcome: Err(DenyReason::Unauthenticated(
+                    "invalid token (malformed introspection answer)".into(),
+                )),
+                cache_ttl: Some(self.negative_ttl_s),
+                malformed: true,
+            },
+            // The IdP could not be asked: never remembered, the next request asks again.
+            Err(e) => AnswerDecision {
+                outcome: Err(e.deny_reason()),
+                cache_ttl: None,
+                malformed: false,
+            },
+        }
+    }
+
     fn parse_rfc7662(
         &self,
         status: u32,
@@ -692,6 +728,19 @@ impl Verdict {
     pub fn expires_at(&self) -> Option<u64> {
         self.identity().and_then(|i| i.expires_at)
     }
+}
+
+/// What one introspection answer decides ([`IntrospectionConfig::decide`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerDecision {
+    /// Who the caller is, or why not: `Unauthenticated` (inactive, malformed answer),
+    /// `Forbidden` (Keyrock: another application's token), `Unavailable` (no usable answer).
+    pub outcome: Result<Identity, DenyReason>,
+    /// How long it may be cached, in seconds (an active token also no longer than its
+    /// `expires_at`); `None`: not at all.
+    pub cache_ttl: Option<u64>,
+    /// The answer was not what the protocol says (decided as inactive).
+    pub malformed: bool,
 }
 
 /// An active token.

@@ -18,8 +18,10 @@
 //!
 //! Remote JWKS (a provider's `remote`) are fetched by the filter as token-auth fetches them
 //! (`proxy_glue::remote_keys`); a token whose keys are not there yet, or whose `kid` is
-//! unknown, is refused as "server unavailable" and the keys are fetched. Opaque tokens
-//! (introspection) are not supported.
+//! unknown, is refused as "server unavailable" and the keys are fetched. With `introspection`
+//! (token-auth's schema: RFC 7662 or Keyrock), a user name no other method takes is an opaque
+//! token (the password is ignored): introspected, cached per VM ([`OpaqueTokens`]), its `exp`
+//! the connection's deadline; no usable answer is "server unavailable", never cached.
 //! A will message is checked like a PUBLISH to its topic at CONNECT: a forbidden will refuses
 //! the CONNECT. The client id must fit `client_ids` (default `%u`, `%u-*`): nobody takes over
 //! another device's session. An accepted CONNECT goes on with the verified subject as user name
@@ -65,11 +67,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod backend;
+mod opaque;
 mod transport;
 pub use backend::{
     BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
     ACC_SUBSCRIBE, ACC_WRITE,
 };
+pub use opaque::OpaqueTokens;
 pub use transport::{Connection, Transport};
 
 use serde::Deserialize;
@@ -82,6 +86,7 @@ use crate::decision_line::DecisionLine;
 use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::enforcement::Mode;
 use crate::identity::{Identity, IdentityKind};
+use crate::introspection::{HttpCall, IntrospectionConfig};
 use crate::jwt::{JwtProviderConfig, JwtVerifier, TokenError};
 use crate::log_text::bounded_debug;
 use crate::mqtt::{
@@ -155,6 +160,10 @@ pub struct MqttAclConfig {
     /// `acl`), asked through an Envoy cluster in addition to the local rules.
     #[serde(default)]
     pub http_backend: Option<HttpBackendConfig>,
+    /// Opaque tokens as user names, checked by token-auth's introspection (RFC 7662 or
+    /// Keyrock; its schema).
+    #[serde(default)]
+    pub introspection: Option<IntrospectionConfig>,
     /// `mqtt` (default: raw MQTT) or `websocket` (MQTT over WebSockets; see
     /// [`transport`](self::Connection)).
     #[serde(default)]
@@ -469,6 +478,7 @@ pub struct MqttAcl {
     acl: Option<Acl>,
     ownership: Option<Ownership>,
     backend: Option<HttpBackend>,
+    opaque: Option<OpaqueTokens>,
     on_forbidden_publish: OnForbiddenPublish,
     limits: Limits,
     refusal_cluster: Option<String>,
@@ -517,17 +527,23 @@ impl MqttAcl {
             .as_ref()
             .map(HttpBackend::new)
             .transpose()?;
+        let opaque = config
+            .introspection
+            .clone()
+            .map(OpaqueTokens::new)
+            .transpose()?;
         let backend_users = backend.as_ref().is_some_and(HttpBackend::checks_users);
         let backend_topics = backend.as_ref().is_some_and(HttpBackend::checks_topics);
         if jwt.is_none()
             && device_keys.is_none()
             && config.mtls.is_none()
+            && opaque.is_none()
             && !config.allow_anonymous
             && !backend_users
         {
             return Err(
-                "configure at least one of jwt_providers, device_keys, mtls, http_backend.user \
-                 (or allow_anonymous): otherwise every CONNECT is refused"
+                "configure at least one of jwt_providers, device_keys, mtls, introspection, \
+                 http_backend.user (or allow_anonymous): otherwise every CONNECT is refused"
                     .into(),
             );
         }
@@ -602,6 +618,7 @@ impl MqttAcl {
             acl,
             ownership,
             backend,
+            opaque,
             on_forbidden_publish: config.on_forbidden_publish,
             limits: Limits {
                 max_packet_bytes: config.max_packet_bytes,
@@ -626,6 +643,11 @@ impl MqttAcl {
     /// The HTTP backend, if configured.
     pub fn backend(&self) -> Option<&HttpBackend> {
         self.backend.as_ref()
+    }
+
+    /// The introspection of opaque tokens, if configured.
+    pub fn opaque_tokens(&self) -> Option<&OpaqueTokens> {
+        self.opaque.as_ref()
     }
 
     /// The local rules: ACL and ownership; both must allow (deny wins). Without local ACL
@@ -743,19 +765,54 @@ pub struct Output {
     pub asks: Vec<Ask>,
 }
 
-/// A request for the HTTP backend, numbered within its session.
+/// A callout, numbered within its session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ask {
     pub id: u32,
-    pub request: BackendRequest,
+    pub request: AskRequest,
+}
+
+/// What a callout asks.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AskRequest {
+    /// The HTTP auth/ACL backend (`http_backend`).
+    Backend(BackendRequest),
+    /// The introspection endpoint, about the CONNECT's opaque token.
+    Introspect { token: String, call: HttpCall },
+}
+
+impl AskRequest {
+    /// What identifies the question (one ask per key at a time).
+    fn key(&self) -> &str {
+        match self {
+            AskRequest::Backend(request) => request.key(),
+            AskRequest::Introspect { token, .. } => token,
+        }
+    }
+}
+
+impl std::fmt::Debug for AskRequest {
+    /// Never prints a token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AskRequest::Backend(request) => f.debug_tuple("Backend").field(request).finish(),
+            AskRequest::Introspect { call, .. } => f.debug_tuple("Introspect").field(call).finish(),
+        }
+    }
+}
+
+impl From<BackendRequest> for AskRequest {
+    fn from(request: BackendRequest) -> AskRequest {
+        AskRequest::Backend(request)
+    }
 }
 
 /// What became of one client packet.
 enum Step {
     Done,
     Close(CloseReason),
-    /// It needs the backend's answers to these requests first.
-    Ask(Vec<BackendRequest>),
+    /// It needs the answers to these requests first.
+    Ask(Vec<AskRequest>),
 }
 
 /// What authentication established.
@@ -863,7 +920,9 @@ pub struct Session {
     /// Subscription filters the backend allowed in this connection.
     granted: VecDeque<TopicFilter>,
     /// Asks sent and not answered yet.
-    waiting: HashMap<u32, BackendRequest>,
+    waiting: HashMap<u32, AskRequest>,
+    /// The introspection's verdict on the CONNECT's opaque token, once answered.
+    introspected: Option<Result<Identity, DenyReason>>,
     /// The answers for the packet being decided, by request key.
     answers: HashMap<String, BackendVerdict>,
     /// The packet waiting for the backend; nothing after it is read until it is decided.
@@ -890,6 +949,7 @@ impl Session {
             superuser: false,
             granted: VecDeque::new(),
             waiting: HashMap::new(),
+            introspected: None,
             answers: HashMap::new(),
             stalled: None,
             next_ask: 0,
@@ -905,14 +965,24 @@ impl Session {
     /// read after it), as if it had just arrived.
     pub fn on_backend_answer(&mut self, id: u32, answer: &BackendAnswer, env: &Env<'_>) -> Output {
         let out = Output::default();
-        let Some(request) = self.waiting.remove(&id) else {
-            return out;
-        };
-        let verdict = match env.policy.backend() {
-            Some(backend) => backend.remember(&request, answer, env.now),
-            None => BackendVerdict::Unavailable,
-        };
-        self.answers.insert(request.key().to_string(), verdict);
+        match self.waiting.remove(&id) {
+            None => return out,
+            Some(AskRequest::Backend(request)) => {
+                let verdict = match env.policy.backend() {
+                    Some(backend) => backend.remember(&request, answer, env.now),
+                    None => BackendVerdict::Unavailable,
+                };
+                self.answers.insert(request.key().to_string(), verdict);
+            }
+            Some(AskRequest::Introspect { token, .. }) => {
+                self.introspected = Some(match env.policy.opaque_tokens() {
+                    Some(opaque) => opaque.remember(&token, answer, env.now).outcome,
+                    None => Err(DenyReason::Unavailable(
+                        "introspection is not configured".into(),
+                    )),
+                });
+            }
+        }
         if !self.waiting.is_empty() || !matches!(self.phase, Phase::AwaitConnect | Phase::Open) {
             return out;
         }
@@ -920,7 +990,7 @@ impl Session {
     }
 
     /// Sends the requests not asked yet and keeps `frame` until they are answered.
-    fn stall(&mut self, frame: Frame, missing: Vec<BackendRequest>, out: &mut Output) {
+    fn stall(&mut self, frame: Frame, missing: Vec<AskRequest>, out: &mut Output) {
         for request in missing {
             if self.waiting.values().any(|r| r.key() == request.key()) {
                 continue;
@@ -939,7 +1009,7 @@ impl Session {
         &self,
         env: &Env<'_>,
         request: BackendRequest,
-        missing: &mut Vec<BackendRequest>,
+        missing: &mut Vec<AskRequest>,
     ) -> Option<BackendVerdict> {
         if let Some(verdict) = self.answers.get(request.key()) {
             return Some(*verdict);
@@ -951,7 +1021,7 @@ impl Session {
         {
             return Some(verdict);
         }
-        missing.push(request);
+        missing.push(request.into());
         None
     }
 
@@ -964,7 +1034,7 @@ impl Session {
         topic: &str,
         access: TopicAccess,
         acc: u8,
-        missing: &mut Vec<BackendRequest>,
+        missing: &mut Vec<AskRequest>,
     ) -> Decision {
         let policy = env.policy;
         let local = policy.check_topic(identity, &self.client_id, topic, access);
@@ -1252,6 +1322,7 @@ impl Session {
                         return out;
                     }
                     self.answers.clear();
+                    self.introspected = None;
                     if !matches!(self.phase, Phase::Open) {
                         // Refused: nothing more of what the client sent goes anywhere.
                         return out;
@@ -1339,6 +1410,7 @@ impl Session {
         &self,
         connect: &Connect,
         env: &Env<'_>,
+        missing: &mut Vec<AskRequest>,
     ) -> Result<Authenticated, (Refusal, String)> {
         let local = |identity: Option<Identity>| Authenticated {
             identity,
@@ -1370,11 +1442,54 @@ impl Session {
             let local_key = password.is_some() && takes_device_key(username);
             let local_cert = password.is_none() && env.policy.mtls.is_some() && self.peer.is_some();
             let taken_locally = local_jwt || local_key || local_cert;
+            // An opaque token: any user name no other method takes (a JWT-shaped one only
+            // without jwt_providers, as token-auth does); the password is ignored.
+            let jwt_shaped = looks_like_jwt(username) && env.policy.jwt.is_some();
+            if let Some(opaque) = env.policy.opaque_tokens() {
+                if !taken_locally && !jwt_shaped {
+                    return self.introspected(opaque, username, env, missing).map(local);
+                }
+            }
             if backend_users && !taken_locally {
                 return by_backend(username, password);
             }
         }
         self.authenticate_locally(connect, env).map(local)
+    }
+
+    /// The identity an opaque token stands for: answered for this CONNECT, or cached; else the
+    /// introspection is to be asked (pushed on `missing`; the error is a placeholder).
+    fn introspected(
+        &self,
+        opaque: &OpaqueTokens,
+        token: &str,
+        env: &Env<'_>,
+        missing: &mut Vec<AskRequest>,
+    ) -> Result<Option<Identity>, (Refusal, String)> {
+        let verdict = match self.introspected.clone() {
+            Some(verdict) => verdict,
+            None => match opaque.cached(token, env.now) {
+                Some(verdict) => verdict,
+                None => {
+                    missing.push(AskRequest::Introspect {
+                        token: token.to_string(),
+                        call: opaque.call(token),
+                    });
+                    return Err((
+                        Refusal::Unavailable,
+                        "waiting for the introspection endpoint".into(),
+                    ));
+                }
+            },
+        };
+        verdict.map(Some).map_err(|reason| {
+            let refusal = match &reason {
+                DenyReason::Unavailable(_) => Refusal::Unavailable,
+                DenyReason::Forbidden(_) => Refusal::NotAuthorized,
+                _ => Refusal::BadCredentials,
+            };
+            (refusal, format!("opaque token: {}", reason.description()))
+        })
     }
 
     fn authenticate_locally(
@@ -1476,7 +1591,7 @@ impl Session {
         auth: &Authenticated,
         client_id: &str,
         env: &Env<'_>,
-        missing: &mut Vec<BackendRequest>,
+        missing: &mut Vec<AskRequest>,
     ) -> (Option<(Refusal, String)>, bool) {
         let (Some(backend), Some(identity)) = (env.policy.backend(), auth.identity.as_ref()) else {
             return (None, false);
@@ -1518,13 +1633,16 @@ impl Session {
         connect: &Connect,
         env: &Env<'_>,
         out: &mut Output,
-    ) -> Option<Vec<BackendRequest>> {
+    ) -> Option<Vec<AskRequest>> {
         let policy = env.policy;
         let version = connect.version;
         self.version = Some(version);
         self.client_id = connect.client_id.clone();
         let mut missing = Vec::new();
-        let mut verdict = self.authenticate(connect, env);
+        let mut verdict = self.authenticate(connect, env, &mut missing);
+        if !missing.is_empty() {
+            return Some(missing);
+        }
         if let (Err((Refusal::Unavailable, _)), Some(jwt), Some(username)) =
             (&verdict, &policy.jwt, connect.username.as_deref())
         {
@@ -1675,7 +1793,7 @@ impl Session {
         frame: &Frame,
         env: &Env<'_>,
         out: &mut Output,
-    ) -> Result<Option<CloseReason>, Vec<BackendRequest>> {
+    ) -> Result<Option<CloseReason>, Vec<AskRequest>> {
         let policy = env.policy;
         let mode = policy.mode;
         let mut missing = Vec::new();

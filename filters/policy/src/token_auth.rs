@@ -14,7 +14,7 @@ use crate::decision::DenyReason;
 use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
 use crate::identity::{Identity, IdentityKind};
 use crate::identity_headers::IdentityHeaderNames;
-use crate::introspection::{HttpCall, IntrospectionConfig, IntrospectionError, Verdict};
+use crate::introspection::{HttpCall, IntrospectionConfig};
 use crate::jwt::{peek_issuer, JwtProvider, JwtProviderConfig, JwtVerifier, KeySet, TokenError};
 use crate::mtls::{MtlsConfig, PeerCertificate};
 use crate::routes::PublicRoute;
@@ -599,49 +599,20 @@ impl TokenAuth {
                 "introspection is not configured".into(),
             ));
         };
-        match intro.parse_response(status, body, now) {
-            Ok(verdict) => {
-                let ttl = intro.cache_ttl(&verdict);
-                match verdict {
-                    Verdict::Active(info) => {
-                        let identity = info.identity.clone();
-                        self.cache.insert(
-                            token,
-                            Cached::Allowed(identity.clone()),
-                            now,
-                            ttl,
-                            identity.expires_at,
-                        );
-                        IntrospectionOutcome::Allowed(identity)
-                    }
-                    other => {
-                        let reason = other
-                            .deny_reason()
-                            .unwrap_or_else(|| DenyReason::Unauthenticated("invalid token".into()));
-                        self.cache
-                            .insert(token, Cached::Refused(reason.clone()), now, ttl, None);
-                        IntrospectionOutcome::Refused(reason)
-                    }
-                }
-            }
-            // An answer that is not what the protocol says is no evidence the token is valid:
-            // inactive (401), remembered as briefly as any refusal, and counted.
-            Err(IntrospectionError::Malformed(_)) => {
-                self.counters.malformed_introspection += 1;
-                let reason = DenyReason::Unauthenticated(
-                    "invalid token (malformed introspection answer)".into(),
-                );
-                self.cache.insert(
-                    token,
-                    Cached::Refused(reason.clone()),
-                    now,
-                    intro.negative_ttl_s,
-                    None,
-                );
-                IntrospectionOutcome::Refused(reason)
-            }
-            // An IdP failure is never cached: the next request asks again.
-            Err(e) => IntrospectionOutcome::Refused(e.deny_reason()),
+        let decided = intro.decide(status, body, now);
+        if decided.malformed {
+            self.counters.malformed_introspection += 1;
+        }
+        if let Some(ttl) = decided.cache_ttl {
+            let (cached, token_exp) = match &decided.outcome {
+                Ok(identity) => (Cached::Allowed(identity.clone()), identity.expires_at),
+                Err(reason) => (Cached::Refused(reason.clone()), None),
+            };
+            self.cache.insert(token, cached, now, ttl, token_exp);
+        }
+        match decided.outcome {
+            Ok(identity) => IntrospectionOutcome::Allowed(identity),
+            Err(reason) => IntrospectionOutcome::Refused(reason),
         }
     }
 

@@ -1269,8 +1269,15 @@ impl Conn {
     }
 }
 
+fn backend_request(ask: &Ask) -> &BackendRequest {
+    match &ask.request {
+        AskRequest::Backend(request) => request,
+        other => panic!("not a backend request: {other:?}"),
+    }
+}
+
 fn ask_body(ask: &Ask) -> Value {
-    serde_json::from_slice(&ask.request.body).unwrap()
+    serde_json::from_slice(&backend_request(ask).body).unwrap()
 }
 
 #[test]
@@ -1284,7 +1291,7 @@ fn backend_user_check_authenticates_an_opaque_token_and_acl_decides_topics() {
     );
     assert!(conn.session.awaiting_connect() && conn.session.waiting_for_backend());
     assert_eq!(out.asks.len(), 1);
-    assert_eq!(out.asks[0].request.path, "/auth");
+    assert_eq!(backend_request(&out.asks[0]).path, "/auth");
     assert_eq!(
         ask_body(&out.asks[0]),
         json!({"username": "3f2a9c-session", "password": "", "clientid": "browser-1"})
@@ -1469,7 +1476,11 @@ fn a_superuser_is_not_asked_about_topics() {
     let mut conn = Conn::new(policy_from(config));
     let out = conn.client(&connect_packet(V3, "c1", Some("admin"), Some(b"pw"), None));
     assert_eq!(out.asks.len(), 2, "user and superuser at once");
-    let paths: Vec<&str> = out.asks.iter().map(|a| a.request.path.as_str()).collect();
+    let paths: Vec<&str> = out
+        .asks
+        .iter()
+        .map(|a| backend_request(a).path.as_str())
+        .collect();
     assert_eq!(paths, ["/auth", "/superuser"]);
     assert_eq!(ask_body(&out.asks[1]), json!({"username": "admin"}));
     assert!(conn
@@ -1524,14 +1535,14 @@ fn form_params_and_subscribe_acc_1_as_mosquitto_auth_plug() {
     let mut conn = Conn::new(policy_from(config));
     let out = conn.client(&connect_packet(V3, "c1", Some("u 1"), Some(b"p&w"), None));
     assert_eq!(
-        String::from_utf8(out.asks[0].request.body.clone()).unwrap(),
+        String::from_utf8(backend_request(&out.asks[0]).body.clone()).unwrap(),
         "username=u+1&password=p%26w&clientid=c1"
     );
     conn.answer(&out.asks[0].clone(), Some(200));
     conn.broker(&encode_connack(V3, 0));
     let out = conn.client(&subscribe(V3, 1, &["a/#"]));
     assert_eq!(
-        String::from_utf8(out.asks[0].request.body.clone()).unwrap(),
+        String::from_utf8(backend_request(&out.asks[0]).body.clone()).unwrap(),
         "username=u+1&clientid=c1&topic=a%2F%23&acc=1"
     );
 }
@@ -1579,4 +1590,141 @@ fn http_backend_configuration_is_validated() {
                                                          "cache": {"ttl": 1}}}),
     ));
     assert!(e.contains("http_backend.cache"), "{e}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Opaque tokens (introspection)
+
+fn opaque_policy() -> MqttAcl {
+    policy_from(with(
+        base_config(),
+        "introspection",
+        json!({"kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+               "path": "/introspect",
+               "credentials": {"client_id": "mqtt", "client_secret": "s3cret"}}),
+    ))
+}
+
+fn introspect_ask(out: &Output) -> u32 {
+    assert_eq!(out.asks.len(), 1, "{:?}", out.asks);
+    let AskRequest::Introspect { token, call } = &out.asks[0].request else {
+        panic!("not an introspection: {:?}", out.asks[0]);
+    };
+    assert_eq!(token, "tok-1");
+    assert_eq!(
+        (call.cluster.as_str(), call.path.as_str()),
+        ("idp", "/introspect")
+    );
+    assert_eq!(
+        String::from_utf8(call.body.clone()).unwrap(),
+        "token=tok-1&token_type_hint=access_token"
+    );
+    out.asks[0].id
+}
+
+fn answer(status: u32, body: &str) -> BackendAnswer {
+    BackendAnswer {
+        status: (status != 0).then_some(status),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+#[test]
+fn an_opaque_token_as_user_name_is_introspected_cached_and_expires() {
+    let mut conn = Conn::new(opaque_policy());
+    // Any password: ignored.
+    let connect = connect_packet(V3, "alice-1", Some("tok-1"), Some(b"x"), None);
+    let out = conn.client(&connect);
+    assert!(out.forward.is_empty() && out.decisions.is_empty());
+    let id = introspect_ask(&out);
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW,
+    };
+    let body = format!(r#"{{"active": true, "sub": "alice", "exp": {}}}"#, NOW + 60);
+    let out = conn
+        .session
+        .on_backend_answer(id, &answer(200, &body), &env);
+    assert!(
+        lines(&out).contains("authenticated:opaquetoken"),
+        "{}",
+        lines(&out)
+    );
+    assert_forwarded_without_credentials(&out, &conn.session, V3, &connect);
+    assert_eq!(conn.session.expires_at(), Some(NOW + 60));
+    // The token's lifetime ends: the connection closes.
+    conn.now = NOW + 61;
+    let env = Env {
+        policy: &conn.policy,
+        now: conn.now,
+    };
+    let closed = conn.session.check_expiry(&env).unwrap();
+    assert_eq!(closed.close, Some(CloseReason::Expired));
+
+    // A second connection with the same token: answered from the cache, nothing asked.
+    let mut again = Conn::new(opaque_policy());
+    again.policy = conn.policy;
+    again.session = Session::new(&again.policy, None, 8);
+    let out = again.client(&connect_packet(V3, "alice-2", Some("tok-1"), None, None));
+    assert!(out.asks.is_empty() && !out.forward.is_empty(), "{out:?}");
+}
+
+#[test]
+fn an_inactive_opaque_token_is_a_bad_password_and_no_answer_is_server_unavailable() {
+    for (status, body, v3, v5) in [
+        (
+            200,
+            r#"{"active": false}"#,
+            v3_connack::BAD_USERNAME_OR_PASSWORD,
+            reason::BAD_USER_NAME_OR_PASSWORD,
+        ),
+        (
+            0,
+            "",
+            v3_connack::SERVER_UNAVAILABLE,
+            reason::SERVER_UNAVAILABLE,
+        ),
+        (
+            503,
+            "",
+            v3_connack::SERVER_UNAVAILABLE,
+            reason::SERVER_UNAVAILABLE,
+        ),
+    ] {
+        for (version, code) in [(V3, v3), (V5, v5)] {
+            let mut conn = Conn::new(opaque_policy());
+            let out = conn.client(&connect_packet(version, "c1", Some("tok-1"), None, None));
+            let id = introspect_ask(&out);
+            let env = Env {
+                policy: &conn.policy,
+                now: NOW,
+            };
+            let out = conn
+                .session
+                .on_backend_answer(id, &answer(status, body), &env);
+            assert!(
+                out.decisions.iter().any(|d| !d.is_allowed()),
+                "{}",
+                lines(&out)
+            );
+            let back = conn.broker(&encode_connack(version, 0));
+            assert_eq!(
+                back.forward,
+                encode_connack(version, code),
+                "{status} {version:?}"
+            );
+        }
+    }
+    // An IdP failure is not remembered: the next CONNECT asks again.
+    let mut conn = Conn::new(opaque_policy());
+    let out = conn.client(&connect_packet(V3, "c1", Some("tok-1"), None, None));
+    let id = introspect_ask(&out);
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW,
+    };
+    conn.session.on_backend_answer(id, &answer(0, ""), &env);
+    conn.session = Session::new(&conn.policy, None, 9);
+    let out = conn.client(&connect_packet(V3, "c1", Some("tok-1"), None, None));
+    introspect_ask(&out);
 }
