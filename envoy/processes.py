@@ -523,6 +523,7 @@ class MqttEnvoy(EnvoyProcess):
     exact_balance: bool = False
     ecds_dir: str = None
     http_clusters: tuple = ()
+    websocket: bool = False
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -530,7 +531,9 @@ class MqttEnvoy(EnvoyProcess):
     def start(self):
         if self.ecds_dir:
             os.makedirs(self.ecds_dir, exist_ok=True)
-            render.write_mqtt_ecds_resource(self.ecds_dir, self.filter_config, self.wasm)
+            config = (render.websocket_config(self.filter_config) if self.websocket
+                      else self.filter_config)
+            render.write_mqtt_ecds_resource(self.ecds_dir, config, self.wasm)
         tls = self.tls or {}
         return self.launch(
             render.render_mqtt(
@@ -546,6 +549,7 @@ class MqttEnvoy(EnvoyProcess):
                 exact_balance=self.exact_balance,
                 ecds_dir=self.ecds_dir,
                 http_clusters=self.http_clusters,
+                websocket=self.websocket,
             ),
             "wasm:debug,filter:debug")
 

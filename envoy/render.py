@@ -646,6 +646,10 @@ def main(argv=None):
     parser.add_argument("--mqtt", action="store_true",
                         help="render the MQTT sidecar (mqtt-sidecar.yaml: mqtt-acl in front of an"
                              " MQTT broker) instead of the HTTP one")
+    parser.add_argument("--websocket", action="store_true",
+                        help="with --mqtt: MQTT over WebSockets (mqtt-acl's \"transport\":"
+                             " \"websocket\") in front of the broker's WebSocket listener"
+                             " (defaults: --listen 127.0.0.1:8083, --broker 127.0.0.1:9001)")
     parser.add_argument("--out", help="output file (default: standard output)")
     parser.add_argument("--listen", help="listener HOST:PORT (default 127.0.0.1:10000;"
                                          " --mqtt: 127.0.0.1:1883)")
@@ -687,6 +691,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.mqtt:
         return _main_mqtt(parser, args)
+    if args.websocket:
+        print("render.py: --websocket only applies with --mqtt", file=sys.stderr)
+        return 2
     if args.gateway and args.wasm is None:
         args.wasm = DEFAULT_GATEWAY_WASM
     for option, default in HTTP_CLI_DEFAULTS.items():
@@ -797,6 +804,7 @@ def render_mqtt(
     exact_balance=False,
     ecds_dir=None,
     http_clusters=(),
+    websocket=False,
 ):
     """Returns envoy/mqtt-sidecar.yaml rendered: listener -> mqtt-acl (network wasm filter) ->
     tcp_proxy -> cluster "mosquitto". `filter_config` is mqtt-acl's configuration, a dict or a
@@ -806,8 +814,13 @@ def render_mqtt(
     so a test reaches every worker. With `ecds_dir`, mqtt-acl is discovered by ECDS from
     ecds_dir/mqtt-acl.json instead of inline (reloadable with envoy/push-config; write the
     first resource with write_mqtt_ecds_resource(...)). `http_clusters`: (name, "host:port")
-    pairs of plain HTTP clusters to add, e.g. the web app of mqtt-acl's http_backend."""
+    pairs of plain HTTP clusters to add, e.g. the web app of mqtt-acl's http_backend.
+    `websocket`: MQTT over WebSockets (browsers, the npm `mqtt` package): the filter's
+    configuration gets "transport": "websocket" and `broker` is the broker's WebSocket listener
+    (Mosquitto: `listener 9001` + `protocol websockets`); with tls_cert/tls_key clients use wss://."""
     filter_config = json_object(filter_config, "mqtt-acl")
+    if websocket:
+        filter_config = websocket_config(filter_config)
     listen_host, listen_port = split_host_port(listen, "listen", allow_zero=True)
     admin_host, admin_port = split_host_port(admin, "admin", allow_zero=True)
     broker_host, broker_port = split_host_port(broker, "broker")
@@ -839,9 +852,17 @@ def render_mqtt(
     return text
 
 
+def websocket_config(filter_config):
+    """mqtt-acl's configuration for MQTT over WebSockets ("transport": "websocket")."""
+    return {**filter_config, "transport": "websocket"}
+
+
 MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",
                      "broker": "127.0.0.1:11883", "wasm": DEFAULT_MQTT_WASM,
                      "node_id": "iot-mqtt-sidecar"}
+# --mqtt --websocket: in front of Mosquitto's WebSocket listener (`listener 9001`, `protocol
+# websockets`), clients on 8083.
+MQTT_WEBSOCKET_CLI_DEFAULTS = {"listen": "127.0.0.1:8083", "broker": "127.0.0.1:9001"}
 # HTTP-only options, refused with --mqtt (their parser defaults, to tell whether one was given).
 _HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners", "gateway",
                       *(f"{name.replace('-', '_')}_config" for name in CHAIN_FILTERS))
@@ -856,12 +877,17 @@ def _main_mqtt(parser, args):
         print(f"render.py: --mqtt: {', '.join('--' + o.replace('_', '-') for o in given)} "
               "only apply to the HTTP sidecar", file=sys.stderr)
         return 2
-    for option, default in MQTT_CLI_DEFAULTS.items():
+    defaults = dict(MQTT_CLI_DEFAULTS)
+    if args.websocket:
+        defaults.update(MQTT_WEBSOCKET_CLI_DEFAULTS)
+    for option, default in defaults.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
     try:
         with open(args.filter_config, encoding="utf-8") as f:
             config = json_object(json.load(f), MQTT_ECDS_NAME)
+        if args.websocket:
+            config = websocket_config(config)
         if not os.path.isfile(args.wasm):
             raise ValueError(f"--wasm: {args.wasm} does not exist (build it with `cargo wasm`)")
         for option in ("tls_cert", "tls_key", "client_ca"):
