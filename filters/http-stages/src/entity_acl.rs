@@ -7,6 +7,8 @@
 //! body that does not arrive within `body_timeout_ms` with 503 (Envoy must run the filter with
 //! `allow_on_headers_stop_iteration: true`, or the body never reaches it).
 
+use std::borrow::Cow;
+
 use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
@@ -144,17 +146,6 @@ impl Stage for EntityAclStage {
             Err(verdict) => return self.apply(req, None, &verdict),
         };
         let identity = facts.identity.as_ref();
-        let Some(now_ms) = crate::now_millis() else {
-            // No clock: decide without the cache (it must not serve past a token's expiry).
-            let verdict = self.acl.decide(
-                identity,
-                &facts.method,
-                &facts.path,
-                &facts.headers,
-                &req.body,
-            );
-            return self.apply(req, identity, &verdict);
-        };
         let inputs = DecisionInputs {
             identity,
             method: &facts.method,
@@ -166,7 +157,17 @@ impl Stage for EntityAclStage {
             cache,
             metrics,
         } = self;
-        let verdict = acl.decide_cached(cache, now_ms / 1000, inputs, &req.body);
+        // No clock: decide without the cache (it must not serve past a token's expiry).
+        let verdict = match crate::now_millis() {
+            Some(now_ms) => acl.decide_cached(cache, now_ms / 1000, inputs, &req.body),
+            None => Cow::Owned(acl.decide(
+                identity,
+                &facts.method,
+                &facts.path,
+                &facts.headers,
+                &req.body,
+            )),
+        };
         apply(acl, metrics, req, identity, &verdict)
     }
 
