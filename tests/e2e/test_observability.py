@@ -110,26 +110,23 @@ def test_an_unauthenticated_request_is_token_auths_denial(chain):
             entry["subject"]) == ("token-auth", "deny", "401", "unauthenticated", "-")
 
 
-def prometheus_decisions(proxy):
-    """{(filter, decision, reason): count} of iot_decisions on /stats/prometheus."""
+def prometheus_counter(proxy, metric, *label_names):
+    """{(label values, in label_names order): count} of `metric` on /stats/prometheus."""
     out = {}
     for line in proxy.admin("/stats/prometheus").body.decode().splitlines():
-        m = re.fullmatch(r"iot_decisions\{(.*)\} (\d+)", line)
+        m = re.fullmatch(re.escape(metric) + r"\{(.*)\} (\d+)", line)
         if m:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            out[(labels["filter"], labels["decision"], labels["reason"])] = int(m.group(2))
+            out[tuple(labels[n] for n in label_names)] = int(m.group(2))
     return out
+
+
+def prometheus_decisions(proxy):
+    return prometheus_counter(proxy, "iot_decisions", "filter", "decision", "reason")
 
 
 def prometheus_rule_decisions(proxy):
-    """{(filter, rule, decision): count} of iot_rule_decisions on /stats/prometheus."""
-    out = {}
-    for line in proxy.admin("/stats/prometheus").body.decode().splitlines():
-        m = re.fullmatch(r"iot_rule_decisions\{(.*)\} (\d+)", line)
-        if m:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            out[(labels["filter"], labels["rule"], labels["decision"])] = int(m.group(2))
-    return out
+    return prometheus_counter(proxy, "iot_rule_decisions", "filter", "rule", "decision")
 
 
 def test_prometheus_has_decisions_labelled_by_filter_decision_and_reason(chain, token):
