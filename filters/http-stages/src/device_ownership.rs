@@ -194,7 +194,7 @@ impl DeviceOwnershipStage {
             identity: st.and_then(|s| s.identity.as_ref()),
             operation: &operation,
             entities: &entities,
-            request_headers: Some(req.headers()),
+            request_headers: req.headers(),
         };
         record_decision(&about, decision, &self.metrics.decisions)
     }

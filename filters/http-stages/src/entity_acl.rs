@@ -104,7 +104,7 @@ fn apply(
         identity,
         operation: &verdict.operation,
         entities: &verdict.entities,
-        request_headers: Some(req.headers()),
+        request_headers: req.headers(),
     };
     match record_decision(&about, &verdict.decision, metrics) {
         Ok(()) => Step::Next,

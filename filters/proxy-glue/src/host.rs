@@ -78,13 +78,6 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
-    fn proxy_get_header_map_value(
-        map_type: MapType,
-        key_data: *const u8,
-        key_size: usize,
-        return_value_data: *mut *mut u8,
-        return_value_size: *mut usize,
-    ) -> u32;
     fn proxy_set_property(
         path_data: *const u8,
         path_size: usize,
@@ -213,23 +206,6 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, HostStatus> {
     let bytes = unsafe { take_host_bytes(data, size) };
     match status {
         HostStatus::OK => Ok(bytes),
-        HostStatus::NOT_FOUND => Ok(None),
-        other => Err(HostStatus(other)),
-    }
-}
-
-/// One header's value as bytes (the first, if repeated; None: absent). Fails once the map is
-/// no longer readable (e.g. request headers after the filter continued).
-pub fn header_value(map: MapType, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {
-    let mut data: *mut u8 = std::ptr::null_mut();
-    let mut size: usize = 0;
-    // SAFETY: as in `header_map`; `name` is a live slice for the duration of the call.
-    let status =
-        unsafe { proxy_get_header_map_value(map, name.as_ptr(), name.len(), &mut data, &mut size) };
-    // SAFETY: as in `header_map`.
-    let bytes = unsafe { take_host_bytes(data, size) };
-    match status {
-        HostStatus::OK => Ok(Some(bytes.unwrap_or_default())),
         HostStatus::NOT_FOUND => Ok(None),
         other => Err(HostStatus(other)),
     }

@@ -276,9 +276,8 @@ pub struct Decided<'a> {
     pub operation: &'a str,
     /// [`policy::enforcement::summarize_accesses`] of what the request touches.
     pub entities: &'a str,
-    /// The request headers as the filter read them, for the decision line's request facts;
-    /// `None`: read them from the host.
-    pub request_headers: Option<&'a policy::header_pairs::HeaderPairs>,
+    /// The request headers as the filter read them, for the decision line's request facts.
+    pub request_headers: &'a policy::header_pairs::HeaderPairs,
 }
 
 /// Applies a decision the same way in every NGSI policy filter: the decision line (logged,
@@ -309,13 +308,10 @@ pub fn record_decision(
 ) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
     let line = DecisionLine::new(about.filter, about.mode, decision);
-    let line = match about.request_headers {
-        Some(headers) => with_facts_from(line, headers),
-        None => with_request_facts(line),
-    }
-    .subject(about.identity.map(|i| i.subject.as_str()))
-    .text("operation", about.operation)
-    .literal("entities", about.entities);
+    let line = with_facts_from(line, about.request_headers)
+        .subject(about.identity.map(|i| i.subject.as_str()))
+        .text("operation", about.operation)
+        .literal("entities", about.entities);
     metrics.record(decision, about.mode);
     emit_decision(&line, about.log_allows);
     match decision {
@@ -326,29 +322,13 @@ pub fn record_decision(
 }
 
 /// `line` with the method, path, tenant (`fiware-service`, else `ngsild-tenant`) and
-/// `x-request-id` of the current request. Read while the request headers are readable (in the
-/// headers callback, or while the filter holds the request); a header that can't be read is
-/// left out. A filter that holds the headers it read uses [`with_facts_from`] instead (no host
-/// calls).
-pub fn with_request_facts(line: DecisionLine) -> DecisionLine {
-    with_facts(line, |name| {
-        host::header_value(MapType::HttpRequestHeaders, name)
-            .ok()
-            .flatten()
-    })
-}
-
-/// [`with_request_facts`] from a copy of the request headers (as read, and kept up to date
-/// by the filter's own changes).
+/// `x-request-id` of the request, from the headers the filter read (kept up to date by its
+/// own changes): no host call.
 pub fn with_facts_from(
     line: DecisionLine,
     headers: &policy::header_pairs::HeaderPairs,
 ) -> DecisionLine {
-    with_facts(line, |name| headers.first(name).map(<[u8]>::to_vec))
-}
-
-fn with_facts(line: DecisionLine, header: impl Fn(&str) -> Option<Vec<u8>>) -> DecisionLine {
-    let get = |name: &str| header(name).map(|v| String::from_utf8_lossy(&v).into_owned());
+    let get = |name: &str| headers.first(name).map(String::from_utf8_lossy);
     let tenant = get("fiware-service").or_else(|| get("ngsild-tenant"));
     line.request(
         get(":method").as_deref(),
