@@ -159,6 +159,21 @@ class Mosquitto:
         self.proc.stop()
 
 
+def access_log_entry(proxy, matches, what):
+    """The first JSON access-log line (the sidecars write it on Envoy's stdout, which the
+    proxy's log file collects) for which `matches(entry)` holds; waits for it."""
+
+    def find():
+        for line in proxy.log_text().splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if matches(entry):
+                    return entry
+        return None
+
+    return wait_until(find, f"the access log line of {what}")
+
+
 def hs256_jwt(claims, secret):
     """A compact HS256 JWS (what an IdP with a shared secret issues), signed here with the
     standard library."""
