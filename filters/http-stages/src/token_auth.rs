@@ -502,7 +502,7 @@ impl TokenAuthStage {
             cluster: &call.cluster,
             headers: call.envoy_headers(),
             body: None,
-            timeout: Duration::from_millis(call.timeout_ms),
+            timeout: call.timeout(),
         };
         let Some(sent) = crate::dispatch(
             NAME,
