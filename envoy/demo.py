@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
-"""The main job, with the real parts: token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm
-in Envoy 1.40 in front of an NGSI broker.
+"""The main job, with the real parts: ngsi_gateway.wasm, the default sidecar (token-auth ->
+device-ownership -> entity-acl as stages of one module, one filter, one pass), in Envoy 1.40 in
+front of an NGSI broker. --separate runs the same policies as the three separate filters
+(token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm) instead: the same steps, the same
+outcomes.
 
 Run by `scripts/demo` (after `scripts/setup`). It starts, on loopback and on ports the kernel
 chooses, the Orion stand-in (tests/e2e/broker_standin.py, which records what reaches it), the
 OIDC provider (tests/e2e/idp, npm oidc-provider) and Envoy from .venv configured by
 envoy/render.py from envoy/sidecar.yaml -- all through envoy/processes.py, the same code
 the end-to-end tests use -- then sends allowed and denied requests and prints, for each, what
-was sent, the answer, the filter's decision and what reached the broker:
+was sent, the answer, the decision line of each stage that decided (filter=<stage>, in either
+form) and what reached the broker:
 
   1. a JWT from the IdP (client_credentials)       200, identity headers at the broker, no token
   2. no token                                      401 + WWW-Authenticate, nothing at the broker
@@ -125,14 +129,20 @@ class Outcome:
             self.failures.append(what)
         return condition
 
+    def denied_by(self, decision, stage):
+        """The denial's decision line names `stage` (filter=<stage>, in either form)."""
+        return self.expect(decision is not None and f"{stage} decision=deny" in decision,
+                           f"{stage} did not refuse it (decision lines: {decision})")
+
 
 # ------------------------------------------------------------------------------------------------
 # The demo
 
 
 class Demo:
-    def __init__(self, work_dir):
+    def __init__(self, work_dir, separate=False):
         self.work_dir = work_dir
+        self.separate = separate
         self.broker = self.idp = self.envoy = None
         self.results = []  # (title, failures)
 
@@ -140,16 +150,15 @@ class Demo:
 
     def start(self):
         headline(f"Starting the parts on loopback (logs in {rel(self.work_dir)}/)")
-        if not os.path.isfile(processes.WASM):
-            raise RuntimeError(f"{rel(processes.WASM)} is missing: run scripts/setup")
-        # A copy, so a rebuild while the demo runs (--keep) cannot swap the module under Envoy.
-        wasm = os.path.join(self.work_dir, "token_auth.wasm")
-        shutil.copyfile(processes.WASM, wasm)
-        for module in (ENTITY_ACL_WASM, OWNERSHIP_WASM):
+        modules = ((processes.WASM, OWNERSHIP_WASM, ENTITY_ACL_WASM) if self.separate
+                   else (processes.GATEWAY_WASM,))
+        for module in modules:
             if not os.path.isfile(module):
                 raise RuntimeError(f"{rel(module)} is missing: run scripts/setup")
-        acl_wasm = processes.copy_module(self.work_dir, ENTITY_ACL_WASM)
-        ownership_wasm = processes.copy_module(self.work_dir, OWNERSHIP_WASM)
+        # Copies, so a rebuild while the demo runs (--keep) cannot swap a module under Envoy.
+        wasm, *stage_wasm = [processes.copy_module(self.work_dir, m) for m in modules]
+        # The gateway runs the stages from its own module; the separate filters each from theirs.
+        ownership_wasm, acl_wasm = stage_wasm or (None, None)
 
         self.broker = processes.Broker(self.work_dir)
         say(f"broker     Orion stand-in (tests/e2e/broker_standin.py)  127.0.0.1:{self.broker.port}"
@@ -164,15 +173,18 @@ class Demo:
             broker_port=self.broker.port,
             idp_port=self.idp.port,
             wasm=wasm,
+            separate=self.separate,
             extra_filters=[
                 render.chain_filter("device-ownership", demo_ownership(self.broker.port),
                                     ownership_wasm),
                 render.chain_filter("entity-acl", DEMO_ACL, acl_wasm),
             ],
         ).start()
-        say(f"sidecar    Envoy {self._envoy_version()} + token_auth.wasm -> device_ownership.wasm"
-            f" -> entity_acl.wasm (envoy/sidecar.yaml)  127.0.0.1:{self.envoy.port}   "
-            f"admin 127.0.0.1:{self.envoy.admin_port}", 1)
+        chain = ("token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm (separate filters)"
+                 if self.separate else "ngsi_gateway.wasm (stages token-auth -> device-ownership"
+                 " -> entity-acl, one filter)")
+        say(f"sidecar    Envoy {self._envoy_version()} + {chain} (envoy/sidecar.yaml)  "
+            f"127.0.0.1:{self.envoy.port}   admin 127.0.0.1:{self.envoy.admin_port}", 1)
         for rule in DEMO_ACL["acl"]["rules"]:
             say("entity ACL " + json.dumps(rule), 1)
         say("ownership  " + json.dumps(demo_ownership(self.broker.port)["sources"][0]), 1)
@@ -225,8 +237,10 @@ class Demo:
         return response, [r for r in records if same(r)], self._decision(log_offset)
 
     def _decision(self, offset, timeout=2.0):
-        """The filters' decision log lines written after `offset` (token-auth's, then
-        entity-acl's when token-auth let the request on), if they show up in time."""
+        """The decision log lines written after `offset` (token-auth's, then device-ownership's
+        and entity-acl's when token-auth let the request on), if they show up in time. Each
+        names the stage that decided as filter=<name>, whether the stages run in ngsi-gateway
+        or as separate filters."""
         deadline = time.monotonic() + timeout
         while True:
             with open(self.envoy.proc.log_path, "rb") as f:
@@ -342,6 +356,7 @@ class Demo:
         o.expect(body == {"error": "Unauthorized", "description": "missing credential"},
                  f"body is {r.body!r}, expected the NGSI error")
         o.expect(records == [], "the request reached the broker")
+        o.denied_by(decision, "token-auth")
 
     def step_forged(self, o):
         token = self.idp.token(ORION)
@@ -356,6 +371,7 @@ class Demo:
                            None, r, records, decision, show_response_headers=["www-authenticate"])
         o.expect(r.status == 401, f"status {r.status}, expected 401")
         o.expect(records == [], "the request reached the broker")
+        o.denied_by(decision, "token-auth")
 
     def step_spoofed(self, o):
         token = self.idp.token(ORION)
@@ -436,7 +452,7 @@ class Demo:
         entity = {"id": "urn:ngsi-ld:Building:townhall", "type": "Building",
                   "floors": {"type": "Number", "value": 4}}
         say("a valid JWT for sensor-gateway; the ACL grants it Streetlights only", 1)
-        r, records, _ = self.post_json("/v2/entities", entity)
+        r, records, decision = self.post_json("/v2/entities", entity)
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         try:
             answer = r.json()
@@ -446,6 +462,7 @@ class Demo:
                             "description": "the caller is not allowed to perform this request"},
                  f"body is {r.body!r}, expected the NGSI error naming no rule")
         o.expect(records == [], "the request reached the broker")
+        o.denied_by(decision, "entity-acl")
 
     def step_batch_denied(self, o):
         batch = {"actionType": "append", "entities": [
@@ -455,9 +472,10 @@ class Demo:
              "floors": {"type": "Number", "value": 5}},
         ]}
         say("one Streetlight (granted) and one Building (not) in one op/update", 1)
-        r, records, _ = self.post_json("/v2/op/update", batch)
+        r, records, decision = self.post_json("/v2/op/update", batch)
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         o.expect(records == [], "part of the batch reached the broker")
+        o.denied_by(decision, "entity-acl")
 
     def step_not_owner(self, o):
         token = self.idp.token(ORION)
@@ -476,8 +494,7 @@ class Demo:
         o.expect(created.status == 201, f"the create got {created.status}, expected 201")
         o.expect(r.status == 403, f"status {r.status}, expected 403")
         o.expect(records == [], "the request reached the broker")
-        o.expect(decision is not None and "device-ownership decision=deny" in decision,
-                 "device-ownership did not refuse it")
+        o.denied_by(decision, "device-ownership")
 
     def step_list_filtered(self, o):
         other = self.idp.token(ORION, client=processes.IdP.OTHER_CLIENT)
@@ -585,10 +602,14 @@ def new_work_dir():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="token_auth.wasm in Envoy in front of an Orion stand-in, with a real OIDC "
-                    "provider: allowed and denied requests, checked.")
+        description="ngsi-gateway (token-auth -> device-ownership -> entity-acl) in Envoy in "
+                    "front of an Orion stand-in, with a real OIDC provider: allowed and denied "
+                    "requests, checked.")
     parser.add_argument("--keep", action="store_true",
                         help="keep the sidecar running after the transcript, until Ctrl-C")
+    parser.add_argument("--separate", action="store_true",
+                        help="run token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm as"
+                             " separate filters instead of ngsi_gateway.wasm (the default)")
     args = parser.parse_args(argv)
 
     # SIGTERM stops the demo like Ctrl-C: every part is stopped on the way out.
@@ -597,7 +618,7 @@ def main(argv=None):
 
     signal.signal(signal.SIGTERM, terminate)
     started = time.monotonic()
-    demo = Demo(new_work_dir())
+    demo = Demo(new_work_dir(), separate=args.separate)
     ok = False
     try:
         demo.start()

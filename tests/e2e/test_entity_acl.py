@@ -1,6 +1,10 @@
 """token-auth -> entity-acl in a real Envoy: real JWTs from the OIDC provider (client
 "sensor-gateway", roles device and entities-writer), the entity ACL deciding on what the
-request touches, and the Orion stand-in recording what got through."""
+request touches, and the Orion stand-in recording what got through.
+
+Both forms run every request test (the `chain` fixture is parametrized): ngsi-gateway, the
+default sidecar (token-auth and entity-acl as stages of ngsi_gateway.wasm), and the separate
+filters (token_auth.wasm -> entity_acl.wasm, the wrappers of the same stages)."""
 
 import json
 import os
@@ -42,7 +46,12 @@ def acl_wasm(work_dir):
     return e2e.copy_module(work_dir, ENTITY_ACL_WASM)
 
 
+FORMS = ["gateway", "separate"]
+
+
 def chain_envoy(work_dir, wasm, acl_wasm, idp, broker, name, acl=ACL, **kwargs):
+    """The chain as the default sidecar (`wasm`: ngsi_gateway.wasm); with separate=True,
+    `wasm` is token_auth.wasm and entity-acl runs as acl_wasm."""
     allow = kwargs.pop("acl_allow_on_headers_stop_iteration", True)
     return e2e.Envoy(
         work_dir=work_dir, name=name, filter_config=e2e.token_auth_config(idp),
@@ -53,9 +62,18 @@ def chain_envoy(work_dir, wasm, acl_wasm, idp, broker, name, acl=ACL, **kwargs):
     ).start()
 
 
-@pytest.fixture(scope="module")
-def chain(work_dir, wasm, acl_wasm, idp, broker):
-    proxy = chain_envoy(work_dir, wasm, acl_wasm, idp, broker, "envoy-entity-acl")
+def form_envoy(form, request, name, **kwargs):
+    """chain_envoy in `form` ("gateway" or "separate"), with the session's modules."""
+    get = request.getfixturevalue
+    separate = form == "separate"
+    wasm = get("token_auth_wasm") if separate else get("wasm")
+    return chain_envoy(get("work_dir"), wasm, get("acl_wasm"), get("idp"), get("broker"),
+                       f"{name}-{form}", separate=separate, **kwargs)
+
+
+@pytest.fixture(scope="module", params=FORMS)
+def chain(request):
+    proxy = form_envoy(request.param, request, "envoy-entity-acl")
     yield proxy
     proxy.stop()
 
@@ -78,12 +96,14 @@ def probe():
 
 
 def test_an_allowed_write_reaches_the_broker_with_its_body_and_identity(chain, broker, token):
+    # A fresh id per run of the test (each form runs it against the same stand-in).
+    sensor = f"urn:ngsi-ld:Sensor:{probe()[:8]}"
     created = chain.request("POST", "/v2/entities", ngsi_headers(token, probe()),
-                            '{"id": "urn:ngsi-ld:Sensor:7", "type": "Sensor"}')
+                            json.dumps({"id": sensor, "type": "Sensor"}))
     assert created.status == 201, created.body
     p = probe()
     body = json.dumps({"temperature": {"value": 21.5, "type": "Number"}})
-    r = chain.request("PATCH", "/v2/entities/urn:ngsi-ld:Sensor:7/attrs?type=Sensor",
+    r = chain.request("PATCH", f"/v2/entities/{sensor}/attrs?type=Sensor",
                       ngsi_headers(token, p), body)
     assert r.status < 300, r.body
     [record] = broker.received(p)
@@ -124,10 +144,11 @@ def test_a_batch_with_one_forbidden_entity_is_refused_whole(chain, broker, token
 
 def test_a_chunked_body_is_decided_whole_and_forwarded_unchanged(chain, broker, token):
     p = probe()
+    sensor = f"urn:ngsi-ld:Sensor:{p[:8]}"  # fresh: each form creates it
     conn = e2e.Connection(chain.port)
     try:
         conn.start_chunked("POST", "/v2/entities", ngsi_headers(token, p))
-        for part in ['{"id": "urn:ngsi-ld:Sensor:42", ', '"type": "Sensor", ',
+        for part in [f'{{"id": "{sensor}", ', '"type": "Sensor", ',
                      '"temperature": {"value": 3}}']:
             conn.send_chunk(part)
         r = conn.finish()
@@ -135,7 +156,7 @@ def test_a_chunked_body_is_decided_whole_and_forwarded_unchanged(chain, broker, 
         conn.close()
     assert r.status < 300, r.body
     [record] = broker.received(p)
-    assert json.loads(record["body"])["id"] == "urn:ngsi-ld:Sensor:42"
+    assert json.loads(record["body"])["id"] == sensor
 
 
 def test_a_chunked_body_over_the_limit_gets_413_and_nothing_upstream(chain, broker, token):
@@ -204,12 +225,18 @@ def test_metrics_count_decisions_by_reason(chain, broker, token):
 
 
 def test_without_allow_on_headers_stop_iteration_bodies_get_503_not_a_pass(
-        work_dir, wasm, acl_wasm, idp, broker, token):
+        work_dir, token_auth_wasm, acl_wasm, idp, broker, token):
     """The misconfiguration the filter cannot detect at load: Envoy holds the body from it.
-    The filter's tick refuses such requests after body_timeout_ms and says why."""
+    The filter's tick refuses such requests after body_timeout_ms and says why. (Separate
+    filters only: render.py sets allow_on_headers_stop_iteration for the gateway, and refuses
+    to render it without.)"""
     acl = dict(ACL, body_timeout_ms=500)
-    proxy = chain_envoy(work_dir, wasm, acl_wasm, idp, broker, "envoy-acl-misconfigured", acl,
-                        acl_allow_on_headers_stop_iteration=False)
+    with pytest.raises(ValueError, match="separate"):
+        chain_envoy(work_dir, None, acl_wasm, idp, broker, "envoy-acl-misconfigured-gateway",
+                    acl, acl_allow_on_headers_stop_iteration=False)
+    proxy = chain_envoy(work_dir, token_auth_wasm, acl_wasm, idp, broker,
+                        "envoy-acl-misconfigured", acl, acl_allow_on_headers_stop_iteration=False,
+                        separate=True)
     try:
         p = probe()
         r = proxy.request("POST", "/v2/entities", ngsi_headers(token, p),
@@ -226,16 +253,23 @@ def test_without_allow_on_headers_stop_iteration_bodies_get_503_not_a_pass(
         proxy.stop()
 
 
+@pytest.mark.parametrize("form", FORMS)
 def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refused(
-        work_dir, wasm, acl_wasm, idp, broker, token):
-    ecds_dir = os.path.join(work_dir, "ecds-entity-acl")
-    proxy = chain_envoy(work_dir, wasm, acl_wasm, idp, broker, "envoy-acl-ecds", ecds_dir=ecds_dir)
+        form, request, work_dir, broker, token):
+    """The ACL file changed as operators change it: for the gateway, push-config --stage
+    entity_acl replaces that stage's configuration in ngsi-gateway.json (token_auth's stays);
+    for the separate filters, entity-acl.json."""
+    ecds_dir = os.path.join(work_dir, f"ecds-entity-acl-{form}")
+    proxy = form_envoy(form, request, "envoy-acl-ecds", ecds_dir=ecds_dir)
     try:
         room = "/v2/entities/urn:ngsi-ld:Room:5?type=Room"
         assert proxy.request("GET", room, ngsi_headers(token, probe())).status == 403
         pid = proxy.pid
 
         def push(config, expect, extra_args=()):
+            if form == "gateway":
+                return e2e.push_config(proxy, work_dir, config, expect=expect,
+                                       extra_args=["--stage", "entity_acl", *extra_args])
             return e2e.push_config(proxy, work_dir, config, expect=expect,
                                    resource=proxy.ecds_resource_of("entity-acl"),
                                    extra_args=extra_args)
@@ -263,9 +297,16 @@ def test_a_new_policy_by_ecds_takes_effect_without_restart_and_a_bad_one_is_refu
         # ...and without that check, Envoy rejects it.
         stderr = push(bad, expect=1, extra_args=["--no-validate"])
         assert "REJECTED" in stderr
-        assert 'entity-acl: configuration refused: acl rule #1 "writers-sensors": subject kind "usr" is unknown' \
-            in proxy.log_text()
+        refused = 'acl rule #1 "writers-sensors": subject kind "usr" is unknown'
+        assert (f"ngsi-gateway: configuration refused: entity_acl: {refused}" if form == "gateway"
+                else f"entity-acl: configuration refused: {refused}") in proxy.log_text()
         assert reaches_broker()
+        if form == "gateway":  # --stage left token_auth's configuration as it was
+            with open(proxy.ecds_resource) as f:
+                plugin = json.load(f)["resources"][0]["typed_config"]["config"]
+            assert json.loads(plugin["configuration"]["value"]) == {
+                "token_auth": e2e.token_auth_config(request.getfixturevalue("idp")),
+                "entity_acl": new_acl}
         assert proxy.pid == pid and proxy.proc.alive()
     finally:
         proxy.stop()

@@ -18,13 +18,11 @@ GATEWAY_WASM = os.path.join(e2e.ROOT, "target", "wasm32-wasip1", "release", "ngs
 
 
 @pytest.fixture(scope="module")
-def gateway(work_dir, idp, broker):
-    wasm = e2e.copy_module(work_dir, GATEWAY_WASM)
+def gateway(work_dir, wasm, idp, broker):
     proxy = e2e.Envoy(
-        work_dir=work_dir, name="envoy-gateway",
-        filter_config={"token_auth": e2e.token_auth_config(idp), "entity_acl": ACL},
+        work_dir=work_dir, name="envoy-gateway", filter_config=e2e.token_auth_config(idp),
         broker_port=broker.port, idp_port=idp.port, wasm=wasm,
-        allow_on_headers_stop_iteration=True,
+        extra_filters=[e2e.render.chain_filter("entity-acl", ACL)],
     ).start()
     yield proxy
     proxy.stop()
@@ -93,7 +91,7 @@ def three_stage_gateway(work_dir, idp, broker, name, ownership, owners_port=None
     return e2e.Envoy(
         work_dir=work_dir, name=name, filter_config=e2e.token_auth_config(idp),
         broker_port=broker.port, idp_port=idp.port,
-        wasm=e2e.copy_module(work_dir, GATEWAY_WASM), gateway=True, owners_port=owners_port,
+        wasm=e2e.copy_module(work_dir, GATEWAY_WASM), owners_port=owners_port,
         extra_filters=[e2e.render.chain_filter("device-ownership", ownership),
                        e2e.render.chain_filter("entity-acl", ownership_chain.ACL)],
         allow_on_headers_stop_iteration=True,

@@ -1,5 +1,5 @@
-"""render.py --gateway as an operator runs it: the chain token-auth -> entity-acl rendered as
-ngsi-gateway (one filter, one module), its configuration checked offline in the real .wasm,
+"""render.py as an operator runs it: the chain token-auth -> entity-acl rendered as
+ngsi-gateway (one filter, one module: the default), its configuration checked offline in the real .wasm,
 discovered by ECDS from DIR/ngsi-gateway.json, and its policy changed at run time with
 push-config, in a real Envoy with real JWTs and the Orion stand-in recording what got through."""
 
@@ -28,8 +28,21 @@ def write_json(path, value):
 
 
 def render_cli(work_dir, *args):
-    return subprocess.run([sys.executable, RENDER, "--gateway", *args],
+    return subprocess.run([sys.executable, RENDER, *args],
                           capture_output=True, text=True, timeout=120)
+
+
+def http_filter_names(yaml_text):
+    """The filters before the router: an ECDS entry's name, or an inline wasm filter's vm_id."""
+    http_filters = yaml_text.split("http_filters:")[1].split("envoy.filters.http.router")[0]
+    names = []
+    for line in http_filters.splitlines():
+        line = line.strip()
+        if line.startswith("- name: ") and line != "- name: envoy.filters.http.wasm":
+            names.append(line[len("- name: "):])
+        elif line.startswith("vm_id: "):
+            names.append(line[len("vm_id: "):])
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +72,11 @@ def test_render_py_gateway_runs_the_chain_as_one_module_and_push_config_changes_
     assert json.loads(plugin["configuration"]["value"]) == {"token_auth": token_auth,
                                                             "entity_acl": ACL}
     assert plugin["allow_on_headers_stop_iteration"] is True
-    http_filters = done.stdout.split("http_filters:")[1].split("envoy.filters.http.router")[0]
-    filters = [line.strip() for line in http_filters.splitlines()
-               if line.strip().startswith("- name: ")]
-    assert filters == ["- name: ngsi-gateway"], filters
+    assert http_filter_names(done.stdout) == ["ngsi-gateway"]
 
     proxy = e2e.Envoy(work_dir=work_dir, name="envoy-gateway-cli", filter_config=token_auth,
                       broker_port=broker.port, idp_port=idp.port, wasm=gateway_wasm,
-                      ecds_dir=ecds_dir, gateway=True)
+                      ecds_dir=ecds_dir)
     proxy.launch(done.stdout, "wasm:debug")
     try:
         token = idp.token(ORION)
@@ -104,3 +114,44 @@ def test_render_py_gateway_refuses_a_bad_stage_configuration_naming_its_path(wor
     assert done.stdout == ""
     assert "ngsi-gateway: the filter refuses this configuration" in done.stderr
     assert "entity_acl.acl.rules[1].effect" in done.stderr, done.stderr
+
+
+def test_render_py_offers_the_gateway_by_default_and_the_separate_filters_on_request(
+        work_dir, idp):
+    """The forms on the command line (no Envoy, --no-validate: the structure only): the default
+    is one ngsi-gateway filter, --gateway is the same (kept for scripts written when it was a
+    switch), --separate renders the separate filters, and what the gateway cannot run as given
+    stops render.py with a message naming --separate instead of switching form silently."""
+    args = ["--no-validate",
+            "--filter-config", write_json(os.path.join(work_dir, "forms-ta.json"),
+                                          e2e.token_auth_config(idp)),
+            "--entity-acl-config", write_json(os.path.join(work_dir, "forms-acl.json"), ACL)]
+    default = render_cli(work_dir, *args)
+    assert default.returncode == 0, default.stderr
+    assert http_filter_names(default.stdout) == ["ngsi-gateway"]
+    assert os.path.abspath(GATEWAY_WASM) in default.stdout
+    alias = render_cli(work_dir, "--gateway", *args)
+    assert alias.returncode == 0 and alias.stdout == default.stdout
+    separate = render_cli(work_dir, "--separate", *args)
+    assert separate.returncode == 0, separate.stderr
+    assert http_filter_names(separate.stdout) == ["token-auth", "entity-acl"]
+
+    both = render_cli(work_dir, "--gateway", "--separate", *args)
+    assert both.returncode == 2 and both.stdout == ""
+    assert "contradict" in both.stderr
+    token_auth_module = render_cli(work_dir, *args, "--wasm", e2e.WASM)
+    assert token_auth_module.returncode == 2 and token_auth_module.stdout == ""
+    assert "token_auth.wasm is a separate filter's module" in token_auth_module.stderr
+    assert "--separate" in token_auth_module.stderr
+    acl_module = render_cli(work_dir, *args, "--entity-acl-wasm", e2e.WASM)
+    assert acl_module.returncode == 2 and "--separate" in acl_module.stderr
+    # The same in the Python API: a chain the gateway has no stage for.
+    probe = e2e.render.test_probe_filter({"mode": "buffer"})
+    with pytest.raises(ValueError, match="abi-probe is not a stage of ngsi-gateway.*--separate"):
+        e2e.render.render(e2e.token_auth_config(idp), extra_filters=[probe])
+    with pytest.raises(ValueError, match="separate"):
+        e2e.render.render(None, extra_filters=[e2e.render.chain_filter("entity-acl", ACL)])
+    acl, own = (e2e.render.chain_filter(n, c) for n, c in
+                (("entity-acl", ACL), ("device-ownership", {"sources": []})))
+    with pytest.raises(ValueError, match="in the order.*--separate"):
+        e2e.render.render(e2e.token_auth_config(idp), extra_filters=[acl, own])

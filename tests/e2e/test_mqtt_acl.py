@@ -309,3 +309,59 @@ def test_refused_connection_is_closed_by_envoy_after_the_connack(proxy):
         conn.settimeout(10)
         assert conn.recv(1) == b"", "Envoy closed the connection"
         assert time.monotonic() - started < 3
+
+
+# A Mosquitto acl_file as the policy: each device writes its own state, and nothing else is
+# granted, so the rest falls to default-deny.
+ACL_FILE = """\
+# devices write their own state
+pattern write devices/%u/state
+"""
+
+
+@pytest.fixture(scope="module")
+def acl_file_proxy(work_dir, mosquitto, mqtt_wasm):
+    filter_config = {**config(), "acl_file": ACL_FILE}
+    del filter_config["acl"]
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-acl-file",
+                          filter_config=filter_config, broker_port=mosquitto.port,
+                          wasm=mqtt_wasm).start()
+    yield envoy
+    envoy.stop()
+
+
+def connection_log(proxy, subject):
+    """The JSON access-log line of the connection whose client was `subject` (written when
+    the connection closes)."""
+    return e2e.access_log_entry(proxy, lambda entry: entry.get("subject") == subject,
+                                f"{subject}'s connection")
+
+
+def test_access_log_shows_each_connection_s_client_and_its_acl_file_denials(acl_file_proxy):
+    proxy = acl_file_proxy
+    allowed, denied = ("lamp-" + uuid.uuid4().hex[:8] for _ in range(2))
+    done = e2e.mqtt_run("pub", proxy.port, "-u", token(allowed), "-i", allowed,
+                        "-t", f"devices/{allowed}/state", "-m", "on")
+    assert done.returncode == 0, done.stderr
+    done = e2e.mqtt_run("pub", proxy.port, "-u", token(denied), "-i", denied, "-q", "1",
+                        "-t", f"devices/{allowed}/state", "-m", "spoofed")
+    assert done.returncode == 0, done.stderr  # QoS 1: a PUBACK, as Mosquitto answers a denial
+    refused = e2e.mqtt_run("pub", proxy.port, "-u", token("x", secret=os.urandom(32)),
+                           "-t", "devices/x/state", "-m", "x")
+    assert refused.returncode != 0
+
+    entry = connection_log(proxy, allowed)
+    assert (entry["filter"], entry["decision"], entry["rule"], entry["denials"]) == \
+        ("mqtt-acl", "allow", "acl_file:2", None), entry
+    assert entry["upstream_cluster"] == "mosquitto", entry
+
+    entry = connection_log(proxy, denied)
+    assert (entry["decision"], entry["reason"], entry["rule"], entry["denials"]) == \
+        ("deny", "forbidden", "default-deny", "1"), entry
+    assert entry["upstream_cluster"] == "mosquitto", entry
+
+    # The forged token's CONNECT went to the refusal stand-in, never to the broker.
+    entry = e2e.access_log_entry(
+        proxy, lambda e: e.get("upstream_cluster") == "mqtt_acl_refusal", "the refused CONNECT")
+    assert (entry["filter"], entry["decision"], entry["subject"], entry["denials"]) == \
+        ("mqtt-acl", "deny", "-", "1"), entry

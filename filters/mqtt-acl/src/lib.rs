@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use policy::decision_line::LogAllows;
+use policy::decision_line::{LogAllows, STATE_DENIALS};
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{
     Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output,
@@ -294,13 +294,24 @@ fn close_connection(id: u32, why: &str) {
     }
 }
 
-/// Writes the decision lines and counts what an output says.
-fn record(metrics: &Metrics, log_allows: LogAllows, id: u32, session: &Connection, out: &Output) {
+/// Writes the decision lines, counts what an output says, and exports the connection's
+/// denial count for the access log (`iot_denials`; outside the connection's callbacks, as on
+/// a tick, there is no filter state to set and the export is a no-op).
+fn record(
+    metrics: &Metrics,
+    log_allows: LogAllows,
+    id: u32,
+    session: &mut Connection,
+    out: &Output,
+) {
     for decided in &out.decisions {
         proxy_glue::emit_decision(&decided.line, log_allows);
         for counter in &decided.counters {
             metrics.inc(counter);
         }
+    }
+    if let Some(denials) = session.count_denials(out) {
+        let _ = host::set_property(STATE_DENIALS, denials.to_string().as_bytes());
     }
     if let Some(reason) = &out.close {
         metrics.inc(reason.metric());

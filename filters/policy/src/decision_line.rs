@@ -104,6 +104,10 @@ pub const STATE_STATUS: &str = "iot_status";
 pub const STATE_REASON: &str = "iot_reason";
 pub const STATE_SUBJECT: &str = "iot_subject";
 pub const STATE_RULE: &str = "iot_rule";
+/// mqtt-acl: how many of the connection's packets were refused (or would be, in shadow mode)
+/// so far; a connection's access-log line is written when it closes, and the decision fields
+/// above then describe its last decided packet only.
+pub const STATE_DENIALS: &str = "iot_denials";
 
 /// The labelled counter's name stem; Envoy's `stats_tags` (in the sidecar templates) turn
 /// `iot_decisions.filter.<f>.decision.<d>.reason.<r>` into `iot_decisions{filter, decision,

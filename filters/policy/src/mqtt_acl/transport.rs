@@ -125,6 +125,8 @@ pub struct Connection {
     session: Session,
     /// None: raw MQTT.
     websocket: Option<Phase>,
+    /// Decisions on this connection that were not allows (access-log fact `iot_denials`).
+    denials: u32,
 }
 
 fn closing(reason: CloseReason) -> Output {
@@ -175,7 +177,20 @@ impl Connection {
                 Transport::Mqtt => None,
                 Transport::Websocket => Some(Phase::Request(HeadReader::default())),
             },
+            denials: 0,
         }
+    }
+
+    /// Adds `out`'s denials (shadow ones too) to the connection's count; the new count when
+    /// there were any, so the caller exports it only when it changed.
+    pub fn count_denials(&mut self, out: &Output) -> Option<u32> {
+        let new = out.decisions.iter().filter(|d| !d.line.is_allow()).count();
+        if new == 0 {
+            return None;
+        }
+        let new = u32::try_from(new).unwrap_or(u32::MAX);
+        self.denials = self.denials.saturating_add(new);
+        Some(self.denials)
     }
 
     pub fn session(&self) -> &Session {

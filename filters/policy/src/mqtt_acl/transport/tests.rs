@@ -446,3 +446,28 @@ fn ws_errors_carry_close_codes() {
     };
     assert_eq!(error.close_code(), 1009);
 }
+
+#[test]
+fn the_connection_counts_its_denials_across_packets() {
+    let policy = policy("mqtt");
+    let env = env(&policy);
+    let mut connection = Connection::new(&policy, None, 7);
+    let out = connection.on_client_bytes(&connect("lamp-01", b"k1"), &env);
+    assert_eq!(connection.count_denials(&out), None, "an allowed CONNECT");
+    let mut packets = publish("devices/lamp-01/state", QoS::AtMostOnce, None);
+    packets.extend(publish("devices/lamp-01/secret", QoS::AtMostOnce, None));
+    let out = connection.on_client_bytes(&packets, &env);
+    assert_eq!(connection.count_denials(&out), Some(1));
+    let out = connection.on_client_bytes(&publish("devices/a/secret", QoS::AtMostOnce, None), &env);
+    assert_eq!(
+        connection.count_denials(&out),
+        Some(2),
+        "the count is the connection's"
+    );
+    let out = connection.on_client_bytes(&publish("devices/a/state", QoS::AtMostOnce, None), &env);
+    assert_eq!(
+        connection.count_denials(&out),
+        None,
+        "unchanged by an allow"
+    );
+}
