@@ -402,6 +402,8 @@ class Envoy(EnvoyProcess):
     # Filters after token-auth: render.chain_filter(...)s, in chain order.
     extra_filters: list = field(default_factory=list)
     owners_port: int = None
+    # Other HTTP services the filters ask: (cluster name, "host:port").
+    http_clusters: tuple = ()
     # render.py's failure_policy ("reload", the default, or "fail-closed") and exact_balance.
     failure_policy: str = render.DEFAULT_FAILURE_POLICY
     exact_balance: bool = False
@@ -438,6 +440,7 @@ class Envoy(EnvoyProcess):
                 failure_policy=self.failure_policy,
                 exact_balance=self.exact_balance,
                 separate=self.separate,
+                http_clusters=self.http_clusters,
             ),
             "wasm:debug,http:debug,router:debug,pool:debug")
 

@@ -594,6 +594,7 @@ def render(
     failure_policy=DEFAULT_FAILURE_POLICY,
     exact_balance=False,
     separate=False,
+    http_clusters=(),
 ):
     """Returns the rendered YAML: by default the chain token-auth -> `extra_filters` as
     ngsi-gateway, one filter whose stages they are (`wasm`: ngsi_gateway.wasm by default; with
@@ -603,7 +604,8 @@ def render(
     (an object); None leaves token-auth out (tests only, `separate` only: later filters then
     trust identity headers from the client). `extra_filters`: chain_filter(...)s after
     token-auth, in order. `owners`: HOST:PORT of an ownership registry (cluster "owners", for
-    device-ownership).
+    device-ownership). `http_clusters`: (name, "host:port") of other HTTP services the filters
+    ask (a device registry, say), as render_mqtt's.
     `failure_policy`: every wasm filter's ("reload", the default, or "fail-closed").
     `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
     reach every worker's VM deterministically).
@@ -651,7 +653,10 @@ def render(
         "MORE_HTTP_FILTERS": "" if gateway else "\n".join(
             _chain_filter_yaml(f, n, ecds_dir, failure_policy)
             for n, f in enumerate(extra_filters, start=2)),
-        "EXTRA_CLUSTERS": owners_cluster(owners) if owners else "",
+        "EXTRA_CLUSTERS": "\n".join(
+            ([owners_cluster(owners)] if owners else [])
+            + [plain_cluster(name, address, "An HTTP service the filters ask.")
+               for name, address in http_clusters]),
     }
     with open(template_path, encoding="utf-8") as f:
         text = f.read()

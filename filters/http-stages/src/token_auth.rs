@@ -5,8 +5,9 @@
 //! The decisions are `policy::token_auth`'s; this stage reads the request, executes outcomes,
 //! and runs the callouts the engine asks for.
 //!
-//! Callouts. A JWKS fetch (per issuer) or an introspection (per token digest) is one lookup
-//! ([`crate::lookups::Lookups`]): concurrent requests with the same token share one callout,
+//! Callouts. A JWKS fetch (per issuer), an introspection (per token digest) or a device
+//! registry lookup (per device id) is one lookup ([`crate::lookups::Lookups`]): concurrent
+//! requests with the same token or device id share one callout,
 //! the driver resumes every waiter on the answer, and a lookup whose owning stream went away is
 //! re-issued from the root on the next tick. While a stream waits, the driver holds its body
 //! and trailers, so nothing reaches the broker before the decision.
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
 use policy::decision_line::{DecisionLine, Reason};
+use policy::device_registry::LookupResult;
 use policy::enforcement::Mode;
 use policy::introspection::SHED_RETRY_AFTER_SECS;
 use policy::mtls::PeerCertificate;
@@ -53,6 +55,8 @@ struct Metrics {
     jwks_stale: Counter,
     introspection_malformed: Counter,
     introspection_shed: Counter,
+    registry_malformed: Counter,
+    registry_shed: Counter,
 }
 
 impl Metrics {
@@ -74,6 +78,8 @@ impl Metrics {
             jwks_stale: c("jwks.stale"),
             introspection_malformed: c("introspection.malformed"),
             introspection_shed: c("introspection.shed"),
+            registry_malformed: c("device_registry.malformed"),
+            registry_shed: c("device_registry.shed"),
         }
     }
 
@@ -91,6 +97,8 @@ impl Metrics {
 enum LookupKey {
     Keys(String),
     Introspection(TokenDigest),
+    /// A device registry lookup, by device id.
+    Device(String),
 }
 
 /// How a settled stream is decided when the driver resumes it.
@@ -99,6 +107,8 @@ enum Settled {
     KeysFetched,
     /// Its token was introspected.
     Introspected(IntrospectionOutcome),
+    /// Its device was looked up in the registry.
+    DeviceLookedUp(LookupResult),
 }
 
 pub struct TokenAuthStage {
@@ -106,7 +116,7 @@ pub struct TokenAuthStage {
     metrics: Metrics,
     /// Lookups, with the token being introspected (kept only while the lookup lives).
     lookups: Lookups<LookupKey, String>,
-    /// Introspection callouts in flight (key fetches are `keys`').
+    /// Introspection and device registry callouts in flight (key fetches are `keys`').
     callouts: HashMap<u32, LookupKey>,
     keys: RemoteKeys,
     settled: HashMap<u32, Settled>,
@@ -250,7 +260,8 @@ impl TokenAuthStage {
                 // Joining a lookup in flight is free; a new one must fit under max_in_flight.
                 if !in_flight {
                     if let Err(reason) = self.admit_introspection() {
-                        return self.shed(req, reason);
+                        self.metrics.introspection_shed.inc();
+                        return self.shed(req, reason, Some(Reason::IntrospectionShed));
                     }
                 }
                 self.lookups.join(key.clone(), req.ctx, Some(token.clone()));
@@ -260,6 +271,28 @@ impl TokenAuthStage {
                         req,
                         deny(DenyReason::Unavailable(
                             "the identity provider cannot be reached".into(),
+                        )),
+                    );
+                }
+                Step::Wait
+            }
+            Outcome::LookupDevice { device_id, .. } => {
+                let key = LookupKey::Device(device_id.clone());
+                let in_flight = self.lookups.in_flight(&key);
+                if !in_flight {
+                    if let Err(reason) = self.admit_device_lookup() {
+                        self.metrics.registry_shed.inc();
+                        return self.shed(req, reason, None);
+                    }
+                }
+                self.lookups
+                    .join(key.clone(), req.ctx, Some(device_id.clone()));
+                if !in_flight && !self.start_device_lookup(&device_id, Some(req.ctx)) {
+                    self.lookups.leave(&key, req.ctx);
+                    return self.execute(
+                        req,
+                        deny(DenyReason::Unavailable(
+                            "the device registry cannot be reached".into(),
                         )),
                     );
                 }
@@ -277,15 +310,31 @@ impl TokenAuthStage {
         }
     }
 
-    /// Refuses a request whose token would need one introspection too many: 503 with
-    /// `Retry-After`, a log line and `token_auth.introspection.shed`.
-    fn shed(&self, req: &Request, reason: DenyReason) -> Step {
-        self.metrics.introspection_shed.inc();
+    /// Whether one more device registry lookup may start now (`registry.max_in_flight`).
+    fn admit_device_lookup(&self) -> Result<(), DenyReason> {
+        let in_flight = self
+            .callouts
+            .values()
+            .filter(|k| matches!(k, LookupKey::Device(_)))
+            .count();
+        match self.auth.device_registry() {
+            Some(registry) => registry.admit(in_flight),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a request that would need one callout too many: 503 with `Retry-After` and a
+    /// log line (`line_reason`: the decision line's reason, if it has one).
+    fn shed(&self, req: &Request, reason: DenyReason, line_reason: Option<Reason>) -> Step {
         self.metrics.denied(&reason).inc();
         let decision = Decision::Deny(reason.clone());
+        let line = DecisionLine::new(NAME, Mode::Enforce, &decision);
         self.emit(
             req,
-            DecisionLine::new(NAME, Mode::Enforce, &decision).reason(Reason::IntrospectionShed),
+            match line_reason {
+                Some(why) => line.reason(why),
+                None => line,
+            },
         );
         Step::Deny {
             reason,
@@ -314,6 +363,11 @@ impl TokenAuthStage {
             counters
                 .malformed_introspection
                 .saturating_sub(self.last_counters.malformed_introspection),
+        );
+        self.metrics.registry_malformed.add(
+            counters
+                .malformed_registry
+                .saturating_sub(self.last_counters.malformed_registry),
         );
         self.last_counters = counters;
     }
@@ -393,7 +447,9 @@ impl TokenAuthStage {
                 }
             }
             // Data requests are handled by `decide`; reaching here is a bug: fail closed.
-            Outcome::FetchKeys { .. } | Outcome::Introspect { .. } => {
+            Outcome::FetchKeys { .. }
+            | Outcome::Introspect { .. }
+            | Outcome::LookupDevice { .. } => {
                 self.execute(req, deny(DenyReason::Unavailable("internal error".into())))
             }
         }
@@ -431,6 +487,34 @@ impl TokenAuthStage {
             return false;
         };
         let key = LookupKey::Introspection(token_digest(token));
+        self.callouts.insert(sent, key.clone());
+        self.lookups.started(key, owner);
+        true
+    }
+
+    /// Asks the device registry about `device_id`. Returns false if the call could not be made.
+    fn start_device_lookup(&mut self, device_id: &str, owner: Option<u32>) -> bool {
+        let Some(registry) = self.auth.device_registry() else {
+            return false;
+        };
+        // TODO(s21-upstream): the registry call's authentication (a client-credentials token
+        // from the IdP) goes here, once the shared upstream type carries it.
+        let call = registry.call(device_id);
+        let callout = Callout {
+            cluster: &call.cluster,
+            headers: call.envoy_headers(),
+            body: None,
+            timeout: Duration::from_millis(call.timeout_ms),
+        };
+        let Some(sent) = crate::dispatch(
+            NAME,
+            callout,
+            self.metrics.callouts,
+            self.metrics.callout_failures,
+        ) else {
+            return false;
+        };
+        let key = LookupKey::Device(device_id.to_string());
         self.callouts.insert(sent, key.clone());
         self.lookups.started(key, owner);
         true
@@ -492,6 +576,14 @@ impl Stage for TokenAuthStage {
                     .unwrap_or_else(deny);
                 self.execute(req, outcome)
             }
+            Some(Settled::DeviceLookedUp(looked_up)) => {
+                let outcome = self
+                    .with_request(req, |stage, facts| {
+                        stage.auth.outcome_for_device(&looked_up, facts)
+                    })
+                    .unwrap_or_else(deny);
+                self.execute(req, outcome)
+            }
             None => self.execute(req, deny(DenyReason::Unavailable("internal error".into()))),
         }
     }
@@ -511,6 +603,13 @@ impl Stage for TokenAuthStage {
             self.metrics.callout_failures.inc();
         }
         let now = now_secs().unwrap_or(0);
+        if let LookupKey::Device(device_id) = &key {
+            let looked_up = self
+                .auth
+                .finish_device_lookup(device_id, status, &body, now);
+            self.count_engine_events();
+            return Some(self.settle(&key, || Settled::DeviceLookedUp(looked_up.clone())));
+        }
         let Some(token) = self.lookups.data(&key).cloned() else {
             return Some(Vec::new());
         };
@@ -521,6 +620,7 @@ impl Stage for TokenAuthStage {
 
     fn needs_ticks(&self) -> bool {
         self.auth.config().introspection.is_some()
+            || self.auth.device_registry().is_some()
             || self.auth.providers().iter().any(|p| p.remote().is_some())
     }
 
@@ -543,6 +643,11 @@ impl Stage for TokenAuthStage {
                     // Over the cap, the waiters wait for the next tick (or their timeout).
                     if let (Some(token), Ok(())) = (token, self.admit_introspection()) {
                         self.start_introspection(&token, None);
+                    }
+                }
+                LookupKey::Device(device_id) => {
+                    if self.admit_device_lookup().is_ok() {
+                        self.start_device_lookup(device_id, None);
                     }
                 }
             }

@@ -54,7 +54,7 @@ proxy_wasm::main! {{
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 26] = [
+const COUNTERS: [&str; 29] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -81,6 +81,9 @@ const COUNTERS: [&str; 26] = [
     "introspection.answered",
     "introspection.unavailable",
     "introspection.shed",
+    "registry.asked",
+    "registry.answered",
+    "registry.unavailable",
 ];
 const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
 
@@ -328,12 +331,46 @@ struct Stream {
     /// The peer certificate was read (at the first client data: Envoy runs the new-connection
     /// callback before the TLS handshake, so the certificate is not known then).
     peer_read: bool,
-    /// Callouts in flight: callout token → the session's ask id, and whether it is an
-    /// introspection.
-    asks: HashMap<u32, (u32, bool)>,
+    /// Callouts in flight: callout token → the session's ask id, and whom it asks.
+    asks: HashMap<u32, (u32, Asked)>,
     /// While the session waits for the backend: the decided client bytes at the front of
     /// Envoy's read buffer, not yet handed to tcp_proxy.
     held: Vec<u8>,
+}
+
+/// Whom a callout asks (each has its counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    Backend,
+    Introspection,
+    DeviceRegistry,
+}
+
+impl Asked {
+    fn of(request: &AskRequest) -> Asked {
+        match request {
+            AskRequest::Backend(_) => Asked::Backend,
+            AskRequest::Introspect { .. } => Asked::Introspection,
+            AskRequest::DeviceLookup { .. } => Asked::DeviceRegistry,
+        }
+    }
+
+    /// The counters of a sent and an unsendable callout, and whom it asks (for log lines).
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Asked::Backend => ("backend.asked", "backend.unavailable", "the auth backend"),
+            Asked::Introspection => (
+                "introspection.asked",
+                "introspection.unavailable",
+                "the introspection endpoint",
+            ),
+            Asked::DeviceRegistry => (
+                "registry.asked",
+                "registry.unavailable",
+                "the device registry",
+            ),
+        }
+    }
 }
 
 /// The verified client certificate of the current connection, if it has one.
@@ -347,7 +384,7 @@ fn peer_certificate() -> Option<PeerCertificate> {
 
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
-        let Some((ask_id, introspection)) = self.asks.remove(&token) else {
+        let Some((ask_id, asked)) = self.asks.remove(&token) else {
             return;
         };
         let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
@@ -358,15 +395,22 @@ impl Context for Stream {
         let Some(state) = self.state.clone() else {
             return;
         };
-        if introspection {
-            let mut s = state.borrow_mut();
-            s.introspections = s.introspections.saturating_sub(1);
-            s.metrics.inc(match answer.status {
-                Some(status) if status < 500 => "introspection.answered",
-                _ => "introspection.unavailable",
-            });
-        } else {
-            self.count_answer(&state, &answer);
+        match asked {
+            Asked::Introspection => {
+                let mut s = state.borrow_mut();
+                s.introspections = s.introspections.saturating_sub(1);
+                s.metrics.inc(match answer.status {
+                    Some(status) if status < 500 => "introspection.answered",
+                    _ => "introspection.unavailable",
+                });
+            }
+            Asked::DeviceRegistry => state.borrow().metrics.inc(match answer.status {
+                Some(status) if (200..300).contains(&status) || status == 404 => {
+                    "registry.answered"
+                }
+                _ => "registry.unavailable",
+            }),
+            Asked::Backend => self.count_answer(&state, &answer),
         }
         let Some(now) = now_secs() else {
             self.close_now("the host clock is not available");
@@ -469,7 +513,7 @@ impl Stream {
             let Some(ask) = pending.pop() else {
                 return;
             };
-            let introspection = matches!(ask.request, AskRequest::Introspect { .. });
+            let asked = Asked::of(&ask.request);
             let sent = {
                 let mut s = state.borrow_mut();
                 match &ask.request {
@@ -512,21 +556,23 @@ impl Stream {
                             None => Err("no introspection".into()),
                         }
                     }
+                    // One lookup per CONNECT that misses the registry cache (no sharing
+                    // between connections). TODO(s21-upstream): the call's authentication.
+                    AskRequest::DeviceLookup { call, .. } => hostcalls::dispatch_http_call(
+                        &call.cluster,
+                        call.envoy_headers(),
+                        None,
+                        vec![],
+                        Duration::from_millis(call.timeout_ms),
+                    )
+                    .map_err(|status| format!("{status:?}")),
                 }
             };
-            let (asked, unavailable, whom) = if introspection {
-                (
-                    "introspection.asked",
-                    "introspection.unavailable",
-                    "the introspection endpoint",
-                )
-            } else {
-                ("backend.asked", "backend.unavailable", "the auth backend")
-            };
+            let (asked_counter, unavailable, whom) = asked.names();
             match sent {
                 Ok(token) => {
-                    self.asks.insert(token, (ask.id, introspection));
-                    state.borrow().metrics.inc(asked);
+                    self.asks.insert(token, (ask.id, asked));
+                    state.borrow().metrics.inc(asked_counter);
                 }
                 Err(why) => {
                     log::warn!(
@@ -749,7 +795,11 @@ impl Drop for Stream {
     fn drop(&mut self) {
         self.forget();
         // Introspections this connection still waits for: their answers will not come here.
-        let pending = self.asks.values().filter(|(_, i)| *i).count();
+        let pending = self
+            .asks
+            .values()
+            .filter(|(_, asked)| *asked == Asked::Introspection)
+            .count();
         if let (Some(state), true) = (&self.state, pending > 0) {
             let mut s = state.borrow_mut();
             s.introspections = s.introspections.saturating_sub(pending);

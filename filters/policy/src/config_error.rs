@@ -22,6 +22,17 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+impl ConfigError {
+    /// The refusal without its `configuration refused` prefix (`path: message`), for an
+    /// engine's check whose error the loader prefixes again.
+    pub fn detail(&self) -> String {
+        match self {
+            ConfigError::At { path, message } => format!("{path}: {message}"),
+            ConfigError::Document(message) | ConfigError::Invalid(message) => message.clone(),
+        }
+    }
+}
+
 /// Parses a filter configuration; the error names the JSON path of the bad value.
 pub fn parse<T: DeserializeOwned>(json: &[u8]) -> Result<T, ConfigError> {
     let mut deserializer = serde_json::Deserializer::from_slice(json);

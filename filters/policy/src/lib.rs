@@ -13,6 +13,7 @@ pub mod decision;
 pub mod decision_cache;
 pub mod decision_line;
 pub mod device_keys;
+pub mod device_registry;
 pub mod enforcement;
 pub mod entity_acl;
 pub mod header_pairs;

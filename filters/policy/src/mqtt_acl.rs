@@ -11,7 +11,10 @@
 //!    token is verified with `jwt_providers` (inline keys only: `jwks`, `pem`, `hmac_secret`);
 //!    the connection lasts at most until the token's `exp`;
 //! 2. a user name and a non-empty password: a device key (`device_keys`, user name = device id,
-//!    password = key);
+//!    password = key); a device `device_keys.devices` does not list is looked up in
+//!    `device_keys.registry` (cached per VM; no usable answer is "server unavailable", never
+//!    cached; one lookup per CONNECT that misses the cache: concurrent CONNECTs of the same
+//!    unknown device each ask);
 //! 3. a verified client certificate (`mtls`): the identity its CN or SAN names; the client may
 //!    send no user name or one equal to that identity (LAMPI sends its CN);
 //! 4. nothing: refused unless `allow_anonymous` (then ACL subjects `anonymous`/`anyone` apply).
@@ -83,7 +86,8 @@ use crate::acl::topic::{Level, TopicFilter};
 use crate::acl::{Acl, AclConfig, TopicAccess};
 use crate::decision::{Decision, DenyReason};
 use crate::decision_line::DecisionLine;
-use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
+use crate::device_keys::{DeviceKeys, DeviceKeysConfig, KeyCheck};
+use crate::device_registry::LookupResult;
 use crate::enforcement::Mode;
 use crate::identity::{Identity, IdentityKind};
 use crate::introspection::{HttpCall, IntrospectionConfig};
@@ -516,7 +520,8 @@ impl MqttAcl {
             .device_keys
             .as_ref()
             .map(DeviceKeys::new)
-            .transpose()?;
+            .transpose()
+            .map_err(|e| e.detail())?;
         if let Some(mtls) = &config.mtls {
             if mtls.strip_prefix.as_deref() == Some("") {
                 return Err("mtls.strip_prefix must not be empty (leave it out)".into());
@@ -534,6 +539,19 @@ impl MqttAcl {
             .transpose()?;
         let backend_users = backend.as_ref().is_some_and(HttpBackend::checks_users);
         let backend_topics = backend.as_ref().is_some_and(HttpBackend::checks_topics);
+        if backend_users
+            && device_keys
+                .as_ref()
+                .and_then(DeviceKeys::registry)
+                .is_some()
+        {
+            return Err(
+                "device_keys.registry cannot be combined with http_backend.user: every user \
+                 name with a password would be a device id for the registry and never reach \
+                 the backend"
+                    .into(),
+            );
+        }
         if jwt.is_none()
             && device_keys.is_none()
             && config.mtls.is_none()
@@ -779,6 +797,8 @@ pub enum AskRequest {
     Backend(BackendRequest),
     /// The introspection endpoint, about the CONNECT's opaque token.
     Introspect { token: String, call: HttpCall },
+    /// The device registry, about the CONNECT's device (`device_keys.registry`).
+    DeviceLookup { device_id: String, call: HttpCall },
 }
 
 impl AskRequest {
@@ -787,6 +807,7 @@ impl AskRequest {
         match self {
             AskRequest::Backend(request) => request.key(),
             AskRequest::Introspect { token, .. } => token,
+            AskRequest::DeviceLookup { device_id, .. } => device_id,
         }
     }
 }
@@ -797,6 +818,9 @@ impl std::fmt::Debug for AskRequest {
         match self {
             AskRequest::Backend(request) => f.debug_tuple("Backend").field(request).finish(),
             AskRequest::Introspect { call, .. } => f.debug_tuple("Introspect").field(call).finish(),
+            AskRequest::DeviceLookup { call, .. } => {
+                f.debug_tuple("DeviceLookup").field(call).finish()
+            }
         }
     }
 }
@@ -923,6 +947,8 @@ pub struct Session {
     waiting: HashMap<u32, AskRequest>,
     /// The introspection's verdict on the CONNECT's opaque token, once answered.
     introspected: Option<Result<Identity, DenyReason>>,
+    /// What the device registry said about the CONNECT's device, once answered.
+    looked_up: Option<LookupResult>,
     /// The answers for the packet being decided, by request key.
     answers: HashMap<String, BackendVerdict>,
     /// The packet waiting for the backend; nothing after it is read until it is decided.
@@ -950,6 +976,7 @@ impl Session {
             granted: VecDeque::new(),
             waiting: HashMap::new(),
             introspected: None,
+            looked_up: None,
             answers: HashMap::new(),
             stalled: None,
             next_ask: 0,
@@ -979,6 +1006,22 @@ impl Session {
                     Some(opaque) => opaque.remember(&token, answer, env.now).outcome,
                     None => Err(DenyReason::Unavailable(
                         "introspection is not configured".into(),
+                    )),
+                });
+            }
+            Some(AskRequest::DeviceLookup { device_id, .. }) => {
+                self.looked_up = Some(match &env.policy.device_keys {
+                    Some(keys) => {
+                        let decided = keys.finish_lookup(
+                            &device_id,
+                            answer.status.unwrap_or(0),
+                            &answer.body,
+                            env.now,
+                        );
+                        decided.result
+                    }
+                    None => Err(DenyReason::Unavailable(
+                        "no device registry is configured".into(),
                     )),
                 });
             }
@@ -1434,7 +1477,7 @@ impl Session {
             env.policy
                 .device_keys
                 .as_ref()
-                .is_some_and(|keys| keys.knows(username))
+                .is_some_and(|keys| keys.takes(username))
         };
         if let Some(username) = connect.username.as_deref() {
             let local_jwt =
@@ -1453,8 +1496,54 @@ impl Session {
             if backend_users && !taken_locally {
                 return by_backend(username, password);
             }
+            if let (true, Some(keys), Some(password)) =
+                (local_key, &env.policy.device_keys, password)
+            {
+                if connect.properties.authentication_method().is_none() {
+                    return self
+                        .device_key(keys, username, password, env, missing)
+                        .map(local);
+                }
+            }
         }
         self.authenticate_locally(connect, env).map(local)
+    }
+
+    /// The identity a device key stands for: from the configured digests, or from what the
+    /// registry said (answered for this CONNECT, or cached); else the lookup is to be asked
+    /// (pushed on `missing`; the error is a placeholder).
+    fn device_key(
+        &self,
+        keys: &DeviceKeys,
+        device_id: &str,
+        password: &[u8],
+        env: &Env<'_>,
+        missing: &mut Vec<AskRequest>,
+    ) -> Result<Option<Identity>, (Refusal, String)> {
+        let Ok(key) = std::str::from_utf8(password) else {
+            return Err((Refusal::BadCredentials, "invalid device key".into()));
+        };
+        let checked = match &self.looked_up {
+            Some(looked_up) => keys.check_record(looked_up, device_id, key),
+            None => keys.check(device_id, key, env.now),
+        };
+        match checked {
+            KeyCheck::Verified(identity) => Ok(Some(identity)),
+            KeyCheck::Refused(reason) => {
+                let refusal = match &reason {
+                    DenyReason::Unavailable(_) => Refusal::Unavailable,
+                    _ => Refusal::BadCredentials,
+                };
+                Err((refusal, format!("device key: {}", reason.description())))
+            }
+            KeyCheck::Lookup { device_id, call } => {
+                missing.push(AskRequest::DeviceLookup { device_id, call });
+                Err((
+                    Refusal::Unavailable,
+                    "waiting for the device registry".into(),
+                ))
+            }
+        }
     }
 
     /// The identity an opaque token stands for: answered for this CONNECT, or cached; else the

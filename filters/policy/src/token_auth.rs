@@ -11,7 +11,8 @@ use serde::Deserialize;
 use crate::cache::VerdictCache;
 use crate::credentials::{Credential, CredentialConfig, FoundCredential, RequestView};
 use crate::decision::DenyReason;
-use crate::device_keys::{DeviceKeys, DeviceKeysConfig};
+use crate::device_keys::{DeviceKeys, DeviceKeysConfig, KeyCheck};
+use crate::device_registry::LookupResult;
 use crate::identity::{Identity, IdentityKind};
 use crate::identity_headers::IdentityHeaderNames;
 use crate::introspection::{HttpCall, IntrospectionConfig};
@@ -36,6 +37,7 @@ pub struct TokenAuthConfig {
     /// Opaque tokens: RFC 7662 introspection or Keyrock.
     #[serde(default)]
     pub introspection: Option<IntrospectionConfig>,
+    /// Device keys: digests in the configuration, or a registry to look them up in.
     #[serde(default)]
     pub device_keys: Option<DeviceKeysConfig>,
     /// Identity from the client certificate, for requests without a credential.
@@ -154,6 +156,9 @@ pub enum Outcome {
     /// An opaque token: make this callout, then hand the answer to
     /// [`TokenAuth::finish_introspection`].
     Introspect { token: String, call: HttpCall },
+    /// A device the configuration does not list: look it up in the registry with this call,
+    /// then hand the answer to [`TokenAuth::finish_device_lookup`].
+    LookupDevice { device_id: String, call: HttpCall },
 }
 
 /// A verdict as cached: identity or a (short-lived) refusal.
@@ -181,6 +186,8 @@ pub struct AuthCounters {
     pub stale_keys: u64,
     /// Introspection answers that were not what the protocol says (decided as inactive).
     pub malformed_introspection: u64,
+    /// Device registry answers that were not what the contract says (503).
+    pub malformed_registry: u64,
 }
 
 /// The validated configuration and the per-VM state the decisions use.
@@ -217,7 +224,8 @@ impl TokenAuth {
             .device_keys
             .as_ref()
             .map(DeviceKeys::new)
-            .transpose()?;
+            .transpose()
+            .map_err(|e| e.detail())?;
         let wants_device_keys = config
             .credentials
             .sources
@@ -449,11 +457,13 @@ impl TokenAuth {
         };
         match &found.credential {
             Credential::DeviceKey { id, key } => {
-                let identity = self.device_keys.as_ref().and_then(|k| k.verify(id, key));
-                match identity {
-                    Some(identity) => self.allow(identity, Some(&found), facts.path),
-                    None => self.deny(DenyReason::Unauthenticated("invalid device key".into())),
-                }
+                let checked = match &self.device_keys {
+                    Some(keys) => keys.check(id, key, now),
+                    None => {
+                        KeyCheck::Refused(DenyReason::Unauthenticated("invalid device key".into()))
+                    }
+                };
+                self.key_outcome(checked, &found, facts.path)
             }
             Credential::Token(token) => {
                 let token = token.clone();
@@ -614,6 +624,62 @@ impl TokenAuth {
             Ok(identity) => IntrospectionOutcome::Allowed(identity),
             Err(reason) => IntrospectionOutcome::Refused(reason),
         }
+    }
+
+    fn key_outcome(&self, checked: KeyCheck, found: &FoundCredential, path: &str) -> Outcome {
+        match checked {
+            KeyCheck::Verified(identity) => self.allow(identity, Some(found), path),
+            KeyCheck::Refused(reason) => self.deny(reason),
+            KeyCheck::Lookup { device_id, call } => Outcome::LookupDevice { device_id, call },
+        }
+    }
+
+    /// Decides the device registry's answer about `device_id` (`status` 0: no answer) and
+    /// caches it. Returns the result every request waiting on this device is decided with.
+    pub fn finish_device_lookup(
+        &mut self,
+        device_id: &str,
+        status: u32,
+        body: &[u8],
+        now: u64,
+    ) -> LookupResult {
+        let Some(keys) = &self.device_keys else {
+            return Err(DenyReason::Unavailable(
+                "no device registry is configured".into(),
+            ));
+        };
+        let decided = keys.finish_lookup(device_id, status, body, now);
+        if decided.malformed {
+            self.counters.malformed_registry += 1;
+        }
+        decided.result
+    }
+
+    /// The outcome for one waiting request once its device's lookup is decided: its own key
+    /// is checked against what the registry said.
+    pub fn outcome_for_device(
+        &self,
+        looked_up: &LookupResult,
+        facts: &RequestFacts<'_>,
+    ) -> Outcome {
+        let view = RequestView::new(facts.headers, facts.path);
+        let found = match self.config.credentials.extract(&view) {
+            Ok(Some(found)) => found,
+            Ok(None) => return self.deny(DenyReason::Unauthenticated("missing credential".into())),
+            Err(reason) => return self.deny(reason),
+        };
+        let (Credential::DeviceKey { id, key }, Some(keys)) =
+            (&found.credential, &self.device_keys)
+        else {
+            return self.deny(DenyReason::Unavailable("internal error".into()));
+        };
+        let checked = keys.check_record(looked_up, id, key);
+        self.key_outcome(checked, &found, facts.path)
+    }
+
+    /// The device registry, if device keys are looked up.
+    pub fn device_registry(&self) -> Option<&crate::device_registry::DeviceRegistry> {
+        self.device_keys.as_ref().and_then(DeviceKeys::registry)
     }
 
     /// The outcome for one waiting request once its token's introspection is decided.

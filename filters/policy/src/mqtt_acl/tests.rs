@@ -1728,3 +1728,171 @@ fn an_inactive_opaque_token_is_a_bad_password_and_no_answer_is_server_unavailabl
     let out = conn.client(&connect_packet(V3, "c1", Some("tok-1"), None, None));
     introspect_ask(&out);
 }
+
+// ------------------------------------------------------------------------------------------
+// Device keys from a registry
+
+fn registry_policy() -> MqttAcl {
+    let mut config = base_config();
+    config["device_keys"]["registry"] = json!({"cluster": "iot-directory",
+        "authority": "iotdirectory.example", "path": "/device-keys",
+        "cache": {"positive_ttl_s": 60, "negative_ttl_s": 10}});
+    policy_from(config)
+}
+
+fn lookup_ask(out: &Output, device: &str) -> u32 {
+    assert_eq!(out.asks.len(), 1, "{:?}", out.asks);
+    let AskRequest::DeviceLookup { device_id, call } = &out.asks[0].request else {
+        panic!("not a device lookup: {:?}", out.asks[0]);
+    };
+    assert_eq!(device_id, device);
+    assert_eq!(call.cluster, "iot-directory");
+    assert_eq!(call.path, format!("/device-keys?id={device}"));
+    assert_eq!(call.method, "GET");
+    out.asks[0].id
+}
+
+fn registered(device: &str, key: &str) -> String {
+    format!(
+        r#"{{"id": "{device}", "key_sha256": ["{}"], "owner": "alice"}}"#,
+        sha(key)
+    )
+}
+
+#[test]
+fn a_device_the_configuration_does_not_list_is_looked_up_then_cached() {
+    let mut conn = Conn::new(registry_policy());
+    let connect = connect_packet(V3, "lamp-07", Some("lamp-07"), Some(b"k7"), None);
+    let out = conn.client(&connect);
+    assert!(out.forward.is_empty() && out.decisions.is_empty());
+    let id = lookup_ask(&out, "lamp-07");
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW,
+    };
+    let out = conn
+        .session
+        .on_backend_answer(id, &answer(200, &registered("lamp-07", "k7")), &env);
+    assert!(
+        lines(&out).contains("authenticated:devicekey"),
+        "{}",
+        lines(&out)
+    );
+    assert_forwarded_without_credentials(&out, &conn.session, V3, &connect);
+    // A listed device is never looked up.
+    let mut listed = Conn::new(registry_policy());
+    let out = listed.client(&connect_packet(
+        V3,
+        "lamp-01",
+        Some("lamp-01"),
+        Some(b"k1"),
+        None,
+    ));
+    assert!(out.asks.is_empty() && !out.forward.is_empty(), "{out:?}");
+    // A second connection: from the cache; a wrong key is refused without asking.
+    let policy = conn.policy;
+    for (key, allowed) in [(&b"k7"[..], true), (b"wrong", false)] {
+        let mut again = Session::new(&policy, None, 8);
+        let env = Env {
+            policy: &policy,
+            now: NOW + 30,
+        };
+        let out = again.on_client_bytes(
+            &connect_packet(V3, "lamp-07", Some("lamp-07"), Some(key), None),
+            &env,
+        );
+        assert!(out.asks.is_empty(), "{out:?}");
+        assert_eq!(out.decisions.iter().all(|d| d.is_allowed()), allowed);
+    }
+    // After the positive TTL the registry is asked again (a revoked key stops working).
+    let mut later = Session::new(&policy, None, 9);
+    let env = Env {
+        policy: &policy,
+        now: NOW + 60,
+    };
+    let out = later.on_client_bytes(
+        &connect_packet(V3, "lamp-07", Some("lamp-07"), Some(b"k7"), None),
+        &env,
+    );
+    lookup_ask(&out, "lamp-07");
+}
+
+#[test]
+fn an_unknown_device_is_a_bad_password_and_a_registry_down_server_unavailable() {
+    for (status, body, v3, v5) in [
+        (
+            404,
+            "",
+            v3_connack::BAD_USERNAME_OR_PASSWORD,
+            reason::BAD_USER_NAME_OR_PASSWORD,
+        ),
+        (
+            200,
+            r#"{"id": "lamp-07", "key_sha256": []}"#,
+            v3_connack::BAD_USERNAME_OR_PASSWORD,
+            reason::BAD_USER_NAME_OR_PASSWORD,
+        ),
+        (
+            0,
+            "",
+            v3_connack::SERVER_UNAVAILABLE,
+            reason::SERVER_UNAVAILABLE,
+        ),
+        (
+            500,
+            "",
+            v3_connack::SERVER_UNAVAILABLE,
+            reason::SERVER_UNAVAILABLE,
+        ),
+        (
+            200,
+            "not json",
+            v3_connack::SERVER_UNAVAILABLE,
+            reason::SERVER_UNAVAILABLE,
+        ),
+    ] {
+        for (version, code) in [(V3, v3), (V5, v5)] {
+            let mut conn = Conn::new(registry_policy());
+            let out = conn.client(&connect_packet(
+                version,
+                "lamp-07",
+                Some("lamp-07"),
+                Some(b"k7"),
+                None,
+            ));
+            let id = lookup_ask(&out, "lamp-07");
+            let env = Env {
+                policy: &conn.policy,
+                now: NOW,
+            };
+            let out = conn
+                .session
+                .on_backend_answer(id, &answer(status, body), &env);
+            assert!(
+                out.decisions.iter().any(|d| !d.is_allowed()),
+                "{}",
+                lines(&out)
+            );
+            let back = conn.broker(&encode_connack(version, 0));
+            assert_eq!(
+                back.forward,
+                encode_connack(version, code),
+                "{status} {body} {version:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_registry_cannot_be_combined_with_the_backend_user_check() {
+    let mut config = backend_config(json!({}));
+    config["device_keys"] = json!({"registry": {"cluster": "r", "authority": "r",
+        "path": "/keys"}});
+    let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    assert!(err.contains("http_backend.user"), "{err}");
+    let mut config = base_config();
+    config["device_keys"]["registry"] = json!({"cluster": "r", "authority": "r",
+        "path": "/keys", "timeout_ms": 0});
+    let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    assert!(err.contains("device_keys.registry.timeout_ms"), "{err}");
+}

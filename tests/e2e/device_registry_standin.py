@@ -1,0 +1,86 @@
+"""A stand-in for a device registry (Snap4city's IoT Directory, which keeps each device's K1/K2
+with its owner): the contract of filters/token-auth/README.md, "Device keys from a registry".
+GET <path>?id=<device id> answers 200 {"id", "key_sha256": [SHA-256 hex of each key], "owner"}
+for a registered device and 404 for any other; while `down`, 503. It records every id it was
+asked, so a test can see the filters' cache at work, and keys can be revoked while it runs."""
+
+import hashlib
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def sha256_hex(key):
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class DeviceRegistry:
+    """`devices`: device id → (owner, [keys]). Only digests leave the stand-in."""
+
+    def __init__(self, devices, path="/api/device-keys"):
+        self.path = path
+        self.devices = {d: (owner, list(keys)) for d, (owner, keys) in devices.items()}
+        self.down = False
+        self.asked = []
+        self._lock = threading.Lock()
+        self._server = None
+
+    def start(self):
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                params = urllib.parse.parse_qs(query, keep_blank_values=True)
+                device = (params.get("id") or [None])[0]
+                with standin._lock:
+                    standin.asked.append(device)
+                    entry = standin.devices.get(device)
+                    down = standin.down
+                if down:
+                    status, body = 503, b""
+                elif path != standin.path or entry is None:
+                    status, body = 404, b'{"error": "no such device"}'
+                else:
+                    owner, keys = entry
+                    status, body = 200, json.dumps({
+                        "id": device, "owner": owner,
+                        "key_sha256": [sha256_hex(k) for k in keys]}).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def set_keys(self, device, keys):
+        """Registers `device`'s keys (an empty list revokes them all)."""
+        with self._lock:
+            owner = self.devices.get(device, ("alice", []))[0]
+            self.devices[device] = (owner, list(keys))
+
+    def set_down(self, down):
+        with self._lock:
+            self.down = down
+
+    def asks(self, device):
+        """How many times `device` was looked up."""
+        with self._lock:
+            return self.asked.count(device)
+
+    def stop(self):
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
