@@ -302,9 +302,18 @@ mod tests {
             (200, br#"{"access_token": 5, "token_type": "Bearer"}"#),
             (200, br#"{"access_token": "a", "token_type": "mac"}"#),
             (200, br#"{"access_token": "a"}"#),
-            (200, br#"{"access_token": "a", "token_type": "Bearer", "expires_in": 0}"#),
-            (200, br#"{"access_token": "a", "token_type": "Bearer", "expires_in": "60"}"#),
-            (200, br#"{"access_token": "a", "access_token": "b", "token_type": "Bearer"}"#),
+            (
+                200,
+                br#"{"access_token": "a", "token_type": "Bearer", "expires_in": 0}"#,
+            ),
+            (
+                200,
+                br#"{"access_token": "a", "token_type": "Bearer", "expires_in": "60"}"#,
+            ),
+            (
+                200,
+                br#"{"access_token": "a", "access_token": "b", "token_type": "Bearer"}"#,
+            ),
         ] {
             assert!(
                 g.read_answer(status, body, 0).is_err(),
@@ -332,7 +341,10 @@ mod tests {
             (json!({"client_secret": ""}), "client_secret"),
             (json!({"scope": "a  b"}), "scope"),
             (json!({"refresh_margin_s": 4000}), "refresh_margin_s"),
-            (json!({"token_endpoint": {"cluster": "idp", "path": "token"}}), "path"),
+            (
+                json!({"token_endpoint": {"cluster": "idp", "path": "token"}}),
+                "path",
+            ),
             (json!({"secret": "x"}), "unknown field"),
         ] {
             let err = config(extra.clone()).unwrap_err();

@@ -107,10 +107,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use url::form_urlencoded;
 
+use crate::client_credentials::basic_auth;
 use crate::decision::DenyReason;
 use crate::identity::{Identity, IdentityKind, KeyrockJson};
 pub use crate::upstream::HttpCall;
-use crate::client_credentials::basic_auth;
 use crate::upstream::{Authority, ClusterName, Target, TimeoutMs, UpstreamPath};
 
 /// The largest introspection answer parsed; a larger one is an error.
