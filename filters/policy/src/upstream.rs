@@ -96,36 +96,43 @@ impl From<Authority> for String {
 }
 
 fn valid_authority(text: &str) -> bool {
-    let (host, port) = match text.strip_prefix('[') {
+    let (host_ok, port) = match text.strip_prefix('[') {
+        // `[IPv6]` or `[IPv6]:port`.
         Some(bracketed) => {
             let Some((v6, rest)) = bracketed.split_once(']') else {
                 return false;
             };
-            if v6.parse::<Ipv6Addr>().is_err() {
-                return false;
-            }
-            match rest {
-                "" => return true,
-                _ => ("", rest.strip_prefix(':').unwrap_or("not a port")),
-            }
+            let port = match rest {
+                "" => None,
+                _ => match rest.strip_prefix(':') {
+                    Some(port) => Some(port),
+                    None => return false,
+                },
+            };
+            (v6.parse::<Ipv6Addr>().is_ok(), port)
         }
         None => match text.split_once(':') {
-            Some((host, port)) => (host, port),
-            None => (text, ""),
+            Some((host, port)) => (valid_host_name(host), Some(port)),
+            None => (valid_host_name(text), None),
         },
     };
-    let host_ok = text.starts_with('[')
-        || (!host.is_empty()
-            && host.len() <= 253
-            && !host.starts_with(['.', '-'])
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)));
-    let port_ok = port.is_empty() && !text.ends_with(':')
-        || (port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u16>().is_ok_and(|p| p > 0));
-    host_ok && port_ok
+    host_ok
+        && port.is_none_or(|p| {
+            p.len() <= 5
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+}
+
+/// A host name or IPv4 address as Envoy clusters and virtual hosts use them (letters, digits,
+/// `-`, `.`, `_`; not starting with `.` or `-`).
+fn valid_host_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with(['.', '-'])
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
 }
 
 /// The `:path` of a call: absolute, printable ASCII, no fragment (a query is allowed; a stage
