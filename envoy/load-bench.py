@@ -46,29 +46,22 @@ ENVOY = ROOT / ".venv/bin/envoy"
 RELEASE = ROOT / "target/wasm32-wasip1/release"
 WASM = {name: RELEASE / f"{name}.wasm" for name in
         ("token_auth", "device_ownership", "entity_acl", "ngsi_gateway", "example")}
-OWNERSHIP = {"sources": [{"kind": "static", "entities": [
-    {"id": "urn:ngsi-ld:Room:1", "owner": "someone-else"}]}]}
 VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gateway"]
 GATEWAY_STAGES = ["token_auth", "device_ownership", "entity_acl"]
-# What entity-acl grants: the benchmark path (a Room list) to any authenticated caller.
-ENTITY_ACL = {"acl": {"rules": [{
-    "name": "rooms", "effect": "allow", "subjects": ["authenticated"], "actions": ["read"],
-    "ngsi": {"service": "", "service_path": "/#", "entity_type": "Room"}}]}}
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
 PATH = "/v2/entities?type=Room&limit=10"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def token_auth_config(jwks):
-    return {"jwt_providers": [{"issuer": ISS, "audiences": ["orion"], "algorithms": ["RS256"],
-                               "jwks": json.loads(jwks), "claims": {"subject": "sub"}}]}
-
-
 def stage_configs(jwks):
-    """Each HTTP stage's configuration, the same for the separate filters and the gateway."""
-    return {"token_auth": token_auth_config(jwks), "device_ownership": OWNERSHIP,
-            "entity_acl": ENTITY_ACL}
+    """Each HTTP stage's configuration, the same for the separate filters and the gateway
+    (envoy/bench-stages.json, which host-harness's host_calls example reads too)."""
+    configs = json.loads((ROOT / "envoy/bench-stages.json").read_text())
+    configs.pop("_comment", None)
+    for provider in configs["token_auth"]["jwt_providers"]:
+        provider["jwks"] = json.loads(jwks)
+    return configs
 
 
 def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
@@ -243,6 +236,7 @@ def main():
     jwks = (FIXTURES / "jwks.json").read_text()
     connections = [int(c) for c in args.connections]
     samples = {}   # (variant, connections) -> [(rps, p50, p99, cpu_us_per_request)]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         envoys = {}
         try:
@@ -270,10 +264,13 @@ def main():
     print(f"\n{time.strftime('%Y-%m-%d')}, Envoy {match.group(1) if match else '?'}, "
           f"--concurrency {args.concurrency}{' (Envoy on CPU 0, wrk on CPU 1)' if args.pin else ''}, "
           f"{os.cpu_count()} CPUs, wrk {args.seconds}s per cell, median of {args.rounds} "
-          f"interleaved rounds; gateway stages: {' -> '.join(args.gateway_stages)}\n")
-    print("| filter chain | connections | req/s | p50 | p99 | Envoy CPU per request | "
+          f"interleaved rounds; gateway stages: {' -> '.join(args.gateway_stages)}; load average "
+          f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share "
+          f"the CPUs: the spread column is the slowest round's CPU per request over the "
+          f"fastest's)\n")
+    print("| filter chain | connections | req/s | p50 | p99 | Envoy CPU per request | spread | "
           "req/s ratio to no filter | req/s ratio to native |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in connections:
         def median(variant):
             rounds = samples[(variant, c)]
@@ -282,9 +279,10 @@ def main():
         native = median("native")[0] if "native" in args.variants else None
         for variant in args.variants:
             rps, p50, p99, cpu_us = median(variant)
+            cpu = [r[3] for r in samples[(variant, c)]]
             to_native = f"{rps / native:.2f}" if native else "-"
             print(f"| {variant} | {c} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {cpu_us:.1f} us "
-                  f"| {rps / base:.2f} | {to_native} |")
+                  f"| {max(cpu) / min(cpu):.2f} | {rps / base:.2f} | {to_native} |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 //! bounds-checked guest memory. A pointer outside the guest's memory is a trap, never a host
 //! read or write out of bounds.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -128,12 +129,26 @@ pub struct HostState {
     pub next_token: u32,
     pub metric_names: Vec<String>,
     pub log_level: u32,
+    /// Host calls the guest made, by import name (cumulative; `PluginVm::usage` counts the
+    /// callbacks the other way). A filter's cost in Envoy is mostly crossings of the VM
+    /// boundary, so benches report these per request.
+    pub host_calls: RefCell<BTreeMap<&'static str, u64>>,
 }
 
 impl HostState {
     fn stream(&self) -> Option<&StreamContext> {
         self.streams.get(&self.effective_context)
     }
+}
+
+/// Counts one call of the import `name`.
+fn count_call(caller: &Caller<'_, HostState>, name: &'static str) {
+    *caller
+        .data()
+        .host_calls
+        .borrow_mut()
+        .entry(name)
+        .or_default() += 1;
 }
 
 // ---------- guest memory ----------
@@ -357,6 +372,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_log",
         |caller: Caller<'_, HostState>, level: u32, ptr: u32, len: u32| -> Result<i32> {
+            count_call(&caller, "proxy_log");
             let message = read_string(&caller, ptr, len)?;
             let state = caller.data();
             state.shared.log(&state.plugin.name, level, message);
@@ -368,6 +384,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_get_log_level",
         |mut caller: Caller<'_, HostState>, out: u32| -> Result<i32> {
+            count_call(&caller, "proxy_get_log_level");
             let level = caller.data().log_level;
             write_u32(&mut caller, out, level)?;
             status(Status::Ok)
@@ -378,6 +395,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_get_current_time_nanoseconds",
         |mut caller: Caller<'_, HostState>, out: u32| -> Result<i32> {
+            count_call(&caller, "proxy_get_current_time_nanoseconds");
             let now = caller.data().shared.now_nanos();
             write(&mut caller, out, &now.to_le_bytes())?;
             status(Status::Ok)
@@ -388,6 +406,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_set_tick_period_milliseconds",
         |mut caller: Caller<'_, HostState>, period: u32| -> Result<i32> {
+            count_call(&caller, "proxy_set_tick_period_milliseconds");
             caller.data_mut().tick_period_ms = period;
             status(Status::Ok)
         },
@@ -403,6 +422,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          ptr_out: u32,
          size_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_get_buffer_bytes");
             let Some(kind) = BufferType::from_raw(kind) else {
                 return status(Status::BadArgument);
             };
@@ -431,6 +451,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          ptr: u32,
          len: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_set_buffer_bytes");
             let Some(kind) = BufferType::from_raw(kind) else {
                 return status(Status::BadArgument);
             };
@@ -456,6 +477,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_get_header_map_pairs",
         |mut caller: Caller<'_, HostState>, map: u32, ptr_out: u32, size_out: u32| -> Result<i32> {
+            count_call(&caller, "proxy_get_header_map_pairs");
             let Some(map) = MapType::from_raw(map) else {
                 return status(Status::BadArgument);
             };
@@ -470,6 +492,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_set_header_map_pairs",
         |caller: Caller<'_, HostState>, map: u32, ptr: u32, len: u32| -> Result<i32> {
+            count_call(&caller, "proxy_set_header_map_pairs");
             let Some(map) = MapType::from_raw(map).filter(|m| is_writable(*m)) else {
                 return status(Status::BadArgument);
             };
@@ -496,6 +519,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          ptr_out: u32,
          size_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_get_header_map_value");
             let Some(map) = MapType::from_raw(map) else {
                 return status(Status::BadArgument);
             };
@@ -525,6 +549,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          value_ptr: u32,
          value_len: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_replace_header_map_value");
             let Some(map) = MapType::from_raw(map).filter(|m| is_writable(*m)) else {
                 return status(Status::BadArgument);
             };
@@ -552,6 +577,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_remove_header_map_value",
         |caller: Caller<'_, HostState>, map: u32, key_ptr: u32, key_len: u32| -> Result<i32> {
+            count_call(&caller, "proxy_remove_header_map_value");
             let Some(map) = MapType::from_raw(map).filter(|m| is_writable(*m)) else {
                 return status(Status::BadArgument);
             };
@@ -571,6 +597,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          value_ptr: u32,
          value_len: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_add_header_map_value");
             let Some(map) = MapType::from_raw(map).filter(|m| is_writable(*m)) else {
                 return status(Status::BadArgument);
             };
@@ -590,6 +617,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          ptr_out: u32,
          size_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_get_property");
             let path = read(&caller, path_ptr, path_len)?;
             match property(caller.data(), &path) {
                 Some(value) => {
@@ -610,6 +638,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          value_ptr: u32,
          value_len: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_set_property");
             let path = read_string(&caller, path_ptr, path_len)?;
             let value = read(&caller, value_ptr, value_len)?;
             let Some(ctx) = caller.data().stream() else {
@@ -632,6 +661,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          size_out: u32,
          cas_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_get_shared_data");
             let key = read_string(&caller, key_ptr, key_len)?;
             let state = caller.data();
             match state.shared.get_shared_data(&state.plugin.vm_id, &key) {
@@ -655,6 +685,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          value_len: u32,
          cas: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_set_shared_data");
             let key = read_string(&caller, key_ptr, key_len)?;
             let value = read(&caller, value_ptr, value_len)?;
             let state = caller.data();
@@ -674,6 +705,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          name_len: u32,
          id_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_register_shared_queue");
             let name = read_string(&caller, name_ptr, name_len)?;
             let state = caller.data();
             let owner = (state.vm_index, state.root_context_id);
@@ -695,6 +727,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          name_len: u32,
          id_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_resolve_shared_queue");
             let vm_id = read_string(&caller, vm_ptr, vm_len)?;
             let name = read_string(&caller, name_ptr, name_len)?;
             match caller.data().shared.resolve_queue(&vm_id, &name) {
@@ -711,6 +744,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_dequeue_shared_queue",
         |mut caller: Caller<'_, HostState>, id: u32, ptr_out: u32, size_out: u32| -> Result<i32> {
+            count_call(&caller, "proxy_dequeue_shared_queue");
             match caller.data().shared.dequeue(id) {
                 Ok(value) => {
                     copy_out(&mut caller, &value, ptr_out, size_out)?;
@@ -725,6 +759,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_enqueue_shared_queue",
         |caller: Caller<'_, HostState>, id: u32, ptr: u32, len: u32| -> Result<i32> {
+            count_call(&caller, "proxy_enqueue_shared_queue");
             let value = read(&caller, ptr, len)?;
             status(caller.data().shared.enqueue(id, value))
         },
@@ -734,6 +769,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_continue_stream",
         |mut caller: Caller<'_, HostState>, stream: u32| -> Result<i32> {
+            count_call(&caller, "proxy_continue_stream");
             defer_stream_action(&mut caller, stream, Deferred::Continue)
         },
     )?;
@@ -742,6 +778,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_close_stream",
         |mut caller: Caller<'_, HostState>, stream: u32| -> Result<i32> {
+            count_call(&caller, "proxy_close_stream");
             defer_stream_action(&mut caller, stream, Deferred::Close)
         },
     )?;
@@ -759,6 +796,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          headers_len: u32,
          grpc_status: i32|
          -> Result<i32> {
+            count_call(&caller, "proxy_send_local_response");
             let details = read_string(&caller, details_ptr, details_len)?;
             let body = read(&caller, body_ptr, body_len)?;
             let Ok(headers) = deserialize_pairs(&read(&caller, headers_ptr, headers_len)?) else {
@@ -799,6 +837,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          timeout_ms: u32,
          token_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_http_call");
             let cluster = read_string(&caller, cluster_ptr, cluster_len)?;
             let headers = deserialize_pairs(&read(&caller, headers_ptr, headers_len)?);
             let trailers = deserialize_pairs(&read(&caller, trailers_ptr, trailers_len)?);
@@ -894,6 +933,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          ptr_out: u32,
          size_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_get_status");
             let (code, message) = caller.data().call_status.clone();
             write_u32(&mut caller, code_out, code)?;
             copy_out(&mut caller, message.as_bytes(), ptr_out, size_out)?;
@@ -905,6 +945,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_set_effective_context",
         |mut caller: Caller<'_, HostState>, context_id: u32| -> Result<i32> {
+            count_call(&caller, "proxy_set_effective_context");
             let state = caller.data_mut();
             if context_id == state.root_context_id || state.streams.contains_key(&context_id) {
                 state.effective_context = context_id;
@@ -926,6 +967,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          _ptr_out: u32,
          _size_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_call_foreign_function");
             // Envoy registers a few foreign functions (e.g. compress); the harness none.
             let _name = read_string(&caller, name_ptr, name_len)?;
             status(Status::NotFound)
@@ -949,6 +991,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
          name_len: u32,
          id_out: u32|
          -> Result<i32> {
+            count_call(&caller, "proxy_define_metric");
             let Some(kind) = MetricType::from_raw(kind) else {
                 return status(Status::BadArgument);
             };
@@ -971,6 +1014,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_get_metric",
         |mut caller: Caller<'_, HostState>, id: u32, out: u32| -> Result<i32> {
+            count_call(&caller, "proxy_get_metric");
             let Some(name) = metric_name(caller.data(), id) else {
                 return status(Status::NotFound);
             };
@@ -991,6 +1035,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_record_metric",
         |caller: Caller<'_, HostState>, id: u32, value: u64| -> Result<i32> {
+            count_call(&caller, "proxy_record_metric");
             match metric_name(caller.data(), id) {
                 Some(name) => status(caller.data().shared.record_metric(&name, value)),
                 None => status(Status::NotFound),
@@ -1002,6 +1047,7 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         env,
         "proxy_increment_metric",
         |caller: Caller<'_, HostState>, id: u32, offset: i64| -> Result<i32> {
+            count_call(&caller, "proxy_increment_metric");
             match metric_name(caller.data(), id) {
                 Some(name) => status(caller.data().shared.increment_metric(&name, offset)),
                 None => status(Status::NotFound),

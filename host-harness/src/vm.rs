@@ -116,6 +116,7 @@ fn dummy_state() -> HostState {
         next_token: 0,
         metric_names: Vec::new(),
         log_level: LOG_LEVEL_INFO,
+        host_calls: Default::default(),
     }
 }
 
@@ -206,6 +207,8 @@ pub struct PluginVm {
     pub last_tick_nanos: u64,
     /// What the guest has cost so far, for budgets and fuzzing.
     pub usage: Usage,
+    /// Callbacks made into the guest, by export (each is a VM entry in Envoy too).
+    pub callbacks: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// What a VM's guest has cost: fuel (roughly, wasm instructions) per callback and linear
@@ -276,6 +279,7 @@ impl PluginVm {
             reloads: 0,
             last_tick_nanos: 0,
             usage: Usage::default(),
+            callbacks: Default::default(),
         };
         vm.last_tick_nanos = vm.store.data().shared.now_nanos();
         vm.loaded_at_nanos = vm.last_tick_nanos;
@@ -393,6 +397,7 @@ impl PluginVm {
             .fuel_per_call
             .saturating_sub(self.store.get_fuel().unwrap_or(0));
         self.usage.calls += 1;
+        *self.callbacks.entry(export_label(name)).or_default() += 1;
         self.usage.fuel_total = self.usage.fuel_total.saturating_add(burned);
         if burned > self.usage.fuel_max_call {
             self.usage.fuel_max_call = burned;

@@ -34,7 +34,10 @@
 //! hooks cost nothing: the response headers are read only when a stage asks for them.
 //!
 //! A stage logs and counts its own decision (the decision line names the stage, as the
-//! separate filters always did); the driver only moves requests and responses along.
+//! separate filters always did); the driver only moves requests and responses along. Every
+//! callback on a stream runs inside `proxy_glue::one_stream_callback`, so the stages that
+//! decide in it export their filter state once (the last line's, as Envoy's filter state would
+//! keep it) and read the host's clock and log level once.
 
 pub mod device_ownership;
 pub mod entity_acl;
@@ -54,6 +57,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
+pub use proxy_glue::now_millis;
 pub use request::{Caller, Request};
 pub use response::Response;
 
@@ -342,16 +346,19 @@ impl HttpContext for Stream {
             );
             return Action::Pause;
         };
-        pipeline
-            .borrow_mut()
-            .on_request_headers(self.id, end_of_stream)
+        proxy_glue::one_stream_callback(|| {
+            pipeline
+                .borrow_mut()
+                .on_request_headers(self.id, end_of_stream)
+        })
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match &self.pipeline {
-            Some(p) => p
-                .borrow_mut()
-                .on_request_body(self.id, Some(body_size), end_of_stream),
+            Some(p) => proxy_glue::one_stream_callback(|| {
+                p.borrow_mut()
+                    .on_request_body(self.id, Some(body_size), end_of_stream)
+            }),
             None => Action::Pause,
         }
     }
@@ -359,23 +366,28 @@ impl HttpContext for Stream {
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
         match &self.pipeline {
             // The body (if any) ended without end_of_stream: trailers close the request.
-            Some(p) => p.borrow_mut().on_request_body(self.id, None, true),
+            Some(p) => proxy_glue::one_stream_callback(|| {
+                p.borrow_mut().on_request_body(self.id, None, true)
+            }),
             None => Action::Pause,
         }
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         match &self.pipeline {
-            Some(p) => p.borrow_mut().on_response_headers(self.id, end_of_stream),
+            Some(p) => proxy_glue::one_stream_callback(|| {
+                p.borrow_mut().on_response_headers(self.id, end_of_stream)
+            }),
             None => Action::Continue,
         }
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match &self.pipeline {
-            Some(p) => p
-                .borrow_mut()
-                .on_response_body(self.id, Some(body_size), end_of_stream),
+            Some(p) => proxy_glue::one_stream_callback(|| {
+                p.borrow_mut()
+                    .on_response_body(self.id, Some(body_size), end_of_stream)
+            }),
             None => Action::Continue,
         }
     }
@@ -384,7 +396,9 @@ impl HttpContext for Stream {
         match &self.pipeline {
             // A response body that ends with trailers is complete at them (a held body must
             // not slip out unchecked with the trailers).
-            Some(p) => p.borrow_mut().on_response_body(self.id, None, true),
+            Some(p) => proxy_glue::one_stream_callback(|| {
+                p.borrow_mut().on_response_body(self.id, None, true)
+            }),
             None => Action::Continue,
         }
     }
@@ -677,11 +691,15 @@ impl Pipeline {
             if ctx != current && hostcalls::set_effective_context(ctx).is_err() {
                 continue;
             }
-            if request_waits {
-                self.resume_with(ctx, |stage, req| stage.resume(req));
-            } else {
-                self.resume_response_with(ctx, |stage, req, resp| stage.resume_response(req, resp));
-            }
+            proxy_glue::one_stream_callback(|| {
+                if request_waits {
+                    self.resume_with(ctx, |stage, req| stage.resume(req));
+                } else {
+                    self.resume_response_with(ctx, |stage, req, resp| {
+                        stage.resume_response(req, resp)
+                    });
+                }
+            });
             if ctx != current {
                 let _ = hostcalls::set_effective_context(current);
             }
@@ -725,7 +743,9 @@ impl Pipeline {
             if hostcalls::set_effective_context(ctx).is_err() {
                 continue;
             }
-            self.resume_with(ctx, |stage, req| stage.on_body_timeout(req));
+            proxy_glue::one_stream_callback(|| {
+                self.resume_with(ctx, |stage, req| stage.on_body_timeout(req))
+            });
         }
         let _ = hostcalls::set_effective_context(root);
     }
@@ -782,14 +802,6 @@ fn read_response_body(resp: &mut ResponseFlow, filter: &str) -> Result<(), DenyR
             ))
         }
     }
-}
-
-/// The host clock in ms since the epoch.
-pub fn now_millis() -> Option<u64> {
-    let now = hostcalls::get_current_time().ok()?;
-    now.duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|d| u64::try_from(d.as_millis()).ok())
 }
 
 /// Sends a callout, counting it as sent or failed. None when the host refused it (logged).

@@ -4,8 +4,9 @@
 //! a linear scan looks at is looked at.
 //!
 //! Cases: a v2 GET of one entity, a v2 list by ids (10 ids), an NGSI-LD GET of one entity, an
-//! MQTT publish checked against 100 topic rules; and the v2 GET answered from the decision
-//! cache.
+//! MQTT publish checked against 100 topic rules; the v2 GET answered from the decision
+//! cache; and a device key checked against configured digests and against a device registry's
+//! cached answer.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -174,5 +175,47 @@ fn mqtt(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, ngsi, mqtt);
+/// A device key pair: checked against `device_keys.devices` (1000 devices) and against the
+/// registry's cached record (the per-request cost once a device has been looked up).
+fn device_keys(c: &mut Criterion) {
+    use policy::device_keys::{DeviceKeys, KeyCheck};
+    use sha2::{Digest, Sha256};
+    let hex = |key: &str| -> String {
+        Sha256::digest(key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let devices: serde_json::Map<String, Value> = (0..1000)
+        .map(|i| {
+            (
+                format!("lamp-{i}"),
+                json!({"key_sha256": [hex(&format!("K1-lamp-{i}"))]}),
+            )
+        })
+        .collect();
+    let config = json!({"devices": devices,
+        "registry": {"cluster": "iot-directory", "authority": "iotdirectory", "path": "/keys"}});
+    let keys = DeviceKeys::new(&serde_json::from_value(config).unwrap()).unwrap();
+    let answer = json!({"id": "lamp-new", "key_sha256": [hex("K1-lamp-new"), hex("K2-lamp-new")]});
+    keys.finish_lookup("lamp-new", 200, answer.to_string().as_bytes(), NOW);
+    assert!(matches!(
+        keys.check("lamp-500", "K1-lamp-500", NOW),
+        KeyCheck::Verified(_)
+    ));
+    assert!(matches!(
+        keys.check("lamp-new", "K2-lamp-new", NOW),
+        KeyCheck::Verified(_)
+    ));
+    let mut group = c.benchmark_group("engines");
+    group.bench_function("device_key_configured", |b| {
+        b.iter(|| keys.check(black_box("lamp-500"), black_box("K1-lamp-500"), NOW))
+    });
+    group.bench_function("device_key_registry_cached", |b| {
+        b.iter(|| keys.check(black_box("lamp-new"), black_box("K2-lamp-new"), NOW))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ngsi, mqtt, device_keys);
 criterion_main!(benches);

@@ -238,10 +238,15 @@ pub fn log(level: Level, message: &str) -> Result<(), HostStatus> {
 
 /// Whether the host would print a line at `level` (so a line it would drop is never built).
 pub fn logs_at(level: Level) -> bool {
+    log_level().is_some_and(|host_level| host_level <= level as u32)
+}
+
+/// The host's log level as the ABI numbers it (None: the host did not say).
+pub fn log_level() -> Option<u32> {
     let mut host_level: u32 = 0;
     // SAFETY: the host writes one u32 through the pointer.
     let status = unsafe { proxy_get_log_level(&mut host_level) };
-    status == HostStatus::OK && host_level <= level as u32
+    (status == HostStatus::OK).then_some(host_level)
 }
 
 /// Lets the paused request go on.

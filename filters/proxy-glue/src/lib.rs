@@ -111,10 +111,77 @@ impl Counter {
 /// The host clock in whole seconds since the epoch, or None if the host can't say (callers
 /// fail closed).
 pub fn now_secs() -> Option<u64> {
-    let now = hostcalls::get_current_time().ok()?;
-    now.duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs())
+    now_since_epoch().map(|d| d.as_secs())
+}
+
+/// The host clock in milliseconds since the epoch (None: the host can't say).
+pub fn now_millis() -> Option<u64> {
+    now_since_epoch().and_then(|d| u64::try_from(d.as_millis()).ok())
+}
+
+/// The host clock, read once per [`one_stream_callback`] (every stage of one callback sees
+/// the same instant; outside one, read each time).
+fn now_since_epoch() -> Option<std::time::Duration> {
+    let read = || {
+        hostcalls::get_current_time()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+    };
+    HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => *held.now.get_or_insert_with(read),
+        None => read(),
+    })
+}
+
+thread_local! {
+    /// What one callback on one stream holds back until it ends ([`one_stream_callback`]).
+    static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+/// Host reads and writes a callback makes once however many stages decide in it.
+#[derive(Default)]
+struct Held {
+    /// The filter state of the callback's last decision line (a later line replaces an
+    /// earlier one in Envoy's filter state anyway: the access log shows the deciding stage).
+    filter_state: Option<[(&'static str, String); 6]>,
+    /// The host's log level.
+    log_level: Option<Option<u32>>,
+    /// The host clock.
+    now: Option<Option<std::time::Duration>>,
+}
+
+/// Runs `work`, one callback's work on the current stream (the effective context), holding
+/// back the decision lines' filter state to write it once when `work` ends, and reading the
+/// host's log level and clock at most once. Every stage of a gateway decides in the same
+/// callback, so a request exports its facts in 6 host calls instead of 6 per stage. Callers
+/// must not switch the effective context inside `work` without a nested call of their own.
+pub fn one_stream_callback<R>(work: impl FnOnce() -> R) -> R {
+    let outer = HELD.with(|held| held.replace(Some(Held::default())));
+    let result = work();
+    let ours = HELD.with(|held| held.replace(outer));
+    if let Some(state) = ours.and_then(|held| held.filter_state) {
+        export_filter_state(state);
+    }
+    result
+}
+
+fn export_filter_state(state: [(&'static str, String); 6]) {
+    // Outside a stream (none is current) there is no filter state to set: nothing to export.
+    for (name, value) in state {
+        let _ = host::set_property(name, value.as_bytes());
+    }
+}
+
+/// Whether the host logs at `level` (asked once per [`one_stream_callback`]).
+fn logs_at(level: host::Level) -> bool {
+    HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => held
+            .log_level
+            .get_or_insert_with(host::log_level)
+            .is_some_and(|host_level| host_level <= level as u32),
+        None => host::logs_at(level),
+    })
 }
 
 /// A string property (e.g. `connection.subject_peer_certificate`); absent, unreadable or not
@@ -340,7 +407,8 @@ pub fn with_facts_from(
 
 /// The one place every filter's decisions go through: the decision line is logged (denials at
 /// warning, allows as `log_allows` says), its facts are set as filter state for Envoy's access
-/// log (`wasm.iot_filter`, `wasm.iot_decision`, ...), and the labelled counter
+/// log (`wasm.iot_filter`, `wasm.iot_decision`, ...; inside [`one_stream_callback`] when it
+/// ends), and the labelled counter
 /// `iot_decisions.filter.<f>.decision.<d>.reason.<r>` is incremented.
 pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
     use host::Level;
@@ -350,12 +418,19 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
         (true, LogAllows::Debug) => Some(Level::Debug),
         (true, LogAllows::Off) => None,
     };
-    if let Some(level) = level.filter(|l| host::logs_at(*l)) {
+    if let Some(level) = level.filter(|l| logs_at(*l)) {
         let _ = host::log(level, &line.to_string());
     }
-    // Outside a stream (none is current) there is no filter state to set: nothing to export.
-    for (name, value) in line.filter_state() {
-        let _ = host::set_property(name, value.as_bytes());
+    let state = line.filter_state();
+    let state = HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => {
+            held.filter_state = Some(state);
+            None
+        }
+        None => Some(state),
+    });
+    if let Some(state) = state {
+        export_filter_state(state);
     }
     decision_counter(&line.metric_name()).inc();
     for name in line.rule_metric_names() {

@@ -1,0 +1,227 @@
+//! Host calls and guest callbacks per request, for the request `envoy/load-bench.py` sends
+//! (a Room list with a cached RS256 token, as wrk sends it through Envoy) and the same stage
+//! configurations (`envoy/bench-stages.json`): token-auth alone, the three separate filters,
+//! and ngsi-gateway. The counts are exact (they do not depend on the machine's load), so they
+//! say what a change saves even when wall-time runs are noisy.
+//!
+//!     cargo wasm && cargo run -p host-harness --example host_calls [-- --verbose]
+//!
+//! `--verbose` prints every import and callback by name.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use host_harness::chain::NoCallouts;
+use host_harness::{Chain, FailurePolicy, HttpRequest, Limits, PluginSpec, Runtime, Shared};
+use host_harness::{HttpOutcome, UpstreamResponse};
+use serde_json::Value;
+
+/// Requests measured per chain, after one warm-up request (which fills the token cache).
+const REQUESTS: u64 = 10;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn read_json(path: &str) -> Value {
+    let text = std::fs::read_to_string(root().join(path)).expect(path);
+    serde_json::from_str(&text).expect(path)
+}
+
+/// The stage configurations load-bench.py uses, with the fixture keys.
+fn stage_configs() -> Value {
+    let mut configs = read_json("envoy/bench-stages.json");
+    let jwks = read_json("tests/fixtures/jwt/jwks.json");
+    for provider in configs["token_auth"]["jwt_providers"]
+        .as_array_mut()
+        .expect("jwt_providers")
+    {
+        provider["jwks"] = jwks.clone();
+    }
+    configs
+}
+
+/// The request as Envoy hands it to the filters for wrk's GET (Envoy adds
+/// `x-forwarded-proto` and `x-request-id`).
+fn request(token: &str) -> HttpRequest {
+    let auth = format!("Bearer {token}");
+    let headers = [
+        (":authority", "127.0.0.1:10000"),
+        (":path", "/v2/entities?type=Room&limit=10"),
+        (":method", "GET"),
+        (":scheme", "http"),
+        ("authorization", auth.as_str()),
+        ("x-forwarded-proto", "http"),
+        ("x-request-id", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+    ];
+    HttpRequest {
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// One filter of a chain: plugin name, wasm file, configuration, decides on the body.
+type Filter<'a> = (&'a str, &'a str, &'a Value, bool);
+
+fn chain(runtime: &Arc<Runtime>, filters: &[Filter]) -> Chain {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock");
+    let shared = Arc::new(Shared::new(now.as_nanos() as u64, false));
+    let mut chain = Chain::new(
+        runtime.clone(),
+        shared,
+        HashSet::new(),
+        Box::new(NoCallouts),
+    );
+    for (name, wasm, config, body) in filters {
+        let path = root().join("target/wasm32-wasip1/release").join(wasm);
+        assert!(path.exists(), "build the filters first: cargo wasm");
+        let vm = chain
+            .add_filter(PluginSpec {
+                name: name.to_string(),
+                root_id: String::new(),
+                vm_id: String::new(),
+                wasm: path,
+                configuration: config.to_string().into_bytes(),
+                vm_configuration: Vec::new(),
+                limits: Limits::default(),
+                allow_on_headers_stop_iteration: *body,
+                failure_policy: FailurePolicy::default(),
+            })
+            .expect("filter loads");
+        assert!(vm.is_serving(), "{name}: {:?}", vm.failure);
+    }
+    chain
+}
+
+/// Every VM's host calls and callbacks so far, by name.
+fn counts(chain: &Chain) -> (BTreeMap<&'static str, u64>, BTreeMap<&'static str, u64>) {
+    let (mut imports, mut callbacks) = (BTreeMap::new(), BTreeMap::new());
+    for vm in &chain.filters {
+        for (name, n) in vm.state().host_calls.borrow().iter() {
+            *imports.entry(*name).or_default() += n;
+        }
+        for (name, n) in &vm.callbacks {
+            *callbacks.entry(*name).or_default() += n;
+        }
+    }
+    (imports, callbacks)
+}
+
+fn per_request(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+) -> Vec<(&'static str, f64)> {
+    after
+        .iter()
+        .map(|(name, n)| {
+            let delta = n - before.get(name).copied().unwrap_or(0);
+            (*name, delta as f64 / REQUESTS as f64)
+        })
+        .filter(|(_, n)| *n > 0.0)
+        .collect()
+}
+
+fn total(counts: &[(&'static str, f64)]) -> f64 {
+    counts.iter().map(|(_, n)| n).sum()
+}
+
+fn short(name: &str) -> &str {
+    name.trim_start_matches("proxy_")
+}
+
+fn main() {
+    let verbose = std::env::args().any(|a| a == "--verbose");
+    let runtime = Arc::new(Runtime::new().expect("runtime"));
+    let configs = stage_configs();
+    let tokens = read_json("tests/fixtures/jwt/tokens.json");
+    let token = tokens["valid_rs256"].as_str().expect("valid_rs256");
+    let gateway = serde_json::json!({
+        "token_auth": configs["token_auth"],
+        "device_ownership": configs["device_ownership"],
+        "entity_acl": configs["entity_acl"],
+    });
+    let passthrough = serde_json::json!({"mode": "passthrough"});
+    let variants: Vec<(&str, Vec<Filter>)> = vec![
+        (
+            "passthrough",
+            vec![("example", "example.wasm", &passthrough, false)],
+        ),
+        (
+            "token_auth",
+            vec![(
+                "token-auth",
+                "token_auth.wasm",
+                &configs["token_auth"],
+                false,
+            )],
+        ),
+        (
+            "separate",
+            vec![
+                (
+                    "token-auth",
+                    "token_auth.wasm",
+                    &configs["token_auth"],
+                    false,
+                ),
+                (
+                    "device-ownership",
+                    "device_ownership.wasm",
+                    &configs["device_ownership"],
+                    true,
+                ),
+                (
+                    "entity-acl",
+                    "entity_acl.wasm",
+                    &configs["entity_acl"],
+                    true,
+                ),
+            ],
+        ),
+        (
+            "gateway",
+            vec![("ngsi-gateway", "ngsi_gateway.wasm", &gateway, true)],
+        ),
+    ];
+    // The answer load-bench's Envoy gives (direct_response "[]").
+    let upstream = UpstreamResponse {
+        body: b"[]".to_vec(),
+        ..Default::default()
+    };
+    println!("| filter chain | host calls per request | guest callbacks per request | host calls by import |");
+    println!("|---|---:|---:|---|");
+    for (variant, filters) in &variants {
+        let mut chain = chain(&runtime, filters);
+        let check = |outcome: &HttpOutcome| {
+            assert_eq!(outcome.status, 200, "{variant}: {outcome:?}");
+        };
+        check(&chain.http(request(token), &upstream));
+        let (imports_before, callbacks_before) = counts(&chain);
+        for _ in 0..REQUESTS {
+            check(&chain.http(request(token), &upstream));
+        }
+        let (imports_after, callbacks_after) = counts(&chain);
+        let imports = per_request(&imports_before, &imports_after);
+        let callbacks = per_request(&callbacks_before, &callbacks_after);
+        let by_import = imports
+            .iter()
+            .map(|(name, n)| format!("{} {n}", short(name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        println!(
+            "| {variant} | {} | {} | {by_import} |",
+            total(&imports),
+            total(&callbacks)
+        );
+        if verbose {
+            for (name, n) in &callbacks {
+                println!("|   callback {} | | {n} | |", short(name));
+            }
+        }
+    }
+}
