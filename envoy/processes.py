@@ -402,6 +402,8 @@ class Envoy(EnvoyProcess):
     # Filters after token-auth: render.chain_filter(...)s, in chain order.
     extra_filters: list = field(default_factory=list)
     owners_port: int = None
+    # The "owners" cluster over TLS with a client certificate: render.upstream_tls_socket's.
+    owners_tls: dict = None
     # Other HTTP services the filters ask: (cluster name, "host:port").
     http_clusters: tuple = ()
     # render.py's failure_policy ("reload", the default, or "fail-closed") and exact_balance.
@@ -437,6 +439,7 @@ class Envoy(EnvoyProcess):
                 client_ca=tls.get("client_ca"),
                 extra_filters=self.extra_filters,
                 owners=f"127.0.0.1:{self.owners_port}" if self.owners_port else None,
+                owners_tls=self.owners_tls,
                 failure_policy=self.failure_policy,
                 exact_balance=self.exact_balance,
                 separate=self.separate,

@@ -535,12 +535,61 @@ def write_ecds_resources(ecds_dir, filter_config, wasm=None, extra_filters=(),
             name=f["name"], failure_policy=failure_policy))
 
 
-def plain_cluster(name, address, comment):
+def upstream_tls_socket(tls, what):
+    """A cluster's upstream TLS `transport_socket` (YAML lines at the cluster's indentation), or
+    [] without `tls`. `tls` = {"cert", "key": the client certificate Envoy presents (mTLS: the
+    service knows the sidecar by it), "ca": verify the service's certificate against this CA
+    (optional), "server_name": SNI, and the name the service's certificate must carry (a DNS
+    name or an IP address; optional)}. Files must exist; paths are made absolute."""
+    if not tls:
+        return []
+    unknown = set(tls) - {"cert", "key", "ca", "server_name"}
+    if unknown:
+        raise ValueError(f"{what}: unknown TLS options {sorted(unknown)}")
+    if not tls.get("cert") or not tls.get("key"):
+        raise ValueError(f"{what}: a client certificate needs both cert and key")
+    files = {}
+    for option in ("cert", "key", "ca"):
+        if tls.get(option):
+            if not os.path.isfile(tls[option]):
+                raise ValueError(f"{what}: {option} {tls[option]} does not exist")
+            files[option] = yaml_string(os.path.abspath(tls[option]))
+    lines = [
+        "transport_socket:",
+        "  name: envoy.transport_sockets.tls",
+        "  typed_config:",
+        '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
+    ]
+    name = tls.get("server_name")
+    if name:
+        if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", name):
+            raise ValueError(f"{what}: server_name {name!r} is not a host name or IP address")
+        lines.append(f"    sni: {yaml_string(name)}")
+    lines += [
+        "    common_tls_context:",
+        "      tls_params: { tls_minimum_protocol_version: TLSv1_2 }",
+        "      tls_certificates:",
+        f"      - certificate_chain: {{ filename: {files['cert']} }}",
+        f"        private_key: {{ filename: {files['key']} }}",
+    ]
+    if "ca" in files:
+        lines += ["      validation_context:",
+                  f"        trusted_ca: {{ filename: {files['ca']} }}"]
+        if name:
+            san_type = "IP_ADDRESS" if _IPV4.match(name) or ":" in name else "DNS"
+            lines += ["        match_typed_subject_alt_names:",
+                      f"        - san_type: {san_type}",
+                      f"          matcher: {{ exact: {yaml_string(name)} }}"]
+    return lines
+
+
+def plain_cluster(name, address, comment, tls=None):
     """A plain HTTP/1.1 cluster `name` at host:port, YAML lines at the clusters list's
-    indentation (e.g. the web app an mqtt-acl http_backend asks)."""
+    indentation (e.g. the web app an mqtt-acl http_backend asks); with `tls`
+    (upstream_tls_socket's), Envoy calls it over TLS with its client certificate."""
     host, port = split_host_port(address, name)
     kind = "STATIC" if _IPV4.match(host) else "STRICT_DNS"
-    return _indent([
+    lines = [
         f"# {comment}",
         f"- name: {name}",
         f"  type: {kind}",
@@ -552,27 +601,18 @@ def plain_cluster(name, address, comment):
         "    - lb_endpoints:",
         "      - endpoint:",
         f"          address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}",
-    ], 2)
+    ]
+    lines += ["  " + line for line in upstream_tls_socket(tls, name)]
+    return _indent(lines, 2)
 
 
-def owners_cluster(owners):
+def owners_cluster(owners, tls=None):
     """The "owners" cluster (an ownership registry device-ownership calls), YAML lines at the
-    clusters list's indentation."""
-    host, port = split_host_port(owners, "--owners")
-    kind = "STATIC" if _IPV4.match(host) else "STRICT_DNS"
-    return _indent([
-        "# The ownership registry device-ownership asks (see filters/device-ownership/README.md).",
-        "- name: owners",
-        f"  type: {kind}",
-        "  connect_timeout: 1s",
-        "  dns_lookup_family: V4_ONLY",
-        "  load_assignment:",
-        "    cluster_name: owners",
-        "    endpoints:",
-        "    - lb_endpoints:",
-        "      - endpoint:",
-        f"          address: {{ socket_address: {{ address: {host}, port_value: {port} }} }}",
-    ], 2)
+    clusters list's indentation; `tls` as plain_cluster's."""
+    return plain_cluster(
+        "owners", owners,
+        "The ownership registry device-ownership asks (see filters/device-ownership/README.md).",
+        tls)
 
 
 def render(
@@ -595,6 +635,7 @@ def render(
     exact_balance=False,
     separate=False,
     http_clusters=(),
+    owners_tls=None,
 ):
     """Returns the rendered YAML: by default the chain token-auth -> `extra_filters` as
     ngsi-gateway, one filter whose stages they are (`wasm`: ngsi_gateway.wasm by default; with
@@ -604,8 +645,9 @@ def render(
     (an object); None leaves token-auth out (tests only, `separate` only: later filters then
     trust identity headers from the client). `extra_filters`: chain_filter(...)s after
     token-auth, in order. `owners`: HOST:PORT of an ownership registry (cluster "owners", for
-    device-ownership). `http_clusters`: (name, "host:port") of other HTTP services the filters
-    ask (a device registry, say), as render_mqtt's.
+    device-ownership); `owners_tls`: call it over TLS with a client certificate (mTLS; see
+    upstream_tls_socket). `http_clusters`: (name, "host:port"[, tls]) of other HTTP services
+    the filters ask (a device registry, say), as render_mqtt's.
     `failure_policy`: every wasm filter's ("reload", the default, or "fail-closed").
     `exact_balance`: the listener spreads connections evenly over the workers (tests use it to
     reach every worker's VM deterministically).
@@ -654,9 +696,9 @@ def render(
             _chain_filter_yaml(f, n, ecds_dir, failure_policy)
             for n, f in enumerate(extra_filters, start=2)),
         "EXTRA_CLUSTERS": "\n".join(
-            ([owners_cluster(owners)] if owners else [])
-            + [plain_cluster(name, address, "An HTTP service the filters ask.")
-               for name, address in http_clusters]),
+            ([owners_cluster(owners, owners_tls)] if owners else [])
+            + [plain_cluster(name, address, "An HTTP service the filters ask.", *tls)
+               for name, address, *tls in http_clusters]),
     }
     with open(template_path, encoding="utf-8") as f:
         text = f.read()
@@ -728,6 +770,14 @@ def main(argv=None):
                              " when it was a switch keep working")
     parser.add_argument("--owners", metavar="HOST:PORT",
                         help="ownership registry for device-ownership (cluster \"owners\")")
+    parser.add_argument("--owners-tls-cert", metavar="PEM",
+                        help="call the ownership registry over TLS, presenting this client"
+                             " certificate (mTLS; with --owners-tls-key)")
+    parser.add_argument("--owners-tls-key", metavar="PEM", help="its private key")
+    parser.add_argument("--owners-tls-ca", metavar="PEM",
+                        help="verify the registry's certificate against this CA")
+    parser.add_argument("--owners-tls-server-name", metavar="NAME",
+                        help="SNI, and the name (DNS or IP) the registry's certificate must carry")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the offline check (host-harness validate) of each filter's"
                              " configuration against its .wasm")
@@ -761,6 +811,11 @@ def main(argv=None):
                 raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
         if args.ecds and not os.path.isdir(args.ecds):
             raise ValueError(f"--ecds: {args.ecds} is not a directory")
+        owners_tls = {option: getattr(args, f"owners_tls_{option}")
+                      for option in ("cert", "key", "ca", "server_name")
+                      if getattr(args, f"owners_tls_{option}")}
+        if owners_tls and not args.owners:
+            raise ValueError("--owners-tls-*: give --owners too")
         extra_filters = []
         for name in CHAIN_FILTERS:
             option = name.replace("-", "_")
@@ -801,6 +856,7 @@ def main(argv=None):
             ecds_dir=args.ecds,
             extra_filters=extra_filters,
             owners=args.owners,
+            owners_tls=owners_tls,
             failure_policy=args.failure_policy,
             separate=args.separate,
         )

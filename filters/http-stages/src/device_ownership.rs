@@ -22,7 +22,6 @@
 //! of entities a request created, deleted or re-owned are dropped when its answer arrives.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use policy::access::RequestAccess;
 use policy::enforcement::{summarize_accesses, Mode};
@@ -32,8 +31,9 @@ use policy::ownership::config::BrokerApi;
 use policy::ownership::wire::{self, Endpoint, ListAnswer};
 use policy::ownership::{
     graver, scope, EntityKey, Eval, ListFilter, ListPlan, Lookup, Ownership, OwnershipConfig,
-    Record, Resolve, ScopeInput, SourceCall, Verdict,
+    Record, Resolve, ScopeInput, Verdict,
 };
+use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics};
 
@@ -315,12 +315,12 @@ impl DeviceOwnershipStage {
         false
     }
 
-    fn send(&self, call: &SourceCall) -> Option<u32> {
+    fn send(&self, call: &HttpCall) -> Option<u32> {
         let callout = Callout {
             cluster: &call.cluster,
-            headers: call.header_refs(),
-            body: call.body.as_deref(),
-            timeout: Duration::from_millis(call.timeout_ms),
+            headers: call.envoy_headers(),
+            body: call.body(),
+            timeout: call.timeout(),
         };
         crate::dispatch(
             NAME,

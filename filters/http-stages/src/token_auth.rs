@@ -18,7 +18,6 @@
 //! so every worker uses the same keys; a failed fetch keeps the last good set.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use policy::cache::{token_digest, TokenDigest};
 use policy::decision_line::{DecisionLine, Reason};
@@ -471,12 +470,11 @@ impl TokenAuthStage {
             return false;
         };
         let call = intro.build_request(token);
-        let body = (!call.body.is_empty()).then_some(call.body.as_slice());
         let callout = Callout {
             cluster: &call.cluster,
             headers: call.envoy_headers(),
-            body,
-            timeout: Duration::from_millis(call.timeout_ms),
+            body: call.body(),
+            timeout: call.timeout(),
         };
         let Some(sent) = crate::dispatch(
             NAME,
@@ -504,7 +502,7 @@ impl TokenAuthStage {
             cluster: &call.cluster,
             headers: call.envoy_headers(),
             body: None,
-            timeout: Duration::from_millis(call.timeout_ms),
+            timeout: call.timeout(),
         };
         let Some(sent) = crate::dispatch(
             NAME,

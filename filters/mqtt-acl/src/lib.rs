@@ -518,14 +518,17 @@ impl Stream {
                 let mut s = state.borrow_mut();
                 match &ask.request {
                     AskRequest::Backend(request) => match s.policy.backend() {
-                        Some(backend) => hostcalls::dispatch_http_call(
-                            backend.cluster(),
-                            backend.headers(request),
-                            Some(&request.body),
-                            vec![],
-                            Duration::from_millis(backend.timeout_ms()),
-                        )
-                        .map_err(|status| format!("{status:?}")),
+                        Some(backend) => {
+                            let call = backend.call(request);
+                            hostcalls::dispatch_http_call(
+                                &call.cluster,
+                                call.envoy_headers(),
+                                call.body(),
+                                vec![],
+                                call.timeout(),
+                            )
+                            .map_err(|status| format!("{status:?}"))
+                        }
                         None => Err("no http_backend".into()),
                     },
                     AskRequest::Introspect { call, .. } => {
@@ -535,13 +538,12 @@ impl Stream {
                             .map(|o| o.config().admit(s.introspections));
                         match admitted {
                             Some(Ok(())) => {
-                                let body = (!call.body.is_empty()).then_some(call.body.as_slice());
                                 let sent = hostcalls::dispatch_http_call(
                                     &call.cluster,
                                     call.envoy_headers(),
-                                    body,
+                                    call.body(),
                                     vec![],
-                                    Duration::from_millis(call.timeout_ms),
+                                    call.timeout(),
                                 )
                                 .map_err(|status| format!("{status:?}"));
                                 if sent.is_ok() {

@@ -33,10 +33,9 @@ use url::form_urlencoded;
 use crate::cache::VerdictCache;
 use crate::config_error::ConfigError;
 use crate::decision::DenyReason;
-use crate::introspection::HttpCall;
+use crate::upstream::{Authority, ClusterName, HttpCall, Target, TimeoutMs, UpstreamPath};
 
-/// Bounds enforced at configure time.
-pub const MAX_TIMEOUT_MS: u64 = 30_000;
+/// Bounds enforced at configure time (the endpoint's own: [`crate::upstream`]).
 pub const MAX_POSITIVE_TTL_S: u64 = 3_600;
 pub const MAX_NEGATIVE_TTL_S: u64 = 300;
 pub const MAX_CACHE_ENTRIES: usize = 1_000_000;
@@ -59,13 +58,13 @@ pub const MAX_DEVICE_ID_BYTES: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// The Envoy cluster of the registry.
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// The `:authority` of the call.
-    pub authority: String,
+    pub authority: Authority,
     /// The lookup path (no query: the filter adds `?id=`).
-    pub path: String,
+    pub path: UpstreamPath,
     #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
+    pub timeout_ms: TimeoutMs,
     /// Lookups in flight per VM (token-auth); beyond it a request needing a new one gets 503
     /// with `Retry-After`.
     #[serde(default = "default_max_in_flight")]
@@ -96,8 +95,8 @@ impl Default for RegistryCacheConfig {
     }
 }
 
-fn default_timeout_ms() -> u64 {
-    2000
+fn default_timeout_ms() -> TimeoutMs {
+    TimeoutMs::default_of(2000)
 }
 
 fn default_max_in_flight() -> usize {
@@ -153,47 +152,11 @@ fn refused(field: &str, message: impl Into<String>) -> ConfigError {
 impl DeviceRegistry {
     /// Validates `config`; the error names the JSON path of the bad value.
     pub fn new(config: RegistryConfig) -> Result<DeviceRegistry, ConfigError> {
-        // The call's endpoint. (TODO(s21-upstream): the shared upstream type validates these
-        // once it lands, and carries the call's authentication: a client-credentials token or
-        // mTLS on the cluster.)
-        if config.cluster.is_empty() || !config.cluster.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(refused(
-                "cluster",
-                "must be a non-empty Envoy cluster name without spaces",
-            ));
-        }
-        if config.authority.is_empty()
-            || !config
-                .authority
-                .chars()
-                .all(|c| c.is_ascii_graphic() && !"/?#@\\".contains(c))
-        {
-            return Err(refused(
-                "authority",
-                format!(
-                    "{:?} must be a host[:port] without spaces, '/', '?', '#' or '@'",
-                    config.authority
-                ),
-            ));
-        }
-        if !config.path.starts_with('/')
-            || !config
-                .path
-                .chars()
-                .all(|c| c.is_ascii_graphic() && c != '?' && c != '#')
-        {
+        // The endpoint was checked as it was read (crate::upstream); the filter adds the query.
+        if config.path.has_query() {
             return Err(refused(
                 "path",
-                format!(
-                    "{:?} must start with '/' and have no spaces, query or fragment",
-                    config.path
-                ),
-            ));
-        }
-        if !(1..=MAX_TIMEOUT_MS).contains(&config.timeout_ms) {
-            return Err(refused(
-                "timeout_ms",
-                format!("must be between 1 and {MAX_TIMEOUT_MS}"),
+                format!("{:?} must have no query", config.path.as_str()),
             ));
         }
         if !(1..=MAX_MAX_IN_FLIGHT).contains(&config.max_in_flight) {
@@ -253,15 +216,14 @@ impl DeviceRegistry {
         let query = form_urlencoded::Serializer::new(String::new())
             .append_pair("id", device_id)
             .finish();
-        HttpCall {
-            cluster: self.config.cluster.clone(),
-            method: "GET",
-            authority: self.config.authority.clone(),
-            path: format!("{}?{query}", self.config.path),
-            headers: vec![("accept".to_string(), "application/json".to_string())],
-            body: Vec::new(),
-            timeout_ms: self.config.timeout_ms,
-        }
+        let target = Target {
+            cluster: &self.config.cluster,
+            authority: Some(&self.config.authority),
+            timeout: self.config.timeout_ms,
+        };
+        target
+            .call("GET", format!("{}?{query}", self.config.path.as_str()))
+            .with_header("accept", "application/json")
     }
 
     /// What the cache says about `device_id`, if it has a fresh entry.
@@ -392,7 +354,17 @@ mod tests {
         if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
             c.extend(e.clone());
         }
-        DeviceRegistry::new(serde_json::from_value(config).unwrap())
+        #[derive(Deserialize)]
+        struct Plugin {
+            device_keys: DeviceKeys,
+        }
+        #[derive(Deserialize)]
+        struct DeviceKeys {
+            registry: RegistryConfig,
+        }
+        let json = serde_json::json!({"device_keys": {"registry": config}}).to_string();
+        let plugin: Plugin = crate::config_error::parse(json.as_bytes())?;
+        DeviceRegistry::new(plugin.device_keys.registry)
     }
 
     #[test]

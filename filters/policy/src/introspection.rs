@@ -110,6 +110,8 @@ use url::form_urlencoded;
 
 use crate::decision::DenyReason;
 use crate::identity::{Identity, IdentityKind, KeyrockJson};
+pub use crate::upstream::HttpCall;
+use crate::upstream::{Authority, ClusterName, Target, TimeoutMs, UpstreamPath};
 
 /// The largest introspection answer parsed; a larger one is an error.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -179,14 +181,14 @@ impl fmt::Debug for IntrospectionCredentials {
 pub struct IntrospectionConfig {
     pub kind: IntrospectionKind,
     /// The Envoy cluster of the IdP.
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// The `:authority` of the call (the IdP's host name, as its virtual host expects it).
-    pub authority: String,
-    /// Required for `rfc7662`; `/user` by default for `keyrock`.
+    pub authority: Authority,
+    /// Required for `rfc7662`; `/user` by default for `keyrock`. No query.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    pub path: Option<UpstreamPath>,
     #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
+    pub timeout_ms: TimeoutMs,
     #[serde(default)]
     pub credentials: IntrospectionCredentials,
     /// How long an active answer is trusted (also bounded by the token's `exp`). 0: not cached.
@@ -218,8 +220,8 @@ pub struct IntrospectionConfig {
     pub max_in_flight: usize,
 }
 
-fn default_timeout_ms() -> u64 {
-    2000
+fn default_timeout_ms() -> TimeoutMs {
+    TimeoutMs::default_of(2000)
 }
 fn default_positive_ttl_s() -> u64 {
     300
@@ -238,8 +240,8 @@ pub const MAX_MAX_IN_FLIGHT: usize = 10_000;
 /// What a shed request is told (`Retry-After`, seconds).
 pub const SHED_RETRY_AFTER_SECS: u32 = 1;
 
-/// Bounds enforced by [`IntrospectionConfig::validate`].
-pub const MAX_TIMEOUT_MS: u64 = 30_000;
+/// Bounds enforced by [`IntrospectionConfig::validate`] (the endpoint's own fields are
+/// checked as they are read: [`crate::upstream`]).
 pub const MAX_POSITIVE_TTL_S: u64 = 86_400;
 pub const MAX_NEGATIVE_TTL_S: u64 = 300;
 
@@ -271,41 +273,15 @@ impl IntrospectionConfig {
             IntrospectionKind::Rfc7662 => "rfc7662",
             IntrospectionKind::Keyrock => "keyrock",
         };
-        if self.cluster.is_empty() || !self.cluster.chars().all(|c| c.is_ascii_graphic()) {
-            return err("cluster: must be a non-empty name without spaces".into());
-        }
-        if self.authority.is_empty()
-            || !self
-                .authority
-                .chars()
-                .all(|c| c.is_ascii_graphic() && !"/?#@\\".contains(c))
-        {
-            return err(format!(
-                "authority: {:?} must be a host[:port] without spaces, '/', '?', '#' or '@'",
-                self.authority
-            ));
-        }
         match (&self.path, self.kind) {
             (None, IntrospectionKind::Rfc7662) => {
                 return err("path: required for kind rfc7662 (e.g. /realms/<realm>/protocol/openid-connect/token/introspect)".into());
             }
-            (Some(p), _) => {
-                if !p.starts_with('/')
-                    || !p
-                        .chars()
-                        .all(|c| c.is_ascii_graphic() && c != '?' && c != '#')
-                {
-                    return err(format!(
-                        "path: {p:?} must start with '/' and have no spaces, query or fragment"
-                    ));
-                }
+            // Keyrock's call appends its own query.
+            (Some(p), _) if p.has_query() => {
+                return err(format!("path: {:?} must have no query", p.as_str()));
             }
-            (None, IntrospectionKind::Keyrock) => {}
-        }
-        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
-            return err(format!(
-                "timeout_ms: must be between 1 and {MAX_TIMEOUT_MS}"
-            ));
+            _ => {}
         }
         if self.positive_ttl_s > MAX_POSITIVE_TTL_S {
             return err(format!("positive_ttl_s: at most {MAX_POSITIVE_TTL_S}"));
@@ -384,9 +360,18 @@ impl IntrospectionConfig {
     /// The path of the introspection call.
     pub fn path(&self) -> &str {
         match (&self.path, self.kind) {
-            (Some(p), _) => p,
+            (Some(p), _) => p.as_str(),
             (None, IntrospectionKind::Keyrock) => KEYROCK_USER_PATH,
             (None, IntrospectionKind::Rfc7662) => "/",
+        }
+    }
+
+    /// Where the IdP is called.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            cluster: &self.cluster,
+            authority: Some(&self.authority),
+            timeout: self.timeout_ms,
         }
     }
 
@@ -399,44 +384,27 @@ impl IntrospectionConfig {
                     .append_pair("token_type_hint", "access_token")
                     .finish()
                     .into_bytes();
-                let mut headers = vec![
-                    (
-                        "content-type".to_string(),
-                        "application/x-www-form-urlencoded".to_string(),
-                    ),
-                    ("accept".to_string(), "application/json".to_string()),
-                    ("content-length".to_string(), body.len().to_string()),
-                ];
+                let mut call = self
+                    .target()
+                    .call("POST", self.path().to_string())
+                    .with_header("content-type", "application/x-www-form-urlencoded")
+                    .with_header("accept", "application/json")
+                    .with_header("content-length", body.len().to_string());
                 if let (Some(id), Some(secret)) =
                     (&self.credentials.client_id, &self.credentials.client_secret)
                 {
-                    headers.push(("authorization".to_string(), basic_auth(id, secret)));
+                    call = call.with_header("authorization", basic_auth(id, secret));
                 }
-                HttpCall {
-                    cluster: self.cluster.clone(),
-                    method: "POST",
-                    authority: self.authority.clone(),
-                    path: self.path().to_string(),
-                    headers,
-                    body,
-                    timeout_ms: self.timeout_ms,
-                }
+                call.with_body(body)
             }
             IntrospectionKind::Keyrock => {
                 let query = form_urlencoded::Serializer::new(String::new())
                     .append_pair("access_token", token)
                     .append_pair("app_id", self.app_id.as_deref().unwrap_or(""))
                     .finish();
-                let headers = vec![("accept".to_string(), "application/json".to_string())];
-                HttpCall {
-                    cluster: self.cluster.clone(),
-                    method: "GET",
-                    authority: self.authority.clone(),
-                    path: format!("{}?{query}", self.path()),
-                    headers,
-                    body: Vec::new(),
-                    timeout_ms: self.timeout_ms,
-                }
+                self.target()
+                    .call("GET", format!("{}?{query}", self.path()))
+                    .with_header("accept", "application/json")
             }
         }
     }
@@ -613,71 +581,6 @@ fn basic_auth(id: &str, secret: &str) -> String {
 
 fn valid_app_id(a: &str) -> bool {
     !a.is_empty() && a.len() <= 256 && a.chars().all(|c| c.is_ascii_graphic())
-}
-
-// ------------------------------------------------------------------------------------------------
-// The call
-
-/// An HTTP call for `dispatch_http_call`, as plain data. `Debug` hides the body and the
-/// credential headers.
-#[derive(Clone, PartialEq, Eq)]
-pub struct HttpCall {
-    pub cluster: String,
-    pub method: &'static str,
-    pub authority: String,
-    /// The `:path`, query included.
-    pub path: String,
-    /// Regular headers, lowercase names.
-    pub headers: Vec<(String, String)>,
-    /// Empty for a GET.
-    pub body: Vec<u8>,
-    pub timeout_ms: u64,
-}
-
-impl HttpCall {
-    /// The pseudo-headers `:method`, `:path`, `:authority` followed by the regular headers: what
-    /// `dispatch_http_call` takes.
-    pub fn envoy_headers(&self) -> Vec<(&str, &str)> {
-        let mut out = vec![
-            (":method", self.method),
-            (":path", self.path.as_str()),
-            (":authority", self.authority.as_str()),
-        ];
-        out.extend(self.headers.iter().map(|(n, v)| (n.as_str(), v.as_str())));
-        out
-    }
-
-    /// The value of a header (case-insensitive name).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-impl fmt::Debug for HttpCall {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(n, v)| match n.as_str() {
-                "authorization" | "x-auth-token" => (n.as_str(), "<redacted>"),
-                _ => (n.as_str(), v.as_str()),
-            })
-            .collect();
-        // The Keyrock path carries the token in its query.
-        let path = self.path.split('?').next().unwrap_or("");
-        f.debug_struct("HttpCall")
-            .field("cluster", &self.cluster)
-            .field("method", &self.method)
-            .field("authority", &self.authority)
-            .field("path", &path)
-            .field("headers", &headers)
-            .field("body", &format_args!("<{} bytes>", self.body.len()))
-            .field("timeout_ms", &self.timeout_ms)
-            .finish()
-    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1153,7 +1056,7 @@ mod tests {
         let c = rfc();
         c.validate().unwrap();
         assert_eq!(
-            (c.timeout_ms, c.positive_ttl_s, c.negative_ttl_s),
+            (c.timeout_ms.millis(), c.positive_ttl_s, c.negative_ttl_s),
             (2000, 300, 10)
         );
         let k = keyrock();
@@ -1191,15 +1094,8 @@ mod tests {
             ("rfc ok", rfc, |_| {}, None),
             ("keyrock ok", keyrock, |_| {}, None),
             ("keyrock without pep credentials", keyrock, |c| c.credentials = IntrospectionCredentials::default(), None),
-            ("empty cluster", rfc, |c| c.cluster.clear(), Some("cluster")),
-            ("cluster with space", rfc, |c| c.cluster = "a b".into(), Some("cluster")),
-            ("authority with slash", rfc, |c| c.authority = "a/b".into(), Some("authority")),
-            ("authority with userinfo", rfc, |c| c.authority = "u@a".into(), Some("authority")),
             ("rfc without path", rfc, |c| c.path = None, Some("path: required")),
-            ("relative path", rfc, |c| c.path = Some("introspect".into()), Some("path")),
-            ("path with query", keyrock, |c| c.path = Some("/user?x=1".into()), Some("path")),
-            ("zero timeout", rfc, |c| c.timeout_ms = 0, Some("timeout_ms")),
-            ("huge timeout", rfc, |c| c.timeout_ms = 60_000, Some("timeout_ms")),
+            ("path with query", keyrock, |c| c.path = UpstreamPath::try_from("/user?x=1".to_string()).ok(), Some("path")),
             ("long positive ttl", rfc, |c| c.positive_ttl_s = 100_000, Some("positive_ttl_s")),
             ("long negative ttl", rfc, |c| c.negative_ttl_s = 3600, Some("negative_ttl_s")),
             ("zero positive ttl", rfc, |c| c.positive_ttl_s = 0, None),
@@ -1227,6 +1123,31 @@ mod tests {
                 (Some(msg), Err(e)) => assert!(e.to_string().contains(msg), "{name}: {e}"),
                 (want, got) => panic!("{name}: wanted {want:?}, got {got:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_endpoint_is_checked_as_it_is_read() {
+        let base = json!({"kind": "rfc7662", "cluster": "c", "authority": "a", "path": "/i",
+                          "credentials": {"client_id": "x", "client_secret": "y"}});
+        for (field, bad) in [
+            ("cluster", json!("")),
+            ("cluster", json!("a b")),
+            ("authority", json!("a/b")),
+            ("authority", json!("u@a")),
+            ("path", json!("introspect")),
+            ("timeout_ms", json!(0)),
+            ("timeout_ms", json!(60_001)),
+        ] {
+            let mut config = base.clone();
+            config[field] = bad.clone();
+            let refused =
+                crate::config_error::parse::<IntrospectionConfig>(config.to_string().as_bytes())
+                    .unwrap_err();
+            assert!(
+                matches!(&refused, crate::config_error::ConfigError::At { path, .. } if path == field),
+                "{field} = {bad}: {refused}"
+            );
         }
     }
 
@@ -1310,7 +1231,7 @@ mod tests {
         assert_eq!(call.path, "/user?access_token=a%2Bb%2F%3D&app_id=app-1");
         assert_eq!(call.header("x-auth-token"), None);
         let mut c = keyrock();
-        c.path = Some("/idm/user".into());
+        c.path = UpstreamPath::try_from("/idm/user".to_string()).ok();
         c.app_id = Some("a&b".into());
         assert_eq!(
             c.build_request("t").path,

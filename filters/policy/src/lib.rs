@@ -31,6 +31,7 @@ pub mod ownership;
 pub mod routes;
 pub mod strict_json;
 pub mod token_auth;
+pub mod upstream;
 pub mod websocket;
 
 pub use decision::{Decision, DenyReason};

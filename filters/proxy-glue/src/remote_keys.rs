@@ -11,19 +11,17 @@
 //! ended; the filter then resumes whatever waited for the keys.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use policy::jwt::{JwtProvider, JwtVerifier, KeySet};
 use policy::log_text::bounded;
 use policy::token_auth::TokenAuth;
+use policy::upstream::HttpCall;
 use proxy_wasm::hostcalls;
 
 use crate::Counter;
 
 /// Least time between two fetches of one issuer's keys triggered by unknown kids.
 pub const MIN_REFETCH_SECS: u64 = 30;
-/// Timeout of a JWKS or discovery fetch.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What holds the JWT providers whose remote keys are managed here.
 pub trait KeyHolder {
@@ -162,7 +160,10 @@ impl RemoteKeys {
         } else {
             Step::Keys
         };
-        let token = self.dispatch(&remote.cluster, &remote.authority, &remote.path)?;
+        let call = remote
+            .target()
+            .call("GET", remote.path.as_str().to_string());
+        let token = self.dispatch(call)?;
         self.calls.insert(token, (issuer.to_string(), step));
         if let Some(entry) = self.issuers.get_mut(issuer) {
             entry.in_flight = true;
@@ -328,7 +329,7 @@ impl RemoteKeys {
         let Some(provider) = holder.providers().iter().find(|p| p.issuer() == issuer) else {
             return false;
         };
-        let Some(cluster) = provider.remote().map(|r| r.cluster.clone()) else {
+        let Some(remote) = provider.remote() else {
             return false;
         };
         let location = match provider
@@ -345,7 +346,11 @@ impl RemoteKeys {
                 return false;
             }
         };
-        match self.dispatch(&cluster, &location.authority, &location.path) {
+        // The JWKS is fetched through the discovery document's cluster, at the host and path
+        // its jwks_uri names.
+        let mut call = remote.target().call("GET", location.path);
+        call.authority = location.authority;
+        match self.dispatch(call) {
             Some(token) => {
                 self.calls.insert(token, (issuer.to_string(), Step::Keys));
                 true
@@ -354,14 +359,16 @@ impl RemoteKeys {
         }
     }
 
-    fn dispatch(&self, cluster: &str, authority: &str, path: &str) -> Option<u32> {
-        let headers = vec![
-            (":method", "GET"),
-            (":path", path),
-            (":authority", authority),
-            ("accept", "application/json"),
-        ];
-        match hostcalls::dispatch_http_call(cluster, headers, None, vec![], FETCH_TIMEOUT) {
+    fn dispatch(&self, call: HttpCall) -> Option<u32> {
+        let call = call.with_header("accept", "application/json");
+        let cluster = &call.cluster;
+        match hostcalls::dispatch_http_call(
+            cluster,
+            call.envoy_headers(),
+            None,
+            vec![],
+            call.timeout(),
+        ) {
             Ok(token) => {
                 self.metrics.callouts.inc();
                 Some(token)

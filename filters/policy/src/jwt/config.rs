@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 use super::algorithm::Algorithm;
 use super::error::ConfigError;
 use super::keys::{B64_STD_LENIENT, B64_URL_LENIENT};
+use crate::upstream::{Authority, ClusterName, Target, TimeoutMs, UpstreamPath};
 
 /// Clock skew tolerated on `exp`, `nbf` and `iat` unless configured.
 pub const DEFAULT_CLOCK_SKEW_SECS: u64 = 60;
@@ -94,6 +95,10 @@ fn default_refresh_secs() -> u64 {
     DEFAULT_REFRESH_SECS
 }
 
+fn default_fetch_timeout() -> TimeoutMs {
+    TimeoutMs::default_of(5000)
+}
+
 /// An inline JWKS, as a JSON object or as a string holding the JSON text.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged, expecting = "a JWKS object or a string holding JWKS JSON")]
@@ -134,11 +139,14 @@ impl fmt::Debug for HmacSecret {
 #[serde(deny_unknown_fields)]
 pub struct RemoteJwksConfig {
     /// The Envoy cluster to call.
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// The request path: of the JWKS, or of the discovery document when `discovery` is true.
-    pub path: String,
+    pub path: UpstreamPath,
     /// The `:authority` of the request.
-    pub authority: String,
+    pub authority: Authority,
+    /// Milliseconds to wait for each fetch (default 5000).
+    #[serde(default = "default_fetch_timeout")]
+    pub timeout_ms: TimeoutMs,
     /// Refresh period in seconds (default 600, 30..=86400).
     #[serde(default = "default_refresh_secs")]
     pub refresh_secs: u64,
@@ -196,10 +204,6 @@ impl Default for ClaimMappingConfig {
             tenant: None,
         }
     }
-}
-
-fn has_space_or_control(text: &str) -> bool {
-    text.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 impl JwtProviderConfig {
@@ -308,31 +312,17 @@ impl JwtProviderConfig {
 }
 
 impl RemoteJwksConfig {
+    /// Where the keys (or the discovery document) are fetched.
+    pub fn target(&self) -> Target<'_> {
+        Target {
+            cluster: &self.cluster,
+            authority: Some(&self.authority),
+            timeout: self.timeout_ms,
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
-        if self.cluster.is_empty() || has_space_or_control(&self.cluster) {
-            return Err(ConfigError::new(
-                "remote.cluster",
-                "must be a non-empty cluster name without spaces",
-            ));
-        }
-        if !self.path.starts_with('/')
-            || has_space_or_control(&self.path)
-            || self.path.contains('#')
-        {
-            return Err(ConfigError::new(
-                "remote.path",
-                "must start with '/' and contain no spaces, control characters or '#'",
-            ));
-        }
-        if self.authority.is_empty()
-            || has_space_or_control(&self.authority)
-            || self.authority.contains(['/', '@', '?', '#'])
-        {
-            return Err(ConfigError::new(
-                "remote.authority",
-                "must be a host[:port] without spaces, '/', '@', '?' or '#'",
-            ));
-        }
+        // The endpoint (cluster, path, authority, timeout) was checked as it was read.
         if !(MIN_REFRESH_SECS..=MAX_REFRESH_SECS).contains(&self.refresh_secs) {
             return Err(ConfigError::new(
                 "remote.refresh_secs",

@@ -1768,33 +1768,6 @@ fn configuration_errors_name_the_field() {
             with(
                 base.clone(),
                 "remote",
-                json!({"cluster": "kc", "authority": "kc", "path": "certs"}),
-            ),
-            "remote.path",
-            "start with '/'",
-        ),
-        (
-            with(
-                base.clone(),
-                "remote",
-                json!({"cluster": "", "authority": "kc", "path": "/c"}),
-            ),
-            "remote.cluster",
-            "non-empty",
-        ),
-        (
-            with(
-                base.clone(),
-                "remote",
-                json!({"cluster": "kc", "authority": "kc/x", "path": "/c"}),
-            ),
-            "remote.authority",
-            "host[:port]",
-        ),
-        (
-            with(
-                base.clone(),
-                "remote",
                 json!({"cluster": "kc", "authority": "kc", "path": "/c", "refresh_secs": 5}),
             ),
             "remote.refresh_secs",
@@ -1817,6 +1790,37 @@ fn configuration_errors_name_the_field() {
     ));
     let secret32 = STANDARD.encode(&SECRET[..32]);
     provider(json!({"issuer": ISS, "algorithms": ["HS256"], "hmac_secret": secret32}));
+}
+
+#[test]
+fn the_remote_endpoint_is_checked_as_it_is_read() {
+    let base = json!({"issuer": ISS, "algorithms": ["RS256"], "audiences": ["orion"]});
+    for (remote, field) in [
+        (
+            json!({"cluster": "kc", "authority": "kc", "path": "certs"}),
+            "remote.path",
+        ),
+        (
+            json!({"cluster": "", "authority": "kc", "path": "/c"}),
+            "remote.cluster",
+        ),
+        (
+            json!({"cluster": "kc", "authority": "kc/x", "path": "/c"}),
+            "remote.authority",
+        ),
+        (
+            json!({"cluster": "kc", "authority": "kc", "path": "/c", "timeout_ms": 0}),
+            "remote.timeout_ms",
+        ),
+    ] {
+        let cfg = with(base.clone(), "remote", remote);
+        let refused = crate::config_error::parse::<JwtProviderConfig>(cfg.to_string().as_bytes())
+            .unwrap_err();
+        assert!(
+            matches!(&refused, crate::config_error::ConfigError::At { path, .. } if path == field),
+            "{cfg}: {refused}"
+        );
+    }
 }
 
 #[test]
@@ -1876,7 +1880,7 @@ fn documented_example_config_is_valid() {
     let p = JwtProvider::new(&cfg).unwrap();
     let remote = p.remote().unwrap();
     assert!(remote.discovery);
-    assert_eq!(remote.cluster, "keycloak");
+    assert_eq!(remote.cluster.as_str(), "keycloak");
     assert_eq!(p.algorithms(), &[Algorithm::Rs256, Algorithm::Es256]);
 
     // With Keycloak's keys installed, a Keycloak token maps as documented.

@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use serde::Deserialize;
 
 use crate::cache::VerdictCache;
+use crate::upstream::{Authority, ClusterName, HttpCall, Target, TimeoutMs, UpstreamPath};
 
 /// Mosquitto's access values (`MOSQ_ACL_READ`, `MOSQ_ACL_WRITE`, `MOSQ_ACL_SUBSCRIBE`).
 pub const ACC_READ: u8 = 1;
@@ -32,13 +33,13 @@ pub const ACC_SUBSCRIBE: u8 = 4;
 #[serde(deny_unknown_fields)]
 pub struct HttpBackendConfig {
     /// The Envoy cluster of the backend (the web app).
-    pub cluster: String,
+    pub cluster: ClusterName,
     /// The `:authority` of the requests.
-    pub authority: String,
+    pub authority: Authority,
     /// Milliseconds to wait for an answer (default 5000, go-auth's `http_timeout`); no answer
     /// in time denies.
     #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
+    pub timeout_ms: TimeoutMs,
     #[serde(default)]
     pub params_mode: ParamsMode,
     #[serde(default)]
@@ -64,7 +65,7 @@ pub struct HttpBackendConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
-    pub path: String,
+    pub path: UpstreamPath,
 }
 
 /// How the parameters are sent.
@@ -116,8 +117,8 @@ impl Default for BackendCacheConfig {
     }
 }
 
-fn default_timeout_ms() -> u64 {
-    5000
+fn default_timeout_ms() -> TimeoutMs {
+    TimeoutMs::default_of(5000)
 }
 fn default_subscribe_acc() -> u8 {
     ACC_SUBSCRIBE
@@ -198,9 +199,9 @@ impl BackendAnswer {
 /// The validated backend and its answer cache (one per VM: every connection of a worker).
 #[derive(Debug)]
 pub struct HttpBackend {
-    cluster: String,
-    authority: String,
-    timeout_ms: u64,
+    cluster: ClusterName,
+    authority: Authority,
+    timeout_ms: TimeoutMs,
     params_mode: ParamsMode,
     response_mode: ResponseMode,
     user: Option<String>,
@@ -232,50 +233,17 @@ impl Clone for HttpBackend {
     }
 }
 
-fn valid_path(path: &str) -> bool {
-    path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic())
-}
-
 impl HttpBackend {
     /// Validates `http_backend`; errors name the JSON path.
     pub fn new(config: &HttpBackendConfig) -> Result<HttpBackend, String> {
+        // The endpoint (cluster, authority, timeout, paths) was checked as it was read.
         let at = "http_backend";
-        if config.cluster.is_empty() || !config.cluster.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!(
-                "{at}.cluster {:?} must be an Envoy cluster name",
-                config.cluster
-            ));
-        }
-        if config.authority.is_empty() || !config.authority.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(format!(
-                "{at}.authority {:?} must be a host name (the requests' :authority)",
-                config.authority
-            ));
-        }
-        if !(1..=60_000).contains(&config.timeout_ms) {
-            return Err(format!(
-                "{at}.timeout_ms {} must be between 1 and 60000",
-                config.timeout_ms
-            ));
-        }
-        let mut paths = [None, None, None];
-        for (slot, (name, endpoint)) in paths.iter_mut().zip([
-            ("user", &config.user),
-            ("superuser", &config.superuser),
-            ("acl", &config.acl),
-        ]) {
-            if let Some(endpoint) = endpoint {
-                if !valid_path(&endpoint.path) {
-                    return Err(format!(
-                        "{at}.{name}.path {:?} must start with '/' and hold no spaces or \
-                         control characters",
-                        endpoint.path
-                    ));
-                }
-                *slot = Some(endpoint.path.clone());
-            }
-        }
-        let [user, superuser, acl] = paths;
+        let path = |e: &Option<EndpointConfig>| e.as_ref().map(|e| e.path.as_str().to_string());
+        let (user, superuser, acl) = (
+            path(&config.user),
+            path(&config.superuser),
+            path(&config.acl),
+        );
         if user.is_none() && acl.is_none() {
             return Err(format!(
                 "{at}: give user and/or acl ({{\"path\": ...}}): without them the backend is \
@@ -325,18 +293,6 @@ impl HttpBackend {
             deny_ttl_secs: cache.deny_ttl_secs,
             cache: RefCell::new(VerdictCache::new(cache.max_entries)),
         })
-    }
-
-    pub fn cluster(&self) -> &str {
-        &self.cluster
-    }
-
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
-    pub fn timeout_ms(&self) -> u64 {
-        self.timeout_ms
     }
 
     pub fn subscribe_acc(&self) -> u8 {
@@ -443,15 +399,18 @@ impl HttpBackend {
         }
     }
 
-    /// The request headers (POST to the endpoint's path at `authority`).
-    pub fn headers<'a>(&'a self, request: &'a BackendRequest) -> Vec<(&'a str, &'a str)> {
-        vec![
-            (":method", "POST"),
-            (":path", request.path.as_str()),
-            (":authority", self.authority.as_str()),
-            ("content-type", request.content_type),
-            ("user-agent", "mqtt-acl"),
-        ]
+    /// The call that sends `request` (POST to the endpoint's path).
+    pub fn call(&self, request: &BackendRequest) -> HttpCall {
+        let target = Target {
+            cluster: &self.cluster,
+            authority: Some(&self.authority),
+            timeout: self.timeout_ms,
+        };
+        target
+            .call("POST", request.path.clone())
+            .with_header("content-type", request.content_type)
+            .with_header("user-agent", "mqtt-acl")
+            .with_body(request.body.clone())
     }
 
     /// Whether `answer` allows (see the module documentation).
@@ -537,9 +496,14 @@ mod tests {
     use serde_json::json;
 
     fn backend(config: serde_json::Value) -> Result<HttpBackend, String> {
-        let config: HttpBackendConfig =
-            serde_json::from_value(config).map_err(|e| e.to_string())?;
-        HttpBackend::new(&config)
+        #[derive(Deserialize)]
+        struct Plugin {
+            http_backend: HttpBackendConfig,
+        }
+        let json = json!({ "http_backend": config }).to_string();
+        let plugin: Plugin =
+            crate::config_error::parse(json.as_bytes()).map_err(|e| e.to_string())?;
+        HttpBackend::new(&plugin.http_backend)
     }
 
     fn base() -> serde_json::Value {
@@ -569,7 +533,7 @@ mod tests {
         assert_eq!(su.path, "/superuser");
         assert_eq!(su.body, br#"{"username":"alice"}"#);
         assert_eq!(
-            b.headers(&acl),
+            b.call(&acl).envoy_headers(),
             vec![
                 (":method", "POST"),
                 (":path", "/acl"),
@@ -711,7 +675,7 @@ mod tests {
                 }
             }
             let err = backend(config).unwrap_err();
-            assert!(err.starts_with(expected), "{err} (expected {expected})");
+            assert!(err.contains(expected), "{err} (expected {expected})");
         }
     }
 }

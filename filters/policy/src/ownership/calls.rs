@@ -1,5 +1,5 @@
 //! The calls device-ownership makes to its sources, as data: which lookup a request needs
-//! ([`Lookup`]), the HTTP call that asks a source ([`SourceCall`]), what its answer means, and
+//! ([`Lookup`]), the HTTP call that asks a source ([`HttpCall`]), what its answer means, and
 //! the claim of a new entity in the registry. The stage (`http_stages::device_ownership`)
 //! only sends these and hands the answers back.
 
@@ -11,6 +11,7 @@ use super::{EntityKey, Ownership, Record, SourceConfig, Verdict};
 use crate::access::RequestAccess;
 use crate::decision::DenyReason;
 use crate::identity::Identity;
+use crate::upstream::HttpCall;
 
 /// One lookup: an entity in one remote source, read with one broker API.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -19,31 +20,6 @@ pub struct Lookup {
     /// The index of the source in `sources`.
     pub source: usize,
     pub api: BrokerApi,
-}
-
-/// One HTTP call to a source (`:method`, `:path` and `:authority` are among the headers).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SourceCall {
-    pub cluster: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Option<Vec<u8>>,
-    pub timeout_ms: u64,
-}
-
-impl SourceCall {
-    /// The headers as the host call takes them.
-    pub fn header_refs(&self) -> Vec<(&str, &str)> {
-        self.headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect()
-    }
-}
-
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-        .collect()
 }
 
 /// Of two reasons a request must fail, the one to answer with: a definite refusal (403, e.g.
@@ -61,7 +37,7 @@ impl Ownership {
     /// The broker API a lookup for a request of `dialect` reads with.
     pub fn lookup_api(&self, dialect: Dialect) -> BrokerApi {
         let configured = match self.broker() {
-            Some((_, SourceConfig::Broker { api, .. })) => *api,
+            Some((_, SourceConfig::Broker(broker))) => broker.api,
             _ => BrokerApi::Auto,
         };
         wire::broker_api(configured, dialect)
@@ -69,53 +45,29 @@ impl Ownership {
 
     /// The call that asks source `lookup.source` for `lookup.key`'s record (None: that source
     /// is not a remote one).
-    pub fn lookup_call(&self, lookup: &Lookup) -> Option<SourceCall> {
+    pub fn lookup_call(&self, lookup: &Lookup) -> Option<HttpCall> {
         let c = &self.config;
-        match c.sources.get(lookup.source)? {
-            SourceConfig::Broker {
-                cluster,
-                authority,
-                timeout_ms,
-                ..
-            } => {
+        let source = c.sources.get(lookup.source)?;
+        let target = source.target()?;
+        match source {
+            SourceConfig::Broker { .. } => {
                 let (path, extra) = wire::broker_lookup(
                     lookup.api,
                     &lookup.key,
                     &c.owner_attribute,
                     &c.delegations_attribute,
                 );
-                let authority = authority.as_deref().unwrap_or(cluster);
-                let mut headers = pairs(&[
-                    (":method", "GET"),
-                    (":path", &path),
-                    (":authority", authority),
-                ]);
-                headers.extend(extra);
-                Some(SourceCall {
-                    cluster: cluster.clone(),
-                    headers,
-                    body: None,
-                    timeout_ms: *timeout_ms,
-                })
+                let mut call = target.call("GET", path);
+                call.headers.extend(extra);
+                Some(call)
             }
-            SourceConfig::Registry {
-                cluster,
-                authority,
-                lookup_path,
-                timeout_ms,
-                ..
-            } => Some(SourceCall {
-                cluster: cluster.clone(),
-                headers: pairs(&[
-                    (":method", "POST"),
-                    (":path", lookup_path),
-                    (":authority", authority.as_deref().unwrap_or(cluster)),
-                    ("content-type", "application/json"),
-                    ("accept", "application/json"),
-                ]),
-                body: Some(wire::registry_lookup_body(&lookup.key).into_bytes()),
-                timeout_ms: *timeout_ms,
-            }),
+            SourceConfig::Registry(registry) => Some(
+                target
+                    .call("POST", registry.lookup_path.as_str().to_string())
+                    .with_header("content-type", "application/json")
+                    .with_header("accept", "application/json")
+                    .with_body(wire::registry_lookup_body(&lookup.key).into_bytes()),
+            ),
             SourceConfig::Static { .. } => None,
         }
     }
@@ -153,18 +105,11 @@ impl Ownership {
         access: &RequestAccess,
         endpoint: &Endpoint,
         body: &[u8],
-    ) -> Vec<(EntityKey, SourceCall)> {
-        let Some((
-            _,
-            SourceConfig::Registry {
-                cluster,
-                authority,
-                claim_path,
-                timeout_ms,
-                ..
-            },
-        )) = self.registry()
-        else {
+    ) -> Vec<(EntityKey, HttpCall)> {
+        let Some((_, source @ SourceConfig::Registry(registry))) = self.registry() else {
+            return Vec::new();
+        };
+        let Some(target) = source.target() else {
             return Vec::new();
         };
         let service_path = access
@@ -181,17 +126,10 @@ impl Ownership {
                     .create_body
                     .and_then(|kind| wire::created_type(kind, body, &key.id));
                 let claim = wire::registry_claim_body(key, ty.as_deref(), &service_path, caller);
-                let call = SourceCall {
-                    cluster: cluster.clone(),
-                    headers: pairs(&[
-                        (":method", "POST"),
-                        (":path", claim_path),
-                        (":authority", authority.as_deref().unwrap_or(cluster)),
-                        ("content-type", "application/json"),
-                    ]),
-                    body: Some(claim.into_bytes()),
-                    timeout_ms: *timeout_ms,
-                };
+                let call = target
+                    .call("POST", registry.claim_path.as_str().to_string())
+                    .with_header("content-type", "application/json")
+                    .with_body(claim.into_bytes());
                 (key.clone(), call)
             })
             .collect()

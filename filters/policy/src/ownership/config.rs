@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
 
 use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
 use crate::enforcement::Mode;
 use crate::identity_headers::IdentityHeaderNames;
 use crate::ngsi::Broker;
+use crate::upstream::{Authority, ClusterName, Target, TimeoutMs, UpstreamPath};
 
 /// The whole filter configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -95,37 +98,80 @@ impl Default for CacheConfig {
     }
 }
 
-/// One ownership source.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+/// One ownership source: `{"kind": "static" | "broker" | "registry", ...}`.
+#[derive(Debug, Clone)]
 pub enum SourceConfig {
     /// Owners listed in the configuration.
-    Static { entities: Vec<StaticEntity> },
+    Static(StaticSource),
     /// The owner attribute of the entity itself, read from the broker.
-    Broker {
-        /// The Envoy cluster of the broker.
-        cluster: String,
-        /// `:authority` of the lookups (default: the cluster name).
-        #[serde(default)]
-        authority: Option<String>,
-        /// Which API to read with: `auto` (the request's dialect), `v2`, `ngsi-ld`, `ngsi10`.
-        #[serde(default)]
-        api: BrokerApi,
-        #[serde(default = "default_timeout_ms")]
-        timeout_ms: u64,
-    },
+    Broker(BrokerSource),
     /// An external ownership registry (see the README for the JSON contract).
-    Registry {
-        cluster: String,
-        #[serde(default)]
-        authority: Option<String>,
-        #[serde(default = "default_lookup_path")]
-        lookup_path: String,
-        #[serde(default = "default_claim_path")]
-        claim_path: String,
-        #[serde(default = "default_timeout_ms")]
-        timeout_ms: u64,
-    },
+    Registry(RegistrySource),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticSource {
+    pub entities: Vec<StaticEntity>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSource {
+    /// The Envoy cluster of the broker.
+    pub cluster: ClusterName,
+    /// `:authority` of the lookups (default: the cluster name).
+    #[serde(default)]
+    pub authority: Option<Authority>,
+    /// Which API to read with: `auto` (the request's dialect), `v2`, `ngsi-ld`, `ngsi10`.
+    #[serde(default)]
+    pub api: BrokerApi,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: TimeoutMs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySource {
+    pub cluster: ClusterName,
+    #[serde(default)]
+    pub authority: Option<Authority>,
+    #[serde(default = "default_lookup_path")]
+    pub lookup_path: UpstreamPath,
+    #[serde(default = "default_claim_path")]
+    pub claim_path: UpstreamPath,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: TimeoutMs,
+}
+
+impl<'de> Deserialize<'de> for SourceConfig {
+    /// By `kind`, as `#[serde(tag = "kind")]` would, but keeping the path of a bad field:
+    /// serde reads a tagged enum through a buffer that forgets it, so the variant's fields
+    /// are read here through `serde_path_to_error` (`sources[1]: claim_path: path ...`).
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        const KINDS: &[&str] = &["static", "broker", "registry"];
+        let mut fields = Map::<String, Value>::deserialize(deserializer)?;
+        let kind = match fields.remove("kind") {
+            Some(Value::String(kind)) => kind,
+            Some(_) => return Err(D::Error::custom("kind: must be a string")),
+            None => return Err(D::Error::missing_field("kind")),
+        };
+        fn read<T: DeserializeOwned, E: de::Error>(fields: Map<String, Value>) -> Result<T, E> {
+            serde_path_to_error::deserialize(Value::Object(fields)).map_err(|e| {
+                let path = e.path().to_string();
+                match path.as_str() {
+                    "." => E::custom(e.into_inner()),
+                    _ => E::custom(format!("{path}: {}", e.into_inner())),
+                }
+            })
+        }
+        match kind.as_str() {
+            "static" => read(fields).map(SourceConfig::Static),
+            "broker" => read(fields).map(SourceConfig::Broker),
+            "registry" => read(fields).map(SourceConfig::Registry),
+            other => Err(D::Error::unknown_variant(other, KINDS)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -184,14 +230,14 @@ fn default_max_response() -> usize {
 fn default_max_list_lookups() -> usize {
     100
 }
-fn default_timeout_ms() -> u64 {
-    1000
+fn default_timeout_ms() -> TimeoutMs {
+    TimeoutMs::default_of(1000)
 }
-fn default_lookup_path() -> String {
-    "/ownership/lookup".into()
+fn default_lookup_path() -> UpstreamPath {
+    UpstreamPath::default_of("/ownership/lookup")
 }
-fn default_claim_path() -> String {
-    "/ownership/claim".into()
+fn default_claim_path() -> UpstreamPath {
+    UpstreamPath::default_of("/ownership/claim")
 }
 
 fn check_attr(name: &str, what: &str) -> Result<(), String> {
@@ -206,31 +252,20 @@ fn check_attr(name: &str, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_path(path: &str, what: &str) -> Result<(), String> {
-    if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(format!("{what} {path:?} must be an absolute path"));
+impl SourceConfig {
+    /// Where a remote source is called (None: the static source).
+    pub fn target(&self) -> Option<Target<'_>> {
+        let (cluster, authority, timeout) = match self {
+            SourceConfig::Broker(b) => (&b.cluster, &b.authority, b.timeout_ms),
+            SourceConfig::Registry(r) => (&r.cluster, &r.authority, r.timeout_ms),
+            SourceConfig::Static(_) => return None,
+        };
+        Some(Target {
+            cluster,
+            authority: authority.as_ref(),
+            timeout,
+        })
     }
-    Ok(())
-}
-
-fn check_cluster(
-    cluster: &str,
-    authority: &Option<String>,
-    timeout_ms: u64,
-    what: &str,
-) -> Result<(), String> {
-    if cluster.is_empty() {
-        return Err(format!("{what}: cluster must not be empty"));
-    }
-    if authority.as_deref() == Some("") {
-        return Err(format!("{what}: authority must not be empty"));
-    }
-    if timeout_ms == 0 || timeout_ms > 60_000 {
-        return Err(format!(
-            "{what}: timeout_ms {timeout_ms} must be between 1 and 60000"
-        ));
-    }
-    Ok(())
 }
 
 impl DelegationConfig {
@@ -293,7 +328,7 @@ impl OwnershipConfig {
         for (i, source) in self.sources.iter().enumerate() {
             let what = format!("sources[{i}]");
             match source {
-                SourceConfig::Static { entities } => {
+                SourceConfig::Static(StaticSource { entities }) => {
                     for (j, e) in entities.iter().enumerate() {
                         let what = format!("{what}.entities[{j}]");
                         if e.id.is_empty() || e.id.chars().any(char::is_control) {
@@ -326,27 +361,9 @@ impl OwnershipConfig {
                         }
                     }
                 }
-                SourceConfig::Broker {
-                    cluster,
-                    authority,
-                    timeout_ms,
-                    ..
-                } => {
-                    brokers += 1;
-                    check_cluster(cluster, authority, *timeout_ms, &what)?;
-                }
-                SourceConfig::Registry {
-                    cluster,
-                    authority,
-                    lookup_path,
-                    claim_path,
-                    timeout_ms,
-                } => {
-                    registries += 1;
-                    check_cluster(cluster, authority, *timeout_ms, &what)?;
-                    check_path(lookup_path, &format!("{what}: lookup_path"))?;
-                    check_path(claim_path, &format!("{what}: claim_path"))?;
-                }
+                // Their endpoints were checked as they were read (crate::upstream).
+                SourceConfig::Broker { .. } => brokers += 1,
+                SourceConfig::Registry { .. } => registries += 1,
             }
         }
         if brokers > 1 || registries > 1 {

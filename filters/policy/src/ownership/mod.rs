@@ -64,7 +64,7 @@ use crate::cache::{CacheStats, VerdictCache};
 use crate::decision::{Decision, DenyReason};
 use crate::identity::{Identity, IdentityKind};
 
-pub use calls::{graver, Lookup, SourceCall};
+pub use calls::{graver, Lookup};
 pub use config::{OwnershipConfig, SourceConfig};
 pub use list::{Filtered, ListFilter, ListPlan};
 pub use scope::{Scope, ScopeInput};

@@ -9,6 +9,7 @@ use super::config::BrokerApi;
 use super::wire::{Dialect, Endpoint, ListFormat};
 use super::*;
 use crate::ngsi::{classify, NgsiRequest};
+use crate::upstream::HttpCall;
 
 fn engine(v: Value) -> Ownership {
     Ownership::new(serde_json::from_value(v).unwrap()).unwrap()
@@ -29,11 +30,8 @@ fn alice() -> Identity {
     Identity::new(IdentityKind::Jwt, "alice")
 }
 
-fn header<'a>(call: &'a SourceCall, name: &str) -> Option<&'a str> {
-    call.headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
+fn header<'a>(call: &'a HttpCall, name: &str) -> Option<&'a str> {
+    call.header(name)
 }
 
 fn access(method: &str, path: &str, body: &str) -> RequestAccess {
@@ -81,7 +79,7 @@ fn broker_lookup_calls_read_the_owner_attributes() {
     let call = own.lookup_call(&lookup).unwrap();
     assert_eq!(call.cluster, "orion");
     assert_eq!(call.timeout_ms, 700);
-    assert_eq!(call.body, None);
+    assert_eq!(call.body(), None);
     assert_eq!(header(&call, ":method"), Some("GET"));
     assert_eq!(header(&call, ":authority"), Some("orion:1026"));
     assert_eq!(
@@ -117,7 +115,7 @@ fn registry_lookup_calls_post_the_key() {
     assert_eq!(header(&call, ":method"), Some("POST"));
     // The authority defaults to the cluster name.
     assert_eq!(header(&call, ":authority"), Some("owners"));
-    let body: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    let body: Value = serde_json::from_slice(call.body().unwrap()).unwrap();
     assert_eq!(body, json!({"entity_id": "Lamp1", "service": "city"}));
     assert_eq!(
         own.lookup_answer(&lookup, 200, br#"{"owner": "bob", "public": true}"#)
@@ -146,7 +144,7 @@ fn claims_name_the_caller_type_and_service_path() {
     let (key, call) = &calls[0];
     assert_eq!(*key, EntityKey::new("city", "Lamp1"));
     assert_eq!(header(call, ":path"), Some("/ownership/claim"));
-    let claim: Value = serde_json::from_slice(call.body.as_deref().unwrap()).unwrap();
+    let claim: Value = serde_json::from_slice(call.body().unwrap()).unwrap();
     assert_eq!(claim["owner"], "alice");
     assert_eq!(claim["entity_type"], "Lamp");
     assert_eq!(claim["service_path"], "/rooms");

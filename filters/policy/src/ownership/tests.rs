@@ -2,7 +2,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use super::config::BrokerApi;
+use super::config::{BrokerApi, RegistrySource};
 use super::wire::{self, CreateBody, Endpoint, ListFormat};
 use super::*;
 use crate::access::{Tenant, TypeSelector};
@@ -1375,4 +1375,51 @@ fn listed_entities_out_of_scope_by_their_type() {
     // Without entity_types nothing in a list is out by itself.
     let own = scoped(json!({"services": ["city"]}));
     assert!(!own.listed_out_of_scope(ListFormat::V2, &json!({"id": "R", "type": "Room"}), false));
+}
+
+#[test]
+fn source_endpoints_are_checked_as_they_are_read() {
+    use crate::config_error::{parse, ConfigError};
+    // The defaults are valid endpoints.
+    let registry = config(json!({"sources": [{"kind": "registry", "cluster": "owners"}]}));
+    let SourceConfig::Registry(RegistrySource {
+        lookup_path,
+        claim_path,
+        timeout_ms,
+        ..
+    }) = &registry.sources[0]
+    else {
+        panic!("not a registry");
+    };
+    for path in [lookup_path, claim_path] {
+        assert!(crate::upstream::UpstreamPath::try_from(path.as_str().to_string()).is_ok());
+    }
+    assert_eq!(timeout_ms.millis(), 1000);
+    // The path names the source, the message the field in it.
+    for (source, message) in [
+        (
+            json!({"kind": "broker", "cluster": ""}),
+            "cluster: cluster \"\" must be",
+        ),
+        (
+            json!({"kind": "broker", "cluster": "orion", "authority": "orion:99999"}),
+            "authority: authority \"orion:99999\" must be a host[:port]",
+        ),
+        (
+            json!({"kind": "registry", "cluster": "owners", "claim_path": "claim"}),
+            "claim_path: path \"claim\" must start with '/'",
+        ),
+        (
+            json!({"kind": "registry", "cluster": "owners", "timeout_ms": 60001}),
+            "timeout_ms: timeout_ms 60001 must be between 1 and 60000",
+        ),
+    ] {
+        let json = json!({"sources": [{"kind": "static", "entities": []}, source]});
+        let refused = parse::<OwnershipConfig>(json.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(&refused, ConfigError::At { path, message: m }
+                if path == "sources[1]" && m.starts_with(message)),
+            "{json}: {refused}"
+        );
+    }
 }
