@@ -6,7 +6,8 @@
 //!
 //!     cargo wasm && cargo run -p host-harness --example host_calls [-- --verbose]
 //!
-//! `--verbose` prints every import and callback by name.
+//! `--verbose` prints every callback by name. The fuel column is the wasm the filters ran
+//! (about one unit per instruction, in wasmtime): their own compute, beside the crossings.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -98,10 +99,11 @@ fn chain(runtime: &Arc<Runtime>, filters: &[Filter]) -> Chain {
     chain
 }
 
-/// Every VM's host calls and callbacks so far, by name.
+/// Every VM's host calls and callbacks so far, by name (fuel under `fuel`).
 fn counts(chain: &Chain) -> (BTreeMap<&'static str, u64>, BTreeMap<&'static str, u64>) {
     let (mut imports, mut callbacks) = (BTreeMap::new(), BTreeMap::new());
     for vm in &chain.filters {
+        *callbacks.entry(FUEL).or_default() += vm.usage.fuel_total;
         for (name, n) in vm.state().host_calls.borrow().iter() {
             *imports.entry(*name).or_default() += n;
         }
@@ -110,6 +112,17 @@ fn counts(chain: &Chain) -> (BTreeMap<&'static str, u64>, BTreeMap<&'static str,
         }
     }
     (imports, callbacks)
+}
+
+/// Fuel burned so far by every VM, by callback.
+fn fuel_by_export(chain: &Chain) -> BTreeMap<&'static str, u64> {
+    let mut fuel = BTreeMap::new();
+    for vm in &chain.filters {
+        for (name, n) in &vm.fuel_by_export {
+            *fuel.entry(*name).or_default() += n;
+        }
+    }
+    fuel
 }
 
 fn per_request(
@@ -126,8 +139,23 @@ fn per_request(
         .collect()
 }
 
+/// The key under which [`counts`] keeps the fuel the guests burned (about one unit per wasm
+/// instruction): the filters' own compute, beside their host calls.
+const FUEL: &str = "fuel";
+
 fn total(counts: &[(&'static str, f64)]) -> f64 {
-    counts.iter().map(|(_, n)| n).sum()
+    counts
+        .iter()
+        .filter(|(name, _)| *name != FUEL)
+        .map(|(_, n)| n)
+        .sum()
+}
+
+fn fuel(counts: &[(&'static str, f64)]) -> f64 {
+    counts
+        .iter()
+        .find(|(name, _)| *name == FUEL)
+        .map_or(0.0, |(_, n)| *n)
 }
 
 fn short(name: &str) -> &str {
@@ -193,8 +221,11 @@ fn main() {
         body: b"[]".to_vec(),
         ..Default::default()
     };
-    println!("| filter chain | host calls per request | guest callbacks per request | host calls by import |");
-    println!("|---|---:|---:|---|");
+    println!(
+        "| filter chain | host calls per request | guest callbacks per request | \
+         wasm fuel per request (~instructions) | host calls by import |"
+    );
+    println!("|---|---:|---:|---:|---|");
     for (variant, filters) in &variants {
         let mut chain = chain(&runtime, filters);
         let check = |outcome: &HttpOutcome| {
@@ -202,6 +233,7 @@ fn main() {
         };
         check(&chain.http(request(token), &upstream));
         let (imports_before, callbacks_before) = counts(&chain);
+        let fuel_before = fuel_by_export(&chain);
         for _ in 0..REQUESTS {
             check(&chain.http(request(token), &upstream));
         }
@@ -214,13 +246,19 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {variant} | {} | {} | {by_import} |",
+            "| {variant} | {} | {} | {:.0} | {by_import} |",
             total(&imports),
-            total(&callbacks)
+            total(&callbacks),
+            fuel(&callbacks)
         );
         if verbose {
-            for (name, n) in &callbacks {
-                println!("|   callback {} | | {n} | |", short(name));
+            let fuel = per_request(&fuel_before, &fuel_by_export(&chain));
+            for (name, n) in callbacks.iter().filter(|(name, _)| *name != FUEL) {
+                let burned = fuel
+                    .iter()
+                    .find(|(f, _)| f == name)
+                    .map_or(0.0, |(_, f)| *f);
+                println!("|   callback {} | | {n} | {burned:.0} | |", short(name));
             }
         }
     }

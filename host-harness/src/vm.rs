@@ -209,6 +209,8 @@ pub struct PluginVm {
     pub usage: Usage,
     /// Callbacks made into the guest, by export (each is a VM entry in Envoy too).
     pub callbacks: std::collections::BTreeMap<&'static str, u64>,
+    /// Fuel burned, by export.
+    pub fuel_by_export: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// What a VM's guest has cost: fuel (roughly, wasm instructions) per callback and linear
@@ -280,6 +282,7 @@ impl PluginVm {
             last_tick_nanos: 0,
             usage: Usage::default(),
             callbacks: Default::default(),
+            fuel_by_export: Default::default(),
         };
         vm.last_tick_nanos = vm.store.data().shared.now_nanos();
         vm.loaded_at_nanos = vm.last_tick_nanos;
@@ -398,6 +401,7 @@ impl PluginVm {
             .saturating_sub(self.store.get_fuel().unwrap_or(0));
         self.usage.calls += 1;
         *self.callbacks.entry(export_label(name)).or_default() += 1;
+        *self.fuel_by_export.entry(export_label(name)).or_default() += burned;
         self.usage.fuel_total = self.usage.fuel_total.saturating_add(burned);
         if burned > self.usage.fuel_max_call {
             self.usage.fuel_max_call = burned;

@@ -595,9 +595,14 @@ impl Stage for TokenAuthStage {
             Progress::NotOurs => {}
         }
         let key = self.callouts.remove(&token)?;
-        // Status 0: the call was reset. Any non-2xx is a failure too.
+        // Status 0: the call was reset. Any non-2xx is a failure too, except the registry's
+        // 404 (an answer: no such device).
         let (status, body) = proxy_glue::callout_answer(NAME);
-        if !(200..300).contains(&status) {
+        let answered = match key {
+            LookupKey::Device(_) => (200..300).contains(&status) || status == 404,
+            _ => (200..300).contains(&status),
+        };
+        if !answered {
             self.metrics.callout_failures.inc();
         }
         let now = now_secs().unwrap_or(0);

@@ -563,9 +563,9 @@ impl Stream {
                     AskRequest::DeviceLookup { call, .. } => hostcalls::dispatch_http_call(
                         &call.cluster,
                         call.envoy_headers(),
-                        None,
+                        call.body(),
                         vec![],
-                        Duration::from_millis(call.timeout_ms),
+                        call.timeout(),
                     )
                     .map_err(|status| format!("{status:?}")),
                 }
