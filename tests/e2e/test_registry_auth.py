@@ -255,3 +255,78 @@ def test_without_the_idp_registry_calls_fail_closed(work_dir, idp, broker, token
         assert proxy.stats(STATS)["registry_token.failed"] >= 1
     finally:
         proxy.stop()
+
+
+# ---- token-auth's device registry, with the same auth ----
+
+def device_registry_proxy(work_dir, wasm, broker, idp, device_registry, token_cluster="idp",
+                          http_clusters=(), name="envoy-device-registry-cc"):
+    registry = {"cluster": "iot-directory", "authority": "iotdirectory.example",
+                "path": "/api/device-keys", "timeout_ms": 1000,
+                # No caching: every request asks the registry (the tests count its calls).
+                "cache": {"max_entries": 1, "positive_ttl_s": 0, "negative_ttl_s": 0},
+                "auth": {"client_credentials": {
+                    "token_endpoint": {"cluster": token_cluster, "authority": idp.authority,
+                                       "path": "/token"},
+                    "client_id": e2e.IdP.SIDECAR[0], "client_secret": e2e.IdP.SIDECAR[1]}}}
+    config = {"credentials": {"sources": [{"type": "device_key", "in": "header",
+                                           "id": "x-device-id", "key": "x-device-key"}]},
+              "device_keys": {"registry": registry}, "realm": "devices"}
+    return e2e.Envoy(work_dir=work_dir, name=name, filter_config=config,
+                     broker_port=broker.port, idp_port=idp.port, wasm=wasm, concurrency=1,
+                     http_clusters=(("iot-directory", f"127.0.0.1:{device_registry.port}"),)
+                     + tuple(http_clusters)).start()
+
+
+def device_request(proxy, device, key):
+    p = uuid.uuid4().hex
+    r = proxy.request("GET", "/v2/entities?type=Lamp",
+                      {"x-device-id": device, "x-device-key": key, "x-e2e-probe": p})
+    return r, p
+
+
+def test_token_auth_asks_the_device_registry_with_the_sidecars_token(work_dir, wasm, broker,
+                                                                      idp):
+    from device_registry_standin import DeviceRegistry
+    check = TokenCheck(idp)
+    registry = DeviceRegistry({"lamp-cc": ("alice", ["K1-cc"])}, check_token=check).start()
+    proxy = device_registry_proxy(work_dir, wasm, broker, idp, registry)
+    try:
+        fetched = idp.count("/token")
+        for _ in range(2):
+            r, p = device_request(proxy, "lamp-cc", "K1-cc")
+            assert r.status == 200, r.body
+            assert len(broker.received(p)) == 1
+        [token] = set(registry.tokens)
+        assert idp.count("/token") - fetched == 1
+        # Revoked at the registry: 401, a new token, the same lookup again; the request passes.
+        check.revoked.add(token)
+        r, p = device_request(proxy, "lamp-cc", "K1-cc")
+        assert r.status == 200, r.body
+        assert registry.tokens[-2:][0] == token and registry.tokens[-1] not in (None, token)
+        assert idp.count("/token") - fetched == 2
+        stats = proxy.stats("wasmcustom.token_auth.")
+        assert stats["device_registry.token.fetched"] == 2
+        # A wrong key is still refused by the registry's digests (401), with a valid token.
+        r, p = device_request(proxy, "lamp-cc", "K1-wrong")
+        assert r.status == 401 and broker.received(p) == []
+    finally:
+        proxy.stop()
+        registry.stop()
+
+
+def test_token_auth_without_the_idp_fails_closed(work_dir, wasm, broker, idp):
+    from device_registry_standin import DeviceRegistry
+    registry = DeviceRegistry({"lamp-cc": ("alice", ["K1-cc"])},
+                              check_token=TokenCheck(idp)).start()
+    proxy = device_registry_proxy(work_dir, wasm, broker, idp, registry, token_cluster="idp-down",
+                                  http_clusters=[("idp-down", f"127.0.0.1:{e2e.free_port()}")],
+                                  name="envoy-device-registry-cc-down")
+    try:
+        r, p = device_request(proxy, "lamp-cc", "K1-cc")
+        assert r.status == 503, r.body
+        assert broker.received(p) == [] and registry.tokens == []
+        assert "no access token for the device registry" in proxy.log_text()
+    finally:
+        proxy.stop()
+        registry.stop()
