@@ -199,6 +199,7 @@ class IdP:
     CLIENT = ("sensor-gateway", "sensor-gateway-secret")
     OTHER_CLIENT = ("parking-app", "parking-app-secret")
     PEP = ("orion-pep", "orion-pep-secret")
+    SIDECAR = ("ownership-sidecar", "ownership-sidecar-secret")
 
     def __init__(self, work_dir, name="idp"):
         node = shutil.which("node")
@@ -222,6 +223,16 @@ class IdP:
                      "content-type": "application/x-www-form-urlencoded"}, form)
         assert r.status == 200, f"token endpoint answered {r.status}: {r.body!r}"
         return r.json()["access_token"]
+
+    def introspect(self, token, client=PEP):
+        """The IdP's RFC 7662 answer about `token` (asked as `client`)."""
+        basic = base64.b64encode(f"{client[0]}:{client[1]}".encode()).decode()
+        r = request(self.port, "POST", "/token/introspection",
+                    {"authorization": f"Basic {basic}",
+                     "content-type": "application/x-www-form-urlencoded"},
+                    urllib.parse.urlencode({"token": token}))
+        assert r.status == 200, f"introspection answered {r.status}: {r.body!r}"
+        return r.json()
 
     def counts(self):
         return request(self.port, "GET", "/_e2e/requests", timeout=5).json()

@@ -18,8 +18,12 @@ def sha256_hex(key):
 class DeviceRegistry:
     """`devices`: device id → (owner, [keys]). Only digests leave the stand-in."""
 
-    def __init__(self, devices, path="/api/device-keys"):
+    def __init__(self, devices, path="/api/device-keys", check_token=None):
+        """`check_token(token) -> bool`: every lookup must carry `Authorization: Bearer` with a
+        token it accepts (else 401), as a registry that authenticates its callers does."""
         self.path = path
+        self.check_token = check_token
+        self.tokens = []
         self.devices = {d: (owner, list(keys)) for d, (owner, keys) in devices.items()}
         self.down = False
         self.asked = []
@@ -37,6 +41,16 @@ class DeviceRegistry:
                 path, _, query = self.path.partition("?")
                 params = urllib.parse.parse_qs(query, keep_blank_values=True)
                 device = (params.get("id") or [None])[0]
+                auth = self.headers.get("authorization") or ""
+                token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+                with standin._lock:
+                    standin.tokens.append(token)
+                if standin.check_token and not (token and standin.check_token(token)):
+                    self.send_response(401)
+                    self.send_header("www-authenticate", 'Bearer error="invalid_token"')
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with standin._lock:
                     standin.asked.append(device)
                     entry = standin.devices.get(device)

@@ -5,7 +5,14 @@ installed here) only answers a sidecar that proves who it is.
 mTLS on the cluster: render.py gives the "owners" cluster an upstream TLS transport socket with
 a client certificate (certificates from envoy/make-certs.sh, real TLS on both sides: Envoy's
 BoringSSL, Python's OpenSSL). With the certificate the chain works; without it the handshake
-fails and the request fails closed (503), never reaching the broker."""
+fails and the request fails closed (503), never reaching the broker.
+
+Client credentials: the registry source's `auth.client_credentials` makes the filter get an
+access token from the real OIDC provider (tests/e2e/idp, client "ownership-sidecar", the
+client_credentials grant) through the IdP's cluster, and send it as `Authorization: Bearer` on
+every registry call; the registry stand-in introspects it at the IdP (RFC 7662). The token is
+reused until shortly before it expires, fetched again when the registry answers 401, and
+without the IdP the request fails closed (503)."""
 
 import os
 import subprocess
@@ -22,6 +29,7 @@ SIDECAR_CN = "envoy-sidecar"
 OWNER, OTHER = ownership_chain.GATEWAY, ownership_chain.APP
 REGISTRY_SOURCE = {"kind": "registry", "cluster": "owners", "timeout_ms": 2000}
 OWNERSHIP = {"sources": [REGISTRY_SOURCE], "cache": {"max_entries": 0}}
+STATS = "wasmcustom.device_ownership."
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +61,17 @@ def tokens(idp):
             OTHER: idp.token(ownership_chain.ORION, client=e2e.IdP.OTHER_CLIENT)}
 
 
-def gateway(work_dir, idp, broker, name, registry, owners_tls):
+def gateway(work_dir, idp, broker, name, registry, owners_tls=None, ownership=OWNERSHIP,
+            http_clusters=(), concurrency=2):
     """token-auth -> device-ownership (registry source) as ngsi-gateway's stages."""
     return e2e.Envoy(
         work_dir=work_dir, name=name, filter_config=e2e.token_auth_config(idp),
         broker_port=broker.port, idp_port=idp.port,
         wasm=e2e.copy_module(work_dir, os.path.join(e2e.render.WASM_DIR, "ngsi_gateway.wasm")),
-        extra_filters=[e2e.render.chain_filter("device-ownership", OWNERSHIP)],
+        extra_filters=[e2e.render.chain_filter("device-ownership", ownership)],
         allow_on_headers_stop_iteration=True,
-        owners_port=registry.port, owners_tls=owners_tls,
+        owners_port=registry.port, owners_tls=owners_tls, http_clusters=http_clusters,
+        concurrency=concurrency,
     ).start()
 
 
@@ -116,3 +126,207 @@ def test_without_an_accepted_certificate_the_request_fails_closed(
         assert "device-ownership decision=deny status=503 reason=unavailable" in proxy.log_text()
     finally:
         proxy.stop()
+
+
+# ---- client credentials ----
+
+def client_credentials_ownership(idp, token_cluster="idp"):
+    source = dict(REGISTRY_SOURCE, auth={"client_credentials": {
+        "token_endpoint": {"cluster": token_cluster, "authority": idp.authority,
+                           "path": "/token", "timeout_ms": 2000},
+        "client_id": e2e.IdP.SIDECAR[0], "client_secret": e2e.IdP.SIDECAR[1]}})
+    return dict(OWNERSHIP, sources=[source])
+
+
+class TokenCheck:
+    """The registry stand-in's check: the IdP says the token is active and the sidecar's; a
+    token the test revoked here is refused (as after a revocation the IdP would)."""
+
+    def __init__(self, idp):
+        self.idp, self.revoked = idp, set()
+
+    def __call__(self, token):
+        if token in self.revoked:
+            return False
+        answer = self.idp.introspect(token)
+        return answer.get("active") is True and answer.get("client_id") == e2e.IdP.SIDECAR[0]
+
+
+@pytest.fixture(scope="module")
+def token_registry(idp):
+    check = TokenCheck(idp)
+    registry = OwnershipRegistry(check_token=check).start()
+    registry.check = check
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def cc_gateway(work_dir, idp, broker, token_registry):
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc", token_registry,
+                    ownership=client_credentials_ownership(idp))
+    yield proxy
+    proxy.stop()
+
+
+def test_registry_calls_carry_the_sidecars_token_fetched_once(
+        cc_gateway, idp, broker, token_registry, tokens):
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    fetched = idp.count("/token")
+    p = uuid.uuid4().hex
+    r = ownership_chain.call(cc_gateway, tokens, OWNER, "GET", f"/v2/entities/{lamp}", probe=p)
+    assert r.status == 404, r.body  # passed: the broker stand-in knows no such entity
+    assert len(broker.received(p)) == 1
+    assert get_lamp(cc_gateway, tokens, OTHER, lamp).status == 403
+    for _ in range(3):
+        assert get_lamp(cc_gateway, tokens, OWNER, lamp).status == 404
+    calls = token_registry.calls_for(lamp)
+    assert len(calls) == 5
+    # Tokens from the IdP for the sidecar's client, reused: each worker's VM keeps its own
+    # (this Envoy runs two workers), so at most two for the five calls.
+    used = {c["token"] for c in calls}
+    assert None not in used and 1 <= len(used) <= cc_gateway.concurrency, used
+    for token in used:
+        assert idp.introspect(token)["client_id"] == e2e.IdP.SIDECAR[0]
+    assert idp.count("/token") - fetched <= cc_gateway.concurrency
+    assert cc_gateway.stats(STATS)["registry_token.fetched"] >= 1
+
+
+def test_a_token_the_registry_refuses_is_fetched_again_once(
+        work_dir, idp, broker, token_registry, tokens):
+    """One worker, so one token: revoked at the registry, the next lookup gets 401, the
+    filter fetches another token and asks again; the request passes."""
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc-401", token_registry,
+                    ownership=client_credentials_ownership(idp), concurrency=1)
+    try:
+        assert get_lamp(proxy, tokens, OWNER, lamp).status == 404
+        [old] = {c["token"] for c in token_registry.calls_for(lamp)}
+        token_registry.check.revoked.add(old)
+        fetched = idp.count("/token")
+        p = uuid.uuid4().hex
+        r = ownership_chain.call(proxy, tokens, OWNER, "GET", f"/v2/entities/{lamp}", probe=p)
+        assert r.status == 404, r.body
+        assert len(broker.received(p)) == 1
+        # 401 with the old token, then the same lookup with a new one.
+        seen = [c["token"] for c in token_registry.calls_for(lamp)]
+        assert len(seen) == 3 and seen[1] == old and seen[2] not in (None, old), seen
+        assert idp.count("/token") - fetched == 1
+        assert "refused the access token (401)" in proxy.log_text()
+        # A registry that keeps refusing: one new token, then 503 (never a loop, never an allow).
+        token_registry.check.revoked.add(seen[2])
+        real_check = token_registry.check_token
+        token_registry.check_token = lambda _token: False
+        try:
+            fetched = idp.count("/token")
+            p = uuid.uuid4().hex
+            r = ownership_chain.call(proxy, tokens, OWNER, "GET", f"/v2/entities/{lamp}",
+                                     probe=p)
+            assert r.status == 503, r.body
+            assert broker.received(p) == []
+            assert idp.count("/token") - fetched == 1
+            assert len(token_registry.calls_for(lamp)) == 5
+        finally:
+            token_registry.check_token = real_check
+    finally:
+        proxy.stop()
+
+
+def test_without_the_idp_registry_calls_fail_closed(work_dir, idp, broker, token_registry,
+                                                    tokens):
+    """The token endpoint's cluster points at a closed port: no token, 503, the registry is
+    never asked without one and nothing reaches the broker."""
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc-idp-down", token_registry,
+                    ownership=client_credentials_ownership(idp, token_cluster="idp-down"),
+                    http_clusters=[("idp-down", f"127.0.0.1:{e2e.free_port()}")])
+    try:
+        p = uuid.uuid4().hex
+        r = ownership_chain.call(proxy, tokens, OWNER, "GET", f"/v2/entities/{lamp}", probe=p)
+        assert r.status == 503, r.body
+        assert broker.received(p) == []
+        assert token_registry.calls_for(lamp) == []
+        log = proxy.log_text()
+        assert "no access token for the ownership registry" in log
+        assert "device-ownership decision=deny status=503 reason=unavailable" in log
+        assert proxy.stats(STATS)["registry_token.failed"] >= 1
+    finally:
+        proxy.stop()
+
+
+# ---- token-auth's device registry, with the same auth ----
+
+def device_registry_proxy(work_dir, wasm, broker, idp, device_registry, token_cluster="idp",
+                          http_clusters=(), name="envoy-device-registry-cc"):
+    registry = {"cluster": "iot-directory", "authority": "iotdirectory.example",
+                "path": "/api/device-keys", "timeout_ms": 1000,
+                # No caching: every request asks the registry (the tests count its calls).
+                "cache": {"max_entries": 1, "positive_ttl_s": 0, "negative_ttl_s": 0},
+                "auth": {"client_credentials": {
+                    "token_endpoint": {"cluster": token_cluster, "authority": idp.authority,
+                                       "path": "/token"},
+                    "client_id": e2e.IdP.SIDECAR[0], "client_secret": e2e.IdP.SIDECAR[1]}}}
+    config = {"credentials": {"sources": [{"type": "device_key", "in": "header",
+                                           "id": "x-device-id", "key": "x-device-key"}]},
+              "device_keys": {"registry": registry}, "realm": "devices"}
+    return e2e.Envoy(work_dir=work_dir, name=name, filter_config=config,
+                     broker_port=broker.port, idp_port=idp.port, wasm=wasm, concurrency=1,
+                     http_clusters=(("iot-directory", f"127.0.0.1:{device_registry.port}"),)
+                     + tuple(http_clusters)).start()
+
+
+def device_request(proxy, device, key):
+    p = uuid.uuid4().hex
+    r = proxy.request("GET", "/v2/entities?type=Lamp",
+                      {"x-device-id": device, "x-device-key": key, "x-e2e-probe": p})
+    return r, p
+
+
+def test_token_auth_asks_the_device_registry_with_the_sidecars_token(work_dir, wasm, broker,
+                                                                      idp):
+    from device_registry_standin import DeviceRegistry
+    check = TokenCheck(idp)
+    registry = DeviceRegistry({"lamp-cc": ("alice", ["K1-cc"])}, check_token=check).start()
+    proxy = device_registry_proxy(work_dir, wasm, broker, idp, registry)
+    try:
+        fetched = idp.count("/token")
+        for _ in range(2):
+            r, p = device_request(proxy, "lamp-cc", "K1-cc")
+            assert r.status == 200, r.body
+            assert len(broker.received(p)) == 1
+        [token] = set(registry.tokens)
+        assert idp.count("/token") - fetched == 1
+        # Revoked at the registry: 401, a new token, the same lookup again; the request passes.
+        check.revoked.add(token)
+        r, p = device_request(proxy, "lamp-cc", "K1-cc")
+        assert r.status == 200, r.body
+        assert registry.tokens[-2:][0] == token and registry.tokens[-1] not in (None, token)
+        assert idp.count("/token") - fetched == 2
+        stats = proxy.stats("wasmcustom.token_auth.")
+        assert stats["device_registry.token.fetched"] == 2
+        # A wrong key is still refused by the registry's digests (401), with a valid token.
+        r, p = device_request(proxy, "lamp-cc", "K1-wrong")
+        assert r.status == 401 and broker.received(p) == []
+    finally:
+        proxy.stop()
+        registry.stop()
+
+
+def test_token_auth_without_the_idp_fails_closed(work_dir, wasm, broker, idp):
+    from device_registry_standin import DeviceRegistry
+    registry = DeviceRegistry({"lamp-cc": ("alice", ["K1-cc"])},
+                              check_token=TokenCheck(idp)).start()
+    proxy = device_registry_proxy(work_dir, wasm, broker, idp, registry, token_cluster="idp-down",
+                                  http_clusters=[("idp-down", f"127.0.0.1:{e2e.free_port()}")],
+                                  name="envoy-device-registry-cc-down")
+    try:
+        r, p = device_request(proxy, "lamp-cc", "K1-cc")
+        assert r.status == 503, r.body
+        assert broker.received(p) == [] and registry.tokens == []
+        assert "no access token for the device registry" in proxy.log_text()
+    finally:
+        proxy.stop()
+        registry.stop()

@@ -24,6 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use policy::access::RequestAccess;
+use policy::client_credentials::AccessToken;
 use policy::enforcement::{summarize_accesses, Mode};
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify, NgsiRequest};
@@ -54,6 +55,9 @@ struct Metrics {
     list_failed: Counter,
     /// A lookup answered 2xx with something that is not the entity looked up.
     lookup_invalid: Counter,
+    /// Access tokens fetched for the registry's calls (client credentials), and failed fetches.
+    token_fetched: Counter,
+    token_failed: Counter,
 }
 
 impl Metrics {
@@ -70,6 +74,8 @@ impl Metrics {
             list_removed: c("list.removed"),
             list_failed: c("list.failed"),
             lookup_invalid: c("lookup.invalid"),
+            token_fetched: c("registry_token.fetched"),
+            token_failed: c("registry_token.failed"),
         }
     }
 }
@@ -77,7 +83,12 @@ impl Metrics {
 /// What a callout in flight is for.
 enum Purpose {
     Lookup(Lookup),
-    Claim { ctx: u32, key: EntityKey },
+    Claim {
+        ctx: u32,
+        key: EntityKey,
+    },
+    /// The registry's access token, from the IdP.
+    Token,
 }
 
 /// What the stage keeps of one stream between callbacks.
@@ -96,8 +107,11 @@ struct StreamState {
     /// Lookups this stream waits for.
     pending: HashSet<Lookup>,
     /// Lookups to join from this stream's context when it resumes (the next source of an
-    /// entity the previous source did not know).
+    /// entity the previous source did not know, or a registry lookup that waited for its
+    /// access token).
     deferred: Vec<Lookup>,
+    /// It waits for the registry's access token.
+    awaiting_token: bool,
     claims_pending: usize,
     failure: Option<DenyReason>,
     /// An allowed verdict waiting for its claims.
@@ -115,7 +129,7 @@ struct StreamState {
 impl StreamState {
     /// Nothing is in flight for it: the driver may resume it.
     fn settled(&self) -> bool {
-        self.pending.is_empty() && self.claims_pending == 0
+        self.pending.is_empty() && self.claims_pending == 0 && !self.awaiting_token
     }
 
     /// The tenant of a list request.
@@ -135,6 +149,13 @@ pub struct DeviceOwnershipStage {
     callouts: HashMap<u32, Purpose>,
     streams: HashMap<u32, StreamState>,
     last_cache: policy::cache::CacheStats,
+    /// The registry's access token (client credentials), while it is usable.
+    registry_token: Option<AccessToken>,
+    /// The streams waiting for a token fetch (one at a time, shared).
+    token_fetch: Lookups<()>,
+    /// Lookups the registry refused with 401 once: the token was fetched again for them; a
+    /// second 401 fails them.
+    retried_after_401: HashSet<Lookup>,
 }
 
 fn deny_verdict(reason: DenyReason) -> Verdict {
@@ -168,6 +189,9 @@ impl DeviceOwnershipStage {
             callouts: HashMap::new(),
             streams: HashMap::new(),
             last_cache: Default::default(),
+            registry_token: None,
+            token_fetch: Lookups::default(),
+            retried_after_401: HashSet::new(),
         }
     }
 
@@ -277,6 +301,16 @@ impl DeviceOwnershipStage {
             );
             let api = self.own.lookup_api(endpoint.dialect);
             let keys = match eval {
+                Eval::Done(verdict)
+                    if !verdict.new_entities.is_empty() && self.claims_need_token(now) =>
+                {
+                    // The claims go to the registry with its token: fetch it first.
+                    if self.wait_for_token(ctx) {
+                        return Step::Wait;
+                    }
+                    let reason = unavailable("cannot reach the IdP for the registry's token");
+                    return self.finish_request(req, deny_verdict(reason));
+                }
                 Eval::Done(verdict) => return self.finish_request(req, verdict),
                 Eval::Need(keys) => keys,
             };
@@ -306,6 +340,11 @@ impl DeviceOwnershipStage {
     /// Makes `ctx` wait for `lookup`, starting its callout (from `ctx`, the effective
     /// context) if none is in flight. False if the callout could not be made.
     fn join_lookup(&mut self, ctx: u32, lookup: Lookup) -> bool {
+        if self.needs_token(lookup.source, now_secs().unwrap_or(0)) {
+            // Asked once the token is there (the stream resumes and joins what it deferred).
+            self.stream(ctx).deferred.push(lookup);
+            return self.wait_for_token(ctx);
+        }
         self.stream(ctx).pending.insert(lookup.clone());
         if self.lookups.join(lookup.clone(), ctx, None) || self.start_lookup(&lookup, Some(ctx)) {
             return true;
@@ -330,10 +369,110 @@ impl DeviceOwnershipStage {
         )
     }
 
+    /// Whether a call to source `source` needs a token that is not at hand.
+    fn needs_token(&self, source: usize, now: u64) -> bool {
+        self.own.source_auth(source).is_some()
+            && !self.registry_token.as_ref().is_some_and(|t| t.usable(now))
+    }
+
+    fn claims_need_token(&self, now: u64) -> bool {
+        self.own
+            .registry()
+            .is_some_and(|(source, _)| self.needs_token(source, now))
+    }
+
+    /// `call` to source `source` with the registry's token when its calls are authenticated.
+    fn authorized(&self, source: usize, call: HttpCall) -> HttpCall {
+        match (&self.registry_token, self.own.source_auth(source)) {
+            (Some(token), Some(_)) => call.with_header("authorization", token.authorization()),
+            _ => call,
+        }
+    }
+
+    /// Makes `ctx` wait for the registry's token, fetching it (from `ctx`) unless a fetch is
+    /// in flight. False if the fetch could not be started.
+    fn wait_for_token(&mut self, ctx: u32) -> bool {
+        self.stream(ctx).awaiting_token = true;
+        if self.token_fetch.join((), ctx, None) || self.start_token_fetch(Some(ctx)) {
+            return true;
+        }
+        self.token_fetch.leave(&(), ctx);
+        self.stream(ctx).awaiting_token = false;
+        false
+    }
+
+    fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
+        let Some(call) = self
+            .own
+            .registry()
+            .and_then(|(source, _)| self.own.source_auth(source))
+            .map(|grant| grant.token_request())
+        else {
+            return false;
+        };
+        let Some(sent) = self.send(&call) else {
+            return false;
+        };
+        self.callouts.insert(sent, Purpose::Token);
+        self.token_fetch.started((), owner);
+        true
+    }
+
+    /// The IdP answered the token request: keep the token, release the streams that waited
+    /// (without a token they fail closed: 503).
+    fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
+        let now = now_secs().unwrap_or(0);
+        let answer = self
+            .own
+            .registry()
+            .and_then(|(source, _)| self.own.source_auth(source))
+            .map(|grant| grant.read_answer(status, body, now));
+        let failed = match answer {
+            Some(Ok(token)) => {
+                self.metrics.token_fetched.inc();
+                self.registry_token = Some(token);
+                false
+            }
+            Some(Err(why)) => {
+                self.metrics.token_failed.inc();
+                log::warn!(
+                    "{NAME}: no access token for the ownership registry: {}",
+                    bounded(&why)
+                );
+                true
+            }
+            None => true,
+        };
+        let mut ready = Vec::new();
+        for ctx in self.token_fetch.finish(&()) {
+            let Some(st) = self.streams.get_mut(&ctx) else {
+                continue;
+            };
+            st.awaiting_token = false;
+            if failed {
+                st.deferred.clear();
+                st.failure.get_or_insert_with(|| {
+                    unavailable("the IdP gave no token for the ownership registry")
+                });
+            }
+            if st.settled() {
+                ready.push(ctx);
+            }
+        }
+        ready
+    }
+
     /// Sends the callout of `lookup` from the effective context (`owner`: that stream, or
     /// None for the root).
     fn start_lookup(&mut self, lookup: &Lookup, owner: Option<u32>) -> bool {
-        let Some(token) = self.own.lookup_call(lookup).and_then(|c| self.send(&c)) else {
+        if self.needs_token(lookup.source, now_secs().unwrap_or(0)) {
+            return false;
+        }
+        let call = self
+            .own
+            .lookup_call(lookup)
+            .map(|c| self.authorized(lookup.source, c));
+        let Some(token) = call.and_then(|c| self.send(&c)) else {
             return false;
         };
         self.callouts.insert(token, Purpose::Lookup(lookup.clone()));
@@ -377,8 +516,13 @@ impl DeviceOwnershipStage {
         let claims = self
             .own
             .claim_calls(&verdict, identity, access, endpoint, &req.body);
+        let registry = self.own.registry().map(|(source, _)| source);
         let mut sent = 0;
         for (key, call) in claims {
+            let call = match registry {
+                Some(source) => self.authorized(source, call),
+                None => call,
+            };
             let Some(token) = self.send(&call) else {
                 let reason = unavailable("cannot reach the ownership registry");
                 return self.done(req, &Decision::Deny(reason));
@@ -446,7 +590,39 @@ impl DeviceOwnershipStage {
 
     // ---- callout answers ----
 
+    /// The registry refused the token (401): it is dropped and the lookup's waiters ask again
+    /// with a new one, once per lookup. None: not such a case.
+    fn retry_after_401(&mut self, lookup: &Lookup, status: u32) -> Option<Vec<u32>> {
+        if status != 401 || self.own.source_auth(lookup.source).is_none() {
+            self.retried_after_401.remove(lookup);
+            return None;
+        }
+        self.registry_token = None;
+        if !self.retried_after_401.insert(lookup.clone()) {
+            self.retried_after_401.remove(lookup);
+            return None;
+        }
+        log::info!(
+            "{NAME}: the ownership registry refused the access token (401): fetching another"
+        );
+        let mut ready = Vec::new();
+        for ctx in self.lookups.finish(lookup) {
+            let Some(st) = self.streams.get_mut(&ctx) else {
+                continue;
+            };
+            st.pending.remove(lookup);
+            st.deferred.push(lookup.clone());
+            if st.settled() {
+                ready.push(ctx);
+            }
+        }
+        Some(ready)
+    }
+
     fn lookup_answered(&mut self, lookup: Lookup, status: u32, body: &[u8]) -> Vec<u32> {
+        if let Some(ready) = self.retry_after_401(&lookup, status) {
+            return ready;
+        }
         let record = match self.own.lookup_answer(&lookup, status, body) {
             Ok(record) => record,
             Err(e) => {
@@ -511,6 +687,10 @@ impl DeviceOwnershipStage {
     }
 
     fn claim_answered(&mut self, ctx: u32, key: EntityKey, status: u32) -> Vec<u32> {
+        if status == 401 {
+            // The token was refused: the next registry call fetches another (this claim fails).
+            self.registry_token = None;
+        }
         let outcome = wire::claim_outcome(status, &key);
         let now = now_secs().unwrap_or(0);
         let caller = self
@@ -761,6 +941,7 @@ impl Stage for DeviceOwnershipStage {
         Some(match purpose {
             Purpose::Lookup(lookup) => self.lookup_answered(lookup, status, &body),
             Purpose::Claim { ctx, key } => self.claim_answered(ctx, key, status),
+            Purpose::Token => self.token_answered(status, &body),
         })
     }
 
@@ -771,6 +952,9 @@ impl Stage for DeviceOwnershipStage {
     fn on_tick(&mut self) -> Vec<u32> {
         // Lookups whose owning stream went away: the root asks again for the waiters.
         let mut ready = Vec::new();
+        if !self.token_fetch.orphans().is_empty() && !self.start_token_fetch(None) {
+            ready.extend(self.token_answered(0, b""));
+        }
         for lookup in self.lookups.orphans() {
             if !self.start_lookup(&lookup, None) {
                 ready.extend(self.fail_lookup(&lookup, "cannot call the ownership source"));
@@ -787,6 +971,9 @@ impl Stage for DeviceOwnershipStage {
         }
         self.callouts
             .retain(|_, p| !matches!(p, Purpose::Claim { ctx: c, .. } if *c == ctx));
+        if !self.token_fetch.forget_stream(ctx).is_empty() {
+            self.callouts.retain(|_, p| !matches!(p, Purpose::Token));
+        }
         for lookup in self.lookups.forget_stream(ctx) {
             // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.
             self.callouts

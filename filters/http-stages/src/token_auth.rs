@@ -17,9 +17,10 @@
 //! `proxy_glue::remote_keys` (shared with mqtt-acl). Fetched key sets go into Envoy shared data
 //! so every worker uses the same keys; a failed fetch keeps the last good set.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use policy::cache::{token_digest, TokenDigest};
+use policy::client_credentials::AccessToken;
 use policy::decision_line::{DecisionLine, Reason};
 use policy::device_registry::LookupResult;
 use policy::enforcement::Mode;
@@ -56,6 +57,8 @@ struct Metrics {
     introspection_shed: Counter,
     registry_malformed: Counter,
     registry_shed: Counter,
+    registry_token_fetched: Counter,
+    registry_token_failed: Counter,
 }
 
 impl Metrics {
@@ -79,6 +82,8 @@ impl Metrics {
             introspection_shed: c("introspection.shed"),
             registry_malformed: c("device_registry.malformed"),
             registry_shed: c("device_registry.shed"),
+            registry_token_fetched: c("device_registry.token.fetched"),
+            registry_token_failed: c("device_registry.token.failed"),
         }
     }
 
@@ -98,6 +103,8 @@ enum LookupKey {
     Introspection(TokenDigest),
     /// A device registry lookup, by device id.
     Device(String),
+    /// The device registry's access token (client credentials; only in `callouts`).
+    RegistryToken,
 }
 
 /// How a settled stream is decided when the driver resumes it.
@@ -121,6 +128,14 @@ pub struct TokenAuthStage {
     settled: HashMap<u32, Settled>,
     last_cache: policy::cache::CacheStats,
     last_counters: policy::token_auth::AuthCounters,
+    /// The device registry's access token (`device_keys.registry.auth`), and the device
+    /// lookups waiting for one (sent when it arrives). A fetch is in flight when
+    /// `token_fetch` is Some: the stream that made it (None: the root).
+    registry_token: Option<AccessToken>,
+    awaiting_token: Vec<String>,
+    token_fetch: Option<Option<u32>>,
+    /// Devices the registry answered 401 once (the token was fetched again for them).
+    retried_after_401: HashSet<String>,
 }
 
 impl TokenAuthStage {
@@ -158,6 +173,10 @@ impl TokenAuthStage {
             settled: HashMap::new(),
             last_cache: Default::default(),
             last_counters: Default::default(),
+            registry_token: None,
+            awaiting_token: Vec::new(),
+            token_fetch: None,
+            retried_after_401: HashSet::new(),
         };
         // Keys another worker already fetched, then the first fetch for issuers without keys.
         let now = now_secs().unwrap_or(0);
@@ -487,14 +506,34 @@ impl TokenAuthStage {
         true
     }
 
-    /// Asks the device registry about `device_id`. Returns false if the call could not be made.
+    /// Asks the device registry about `device_id` from `owner`'s context (None: the root).
+    /// With `auth`, a lookup without a usable token waits for one (fetched now unless a fetch
+    /// is in flight). Returns false if no call could be made.
     fn start_device_lookup(&mut self, device_id: &str, owner: Option<u32>) -> bool {
         let Some(registry) = self.auth.device_registry() else {
             return false;
         };
-        // TODO(s21-upstream): the registry call's authentication (a client-credentials token
-        // from the IdP) goes here, once the shared upstream type carries it.
-        let call = registry.call(device_id);
+        let authenticated = registry.config().auth.is_some();
+        let token = self
+            .registry_token
+            .as_ref()
+            .filter(|t| t.usable(now_secs().unwrap_or(0)))
+            .map(AccessToken::authorization);
+        let key = LookupKey::Device(device_id.to_string());
+        if authenticated && token.is_none() {
+            if self.token_fetch.is_none() && !self.start_token_fetch(owner) {
+                return false;
+            }
+            if !self.awaiting_token.iter().any(|d| d == device_id) {
+                self.awaiting_token.push(device_id.to_string());
+            }
+            self.lookups.started(key, owner);
+            return true;
+        }
+        let mut call = registry.call(device_id);
+        if let Some(token) = token.filter(|_| authenticated) {
+            call = call.with_header("authorization", token);
+        }
         let callout = Callout {
             cluster: &call.cluster,
             headers: call.envoy_headers(),
@@ -509,9 +548,105 @@ impl TokenAuthStage {
         ) else {
             return false;
         };
-        let key = LookupKey::Device(device_id.to_string());
         self.callouts.insert(sent, key.clone());
         self.lookups.started(key, owner);
+        true
+    }
+
+    fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
+        let Some(grant) = self
+            .auth
+            .device_registry()
+            .and_then(|r| r.config().auth.as_ref())
+        else {
+            return false;
+        };
+        let call = grant.client_credentials.token_request();
+        let callout = Callout {
+            cluster: &call.cluster,
+            headers: call.envoy_headers(),
+            body: call.body(),
+            timeout: call.timeout(),
+        };
+        let Some(sent) = crate::dispatch(
+            NAME,
+            callout,
+            self.metrics.callouts,
+            self.metrics.callout_failures,
+        ) else {
+            return false;
+        };
+        self.callouts.insert(sent, LookupKey::RegistryToken);
+        self.token_fetch = Some(owner);
+        true
+    }
+
+    /// The IdP answered: with a token, the waiting lookups are sent (from the context that
+    /// fetched it); without, they fail closed (503). Returns the streams to resume.
+    fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
+        let owner = self.token_fetch.take().flatten();
+        let now = now_secs().unwrap_or(0);
+        let answer = self
+            .auth
+            .device_registry()
+            .and_then(|r| r.config().auth.as_ref())
+            .map(|a| a.client_credentials.read_answer(status, body, now));
+        let waiting = std::mem::take(&mut self.awaiting_token);
+        let why = match answer {
+            Some(Ok(token)) => {
+                self.metrics.registry_token_fetched.inc();
+                self.registry_token = Some(token);
+                let mut ready = Vec::new();
+                for device_id in waiting {
+                    if !self.start_device_lookup(&device_id, owner) {
+                        ready.extend(self.fail_device_lookup(&device_id));
+                    }
+                }
+                return ready;
+            }
+            Some(Err(why)) => why,
+            None => "no registry auth".into(),
+        };
+        self.metrics.registry_token_failed.inc();
+        log::warn!(
+            "{NAME}: no access token for the device registry: {}",
+            policy::log_text::bounded(&why)
+        );
+        waiting
+            .iter()
+            .flat_map(|device_id| self.fail_device_lookup(device_id))
+            .collect()
+    }
+
+    fn fail_device_lookup(&mut self, device_id: &str) -> Vec<u32> {
+        let failed: LookupResult = Err(DenyReason::Unavailable(
+            "the device registry cannot be reached".into(),
+        ));
+        self.settle(&LookupKey::Device(device_id.to_string()), || {
+            Settled::DeviceLookedUp(failed.clone())
+        })
+    }
+
+    /// The registry refused the token (401): it is dropped and the lookup waits for a new
+    /// one (fetched from the root on the next tick), once per device. False: not such a case.
+    fn retry_after_401(&mut self, device_id: &str, status: u32) -> bool {
+        let authenticated = self
+            .auth
+            .device_registry()
+            .is_some_and(|r| r.config().auth.is_some());
+        if status != 401 || !authenticated {
+            self.retried_after_401.remove(device_id);
+            return false;
+        }
+        self.registry_token = None;
+        if !self.retried_after_401.insert(device_id.to_string()) {
+            self.retried_after_401.remove(device_id);
+            return false;
+        }
+        log::info!("{NAME}: the device registry refused the access token (401): fetching another");
+        if !self.awaiting_token.iter().any(|d| d == device_id) {
+            self.awaiting_token.push(device_id.to_string());
+        }
         true
     }
 
@@ -597,13 +732,20 @@ impl Stage for TokenAuthStage {
         let (status, body) = proxy_glue::callout_answer(NAME);
         let answered = match key {
             LookupKey::Device(_) => (200..300).contains(&status) || status == 404,
+            LookupKey::RegistryToken => (200..300).contains(&status),
             _ => (200..300).contains(&status),
         };
         if !answered {
             self.metrics.callout_failures.inc();
         }
         let now = now_secs().unwrap_or(0);
+        if key == LookupKey::RegistryToken {
+            return Some(self.token_answered(status, &body));
+        }
         if let LookupKey::Device(device_id) = &key {
+            if self.retry_after_401(device_id, status) {
+                return Some(Vec::new());
+            }
             let looked_up = self
                 .auth
                 .finish_device_lookup(device_id, status, &body, now);
@@ -632,6 +774,15 @@ impl Stage for TokenAuthStage {
         for issuer in self.keys.due(&self.auth, now) {
             self.start_key_fetch(&issuer, None, now);
         }
+        // Lookups waiting for a registry token that nobody is fetching (its fetcher went away,
+        // or the registry refused the last one): the root fetches it.
+        let mut ready = Vec::new();
+        if !self.awaiting_token.is_empty()
+            && self.token_fetch.is_none()
+            && !self.start_token_fetch(None)
+        {
+            ready.extend(self.token_answered(0, b""));
+        }
         // Lookups whose owning stream went away: the root asks again for the waiters.
         for key in self.lookups.orphans() {
             match &key {
@@ -650,13 +801,19 @@ impl Stage for TokenAuthStage {
                         self.start_device_lookup(device_id, None);
                     }
                 }
+                LookupKey::RegistryToken => {}
             }
         }
-        Vec::new()
+        ready
     }
 
     fn forget(&mut self, ctx: u32) {
         self.settled.remove(&ctx);
+        if self.token_fetch == Some(Some(ctx)) {
+            // Envoy cancels its token fetch; the root fetches again on the next tick.
+            self.token_fetch = None;
+            self.callouts.retain(|_, k| *k != LookupKey::RegistryToken);
+        }
         for key in self.lookups.forget_stream(ctx) {
             // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.
             self.callouts.retain(|_, k| *k != key);

@@ -31,6 +31,7 @@ use serde_json::Value;
 use url::form_urlencoded;
 
 use crate::cache::VerdictCache;
+use crate::client_credentials::UpstreamAuth;
 use crate::config_error::ConfigError;
 use crate::decision::DenyReason;
 use crate::upstream::{Authority, ClusterName, HttpCall, Target, TimeoutMs, UpstreamPath};
@@ -71,6 +72,10 @@ pub struct RegistryConfig {
     pub max_in_flight: usize,
     #[serde(default)]
     pub cache: RegistryCacheConfig,
+    /// How the filter authenticates its calls: a client-credentials token (token-auth only;
+    /// mqtt-acl refuses it and relies on mTLS on the cluster). Absent: not by the filter.
+    #[serde(default)]
+    pub auth: Option<UpstreamAuth>,
 }
 
 /// `device_keys.registry.cache`.
@@ -158,6 +163,12 @@ impl DeviceRegistry {
                 "path",
                 format!("{:?} must have no query", config.path.as_str()),
             ));
+        }
+        if let Some(auth) = &config.auth {
+            auth.client_credentials.validate().map_err(|e| {
+                let (field, message) = e.split_once(": ").unwrap_or((e.as_str(), ""));
+                refused(field, message)
+            })?;
         }
         if !(1..=MAX_MAX_IN_FLIGHT).contains(&config.max_in_flight) {
             return Err(refused(

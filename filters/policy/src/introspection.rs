@@ -103,11 +103,11 @@
 
 use std::fmt;
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use url::form_urlencoded;
 
+use crate::client_credentials::basic_auth;
 use crate::decision::DenyReason;
 use crate::identity::{Identity, IdentityKind, KeyrockJson};
 pub use crate::upstream::HttpCall;
@@ -569,16 +569,6 @@ impl IntrospectionConfig {
     }
 }
 
-/// `Basic base64(urlencode(id) ":" urlencode(secret))`, RFC 6749 §2.3.1.
-fn basic_auth(id: &str, secret: &str) -> String {
-    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
-    let pair = format!("{}:{}", enc(id), enc(secret));
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(pair)
-    )
-}
-
 fn valid_app_id(a: &str) -> bool {
     !a.is_empty() && a.len() <= 256 && a.chars().all(|c| c.is_ascii_graphic())
 }
@@ -1004,6 +994,7 @@ fn claim_list(obj: &Map<String, Value>, path: &str) -> Result<Vec<String>, Intro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
     use serde_json::json;
 
     const NOW: u64 = 1_700_000_000;

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod acl;
 pub mod cache;
+pub mod client_credentials;
 pub mod config_error;
 pub mod credentials;
 pub mod decision;

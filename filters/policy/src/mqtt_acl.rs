@@ -522,6 +522,19 @@ impl MqttAcl {
             .map(DeviceKeys::new)
             .transpose()
             .map_err(|e| e.detail())?;
+        if config
+            .device_keys
+            .as_ref()
+            .and_then(|k| k.registry.as_ref())
+            .is_some_and(|r| r.auth.is_some())
+        {
+            return Err(
+                "device_keys.registry.auth: not supported by mqtt-acl (its callouts are \
+                        not authenticated by the filter); put the sidecar's client certificate \
+                        on the registry's cluster instead (mTLS)"
+                    .into(),
+            );
+        }
         if let Some(mtls) = &config.mtls {
             if mtls.strip_prefix.as_deref() == Some("") {
                 return Err("mtls.strip_prefix must not be empty (leave it out)".into());

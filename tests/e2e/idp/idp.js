@@ -17,6 +17,8 @@
 //   sensor-gateway / sensor-gateway-secret   gets tokens (a device gateway writing to Orion)
 //   parking-app    / parking-app-secret      gets tokens (another caller: owner / non-owner tests)
 //   orion-pep      / orion-pep-secret        introspects tokens (the Envoy filter)
+//   ownership-sidecar / ownership-sidecar-secret  gets opaque tokens for its own calls (the filter
+//                                            authenticating itself to an ownership registry)
 //
 // Usage: node idp.js [--port N] [--host 127.0.0.1]
 // Port 0 (the default) picks a free port. When listening, one JSON line is printed on stdout:
@@ -104,6 +106,17 @@ server.listen(Number(args.port), args.host, () => {
         redirect_uris: [],
         token_endpoint_auth_method: 'client_secret_basic',
         scope: 'entities:read entities:write',
+      },
+      {
+        // The sidecar itself, calling the ownership registry with its own token (no resource
+        // indicator: an opaque token the registry introspects).
+        client_id: 'ownership-sidecar',
+        client_secret: 'ownership-sidecar-secret',
+        client_name: 'Envoy device-ownership filter',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_basic',
       },
       {
         client_id: 'orion-pep',

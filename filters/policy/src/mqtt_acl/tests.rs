@@ -1896,3 +1896,17 @@ fn a_registry_cannot_be_combined_with_the_backend_user_check() {
     let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
     assert!(err.contains("device_keys.registry.timeout_ms"), "{err}");
 }
+
+#[test]
+fn a_registry_with_client_credentials_is_refused_mqtt_acl_relies_on_mtls() {
+    let mut config = base_config();
+    config["device_keys"]["registry"] = json!({"cluster": "r", "authority": "r",
+        "path": "/keys", "auth": {"client_credentials": {
+            "token_endpoint": {"cluster": "idp", "path": "/token"},
+            "client_id": "a", "client_secret": "b"}}});
+    let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    assert!(
+        err.contains("device_keys.registry.auth") && err.contains("mTLS"),
+        "{err}"
+    );
+}

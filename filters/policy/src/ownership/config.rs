@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
+use crate::client_credentials::UpstreamAuth;
 use crate::enforcement::Mode;
 use crate::identity_headers::IdentityHeaderNames;
 use crate::ngsi::Broker;
@@ -142,6 +143,10 @@ pub struct RegistrySource {
     pub claim_path: UpstreamPath,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: TimeoutMs,
+    /// How the filter authenticates its calls (absent: it does not; mTLS on the cluster
+    /// needs nothing here).
+    #[serde(default)]
+    pub auth: Option<UpstreamAuth>,
 }
 
 impl<'de> Deserialize<'de> for SourceConfig {
@@ -363,7 +368,14 @@ impl OwnershipConfig {
                 }
                 // Their endpoints were checked as they were read (crate::upstream).
                 SourceConfig::Broker { .. } => brokers += 1,
-                SourceConfig::Registry { .. } => registries += 1,
+                SourceConfig::Registry(registry) => {
+                    registries += 1;
+                    if let Some(auth) = &registry.auth {
+                        auth.client_credentials
+                            .validate()
+                            .map_err(|e| format!("{what}.{e}"))?;
+                    }
+                }
             }
         }
         if brokers > 1 || registries > 1 {

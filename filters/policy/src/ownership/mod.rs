@@ -341,6 +341,20 @@ impl Ownership {
             .find(|(_, s)| matches!(s, SourceConfig::Registry { .. }))
     }
 
+    /// The client-credentials grant that authenticates calls to source `source` (None: they
+    /// are not authenticated by the filter).
+    pub fn source_auth(
+        &self,
+        source: usize,
+    ) -> Option<&crate::client_credentials::ClientCredentials> {
+        match self.config.sources.get(source)? {
+            SourceConfig::Registry(registry) => {
+                registry.auth.as_ref().map(|a| &a.client_credentials)
+            }
+            _ => None,
+        }
+    }
+
     /// The configured broker source, if any.
     pub fn broker(&self) -> Option<(usize, &SourceConfig)> {
         self.config

@@ -1423,3 +1423,30 @@ fn source_endpoints_are_checked_as_they_are_read() {
         );
     }
 }
+
+#[test]
+fn a_registry_source_may_authenticate_with_client_credentials() {
+    let auth = |client_id: &str| {
+        json!({"sources": [{"kind": "registry", "cluster": "owners",
+            "auth": {"client_credentials": {
+                "token_endpoint": {"cluster": "idp", "path": "/token"},
+                "client_id": client_id, "client_secret": "s"}}}]})
+    };
+    let own = Ownership::new(config(auth("envoy"))).unwrap();
+    let grant = own.source_auth(0).unwrap();
+    assert_eq!(grant.client_id, "envoy");
+    assert_eq!(grant.token_request().header(":path"), Some("/token"));
+    let Err(refused) = Ownership::new(config(auth(""))) else {
+        panic!("an empty client_id was accepted");
+    };
+    assert!(
+        refused.starts_with("sources[0].auth.client_credentials.client_id"),
+        "{refused}"
+    );
+    // Only the registry authenticates; a source without auth has none.
+    assert!(
+        engine(json!({"sources": [{"kind": "registry", "cluster": "owners"}]}))
+            .source_auth(0)
+            .is_none()
+    );
+}

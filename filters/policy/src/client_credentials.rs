@@ -1,0 +1,354 @@
+//! `auth` of an upstream endpoint: the filter authenticates its own calls with an OAuth2
+//! access token it gets from the IdP with the client-credentials grant (RFC 6749 §4.4).
+//!
+//! ```json
+//! "auth": {"client_credentials": {
+//!   "token_endpoint": {"cluster": "idp", "authority": "idp.example",
+//!                      "path": "/realms/city/protocol/openid-connect/token", "timeout_ms": 2000},
+//!   "client_id": "envoy-sidecar", "client_secret": "...", "scope": "ownership"}}
+//! ```
+//!
+//! Sans-IO: [`ClientCredentials::token_request`] is the call (`POST`, form body
+//! `grant_type=client_credentials[&scope=...]`, the client authenticated with HTTP Basic,
+//! `client_secret_basic`, RFC 6749 §2.3.1); [`ClientCredentials::read_answer`] reads the IdP's
+//! answer into an [`AccessToken`] that is used until shortly before its `expires_in` runs out
+//! ([`AccessToken::usable`]). The stage keeps the token, makes the call through its callout
+//! bookkeeping, and drops the token when the upstream answers 401 (then fetches a new one, once).
+//! Anything but a 2xx JSON answer with a `Bearer` `access_token` is an error: the calls that
+//! needed the token fail closed (503).
+
+use std::fmt;
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::Value;
+use url::form_urlencoded;
+
+use crate::upstream::{HttpCall, Upstream};
+
+/// The largest token answer read.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// The longest access token accepted (it goes into a request header).
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Lifetime assumed when the IdP gives no `expires_in` (RFC 6749 §5.1 makes it optional).
+pub const DEFAULT_EXPIRES_IN_S: u64 = 60;
+/// The most a token is used before it is fetched again, whatever `expires_in` says.
+pub const MAX_LIFETIME_S: u64 = 86_400;
+
+/// `auth` of an upstream endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamAuth {
+    pub client_credentials: ClientCredentials,
+}
+
+/// The client-credentials grant. The secret is in the configuration (as introspection's
+/// `credentials`): a proxy-wasm module in Envoy has no file system, and the configuration
+/// already travels as a secret-bearing resource (file or ECDS). `Debug` redacts it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCredentials {
+    pub token_endpoint: Upstream,
+    pub client_id: String,
+    pub client_secret: String,
+    /// Space-separated scopes asked for (absent: the IdP's default for the client).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Seconds before `expires_in` ends at which a new token is fetched (default 30; at most
+    /// half the token's lifetime is given up).
+    #[serde(default = "default_refresh_margin_s")]
+    pub refresh_margin_s: u64,
+}
+
+fn default_refresh_margin_s() -> u64 {
+    30
+}
+
+impl fmt::Debug for ClientCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCredentials")
+            .field("token_endpoint", &self.token_endpoint)
+            .field("client_id", &self.client_id)
+            .field("client_secret", &"<redacted>")
+            .field("scope", &self.scope)
+            .field("refresh_margin_s", &self.refresh_margin_s)
+            .finish()
+    }
+}
+
+/// An access token and when to stop using it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AccessToken {
+    value: String,
+    /// Seconds since the epoch from which it is fetched again.
+    refresh_at: u64,
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("value", &"<redacted>")
+            .field("refresh_at", &self.refresh_at)
+            .finish()
+    }
+}
+
+impl AccessToken {
+    /// Whether it may still be sent at `now`.
+    pub fn usable(&self, now: u64) -> bool {
+        now < self.refresh_at
+    }
+
+    /// The `Authorization` header value.
+    pub fn authorization(&self) -> String {
+        format!("Bearer {}", self.value)
+    }
+
+    pub fn refresh_at(&self) -> u64 {
+        self.refresh_at
+    }
+}
+
+fn printable(text: &str) -> bool {
+    !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
+}
+
+impl ClientCredentials {
+    /// Checks what serde could not; the message names the field (below `auth`).
+    pub fn validate(&self) -> Result<(), String> {
+        let at = "auth.client_credentials";
+        // RFC 6749 §2.3.1 / appendix A.1: VSCHAR (printable ASCII and space).
+        let vschar = |t: &str| !t.is_empty() && t.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        if !vschar(&self.client_id) || self.client_id.len() > 256 {
+            return Err(format!(
+                "{at}.client_id: must be 1 to 256 printable ASCII characters or spaces"
+            ));
+        }
+        if self.client_secret.is_empty() || self.client_secret.chars().any(char::is_control) {
+            return Err(format!(
+                "{at}.client_secret: must be non-empty, without control characters"
+            ));
+        }
+        if let Some(scope) = &self.scope {
+            let ok = !scope.is_empty()
+                && scope
+                    .split(' ')
+                    .all(|s| printable(s) && !s.contains(['"', '\\']));
+            if !ok {
+                return Err(format!(
+                    "{at}.scope: {scope:?} must be scope tokens separated by single spaces"
+                ));
+            }
+        }
+        if self.refresh_margin_s > 3600 {
+            return Err(format!("{at}.refresh_margin_s: at most 3600"));
+        }
+        Ok(())
+    }
+
+    /// The call that asks the IdP for a token.
+    pub fn token_request(&self) -> HttpCall {
+        let mut form = form_urlencoded::Serializer::new(String::new());
+        form.append_pair("grant_type", "client_credentials");
+        if let Some(scope) = &self.scope {
+            form.append_pair("scope", scope);
+        }
+        let body = form.finish().into_bytes();
+        self.token_endpoint
+            .call("POST")
+            .with_header("content-type", "application/x-www-form-urlencoded")
+            .with_header("accept", "application/json")
+            .with_header(
+                "authorization",
+                basic_auth(&self.client_id, &self.client_secret),
+            )
+            .with_header("content-length", body.len().to_string())
+            .with_body(body)
+    }
+
+    /// Reads the IdP's answer (`status` 0: none) at `now`; Err says why there is no token.
+    pub fn read_answer(&self, status: u32, body: &[u8], now: u64) -> Result<AccessToken, String> {
+        if status == 0 {
+            return Err("the IdP did not answer".into());
+        }
+        if !(200..300).contains(&status) {
+            return Err(format!("the IdP answered {status}"));
+        }
+        if body.len() > MAX_ANSWER_BYTES {
+            return Err(format!("the answer is over {MAX_ANSWER_BYTES} bytes"));
+        }
+        let answer = crate::strict_json::parse_object(body)
+            .map_err(|e| format!("the answer is not a JSON object: {e}"))?;
+        let value = match answer.get("access_token") {
+            Some(Value::String(t)) if printable(t) && t.len() <= MAX_TOKEN_BYTES => t.clone(),
+            _ => return Err("access_token is missing or not a printable string".into()),
+        };
+        match answer.get("token_type") {
+            Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+            _ => return Err("token_type is not Bearer".into()),
+        }
+        let lifetime = match answer.get("expires_in") {
+            None => DEFAULT_EXPIRES_IN_S,
+            Some(v) => match v.as_u64() {
+                Some(s) if s > 0 => s.min(MAX_LIFETIME_S),
+                _ => return Err("expires_in is not a positive integer".into()),
+            },
+        };
+        let margin = self.refresh_margin_s.min(lifetime / 2);
+        Ok(AccessToken {
+            value,
+            refresh_at: now.saturating_add(lifetime - margin),
+        })
+    }
+}
+
+/// `Basic base64(urlencode(id) ":" urlencode(secret))`, RFC 6749 §2.3.1.
+pub fn basic_auth(id: &str, secret: &str) -> String {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let pair = format!("{}:{}", enc(id), enc(secret));
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(pair)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn grant(extra: Value) -> ClientCredentials {
+        let mut config = json!({
+            "token_endpoint": {"cluster": "idp", "authority": "idp.example", "path": "/token"},
+            "client_id": "envoy sidecar", "client_secret": "s3cret:x"});
+        if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        let grant: ClientCredentials = serde_json::from_value(config).unwrap();
+        grant.validate().unwrap();
+        grant
+    }
+
+    #[test]
+    fn the_request_is_a_form_post_with_basic_client_authentication() {
+        let call = grant(json!({"scope": "ownership read"})).token_request();
+        assert_eq!((call.cluster.as_str(), call.method), ("idp", "POST"));
+        assert_eq!(call.header(":path"), Some("/token"));
+        assert_eq!(call.header(":authority"), Some("idp.example"));
+        assert_eq!(
+            call.header("content-type"),
+            Some("application/x-www-form-urlencoded")
+        );
+        assert_eq!(
+            call.body,
+            b"grant_type=client_credentials&scope=ownership+read"
+        );
+        // RFC 6749 §2.3.1: each part form-encoded before base64.
+        let basic = call.header("authorization").unwrap();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(basic.strip_prefix("Basic ").unwrap())
+            .unwrap();
+        assert_eq!(decoded, b"envoy+sidecar:s3cret%3Ax");
+        assert_eq!(call.header("content-length"), Some("50"));
+        assert!(!format!("{call:?} {:?}", grant(json!({}))).contains("s3cret"));
+        assert_eq!(
+            grant(json!({})).token_request().body,
+            b"grant_type=client_credentials"
+        );
+    }
+
+    #[test]
+    fn a_token_is_used_until_shortly_before_it_expires() {
+        let g = grant(json!({}));
+        let t = g
+            .read_answer(
+                200,
+                br#"{"access_token": "abc.def", "token_type": "Bearer", "expires_in": 600}"#,
+                1000,
+            )
+            .unwrap();
+        assert_eq!(t.authorization(), "Bearer abc.def");
+        assert!(t.usable(1569) && !t.usable(1570), "{t:?}");
+        // A short-lived token gives up at most half its lifetime.
+        let t = g
+            .read_answer(
+                200,
+                br#"{"access_token": "a", "token_type": "bearer", "expires_in": 10}"#,
+                1000,
+            )
+            .unwrap();
+        assert_eq!(t.refresh_at(), 1005);
+        // No expires_in: a minute.
+        let t = g
+            .read_answer(200, br#"{"access_token": "a", "token_type": "Bearer"}"#, 0)
+            .unwrap();
+        assert_eq!(t.refresh_at(), 30);
+        assert!(!format!("{t:?}").contains("\"a\""));
+    }
+
+    #[test]
+    fn anything_but_a_bearer_token_is_an_error() {
+        let g = grant(json!({}));
+        for (status, body) in [
+            (0, &b""[..]),
+            (401, br#"{"error": "invalid_client"}"#),
+            (503, b""),
+            (200, b"not json"),
+            (200, b"[]"),
+            (200, br#"{"token_type": "Bearer"}"#),
+            (200, br#"{"access_token": "", "token_type": "Bearer"}"#),
+            (200, br#"{"access_token": "a b", "token_type": "Bearer"}"#),
+            (200, br#"{"access_token": "a\n", "token_type": "Bearer"}"#),
+            (200, br#"{"access_token": 5, "token_type": "Bearer"}"#),
+            (200, br#"{"access_token": "a", "token_type": "mac"}"#),
+            (200, br#"{"access_token": "a"}"#),
+            (
+                200,
+                br#"{"access_token": "a", "token_type": "Bearer", "expires_in": 0}"#,
+            ),
+            (
+                200,
+                br#"{"access_token": "a", "token_type": "Bearer", "expires_in": "60"}"#,
+            ),
+            (
+                200,
+                br#"{"access_token": "a", "access_token": "b", "token_type": "Bearer"}"#,
+            ),
+        ] {
+            assert!(
+                g.read_answer(status, body, 0).is_err(),
+                "{status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_grants_are_refused_with_the_field() {
+        let config = |extra: Value| {
+            let mut c = json!({"token_endpoint": {"cluster": "idp", "path": "/token"},
+                               "client_id": "a", "client_secret": "b"});
+            if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(e.clone());
+            }
+            serde_json::from_value::<ClientCredentials>(c)
+                .map_err(|e| e.to_string())
+                .and_then(|g| g.validate())
+        };
+        assert!(config(json!({})).is_ok());
+        for (extra, field) in [
+            (json!({"client_id": ""}), "client_id"),
+            (json!({"client_secret": ""}), "client_secret"),
+            (json!({"scope": "a  b"}), "scope"),
+            (json!({"refresh_margin_s": 4000}), "refresh_margin_s"),
+            (
+                json!({"token_endpoint": {"cluster": "idp", "path": "token"}}),
+                "path",
+            ),
+            (json!({"secret": "x"}), "unknown field"),
+        ] {
+            let err = config(extra.clone()).unwrap_err();
+            assert!(err.contains(field), "{extra}: {err}");
+        }
+    }
+}
