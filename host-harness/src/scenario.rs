@@ -805,8 +805,11 @@ fn net_event(def: &NetEventDef) -> Result<NetEvent> {
 
 fn show(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
-    if text.len() > 300 {
-        format!("{}… ({} bytes)", &text[..300], bytes.len())
+    // Cut by characters: binary data (WebSocket frames) makes replacement characters, and a
+    // byte index could fall inside one.
+    if text.chars().count() > 300 {
+        let head: String = text.chars().take(300).collect();
+        format!("{head}… ({} bytes)", bytes.len())
     } else {
         text.into_owned()
     }

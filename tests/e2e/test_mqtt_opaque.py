@@ -2,6 +2,8 @@
 in a real Envoy 1.40 at the e2e OIDC provider (oidc-provider, RFC 7662 introspection), in front
 of a real Mosquitto. What reached the broker is read by a subscriber connected to it directly."""
 
+import socket
+import time
 import uuid
 
 import pytest
@@ -11,7 +13,7 @@ import e2e_support as e2e
 OPAQUE = "urn:orion:opaque"  # the IdP issues opaque access tokens for this resource
 
 
-def config(idp):
+def config(idp, audience=OPAQUE):
     return {
         "client_ids": ["*"],
         "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
@@ -20,7 +22,7 @@ def config(idp):
                           "path": "/token/introspection",
                           "credentials": {"client_id": e2e.IdP.PEP[0],
                                           "client_secret": e2e.IdP.PEP[1]},
-                          "audience": OPAQUE},
+                          "audience": audience},
     }
 
 
@@ -87,3 +89,56 @@ def test_introspection_endpoint_down_refuses_as_server_unavailable(
         assert envoy.stats()["introspection.unavailable"] >= 1
     finally:
         envoy.stop()
+
+
+def _mqtt_string(text):
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _packet(first, body):
+    return bytes([first]) + e2e.mqtt_varint(len(body)) + body
+
+
+def test_a_connection_closes_when_its_opaque_token_expires(work_dir, idp, mosquitto, mqtt_wasm):
+    short = "urn:orion:opaque-short"  # the IdP issues these valid for 3 s
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-opaque-exp",
+                          filter_config=config(idp, audience=short),
+                          broker_port=mosquitto.port, wasm=mqtt_wasm, concurrency=1,
+                          http_clusters=(("idp", idp.authority),)).start()
+    sub = e2e.MqttSubscriber(mosquitto.port, "-i", "watcher-exp", "-t", "lamps/#")
+    marker = uuid.uuid4().hex[:6]
+    try:
+        token = idp.token(short)
+        issued = time.monotonic()
+        connect = _packet(0x10, _mqtt_string("MQTT") + bytes([4, 0x82]) + (60).to_bytes(2, "big")
+                          + _mqtt_string("browser-exp") + _mqtt_string(token))
+        with socket.create_connection(("127.0.0.1", envoy.port), timeout=10) as conn:
+            conn.sendall(connect)
+            assert conn.recv(4) == b"\x20\x02\x00\x00", "CONNACK accepted"
+            conn.sendall(_packet(0x30, _mqtt_string("lamps/7/set") + f"before-{marker}".encode()))
+            sub.wait_for(f"lamps/7/set before-{marker}")
+            # Past the token's exp (3 s after issue, whole seconds): whatever is sent now must
+            # not reach the broker, whether the tick has closed the connection yet or not.
+            time.sleep(max(0.0, issued + 4.2 - time.monotonic()))
+            try:
+                conn.sendall(_packet(0x30, _mqtt_string("lamps/7/set")
+                                     + f"after-{marker}".encode()))
+            except OSError:
+                pass  # already closed
+            conn.settimeout(10)
+            try:
+                rest = conn.recv(16)
+            except ConnectionResetError:
+                rest = b""
+            assert rest == b"", f"Envoy closed the connection, no data: {rest!r}"
+        closed_after = time.monotonic() - issued
+        assert closed_after < 8, closed_after
+        time.sleep(1)  # anything that did get through would have reached the subscriber by now
+    finally:
+        lines = sub.stop()
+        stats = envoy.stats()
+        envoy.stop()
+    assert f"before-{marker}" in lines, lines
+    assert f"after-{marker}" not in lines, lines
+    assert stats.get("closed.expired") == 1, stats

@@ -2037,6 +2037,14 @@ impl Session {
                     ))),
                 }
             }
+            // An UNSUBSCRIBE only takes access away, so it is not an ACL check: Mosquitto 2.0
+            // asks nothing of acl_file or of a legacy plugin such as mosquitto-go-auth, whose
+            // HTTP backend never sees one. The decoder has validated it (flags, packet id, UTF-8
+            // filters, wildcards, limits); a malformed one closed the connection before here.
+            Packet::Unsubscribe(_) => {
+                out.forward.extend_from_slice(&frame.raw);
+                None
+            }
             Packet::PingReq => {
                 self.pings.push_back(Ping::Client);
                 out.forward.extend_from_slice(&frame.raw);

@@ -8,6 +8,7 @@
 //                                                                     the IdP's JWKS)
 //     urn:weather-api   RS256 JWT access token, aud "urn:weather-api" (valid, but for another API)
 //     urn:orion:opaque  opaque access token                           (the filter introspects it)
+//     urn:orion:opaque-short  the same, valid for 3 s                  (expiry tests)
 // * token introspection (RFC 7662) at /token/introspection, for opaque tokens only (the library
 //   refuses to introspect JWTs);
 // * discovery at /.well-known/openid-configuration, keys at /jwks. The signing key is an RSA key
@@ -59,6 +60,12 @@ const RESOURCE_SERVERS = {
     scope: 'entities:read entities:write',
     accessTokenFormat: 'opaque',
     accessTokenTTL: 600,
+  },
+  // Short-lived opaque tokens: a connection authenticated with one closes at its expiry.
+  'urn:orion:opaque-short': {
+    scope: 'entities:read entities:write',
+    accessTokenFormat: 'opaque',
+    accessTokenTTL: 3,
   },
 };
 

@@ -963,6 +963,121 @@ fn malformed_input_closes_and_nothing_after_it_is_forwarded() {
     assert!(conn.broker(&encode_connack(V3, 0)).close.is_some());
 }
 
+/// An UNSUBSCRIBE as the encoder writes it.
+fn unsubscribe(version: ProtocolVersion, packet_id: u16, filters: &[&str]) -> Vec<u8> {
+    encode(
+        &Packet::Unsubscribe(crate::mqtt::Unsubscribe {
+            packet_id,
+            properties: Properties::new(),
+            filters: filters.iter().map(|f| (*f).to_owned()).collect(),
+        }),
+        version,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_valid_unsubscribe_passes_without_an_acl_check() {
+    // Filters the ACL would refuse for reading: an UNSUBSCRIBE only takes access away.
+    for version in [V3, V5] {
+        let mut conn = Conn::new(policy());
+        conn.open(version, Some("lamp-01"), Some(b"k1"));
+        let packet = unsubscribe(
+            version,
+            3,
+            &[
+                "devices/lamp-02/#",
+                "#",
+                "$share/g/devices/+/secret",
+                "x/+/y",
+            ],
+        );
+        let out = conn.client(&packet);
+        assert_eq!(out.forward, packet);
+        assert!(out.close.is_none() && !out.close_after_write);
+        assert!(out.decisions.is_empty(), "{}", lines(&out));
+        // The broker's UNSUBACK goes back as it is.
+        let unsuback = encode(
+            &Packet::UnsubAck(crate::mqtt::UnsubAck {
+                packet_id: 3,
+                properties: Properties::new(),
+                codes: if version == V5 {
+                    vec![0x11; 4]
+                } else {
+                    Vec::new()
+                },
+            }),
+            version,
+        )
+        .unwrap();
+        assert_eq!(conn.broker(&unsuback).forward, unsuback);
+    }
+    // With an HTTP backend: not asked (Mosquitto does not ask its auth plugin either).
+    let mut conn = Conn::new(policy_from(backend_config(json!({}))));
+    let ask = conn
+        .client(&connect_packet(V3, "c1", Some("u1"), None, None))
+        .asks
+        .remove(0);
+    conn.answer(&ask, Some(200));
+    conn.broker(&encode_connack(V3, 0));
+    let packet = unsubscribe(V3, 4, &["lamps/7/#"]);
+    let out = conn.client(&packet);
+    assert!(out.asks.is_empty(), "{:?}", out.asks);
+    assert_eq!(out.forward, packet);
+}
+
+#[test]
+fn a_malformed_unsubscribe_closes_and_nothing_after_it_is_forwarded() {
+    let cases: [(&str, ProtocolVersion, &[u8]); 10] = [
+        ("flags 0000, not 0010", V3, b"\xa0\x05\x00\x03\x00\x01a"),
+        ("packet identifier 0", V3, b"\xa2\x05\x00\x00\x00\x01a"),
+        ("no topic filter", V3, b"\xa2\x02\x00\x03"),
+        ("an empty filter", V3, b"\xa2\x04\x00\x03\x00\x00"),
+        ("not UTF-8", V3, b"\xa2\x06\x00\x03\x00\x02\xc3\x28"),
+        ("U+0000", V3, b"\xa2\x06\x00\x03\x00\x02a\x00"),
+        ("'#' not last", V3, b"\xa2\x08\x00\x03\x00\x04#/ab"),
+        ("'+' inside a level", V3, b"\xa2\x06\x00\x03\x00\x02a+"),
+        (
+            "a filter longer than the packet",
+            V3,
+            b"\xa2\x05\x00\x03\x00\x09a",
+        ),
+        // 0x01 (payload format) is not an UNSUBSCRIBE property.
+        (
+            "a property UNSUBSCRIBE may not carry",
+            V5,
+            b"\xa2\x08\x00\x03\x02\x01\x01\x00\x01a",
+        ),
+    ];
+    for (why, version, bad) in cases {
+        let mut conn = Conn::new(policy());
+        conn.open(version, Some("lamp-01"), Some(b"k1"));
+        let out = conn.client(bad);
+        assert!(
+            matches!(out.close, Some(CloseReason::Malformed(_))),
+            "{why}: {out:?}"
+        );
+        assert!(out.forward.is_empty(), "{why}");
+        let next = conn.client(&publish(
+            version,
+            "devices/lamp-01/state",
+            QoS::AtMostOnce,
+            None,
+        ));
+        assert!(next.forward.is_empty() && next.close.is_some(), "{why}");
+    }
+    // Over the packet limit: refused from its fixed header.
+    let mut conn = Conn::new(policy_from(with(
+        base_config(),
+        "max_packet_bytes",
+        json!(64),
+    )));
+    conn.open(V3, Some("lamp-01"), Some(b"k1"));
+    let long = "a".repeat(100);
+    let out = conn.client(&unsubscribe(V3, 3, &[&long]));
+    assert!(out.close.is_some() && out.forward.is_empty(), "{out:?}");
+}
+
 #[test]
 fn packets_split_across_reads() {
     let mut conn = Conn::new(policy());
