@@ -201,8 +201,9 @@ impl TokenAuthStage {
         let mut names: Vec<String> = self
             .auth
             .identity_header_names()
-            .into_iter()
+            .iter()
             .filter(|name| sent(name))
+            .cloned()
             .collect();
         names.extend(
             req.headers()
@@ -431,17 +432,13 @@ impl TokenAuthStage {
                     }
                 }
                 self.metrics.allowed.inc();
-                // The kind's snake_case name (`jwt`, `opaque_token`, ...), as its serde form.
-                let kind = serde_json::to_value(identity.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default();
+                let kind = identity.kind.as_str();
                 let decision = Decision::Allow(format!("verified {kind} credential"));
                 self.emit(
                     req,
                     DecisionLine::new(NAME, Mode::Enforce, &decision)
                         .subject(Some(&identity.subject))
-                        .literal("kind", &kind),
+                        .literal("kind", kind),
                 );
                 req.caller = Caller::Known(Some(identity));
                 Step::Next

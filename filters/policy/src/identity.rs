@@ -19,6 +19,19 @@ pub enum IdentityKind {
     HttpBackend,
 }
 
+impl IdentityKind {
+    /// The kind's snake_case name (`jwt`, `opaque_token`, ...), as serde writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IdentityKind::Jwt => "jwt",
+            IdentityKind::OpaqueToken => "opaque_token",
+            IdentityKind::DeviceKey => "device_key",
+            IdentityKind::ClientCertificate => "client_certificate",
+            IdentityKind::HttpBackend => "http_backend",
+        }
+    }
+}
+
 /// An authenticated caller. Only token-auth creates one; the other filters read it from the
 /// identity headers token-auth sets (after removing any copy the client sent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -118,5 +131,26 @@ mod tests {
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(json, r#"{"kind":"device_key","subject":"lamp-01"}"#);
         assert_eq!(serde_json::from_str::<Identity>(&json).unwrap(), id);
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::IdentityKind;
+
+    #[test]
+    fn a_kinds_name_is_its_serde_form() {
+        for kind in [
+            IdentityKind::Jwt,
+            IdentityKind::OpaqueToken,
+            IdentityKind::DeviceKey,
+            IdentityKind::ClientCertificate,
+            IdentityKind::HttpBackend,
+        ] {
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::Value::from(kind.as_str())
+            );
+        }
     }
 }

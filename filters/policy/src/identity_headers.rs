@@ -127,13 +127,7 @@ impl IdentityHeaderNames {
 
     /// The headers to set for an identity. Absent facts produce no header.
     pub fn render(&self, identity: &Identity) -> Vec<(String, String)> {
-        let kind = match identity.kind {
-            IdentityKind::Jwt => "jwt",
-            IdentityKind::OpaqueToken => "opaque_token",
-            IdentityKind::DeviceKey => "device_key",
-            IdentityKind::ClientCertificate => "client_certificate",
-            IdentityKind::HttpBackend => "http_backend",
-        };
+        let kind = identity.kind.as_str();
         let mut out = vec![
             (self.subject.clone(), encode_value(&identity.subject, false)),
             (self.kind.clone(), kind.to_string()),

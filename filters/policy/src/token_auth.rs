@@ -198,6 +198,8 @@ pub struct TokenAuth {
     device_keys: Option<DeviceKeys>,
     cache: VerdictCache<Cached>,
     counters: AuthCounters,
+    /// [`TokenAuth::identity_header_names`], built once (the stage strips them per request).
+    identity_header_names: Vec<String>,
 }
 
 fn bad_config(what: &str, detail: impl std::fmt::Display) -> String {
@@ -274,6 +276,7 @@ impl TokenAuth {
             cache: VerdictCache::new(config.cache.capacity),
             jwt,
             device_keys,
+            identity_header_names: identity_header_names(&config.identity_headers),
             config,
             counters: AuthCounters::default(),
         })
@@ -711,19 +714,8 @@ impl TokenAuth {
     /// Every identity header name to strip from what the client sent: the configured ones and
     /// the defaults. A later filter left with the default names (entity-acl, device-ownership)
     /// then never reads a client's `x-auth-subject` as an identity: it sees an anonymous caller.
-    pub fn identity_header_names(&self) -> Vec<String> {
-        let defaults = IdentityHeaderNames::default();
-        let mut names: Vec<String> = self
-            .config
-            .identity_headers
-            .all()
-            .iter()
-            .chain(defaults.all().iter())
-            .map(|n| n.to_string())
-            .collect();
-        names.sort();
-        names.dedup();
-        names
+    pub fn identity_header_names(&self) -> &[String] {
+        &self.identity_header_names
     }
 
     pub fn render_identity(&self, identity: &Identity) -> Vec<(String, String)> {
@@ -733,6 +725,20 @@ impl TokenAuth {
     pub fn cache_stats(&self) -> crate::cache::CacheStats {
         self.cache.stats()
     }
+}
+
+/// The configured identity header names and the defaults, sorted, without repeats.
+fn identity_header_names(configured: &IdentityHeaderNames) -> Vec<String> {
+    let defaults = IdentityHeaderNames::default();
+    let mut names: Vec<String> = configured
+        .all()
+        .iter()
+        .chain(defaults.all().iter())
+        .map(|n| n.to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// An introspection's decision, shared by every request that waited on the same token.
