@@ -274,48 +274,30 @@ impl TokenAuthStage {
                 Step::Wait
             }
             Outcome::Introspect { token, .. } => {
-                let key = LookupKey::Introspection(token_digest(&token));
-                let in_flight = self.lookups.in_flight(&key);
-                // Joining a lookup in flight is free; a new one must fit under max_in_flight.
-                if !in_flight {
-                    if let Err(reason) = self.admit_introspection() {
-                        self.metrics.introspection_shed.inc();
-                        return self.shed(req, reason, Some(Reason::IntrospectionShed));
-                    }
-                }
-                self.lookups.join(key.clone(), req.ctx, Some(token.clone()));
-                if !in_flight && !self.start_introspection(&token, Some(req.ctx)) {
-                    self.lookups.leave(&key, req.ctx);
-                    return self.execute(
-                        req,
-                        deny(DenyReason::Unavailable(
-                            "the identity provider cannot be reached".into(),
-                        )),
-                    );
-                }
-                Step::Wait
+                let admitted = self.admit_introspection();
+                self.wait_for_lookup(
+                    req,
+                    LookupKey::Introspection(token_digest(&token)),
+                    token,
+                    (
+                        admitted,
+                        self.metrics.introspection_shed,
+                        Some(Reason::IntrospectionShed),
+                    ),
+                    |stage, token, owner| stage.start_introspection(token, owner),
+                    "the identity provider cannot be reached",
+                )
             }
             Outcome::LookupDevice { device_id, .. } => {
-                let key = LookupKey::Device(device_id.clone());
-                let in_flight = self.lookups.in_flight(&key);
-                if !in_flight {
-                    if let Err(reason) = self.admit_device_lookup() {
-                        self.metrics.registry_shed.inc();
-                        return self.shed(req, reason, None);
-                    }
-                }
-                self.lookups
-                    .join(key.clone(), req.ctx, Some(device_id.clone()));
-                if !in_flight && !self.start_device_lookup(&device_id, Some(req.ctx)) {
-                    self.lookups.leave(&key, req.ctx);
-                    return self.execute(
-                        req,
-                        deny(DenyReason::Unavailable(
-                            "the device registry cannot be reached".into(),
-                        )),
-                    );
-                }
-                Step::Wait
+                let admitted = self.admit_device_lookup();
+                self.wait_for_lookup(
+                    req,
+                    LookupKey::Device(device_id.clone()),
+                    device_id,
+                    (admitted, self.metrics.registry_shed, None),
+                    |stage, device_id, owner| stage.start_device_lookup(device_id, owner),
+                    "the device registry cannot be reached",
+                )
             }
             other => self.execute(req, other),
         }
@@ -340,6 +322,34 @@ impl TokenAuthStage {
             Some(registry) => registry.admit(in_flight),
             None => Ok(()),
         }
+    }
+
+    /// Makes `req` wait for lookup `key` (of `value`: the token, the device id): it joins a
+    /// lookup in flight for free; a new one must be admitted (else it is shed: 503 with
+    /// `Retry-After`) and started with `start` (else the request fails closed with 503,
+    /// `unreachable`).
+    fn wait_for_lookup(
+        &mut self,
+        req: &mut Request,
+        key: LookupKey,
+        value: String,
+        (admitted, shed_counter, shed_reason): (Result<(), DenyReason>, Counter, Option<Reason>),
+        start: impl FnOnce(&mut Self, &str, Option<u32>) -> bool,
+        unreachable: &str,
+    ) -> Step {
+        let in_flight = self.lookups.in_flight(&key);
+        if !in_flight {
+            if let Err(reason) = admitted {
+                shed_counter.inc();
+                return self.shed(req, reason, shed_reason);
+            }
+        }
+        self.lookups.join(key.clone(), req.ctx, Some(value.clone()));
+        if !in_flight && !start(self, &value, Some(req.ctx)) {
+            self.lookups.leave(&key, req.ctx);
+            return self.execute(req, deny(DenyReason::Unavailable(unreachable.into())));
+        }
+        Step::Wait
     }
 
     /// Refuses a request that would need one callout too many: 503 with `Retry-After` and a
