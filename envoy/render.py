@@ -926,8 +926,9 @@ def render_mqtt(
     exact_balance spreads connections evenly over the workers (connection_balance_config), e.g.
     so a test reaches every worker. With `ecds_dir`, mqtt-acl is discovered by ECDS from
     ecds_dir/mqtt-acl.json instead of inline (reloadable with envoy/push-config; write the
-    first resource with write_mqtt_ecds_resource(...)). `http_clusters`: (name, "host:port")
-    pairs of plain HTTP clusters to add, e.g. the web app of mqtt-acl's http_backend.
+    first resource with write_mqtt_ecds_resource(...)). `http_clusters`: (name, "host:port"[, tls])
+    of HTTP clusters to add, e.g. the web app of mqtt-acl's http_backend or its device registry;
+    with `tls` (upstream_tls_socket's dict) Envoy calls it over TLS with a client certificate.
     `websocket`: MQTT over WebSockets (browsers, the npm `mqtt` package): the filter's
     configuration gets "transport": "websocket" and `broker` is the broker's WebSocket listener
     (Mosquitto: `listener 9001` + `protocol websockets`); with tls_cert/tls_key clients use wss://."""
@@ -959,8 +960,8 @@ def render_mqtt(
     }
     with open(template_path, encoding="utf-8") as f:
         text = string.Template(f.read()).substitute(params)
-    for name, address in http_clusters:
-        cluster = plain_cluster(name, address, "An HTTP service the filter asks.")
+    for name, address, *tls in http_clusters:
+        cluster = plain_cluster(name, address, "An HTTP service the filter asks.", *tls)
         text = text.replace("\n  clusters:\n", f"\n  clusters:\n{cluster}\n", 1)
     return text
 

@@ -8,43 +8,44 @@ import hashlib
 import json
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standin_server import QuietHandler, StandinServer
 
 
 def sha256_hex(key):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class DeviceRegistry:
+class DeviceRegistry(StandinServer):
     """`devices`: device id → (owner, [keys]). Only digests leave the stand-in."""
 
-    def __init__(self, devices, path="/api/device-keys", check_token=None):
+    def __init__(self, devices, path="/api/device-keys", check_token=None, tls=None):
         """`check_token(token) -> bool`: every lookup must carry `Authorization: Bearer` with a
-        token it accepts (else 401), as a registry that authenticates its callers does."""
+        token it accepts (else 401), as a registry that authenticates its callers does.
+        `tls`: {"cert", "key", "client_ca"}: it speaks only TLS, only to clients with a
+        certificate `client_ca` signed (mTLS); `callers` records each lookup's client CN."""
         self.path = path
+        self.tls = tls
+        self.callers = []
         self.check_token = check_token
         self.tokens = []
         self.devices = {d: (owner, list(keys)) for d, (owner, keys) in devices.items()}
         self.down = False
         self.asked = []
         self._lock = threading.Lock()
-        self._server = None
 
     def start(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 path, _, query = self.path.partition("?")
                 params = urllib.parse.parse_qs(query, keep_blank_values=True)
                 device = (params.get("id") or [None])[0]
-                auth = self.headers.get("authorization") or ""
-                token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+                token = self.bearer_token()
                 with standin._lock:
                     standin.tokens.append(token)
+                    standin.callers.append(self.peer_cn())
                 if standin.check_token and not (token and standin.check_token(token)):
                     self.send_response(401)
                     self.send_header("www-authenticate", 'Bearer error="invalid_token"')
@@ -70,13 +71,7 @@ class DeviceRegistry:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
+        return self.serve(Handler)
 
     def set_keys(self, device, keys):
         """Registers `device`'s keys (an empty list revokes them all)."""
@@ -92,9 +87,3 @@ class DeviceRegistry:
         """How many times `device` was looked up."""
         with self._lock:
             return self.asked.count(device)
-
-    def stop(self):
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

@@ -11,27 +11,23 @@ It can insist on how the filter authenticates, as a real registry would:
 It records every call (path, the entity asked, the client certificate's CN, the token)."""
 
 import json
-import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standin_server import QuietHandler, StandinServer
 
 
-class OwnershipRegistry:
+class OwnershipRegistry(StandinServer):
     def __init__(self, owners=None, tls=None, check_token=None):
         self.owners = dict(owners or {})  # (service, entity_id) -> owner
         self.tls = tls
         self.check_token = check_token
         self.calls = []
         self._lock = threading.Lock()
-        self._server = None
 
     def start(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def answer(self, status, body=None, headers=()):
                 data = json.dumps(body).encode() if body is not None else b""
                 self.send_response(status)
@@ -48,12 +44,7 @@ class OwnershipRegistry:
                     request = json.loads(self.rfile.read(length) or b"{}")
                 except ValueError:
                     return self.answer(400, {"error": "not JSON"})
-                cn = None
-                if standin.tls:
-                    subject = dict(x[0] for x in self.connection.getpeercert()["subject"])
-                    cn = subject.get("commonName")
-                auth = self.headers.get("authorization") or ""
-                token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+                cn, token = self.peer_cn(), self.bearer_token()
                 key = (request.get("service", ""), request.get("entity_id"))
                 with standin._lock:
                     standin.calls.append({"path": self.path, "entity": key[1], "cn": cn,
@@ -70,26 +61,8 @@ class OwnershipRegistry:
                         return self.answer(201 if owner == request.get("owner") else 409, {})
                 return self.answer(404)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if self.tls:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(self.tls["cert"], self.tls["key"])
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(self.tls["client_ca"])
-            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
+        return self.serve(Handler)
 
     def calls_for(self, entity):
         with self._lock:
             return [c for c in self.calls if c["entity"] == entity]
-
-    def stop(self):
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None

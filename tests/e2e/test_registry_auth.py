@@ -330,3 +330,48 @@ def test_token_auth_without_the_idp_fails_closed(work_dir, wasm, broker, idp):
     finally:
         proxy.stop()
         registry.stop()
+
+
+# ---- mqtt-acl's device registry over mTLS (mqtt-acl's own calls carry no token) ----
+
+@pytest.fixture(scope="module")
+def mosquitto(work_dir):
+    server = e2e.Mosquitto(work_dir, name="mosquitto-registry-mtls")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("case", ["client certificate", "no client certificate"])
+def test_mqtt_acl_asks_the_device_registry_over_mtls_and_fails_closed_without_it(
+        work_dir, certs, mosquitto, case):
+    import test_device_registry as registry_tests
+    from device_registry_standin import DeviceRegistry
+    registry = DeviceRegistry({}, tls={"cert": cert(certs, "server.crt"),
+                                       "key": cert(certs, "server.key"),
+                                       "client_ca": cert(certs, "ca.crt")}).start()
+    with_cert = case == "client certificate"
+    tls = {"cert": cert(certs, f"{SIDECAR_CN}.crt"), "key": cert(certs, f"{SIDECAR_CN}.key"),
+           "ca": cert(certs, "ca.crt"), "server_name": "127.0.0.1"} if with_cert else None
+    name = "envoy-mqtt-registry-" + ("mtls" if with_cert else "plain")
+    proxy = e2e.MqttEnvoy(
+        work_dir=work_dir, name=name, filter_config=registry_tests.mqtt_config(),
+        broker_port=mosquitto.port, wasm=e2e.copy_module(work_dir, e2e.MQTT_WASM),
+        concurrency=1,
+        http_clusters=(("iot-directory", f"127.0.0.1:{registry.port}", tls),)).start()
+    try:
+        device, key = registry_tests.new_device(registry)
+        accepted = mosquitto.connections_accepted()
+        done = registry_tests.publish(proxy.port, device, key, f"lamps/{device}/state", "on")
+        if with_cert:
+            assert done.returncode == 0, done.stderr
+            assert registry.callers == [SIDECAR_CN], "the registry knew the sidecar"
+            assert f"u'{device}'" in mosquitto.log_text()
+        else:
+            assert done.returncode != 0
+            assert any(m in done.stderr.lower()
+                       for m in ("broker unavailable", "server unavailable")), done.stderr
+            assert registry.asks(device) == 0, "no handshake, no lookup"
+            assert mosquitto.connections_accepted() == accepted
+    finally:
+        proxy.stop()
+        registry.stop()

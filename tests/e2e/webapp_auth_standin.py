@@ -7,10 +7,11 @@ see what the filter sent and how often (the cache)."""
 import json
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from standin_server import QuietHandler, StandinServer
 
 
-class WebappAuth:
+class WebappAuth(StandinServer):
     """`sessions`: session token (the MQTT user name) → the user it belongs to; `devices`:
     device ids that may connect with a blank password (their certificate authenticated them);
     `grants`: user or device → topic prefixes it may use (publish and subscribe)."""
@@ -21,15 +22,11 @@ class WebappAuth:
         self.grants = {k: list(v) for k, v in grants.items()}
         self.asked = []
         self._lock = threading.Lock()
-        self._server = None
 
     def start(self):
         standin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length).decode()
@@ -45,13 +42,7 @@ class WebappAuth:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
+        return self.serve(Handler)
 
     def who(self, username):
         return self.sessions.get(username) or (username if username in self.devices else None)
@@ -70,9 +61,3 @@ class WebappAuth:
     def requests(self, path=None):
         with self._lock:
             return [(p, dict(q)) for p, q in self.asked if path is None or p == path]
-
-    def stop(self):
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
