@@ -39,7 +39,7 @@ use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics};
 
 use crate::lookups::Lookups;
-use crate::{Caller, Callout, Request, Response, Stage, Step};
+use crate::{Caller, Request, Response, Stage, Step};
 
 pub const NAME: &str = "device-ownership";
 
@@ -355,15 +355,9 @@ impl DeviceOwnershipStage {
     }
 
     fn send(&self, call: &HttpCall) -> Option<u32> {
-        let callout = Callout {
-            cluster: &call.cluster,
-            headers: call.envoy_headers(),
-            body: call.body(),
-            timeout: call.timeout(),
-        };
-        crate::dispatch(
+        proxy_glue::dispatch_call(
             NAME,
-            callout,
+            call,
             self.metrics.callouts,
             self.metrics.callout_failures,
         )

@@ -803,32 +803,3 @@ fn read_response_body(resp: &mut ResponseFlow, filter: &str) -> Result<(), DenyR
         }
     }
 }
-
-/// Sends a callout, counting it as sent or failed. None when the host refused it (logged).
-pub fn dispatch(
-    filter: &str,
-    call: Callout<'_>,
-    sent: proxy_glue::Counter,
-    failed: proxy_glue::Counter,
-) -> Option<u32> {
-    match hostcalls::dispatch_http_call(call.cluster, call.headers, call.body, vec![], call.timeout)
-    {
-        Ok(token) => {
-            sent.inc();
-            Some(token)
-        }
-        Err(status) => {
-            failed.inc();
-            log::error!("{filter}: cannot call cluster {}: {status:?}", call.cluster);
-            None
-        }
-    }
-}
-
-/// One HTTP callout to make.
-pub struct Callout<'a> {
-    pub cluster: &'a str,
-    pub headers: Vec<(&'a str, &'a str)>,
-    pub body: Option<&'a [u8]>,
-    pub timeout: Duration,
-}

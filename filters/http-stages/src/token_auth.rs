@@ -34,7 +34,7 @@ use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
 use crate::lookups::Lookups;
-use crate::{Caller, Callout, Request, Stage, Step};
+use crate::{Caller, Request, Stage, Step};
 
 pub const NAME: &str = "token-auth";
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
@@ -496,15 +496,9 @@ impl TokenAuthStage {
             return false;
         };
         let call = intro.build_request(token);
-        let callout = Callout {
-            cluster: &call.cluster,
-            headers: call.envoy_headers(),
-            body: call.body(),
-            timeout: call.timeout(),
-        };
-        let Some(sent) = crate::dispatch(
+        let Some(sent) = proxy_glue::dispatch_call(
             NAME,
-            callout,
+            &call,
             self.metrics.callouts,
             self.metrics.callout_failures,
         ) else {
@@ -544,15 +538,9 @@ impl TokenAuthStage {
         if let Some(token) = token.filter(|_| authenticated) {
             call = call.with_header("authorization", token);
         }
-        let callout = Callout {
-            cluster: &call.cluster,
-            headers: call.envoy_headers(),
-            body: None,
-            timeout: call.timeout(),
-        };
-        let Some(sent) = crate::dispatch(
+        let Some(sent) = proxy_glue::dispatch_call(
             NAME,
-            callout,
+            &call,
             self.metrics.callouts,
             self.metrics.callout_failures,
         ) else {
@@ -572,15 +560,9 @@ impl TokenAuthStage {
             return false;
         };
         let call = grant.client_credentials.token_request();
-        let callout = Callout {
-            cluster: &call.cluster,
-            headers: call.envoy_headers(),
-            body: call.body(),
-            timeout: call.timeout(),
-        };
-        let Some(sent) = crate::dispatch(
+        let Some(sent) = proxy_glue::dispatch_call(
             NAME,
-            callout,
+            &call,
             self.metrics.callouts,
             self.metrics.callout_failures,
         ) else {

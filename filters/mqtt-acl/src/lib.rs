@@ -18,7 +18,7 @@
 //! brought a token whose `kid` they lack; that CONNECT was refused as "server unavailable".
 //!
 //! HTTP backend. When the session asks the `http_backend` (mosquitto-go-auth's protocol) the
-//! stream context sends the requests (`dispatch_http_call`, answered to the same context) and
+//! stream context sends the requests (`proxy_glue::send_call`, answered to the same context) and
 //! holds the client's data back: it answers StopIteration, so Envoy keeps the read buffer
 //! (and the filter's handle on it) and tcp_proxy gets nothing. The bytes already decided stay
 //! at the front of that buffer (`held`); new client data lands behind them and is fed to the
@@ -518,17 +518,8 @@ impl Stream {
                 let mut s = state.borrow_mut();
                 match &ask.request {
                     AskRequest::Backend(request) => match s.policy.backend() {
-                        Some(backend) => {
-                            let call = backend.call(request);
-                            hostcalls::dispatch_http_call(
-                                &call.cluster,
-                                call.envoy_headers(),
-                                call.body(),
-                                vec![],
-                                call.timeout(),
-                            )
-                            .map_err(|status| format!("{status:?}"))
-                        }
+                        Some(backend) => proxy_glue::send_call(&backend.call(request))
+                            .map_err(|status| format!("{status:?}")),
                         None => Err("no http_backend".into()),
                     },
                     AskRequest::Introspect { call, .. } => {
@@ -538,14 +529,8 @@ impl Stream {
                             .map(|o| o.config().admit(s.introspections));
                         match admitted {
                             Some(Ok(())) => {
-                                let sent = hostcalls::dispatch_http_call(
-                                    &call.cluster,
-                                    call.envoy_headers(),
-                                    call.body(),
-                                    vec![],
-                                    call.timeout(),
-                                )
-                                .map_err(|status| format!("{status:?}"));
+                                let sent = proxy_glue::send_call(call)
+                                    .map_err(|status| format!("{status:?}"));
                                 if sent.is_ok() {
                                     s.introspections += 1;
                                 }
@@ -559,15 +544,11 @@ impl Stream {
                         }
                     }
                     // One lookup per CONNECT that misses the registry cache (no sharing
-                    // between connections). TODO(s21-upstream): the call's authentication.
-                    AskRequest::DeviceLookup { call, .. } => hostcalls::dispatch_http_call(
-                        &call.cluster,
-                        call.envoy_headers(),
-                        call.body(),
-                        vec![],
-                        call.timeout(),
-                    )
-                    .map_err(|status| format!("{status:?}")),
+                    // between connections). Authenticated by mTLS on the registry's cluster:
+                    // a filter-made token (`auth`) is refused at configure time.
+                    AskRequest::DeviceLookup { call, .. } => {
+                        proxy_glue::send_call(call).map_err(|status| format!("{status:?}"))
+                    }
                 }
             };
             let (asked_counter, unavailable, whom) = asked.names();

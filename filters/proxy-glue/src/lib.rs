@@ -79,6 +79,38 @@ pub fn send_deny(reason: &DenyReason, extra_headers: &[(&str, &str)]) {
     }
 }
 
+/// Sends `call` to its cluster: the one place every filter's callouts leave through. Err: the
+/// host refused it (e.g. an unknown cluster).
+pub fn send_call(call: &policy::upstream::HttpCall) -> Result<u32, proxy_wasm::types::Status> {
+    hostcalls::dispatch_http_call(
+        &call.cluster,
+        call.envoy_headers(),
+        call.body(),
+        vec![],
+        call.timeout(),
+    )
+}
+
+/// [`send_call`], counted as sent or failed; None when the host refused it (logged).
+pub fn dispatch_call(
+    filter: &str,
+    call: &policy::upstream::HttpCall,
+    sent: Counter,
+    failed: Counter,
+) -> Option<u32> {
+    match send_call(call) {
+        Ok(token) => {
+            sent.inc();
+            Some(token)
+        }
+        Err(status) => {
+            failed.inc();
+            log::error!("{filter}: cannot call cluster {}: {status:?}", call.cluster);
+            None
+        }
+    }
+}
+
 /// A counter that never fails the request: if the host refuses, the metric is dropped and a
 /// log line says so.
 #[derive(Debug, Clone, Copy)]

@@ -361,24 +361,12 @@ impl RemoteKeys {
 
     fn dispatch(&self, call: HttpCall) -> Option<u32> {
         let call = call.with_header("accept", "application/json");
-        let cluster = &call.cluster;
-        match hostcalls::dispatch_http_call(
-            cluster,
-            call.envoy_headers(),
-            None,
-            vec![],
-            call.timeout(),
-        ) {
-            Ok(token) => {
-                self.metrics.callouts.inc();
-                Some(token)
-            }
-            Err(status) => {
-                self.metrics.callout_failures.inc();
-                log::error!("{}: cannot call cluster {cluster}: {status:?}", self.filter);
-                None
-            }
-        }
+        crate::dispatch_call(
+            self.filter,
+            &call,
+            self.metrics.callouts,
+            self.metrics.callout_failures,
+        )
     }
 }
 
