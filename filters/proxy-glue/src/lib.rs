@@ -80,7 +80,10 @@ pub fn send_deny(reason: &DenyReason, extra_headers: &[(&str, &str)]) {
 }
 
 /// Sends `call` to its cluster: the one place every filter's callouts leave through. Err: the
-/// host refused it (e.g. an unknown cluster).
+/// host refused it (e.g. an unknown cluster). This stays the SDK's `dispatch_http_call`: it
+/// registers the token with the SDK's dispatcher, which traps on an answer to a token it does
+/// not know (a raw-ABI call was tried and every callout answer trapped). Its panic arm is for
+/// statuses Envoy's httpCall is not known to return (Ok, BadArgument, InternalFailure).
 pub fn send_call(call: &policy::upstream::HttpCall) -> Result<u32, proxy_wasm::types::Status> {
     hostcalls::dispatch_http_call(
         &call.cluster,

@@ -155,6 +155,7 @@ const FILTER_CRATES: &[&str] = &[
     "mqtt-acl",
     "proxy-glue",
     "http-stages",
+    "ngsi-gateway",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
