@@ -29,6 +29,7 @@ use policy::mtls::PeerCertificate;
 use policy::token_auth::{
     is_client_envoy_header, IntrospectionOutcome, Outcome, RequestFacts, TokenAuth, TokenAuthConfig,
 };
+use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
@@ -491,17 +492,22 @@ impl TokenAuthStage {
         true
     }
 
+    /// Sends one of the stage's callouts, counted as sent or failed.
+    fn send(&self, call: &HttpCall) -> Option<u32> {
+        proxy_glue::dispatch_call(
+            NAME,
+            call,
+            self.metrics.callouts,
+            self.metrics.callout_failures,
+        )
+    }
+
     fn start_introspection(&mut self, token: &str, owner: Option<u32>) -> bool {
         let Some(intro) = self.auth.config().introspection.clone() else {
             return false;
         };
         let call = intro.build_request(token);
-        let Some(sent) = proxy_glue::dispatch_call(
-            NAME,
-            &call,
-            self.metrics.callouts,
-            self.metrics.callout_failures,
-        ) else {
+        let Some(sent) = self.send(&call) else {
             return false;
         };
         let key = LookupKey::Introspection(token_digest(token));
@@ -538,12 +544,7 @@ impl TokenAuthStage {
         if let Some(token) = token.filter(|_| authenticated) {
             call = call.with_header("authorization", token);
         }
-        let Some(sent) = proxy_glue::dispatch_call(
-            NAME,
-            &call,
-            self.metrics.callouts,
-            self.metrics.callout_failures,
-        ) else {
+        let Some(sent) = self.send(&call) else {
             return false;
         };
         self.callouts.insert(sent, key.clone());
@@ -560,12 +561,7 @@ impl TokenAuthStage {
             return false;
         };
         let call = grant.client_credentials.token_request();
-        let Some(sent) = proxy_glue::dispatch_call(
-            NAME,
-            &call,
-            self.metrics.callouts,
-            self.metrics.callout_failures,
-        ) else {
+        let Some(sent) = self.send(&call) else {
             return false;
         };
         self.callouts.insert(sent, LookupKey::RegistryToken);
