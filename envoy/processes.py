@@ -343,7 +343,11 @@ class EnvoyProcess:
             "-l", "info",
             "--component-log-level", component_log_level,
         ]
-        self.proc = Proc(self.name, cmd, os.path.join(self.work_dir, f"{self.name}.log"))
+        # Variables added to Envoy's environment (a filter's secret passed to its VM by
+        # vm_config.environment_variables.host_env_keys).
+        extra_env = getattr(self, "environment", None)
+        self.proc = Proc(self.name, cmd, os.path.join(self.work_dir, f"{self.name}.log"),
+                         env={**os.environ, **extra_env} if extra_env else None)
 
         def admin_address():
             if not self.proc.alive():
@@ -422,6 +426,8 @@ class Envoy(EnvoyProcess):
     exact_balance: bool = False
     # render.py --separate: token-auth and extra_filters as separate filters.
     separate: bool = False
+    # Variables added to Envoy's environment (e.g. a client secret named by client_secret_env).
+    environment: dict = None
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)

@@ -62,6 +62,14 @@ The HTTP-only options (--idp, the chain filters, --owners, --gateway, --separate
 --allow-on-headers-stop-iteration)
 are refused with it.
 
+Secrets from the environment: a client-credentials grant may name an environment variable
+(`"client_secret_env": "NAME"`) instead of holding `client_secret`. Every such name in a
+filter's configuration is put in that filter's vm_config.environment_variables.host_env_keys
+(inline and in ECDS resources alike): Envoy then hands the variable of its own environment to
+the VM, and the secret appears neither in the rendered file nor in Envoy's config dump. Start
+Envoy with the variable set (the filter refuses its configuration if it is unset or empty). The
+offline validation runs with a placeholder value for it.
+
 --failure-policy: what Envoy does when a filter's VM fails (a trap, a crash): `reload` (the
 default, Envoy's FAIL_RELOAD) refuses the failing request with 503 and starts a fresh VM for the
 next ones; `fail-closed` (FAIL_CLOSED) refuses every request until Envoy restarts or the filter
@@ -203,13 +211,44 @@ def failure_policy_value(policy):
                      " (FAIL_OPEN would let requests skip a failed security filter)")
 
 
+# The configuration key naming an environment variable that holds a secret.
+SECRET_ENV_KEY = "client_secret_env"
+
+
+def secret_env_names(filter_config):
+    """The environment variables a filter configuration (dict, or JSON text) takes secrets
+    from: every string value of a `client_secret_env` key, at any depth, sorted and unique."""
+    if isinstance(filter_config, str):
+        try:
+            filter_config = json.loads(filter_config)
+        except ValueError:
+            return []
+    names = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == SECRET_ENV_KEY and isinstance(item, str):
+                    names.add(item)
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(filter_config)
+    return sorted(names)
+
+
 def wasm_plugin(name, wasm, filter_config, failure_policy=DEFAULT_FAILURE_POLICY,
                 allow_on_headers_stop_iteration=None):
     """The one builder of a wasm filter's PluginConfig (the `config` of an
     envoy.filters.{http,network}.wasm filter), inline or in an ECDS resource: V8, vm_id = the
     filter's name (workers share its shared data), the module from a local file, the filter's
-    JSON as a StringValue, the failure policy. allow_on_headers_stop_iteration: None for network
-    filters (an HTTP-only option)."""
+    JSON as a StringValue, the failure policy, and the environment variables the configuration
+    takes secrets from (client_secret_env) passed through from Envoy's environment
+    (environment_variables.host_env_keys: the names only, never a value).
+    allow_on_headers_stop_iteration: None for network filters (an HTTP-only option)."""
     plugin = {
         "name": name,
         "root_id": "",
@@ -224,6 +263,9 @@ def wasm_plugin(name, wasm, filter_config, failure_policy=DEFAULT_FAILURE_POLICY
         },
         "failure_policy": failure_policy_value(failure_policy),
     }
+    env_names = secret_env_names(filter_config)
+    if env_names:
+        plugin["vm_config"]["environment_variables"] = {"host_env_keys": env_names}
     if allow_on_headers_stop_iteration is not None:
         plugin["allow_on_headers_stop_iteration"] = bool(allow_on_headers_stop_iteration)
     return plugin
@@ -275,10 +317,16 @@ def filter_entry_yaml(name, wasm, filter_config, spaces, ecds_dir=None, network=
     indentation: inline (wasm_filter(wasm_plugin(...))), or with `ecds_dir` discovered by ECDS
     (discovered_filter(...); write its resource with ecds_resource(...)). Every template's wasm
     filter comes from here."""
+    env_names = secret_env_names(filter_config)
+    env_comment = _indent([
+        f"# Start Envoy with {', '.join(env_names)} in its environment: the filter takes its",
+        "# client secret from there (host_env_keys), and refuses its configuration without it.",
+    ], spaces) + "\n" if env_names else ""
     if ecds_dir:
-        return _indent(_discovered_filter_comment(name, ecds_dir, network), spaces) + "\n" + \
+        return env_comment + \
+            _indent(_discovered_filter_comment(name, ecds_dir, network), spaces) + "\n" + \
             filter_yaml(discovered_filter(name, ecds_dir, network), spaces)
-    return filter_yaml(wasm_filter(wasm_plugin(
+    return env_comment + filter_yaml(wasm_filter(wasm_plugin(
         name, wasm, filter_config, failure_policy,
         None if network else allow_on_headers_stop_iteration), network=network), spaces)
 
@@ -1065,10 +1113,13 @@ def validate_offline(name, wasm, filter_config, warn=None):
         return "not validated"
     text = filter_config if isinstance(filter_config, str) else json.dumps(
         json_object(filter_config, name), separators=(",", ":"))
+    # The variables the configuration takes secrets from, with a placeholder: what is checked
+    # is the configuration; Envoy's environment is checked when Envoy starts the filter.
+    env = [arg for n in secret_env_names(text) for arg in ("--env", f"{n}=placeholder")]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         f.write(text)
     try:
-        done = subprocess.run([harness, "validate", "--name", name, wasm, f.name],
+        done = subprocess.run([harness, "validate", "--name", name, *env, wasm, f.name],
                               capture_output=True, text=True, timeout=120)
     finally:
         os.unlink(f.name)

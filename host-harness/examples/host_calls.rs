@@ -92,6 +92,7 @@ fn chain(runtime: &Arc<Runtime>, filters: &[Filter]) -> Chain {
                 limits: Limits::default(),
                 allow_on_headers_stop_iteration: *body,
                 failure_policy: FailurePolicy::default(),
+                vm_env: Vec::new(),
             })
             .expect("filter loads");
         assert!(vm.is_serving(), "{name}: {:?}", vm.failure);

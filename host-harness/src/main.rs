@@ -42,7 +42,11 @@ cannot load. Nothing is sent anywhere: run it before pushing a configuration to 
   --name NAME     the plugin name (and VM id) Envoy gives the filter (default: the .wasm's
                   file name without .wasm, '_' as '-'; envoy/render.py uses e.g. token-auth)
   --root-id ID    the plugin's root_id (default: empty, as render.py sets it)
-  --cluster NAME  a cluster the filter may call while starting (repeatable)";
+  --cluster NAME  a cluster the filter may call while starting (repeatable)
+  --env NAME=VALUE  a variable of the VM's environment, as Envoy's
+                  vm_config.environment_variables gives it (repeatable; render.py passes a
+                  placeholder value for each host_env_keys name: what is checked is the
+                  configuration, not the environment Envoy will run with)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -155,6 +159,7 @@ fn validate_command(args: Vec<String>) -> ExitCode {
     let mut name = None;
     let mut root_id = String::new();
     let mut clusters = HashSet::new();
+    let mut vm_env = Vec::new();
     let mut positional = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -179,6 +184,15 @@ fn validate_command(args: Vec<String>) -> ExitCode {
                 Ok(v) => {
                     clusters.insert(v);
                 }
+                Err(code) => return code,
+            },
+            "--env" => match value("NAME=VALUE") {
+                Ok(v) => match v.split_once('=') {
+                    Some((name, value)) if !name.is_empty() => {
+                        vm_env.push((name.to_string(), value.to_string()));
+                    }
+                    _ => return usage_error("--env needs NAME=VALUE", VALIDATE_USAGE),
+                },
                 Err(code) => return code,
             },
             _ if arg.starts_with('-') => {
@@ -214,6 +228,7 @@ fn validate_command(args: Vec<String>) -> ExitCode {
         &root_id,
         configuration,
         clusters,
+        vm_env,
     ) {
         Ok(v) => v,
         Err(e) => {

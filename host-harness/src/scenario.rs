@@ -71,6 +71,10 @@ pub struct FilterDef {
     /// With "reload": how long after the VM's last load a request may start a fresh VM
     /// (default 1000, Envoy's backoff base).
     pub reload_backoff_ms: Option<u64>,
+    /// The VM's environment variables (WASI `environ`), as Envoy's
+    /// `vm_config.environment_variables` gives them: `{ NAME = "value" }`.
+    #[serde(default)]
+    pub vm_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
@@ -110,6 +114,10 @@ pub struct CannedResponse {
     pub path_prefix: Option<String>,
     /// Matches only calls whose body contains this text (e.g. the token being introspected).
     pub body_contains: Option<String>,
+    /// Matches only calls carrying each of these headers with exactly this value (names in
+    /// any case; e.g. the `authorization` a token request must send).
+    #[serde(default)]
+    pub request_headers: BTreeMap<String, HeaderValue>,
     /// Answer at most this many calls, then let later entries match (e.g. key rotation).
     pub times: Option<u32>,
     #[serde(default = "ok_status")]
@@ -554,6 +562,11 @@ fn plugin_spec(def: &FilterDef, base: &Path, options: &RunOptions) -> Result<Plu
         limits,
         allow_on_headers_stop_iteration: def.allow_on_headers_stop_iteration,
         failure_policy: failure_policy(def)?,
+        vm_env: def
+            .vm_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     })
 }
 
@@ -1099,6 +1112,11 @@ impl CalloutResolver for ScenarioResolver {
                 && r.body_contains
                     .as_ref()
                     .is_none_or(|b| body.contains(b.as_str()))
+                && r.request_headers.iter().all(|(name, want)| {
+                    call.headers
+                        .iter()
+                        .any(|(n, v)| n.eq_ignore_ascii_case(name) && *v == want.0)
+                })
                 && r.times.is_none_or(|t| used.unwrap_or(0) < t)
         });
         let Some((index, canned)) = found else {

@@ -29,7 +29,7 @@ impl Validation {
 
 /// Starts `wasm` with `configuration` as Envoy's plugin `name` (root id `root_id`, VM id =
 /// `name` as render.py sets it). `clusters`: the cluster names the filter may call (only
-/// a callout made while starting looks them up).
+/// a callout made while starting looks them up). `vm_env`: the VM's environment (name, value).
 pub fn validate(
     runtime: &Runtime,
     wasm: PathBuf,
@@ -37,6 +37,7 @@ pub fn validate(
     root_id: &str,
     configuration: Vec<u8>,
     clusters: HashSet<String>,
+    vm_env: Vec<(String, String)>,
 ) -> Result<Validation> {
     // Envoy's clock is the wall clock: a configuration with dates is judged as of now.
     let now_nanos = std::time::SystemTime::now()
@@ -53,6 +54,7 @@ pub fn validate(
         limits: Limits::default(),
         allow_on_headers_stop_iteration: false,
         failure_policy: FailurePolicy::FailClosed,
+        vm_env,
     };
     let vm = PluginVm::start(runtime, spec, shared.clone(), Arc::new(clusters), 0)?;
     Ok(Validation {

@@ -137,6 +137,9 @@ pub struct PluginSpec {
     pub allow_on_headers_stop_iteration: bool,
     /// Envoy's `failure_policy`: what happens after the VM traps.
     pub failure_policy: FailurePolicy,
+    /// The VM's environment (WASI `environ_get`), as Envoy's `vm_config.environment_variables`
+    /// (`host_env_keys` copied from Envoy's own environment, `key_values` given): name, value.
+    pub vm_env: Vec<(String, String)>,
 }
 
 /// Envoy's wasm `PluginConfig.failure_policy`, as far as it concerns a VM that fails at run
@@ -240,7 +243,7 @@ impl PluginVm {
     ) -> Result<Self> {
         let module = runtime.module(&spec.wasm)?;
         let state = HostState {
-            wasi: WasiCtxBuilder::new().build_p1(),
+            wasi: WasiCtxBuilder::new().envs(&spec.vm_env).build_p1(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(spec.limits.memory_bytes)
                 .build(),

@@ -52,6 +52,7 @@ fn spec(name: &str, file: &str, config: &str) -> PluginSpec {
         allow_on_headers_stop_iteration: true,
         // A trap is a finding here: keep the failed VM rather than reload it.
         failure_policy: FailurePolicy::FailClosed,
+        vm_env: Vec::new(),
     }
 }
 

@@ -62,9 +62,9 @@ def tokens(idp):
 
 
 def gateway(work_dir, idp, broker, name, registry, owners_tls=None, ownership=OWNERSHIP,
-            http_clusters=(), concurrency=2):
+            http_clusters=(), concurrency=2, environment=None):
     """token-auth -> device-ownership (registry source) as ngsi-gateway's stages."""
-    return e2e.Envoy(
+    return e2e.Envoy(environment=environment,
         work_dir=work_dir, name=name, filter_config=e2e.token_auth_config(idp),
         broker_port=broker.port, idp_port=idp.port,
         wasm=e2e.copy_module(work_dir, os.path.join(e2e.render.WASM_DIR, "ngsi_gateway.wasm")),
@@ -255,6 +255,91 @@ def test_without_the_idp_registry_calls_fail_closed(work_dir, idp, broker, token
         assert proxy.stats(STATS)["registry_token.failed"] >= 1
     finally:
         proxy.stop()
+
+
+# ---- the client secret from Envoy's environment (client_secret_env) ----
+
+SECRET_ENV = "E2E_OWNERSHIP_CLIENT_SECRET"
+
+
+def env_secret_ownership(idp):
+    """client_credentials_ownership with the secret named by an environment variable."""
+    ownership = client_credentials_ownership(idp)
+    grant = ownership["sources"][0]["auth"]["client_credentials"]
+    del grant["client_secret"]
+    grant["client_secret_env"] = SECRET_ENV
+    return ownership
+
+
+def test_the_client_secret_comes_from_envoys_environment_and_stays_out_of_its_config(
+        work_dir, idp, broker, token_registry, tokens):
+    """Envoy started with the secret in its environment: render.py lists the variable in the
+    filter's vm_config.environment_variables.host_env_keys, the filter reads it at configure
+    time and the real IdP gives the sidecar's client a token with it (so the Basic
+    authorization carried the right secret); the secret is nowhere in Envoy's config dump."""
+    assert SECRET_ENV not in os.environ
+    secret = e2e.IdP.SIDECAR[1]
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc-env", token_registry,
+                    ownership=env_secret_ownership(idp), concurrency=1,
+                    environment={SECRET_ENV: secret})
+    try:
+        fetched = idp.count("/token")
+        p = uuid.uuid4().hex
+        r = ownership_chain.call(proxy, tokens, OWNER, "GET", f"/v2/entities/{lamp}", probe=p)
+        assert r.status == 404, r.body  # passed: the broker stand-in knows no such entity
+        assert len(broker.received(p)) == 1
+        [token] = {c["token"] for c in token_registry.calls_for(lamp)}
+        assert idp.introspect(token)["client_id"] == e2e.IdP.SIDECAR[0]
+        assert idp.count("/token") - fetched == 1
+        dump = proxy.admin("/config_dump").body.decode()
+        assert '"host_env_keys"' in dump and f'"{SECRET_ENV}"' in dump
+        assert '"client_secret_env\\":\\"' + SECRET_ENV in dump
+        assert secret not in dump and '"client_secret\\"' not in dump
+        assert secret not in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
+def test_without_the_variable_envoy_refuses_the_filters_configuration(
+        work_dir, idp, broker, token_registry):
+    """The same configuration, Envoy started without the variable: the filter refuses its
+    configuration at start (naming client_secret_env), so Envoy does not start; no request is
+    ever served without the registry's credentials."""
+    assert SECRET_ENV not in os.environ
+    name = "envoy-registry-cc-env-unset"
+    with pytest.raises(RuntimeError, match="exited"):
+        gateway(work_dir, idp, broker, name, token_registry,
+                ownership=env_secret_ownership(idp), concurrency=1)
+    with open(os.path.join(work_dir, f"{name}.log"), errors="replace") as f:
+        log = f.read()
+    assert ("device_ownership: sources[0].auth.client_credentials.client_secret_env: the "
+            f"environment variable {SECRET_ENV} is not set or is empty") in log
+
+
+def test_render_py_passes_the_variable_through_and_validates_with_a_placeholder(work_dir, idp):
+    """render.py on the command line: the offline validation (host-harness, the real .wasm)
+    accepts the configuration without the variable in render.py's environment, and the
+    rendered filter names the variable in host_env_keys, never a value."""
+    import json
+    import sys
+    config = os.path.join(work_dir, "env-secret-ownership.json")
+    with open(config, "w") as f:
+        json.dump(env_secret_ownership(idp), f)
+    token_auth = os.path.join(work_dir, "env-secret-token-auth.json")
+    with open(token_auth, "w") as f:
+        json.dump(e2e.token_auth_config(idp), f)
+    done = subprocess.run(
+        [sys.executable, os.path.join(e2e.ROOT, "envoy", "render.py"),
+         "--filter-config", token_auth, "--device-ownership-config", config,
+         "--owners", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "NOT validated" not in done.stdout + done.stderr
+    assert f"host_env_keys:\n" in done.stdout and f'- "{SECRET_ENV}"' in done.stdout, done.stdout
+    assert f"# Start Envoy with {SECRET_ENV} in its environment" in done.stdout
+    assert e2e.IdP.SIDECAR[1] not in done.stdout
 
 
 # ---- token-auth's device registry, with the same auth ----

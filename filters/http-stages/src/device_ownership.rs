@@ -174,10 +174,13 @@ fn unavailable(why: &str) -> DenyReason {
 impl DeviceOwnershipStage {
     /// The stage of the separate device-ownership filter, from its plugin configuration.
     pub fn from_plugin_config() -> Option<Self> {
-        proxy_glue::load_config::<OwnershipConfig, _>(NAME, Ownership::new).map(Self::with)
+        proxy_glue::load_config::<OwnershipConfig, _>(NAME, Self::new)
     }
 
-    pub fn new(config: OwnershipConfig) -> Result<Self, String> {
+    /// Builds the stage from a parsed configuration, with the environment variables it names
+    /// read from the VM's environment (once, here, at configure time).
+    pub fn new(mut config: OwnershipConfig) -> Result<Self, String> {
+        config.read_environment(&proxy_glue::env_var);
         Ownership::new(config).map(Self::with)
     }
 

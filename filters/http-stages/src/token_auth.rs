@@ -142,10 +142,13 @@ pub struct TokenAuthStage {
 impl TokenAuthStage {
     /// The stage of the separate token-auth filter, from its plugin configuration.
     pub fn from_plugin_config() -> Option<Self> {
-        proxy_glue::load_config::<TokenAuthConfig, _>(NAME, TokenAuth::new).map(Self::with)
+        proxy_glue::load_config::<TokenAuthConfig, _>(NAME, Self::new)
     }
 
-    pub fn new(config: TokenAuthConfig) -> Result<Self, String> {
+    /// Builds the stage from a parsed configuration, with the environment variables it names
+    /// read from the VM's environment (once, here, at configure time).
+    pub fn new(mut config: TokenAuthConfig) -> Result<Self, String> {
+        config.read_environment(&proxy_glue::env_var);
         TokenAuth::new(config).map(Self::with)
     }
 

@@ -8,6 +8,13 @@
 //!   "client_id": "envoy-sidecar", "client_secret": "...", "scope": "ownership"}}
 //! ```
 //!
+//! The secret is either in the configuration (`client_secret`) or in an environment variable of
+//! the VM (`client_secret_env`: its name; Envoy exposes a variable of its own environment to the
+//! VM with `vm_config.environment_variables.host_env_keys`, through WASI). The filter reads the
+//! variable once, at configure time ([`ClientCredentials::read_environment`], handed the
+//! environment by the glue: this crate reads none); a variable that is unset or empty refuses
+//! the configuration, as does giving both or neither.
+//!
 //! Sans-IO: [`ClientCredentials::token_request`] is the call (`POST`, form body
 //! `grant_type=client_credentials[&scope=...]`, the client authenticated with HTTP Basic,
 //! `client_secret_basic`, RFC 6749 §2.3.1); [`ClientCredentials::read_answer`] reads the IdP's
@@ -43,14 +50,23 @@ pub struct UpstreamAuth {
 }
 
 /// The client-credentials grant. The secret is in the configuration (as introspection's
-/// `credentials`): a proxy-wasm module in Envoy has no file system, and the configuration
-/// already travels as a secret-bearing resource (file or ECDS). `Debug` redacts it.
+/// `credentials`: the configuration then travels as a secret-bearing resource, file or ECDS,
+/// and shows in Envoy's config dump), or in an environment variable of the VM (a proxy-wasm
+/// module in Envoy has no file system). `Debug` redacts it.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientCredentials {
     pub token_endpoint: Upstream,
     pub client_id: String,
-    pub client_secret: String,
+    /// The secret itself (or `client_secret_env`).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// The name of the VM's environment variable holding the secret (or `client_secret`).
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// The value of `client_secret_env`, once [`ClientCredentials::read_environment`] read it.
+    #[serde(skip)]
+    secret_from_env: Option<String>,
     /// Space-separated scopes asked for (absent: the IdP's default for the client).
     #[serde(default)]
     pub scope: Option<String>,
@@ -69,7 +85,15 @@ impl fmt::Debug for ClientCredentials {
         f.debug_struct("ClientCredentials")
             .field("token_endpoint", &self.token_endpoint)
             .field("client_id", &self.client_id)
-            .field("client_secret", &"<redacted>")
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_secret_env", &self.client_secret_env)
+            .field(
+                "secret_from_env",
+                &self.secret_from_env.as_ref().map(|_| "<redacted>"),
+            )
             .field("scope", &self.scope)
             .field("refresh_margin_s", &self.refresh_margin_s)
             .finish()
@@ -113,7 +137,35 @@ fn printable(text: &str) -> bool {
     !text.is_empty() && text.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Whether `name` is a portable environment variable name (POSIX: letters, digits and `_`, not
+/// starting with a digit).
+fn env_name(name: &str) -> bool {
+    name.len() <= 256
+        && name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 impl ClientCredentials {
+    /// Reads `client_secret_env` (if given) from `env`, the VM's environment, once: call it at
+    /// configure time, before [`ClientCredentials::validate`], which refuses a variable that
+    /// was unset or empty. `env` answers None for an unset variable.
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        self.secret_from_env = self
+            .client_secret_env
+            .as_deref()
+            .filter(|name| env_name(name))
+            .and_then(env)
+            .filter(|value| !value.is_empty());
+    }
+
+    /// The secret: the configured one, or the environment variable's value.
+    fn secret(&self) -> &str {
+        self.client_secret
+            .as_deref()
+            .or(self.secret_from_env.as_deref())
+            .unwrap_or_default()
+    }
+
     /// Checks what serde could not; the message names the field (below `auth`).
     pub fn validate(&self) -> Result<(), String> {
         let at = "auth.client_credentials";
@@ -124,10 +176,48 @@ impl ClientCredentials {
                 "{at}.client_id: must be 1 to 256 printable ASCII characters or spaces"
             ));
         }
-        if self.client_secret.is_empty() || self.client_secret.chars().any(char::is_control) {
-            return Err(format!(
-                "{at}.client_secret: must be non-empty, without control characters"
-            ));
+        match (&self.client_secret, &self.client_secret_env) {
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{at}.client_secret_env: give client_secret or client_secret_env, not both"
+                ))
+            }
+            (None, None) => {
+                return Err(format!(
+                    "{at}.client_secret: missing (give client_secret, or client_secret_env \
+                     naming an environment variable that holds it)"
+                ))
+            }
+            (Some(secret), None) => {
+                if secret.is_empty() || secret.chars().any(char::is_control) {
+                    return Err(format!(
+                        "{at}.client_secret: must be non-empty, without control characters"
+                    ));
+                }
+            }
+            (None, Some(name)) => {
+                if !env_name(name) {
+                    return Err(format!(
+                        "{at}.client_secret_env: {name:?} is not an environment variable name \
+                         (letters, digits and _, not starting with a digit)"
+                    ));
+                }
+                match &self.secret_from_env {
+                    None => {
+                        return Err(format!(
+                            "{at}.client_secret_env: the environment variable {name} is not set \
+                             or is empty in the VM (in Envoy, start Envoy with it and list it in \
+                             vm_config.environment_variables.host_env_keys)"
+                        ))
+                    }
+                    Some(value) if value.chars().any(char::is_control) => {
+                        return Err(format!(
+                            "{at}.client_secret_env: the value of {name} has control characters"
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
         }
         if let Some(scope) = &self.scope {
             let ok = !scope.is_empty()
@@ -158,10 +248,7 @@ impl ClientCredentials {
             .call("POST")
             .with_header("content-type", "application/x-www-form-urlencoded")
             .with_header("accept", "application/json")
-            .with_header(
-                "authorization",
-                basic_auth(&self.client_id, &self.client_secret),
-            )
+            .with_header("authorization", basic_auth(&self.client_id, self.secret()))
             .with_header("content-length", body.len().to_string())
             .with_body(body)
     }
@@ -321,6 +408,91 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    /// A grant from `config` after reading `env` (name, value) as the VM's environment.
+    fn from_env(config: Value, env: &[(&str, &str)]) -> Result<ClientCredentials, String> {
+        let mut grant: ClientCredentials =
+            serde_json::from_value(config).map_err(|e| e.to_string())?;
+        let lookup = |name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        };
+        grant.read_environment(&lookup);
+        grant.validate().map(|()| grant)
+    }
+
+    #[test]
+    fn the_secret_may_come_from_an_environment_variable() {
+        let config = json!({"token_endpoint": {"cluster": "idp", "path": "/token"},
+                            "client_id": "envoy", "client_secret_env": "REGISTRY_SECRET"});
+        let grant = from_env(config.clone(), &[("REGISTRY_SECRET", "fr0m:env")]).unwrap();
+        let basic = grant.token_request();
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(
+                basic
+                    .header("authorization")
+                    .unwrap()
+                    .strip_prefix("Basic ")
+                    .unwrap(),
+            )
+            .unwrap();
+        assert_eq!(decoded, b"envoy:fr0m%3Aenv");
+        assert!(!format!("{grant:?}").contains("fr0m"), "{grant:?}");
+        // Unset, empty, or never read: refused, naming the variable, never a value.
+        for env in [&[][..], &[("REGISTRY_SECRET", "")], &[("OTHER", "x")]] {
+            let err = from_env(config.clone(), env).unwrap_err();
+            assert!(
+                err.starts_with(
+                    "auth.client_credentials.client_secret_env: the environment \
+                                 variable REGISTRY_SECRET is not set or is empty"
+                ),
+                "{err}"
+            );
+        }
+        let unread: ClientCredentials = serde_json::from_value(config.clone()).unwrap();
+        assert!(unread.validate().is_err());
+        let err = from_env(config, &[("REGISTRY_SECRET", "a\nb")]).unwrap_err();
+        assert!(
+            err.contains("control characters") && !err.contains("a\nb"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_secret_is_given_once_and_the_variable_name_is_checked() {
+        let base = json!({"token_endpoint": {"cluster": "idp", "path": "/token"},
+                          "client_id": "envoy"});
+        let with = |extra: Value| {
+            let mut c = base.clone();
+            if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(e.clone());
+            }
+            from_env(c, &[("S", "x"), ("1S", "x")])
+        };
+        let both = with(json!({"client_secret": "x", "client_secret_env": "S"})).unwrap_err();
+        assert!(
+            both.starts_with(
+                "auth.client_credentials.client_secret_env: give client_secret or \
+                              client_secret_env, not both"
+            ),
+            "{both}"
+        );
+        let neither = with(json!({})).unwrap_err();
+        assert!(
+            neither.starts_with("auth.client_credentials.client_secret: missing"),
+            "{neither}"
+        );
+        for name in ["", "1S", "A=B", "A B", "Ä"] {
+            let err = with(json!({"client_secret_env": name})).unwrap_err();
+            assert!(
+                err.contains("is not an environment variable name"),
+                "{name}: {err}"
+            );
+        }
+        assert!(with(json!({"client_secret_env": "_S1"})).is_err()); // unset
+        assert!(with(json!({"client_secret_env": "S"})).is_ok());
     }
 
     #[test]

@@ -516,12 +516,7 @@ impl MqttAcl {
                     .map_err(|e| format!("jwt_providers: {e}"))?,
             )
         };
-        let device_keys = config
-            .device_keys
-            .as_ref()
-            .map(DeviceKeys::new)
-            .transpose()
-            .map_err(|e| e.detail())?;
+        // Before the registry's own checks (which would ask for its secret).
         if config
             .device_keys
             .as_ref()
@@ -535,6 +530,12 @@ impl MqttAcl {
                     .into(),
             );
         }
+        let device_keys = config
+            .device_keys
+            .as_ref()
+            .map(DeviceKeys::new)
+            .transpose()
+            .map_err(|e| e.detail())?;
         if let Some(mtls) = &config.mtls {
             if mtls.strip_prefix.as_deref() == Some("") {
                 return Err("mtls.strip_prefix must not be empty (leave it out)".into());

@@ -206,6 +206,18 @@ fn bad_config(what: &str, detail: impl std::fmt::Display) -> String {
     format!("{what}: {detail}")
 }
 
+impl TokenAuthConfig {
+    /// Reads the environment variables the configuration names (the device registry's
+    /// `auth.client_credentials.client_secret_env`) from `env`, the VM's environment; call it
+    /// once at configure time, before [`TokenAuth::new`] (which refuses one unset).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        let registry = self.device_keys.as_mut().and_then(|d| d.registry.as_mut());
+        if let Some(auth) = registry.and_then(|r| r.auth.as_mut()) {
+            auth.client_credentials.read_environment(env);
+        }
+    }
+}
+
 impl TokenAuth {
     /// Validates everything; the message says what is wrong.
     pub fn new(config: TokenAuthConfig) -> Result<Self, String> {
@@ -1266,5 +1278,46 @@ mod tests {
             "credentials": {"client_id": "envoy", "client_secret": "s"}}});
         bad_realm["realm"] = "a\"b".into();
         assert!(err(bad_realm).contains("realm"));
+    }
+
+    #[test]
+    fn the_device_registrys_secret_may_come_from_the_environment() {
+        let build = |env: Option<&str>| {
+            let mut config: TokenAuthConfig = serde_json::from_value(serde_json::json!({
+                "credentials": {"sources": [
+                    {"type": "device_key", "in": "header", "id": "x-id", "key": "x-key"}]},
+                "device_keys": {"registry": {
+                    "cluster": "reg", "authority": "reg", "path": "/keys",
+                    "auth": {"client_credentials": {
+                        "token_endpoint": {"cluster": "idp", "path": "/token"},
+                        "client_id": "envoy", "client_secret_env": "REGISTRY_SECRET"}}}},
+                "realm": "devices"}))
+            .unwrap();
+            config.read_environment(&|name: &str| {
+                (name == "REGISTRY_SECRET")
+                    .then(|| env.map(str::to_string))
+                    .flatten()
+            });
+            TokenAuth::new(config)
+        };
+        let a = build(Some("s3cret")).unwrap();
+        let grant = a.device_registry().unwrap().config().auth.as_ref().unwrap();
+        assert_eq!(
+            grant
+                .client_credentials
+                .token_request()
+                .header("authorization"),
+            Some("Basic ZW52b3k6czNjcmV0") // base64("envoy:s3cret")
+        );
+        for env in [None, Some("")] {
+            let refused = build(env).map(|_| ()).unwrap_err();
+            assert!(
+                refused.starts_with(
+                    "device_keys.registry.auth.client_credentials.client_secret_env: the \
+                     environment variable REGISTRY_SECRET is not set"
+                ),
+                "{refused}"
+            );
+        }
     }
 }

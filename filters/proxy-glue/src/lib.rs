@@ -48,6 +48,14 @@ where
     }
 }
 
+/// A variable of the VM's environment (WASI `environ`: in Envoy, what
+/// `vm_config.environment_variables` exposes; in host-harness, a filter's `vm_env`), or None
+/// when it is unset or not text. Read at configure time only: a VM's environment does not
+/// change, and request paths must not depend on it.
+pub fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 /// [`load_config`] for a configuration that needs no further building.
 pub fn parse_plugin_config<T: serde::de::DeserializeOwned>(filter: &str) -> Option<T> {
     load_config(filter, Ok::<T, String>)

@@ -70,6 +70,7 @@ pub fn chain_with_clusters(
                 limits: Limits::default(),
                 allow_on_headers_stop_iteration,
                 failure_policy: FailurePolicy::default(),
+                vm_env: Vec::new(),
             })
             .expect("filter loads");
         assert!(vm.is_serving(), "{:?}", vm.failure);

@@ -55,6 +55,7 @@ pub fn spec_with_limits(configuration: &str, limits: Limits) -> PluginSpec {
         limits,
         allow_on_headers_stop_iteration: false,
         failure_policy: FailurePolicy::default(),
+        vm_env: Vec::new(),
     }
 }
 

@@ -108,6 +108,7 @@ pub fn chain(
                 allow_on_headers_stop_iteration: *allow_on_headers_stop_iteration,
                 // A trap is a finding: keep the failed VM as it is rather than reload it.
                 failure_policy: FailurePolicy::FailClosed,
+                vm_env: Vec::new(),
             })
             .expect("filter loads");
     }

@@ -2024,4 +2024,10 @@ fn a_registry_with_client_credentials_is_refused_mqtt_acl_relies_on_mtls() {
         err.contains("device_keys.registry.auth") && err.contains("mTLS"),
         "{err}"
     );
+    // With the secret in an environment variable too: the refusal says why, not "unset".
+    let grant = &mut config["device_keys"]["registry"]["auth"]["client_credentials"];
+    grant["client_secret_env"] = json!("REGISTRY_SECRET");
+    grant.as_object_mut().unwrap().remove("client_secret");
+    let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+    assert!(err.contains("mTLS"), "{err}");
 }

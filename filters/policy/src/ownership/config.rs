@@ -291,6 +291,20 @@ impl DelegationConfig {
 }
 
 impl OwnershipConfig {
+    /// Reads the environment variables the configuration names (a registry source's
+    /// `auth.client_credentials.client_secret_env`) from `env`, the VM's environment; call it
+    /// once at configure time, before building the engine (which refuses one unset).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        for source in &mut self.sources {
+            if let SourceConfig::Registry(RegistrySource {
+                auth: Some(auth), ..
+            }) = source
+            {
+                auth.client_credentials.read_environment(env);
+            }
+        }
+    }
+
     /// Checks everything and builds the static map.
     pub fn validate(&self) -> Result<HashMap<EntityKey, Record>, String> {
         self.identity_headers.validate()?;

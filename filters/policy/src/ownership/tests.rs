@@ -1450,3 +1450,39 @@ fn a_registry_source_may_authenticate_with_client_credentials() {
             .is_none()
     );
 }
+
+#[test]
+fn a_registry_sources_secret_may_come_from_the_environment() {
+    let with_env = |env: &[(&str, &str)]| {
+        let mut c = config(json!({"sources": [
+            {"kind": "static", "entities": []},
+            {"kind": "registry", "cluster": "owners",
+             "auth": {"client_credentials": {
+                 "token_endpoint": {"cluster": "idp", "path": "/token"},
+                 "client_id": "envoy", "client_secret_env": "OWNERS_SECRET"}}}]}));
+        let env = env.to_vec();
+        c.read_environment(&move |name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        });
+        Ownership::new(c)
+    };
+    let own = with_env(&[("OWNERS_SECRET", "s3cret")]).unwrap();
+    let basic = own.source_auth(1).unwrap().token_request();
+    // base64("envoy:s3cret")
+    assert_eq!(
+        basic.header("authorization"),
+        Some("Basic ZW52b3k6czNjcmV0")
+    );
+    let Err(refused) = with_env(&[]) else {
+        panic!("an unset variable was accepted");
+    };
+    assert!(
+        refused.starts_with(
+            "sources[1].auth.client_credentials.client_secret_env: the environment variable \
+             OWNERS_SECRET is not set"
+        ),
+        "{refused}"
+    );
+}
