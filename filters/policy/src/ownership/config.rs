@@ -146,7 +146,7 @@ pub struct RegistrySource {
     /// How the filter authenticates its calls (absent: it does not; mTLS on the cluster
     /// needs nothing here).
     #[serde(default)]
-    pub auth: Option<UpstreamAuth>,
+    pub auth: Option<Box<UpstreamAuth>>,
 }
 
 impl<'de> Deserialize<'de> for SourceConfig {
