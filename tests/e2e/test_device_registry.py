@@ -7,9 +7,11 @@ whose keys can be revoked while the test runs. HTTP requests go to the Orion sta
 (broker_standin.py), MQTT to a real Mosquitto (allow_anonymous, no ACL: every refusal seen
 here is the filter's)."""
 
+import threading
 import time
 import uuid
 
+import paho.mqtt.client as paho  # tests/e2e/requirements.txt
 import pytest
 
 import e2e_support as e2e
@@ -253,3 +255,133 @@ def test_a_revoked_device_key_is_refused_after_the_ttl(mqtt_proxy, registry):
     assert "bad user name or password" in done.stderr.lower(), done.stderr
     assert time.monotonic() - revoked_at <= POSITIVE_TTL_S + 3
     assert registry.asks(device) == 2
+
+
+# ---- open connections: re-checked before the registry answer they run on expires ----------
+# (filters/mqtt-acl/README.md, "Open connections: re-checked before their answer expires")
+
+# How late after the TTL a revoked key's connection may be closed: the filter's tick (250 ms)
+# plus Envoy's and the client's scheduling on a shared machine. The filter itself re-checks
+# 2 s (the 1 s timeout rounded up, plus 1 s) before the 4 s answer expires.
+CLOSE_SLACK_S = 1.0
+
+
+class Paho:
+    """paho-mqtt over TCP, a registered device (user name = client id = device id): CONNACK
+    code, messages received, when the connection was lost (paho does not reconnect)."""
+
+    def __init__(self, port, device, key, protocol=paho.MQTTv311):
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=device,
+                                  protocol=protocol)
+        self.client.username_pw_set(device, key)
+        self.connack = None
+        self.subacks = {}
+        self.messages = []
+        self.lost_at = None
+        self.client.on_connect = lambda c, u, flags, rc, props: setattr(self, "connack", rc)
+        self.client.on_subscribe = lambda c, u, mid, codes, props: self.subacks.update(
+            {mid: [int(code.value) for code in codes]})
+        self.client.on_message = lambda c, u, m: self.messages.append(m.payload.decode())
+        self.client.on_disconnect = self._lost
+        self.client.connect("127.0.0.1", port, keepalive=60)
+        self.client.loop_start()
+        e2e.wait_until(lambda: self.connack is not None, "paho's CONNACK", timeout=10)
+        assert self.connack == 0, self.connack
+
+    def _lost(self, client, userdata, flags, rc, props):
+        if self.lost_at is None:
+            self.lost_at = time.monotonic()
+        # No reconnect: a reconnect with the revoked key would be refused anyway.
+        client.loop_stop()
+
+    def subscribe(self, topic):
+        _, mid = self.client.subscribe(topic, qos=0)
+        e2e.wait_until(lambda: mid in self.subacks, "paho's SUBACK", timeout=10)
+        return self.subacks[mid]
+
+    def stop(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_an_open_connection_with_a_revoked_key_is_closed_within_the_ttl(
+        mqtt_proxy, mosquitto, registry):
+    """A publisher (MQTT 5) and a subscriber (3.1.1), both registered devices, through Envoy to
+    Mosquitto. The publisher's key is revoked while it publishes every 100 ms: its connection is
+    closed within the TTL (+ CLOSE_SLACK_S), and nothing it sent after the close reaches the
+    subscriber or the broker. The subscriber's key is still listed: it stays connected."""
+    device, key = new_device(registry)
+    watcher, watcher_key = new_device(registry, "watcher")
+    spy = e2e.MqttSubscriber(mosquitto.port, "-i", "spy-" + uuid.uuid4().hex[:6],
+                             "-t", f"lamps/{device}/#")
+    sub = Paho(mqtt_proxy.port, watcher, watcher_key)
+    pub = Paho(mqtt_proxy.port, device, key, protocol=paho.MQTTv5)
+    sent = []  # (payload, monotonic time it was handed to paho)
+    stop = threading.Event()
+    try:
+        assert sub.subscribe(f"lamps/{device}/#") == [0]
+        before = f"before-{uuid.uuid4().hex[:6]}"
+        pub.client.publish(f"lamps/{device}/state", before)
+        e2e.wait_until(lambda: before in sub.messages, "the first message at the subscriber")
+        revoked_at = time.monotonic()
+        registry.set_keys(device, [])
+
+        def publish_until_stopped():
+            n = 0
+            while not stop.is_set():
+                payload = f"seq-{n}"
+                sent.append((payload, time.monotonic()))
+                pub.client.publish(f"lamps/{device}/state", payload)
+                n += 1
+                time.sleep(0.1)
+
+        publisher = threading.Thread(target=publish_until_stopped, daemon=True)
+        publisher.start()
+        e2e.wait_until(lambda: pub.lost_at, "the revoked device's connection to be closed",
+                       timeout=POSITIVE_TTL_S + 5, interval=0.05)
+        closed_after = pub.lost_at - revoked_at
+        assert closed_after <= POSITIVE_TTL_S + CLOSE_SLACK_S, closed_after
+        # It goes on trying for a second after the close (paho drops what it cannot send).
+        time.sleep(1.0)
+        stop.set()
+        publisher.join(5)
+        time.sleep(0.5)  # anything still in flight would have arrived
+        after_close = {p for p, at in sent if at > pub.lost_at}
+        assert after_close, "the publisher kept publishing after the close"
+        assert not after_close & set(sub.messages), sub.messages
+        assert not any(p in line for line in spy.messages() for p in after_close), spy.lines
+        # Published before the close, within the TTL: delivered (the key still counted).
+        assert before in sub.messages
+        # The subscriber's key is still listed: its connection is still up, and it receives.
+        assert sub.lost_at is None
+        assert registry.asks(device) >= 2, "the open connection asked the registry again"
+        stats = mqtt_proxy.stats("wasmcustom.mqtt_acl.")
+        assert stats.get("closed.revoked", 0) >= 1, stats
+        decisions = [l for l in mqtt_proxy.log_text().splitlines()
+                     if "no longer lists the key" in l and f'subject="{device}"' in l]
+        assert decisions, "no decision line for the revoked key"
+    finally:
+        stop.set()
+        spy.stop()
+        sub.stop()
+        pub.stop()
+
+
+def test_a_connection_whose_key_stays_listed_stays_up_past_the_ttl(mqtt_proxy, registry):
+    device, key = new_device(registry)
+    conn = Paho(mqtt_proxy.port, device, key)
+    try:
+        assert conn.subscribe(f"lamps/{device}/#") == [0]
+        asked = registry.asks(device)
+        rechecked = mqtt_proxy.stats("wasmcustom.mqtt_acl.").get("registry.rechecked", 0)
+        time.sleep(2.5 * POSITIVE_TTL_S)
+        assert conn.lost_at is None, "closed although the key is still listed"
+        marker = "still-" + uuid.uuid4().hex[:6]
+        conn.client.publish(f"lamps/{device}/state", marker)
+        e2e.wait_until(lambda: marker in conn.messages, "its own message, past the TTL")
+        # Re-checked all along (every 2 s: the 4 s answer, asked again 2 s before it expires).
+        assert registry.asks(device) >= asked + 3
+        stats = mqtt_proxy.stats("wasmcustom.mqtt_acl.")
+        assert stats.get("registry.rechecked", 0) >= rechecked + 3, stats
+    finally:
+        conn.stop()

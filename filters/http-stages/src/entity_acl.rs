@@ -8,6 +8,7 @@
 //! `allow_on_headers_stop_iteration: true`, or the body never reaches it).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 
 use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
@@ -24,15 +25,33 @@ pub struct EntityAclStage {
     /// a new stage).
     cache: DecisionCache,
     metrics: DecisionMetrics,
+    /// The facts of the streams waiting for their body (taken in `on_body`), so the headers
+    /// are read and the identity parsed once per request.
+    waiting: HashMap<u32, Facts>,
 }
 
 /// Who the request is from, and the headers the engine reads; kept between the headers and
 /// the body.
 struct Facts {
-    identity: Option<Identity>,
+    /// The identity parsed from token-auth's identity headers; None when an earlier stage of
+    /// this module authenticated the caller (then it is `req.caller`'s, not copied).
+    parsed: Option<Option<Identity>>,
     method: String,
     path: String,
-    headers: Vec<(String, String)>,
+    /// The headers the NGSI model reads (the tenant headers): what the decision and its cache
+    /// key are given.
+    tenant: Vec<(String, String)>,
+}
+
+impl Facts {
+    /// The caller of `req`, whose facts these are.
+    fn identity<'a>(&'a self, req: &'a Request) -> Option<&'a Identity> {
+        match (&self.parsed, &req.caller) {
+            (Some(parsed), _) => parsed.as_ref(),
+            (None, Caller::Known(identity)) => identity.as_ref(),
+            (None, Caller::FromHeaders) => None,
+        }
+    }
 }
 
 impl EntityAclStage {
@@ -58,6 +77,7 @@ impl EntityAclStage {
             acl,
             cache: DecisionCache::default(),
             metrics: DecisionMetrics::define("entity_acl"),
+            waiting: HashMap::new(),
         }
     }
 
@@ -68,20 +88,33 @@ impl EntityAclStage {
             .map_err(|reason| deny_verdict("-".into(), reason))?;
         let get = |name: &str| proxy_glue::first_header(&headers, name);
         let (method, path) = (get(":method"), get(":path"));
-        let identity = match &req.caller {
-            Caller::Known(identity) => identity.clone(),
-            Caller::FromHeaders => self
-                .acl
-                .identity_headers
-                .parse(&headers)
-                .map_err(|e| deny_verdict(format!("{method} -"), DenyReason::BadRequest(e)))?,
+        let parsed = match &req.caller {
+            Caller::Known(_) => None,
+            Caller::FromHeaders => Some(
+                self.acl
+                    .identity_headers
+                    .parse(&headers)
+                    .map_err(|e| deny_verdict(format!("{method} -"), DenyReason::BadRequest(e)))?,
+            ),
         };
+        let tenant = headers
+            .into_iter()
+            .filter(|(name, _)| EntityAcl::model_reads_header(name))
+            .collect();
         Ok(Facts {
-            identity,
+            parsed,
             method,
             path,
-            headers,
+            tenant,
         })
+    }
+
+    /// The facts `on_request` kept for this stream, else read now.
+    fn take_facts(&mut self, req: &Request) -> Result<Facts, Verdict> {
+        match self.waiting.remove(&req.ctx) {
+            Some(facts) => Ok(facts),
+            None => self.facts(req),
+        }
     }
 
     fn apply(&self, req: &Request, identity: Option<&Identity>, verdict: &Verdict) -> Step {
@@ -130,32 +163,37 @@ impl Stage for EntityAclStage {
             Ok(facts) => facts,
             Err(verdict) => return self.apply(req, None, &verdict),
         };
-        let declared_too_large = proxy_glue::first_header(&facts.headers, "content-length")
-            .parse::<usize>()
-            .is_ok_and(|n| n > self.acl.max_body_bytes);
+        let declared_too_large = req
+            .headers()
+            .first("content-length")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .is_some_and(|n| n > self.acl.max_body_bytes);
         if declared_too_large {
             let verdict = self.acl.too_large(&facts.method, &facts.path);
-            return self.apply(req, facts.identity.as_ref(), &verdict);
+            return self.apply(req, facts.identity(req), &verdict);
         }
+        self.waiting.insert(req.ctx, facts);
         Step::NeedBody
     }
 
     fn on_body(&mut self, req: &mut Request) -> Step {
-        let facts = match self.facts(req) {
+        let facts = match self.take_facts(req) {
             Ok(facts) => facts,
             Err(verdict) => return self.apply(req, None, &verdict),
         };
-        let identity = facts.identity.as_ref();
+        let identity = facts.identity(req);
         let inputs = DecisionInputs {
             identity,
             method: &facts.method,
             path: &facts.path,
-            headers: &facts.headers,
+            headers: &facts.tenant,
         };
         let EntityAclStage {
             acl,
             cache,
             metrics,
+            ..
         } = self;
         // No clock: decide without the cache (it must not serve past a token's expiry).
         let verdict = match crate::now_millis() {
@@ -164,7 +202,7 @@ impl Stage for EntityAclStage {
                 identity,
                 &facts.method,
                 &facts.path,
-                &facts.headers,
+                &facts.tenant,
                 &req.body,
             )),
         };
@@ -180,10 +218,10 @@ impl Stage for EntityAclStage {
     }
 
     fn on_body_too_large(&mut self, req: &mut Request) -> Step {
-        match self.facts(req) {
+        match self.take_facts(req) {
             Ok(facts) => {
                 let verdict = self.acl.too_large(&facts.method, &facts.path);
-                self.apply(req, facts.identity.as_ref(), &verdict)
+                self.apply(req, facts.identity(req), &verdict)
             }
             Err(verdict) => self.apply(req, None, &verdict),
         }
@@ -202,6 +240,11 @@ impl Stage for EntityAclStage {
     }
 
     fn refuse(&mut self, req: &mut Request, reason: DenyReason) -> Step {
+        self.waiting.remove(&req.ctx);
         self.apply(req, None, &deny_verdict("-".into(), reason))
+    }
+
+    fn forget(&mut self, ctx: u32) {
+        self.waiting.remove(&ctx);
     }
 }

@@ -10,7 +10,9 @@
 //! the connection (the close runs before the bytes reach the write buffer). So the refusing
 //! CONNACK is written by one callback and the connection is closed by the next one, or by the
 //! root context's tick (every 250 ms) through `proxy_set_effective_context`. The tick also
-//! closes connections whose token expired.
+//! closes connections whose token expired, and re-checks connections admitted on a registry
+//! device key (`RegistryRechecks`: its calls are the root context's, answered to it, one per
+//! device; a connection whose key is no longer listed is closed like an expired one).
 //!
 //! Keys. A provider's remote JWKS are fetched by the root context with token-auth's code
 //! (`proxy_glue::remote_keys`: discovery, refresh, shared data between workers, last good set
@@ -34,7 +36,8 @@ use std::time::Duration;
 use policy::decision_line::{LogAllows, STATE_DENIALS};
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{
-    Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output,
+    Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output, RecheckCall,
+    RegistryRechecks,
 };
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
@@ -54,7 +57,7 @@ proxy_wasm::main! {{
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 29] = [
+const COUNTERS: [&str; 32] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -67,6 +70,8 @@ const COUNTERS: [&str; 29] = [
     "closed.malformed",
     "closed.forbidden",
     "closed.expired",
+    "closed.revoked",
+    "closed.unconfirmed",
     "closed.refused",
     "closed.internal",
     "jwks.fetched",
@@ -84,6 +89,7 @@ const COUNTERS: [&str; 29] = [
     "registry.asked",
     "registry.answered",
     "registry.unavailable",
+    "registry.rechecked",
 ];
 const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
 
@@ -123,6 +129,11 @@ struct State {
     keys_wanted: HashSet<String>,
     /// Introspection callouts in flight (bounded by the endpoint's `max_in_flight`).
     introspections: usize,
+    /// Re-checks of connections admitted on registry keys (one call per device).
+    rechecks: RegistryRechecks,
+    /// Re-check callouts in flight (made by the tick, answered to the root context): token →
+    /// device id.
+    recheck_calls: HashMap<u32, String>,
 }
 
 type Shared = Rc<RefCell<State>>;
@@ -134,6 +145,24 @@ struct Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
         if let Some(state) = &self.state {
+            let recheck = state.borrow_mut().recheck_calls.remove(&token);
+            if let Some(device_id) = recheck {
+                let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
+                let answer = BackendAnswer {
+                    status: (status != 0).then_some(status),
+                    body,
+                };
+                count_registry_answer(&state.borrow().metrics, &answer);
+                let closes = match now_secs() {
+                    Some(now) => recheck_answered(state, &device_id, &answer, now),
+                    // No clock: the answer is dropped; the connections' deadline still holds.
+                    None => Vec::new(),
+                };
+                for (id, why) in closes {
+                    close_connection(id, &why);
+                }
+                return;
+            }
             let mut guard = state.borrow_mut();
             let State { policy, keys, .. } = &mut *guard;
             if let Some(jwt) = policy.jwt_mut() {
@@ -180,6 +209,8 @@ impl RootContext for Root {
             keys,
             keys_wanted: HashSet::new(),
             introspections: 0,
+            rechecks: RegistryRechecks::new(),
+            recheck_calls: HashMap::new(),
         }));
         // Keys another worker already fetched, then the first fetch for issuers without keys.
         let now = now_secs().unwrap_or(0);
@@ -230,16 +261,25 @@ impl RootContext for Root {
                     to_close.push((*id, reason.to_string()));
                     continue;
                 }
-                if let Some(out) = session.check_expiry(&env) {
-                    record(metrics, policy.log_allows(), *id, session, &out);
-                    if let Some(reason) = out.close {
-                        to_close.push((*id, reason.to_string()));
+                for check in [
+                    Connection::check_expiry,
+                    Connection::check_registry_deadline,
+                ] {
+                    if let Some(out) = check(session, &env) {
+                        record(metrics, policy.log_allows(), *id, session, &out);
+                        if let Some(reason) = out.close {
+                            to_close.push((*id, reason.to_string()));
+                            break;
+                        }
                     }
                 }
             }
             for (id, _) in &to_close {
                 sessions.remove(id);
             }
+        }
+        if let Some(now) = now {
+            to_close.extend(start_rechecks(state, now));
         }
         for (id, why) in to_close {
             close_connection(id, &why);
@@ -286,6 +326,108 @@ fn refresh_keys(state: &Shared, now: u64) {
     for issuer in issuers {
         keys.start(jwt, &issuer, now);
     }
+}
+
+/// Connections whose registry answer is due for a re-check: decided from the cache, or a
+/// call per device (answered to the root context). Returns the connections to close.
+fn start_rechecks(state: &Shared, now: u64) -> Vec<(u32, String)> {
+    let (mut to_close, calls) = {
+        let mut guard = state.borrow_mut();
+        let State {
+            policy,
+            metrics,
+            sessions,
+            rechecks,
+            ..
+        } = &mut *guard;
+        let env = Env { policy, now };
+        let (outputs, calls) = rechecks.tick(
+            sessions.iter_mut().map(|(id, c)| (*id, c.session_mut())),
+            &env,
+        );
+        (
+            apply_outputs(metrics, policy.log_allows(), sessions, outputs),
+            calls,
+        )
+    };
+    for RecheckCall { device_id, call } in calls {
+        match proxy_glue::send_call(&call) {
+            Ok(token) => {
+                let mut s = state.borrow_mut();
+                s.metrics.inc("registry.asked");
+                s.recheck_calls.insert(token, device_id);
+            }
+            Err(status) => {
+                log::warn!(
+                    "mqtt-acl: cannot ask the device registry to re-check {} ({status:?})",
+                    bounded_debug(&device_id)
+                );
+                state.borrow().metrics.inc("registry.unavailable");
+                to_close.extend(recheck_answered(
+                    state,
+                    &device_id,
+                    &BackendAnswer::none(),
+                    now,
+                ));
+            }
+        }
+    }
+    to_close
+}
+
+/// The registry's answer to a re-check, applied to every connection of the device. Returns
+/// the connections to close.
+fn recheck_answered(
+    state: &Shared,
+    device_id: &str,
+    answer: &BackendAnswer,
+    now: u64,
+) -> Vec<(u32, String)> {
+    let mut guard = state.borrow_mut();
+    let State {
+        policy,
+        metrics,
+        sessions,
+        rechecks,
+        ..
+    } = &mut *guard;
+    let env = Env { policy, now };
+    let outputs = rechecks.answered(
+        device_id,
+        answer,
+        sessions.iter_mut().map(|(id, c)| (*id, c.session_mut())),
+        &env,
+    );
+    apply_outputs(metrics, policy.log_allows(), sessions, outputs)
+}
+
+/// Records what re-checks decided; the connections closed are forgotten and returned.
+fn apply_outputs(
+    metrics: &Metrics,
+    log_allows: LogAllows,
+    sessions: &mut HashMap<u32, Connection>,
+    outputs: Vec<(u32, Output)>,
+) -> Vec<(u32, String)> {
+    let mut to_close = Vec::new();
+    for (id, out) in outputs {
+        let Some(session) = sessions.get_mut(&id) else {
+            continue;
+        };
+        record(metrics, log_allows, id, session, &out);
+        if let Some(reason) = out.close {
+            sessions.remove(&id);
+            to_close.push((id, reason.to_string()));
+        }
+    }
+    to_close
+}
+
+/// Counts a device registry answer (a CONNECT's lookup or a re-check).
+fn count_registry_answer(metrics: &Metrics, answer: &BackendAnswer) {
+    metrics.inc(match answer.status {
+        Some(status) if (200..300).contains(&status) || status == 404 => "registry.answered",
+        _ => "registry.unavailable",
+    });
 }
 
 /// Closes connection `id` from outside its callbacks.
@@ -404,12 +546,7 @@ impl Context for Stream {
                     _ => "introspection.unavailable",
                 });
             }
-            Asked::DeviceRegistry => state.borrow().metrics.inc(match answer.status {
-                Some(status) if (200..300).contains(&status) || status == 404 => {
-                    "registry.answered"
-                }
-                _ => "registry.unavailable",
-            }),
+            Asked::DeviceRegistry => count_registry_answer(&state.borrow().metrics, &answer),
             Asked::Backend => self.count_answer(&state, &answer),
         }
         let Some(now) = now_secs() else {

@@ -84,14 +84,24 @@ fn at(path: String, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Whether `key`'s digest is one of `digests`, in constant time over the digests.
-fn key_matches(digests: &[[u8; 32]], key: &str) -> bool {
-    let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+/// The SHA-256 digest of a key: what the configuration and the registry list. A connection
+/// admitted on a registry key keeps this (not the key) to re-check it.
+pub fn key_digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Whether `digest` is one of `digests`, in constant time over the digests.
+fn digest_matches(digests: &[[u8; 32]], digest: &[u8; 32]) -> bool {
     let mut matched = subtle::Choice::from(0);
     for known in digests {
-        matched |= known.ct_eq(&digest);
+        matched |= known.ct_eq(digest);
     }
     bool::from(matched)
+}
+
+/// Whether `key`'s digest is one of `digests`, in constant time over the digests.
+fn key_matches(digests: &[[u8; 32]], key: &str) -> bool {
+    digest_matches(digests, &key_digest(key))
 }
 
 fn invalid_key() -> DenyReason {
@@ -222,6 +232,23 @@ impl DeviceKeys {
     pub fn check_record(&self, result: &LookupResult, device_id: &str, key: &str) -> KeyCheck {
         match result {
             Ok(DeviceRecord { digests, roles }) if key_matches(digests, key) => {
+                KeyCheck::Verified(self.identity(device_id, roles))
+            }
+            Ok(_) => KeyCheck::Refused(invalid_key()),
+            Err(reason) => KeyCheck::Refused(reason.clone()),
+        }
+    }
+
+    /// As [`Self::check_record`], for a key known by its digest ([`key_digest`]): a
+    /// connection's re-check of the key it was admitted with.
+    pub fn check_record_digest(
+        &self,
+        result: &LookupResult,
+        device_id: &str,
+        digest: &[u8; 32],
+    ) -> KeyCheck {
+        match result {
+            Ok(DeviceRecord { digests, roles }) if digest_matches(digests, digest) => {
                 KeyCheck::Verified(self.identity(device_id, roles))
             }
             Ok(_) => KeyCheck::Refused(invalid_key()),

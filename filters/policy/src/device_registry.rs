@@ -242,6 +242,25 @@ impl DeviceRegistry {
         self.cache.borrow_mut().get(device_id, now)
     }
 
+    /// Like [`Self::cached`], with the instant the entry expires (a connection admitted on it
+    /// is re-checked then: mqtt-acl).
+    pub fn cached_until(&self, device_id: &str, now: u64) -> Option<(LookupResult, u64)> {
+        self.cache.borrow_mut().get_with_expiry(device_id, now)
+    }
+
+    /// How long a registered device's answer is trusted (`cache.positive_ttl_s`).
+    pub fn positive_ttl_s(&self) -> u64 {
+        self.config.cache.positive_ttl_s
+    }
+
+    /// How many seconds before the answer a long-lived connection runs on expires the registry
+    /// is asked again (mqtt-acl): the call's timeout rounded up to whole seconds, plus one
+    /// (the filter's timer ticks within it), so that a registry that answers in time confirms
+    /// the key before the old answer expires.
+    pub fn recheck_lead_s(&self) -> u64 {
+        self.config.timeout_ms.millis().div_ceil(1000) + 1
+    }
+
     /// Decides the answer to a lookup of `device_id` (`status` 0: no answer) and remembers it
     /// for its TTL; an unusable answer is never remembered.
     pub fn remember(&self, device_id: &str, status: u32, body: &[u8], now: u64) -> LookupDecision {

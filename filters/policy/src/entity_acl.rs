@@ -155,12 +155,19 @@ impl EntityAcl {
         crate::enforcement::ngsi_filter_reads_header(&self.identity_headers, name)
     }
 
+    /// The request headers [`EntityAcl::decide`] reads (the NGSI model's tenant headers):
+    /// giving it (and the decision cache's key) only these decides the same.
+    pub fn model_reads_header(name: &str) -> bool {
+        crate::ngsi::reads_header(name)
+    }
+
     pub fn rule_count(&self) -> usize {
         self.acl.len()
     }
 
     /// Decides one request. `headers` are the request headers with lowercase names (the
-    /// pseudo-headers may be among them; they are ignored by the model).
+    /// pseudo-headers may be among them; they are ignored by the model); only those
+    /// [`EntityAcl::model_reads_header`] names are read.
     pub fn decide(
         &self,
         identity: Option<&Identity>,

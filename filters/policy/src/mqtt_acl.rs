@@ -14,7 +14,8 @@
 //!    password = key); a device `device_keys.devices` does not list is looked up in
 //!    `device_keys.registry` (cached per VM; no usable answer is "server unavailable", never
 //!    cached; one lookup per CONNECT that misses the cache: concurrent CONNECTs of the same
-//!    unknown device each ask);
+//!    unknown device each ask); such a connection is re-checked before the registry answer
+//!    it runs on expires, and closed once the key is no longer listed ([`RegistryRechecks`]);
 //! 3. a verified client certificate (`mtls`): the identity its CN or SAN names; the client may
 //!    send no user name or one equal to that identity (LAMPI sends its CN);
 //! 4. nothing: refused unless `allow_anonymous` (then ACL subjects `anonymous`/`anyone` apply).
@@ -54,7 +55,8 @@
 //!   is in flight to carry it).
 //! * a message the broker delivers on a topic the client may not read (a subscription stored
 //!   in a persistent session before the policy changed): QoS 0 dropped, QoS 1/2 close.
-//! * token expiry: the connection is closed (by the next packet or the filter's tick).
+//! * token expiry, a registry key revoked or not confirmed in time: the connection is closed
+//!   (by the next packet or the filter's tick).
 //! * malformed packets, protocol errors, packets over `max_packet_bytes`: closed; what was
 //!   allowed before it in the same read still goes on, nothing from the bad packet on.
 //!
@@ -71,12 +73,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 mod backend;
 mod opaque;
+mod recheck;
 mod transport;
 pub use backend::{
     BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
     ACC_SUBSCRIBE, ACC_WRITE,
 };
 pub use opaque::OpaqueTokens;
+pub use recheck::{RecheckCall, RegistryRechecks};
 pub use transport::{Connection, Transport};
 
 use serde::Deserialize;
@@ -104,6 +108,10 @@ use crate::ownership::{DelegatedAccess, Delegation, Grantee, Record};
 
 /// The filter's name in log lines.
 pub const FILTER: &str = "mqtt-acl";
+
+/// The shortest `device_keys.registry.cache.positive_ttl_s` mqtt-acl takes: a connection needs
+/// time to ask again before its answer expires ([`RegistryRechecks`]).
+pub const MIN_REGISTRY_POSITIVE_TTL_S: u64 = 2;
 
 // ------------------------------------------------------------------------------------------
 // Configuration
@@ -536,6 +544,20 @@ impl MqttAcl {
             .map(DeviceKeys::new)
             .transpose()
             .map_err(|e| e.detail())?;
+        if let Some(ttl) = config
+            .device_keys
+            .as_ref()
+            .and_then(|k| k.registry.as_ref())
+            .map(|r| r.cache.positive_ttl_s)
+            .filter(|ttl| *ttl < MIN_REGISTRY_POSITIVE_TTL_S)
+        {
+            return Err(format!(
+                "device_keys.registry.cache.positive_ttl_s: {ttl} is too short for mqtt-acl, \
+                 give at least {MIN_REGISTRY_POSITIVE_TTL_S} (an open connection asks the \
+                 registry again before the answer it runs on expires, and is closed if no \
+                 fresh answer confirms its key by then)"
+            ));
+        }
         if let Some(mtls) = &config.mtls {
             if mtls.strip_prefix.as_deref() == Some("") {
                 return Err("mtls.strip_prefix must not be empty (leave it out)".into());
@@ -731,6 +753,10 @@ pub enum CloseReason {
     Forbidden(String),
     /// The token the client authenticated with expired.
     Expired,
+    /// The device registry no longer lists the key the client authenticated with.
+    Revoked,
+    /// The registry answer the connection ran on expired and no fresh one confirmed the key.
+    Unconfirmed,
     /// The refusing CONNACK was written.
     Refused,
 }
@@ -742,6 +768,8 @@ impl CloseReason {
             CloseReason::Malformed(_) => "closed.malformed",
             CloseReason::Forbidden(_) => "closed.forbidden",
             CloseReason::Expired => "closed.expired",
+            CloseReason::Revoked => "closed.revoked",
+            CloseReason::Unconfirmed => "closed.unconfirmed",
             CloseReason::Refused => "closed.refused",
         }
     }
@@ -753,6 +781,14 @@ impl std::fmt::Display for CloseReason {
             CloseReason::Malformed(why) => write!(f, "closing: {why}"),
             CloseReason::Forbidden(why) => write!(f, "closing: {why}"),
             CloseReason::Expired => write!(f, "closing: the client's token expired"),
+            CloseReason::Revoked => write!(
+                f,
+                "closing: the device registry no longer lists the client's key"
+            ),
+            CloseReason::Unconfirmed => write!(
+                f,
+                "closing: the device registry did not confirm the client's key in time"
+            ),
             CloseReason::Refused => write!(f, "closing after the refusing CONNACK"),
         }
     }
@@ -963,6 +999,9 @@ pub struct Session {
     introspected: Option<Result<Identity, DenyReason>>,
     /// What the device registry said about the CONNECT's device, once answered.
     looked_up: Option<LookupResult>,
+    /// The registry answer a connection admitted on a registry key runs on (re-checked
+    /// before it expires: [`recheck`]).
+    registry: Option<recheck::Standing>,
     /// The answers for the packet being decided, by request key.
     answers: HashMap<String, BackendVerdict>,
     /// The packet waiting for the backend; nothing after it is read until it is decided.
@@ -991,6 +1030,7 @@ impl Session {
             waiting: HashMap::new(),
             introspected: None,
             looked_up: None,
+            registry: None,
             answers: HashMap::new(),
             stalled: None,
             next_ask: 0,
@@ -1325,11 +1365,13 @@ impl Session {
             Phase::Refused { .. } => return out,
             Phase::AwaitConnect | Phase::Open => {}
         }
-        if let Some(expired) = self.check_expiry(env) {
-            if expired.close.is_some() {
-                return expired;
+        for check in [Session::check_expiry, Session::check_registry_deadline] {
+            if let Some(ended) = check(self, env) {
+                if ended.close.is_some() {
+                    return ended;
+                }
+                out.decisions.extend(ended.decisions);
             }
-            out.decisions.extend(expired.decisions);
         }
         self.client.feed(bytes);
         let held_limit = env.policy.limits.max_packet_bytes.saturating_mul(2);
@@ -1801,6 +1843,7 @@ impl Session {
         match verdict {
             Ok(auth) => {
                 self.identity = auth.identity;
+                self.registry = recheck::admitted(connect, self, env);
                 let mut by = match &self.identity {
                     Some(i) => format!("{:?}", i.kind).to_lowercase(),
                     None => "anonymous".into(),
@@ -2091,11 +2134,13 @@ impl Session {
             }
             Phase::Open => {}
         }
-        if let Some(expired) = self.check_expiry(env) {
-            if expired.close.is_some() {
-                return expired;
+        for check in [Session::check_expiry, Session::check_registry_deadline] {
+            if let Some(ended) = check(self, env) {
+                if ended.close.is_some() {
+                    return ended;
+                }
+                out.decisions.extend(ended.decisions);
             }
-            out.decisions.extend(expired.decisions);
         }
         let Some(broker) = self.broker.as_mut() else {
             self.phase = Phase::Closed;

@@ -154,7 +154,9 @@ fn close_code_for(reason: &CloseReason) -> u16 {
     match reason {
         CloseReason::Malformed(_) => close_code::PROTOCOL_ERROR,
         CloseReason::Forbidden(_) | CloseReason::Refused => close_code::POLICY_VIOLATION,
-        CloseReason::Expired => close_code::POLICY_VIOLATION,
+        CloseReason::Expired | CloseReason::Revoked | CloseReason::Unconfirmed => {
+            close_code::POLICY_VIOLATION
+        }
     }
 }
 
@@ -164,6 +166,8 @@ fn close_text(reason: &CloseReason) -> &'static str {
         CloseReason::Malformed(_) => "protocol error",
         CloseReason::Forbidden(_) => "forbidden",
         CloseReason::Expired => "credential expired",
+        CloseReason::Revoked => "credential revoked",
+        CloseReason::Unconfirmed => "credential not confirmed",
         CloseReason::Refused => "connection refused",
     }
 }
@@ -233,6 +237,16 @@ impl Connection {
 
     pub fn check_expiry(&mut self, env: &Env<'_>) -> Option<Output> {
         self.session.check_expiry(env)
+    }
+
+    /// As [`Session::check_registry_deadline`].
+    pub fn check_registry_deadline(&mut self, env: &Env<'_>) -> Option<Output> {
+        self.session.check_registry_deadline(env)
+    }
+
+    /// The session, for the registry re-checks ([`super::RegistryRechecks`]).
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
     }
 
     pub fn set_peer(&mut self, peer: Option<PeerCertificate>) {
