@@ -27,7 +27,7 @@ use policy::access::RequestAccess;
 use policy::client_credentials::AccessToken;
 use policy::enforcement::{summarize_accesses, Mode};
 use policy::log_text::{bounded, bounded_debug};
-use policy::ngsi::{classify, NgsiRequest};
+use policy::ngsi::{classify_with_path, NgsiRequest};
 use policy::ownership::config::BrokerApi;
 use policy::ownership::wire::{self, Endpoint, ListAnswer};
 use policy::ownership::{
@@ -254,8 +254,8 @@ impl DeviceOwnershipStage {
             headers: &st.headers,
             body: &req.body,
         };
-        let classified =
-            classify(&ngsi).and_then(|r| Endpoint::of(&st.method, &st.path).map(|e| (r, e)));
+        let classified = classify_with_path(&ngsi)
+            .and_then(|(r, canon)| Endpoint::of_canonical(&st.method, &canon).map(|e| (r, e)));
         let (access, endpoint) = match classified {
             Ok(c) => c,
             Err(reason) => return self.done(req, &Decision::Deny(reason)),

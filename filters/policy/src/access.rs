@@ -21,6 +21,20 @@ pub enum Action {
     Register,
 }
 
+impl Action {
+    /// The action's lowercase name (`read`, `write`, ...), as serde writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Read => "read",
+            Action::Write => "write",
+            Action::Create => "create",
+            Action::Delete => "delete",
+            Action::Subscribe => "subscribe",
+            Action::Register => "register",
+        }
+    }
+}
+
 /// Which entities an access reaches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,4 +122,23 @@ pub struct RequestAccess {
     /// The dialect and endpoint, for logs (e.g. `ngsi-v2 POST /v2/op/update`).
     pub operation: String,
     pub accesses: Vec<Access>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action;
+
+    #[test]
+    fn action_names_are_serdes() {
+        for a in [
+            Action::Read,
+            Action::Write,
+            Action::Create,
+            Action::Delete,
+            Action::Subscribe,
+            Action::Register,
+        ] {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+        }
+    }
 }

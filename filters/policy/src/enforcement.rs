@@ -55,10 +55,7 @@ pub fn summarize_accesses(accesses: &[Access]) -> String {
         .iter()
         .take(LOGGED_ENTITIES)
         .map(|a| {
-            let action = serde_json::to_value(a.action)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
+            let action = a.action.as_str();
             let entity = match &a.entity {
                 EntitySelector::Id(id) => quoted_if_needed(id),
                 EntitySelector::IdPattern(p) => {

@@ -165,6 +165,12 @@ pub struct NgsiRequest<'a> {
 
 /// Classify a request into the accesses it performs, or refuse it (see the module docs).
 pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
+    classify_with_path(req).map(|(classified, _)| classified)
+}
+
+/// [`classify`], and the canonical form of the request's path it read, for a caller that
+/// looks further at the path (the path is parsed once).
+pub fn classify_with_path(req: &NgsiRequest) -> Result<(RequestAccess, CanonicalPath), DenyReason> {
     let canon = canonical::canonical_path(req.path)?;
     if !req.broker.serves(req.method, &canon) {
         return Err(bad(format!(
@@ -226,10 +232,11 @@ pub fn classify(req: &NgsiRequest) -> Result<RequestAccess, DenyReason> {
             endpoint: d.endpoint,
         })
         .collect();
-    Ok(RequestAccess {
+    let classified = RequestAccess {
         operation: format!("{dialect} {} {}", req.method, canon.display()),
         accesses,
-    })
+    };
+    Ok((classified, canon))
 }
 
 /// An access before its tenant is known.

@@ -1450,3 +1450,26 @@ fn a_registry_source_may_authenticate_with_client_credentials() {
             .is_none()
     );
 }
+
+#[test]
+fn endpoint_of_a_canonical_path_is_endpoint_of_the_raw_path() {
+    use crate::ngsi::canonical::canonical_path;
+    for (method, path) in [
+        ("GET", "/v2/entities?type=Lamp&options=keyValues"),
+        ("GET", "/v2/entities?options=values"),
+        ("GET", "/v2/entities/A?attrs=x"),
+        ("POST", "/v2/entities"),
+        ("POST", "/v2/op/query?options=unique"),
+        ("POST", "/ngsi-ld/v1/entityOperations/upsert"),
+        ("GET", "/ngsi-ld/v1/temporal/entities?type=T"),
+        ("POST", "/ngsi10/queryContext"),
+        ("GET", "/ngsi10/entity/A"),
+    ] {
+        let canon = canonical_path(path).unwrap();
+        assert_eq!(
+            Endpoint::of_canonical(method, &canon),
+            Endpoint::of(method, path),
+            "{method} {path}"
+        );
+    }
+}

@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value};
 use super::config::BrokerApi;
 use super::{DelegatedAccess, Delegation, EntityKey, Grantee, Record};
 use crate::decision::DenyReason;
-use crate::ngsi::canonical::{canonical_path, decode_form_field};
+use crate::ngsi::canonical::{canonical_path, decode_form_field, CanonicalPath};
 
 /// The NGSI dialect of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,12 @@ pub struct Endpoint {
 impl Endpoint {
     /// Classifies `method` + `:path` (already accepted by `ngsi::classify`).
     pub fn of(method: &str, path: &str) -> Result<Endpoint, DenyReason> {
-        let canon = canonical_path(path)?;
+        Endpoint::of_canonical(method, &canonical_path(path)?)
+    }
+
+    /// [`Endpoint::of`] with the path already in canonical form (as
+    /// `ngsi::classify_with_path` gives it).
+    pub fn of_canonical(method: &str, canon: &CanonicalPath) -> Result<Endpoint, DenyReason> {
         let parts = canon.parts();
         let q = &canon.query;
         let dialect = match parts.first().copied() {
