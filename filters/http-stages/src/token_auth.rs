@@ -407,10 +407,7 @@ impl TokenAuthStage {
 
     /// Logs, exports and counts a decision on the current stream, with the request's facts.
     fn emit(&self, req: &Request, line: DecisionLine) {
-        proxy_glue::emit_decision(
-            &proxy_glue::with_facts_from(line, req.headers()),
-            self.auth.config().log_allows,
-        );
+        proxy_glue::emit_decision_from(line, req.headers(), self.auth.config().log_allows);
     }
 
     /// Executes a final outcome.

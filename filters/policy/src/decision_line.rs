@@ -248,6 +248,9 @@ impl DecisionLine {
     /// rules may), e.g. `iot_rule_decisions.filter.entity_acl.rule.no-vault.decision.deny`;
     /// none when no rule decided or for a name [`metric_safe_rule`] refuses.
     pub fn rule_metric_names(&self) -> Vec<String> {
+        if self.rule.is_none() {
+            return Vec::new();
+        }
         let filter = self.filter.replace('-', "_");
         self.rule
             .iter()

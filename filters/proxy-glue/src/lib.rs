@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use policy::config_error::ConfigError;
-use policy::decision_line::{DecisionLine, LogAllows};
+use policy::decision_line::{DecisionKind, DecisionLine, LogAllows, Reason};
 use policy::header_pairs::{HeaderPairs, NotText};
 use policy::log_text::{bounded, bounded_debug};
 use policy::DenyReason;
@@ -417,13 +417,12 @@ pub fn record_decision(
     metrics: &DecisionMetrics,
 ) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
-    let line = DecisionLine::new(about.filter, about.mode, decision);
-    let line = with_facts_from(line, about.request_headers)
+    let line = DecisionLine::new(about.filter, about.mode, decision)
         .subject(about.identity.map(|i| i.subject.as_str()))
         .text("operation", about.operation)
         .literal("entities", about.entities);
     metrics.record(decision, about.mode);
-    emit_decision(&line, about.log_allows);
+    emit_decision_from(line, about.request_headers, about.log_allows);
     match decision {
         policy::Decision::Allow(_) => Ok(()),
         policy::Decision::Deny(_) if about.mode == Mode::Shadow => Ok(()),
@@ -454,6 +453,32 @@ pub fn with_facts_from(
 /// ends), and the labelled counter
 /// `iot_decisions.filter.<f>.decision.<d>.reason.<r>` is incremented.
 pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
+    if let Some(level) = log_level_of(line, log_allows) {
+        let _ = host::log(level, &line.to_string());
+    }
+    export_and_count(line);
+}
+
+/// [`emit_decision`] of `line` with the request facts of `headers` ([`with_facts_from`]). The
+/// facts appear only in the logged line (not in the filter state or the counters), so they
+/// are read only when the host logs it: an allow at the default `log_allows` (debug) costs no
+/// header lookups and no copies.
+pub fn emit_decision_from(
+    line: DecisionLine,
+    headers: &policy::header_pairs::HeaderPairs,
+    log_allows: LogAllows,
+) {
+    if let Some(level) = log_level_of(&line, log_allows) {
+        let line = with_facts_from(line, headers);
+        let _ = host::log(level, &line.to_string());
+        export_and_count(&line);
+    } else {
+        export_and_count(&line);
+    }
+}
+
+/// The level `line` is logged at, None when the host would drop it.
+fn log_level_of(line: &DecisionLine, log_allows: LogAllows) -> Option<host::Level> {
     use host::Level;
     let level = match (line.is_allow(), log_allows) {
         (false, _) => Some(Level::Warn),
@@ -461,9 +486,11 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
         (true, LogAllows::Debug) => Some(Level::Debug),
         (true, LogAllows::Off) => None,
     };
-    if let Some(level) = level.filter(|l| logs_at(*l)) {
-        let _ = host::log(level, &line.to_string());
-    }
+    level.filter(|l| logs_at(*l))
+}
+
+/// The filter state and the counters of a decision line.
+fn export_and_count(line: &DecisionLine) {
     let state = line.filter_state();
     let state = HELD.with(|held| match held.borrow_mut().as_mut() {
         Some(held) => {
@@ -475,10 +502,35 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
     if let Some(state) = state {
         export_filter_state(state);
     }
-    decision_counter(&line.metric_name()).inc();
+    labelled_counter(line).inc();
     for name in line.rule_metric_names() {
         decision_counter(&name).inc();
     }
+}
+
+thread_local! {
+    /// The labelled counter of each (filter, decision, reason) seen, found without building
+    /// its name: every part is from a closed set, so the list stays short (a linear search
+    /// over a few entries beats hashing the ~60-byte name on every request).
+    static LABELLED_COUNTERS: RefCell<Vec<(LabelledKey, Counter)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// What names a labelled decision counter: (filter, decision, reason).
+type LabelledKey = (&'static str, DecisionKind, Reason);
+
+/// `line`'s `iot_decisions.filter.<f>.decision.<d>.reason.<r>` counter, defined on first use.
+fn labelled_counter(line: &DecisionLine) -> Counter {
+    let key = (line.filter, line.kind, line.reason);
+    LABELLED_COUNTERS.with(|counters| {
+        let mut counters = counters.borrow_mut();
+        if let Some((_, counter)) = counters.iter().find(|(k, _)| *k == key) {
+            return *counter;
+        }
+        let counter = decision_counter(&line.metric_name());
+        counters.push((key, counter));
+        counter
+    })
 }
 
 thread_local! {
