@@ -97,8 +97,6 @@ struct StreamState {
     identity: Option<Identity>,
     method: String,
     path: String,
-    /// The request headers the engine reads, as text.
-    headers: Vec<(String, String)>,
     access: Option<RequestAccess>,
     endpoint: Option<Endpoint>,
     /// An NGSI-LD request with its own JSON-LD context (types can't be scoped).
@@ -249,12 +247,17 @@ impl DeviceOwnershipStage {
     fn classify(&mut self, req: &mut Request) -> Step {
         let ctx = req.ctx;
         let broker = self.own.config().broker;
-        let st = self.stream(ctx);
+        // Checked as text in `on_request` (a header set since is text).
+        let headers = match req.text_headers(NAME, |name| self.own.reads_header(name)) {
+            Ok(headers) => headers,
+            Err(reason) => return self.done(req, &Decision::Deny(reason)),
+        };
+        let st = self.streams.entry(ctx).or_default();
         let ngsi = NgsiRequest {
             broker,
             method: &st.method,
             path: &st.path,
-            headers: &st.headers,
+            headers,
             body: &req.body,
         };
         let classified = classify_with_path(&ngsi)
@@ -263,7 +266,7 @@ impl DeviceOwnershipStage {
             Ok(c) => c,
             Err(reason) => return self.done(req, &Decision::Deny(reason)),
         };
-        st.ld_context = scope::carries_ld_context(&st.headers, &st.path, &req.body);
+        st.ld_context = scope::carries_ld_context(headers, &st.path, &req.body);
         let input = ScopeInput {
             dialect: endpoint.dialect,
             ld_context: st.ld_context,
@@ -812,23 +815,21 @@ impl Stage for DeviceOwnershipStage {
                 return self.done(req, &Decision::Deny(reason));
             }
         };
-        let get = |name: &str| proxy_glue::first_header(&headers, name);
-        let (method, path) = (get(":method"), get(":path"));
+        let get = |name: &str| proxy_glue::header_text(headers, name);
         let identity = match &req.caller {
             Caller::Known(identity) => Ok(identity.clone()),
             Caller::FromHeaders => self
                 .own
                 .config()
                 .identity_headers
-                .parse(&headers)
+                .parse(headers)
                 .map_err(DenyReason::BadRequest),
         };
         let declared: Option<usize> = get("content-length").trim().parse().ok();
         let st = StreamState {
             identity: identity.as_ref().ok().cloned().flatten(),
-            method,
-            path,
-            headers,
+            method: get(":method").to_string(),
+            path: get(":path").to_string(),
             ..Default::default()
         };
         self.streams.insert(ctx, st);

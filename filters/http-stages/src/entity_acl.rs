@@ -86,20 +86,21 @@ impl EntityAclStage {
         let headers = req
             .text_headers(NAME, |name| self.acl.reads_header(name))
             .map_err(|reason| deny_verdict("-".into(), reason))?;
-        let get = |name: &str| proxy_glue::first_header(&headers, name);
+        let get = |name: &str| proxy_glue::first_header(headers, name);
         let (method, path) = (get(":method"), get(":path"));
         let parsed = match &req.caller {
             Caller::Known(_) => None,
             Caller::FromHeaders => Some(
                 self.acl
                     .identity_headers
-                    .parse(&headers)
+                    .parse(headers)
                     .map_err(|e| deny_verdict(format!("{method} -"), DenyReason::BadRequest(e)))?,
             ),
         };
         let tenant = headers
-            .into_iter()
+            .iter()
             .filter(|(name, _)| EntityAcl::model_reads_header(name))
+            .cloned()
             .collect();
         Ok(Facts {
             parsed,

@@ -44,15 +44,18 @@ impl Request {
         &self.headers
     }
 
-    /// The headers `reads` names, as text; a header it reads that is not UTF-8 is refused
-    /// (400) with the log line and counter of `proxy_glue::refuse_not_text`.
+    /// The request's text headers, once every header `reads` names is text; one that is not
+    /// UTF-8 is refused (400) with the log line and counter of `proxy_glue::refuse_not_text`.
+    /// The pairs are the request's own (no copy; changed by [`Request::set_header`]), shared
+    /// by every stage; they include headers `reads` does not name, which the stage's engine
+    /// never looks up (see `HeaderPairs::text_pairs`).
     pub fn text_headers(
         &self,
         filter: &str,
         reads: impl Fn(&str) -> bool,
-    ) -> Result<Vec<(String, String)>, DenyReason> {
+    ) -> Result<&[(String, String)], DenyReason> {
         self.headers
-            .text_view(reads)
+            .text_pairs(reads)
             .map_err(|e| proxy_glue::refuse_not_text(filter, &e))
     }
 

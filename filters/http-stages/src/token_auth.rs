@@ -228,8 +228,8 @@ impl TokenAuthStage {
         f: impl FnOnce(&mut Self, &RequestFacts) -> R,
     ) -> Result<R, DenyReason> {
         let headers = req.text_headers(NAME, |name| self.auth.reads_header(name))?;
-        let method = proxy_glue::first_header(&headers, ":method");
-        let path = proxy_glue::first_header(&headers, ":path");
+        let method = proxy_glue::header_text(headers, ":method");
+        let path = proxy_glue::header_text(headers, ":path");
         let wants_peer = self.auth.config().mtls.is_some();
         let peer = (wants_peer && proxy_glue::bool_property(&["connection", "mtls"])).then(|| {
             PeerCertificate {
@@ -239,9 +239,9 @@ impl TokenAuthStage {
             }
         });
         let facts = RequestFacts {
-            method: &method,
-            path: &path,
-            headers: &headers,
+            method,
+            path,
+            headers,
             peer,
         };
         Ok(f(self, &facts))

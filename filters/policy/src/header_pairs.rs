@@ -10,7 +10,8 @@
 //! A filter then asks for text only where it needs text: [`HeaderPairs::text_view`] gives the
 //! headers an engine reads (its `reads_header` predicate) as `(String, String)` pairs and fails
 //! with [`NotText`] if one of them is not UTF-8; headers the engine does not read are left out
-//! of the view and passed along untouched.
+//! of the view and passed along untouched. [`HeaderPairs::text_pairs`] makes the same check
+//! and lends every text pair without a copy (the map keeps them as text).
 
 use crate::DenyReason;
 
@@ -109,9 +110,16 @@ impl NotText {
 
 /// One header map as the host gave it: names lowercased (HTTP names are case-insensitive;
 /// Envoy already sends them lowercase), values as bytes, order and repeats kept.
+///
+/// The pairs that are text (nearly all) are kept as `String`s, converted in place when the map
+/// is decoded, so [`HeaderPairs::text_pairs`] lends them to every engine of a request without
+/// a copy; the others keep their bytes and their place in the map's order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderPairs {
-    pairs: Vec<RawPair>,
+    /// The pairs whose name and value are UTF-8, in order.
+    text: Vec<(String, String)>,
+    /// The other pairs, in order, each with the number of text pairs before it in the map.
+    other: Vec<(usize, RawPair)>,
 }
 
 impl HeaderPairs {
@@ -125,31 +133,61 @@ impl HeaderPairs {
     }
 
     pub fn from_pairs(pairs: Vec<RawPair>) -> Self {
-        let pairs = pairs
-            .into_iter()
-            .map(|(mut n, v)| {
-                n.make_ascii_lowercase();
-                (n, v)
-            })
-            .collect();
-        HeaderPairs { pairs }
+        Self::from_lowercase(pairs.into_iter().map(|(mut n, v)| {
+            n.make_ascii_lowercase();
+            (n, v)
+        }))
+    }
+
+    /// The map of `pairs`, names as given.
+    fn from_lowercase(pairs: impl IntoIterator<Item = RawPair>) -> Self {
+        let mut map = HeaderPairs::default();
+        for (name, value) in pairs {
+            map.push(name, value);
+        }
+        map
+    }
+
+    /// Appends a pair, as text when it is.
+    fn push(&mut self, name: Vec<u8>, value: Vec<u8>) {
+        let raw = match (String::from_utf8(name), value) {
+            (Ok(name), value) => match String::from_utf8(value) {
+                Ok(value) => return self.text.push((name, value)),
+                Err(value) => (name.into_bytes(), value.into_bytes()),
+            },
+            (Err(name), value) => (name.into_bytes(), value),
+        };
+        self.other.push((self.text.len(), raw));
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
+        self.text.is_empty() && self.other.is_empty()
     }
 
-    /// Every pair, as bytes.
+    /// Every pair, as bytes, in the map's order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.pairs.iter().map(|(n, v)| (n.as_slice(), v.as_slice()))
+        let mut other = self.other.iter().peekable();
+        let mut next_text = 0;
+        std::iter::from_fn(move || {
+            if let Some((_, (n, v))) = other.next_if(|(at, _)| *at <= next_text) {
+                return Some((n.as_slice(), v.as_slice()));
+            }
+            let (n, v) = self.text.get(next_text)?;
+            next_text += 1;
+            Some((n.as_bytes(), v.as_bytes()))
+        })
     }
 
     /// The first value of `name` (lowercase), as bytes.
     pub fn first(&self, name: &str) -> Option<&[u8]> {
-        self.pairs
-            .iter()
-            .find(|(n, _)| n.as_slice() == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
+        let text = self.text.iter().position(|(n, _)| n == name);
+        let other = self.other.iter().find(|(_, (n, _))| n == name.as_bytes());
+        match (text, other) {
+            (Some(i), Some((at, (_, v)))) if *at <= i => Some(v),
+            (Some(i), _) => self.text.get(i).map(|(_, v)| v.as_bytes()),
+            (None, Some((_, (_, v)))) => Some(v),
+            (None, None) => None,
+        }
     }
 
     /// The first value of `name` as text: `Ok(None)` when absent, [`NotText`] when present but
@@ -165,27 +203,31 @@ impl HeaderPairs {
 
     /// Removes every value of `name` (lowercase), as the host does for a removed header.
     pub fn remove(&mut self, name: &str) {
-        self.pairs.retain(|(n, _)| n.as_slice() != name.as_bytes());
+        if self.other.is_empty() {
+            self.text.retain(|(n, _)| n != name);
+            return;
+        }
+        let pairs = self.raw_pairs();
+        *self = Self::from_lowercase(pairs.into_iter().filter(|(n, _)| n != name.as_bytes()));
     }
 
     /// Sets `name` (lowercase) to `value`, replacing every value, as the host's replace does
     /// (the first copy keeps its place; a new header goes last).
     pub fn set(&mut self, name: &str, value: &[u8]) {
-        let mut replaced = false;
-        self.pairs.retain_mut(|(n, v)| {
-            if n.as_slice() != name.as_bytes() {
-                return true;
+        match std::str::from_utf8(value) {
+            Ok(value) if self.other.is_empty() => set_first(&mut self.text, name, value),
+            // Rare: a header that is not text, before or after.
+            _ => {
+                let mut pairs = self.raw_pairs();
+                set_first(&mut pairs, name.as_bytes(), value);
+                *self = Self::from_lowercase(pairs);
             }
-            if replaced {
-                return false;
-            }
-            *v = value.to_vec();
-            replaced = true;
-            true
-        });
-        if !replaced {
-            self.pairs.push((name.as_bytes().to_vec(), value.to_vec()));
         }
+    }
+
+    /// Every pair, as owned bytes, in the map's order.
+    fn raw_pairs(&self) -> Vec<RawPair> {
+        self.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
     }
 
     /// The headers `reads` names, as text pairs (lowercase names, repeats kept, in order). A
@@ -196,20 +238,53 @@ impl HeaderPairs {
         &self,
         reads: impl Fn(&str) -> bool,
     ) -> Result<Vec<(String, String)>, NotText> {
-        let mut view = Vec::new();
-        for (name, value) in &self.pairs {
-            let Ok(name) = std::str::from_utf8(name) else {
-                continue;
-            };
-            if !reads(name) {
-                continue;
-            }
-            let value = std::str::from_utf8(value).map_err(|_| NotText {
+        let all = self.text_pairs(&reads)?;
+        Ok(all.iter().filter(|(n, _)| reads(n)).cloned().collect())
+    }
+
+    /// Every header whose name and value are text (lowercase names, repeats kept, in order),
+    /// borrowed, once every header `reads` names is text: else [`NotText`] for the first that
+    /// is not, as [`HeaderPairs::text_view`] answers.
+    ///
+    /// Unlike `text_view`, the pairs include text headers `reads` does not name, and nothing
+    /// is copied: a caller gives them to an engine that looks up only the names its
+    /// `reads_header` names, and several engines of one request share them.
+    pub fn text_pairs(&self, reads: impl Fn(&str) -> bool) -> Result<&[(String, String)], NotText> {
+        let not_text = self
+            .other
+            .iter()
+            .find_map(|(_, (name, _))| std::str::from_utf8(name).ok().filter(|name| reads(name)));
+        match not_text {
+            Some(name) => Err(NotText {
                 name: name.to_string(),
-            })?;
-            view.push((name.to_string(), value.to_string()));
+            }),
+            None => Ok(&self.text),
         }
-        Ok(view)
+    }
+}
+
+/// Sets the first pair named `name` to `value` and drops the other copies, or appends the
+/// pair: the host's replace.
+fn set_first<N, V>(pairs: &mut Vec<(N, V)>, name: &N::Target, value: &V::Target)
+where
+    N: std::ops::Deref + for<'a> From<&'a N::Target>,
+    N::Target: PartialEq,
+    V: std::ops::Deref + for<'a> From<&'a V::Target>,
+{
+    let mut replaced = false;
+    pairs.retain_mut(|(n, v)| {
+        if **n != *name {
+            return true;
+        }
+        if replaced {
+            return false;
+        }
+        *v = V::from(value);
+        replaced = true;
+        true
+    });
+    if !replaced {
+        pairs.push((N::from(name), V::from(value)));
     }
 }
 
@@ -374,6 +449,104 @@ mod tests {
             let i = at % bytes.len();
             bytes[i] = byte;
             let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn text_pairs_check_what_is_read_and_lend_every_text_pair() {
+        let headers = HeaderPairs::decode(GOLDEN).unwrap();
+        assert_eq!(
+            headers.text_pairs(is_pseudo).unwrap(),
+            &[(":path".to_string(), "/v2/".to_string())][..]
+        );
+        let err = headers
+            .text_pairs(|n| is_pseudo(n) || n == "x-junk")
+            .unwrap_err();
+        assert_eq!(err.name, "x-junk");
+        let mixed = HeaderPairs::from_pairs(vec![
+            (b"a".to_vec(), b"1".to_vec()),
+            (b"x-\xff".to_vec(), b"2".to_vec()),
+            (b"b".to_vec(), b"\xff".to_vec()),
+            (b"c".to_vec(), b"3".to_vec()),
+        ]);
+        let text = mixed.text_pairs(|n| n != "b").unwrap();
+        let names: Vec<&str> = text.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(mixed.iter().count(), 4);
+    }
+
+    /// The map as a plain list of byte pairs, with the host's set and remove: what
+    /// [`HeaderPairs`] must behave as, whatever it keeps as text.
+    fn model_set(model: &mut Vec<RawPair>, name: &[u8], value: &[u8]) {
+        let mut replaced = false;
+        model.retain_mut(|(n, v)| {
+            if n.as_slice() != name {
+                return true;
+            }
+            if replaced {
+                return false;
+            }
+            *v = value.to_vec();
+            replaced = true;
+            true
+        });
+        if !replaced {
+            model.push((name.to_vec(), value.to_vec()));
+        }
+    }
+
+    proptest! {
+        /// Order, first values, set, remove and the text check are those of a plain list of
+        /// byte pairs, for maps mixing text and non-text names and values.
+        #[test]
+        fn behaves_as_a_list_of_byte_pairs(
+            start in proptest::collection::vec((0u8..4, 0u8..3), 0..8),
+            edits in proptest::collection::vec((0u8..4, 0u8..3, any::<bool>()), 0..8),
+        ) {
+            // Name 3 is not UTF-8; value 2 is not either.
+            let name = |i: u8| if i == 3 { b"h\xff".to_vec() } else { format!("h{i}").into_bytes() };
+            let value = |i: u8| if i == 2 { b"\xfe".to_vec() } else { format!("v{i}").into_bytes() };
+            let mut model: Vec<RawPair> = start.iter().map(|(n, v)| (name(*n), value(*v))).collect();
+            let mut headers = HeaderPairs::from_pairs(model.clone());
+            for step in 0..=edits.len() {
+                let pairs: Vec<RawPair> =
+                    headers.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect();
+                prop_assert_eq!(&pairs, &model);
+                for n in 0u8..3 {
+                    let key = format!("h{n}");
+                    let first = model.iter().find(|(m, _)| m == key.as_bytes()).map(|(_, v)| v.as_slice());
+                    prop_assert_eq!(headers.first(&key), first);
+                    let reads = |h: &str| h == key;
+                    let not_text = model.iter().any(|(m, v)| m == key.as_bytes() && std::str::from_utf8(v).is_err());
+                    let read: Vec<(String, String)> = model
+                        .iter()
+                        .filter(|(m, _)| m == key.as_bytes())
+                        .map(|(m, v)| (String::from_utf8_lossy(m).into_owned(), String::from_utf8_lossy(v).into_owned()))
+                        .collect();
+                    match headers.text_view(reads) {
+                        Ok(view) => {
+                            prop_assert!(!not_text);
+                            prop_assert_eq!(view, read);
+                        }
+                        Err(e) => {
+                            prop_assert!(not_text);
+                            prop_assert_eq!(e.name, key);
+                        }
+                    }
+                }
+                let Some((n, v, remove)) = edits.get(step) else { break };
+                if *n == 3 {
+                    continue; // the filters set and remove only text names
+                }
+                let key = format!("h{n}");
+                if *remove {
+                    headers.remove(&key);
+                    model.retain(|(m, _)| m != key.as_bytes());
+                } else {
+                    headers.set(&key, &value(*v));
+                    model_set(&mut model, key.as_bytes(), &value(*v));
+                }
+            }
         }
     }
 

@@ -284,11 +284,15 @@ pub fn refuse_not_text(filter: &str, e: &NotText) -> DenyReason {
 
 /// The first value of `name` (lowercase) in text headers, or "".
 pub fn first_header(headers: &[(String, String)], name: &str) -> String {
+    header_text(headers, name).to_string()
+}
+
+/// The first value of `name` (lowercase) in text headers, borrowed, or "".
+pub fn header_text<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
     headers
         .iter()
         .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
-        .unwrap_or_default()
+        .map_or("", |(_, v)| v.as_str())
 }
 
 /// The status and body of the callout answer being handled. Status 0 means the call failed:
