@@ -480,10 +480,7 @@ impl TokenAuth {
                 };
                 self.key_outcome(checked, &found, facts.path)
             }
-            Credential::Token(token) => {
-                let token = token.clone();
-                self.authenticate_token(&token, &found, facts.path, now)
-            }
+            Credential::Token(token) => self.authenticate_token(token, &found, facts.path, now),
         }
     }
 
