@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 
 use policy::access::RequestAccess;
 use policy::client_credentials::AccessToken;
-use policy::enforcement::{summarize_accesses, Mode};
+use policy::enforcement::Mode;
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify_with_path, NgsiRequest};
 use policy::ownership::config::BrokerApi;
@@ -36,7 +36,7 @@ use policy::ownership::{
 };
 use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
-use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics};
+use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
 use crate::lookups::Lookups;
 use crate::{Caller, Request, Response, Stage, Step};
@@ -204,21 +204,23 @@ impl DeviceOwnershipStage {
     /// must stop with this client-facing reason (a denial in enforce mode).
     fn conclude(&self, req: &Request, decision: &Decision) -> Result<(), DenyReason> {
         let st = self.streams.get(&req.ctx);
+        let unclassified;
         let (operation, entities) = match st.and_then(|s| s.access.as_ref()) {
-            Some(r) => (r.operation.clone(), summarize_accesses(&r.accesses)),
-            None => (
-                st.map(|s| format!("{} {}", s.method, s.path))
-                    .unwrap_or_else(|| " ".into()),
-                "[]".to_string(),
-            ),
+            Some(r) => (r.operation.as_str(), Entities::Of(&r.accesses)),
+            None => {
+                unclassified = st
+                    .map(|s| format!("{} {}", s.method, s.path))
+                    .unwrap_or_else(|| " ".into());
+                (unclassified.as_str(), Entities::Summary("[]"))
+            }
         };
         let about = Decided {
             filter: NAME,
             mode: self.own.config().mode,
             log_allows: self.own.config().log_allows,
             identity: st.and_then(|s| s.identity.as_ref()),
-            operation: &operation,
-            entities: &entities,
+            operation,
+            entities,
             request_headers: req.headers(),
         };
         record_decision(&about, decision, &self.metrics.decisions)

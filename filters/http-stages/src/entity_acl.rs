@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
-use proxy_glue::{record_decision, Decided, DecisionMetrics};
+use proxy_glue::{record_decision, Decided, DecisionMetrics, Entities};
 
 use crate::{Caller, Request, Stage, Step};
 
@@ -137,7 +137,7 @@ fn apply(
         log_allows: acl.log_allows,
         identity,
         operation: &verdict.operation,
-        entities: &verdict.entities,
+        entities: Entities::Summary(&verdict.entities),
         request_headers: req.headers(),
     };
     match record_decision(&about, &verdict.decision, metrics) {

@@ -407,7 +407,18 @@ impl TokenAuthStage {
 
     /// Logs, exports and counts a decision on the current stream, with the request's facts.
     fn emit(&self, req: &Request, line: DecisionLine) {
-        proxy_glue::emit_decision_from(line, req.headers(), self.auth.config().log_allows);
+        self.emit_with(req, line, |line| line);
+    }
+
+    /// [`Self::emit`], with fields only the logged line shows (added when it is logged).
+    fn emit_with(
+        &self,
+        req: &Request,
+        line: DecisionLine,
+        details: impl FnOnce(DecisionLine) -> DecisionLine,
+    ) {
+        let log_allows = self.auth.config().log_allows;
+        proxy_glue::emit_decision_from(line, req.headers(), log_allows, details);
     }
 
     /// Executes a final outcome.
@@ -445,11 +456,11 @@ impl TokenAuthStage {
                 self.metrics.allowed.inc();
                 let kind = identity.kind.as_str();
                 let decision = Decision::Allow(format!("verified {kind} credential"));
-                self.emit(
+                self.emit_with(
                     req,
                     DecisionLine::new(NAME, Mode::Enforce, &decision)
-                        .subject(Some(&identity.subject))
-                        .literal("kind", kind),
+                        .subject(Some(&identity.subject)),
+                    |line| line.literal("kind", kind),
                 );
                 req.caller = Caller::Known(Some(identity));
                 Step::Next

@@ -13,6 +13,7 @@
 //! every other value comes from a client or a configuration and is bounded
 //! ([`crate::log_text`]) and quoted, so it can't forge another field. A missing value is `-`.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::Deserialize;
@@ -267,20 +268,23 @@ impl DecisionLine {
 
     /// What Envoy's access log gets, as (property name, value): the values unquoted but
     /// bounded, `-` when absent.
-    pub fn filter_state(&self) -> [(&'static str, String); 6] {
-        let plain = |v: &Option<String>| v.as_deref().map_or("-".into(), |v| bounded(v).into());
+    pub fn filter_state(&self) -> [(&'static str, Cow<'_, str>); 6] {
+        fn plain(v: &Option<String>) -> Cow<'_, str> {
+            v.as_deref().map_or(Cow::Borrowed("-"), bounded)
+        }
         [
-            (STATE_FILTER, self.filter.to_string()),
-            (STATE_DECISION, self.kind.as_str().to_string()),
+            (STATE_FILTER, Cow::Borrowed(self.filter)),
+            (STATE_DECISION, Cow::Borrowed(self.kind.as_str())),
             (STATE_STATUS, self.status_text()),
-            (STATE_REASON, self.reason.as_str().to_string()),
+            (STATE_REASON, Cow::Borrowed(self.reason.as_str())),
             (STATE_SUBJECT, plain(&self.subject)),
             (STATE_RULE, plain(&self.rule)),
         ]
     }
 
-    fn status_text(&self) -> String {
-        self.status.map_or("-".into(), |s| s.to_string())
+    fn status_text(&self) -> Cow<'static, str> {
+        self.status
+            .map_or(Cow::Borrowed("-"), |s| Cow::Owned(s.to_string()))
     }
 }
 
@@ -504,12 +508,12 @@ mod tests {
         let line =
             DecisionLine::new("entity-acl", Mode::Enforce, &deny_by_rule()).subject(Some(&long));
         let state = line.filter_state();
-        assert_eq!(state[0], ("iot_filter", "entity-acl".to_string()));
-        assert_eq!(state[1], ("iot_decision", "deny".to_string()));
-        assert_eq!(state[2], ("iot_status", "403".to_string()));
-        assert_eq!(state[3], ("iot_reason", "forbidden".to_string()));
+        assert_eq!(state[0], ("iot_filter", "entity-acl".into()));
+        assert_eq!(state[1], ("iot_decision", "deny".into()));
+        assert_eq!(state[2], ("iot_status", "403".into()));
+        assert_eq!(state[3], ("iot_reason", "forbidden".into()));
         assert!(state[4].1.len() < MAX_LOGGED_VALUE + 32);
-        assert_eq!(state[5], ("iot_rule", "secret-rooms".to_string()));
+        assert_eq!(state[5], ("iot_rule", "secret-rooms".into()));
         let allow = DecisionLine::new("token-auth", Mode::Enforce, &Decision::Allow("jwt".into()));
         assert_eq!(allow.filter_state()[2].1, "-");
         assert_eq!(allow.filter_state()[4].1, "-");

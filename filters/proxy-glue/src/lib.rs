@@ -187,7 +187,7 @@ thread_local! {
 struct Held {
     /// The filter state of the callback's last decision line (a later line replaces an
     /// earlier one in Envoy's filter state anyway: the access log shows the deciding stage).
-    filter_state: Option<[(&'static str, String); 6]>,
+    filter_state: Option<DecisionLine>,
     /// The host's log level.
     log_level: Option<Option<u32>>,
     /// The host clock.
@@ -203,15 +203,15 @@ pub fn one_stream_callback<R>(work: impl FnOnce() -> R) -> R {
     let outer = HELD.with(|held| held.replace(Some(Held::default())));
     let result = work();
     let ours = HELD.with(|held| held.replace(outer));
-    if let Some(state) = ours.and_then(|held| held.filter_state) {
-        export_filter_state(state);
+    if let Some(line) = ours.and_then(|held| held.filter_state) {
+        export_filter_state(&line);
     }
     result
 }
 
-fn export_filter_state(state: [(&'static str, String); 6]) {
+fn export_filter_state(line: &DecisionLine) {
     // Outside a stream (none is current) there is no filter state to set: nothing to export.
-    for (name, value) in state {
+    for (name, value) in line.filter_state() {
         let _ = host::set_property(name, value.as_bytes());
     }
 }
@@ -388,10 +388,30 @@ pub struct Decided<'a> {
     pub identity: Option<&'a policy::Identity>,
     /// e.g. `ngsi-v2 GET /v2/entities/Room1`.
     pub operation: &'a str,
-    /// [`policy::enforcement::summarize_accesses`] of what the request touches.
-    pub entities: &'a str,
+    /// What the request touches.
+    pub entities: Entities<'a>,
     /// The request headers as the filter read them, for the decision line's request facts.
     pub request_headers: &'a policy::header_pairs::HeaderPairs,
+}
+
+/// What a request touches, for the logged decision line only (summarised when it is logged).
+#[derive(Debug, Clone, Copy)]
+pub enum Entities<'a> {
+    /// Already summarised ([`policy::enforcement::summarize_accesses`]).
+    Summary(&'a str),
+    /// The request's accesses.
+    Of(&'a [policy::access::Access]),
+}
+
+impl<'a> Entities<'a> {
+    fn summary(self) -> std::borrow::Cow<'a, str> {
+        match self {
+            Entities::Summary(s) => std::borrow::Cow::Borrowed(s),
+            Entities::Of(accesses) => {
+                std::borrow::Cow::Owned(policy::enforcement::summarize_accesses(accesses))
+            }
+        }
+    }
 }
 
 /// Applies a decision the same way in every NGSI policy filter: the decision line (logged,
@@ -422,11 +442,12 @@ pub fn record_decision(
 ) -> Result<(), DenyReason> {
     use policy::enforcement::{client_reason, Mode};
     let line = DecisionLine::new(about.filter, about.mode, decision)
-        .subject(about.identity.map(|i| i.subject.as_str()))
-        .text("operation", about.operation)
-        .literal("entities", about.entities);
+        .subject(about.identity.map(|i| i.subject.as_str()));
     metrics.record(decision, about.mode);
-    emit_decision_from(line, about.request_headers, about.log_allows);
+    emit_decision_from(line, about.request_headers, about.log_allows, |line| {
+        line.text("operation", about.operation)
+            .literal("entities", &about.entities.summary())
+    });
     match decision {
         policy::Decision::Allow(_) => Ok(()),
         policy::Decision::Deny(_) if about.mode == Mode::Shadow => Ok(()),
@@ -460,24 +481,27 @@ pub fn emit_decision(line: &DecisionLine, log_allows: LogAllows) {
     if let Some(level) = log_level_of(line, log_allows) {
         let _ = host::log(level, &line.to_string());
     }
-    export_and_count(line);
+    export_and_count(line.clone());
 }
 
-/// [`emit_decision`] of `line` with the request facts of `headers` ([`with_facts_from`]). The
-/// facts appear only in the logged line (not in the filter state or the counters), so they
-/// are read only when the host logs it: an allow at the default `log_allows` (debug) costs no
-/// header lookups and no copies.
+/// [`emit_decision`] of `line` with the request facts of `headers` ([`with_facts_from`]) and
+/// the filter's own fields (`details`: operation, entities, ...). Both appear only in the
+/// logged line (not in the filter state or the counters), so they are read and rendered only
+/// when the host logs it: an allow at the default `log_allows` (debug) costs no header
+/// lookups, no summaries and no copies.
 pub fn emit_decision_from(
     line: DecisionLine,
     headers: &policy::header_pairs::HeaderPairs,
     log_allows: LogAllows,
+    details: impl FnOnce(DecisionLine) -> DecisionLine,
 ) {
-    if let Some(level) = log_level_of(&line, log_allows) {
-        let line = with_facts_from(line, headers);
-        let _ = host::log(level, &line.to_string());
-        export_and_count(&line);
-    } else {
-        export_and_count(&line);
+    match log_level_of(&line, log_allows) {
+        Some(level) => {
+            let line = details(with_facts_from(line, headers));
+            let _ = host::log(level, &line.to_string());
+            export_and_count(line);
+        }
+        None => export_and_count(line),
     }
 }
 
@@ -493,22 +517,22 @@ fn log_level_of(line: &DecisionLine, log_allows: LogAllows) -> Option<host::Leve
     level.filter(|l| logs_at(*l))
 }
 
-/// The filter state and the counters of a decision line.
-fn export_and_count(line: &DecisionLine) {
-    let state = line.filter_state();
-    let state = HELD.with(|held| match held.borrow_mut().as_mut() {
-        Some(held) => {
-            held.filter_state = Some(state);
-            None
-        }
-        None => Some(state),
-    });
-    if let Some(state) = state {
-        export_filter_state(state);
-    }
-    labelled_counter(line).inc();
+/// The filter state and the counters of a decision line. Inside [`one_stream_callback`] the
+/// line is held (its filter state rendered once, for the callback's last line).
+fn export_and_count(line: DecisionLine) {
+    labelled_counter(&line).inc();
     for name in line.rule_metric_names() {
         decision_counter(&name).inc();
+    }
+    let unheld = HELD.with(|held| match held.borrow_mut().as_mut() {
+        Some(held) => {
+            held.filter_state = Some(line);
+            None
+        }
+        None => Some(line),
+    });
+    if let Some(line) = unheld {
+        export_filter_state(&line);
     }
 }
 
