@@ -38,8 +38,8 @@ use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics};
 
-use crate::lookups::Lookups;
 use crate::{Caller, Request, Response, Stage, Step};
+use policy::lookups::Lookups;
 
 pub const NAME: &str = "device-ownership";
 

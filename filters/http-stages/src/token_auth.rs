@@ -6,7 +6,7 @@
 //! and runs the callouts the engine asks for.
 //!
 //! Callouts. A JWKS fetch (per issuer), an introspection (per token digest) or a device
-//! registry lookup (per device id) is one lookup ([`crate::lookups::Lookups`]): concurrent
+//! registry lookup (per device id) is one lookup ([`policy::lookups::Lookups`]): concurrent
 //! requests with the same token or device id share one callout,
 //! the driver resumes every waiter on the answer, and a lookup whose owning stream went away is
 //! re-issued from the root on the next tick. While a stream waits, the driver holds its body
@@ -34,8 +34,8 @@ use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
-use crate::lookups::Lookups;
 use crate::{Caller, Request, Stage, Step};
+use policy::lookups::Lookups;
 
 pub const NAME: &str = "token-auth";
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
