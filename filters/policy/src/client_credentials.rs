@@ -27,7 +27,7 @@
 use std::fmt;
 
 use base64::Engine as _;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::form_urlencoded;
 
@@ -49,24 +49,16 @@ pub struct UpstreamAuth {
     pub client_credentials: ClientCredentials,
 }
 
-/// The client-credentials grant. The secret is in the configuration (as introspection's
-/// `credentials`: the configuration then travels as a secret-bearing resource, file or ECDS,
-/// and shows in Envoy's config dump), or in an environment variable of the VM (a proxy-wasm
-/// module in Envoy has no file system). `Debug` redacts it.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+/// The client-credentials grant. The secret ([`ClientSecret`]) is in the configuration or in
+/// an environment variable of the VM. `Debug` redacts it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientCredentials {
     pub token_endpoint: Upstream,
     pub client_id: String,
-    /// The secret itself (or `client_secret_env`).
-    #[serde(default)]
-    pub client_secret: Option<String>,
-    /// The name of the VM's environment variable holding the secret (or `client_secret`).
-    #[serde(default)]
-    pub client_secret_env: Option<String>,
-    /// The value of `client_secret_env`, once [`ClientCredentials::read_environment`] read it.
-    #[serde(skip)]
-    secret_from_env: Option<String>,
+    /// `client_secret` or `client_secret_env`.
+    #[serde(flatten)]
+    pub secret: ClientSecret,
     /// Space-separated scopes asked for (absent: the IdP's default for the client).
     #[serde(default)]
     pub scope: Option<String>,
@@ -80,22 +72,33 @@ fn default_refresh_margin_s() -> u64 {
     30
 }
 
-impl fmt::Debug for ClientCredentials {
+/// A client secret: the keys `client_secret` (the secret itself) or `client_secret_env` (the
+/// name of the VM's environment variable holding it) of the object that holds the client's id,
+/// the client-credentials grant's and token introspection's `credentials`; the one place that
+/// reads, checks and redacts them. In the configuration, the secret travels as a
+/// secret-bearing resource (file or ECDS) and shows in Envoy's config dump; from the
+/// environment (a proxy-wasm module in Envoy has no file system), only its name does.
+///
+/// Flattened into its holder (`#[serde(flatten)]`): the holder's `deny_unknown_fields` still
+/// refuses any other key.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientSecret {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_env: Option<String>,
+    /// The value of `client_secret_env`, once [`ClientSecret::read_environment`] read it.
+    #[serde(skip)]
+    from_env: Option<String>,
+}
+
+impl fmt::Debug for ClientSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientCredentials")
-            .field("token_endpoint", &self.token_endpoint)
-            .field("client_id", &self.client_id)
-            .field(
-                "client_secret",
-                &self.client_secret.as_ref().map(|_| "<redacted>"),
-            )
+        let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ClientSecret")
+            .field("client_secret", &redact(&self.client_secret))
             .field("client_secret_env", &self.client_secret_env)
-            .field(
-                "secret_from_env",
-                &self.secret_from_env.as_ref().map(|_| "<redacted>"),
-            )
-            .field("scope", &self.scope)
-            .field("refresh_margin_s", &self.refresh_margin_s)
+            .field("from_env", &redact(&self.from_env))
             .finish()
     }
 }
@@ -145,12 +148,17 @@ fn env_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-impl ClientCredentials {
+impl ClientSecret {
+    /// Whether either key is given.
+    pub fn is_given(&self) -> bool {
+        self.client_secret.is_some() || self.client_secret_env.is_some()
+    }
+
     /// Reads `client_secret_env` (if given) from `env`, the VM's environment, once: call it at
-    /// configure time, before [`ClientCredentials::validate`], which refuses a variable that
-    /// was unset or empty. `env` answers None for an unset variable.
+    /// configure time, before [`ClientSecret::validate`], which refuses a variable that was
+    /// unset or empty. `env` answers None for an unset variable.
     pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
-        self.secret_from_env = self
+        self.from_env = self
             .client_secret_env
             .as_deref()
             .filter(|name| env_name(name))
@@ -158,12 +166,58 @@ impl ClientCredentials {
             .filter(|value| !value.is_empty());
     }
 
-    /// The secret: the configured one, or the environment variable's value.
-    fn secret(&self) -> &str {
-        self.client_secret
-            .as_deref()
-            .or(self.secret_from_env.as_deref())
-            .unwrap_or_default()
+    /// The secret: the configured one, or the environment variable's value once read.
+    pub fn value(&self) -> Option<&str> {
+        self.client_secret.as_deref().or(self.from_env.as_deref())
+    }
+
+    /// Exactly one of the two keys, and a usable secret; `at` is the JSON path of the object
+    /// holding them, which the message starts with.
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        match (&self.client_secret, &self.client_secret_env) {
+            (Some(_), Some(_)) => Err(format!(
+                "{at}.client_secret_env: give client_secret or client_secret_env, not both"
+            )),
+            (None, None) => Err(format!(
+                "{at}.client_secret: missing (give client_secret, or client_secret_env \
+                 naming an environment variable that holds it)"
+            )),
+            (Some(secret), None) => {
+                if secret.is_empty() || secret.chars().any(char::is_control) {
+                    return Err(format!(
+                        "{at}.client_secret: must be non-empty, without control characters"
+                    ));
+                }
+                Ok(())
+            }
+            (None, Some(name)) => {
+                if !env_name(name) {
+                    return Err(format!(
+                        "{at}.client_secret_env: {name:?} is not an environment variable name \
+                         (letters, digits and _, not starting with a digit)"
+                    ));
+                }
+                match &self.from_env {
+                    None => Err(format!(
+                        "{at}.client_secret_env: the environment variable {name} is not set \
+                         or is empty in the VM (in Envoy, start Envoy with it and list it in \
+                         vm_config.environment_variables.host_env_keys)"
+                    )),
+                    Some(value) if value.chars().any(char::is_control) => Err(format!(
+                        "{at}.client_secret_env: the value of {name} has control characters"
+                    )),
+                    Some(_) => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+impl ClientCredentials {
+    /// Reads the secret's environment variable, if it names one
+    /// ([`ClientSecret::read_environment`]).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        self.secret.read_environment(env);
     }
 
     /// Checks what serde could not; the message names the field (below `auth`).
@@ -176,49 +230,7 @@ impl ClientCredentials {
                 "{at}.client_id: must be 1 to 256 printable ASCII characters or spaces"
             ));
         }
-        match (&self.client_secret, &self.client_secret_env) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "{at}.client_secret_env: give client_secret or client_secret_env, not both"
-                ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "{at}.client_secret: missing (give client_secret, or client_secret_env \
-                     naming an environment variable that holds it)"
-                ))
-            }
-            (Some(secret), None) => {
-                if secret.is_empty() || secret.chars().any(char::is_control) {
-                    return Err(format!(
-                        "{at}.client_secret: must be non-empty, without control characters"
-                    ));
-                }
-            }
-            (None, Some(name)) => {
-                if !env_name(name) {
-                    return Err(format!(
-                        "{at}.client_secret_env: {name:?} is not an environment variable name \
-                         (letters, digits and _, not starting with a digit)"
-                    ));
-                }
-                match &self.secret_from_env {
-                    None => {
-                        return Err(format!(
-                            "{at}.client_secret_env: the environment variable {name} is not set \
-                             or is empty in the VM (in Envoy, start Envoy with it and list it in \
-                             vm_config.environment_variables.host_env_keys)"
-                        ))
-                    }
-                    Some(value) if value.chars().any(char::is_control) => {
-                        return Err(format!(
-                            "{at}.client_secret_env: the value of {name} has control characters"
-                        ))
-                    }
-                    Some(_) => {}
-                }
-            }
-        }
+        self.secret.validate(at)?;
         if let Some(scope) = &self.scope {
             let ok = !scope.is_empty()
                 && scope
@@ -248,7 +260,10 @@ impl ClientCredentials {
             .call("POST")
             .with_header("content-type", "application/x-www-form-urlencoded")
             .with_header("accept", "application/json")
-            .with_header("authorization", basic_auth(&self.client_id, self.secret()))
+            .with_header(
+                "authorization",
+                basic_auth(&self.client_id, self.secret.value().unwrap_or_default()),
+            )
             .with_header("content-length", body.len().to_string())
             .with_body(body)
     }
