@@ -53,8 +53,8 @@ use std::time::Duration;
 use policy::decision_line::{LogAllows, STATE_DENIALS};
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{
-    Ask, AskRequest, BackendAnswer, Connection, Env, Joined, MqttAcl, Output, RecheckCall,
-    RegistryRechecks, SharedAsks, Shed, Waiter, Whom,
+    Ask, AskRequest, BackendAnswer, Connection, Env, Joined, MqttAcl, MqttAclConfig, Output,
+    RecheckCall, RegistryRechecks, SharedAsks, Shed, Waiter, Whom,
 };
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
@@ -202,7 +202,12 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(policy) = proxy_glue::load_config(policy::mqtt_acl::FILTER, MqttAcl::new) else {
+        // The secrets the configuration names in the VM's environment are read once, here.
+        let build = |mut config: MqttAclConfig| {
+            config.read_environment(&proxy_glue::env_var);
+            MqttAcl::new(config)
+        };
+        let Some(policy) = proxy_glue::load_config(policy::mqtt_acl::FILTER, build) else {
             return false;
         };
         if let Err(status) = hostcalls::set_tick_period(TICK) {

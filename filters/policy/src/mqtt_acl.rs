@@ -517,6 +517,17 @@ pub struct MqttAcl {
     max_waiting_connections: usize,
 }
 
+impl MqttAclConfig {
+    /// Reads the environment variables the configuration names (`client_secret_env` of
+    /// `introspection.credentials`) from `env`, the VM's environment; call it once at configure
+    /// time, before [`MqttAcl::new`] (which refuses one unset).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(introspection) = &mut self.introspection {
+            introspection.read_environment(env);
+        }
+    }
+}
+
 impl MqttAcl {
     /// The JWT providers, for installing fetched remote keys.
     pub fn jwt_mut(&mut self) -> Option<&mut JwtVerifier> {

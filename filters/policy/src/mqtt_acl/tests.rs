@@ -2112,3 +2112,46 @@ fn bounds_on_shared_callouts_are_configured_and_validated_with_their_path() {
     let policy = MqttAcl::from_json(config.to_string().as_bytes()).unwrap();
     assert_eq!(policy.ask_limits().max_waiting_connections, 8);
 }
+
+#[test]
+fn the_introspection_secret_may_come_from_the_environment() {
+    let config = with(
+        base_config(),
+        "introspection",
+        json!({"kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+               "path": "/introspect",
+               "credentials": {"client_id": "mqtt", "client_secret_env": "MQTT_PEP_SECRET"}}),
+    );
+    let build = |env: Option<&str>| {
+        let mut config: MqttAclConfig = serde_json::from_value(config.clone()).unwrap();
+        config.read_environment(&|name: &str| {
+            (name == "MQTT_PEP_SECRET")
+                .then(|| env.map(str::to_string))
+                .flatten()
+        });
+        MqttAcl::new(config)
+    };
+    // The introspection call authenticates exactly as with the secret inline.
+    let mut conn = Conn::new(build(Some("s3cret")).unwrap());
+    let out = conn.client(&connect_packet(V3, "alice-1", Some("tok-1"), None, None));
+    introspect_ask(&out);
+    let AskRequest::Introspect { call, .. } = &out.asks[0].request else {
+        panic!("not an introspection: {:?}", out.asks[0]);
+    };
+    let inline = opaque_policy().opaque_tokens().unwrap().call("tok-1");
+    assert_eq!(
+        call.header("authorization"),
+        Some("Basic bXF0dDpzM2NyZXQ=") // base64("mqtt:s3cret")
+    );
+    assert_eq!(call.header("authorization"), inline.header("authorization"));
+    for env in [None, Some("")] {
+        let err = build(env).map(|_| ()).unwrap_err();
+        assert!(
+            err.starts_with(
+                "introspection: credentials.client_secret_env: the environment variable \
+                 MQTT_PEP_SECRET is not set or is empty"
+            ),
+            "{err}"
+        );
+    }
+}
