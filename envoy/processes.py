@@ -553,6 +553,8 @@ class MqttEnvoy(EnvoyProcess):
     ecds_dir: str = None
     http_clusters: tuple = ()
     websocket: bool = False
+    # Variables added to Envoy's environment (e.g. a client secret named by client_secret_env).
+    environment: dict = None
     port: int = 0
     admin_port: int = 0
     proc: Proc = field(default=None, repr=False)

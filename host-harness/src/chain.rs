@@ -86,6 +86,16 @@ pub struct CalloutRecord {
     pub body: Vec<u8>,
 }
 
+impl CalloutRecord {
+    fn of(call: &crate::host::PendingCall) -> CalloutRecord {
+        CalloutRecord {
+            cluster: call.cluster.clone(),
+            headers: call.headers.clone(),
+            body: call.body.clone(),
+        }
+    }
+}
+
 /// What the client saw, and what happened on the way.
 #[derive(Debug, Clone, Default)]
 pub struct HttpOutcome {
@@ -172,6 +182,13 @@ pub struct Chain {
     /// `proxy_set_effective_context`: (filter index, stream context). Envoy closes the
     /// connection then, after flushing what was already written to it.
     background_closes: Vec<(usize, u32)>,
+    /// Several connections are open in one step ([`Chain::connections`]): callouts wait for an
+    /// explicit answer, and what a callback does to another connection (through
+    /// `proxy_set_effective_context`) is routed to it.
+    hold_callouts: bool,
+    /// Actions a guest took on another connection than the one being called back, and those
+    /// of background callbacks while callouts are held: (filter index, context, action).
+    net_spilled: Vec<(usize, u32, Deferred)>,
 }
 
 /// Envoy's reload events of a FAIL_RELOAD plugin, counted as `wasm.<plugin>.vm_reload_<event>`.
@@ -216,6 +233,8 @@ impl Chain {
             callout_log: Vec::new(),
             spilled: Vec::new(),
             background_closes: Vec::new(),
+            hold_callouts: false,
+            net_spilled: Vec::new(),
         }
     }
 
@@ -334,7 +353,12 @@ impl Chain {
                 progressed = true;
             }
             for i in 0..self.filters.len() {
+                if self.hold_callouts {
+                    // Answered when the scenario says so (`answer_callouts`).
+                    break;
+                }
                 for call in self.filters[i].take_pending_calls() {
+                    self.callout_log.push(CalloutRecord::of(&call));
                     let answer = self.resolver.resolve(&call, &self.shared);
                     let _ = self.filters[i].deliver_call_response(
                         call.context_id,
@@ -357,7 +381,9 @@ impl Chain {
     fn collect_background_closes(&mut self) {
         for i in 0..self.filters.len() {
             for (ctx, action) in self.filters[i].take_deferred() {
-                if let Deferred::Close(_) = action {
+                if self.hold_callouts {
+                    self.net_spilled.push((i, ctx, action));
+                } else if let Deferred::Close(_) = action {
                     self.background_closes.push((i, ctx));
                 }
             }
@@ -613,11 +639,7 @@ impl Chain {
             let mut calls = calls.into_iter();
             let Some(call) = calls.next() else { continue };
             self.filters[i].state_mut().pending_calls.extend(calls);
-            self.callout_log.push(CalloutRecord {
-                cluster: call.cluster.clone(),
-                headers: call.headers.clone(),
-                body: call.body.clone(),
-            });
+            self.callout_log.push(CalloutRecord::of(&call));
             let answer = self.resolver.resolve(&call, &self.shared);
             let delivered = self.filters[i].deliver_call_response(
                 call.context_id,
@@ -1153,19 +1175,178 @@ impl Chain {
 
     // ================= TCP (network filters) =================
 
-    /// Runs a TCP connection through network filters.
+    /// Runs a TCP connection through network filters. Callouts are answered as soon as they
+    /// are made.
     pub fn connection(
         &mut self,
-        mut properties: BTreeMap<String, Vec<u8>>,
+        properties: BTreeMap<String, Vec<u8>>,
         events: &[NetEvent],
     ) -> NetOutcome {
+        let log_start = self.callout_log.len();
         if let Err(e) = self.reload_failed_vms() {
             self.shared
                 .log("host-harness", 4, format!("reloading a failed VM: {e:#}"));
         }
-        self.connection_properties(&mut properties);
         // Closes of earlier streams no longer matter.
         self.background_closes.clear();
+        self.net_spilled.clear();
+        let mut run = self.open_connection(properties);
+        self.net_callouts(&mut run);
+        for event in events {
+            if run.outcome.closed_by_filter {
+                break;
+            }
+            match event {
+                NetEvent::Downstream { data, end_stream } => {
+                    self.net_data(&mut run, NetDir::Downstream, 0, data.clone(), *end_stream)
+                }
+                NetEvent::Upstream { data, end_stream } => {
+                    self.net_data(&mut run, NetDir::Upstream, 0, data.clone(), *end_stream)
+                }
+                NetEvent::AdvanceClock { millis } => self.advance_clock(*millis),
+            }
+            self.net_callouts(&mut run);
+            self.net_background_closes(&mut run);
+        }
+        self.close_connection(&mut run);
+        self.net_spilled.clear();
+        run.outcome.callouts = self.callout_log[log_start..].to_vec();
+        run.outcome
+    }
+
+    /// Runs several TCP connections through network filters at once, their events
+    /// interleaved. Callouts wait until an [`MultiNetEvent::AnswerCallouts`] answers every one
+    /// made so far (and what those answers lead to), so connections can share one; a call
+    /// whose connection closed first is dropped, as Envoy cancels it with the context. What a
+    /// callback does to another connection (through `proxy_set_effective_context`: writing
+    /// its buffer, resuming or closing it) reaches that connection. Returns each connection's
+    /// outcome and every callout made.
+    pub fn connections(
+        &mut self,
+        properties: Vec<BTreeMap<String, Vec<u8>>>,
+        events: &[MultiNetEvent],
+    ) -> (Vec<NetOutcome>, Vec<CalloutRecord>) {
+        let log_start = self.callout_log.len();
+        if let Err(e) = self.reload_failed_vms() {
+            self.shared
+                .log("host-harness", 4, format!("reloading a failed VM: {e:#}"));
+        }
+        self.background_closes.clear();
+        self.net_spilled.clear();
+        self.hold_callouts = true;
+        let mut runs: Vec<NetRun> = properties
+            .into_iter()
+            .map(|p| self.open_connection(p))
+            .collect();
+        let mut held = Vec::new();
+        self.hold_calls(&mut held);
+        self.route_net_spilled(&mut runs);
+        for event in events {
+            match event {
+                MultiNetEvent::On(c, NetEvent::Downstream { data, end_stream }) => {
+                    if let Some(run) = runs.get_mut(*c).filter(|r| r.live()) {
+                        self.net_data(run, NetDir::Downstream, 0, data.clone(), *end_stream);
+                    }
+                }
+                MultiNetEvent::On(c, NetEvent::Upstream { data, end_stream }) => {
+                    if let Some(run) = runs.get_mut(*c).filter(|r| r.live()) {
+                        self.net_data(run, NetDir::Upstream, 0, data.clone(), *end_stream);
+                    }
+                }
+                MultiNetEvent::On(_, NetEvent::AdvanceClock { millis }) => {
+                    self.advance_clock(*millis)
+                }
+                MultiNetEvent::Close(c) => {
+                    if let Some(run) = runs.get_mut(*c).filter(|r| !r.client_closed) {
+                        self.close_connection(run);
+                    }
+                }
+                MultiNetEvent::AnswerCallouts => self.answer_held_calls(&mut runs, &mut held),
+            }
+            self.hold_calls(&mut held);
+            self.route_net_spilled(&mut runs);
+        }
+        for run in runs.iter_mut().filter(|r| !r.client_closed) {
+            self.close_connection(run);
+        }
+        self.hold_callouts = false;
+        self.net_spilled.clear();
+        let made = self.callout_log[log_start..].to_vec();
+        let outcomes = runs.into_iter().map(|r| r.outcome).collect();
+        (outcomes, made)
+    }
+
+    /// Takes the callouts made since (recorded in the log), to answer later.
+    fn hold_calls(&mut self, held: &mut Vec<(usize, crate::host::PendingCall)>) {
+        for i in 0..self.filters.len() {
+            for call in self.filters[i].take_pending_calls() {
+                self.callout_log.push(CalloutRecord::of(&call));
+                held.push((i, call));
+            }
+        }
+    }
+
+    /// Answers every held callout, and those the answers lead to, routing what the guest did
+    /// to the connections it acted on.
+    fn answer_held_calls(
+        &mut self,
+        runs: &mut [NetRun],
+        held: &mut Vec<(usize, crate::host::PendingCall)>,
+    ) {
+        for _ in 0..1000 {
+            self.hold_calls(held);
+            if held.is_empty() {
+                return;
+            }
+            for (i, call) in std::mem::take(held) {
+                let cancelled = runs
+                    .iter()
+                    .any(|r| r.client_closed && r.ctx.get(i) == Some(&call.context_id));
+                if cancelled {
+                    continue;
+                }
+                let answer = self.resolver.resolve(&call, &self.shared);
+                let delivered = self.filters[i].deliver_call_response(
+                    call.context_id,
+                    call.token,
+                    answer_to_response(answer),
+                );
+                if delivered.is_err() {
+                    for run in runs.iter_mut() {
+                        run.outcome.closed_by_filter = true;
+                    }
+                }
+                for (ctx, action) in self.filters[i].take_deferred() {
+                    self.net_spilled.push((i, ctx, action));
+                }
+                self.collect_background_closes();
+                self.route_net_spilled(runs);
+            }
+        }
+    }
+
+    /// Applies actions taken on other connections than the one called back to those
+    /// connections (by filter index and context id).
+    fn route_net_spilled(&mut self, runs: &mut [NetRun]) {
+        for _ in 0..1000 {
+            let spilled = std::mem::take(&mut self.net_spilled);
+            if spilled.is_empty() {
+                return;
+            }
+            for (i, ctx, action) in spilled {
+                if let Some(run) = runs
+                    .iter_mut()
+                    .find(|r| r.live() && r.ctx.get(i) == Some(&ctx))
+                {
+                    self.apply_net_action(run, action);
+                }
+            }
+        }
+    }
+
+    /// Opens a connection: creates its contexts and calls `proxy_on_new_connection`.
+    fn open_connection(&mut self, mut properties: BTreeMap<String, Vec<u8>>) -> NetRun {
+        self.connection_properties(&mut properties);
         // Envoy calls on_new_connection before the TLS handshake: the peer's certificate facts
         // (connection.mtls, connection.*_peer_certificate, ...) appear with the first data.
         let (handshake, before): (BTreeMap<_, _>, BTreeMap<_, _>) = properties
@@ -1184,17 +1365,18 @@ impl Chain {
             ],
             stopped_at: [None, None],
             outcome: NetOutcome::default(),
+            client_closed: false,
         };
         if self.filters.iter().any(|vm| !vm.is_serving()) {
             run.outcome.closed_by_filter = true;
-            return run.outcome;
+            return run;
         }
         for i in 0..self.filters.len() {
             match self.filters[i].create_stream(data.clone()) {
                 Ok(id) => run.ctx.push(id),
                 Err(_) => {
                     run.outcome.closed_by_filter = true;
-                    return run.outcome;
+                    return run;
                 }
             }
         }
@@ -1206,27 +1388,16 @@ impl Chain {
                 break;
             }
             self.net_deferred(&mut run, i);
-            self.net_callouts(&mut run);
         }
         if let Ok(mut d) = data.lock() {
             d.properties.extend(handshake);
         }
-        for event in events {
-            if run.outcome.closed_by_filter {
-                break;
-            }
-            match event {
-                NetEvent::Downstream { data, end_stream } => {
-                    self.net_data(&mut run, NetDir::Downstream, 0, data.clone(), *end_stream)
-                }
-                NetEvent::Upstream { data, end_stream } => {
-                    self.net_data(&mut run, NetDir::Upstream, 0, data.clone(), *end_stream)
-                }
-                NetEvent::AdvanceClock { millis } => self.advance_clock(*millis),
-            }
-            self.net_callouts(&mut run);
-            self.net_background_closes(&mut run);
-        }
+        run
+    }
+
+    /// The connection ends: close notifications, then its contexts are done.
+    fn close_connection(&mut self, run: &mut NetRun) {
+        run.client_closed = true;
         let closers = [
             "proxy_on_downstream_connection_close",
             "proxy_on_upstream_connection_close",
@@ -1239,7 +1410,6 @@ impl Chain {
             }
             self.filters[i].finish_stream(ctx);
         }
-        run.outcome
     }
 
     fn net_data(&mut self, run: &mut NetRun, dir: NetDir, mut k: usize, chunk: Vec<u8>, eos: bool) {
@@ -1336,30 +1506,44 @@ impl Chain {
         }
     }
 
+    /// Applies what filter `i` deferred on this connection; actions on other contexts are
+    /// kept for [`Self::route_net_spilled`]. True when the filter continued within its own
+    /// callback.
     fn net_deferred(&mut self, run: &mut NetRun, i: usize) -> bool {
         let mut resumed = false;
-        for (_, action) in self.filters[i].take_deferred() {
-            match action {
-                Deferred::Close(_) => run.outcome.closed_by_filter = true,
-                Deferred::Continue(stream) => {
-                    let dir = match stream {
-                        StreamType::Upstream => NetDir::Upstream,
-                        _ => NetDir::Downstream,
-                    };
-                    let d = dir as usize;
-                    self.sync_held(run, dir);
-                    match run.stopped_at[d].take() {
-                        Some(k) => {
-                            let held = std::mem::take(&mut run.held[d][k]);
-                            self.net_data(run, dir, k + 1, held, false);
-                        }
-                        None => resumed = true,
-                    }
-                }
-                Deferred::LocalResponse(_) => {}
+        for (ctx, action) in self.filters[i].take_deferred() {
+            if run.ctx.get(i) != Some(&ctx) {
+                self.net_spilled.push((i, ctx, action));
+                continue;
             }
+            resumed |= self.apply_net_action(run, action);
         }
         resumed
+    }
+
+    /// One deferred action on this connection; true for a continue with nothing paused (the
+    /// filter continued within its own callback).
+    fn apply_net_action(&mut self, run: &mut NetRun, action: Deferred) -> bool {
+        match action {
+            Deferred::Close(_) => run.outcome.closed_by_filter = true,
+            Deferred::Continue(stream) => {
+                let dir = match stream {
+                    StreamType::Upstream => NetDir::Upstream,
+                    _ => NetDir::Downstream,
+                };
+                let d = dir as usize;
+                self.sync_held(run, dir);
+                match run.stopped_at[d].take() {
+                    Some(k) => {
+                        let held = std::mem::take(&mut run.held[d][k]);
+                        self.net_data(run, dir, k + 1, held, false);
+                    }
+                    None => return true,
+                }
+            }
+            Deferred::LocalResponse(_) => {}
+        }
+        false
     }
 
     fn net_callouts(&mut self, run: &mut NetRun) {
@@ -1368,6 +1552,7 @@ impl Chain {
             for i in 0..self.filters.len() {
                 for call in self.filters[i].take_pending_calls() {
                     any = true;
+                    self.callout_log.push(CalloutRecord::of(&call));
                     let answer = self.resolver.resolve(&call, &self.shared);
                     if self.filters[i]
                         .deliver_call_response(
@@ -1415,6 +1600,15 @@ struct NetRun {
     held: [Vec<Vec<u8>>; 2],
     stopped_at: [Option<usize>; 2],
     outcome: NetOutcome,
+    /// The connection ended (its contexts are done).
+    client_closed: bool,
+}
+
+impl NetRun {
+    /// Still open on both sides of the filters.
+    fn live(&self) -> bool {
+        !self.client_closed && !self.outcome.closed_by_filter
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1424,11 +1618,24 @@ pub enum NetEvent {
     AdvanceClock { millis: u64 },
 }
 
+/// What happens on one of several connections ([`Chain::connections`]).
+#[derive(Debug, Clone)]
+pub enum MultiNetEvent {
+    /// On connection n (a clock step is for all).
+    On(usize, NetEvent),
+    /// The client closes connection n.
+    Close(usize),
+    /// Every callout made so far is answered (and those the answers lead to).
+    AnswerCallouts,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct NetOutcome {
     pub to_upstream: Vec<u8>,
     pub to_downstream: Vec<u8>,
     pub closed_by_filter: bool,
+    /// Callouts made while the connection ran ([`Chain::connection`]).
+    pub callouts: Vec<CalloutRecord>,
 }
 
 fn body_mut(data: &mut StreamData, dir: Dir) -> &mut Vec<u8> {

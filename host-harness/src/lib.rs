@@ -16,6 +16,8 @@ pub mod shared;
 pub mod validate;
 pub mod vm;
 
-pub use chain::{Chain, HttpOutcome, HttpRequest, NetEvent, NetOutcome, UpstreamResponse};
+pub use chain::{
+    Chain, HttpOutcome, HttpRequest, MultiNetEvent, NetEvent, NetOutcome, UpstreamResponse,
+};
 pub use shared::{MetricValue, Shared};
 pub use vm::{FailurePolicy, Limits, PluginSpec, Runtime, Usage, VmFailure};

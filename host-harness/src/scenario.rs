@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use crate::abi::Pairs;
 use crate::chain::{header, CalloutAnswer, CalloutResolver, Chain, HttpOutcome, HttpRequest};
-use crate::chain::{NetEvent, NetOutcome, UpstreamResponse};
+use crate::chain::{CalloutRecord, MultiNetEvent, NetEvent, NetOutcome, UpstreamResponse};
 use crate::host::{CallResponse, PendingCall};
 use crate::shared::{MetricValue, Shared};
 use crate::vm::{FailurePolicy, Limits, PluginSpec, Runtime};
@@ -268,6 +268,13 @@ pub struct Step {
     #[serde(default)]
     pub concurrent: Vec<ConcurrentDef>,
     pub connection: Option<ConnectionDef>,
+    /// Several TCP connections open at once (see [`ConnectionsDef`]); their events are the
+    /// step's `events`.
+    #[serde(default)]
+    pub connections: Vec<ConnectionsDef>,
+    /// The events of `connections`, each naming its connection (`conn`).
+    #[serde(default)]
+    pub events: Vec<NetEventDef>,
     pub advance_clock_ms: Option<u64>,
     pub reconfigure: Option<ReconfigureDef>,
     /// What the upstream answers in this step, instead of the scenario's `[upstream]`.
@@ -381,10 +388,32 @@ pub struct ConnectionDef {
     pub events: Vec<NetEventDef>,
 }
 
+/// One of several connections open at once in a step.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsDef {
+    /// Events name the connection by this.
+    pub name: String,
+    #[serde(default)]
+    pub tls: TlsDef,
+    /// What this connection must see (data, closed); the step's `expect` checks callouts,
+    /// metrics and logs.
+    #[serde(default)]
+    pub expect: Expect,
+}
+
 /// One thing that happens on a TCP connection. Data is given as text or hex.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct NetEventDef {
+    /// With `connections`: the connection it happens on.
+    pub conn: Option<String>,
+    /// With `connections`: every callout made so far is answered now.
+    #[serde(default)]
+    pub answer_callouts: bool,
+    /// With `connections`: the client closes the connection.
+    #[serde(default)]
+    pub close: bool,
     pub downstream: Option<String>,
     pub downstream_hex: Option<String>,
     pub upstream: Option<String>,
@@ -701,6 +730,28 @@ fn run(
                 .with_context(|| format!("step {name}"))?;
             let outcome = chain.connection(conn.tls.properties(), &events);
             check_net(&step.expect, &outcome, &mut failures)?;
+            check_callouts(step.expect.callouts, &outcome.callouts, &mut failures);
+        }
+        if !step.connections.is_empty() {
+            let events = multi_net_events(&step.connections, &step.events)
+                .with_context(|| format!("step {name}"))?;
+            let properties = step
+                .connections
+                .iter()
+                .map(|c| c.tls.properties())
+                .collect();
+            let (outcomes, made) = chain.connections(properties, &events);
+            for (def, outcome) in step.connections.iter().zip(&outcomes) {
+                let mut mine = Vec::new();
+                check_net(&def.expect, outcome, &mut mine)?;
+                failures.extend(
+                    mine.into_iter()
+                        .map(|f| format!("connection {}: {f}", def.name)),
+                );
+            }
+            check_callouts(step.expect.callouts, &made, &mut failures);
+        } else if !step.events.is_empty() {
+            bail!("step {name}: events without connections (a single connection's events go in [step.connection])");
         }
         check_common(&step.expect, &shared, logs_before, &mut failures);
         reports.push(StepReport {
@@ -795,7 +846,48 @@ fn hex(text: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
+/// The events of several connections: each names its connection (`conn`), except
+/// `answer_callouts` and clock steps.
+fn multi_net_events(conns: &[ConnectionsDef], defs: &[NetEventDef]) -> Result<Vec<MultiNetEvent>> {
+    let index = |name: &str| {
+        conns
+            .iter()
+            .position(|c| c.name == name)
+            .ok_or_else(|| anyhow!("no connection named {name:?} in [[step.connections]]"))
+    };
+    for (n, c) in conns.iter().enumerate() {
+        if conns[..n].iter().any(|d| d.name == c.name) {
+            bail!("two connections named {:?}", c.name);
+        }
+    }
+    defs.iter()
+        .map(|def| {
+            if def.answer_callouts {
+                return Ok(MultiNetEvent::AnswerCallouts);
+            }
+            if def.conn.is_none() {
+                if let Some(millis) = def.advance_clock_ms {
+                    return Ok(MultiNetEvent::On(0, NetEvent::AdvanceClock { millis }));
+                }
+                bail!("an event of [[step.connections]] names its connection (conn = \"...\")");
+            }
+            let c = index(def.conn.as_deref().unwrap_or_default())?;
+            if def.close {
+                return Ok(MultiNetEvent::Close(c));
+            }
+            Ok(MultiNetEvent::On(c, net_event_data(def)?))
+        })
+        .collect()
+}
+
 fn net_event(def: &NetEventDef) -> Result<NetEvent> {
+    if def.conn.is_some() || def.answer_callouts || def.close {
+        bail!("conn, answer_callouts and close are for [[step.connections]] events");
+    }
+    net_event_data(def)
+}
+
+fn net_event_data(def: &NetEventDef) -> Result<NetEvent> {
     let text = |s: &Option<String>| s.as_ref().map(|s| s.clone().into_bytes());
     let hexed = |s: &Option<String>| s.as_deref().map(hex).transpose();
     if let Some(data) = text(&def.downstream).or(hexed(&def.downstream_hex)?) {
@@ -945,24 +1037,29 @@ fn check_http(expect: &Expect, outcome: &HttpOutcome, failures: &mut Vec<String>
             Err(e) => failures.push(format!("body is not JSON ({e}): {:?}", show(&outcome.body))),
         }
     }
-    if let Some(n) = expect.callouts {
-        if outcome.callouts.len() != n {
-            let made: Vec<String> = outcome
-                .callouts
-                .iter()
-                .map(|c| {
-                    format!(
-                        "{} {}",
-                        c.cluster,
-                        header(&c.headers, ":path").unwrap_or_default()
-                    )
-                })
-                .collect();
-            failures.push(format!(
-                "expected {n} callouts, got {}: {made:?}",
-                outcome.callouts.len()
-            ));
-        }
+    check_callouts(expect.callouts, &outcome.callouts, failures);
+}
+
+/// `callouts`: how many callouts the step made.
+fn check_callouts(want: Option<usize>, made: &[CalloutRecord], failures: &mut Vec<String>) {
+    let Some(n) = want else {
+        return;
+    };
+    if made.len() != n {
+        let shown: Vec<String> = made
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} {}",
+                    c.cluster,
+                    header(&c.headers, ":path").unwrap_or_default()
+                )
+            })
+            .collect();
+        failures.push(format!(
+            "expected {n} callouts, got {}: {shown:?}",
+            made.len()
+        ));
     }
 }
 

@@ -2,11 +2,13 @@
 with its owner): the contract of filters/token-auth/README.md, "Device keys from a registry".
 GET <path>?id=<device id> answers 200 {"id", "key_sha256": [SHA-256 hex of each key], "owner"}
 for a registered device and 404 for any other; while `down`, 503. It records every id it was
-asked, so a test can see the filters' cache at work, and keys can be revoked while it runs."""
+asked, so a test can see the filters' cache at work, and keys can be revoked while it runs; told
+a delay, it answers that late (a slow registry, while concurrent CONNECTs wait)."""
 
 import hashlib
 import json
 import threading
+import time
 import urllib.parse
 
 from standin_server import QuietHandler, StandinServer
@@ -31,6 +33,7 @@ class DeviceRegistry(StandinServer):
         self.tokens = []
         self.devices = {d: (owner, list(keys)) for d, (owner, keys) in devices.items()}
         self.down = False
+        self.delay_s = 0.0
         self.asked = []
         self._lock = threading.Lock()
 
@@ -56,6 +59,9 @@ class DeviceRegistry(StandinServer):
                     standin.asked.append(device)
                     entry = standin.devices.get(device)
                     down = standin.down
+                    delay = standin.delay_s
+                if delay:
+                    time.sleep(delay)
                 if down:
                     status, body = 503, b""
                 elif path != standin.path or entry is None:
@@ -78,6 +84,11 @@ class DeviceRegistry(StandinServer):
         with self._lock:
             owner = self.devices.get(device, ("alice", []))[0]
             self.devices[device] = (owner, list(keys))
+
+    def set_delay(self, seconds):
+        """Every answer comes this many seconds late."""
+        with self._lock:
+            self.delay_s = seconds
 
     def set_down(self, down):
         with self._lock:

@@ -2,6 +2,7 @@
 in a real Envoy 1.40 at the e2e OIDC provider (oidc-provider, RFC 7662 introspection), in front
 of a real Mosquitto. What reached the broker is read by a subscriber connected to it directly."""
 
+import os
 import socket
 import time
 import uuid
@@ -11,6 +12,10 @@ import pytest
 import e2e_support as e2e
 
 OPAQUE = "urn:orion:opaque"  # the IdP issues opaque access tokens for this resource
+
+
+# The introspection client's secret, from Envoy's environment (client_secret_env).
+SECRET_ENV = "E2E_MQTT_PEP_CLIENT_SECRET"
 
 
 def config(idp, audience=OPAQUE):
@@ -38,12 +43,28 @@ def mqtt_wasm(work_dir):
     return e2e.copy_module(work_dir, e2e.MQTT_WASM)
 
 
+def env_secret_config(idp):
+    """config(idp) with the introspection client's secret named by SECRET_ENV."""
+    with_env = config(idp)
+    credentials = with_env["introspection"]["credentials"]
+    del credentials["client_secret"]
+    credentials["client_secret_env"] = SECRET_ENV
+    return with_env
+
+
 def test_an_opaque_token_connects_and_only_allowed_topics_reach_the_broker(
         work_dir, idp, mosquitto, mqtt_wasm):
+    """With the introspection client's secret in Envoy's environment (client_secret_env,
+    passed to the VM by host_env_keys): oidc-provider authenticates the introspection with it,
+    and the secret is nowhere in Envoy's config dump."""
+    assert SECRET_ENV not in os.environ
+    secret = e2e.IdP.PEP[1]
     # One worker: the verdict cache is per worker (VM), and the test counts introspections.
-    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-opaque", filter_config=config(idp),
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-opaque",
+                          filter_config=env_secret_config(idp),
                           broker_port=mosquitto.port, wasm=mqtt_wasm, concurrency=1,
-                          http_clusters=(("idp", idp.authority),)).start()
+                          http_clusters=(("idp", idp.authority),),
+                          environment={SECRET_ENV: secret}).start()
     token = idp.token(OPAQUE)
     assert token.count(".") != 2, "an opaque token, not a JWT"
     sub = e2e.MqttSubscriber(mosquitto.port, "-i", "watcher", "-t", "#")
@@ -65,7 +86,12 @@ def test_an_opaque_token_connects_and_only_allowed_topics_reach_the_broker(
         lines = sub.stop()
         stats = envoy.stats()
         log = envoy.log_text()
+        dump = envoy.admin("/config_dump").body.decode()
         envoy.stop()
+    assert '"host_env_keys"' in dump and f'"{SECRET_ENV}"' in dump
+    at = dump.find(secret)
+    assert at < 0, dump[max(0, at - 600):at + 100]
+    assert secret not in log
     assert "refused" not in lines and "forged" not in lines, lines
     assert token not in mosquitto.log_text()
     assert 'by="authenticated:opaquetoken"' in log, log[-2000:]

@@ -9,6 +9,7 @@ those the stand-in recorded (or prove it never arrived).
 """
 
 import json
+import os
 import threading
 import uuid
 
@@ -399,6 +400,42 @@ def test_concurrent_requests_with_one_opaque_token_share_the_introspection(
     assert 1 <= idp.count("/token/introspection") - before <= envoy.concurrency
     for _, probe in results:
         only_record(broker, probe)
+
+
+PEP_SECRET_ENV = "E2E_PEP_CLIENT_SECRET"
+
+
+def test_the_introspection_secret_comes_from_envoys_environment_and_stays_out_of_its_config(
+        work_dir, wasm, idp, broker):
+    """introspection.credentials with client_secret_env: Envoy started with the secret in its
+    environment, render.py lists the variable in host_env_keys, the filter reads it at
+    configure time and oidc-provider (which authenticates the introspecting client) answers the
+    introspection; the secret is nowhere in Envoy's config dump or log."""
+    assert PEP_SECRET_ENV not in os.environ
+    secret = e2e.IdP.PEP[1]
+    config = e2e.token_auth_config(idp)
+    config["introspection"]["credentials"] = {"client_id": e2e.IdP.PEP[0],
+                                              "client_secret_env": PEP_SECRET_ENV}
+    proxy = e2e.Envoy(work_dir=work_dir, name="envoy-introspection-secret-env",
+                      filter_config=config, broker_port=broker.port, idp_port=idp.port,
+                      wasm=wasm, concurrency=1, environment={PEP_SECRET_ENV: secret}).start()
+    try:
+        token = idp.token(OPAQUE)
+        before = idp.count("/token/introspection")
+        probe = new_probe()
+        r = proxy.request("GET", "/v2/entities",
+                          {"authorization": f"Bearer {token}", "x-e2e-probe": probe})
+        assert r.status == 200, r
+        assert idp.count("/token/introspection") == before + 1
+        record = only_record(broker, probe)
+        assert e2e.header_values(record, "x-auth-kind") == ["opaque_token"]
+        dump = proxy.admin("/config_dump").body.decode()
+        assert '"host_env_keys"' in dump and f'"{PEP_SECRET_ENV}"' in dump
+        at = dump.find(secret)
+        assert at < 0, dump[max(0, at - 600):at + 100]
+        assert secret not in proxy.log_text()
+    finally:
+        proxy.stop()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 
 use policy::access::RequestAccess;
-use policy::client_credentials::AccessToken;
+use policy::client_credentials::{TokenKeeper, TokenNeed};
 use policy::enforcement::Mode;
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify_with_path, NgsiRequest};
@@ -38,8 +38,8 @@ use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
-use crate::lookups::Lookups;
 use crate::{Caller, Request, Response, Stage, Step};
+use policy::lookups::Lookups;
 
 pub const NAME: &str = "device-ownership";
 
@@ -147,13 +147,19 @@ pub struct DeviceOwnershipStage {
     callouts: HashMap<u32, Purpose>,
     streams: HashMap<u32, StreamState>,
     last_cache: policy::cache::CacheStats,
-    /// The registry's access token (client credentials), while it is usable.
-    registry_token: Option<AccessToken>,
-    /// The streams waiting for a token fetch (one at a time, shared).
-    token_fetch: Lookups<()>,
-    /// Lookups the registry refused with 401 once: the token was fetched again for them; a
-    /// second 401 fails them.
-    retried_after_401: HashSet<Lookup>,
+    /// The registry's access token (client credentials): streams wait for it, and lookups
+    /// are made again after a 401 as it says.
+    registry_token: Option<TokenKeeper<u32, Lookup>>,
+}
+
+/// Whether a call to a source may go now as far as the registry's token is concerned.
+enum TokenWait {
+    /// The source wants no token, or one is at hand.
+    Ready,
+    /// The stream waits for the token.
+    Waiting,
+    /// The token request could not be sent.
+    Unreachable,
 }
 
 fn deny_verdict(reason: DenyReason) -> Verdict {
@@ -183,6 +189,10 @@ impl DeviceOwnershipStage {
     }
 
     fn with(own: Ownership) -> Self {
+        let registry_token = own
+            .registry()
+            .and_then(|(source, _)| own.source_auth(source))
+            .map(|grant| TokenKeeper::new(grant.clone()));
         DeviceOwnershipStage {
             own,
             metrics: Metrics::define(),
@@ -190,9 +200,7 @@ impl DeviceOwnershipStage {
             callouts: HashMap::new(),
             streams: HashMap::new(),
             last_cache: Default::default(),
-            registry_token: None,
-            token_fetch: Lookups::default(),
-            retried_after_401: HashSet::new(),
+            registry_token,
         }
     }
 
@@ -309,15 +317,18 @@ impl DeviceOwnershipStage {
             );
             let api = self.own.lookup_api(endpoint.dialect);
             let keys = match eval {
-                Eval::Done(verdict)
-                    if !verdict.new_entities.is_empty() && self.claims_need_token(now) =>
-                {
-                    // The claims go to the registry with its token: fetch it first.
-                    if self.wait_for_token(ctx) {
-                        return Step::Wait;
+                Eval::Done(verdict) if !verdict.new_entities.is_empty() => {
+                    // The claims go to the registry with its token: it comes first.
+                    let registry = self.own.registry().map(|(source, _)| source);
+                    match registry.map(|source| self.await_token(ctx, source, now)) {
+                        Some(TokenWait::Waiting) => return Step::Wait,
+                        Some(TokenWait::Unreachable) => {
+                            let reason =
+                                unavailable("cannot reach the IdP for the registry's token");
+                            return self.finish_request(req, deny_verdict(reason));
+                        }
+                        Some(TokenWait::Ready) | None => return self.finish_request(req, verdict),
                     }
-                    let reason = unavailable("cannot reach the IdP for the registry's token");
-                    return self.finish_request(req, deny_verdict(reason));
                 }
                 Eval::Done(verdict) => return self.finish_request(req, verdict),
                 Eval::Need(keys) => keys,
@@ -348,10 +359,14 @@ impl DeviceOwnershipStage {
     /// Makes `ctx` wait for `lookup`, starting its callout (from `ctx`, the effective
     /// context) if none is in flight. False if the callout could not be made.
     fn join_lookup(&mut self, ctx: u32, lookup: Lookup) -> bool {
-        if self.needs_token(lookup.source, now_secs().unwrap_or(0)) {
-            // Asked once the token is there (the stream resumes and joins what it deferred).
-            self.stream(ctx).deferred.push(lookup);
-            return self.wait_for_token(ctx);
+        match self.await_token(ctx, lookup.source, now_secs().unwrap_or(0)) {
+            TokenWait::Ready => {}
+            TokenWait::Waiting => {
+                // Asked once the token is there (the stream resumes and joins what it deferred).
+                self.stream(ctx).deferred.push(lookup);
+                return true;
+            }
+            TokenWait::Unreachable => return false,
         }
         self.stream(ctx).pending.insert(lookup.clone());
         if self.lookups.join(lookup.clone(), ctx, None) || self.start_lookup(&lookup, Some(ctx)) {
@@ -371,87 +386,95 @@ impl DeviceOwnershipStage {
         )
     }
 
-    /// Whether a call to source `source` needs a token that is not at hand.
-    fn needs_token(&self, source: usize, now: u64) -> bool {
-        self.own.source_auth(source).is_some()
-            && !self.registry_token.as_ref().is_some_and(|t| t.usable(now))
+    /// The registry's token, if calls to source `source` carry it (the registry source's, when
+    /// it has `auth`: there is at most one).
+    fn token_for(&self, source: usize) -> Option<&TokenKeeper<u32, Lookup>> {
+        self.own
+            .source_auth(source)
+            .and(self.registry_token.as_ref())
     }
 
-    fn claims_need_token(&self, now: u64) -> bool {
-        self.own
-            .registry()
-            .is_some_and(|(source, _)| self.needs_token(source, now))
+    /// Whether a call to source `source` needs a token that is not at hand.
+    fn needs_token(&self, source: usize, now: u64) -> bool {
+        self.token_for(source)
+            .is_some_and(|t| t.authorization(now).is_none())
     }
 
     /// `call` to source `source` with the registry's token when its calls are authenticated.
     fn authorized(&self, source: usize, call: HttpCall) -> HttpCall {
-        match (&self.registry_token, self.own.source_auth(source)) {
-            (Some(token), Some(_)) => call.with_header("authorization", token.authorization()),
-            _ => call,
+        let now = now_secs().unwrap_or(0);
+        match self.token_for(source).and_then(|t| t.authorization(now)) {
+            Some(authorization) => call.with_header("authorization", authorization),
+            None => call,
         }
     }
 
-    /// Makes `ctx` wait for the registry's token, fetching it (from `ctx`) unless a fetch is
-    /// in flight. False if the fetch could not be started.
-    fn wait_for_token(&mut self, ctx: u32) -> bool {
+    /// Whether `ctx` may call source `source` now as far as its token goes: else it waits for
+    /// the token (the request sent from `ctx` unless one is in flight).
+    fn await_token(&mut self, ctx: u32, source: usize, now: u64) -> TokenWait {
+        if self.own.source_auth(source).is_none() {
+            return TokenWait::Ready;
+        }
+        let Some(need) = self.registry_token.as_mut().map(|t| t.need(ctx, now)) else {
+            return TokenWait::Unreachable;
+        };
+        match need {
+            TokenNeed::Ready(_) => return TokenWait::Ready,
+            TokenNeed::Fetch if !self.start_token_fetch(Some(ctx)) => {
+                if let Some(t) = self.registry_token.as_mut() {
+                    t.leave(&ctx);
+                }
+                return TokenWait::Unreachable;
+            }
+            TokenNeed::Fetch | TokenNeed::Wait => {}
+        }
         self.stream(ctx).awaiting_token = true;
-        if self.token_fetch.join((), ctx, None) || self.start_token_fetch(Some(ctx)) {
-            return true;
-        }
-        self.token_fetch.leave(&(), ctx);
-        self.stream(ctx).awaiting_token = false;
-        false
+        TokenWait::Waiting
     }
 
+    /// Sends the registry token's request from `owner`'s context (None: the root).
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(call) = self
-            .own
-            .registry()
-            .and_then(|(source, _)| self.own.source_auth(source))
-            .map(|grant| grant.token_request())
-        else {
+        let Some(request) = self.registry_token.as_ref().map(TokenKeeper::request) else {
             return false;
         };
-        let Some(sent) = self.send(&call) else {
+        let Some(sent) = self.send(&request) else {
             return false;
         };
         self.callouts.insert(sent, Purpose::Token);
-        self.token_fetch.started((), owner);
+        if let Some(t) = self.registry_token.as_mut() {
+            t.fetch_sent(owner);
+        }
         true
     }
 
-    /// The IdP answered the token request: keep the token, release the streams that waited
-    /// (without a token they fail closed: 503).
+    /// The IdP answered the token request: release the streams that waited (without a token
+    /// they fail closed: 503).
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
         let now = now_secs().unwrap_or(0);
-        let answer = self
-            .own
-            .registry()
-            .and_then(|(source, _)| self.own.source_auth(source))
-            .map(|grant| grant.read_answer(status, body, now));
-        let failed = match answer {
-            Some(Ok(token)) => {
-                self.metrics.token_fetched.inc();
-                self.registry_token = Some(token);
-                false
-            }
-            Some(Err(why)) => {
+        let Some(fetched) = self
+            .registry_token
+            .as_mut()
+            .map(|t| t.answered(status, body, now))
+        else {
+            return Vec::new();
+        };
+        match &fetched.failure {
+            None => self.metrics.token_fetched.inc(),
+            Some(why) => {
                 self.metrics.token_failed.inc();
                 log::warn!(
                     "{NAME}: no access token for the ownership registry: {}",
-                    bounded(&why)
+                    bounded(why)
                 );
-                true
             }
-            None => true,
-        };
+        }
         let mut ready = Vec::new();
-        for ctx in self.token_fetch.finish(&()) {
+        for ctx in fetched.waiters {
             let Some(st) = self.streams.get_mut(&ctx) else {
                 continue;
             };
             st.awaiting_token = false;
-            if failed {
+            if fetched.failure.is_some() {
                 st.deferred.clear();
                 st.failure.get_or_insert_with(|| {
                     unavailable("the IdP gave no token for the ownership registry")
@@ -592,16 +615,15 @@ impl DeviceOwnershipStage {
 
     // ---- callout answers ----
 
-    /// The registry refused the token (401): it is dropped and the lookup's waiters ask again
-    /// with a new one, once per lookup. None: not such a case.
+    /// The registry refused the token (401) for the first time for this lookup: its waiters
+    /// ask again with a new one. None: `status` is the lookup's answer.
     fn retry_after_401(&mut self, lookup: &Lookup, status: u32) -> Option<Vec<u32>> {
-        if status != 401 || self.own.source_auth(lookup.source).is_none() {
-            self.retried_after_401.remove(lookup);
-            return None;
-        }
-        self.registry_token = None;
-        if !self.retried_after_401.insert(lookup.clone()) {
-            self.retried_after_401.remove(lookup);
+        self.own.source_auth(lookup.source)?;
+        if !self
+            .registry_token
+            .as_mut()?
+            .retry_with_new_token(lookup.clone(), status)
+        {
             return None;
         }
         log::info!(
@@ -691,7 +713,9 @@ impl DeviceOwnershipStage {
     fn claim_answered(&mut self, ctx: u32, key: EntityKey, status: u32) -> Vec<u32> {
         if status == 401 {
             // The token was refused: the next registry call fetches another (this claim fails).
-            self.registry_token = None;
+            if let Some(t) = self.registry_token.as_mut() {
+                t.refused();
+            }
         }
         let outcome = wire::claim_outcome(status, &key);
         let now = now_secs().unwrap_or(0);
@@ -952,7 +976,12 @@ impl Stage for DeviceOwnershipStage {
     fn on_tick(&mut self) -> Vec<u32> {
         // Lookups whose owning stream went away: the root asks again for the waiters.
         let mut ready = Vec::new();
-        if !self.token_fetch.orphans().is_empty() && !self.start_token_fetch(None) {
+        if self
+            .registry_token
+            .as_ref()
+            .is_some_and(TokenKeeper::orphaned)
+            && !self.start_token_fetch(None)
+        {
             ready.extend(self.token_answered(0, b""));
         }
         for lookup in self.lookups.orphans() {
@@ -971,8 +1000,12 @@ impl Stage for DeviceOwnershipStage {
         }
         self.callouts
             .retain(|_, p| !matches!(p, Purpose::Claim { ctx: c, .. } if *c == ctx));
-        if !self.token_fetch.forget_stream(ctx).is_empty() {
-            self.callouts.retain(|_, p| !matches!(p, Purpose::Token));
+        if let Some(t) = self.registry_token.as_mut() {
+            t.leave(&ctx);
+            if t.forget_stream(ctx) {
+                // Envoy cancels its token fetch; the root fetches again on the next tick.
+                self.callouts.retain(|_, p| !matches!(p, Purpose::Token));
+            }
         }
         for lookup in self.lookups.forget_stream(ctx) {
             // Envoy cancels the owner's callouts; the root re-issues the lookup on its next tick.

@@ -41,7 +41,6 @@
 
 pub mod device_ownership;
 pub mod entity_acl;
-pub mod lookups;
 mod request;
 mod response;
 pub mod token_auth;

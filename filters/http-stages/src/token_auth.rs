@@ -6,7 +6,7 @@
 //! and runs the callouts the engine asks for.
 //!
 //! Callouts. A JWKS fetch (per issuer), an introspection (per token digest) or a device
-//! registry lookup (per device id) is one lookup ([`crate::lookups::Lookups`]): concurrent
+//! registry lookup (per device id) is one lookup ([`policy::lookups::Lookups`]): concurrent
 //! requests with the same token or device id share one callout,
 //! the driver resumes every waiter on the answer, and a lookup whose owning stream went away is
 //! re-issued from the root on the next tick. While a stream waits, the driver holds its body
@@ -17,10 +17,10 @@
 //! `proxy_glue::remote_keys` (shared with mqtt-acl). Fetched key sets go into Envoy shared data
 //! so every worker uses the same keys; a failed fetch keeps the last good set.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use policy::cache::{token_digest, TokenDigest};
-use policy::client_credentials::AccessToken;
+use policy::client_credentials::{TokenKeeper, TokenNeed};
 use policy::decision_line::{DecisionLine, Reason};
 use policy::device_registry::LookupResult;
 use policy::enforcement::Mode;
@@ -34,8 +34,8 @@ use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
-use crate::lookups::Lookups;
 use crate::{Caller, Request, Stage, Step};
+use policy::lookups::Lookups;
 
 pub const NAME: &str = "token-auth";
 const SHARED_KEYS_PREFIX: &str = "token_auth.jwks.";
@@ -129,14 +129,9 @@ pub struct TokenAuthStage {
     settled: HashMap<u32, Settled>,
     last_cache: policy::cache::CacheStats,
     last_counters: policy::token_auth::AuthCounters,
-    /// The device registry's access token (`device_keys.registry.auth`), and the device
-    /// lookups waiting for one (sent when it arrives). A fetch is in flight when
-    /// `token_fetch` is Some: the stream that made it (None: the root).
-    registry_token: Option<AccessToken>,
-    awaiting_token: Vec<String>,
-    token_fetch: Option<Option<u32>>,
-    /// Devices the registry answered 401 once (the token was fetched again for them).
-    retried_after_401: HashSet<String>,
+    /// The device registry's access token (`device_keys.registry.auth`): its device lookups
+    /// (by device id) wait for it and are made again after a 401 as it says.
+    registry_token: Option<TokenKeeper<String, String>>,
 }
 
 impl TokenAuthStage {
@@ -158,6 +153,10 @@ impl TokenAuthStage {
             log::warn!("{NAME}: {warning}");
         }
         let metrics = Metrics::define();
+        let registry_token = auth
+            .device_registry()
+            .and_then(|r| r.config().auth.as_ref())
+            .map(|a| TokenKeeper::new(a.client_credentials.clone()));
         let keys = RemoteKeys::new(
             NAME,
             SHARED_KEYS_PREFIX,
@@ -177,10 +176,7 @@ impl TokenAuthStage {
             settled: HashMap::new(),
             last_cache: Default::default(),
             last_counters: Default::default(),
-            registry_token: None,
-            awaiting_token: Vec::new(),
-            token_fetch: None,
-            retried_after_401: HashSet::new(),
+            registry_token,
         };
         // Keys another worker already fetched, then the first fetch for issuers without keys.
         let now = now_secs().unwrap_or(0);
@@ -528,32 +524,35 @@ impl TokenAuthStage {
     }
 
     /// Asks the device registry about `device_id` from `owner`'s context (None: the root).
-    /// With `auth`, a lookup without a usable token waits for one (fetched now unless a fetch
-    /// is in flight). Returns false if no call could be made.
+    /// With `auth`, a lookup without a usable token waits for one (the token request sent now
+    /// unless one is in flight). Returns false if no call could be made.
     fn start_device_lookup(&mut self, device_id: &str, owner: Option<u32>) -> bool {
+        let key = LookupKey::Device(device_id.to_string());
+        let now = now_secs().unwrap_or(0);
+        let need = self
+            .registry_token
+            .as_mut()
+            .map(|t| t.need(device_id.to_string(), now));
+        let authorization = match need {
+            None => None,
+            Some(TokenNeed::Ready(authorization)) => Some(authorization),
+            Some(TokenNeed::Fetch) if !self.start_token_fetch(owner) => {
+                if let Some(t) = self.registry_token.as_mut() {
+                    t.leave(&device_id.to_string());
+                }
+                return false;
+            }
+            Some(TokenNeed::Fetch | TokenNeed::Wait) => {
+                self.lookups.started(key, owner);
+                return true;
+            }
+        };
         let Some(registry) = self.auth.device_registry() else {
             return false;
         };
-        let authenticated = registry.config().auth.is_some();
-        let token = self
-            .registry_token
-            .as_ref()
-            .filter(|t| t.usable(now_secs().unwrap_or(0)))
-            .map(AccessToken::authorization);
-        let key = LookupKey::Device(device_id.to_string());
-        if authenticated && token.is_none() {
-            if self.token_fetch.is_none() && !self.start_token_fetch(owner) {
-                return false;
-            }
-            if !self.awaiting_token.iter().any(|d| d == device_id) {
-                self.awaiting_token.push(device_id.to_string());
-            }
-            self.lookups.started(key, owner);
-            return true;
-        }
         let mut call = registry.call(device_id);
-        if let Some(token) = token.filter(|_| authenticated) {
-            call = call.with_header("authorization", token);
+        if let Some(authorization) = authorization {
+            call = call.with_header("authorization", authorization);
         }
         let Some(sent) = self.send(&call) else {
             return false;
@@ -563,58 +562,49 @@ impl TokenAuthStage {
         true
     }
 
+    /// Sends the registry token's request from `owner`'s context (None: the root).
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(grant) = self
-            .auth
-            .device_registry()
-            .and_then(|r| r.config().auth.as_ref())
-        else {
+        let Some(request) = self.registry_token.as_ref().map(TokenKeeper::request) else {
             return false;
         };
-        let call = grant.client_credentials.token_request();
-        let Some(sent) = self.send(&call) else {
+        let Some(sent) = self.send(&request) else {
             return false;
         };
         self.callouts.insert(sent, LookupKey::RegistryToken);
-        self.token_fetch = Some(owner);
+        if let Some(t) = self.registry_token.as_mut() {
+            t.fetch_sent(owner);
+        }
         true
     }
 
     /// The IdP answered: with a token, the waiting lookups are sent (from the context that
     /// fetched it); without, they fail closed (503). Returns the streams to resume.
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
-        let owner = self.token_fetch.take().flatten();
         let now = now_secs().unwrap_or(0);
-        let answer = self
-            .auth
-            .device_registry()
-            .and_then(|r| r.config().auth.as_ref())
-            .map(|a| a.client_credentials.read_answer(status, body, now));
-        let waiting = std::mem::take(&mut self.awaiting_token);
-        let why = match answer {
-            Some(Ok(token)) => {
-                self.metrics.registry_token_fetched.inc();
-                self.registry_token = Some(token);
-                let mut ready = Vec::new();
-                for device_id in waiting {
-                    if !self.start_device_lookup(&device_id, owner) {
-                        ready.extend(self.fail_device_lookup(&device_id));
-                    }
-                }
-                return ready;
-            }
-            Some(Err(why)) => why,
-            None => "no registry auth".into(),
+        let Some(fetched) = self
+            .registry_token
+            .as_mut()
+            .map(|t| t.answered(status, body, now))
+        else {
+            return Vec::new();
         };
-        self.metrics.registry_token_failed.inc();
-        log::warn!(
-            "{NAME}: no access token for the device registry: {}",
-            policy::log_text::bounded(&why)
-        );
-        waiting
-            .iter()
-            .flat_map(|device_id| self.fail_device_lookup(device_id))
-            .collect()
+        match &fetched.failure {
+            None => self.metrics.registry_token_fetched.inc(),
+            Some(why) => {
+                self.metrics.registry_token_failed.inc();
+                log::warn!(
+                    "{NAME}: no access token for the device registry: {}",
+                    policy::log_text::bounded(why)
+                );
+            }
+        }
+        let mut ready = Vec::new();
+        for device_id in fetched.waiters {
+            if fetched.failure.is_some() || !self.start_device_lookup(&device_id, fetched.sent_by) {
+                ready.extend(self.fail_device_lookup(&device_id));
+            }
+        }
+        ready
     }
 
     fn fail_device_lookup(&mut self, device_id: &str) -> Vec<u32> {
@@ -626,26 +616,18 @@ impl TokenAuthStage {
         })
     }
 
-    /// The registry refused the token (401): it is dropped and the lookup waits for a new
-    /// one (fetched from the root on the next tick), once per device. False: not such a case.
+    /// The registry refused the token (401) for the first time for this device: the lookup
+    /// waits for a new token (fetched from the root on the next tick). False: `status` is the
+    /// lookup's answer.
     fn retry_after_401(&mut self, device_id: &str, status: u32) -> bool {
-        let authenticated = self
-            .auth
-            .device_registry()
-            .is_some_and(|r| r.config().auth.is_some());
-        if status != 401 || !authenticated {
-            self.retried_after_401.remove(device_id);
+        let Some(token) = self.registry_token.as_mut() else {
             return false;
-        }
-        self.registry_token = None;
-        if !self.retried_after_401.insert(device_id.to_string()) {
-            self.retried_after_401.remove(device_id);
+        };
+        if !token.retry_with_new_token(device_id.to_string(), status) {
             return false;
         }
         log::info!("{NAME}: the device registry refused the access token (401): fetching another");
-        if !self.awaiting_token.iter().any(|d| d == device_id) {
-            self.awaiting_token.push(device_id.to_string());
-        }
+        token.wait(device_id.to_string());
         true
     }
 
@@ -776,8 +758,10 @@ impl Stage for TokenAuthStage {
         // Lookups waiting for a registry token that nobody is fetching (its fetcher went away,
         // or the registry refused the last one): the root fetches it.
         let mut ready = Vec::new();
-        if !self.awaiting_token.is_empty()
-            && self.token_fetch.is_none()
+        if self
+            .registry_token
+            .as_ref()
+            .is_some_and(TokenKeeper::orphaned)
             && !self.start_token_fetch(None)
         {
             ready.extend(self.token_answered(0, b""));
@@ -808,9 +792,12 @@ impl Stage for TokenAuthStage {
 
     fn forget(&mut self, ctx: u32) {
         self.settled.remove(&ctx);
-        if self.token_fetch == Some(Some(ctx)) {
+        if self
+            .registry_token
+            .as_mut()
+            .is_some_and(|t| t.forget_stream(ctx))
+        {
             // Envoy cancels its token fetch; the root fetches again on the next tick.
-            self.token_fetch = None;
             self.callouts.retain(|_, k| *k != LookupKey::RegistryToken);
         }
         for key in self.lookups.forget_stream(ctx) {

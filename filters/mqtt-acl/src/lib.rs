@@ -19,14 +19,31 @@
 //! kept): at configure time, when their refresh is due, and (at most every 30 s) when a CONNECT
 //! brought a token whose `kid` they lack; that CONNECT was refused as "server unavailable".
 //!
-//! HTTP backend. When the session asks the `http_backend` (mosquitto-go-auth's protocol) the
-//! stream context sends the requests (`proxy_glue::send_call`, answered to the same context) and
-//! holds the client's data back: it answers StopIteration, so Envoy keeps the read buffer
-//! (and the filter's handle on it) and tcp_proxy gets nothing. The bytes already decided stay
-//! at the front of that buffer (`held`); new client data lands behind them and is fed to the
-//! session on its own. When the last answer is in, the decided bytes are written to the
-//! buffer and `proxy_continue_stream(Downstream)` lets tcp_proxy forward it (Envoy's
-//! `continueReading`; the first time, for a CONNECT, this also starts tcp_proxy).
+//! Callouts. When the session asks the `http_backend` (mosquitto-go-auth's protocol), the
+//! introspection endpoint or the device registry, the connection's client data is held back:
+//! its callback answers StopIteration, so Envoy keeps the read buffer (and the filter's handle
+//! on it) and tcp_proxy gets nothing. The bytes already decided stay at the front of that
+//! buffer (`State::held`); new client data lands behind them and is fed to the session on its
+//! own. When the last answer is in, the decided bytes are written to the buffer and
+//! `proxy_continue_stream(Downstream)` lets tcp_proxy forward it (Envoy's `continueReading`;
+//! the first time, for a CONNECT, this also starts tcp_proxy).
+//!
+//! Connections that need the same answer share one call (`policy::mqtt_acl::SharedAsks`): the
+//! first sends it (`proxy_glue::send_call`), the others wait for it, and the answer, delivered
+//! to whichever context the host gives it, decides every waiter. Waiters other than the
+//! running context are acted on through `proxy_set_effective_context(id)`: their buffer is
+//! written, their data resumed or their connection closed as their own callback would.
+//! What Envoy does with that (source/extensions/common/wasm/context.cc, checked at 1.3x):
+//! every host call works on `contextOrEffectiveContext()` (proxy-wasm-cpp-host's
+//! `set_effective_context` only checks that the context exists in the VM); `Context::onData`
+//! keeps `network_downstream_data_buffer_` while the filter answered StopIteration, so the
+//! waiter's buffer is still there to write; `continueStream(Downstream)` queues
+//! `network_read_filter_callbacks_->continueReading()` and `closeStream(Downstream)` queues
+//! `connection().close(FlushWrite)` on *that* context, both run after the VM call returns;
+//! `~Context` cancels the context's pending `http_request_`s, so a call dies with the
+//! connection that made it: the waiters left are sent the call again by the root's tick
+//! (`send_root_calls`), whose calls live as long as the VM. (Network filters have no
+//! `injectData`: writing the paused read buffer is the only way to hand data on.)
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -36,8 +53,8 @@ use std::time::Duration;
 use policy::decision_line::{LogAllows, STATE_DENIALS};
 use policy::log_text::bounded_debug;
 use policy::mqtt_acl::{
-    Ask, AskRequest, BackendAnswer, BackendVerdict, Connection, Env, MqttAcl, Output, RecheckCall,
-    RegistryRechecks,
+    Ask, AskRequest, BackendAnswer, Connection, Env, Joined, MqttAcl, MqttAclConfig, Output,
+    RecheckCall, RegistryRechecks, SharedAsks, Shed, Waiter, Whom,
 };
 use policy::mtls::PeerCertificate;
 use proxy_glue::filter_state::TCP_PROXY_CLUSTER;
@@ -51,13 +68,13 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, PeerType};
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_glue::install_panic_hook();
-    proxy_wasm::set_root_context(|_| Box::new(Root { state: None }));
+    proxy_wasm::set_root_context(|id| Box::new(Root { id, state: None }));
 }}
 
 const TICK: Duration = Duration::from_millis(250);
 
 /// Every counter, `mqtt_acl.<name>`.
-const COUNTERS: [&str; 32] = [
+const COUNTERS: [&str; 36] = [
     "connections",
     "connect.allowed",
     "connect.refused",
@@ -78,10 +95,13 @@ const COUNTERS: [&str; 32] = [
     "jwks.failed",
     "callout.sent",
     "callout.failed",
+    "callout.joined",
+    "callout.waiting_shed",
     "backend.asked",
     "backend.allowed",
     "backend.denied",
     "backend.unavailable",
+    "backend.shed",
     "introspection.asked",
     "introspection.answered",
     "introspection.unavailable",
@@ -89,6 +109,7 @@ const COUNTERS: [&str; 32] = [
     "registry.asked",
     "registry.answered",
     "registry.unavailable",
+    "registry.shed",
     "registry.rechecked",
 ];
 const SHARED_KEYS_PREFIX: &str = "mqtt_acl.jwks.";
@@ -127,8 +148,13 @@ struct State {
     keys: RemoteKeys,
     /// Issuers a CONNECT needed keys of (fetched on the next tick).
     keys_wanted: HashSet<String>,
-    /// Introspection callouts in flight (bounded by the endpoint's `max_in_flight`).
-    introspections: usize,
+    /// Callouts connections wait for, shared by those that need the same answer.
+    shared: SharedAsks,
+    /// Asks of waiting connections that the root's next tick sends ([`Sender`]).
+    queued: Vec<(u32, Ask)>,
+    /// While a connection waits for a callout: the decided client bytes at the front of
+    /// Envoy's read buffer, not yet handed to tcp_proxy.
+    held: HashMap<u32, Vec<u8>>,
     /// Re-checks of connections admitted on registry keys (one call per device).
     rechecks: RegistryRechecks,
     /// Re-check callouts in flight (made by the tick, answered to the root context): token →
@@ -139,6 +165,7 @@ struct State {
 type Shared = Rc<RefCell<State>>;
 
 struct Root {
+    id: u32,
     state: Option<Shared>,
 }
 
@@ -147,11 +174,7 @@ impl Context for Root {
         if let Some(state) = &self.state {
             let recheck = state.borrow_mut().recheck_calls.remove(&token);
             if let Some(device_id) = recheck {
-                let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
-                let answer = BackendAnswer {
-                    status: (status != 0).then_some(status),
-                    body,
-                };
+                let answer = read_answer();
                 count_registry_answer(&state.borrow().metrics, &answer);
                 let closes = match now_secs() {
                     Some(now) => recheck_answered(state, &device_id, &answer, now),
@@ -161,6 +184,11 @@ impl Context for Root {
                 for (id, why) in closes {
                     close_connection(id, &why);
                 }
+                return;
+            }
+            if state.borrow().shared.is_call(token) {
+                let answer = read_answer();
+                shared_call_answered(state, token, &answer, self.id, Sender::Root);
                 return;
             }
             let mut guard = state.borrow_mut();
@@ -174,7 +202,12 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let Some(policy) = proxy_glue::load_config(policy::mqtt_acl::FILTER, MqttAcl::new) else {
+        // The secrets the configuration names in the VM's environment are read once, here.
+        let build = |mut config: MqttAclConfig| {
+            config.read_environment(&proxy_glue::env_var);
+            MqttAcl::new(config)
+        };
+        let Some(policy) = proxy_glue::load_config(policy::mqtt_acl::FILTER, build) else {
             return false;
         };
         if let Err(status) = hostcalls::set_tick_period(TICK) {
@@ -192,6 +225,7 @@ impl RootContext for Root {
             log::warn!("mqtt-acl: {warning}");
         }
         let metrics = Metrics::define();
+        let shared = SharedAsks::new(policy.ask_limits());
         let keys = RemoteKeys::new(
             "mqtt-acl",
             SHARED_KEYS_PREFIX,
@@ -208,7 +242,9 @@ impl RootContext for Root {
             sessions: HashMap::new(),
             keys,
             keys_wanted: HashSet::new(),
-            introspections: 0,
+            shared,
+            queued: Vec::new(),
+            held: HashMap::new(),
             rechecks: RegistryRechecks::new(),
             recheck_calls: HashMap::new(),
         }));
@@ -281,6 +317,7 @@ impl RootContext for Root {
         if let Some(now) = now {
             to_close.extend(start_rechecks(state, now));
         }
+        send_root_calls(state, self.id);
         for (id, why) in to_close {
             close_connection(id, &why);
         }
@@ -291,8 +328,6 @@ impl RootContext for Root {
             id: context_id,
             state: self.state.clone(),
             peer_read: false,
-            asks: HashMap::new(),
-            held: Vec::new(),
         }))
     }
 
@@ -473,46 +508,6 @@ struct Stream {
     /// The peer certificate was read (at the first client data: Envoy runs the new-connection
     /// callback before the TLS handshake, so the certificate is not known then).
     peer_read: bool,
-    /// Callouts in flight: callout token → the session's ask id, and whom it asks.
-    asks: HashMap<u32, (u32, Asked)>,
-    /// While the session waits for the backend: the decided client bytes at the front of
-    /// Envoy's read buffer, not yet handed to tcp_proxy.
-    held: Vec<u8>,
-}
-
-/// Whom a callout asks (each has its counters).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Asked {
-    Backend,
-    Introspection,
-    DeviceRegistry,
-}
-
-impl Asked {
-    fn of(request: &AskRequest) -> Asked {
-        match request {
-            AskRequest::Backend(_) => Asked::Backend,
-            AskRequest::Introspect { .. } => Asked::Introspection,
-            AskRequest::DeviceLookup { .. } => Asked::DeviceRegistry,
-        }
-    }
-
-    /// The counters of a sent and an unsendable callout, and whom it asks (for log lines).
-    fn names(self) -> (&'static str, &'static str, &'static str) {
-        match self {
-            Asked::Backend => ("backend.asked", "backend.unavailable", "the auth backend"),
-            Asked::Introspection => (
-                "introspection.asked",
-                "introspection.unavailable",
-                "the introspection endpoint",
-            ),
-            Asked::DeviceRegistry => (
-                "registry.asked",
-                "registry.unavailable",
-                "the device registry",
-            ),
-        }
-    }
 }
 
 /// The verified client certificate of the current connection, if it has one.
@@ -524,64 +519,167 @@ fn peer_certificate() -> Option<PeerCertificate> {
     })
 }
 
+/// The answer the host delivered for the current callback's callout.
+fn read_answer() -> BackendAnswer {
+    let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
+    BackendAnswer {
+        status: (status != 0).then_some(status),
+        body,
+    }
+}
+
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
-        let Some((ask_id, asked)) = self.asks.remove(&token) else {
-            return;
-        };
-        let (status, body) = proxy_glue::callout_answer(policy::mqtt_acl::FILTER);
-        let answer = BackendAnswer {
-            status: (status != 0).then_some(status),
-            body,
-        };
         let Some(state) = self.state.clone() else {
             return;
         };
-        match asked {
-            Asked::Introspection => {
-                let mut s = state.borrow_mut();
-                s.introspections = s.introspections.saturating_sub(1);
-                s.metrics.inc(match answer.status {
-                    Some(status) if status < 500 => "introspection.answered",
-                    _ => "introspection.unavailable",
-                });
-            }
-            Asked::DeviceRegistry => count_registry_answer(&state.borrow().metrics, &answer),
-            Asked::Backend => self.count_answer(&state, &answer),
-        }
-        let Some(now) = now_secs() else {
-            self.close_now("the host clock is not available");
-            return;
-        };
-        let Some(mut out) = self.with_session(&state, now, |session, env| {
-            session.on_backend_answer(ask_id, &answer, env)
-        }) else {
-            return;
-        };
-        self.send_asks(&state, now, &mut out);
-        let (waiting, _) = self.session_flags(&state);
-        if out.close.is_some() {
-            self.forget();
-            let _ = hostcalls::close_downstream();
+        if !state.borrow().shared.is_call(token) {
             return;
         }
-        self.route_refusal(&out);
-        let mut buffered = std::mem::take(&mut self.held);
-        let in_buffer = buffered.len();
-        buffered.extend_from_slice(&out.forward);
-        if let Err(status) = host::write_buffer(BufferType::DownstreamData, 0, in_buffer, &buffered)
-        {
-            self.close_now(&format!("cannot write the decided data ({status:?})"));
-            return;
-        }
-        if waiting {
-            self.held = buffered;
-            return;
-        }
-        if let Err(status) = host::resume_downstream() {
-            self.close_now(&format!("cannot resume the client's data ({status})"));
-        }
+        let answer = read_answer();
+        shared_call_answered(&state, token, &answer, self.id, Sender::Stream(self.id));
     }
+}
+
+/// What an answer (or its absence) says to the connections waiting for it.
+#[derive(Clone, Copy)]
+enum Outcome<'a> {
+    Answer(&'a BackendAnswer),
+    /// Over a bound: not asked; a CONNECT is refused as "server busy".
+    Shed(Shed),
+}
+
+/// Which callback runs, for sending a connection's callouts. The SDK (proxy-wasm 0.2.5)
+/// routes an answer by its own token → context map, filled with the context whose callback
+/// was *running* when the call was made, while Envoy keeps the call on the *effective*
+/// context (and cancels it with that context). A call is therefore made only where the two
+/// agree: in the connection's own callback (answered to it, cancelled with it), or by the
+/// root for the root (answered to the root, which lives as long as the VM). Asks of another
+/// connection decided in this callback are queued for the root's next tick
+/// ([`State::queued`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sender {
+    Root,
+    Stream(u32),
+}
+
+impl Sender {
+    fn may_send_for(self, connection: u32) -> bool {
+        self == Sender::Stream(connection)
+    }
+}
+
+/// A shared call was answered (to `home`, the context whose callback runs): every
+/// connection waiting for it is decided on the answer.
+fn shared_call_answered(
+    state: &Shared,
+    token: u32,
+    answer: &BackendAnswer,
+    home: u32,
+    sender: Sender,
+) {
+    let Some((whom, waiters)) = state.borrow_mut().shared.answered(token) else {
+        return;
+    };
+    count_answer(state, whom, answer);
+    decide_waiters(state, waiters, Outcome::Answer(answer), home, sender);
+}
+
+/// Decides each waiter's ask on `outcome`, acting on its connection's context (Envoy's
+/// `proxy_set_effective_context`; see the crate doc), then makes `home` effective again.
+fn decide_waiters(
+    state: &Shared,
+    waiters: Vec<Waiter>,
+    outcome: Outcome<'_>,
+    home: u32,
+    sender: Sender,
+) {
+    if waiters.is_empty() {
+        return;
+    }
+    let now = now_secs();
+    for waiter in waiters {
+        if let Err(status) = hostcalls::set_effective_context(waiter.connection) {
+            log::warn!(
+                "mqtt-acl: connection {}: gone from the host ({status:?})",
+                waiter.connection
+            );
+            forget(state, waiter.connection);
+            continue;
+        }
+        decide_ask(state, waiter, outcome, now, sender);
+    }
+    let _ = hostcalls::set_effective_context(home);
+}
+
+/// Decides one connection's ask (its context is the effective one) and hands on, or keeps
+/// holding, its client data.
+fn decide_ask(
+    state: &Shared,
+    waiter: Waiter,
+    outcome: Outcome<'_>,
+    now: Option<u64>,
+    sender: Sender,
+) {
+    let conn = waiter.connection;
+    let Some(now) = now else {
+        close_now(state, conn, "the host clock is not available");
+        return;
+    };
+    let Some(mut out) = with_session(state, conn, now, |session, env| match outcome {
+        Outcome::Answer(answer) => session.on_backend_answer(waiter.ask, answer, env),
+        Outcome::Shed(shed) => session.on_ask_shed(waiter.ask, &shed.description(), env),
+    }) else {
+        return;
+    };
+    send_asks(state, conn, now, &mut out, sender);
+    let (waiting, _) = session_flags(state, conn);
+    if out.close.is_some() {
+        forget(state, conn);
+        let _ = hostcalls::close_downstream();
+        return;
+    }
+    route_refusal(conn, &out);
+    let mut buffered = state.borrow_mut().held.remove(&conn).unwrap_or_default();
+    let in_buffer = buffered.len();
+    buffered.extend_from_slice(&out.forward);
+    if let Err(status) = host::write_buffer(BufferType::DownstreamData, 0, in_buffer, &buffered) {
+        close_now(
+            state,
+            conn,
+            &format!("cannot write the decided data ({status:?})"),
+        );
+        return;
+    }
+    if waiting {
+        state.borrow_mut().held.insert(conn, buffered);
+        return;
+    }
+    if let Err(status) = host::resume_downstream() {
+        close_now(
+            state,
+            conn,
+            &format!("cannot resume the client's data ({status})"),
+        );
+    }
+}
+
+/// Counts a shared call's answer (once per call, however many connections it decides).
+fn count_answer(state: &Shared, whom: Whom, answer: &BackendAnswer) {
+    let s = state.borrow();
+    let name = match whom {
+        Whom::Introspection => match answer.status {
+            Some(status) if status < 500 => "introspection.answered",
+            _ => "introspection.unavailable",
+        },
+        Whom::DeviceRegistry => return count_registry_answer(&s.metrics, answer),
+        Whom::Backend => match s.policy.backend() {
+            Some(backend) if backend.allows(answer) => "backend.allowed",
+            _ if answer.status.is_some_and(|st| st < 500) => "backend.denied",
+            _ => "backend.unavailable",
+        },
+    };
+    s.metrics.inc(name);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -590,158 +688,256 @@ enum From {
     Broker,
 }
 
-impl Stream {
-    /// Runs `f` on this connection's session and records what it decided; None if the
-    /// session is gone (the connection was closed).
-    fn with_session(
-        &self,
-        state: &Shared,
-        now: u64,
-        f: impl FnOnce(&mut Connection, &Env<'_>) -> Output,
-    ) -> Option<Output> {
-        let mut guard = state.borrow_mut();
-        let State {
-            policy,
-            metrics,
-            sessions,
-            ..
-        } = &mut *guard;
-        let session = sessions.get_mut(&self.id)?;
-        let env = Env { policy, now };
-        let out = f(session, &env);
-        record(metrics, policy.log_allows(), self.id, session, &out);
-        if out.close.is_some() {
-            sessions.remove(&self.id);
-        }
-        Some(out)
+/// Runs `f` on connection `conn`'s session and records what it decided; None if the session
+/// is gone (the connection was closed).
+fn with_session(
+    state: &Shared,
+    conn: u32,
+    now: u64,
+    f: impl FnOnce(&mut Connection, &Env<'_>) -> Output,
+) -> Option<Output> {
+    let mut guard = state.borrow_mut();
+    let State {
+        policy,
+        metrics,
+        sessions,
+        ..
+    } = &mut *guard;
+    let session = sessions.get_mut(&conn)?;
+    let env = Env { policy, now };
+    let out = f(session, &env);
+    record(metrics, policy.log_allows(), conn, session, &out);
+    if out.close.is_some() {
+        sessions.remove(&conn);
     }
+    Some(out)
+}
 
-    /// (waiting for the backend, CONNECT not decided yet).
-    fn session_flags(&self, state: &Shared) -> (bool, bool) {
+/// (waiting for a callout, CONNECT not decided yet).
+fn session_flags(state: &Shared, conn: u32) -> (bool, bool) {
+    state
+        .borrow()
+        .sessions
+        .get(&conn)
+        .map_or((false, false), |s| {
+            (s.waiting_for_backend(), s.awaiting_connect())
+        })
+}
+
+/// Sends the call that asks `request` (from the effective context).
+fn send_request(state: &Shared, request: &AskRequest) -> Result<u32, String> {
+    let s = state.borrow();
+    let call = match request {
+        AskRequest::Backend(request) => match s.policy.backend() {
+            Some(backend) => backend.call(request),
+            None => return Err("no http_backend".into()),
+        },
+        // The registry's calls are authenticated by mTLS on its cluster: a filter-made
+        // token (`auth`) is refused at configure time.
+        AskRequest::Introspect { call, .. } | AskRequest::DeviceLookup { call, .. } => call.clone(),
+    };
+    drop(s);
+    proxy_glue::send_call(&call).map_err(|status| format!("{status:?}"))
+}
+
+/// Sends, joins or sheds the output's asks for connection `conn` (its context is the
+/// effective one). An ask that cannot be made is decided at once (fail closed: no answer, or
+/// "server busy" over a bound); what that decides is merged into `out`. Asks the running
+/// callback may not send for `conn` wait for the root's tick ([`Sender`]).
+fn send_asks(state: &Shared, conn: u32, now: u64, out: &mut Output, sender: Sender) {
+    let mut pending: Vec<Ask> = std::mem::take(&mut out.asks);
+    if !sender.may_send_for(conn) {
         state
-            .borrow()
-            .sessions
-            .get(&self.id)
-            .map_or((false, false), |s| {
-                (s.waiting_for_backend(), s.awaiting_connect())
-            })
+            .borrow_mut()
+            .queued
+            .extend(pending.into_iter().map(|ask| (conn, ask)));
+        return;
     }
-
-    fn count_answer(&self, state: &Shared, answer: &BackendAnswer) {
-        let s = state.borrow();
-        let verdict = match s.policy.backend() {
-            Some(backend) if backend.allows(answer) => BackendVerdict::Allow,
-            _ if answer.status.is_some_and(|st| st < 500) => BackendVerdict::Deny,
-            _ => BackendVerdict::Unavailable,
+    // Each ask not made decides at least one packet: bounded by the packets held.
+    for _ in 0..10_000 {
+        let Some(ask) = pending.pop() else {
+            return;
         };
-        s.metrics.inc(match verdict {
-            BackendVerdict::Allow => "backend.allowed",
-            BackendVerdict::Deny => "backend.denied",
-            BackendVerdict::Unavailable => "backend.unavailable",
-        });
-    }
-
-    /// Sends the output's backend requests. One that cannot be sent is answered "no answer"
-    /// at once (fail closed); what that decides is merged into `out`.
-    fn send_asks(&mut self, state: &Shared, now: u64, out: &mut Output) {
-        let mut pending: Vec<Ask> = std::mem::take(&mut out.asks);
-        // Each failed send decides at least one packet: bounded by the packets held.
-        for _ in 0..10_000 {
-            let Some(ask) = pending.pop() else {
-                return;
-            };
-            let asked = Asked::of(&ask.request);
-            let sent = {
-                let mut s = state.borrow_mut();
-                match &ask.request {
-                    AskRequest::Backend(request) => match s.policy.backend() {
-                        Some(backend) => proxy_glue::send_call(&backend.call(request))
-                            .map_err(|status| format!("{status:?}")),
-                        None => Err("no http_backend".into()),
-                    },
-                    AskRequest::Introspect { call, .. } => {
-                        let admitted = s
-                            .policy
-                            .opaque_tokens()
-                            .map(|o| o.config().admit(s.introspections));
-                        match admitted {
-                            Some(Ok(())) => {
-                                let sent = proxy_glue::send_call(call)
-                                    .map_err(|status| format!("{status:?}"));
-                                if sent.is_ok() {
-                                    s.introspections += 1;
-                                }
-                                sent
-                            }
-                            Some(Err(shed)) => {
-                                s.metrics.inc("introspection.shed");
-                                Err(shed.description().to_string())
-                            }
-                            None => Err("no introspection".into()),
-                        }
-                    }
-                    // One lookup per CONNECT that misses the registry cache (no sharing
-                    // between connections). Authenticated by mTLS on the registry's cluster:
-                    // a filter-made token (`auth`) is refused at configure time.
-                    AskRequest::DeviceLookup { call, .. } => {
-                        proxy_glue::send_call(call).map_err(|status| format!("{status:?}"))
-                    }
-                }
-            };
-            let (asked_counter, unavailable, whom) = asked.names();
-            match sent {
+        let whom = Whom::of(&ask.request);
+        let joined = state.borrow_mut().shared.ask(conn, ask.id, &ask.request);
+        let not_asked = match joined {
+            Joined::Joined => {
+                state.borrow().metrics.inc("callout.joined");
+                None
+            }
+            Joined::Shed(shed) => {
+                state.borrow().metrics.inc(shed.counter());
+                Some((Outcome::Shed(shed), shed.description(), Vec::new()))
+            }
+            Joined::Send => match send_request(state, &ask.request) {
                 Ok(token) => {
-                    self.asks.insert(token, (ask.id, asked));
-                    state.borrow().metrics.inc(asked_counter);
+                    let mut s = state.borrow_mut();
+                    s.shared.sent(&ask.request, Some(conn), token);
+                    s.metrics.inc(whom.counters().asked);
+                    None
                 }
                 Err(why) => {
+                    let mut s = state.borrow_mut();
+                    s.metrics.inc(whom.counters().unavailable);
+                    // Connections that waited for the call before (its owner closed) are
+                    // refused with this one.
+                    let others = s
+                        .shared
+                        .send_failed(&ask.request)
+                        .into_iter()
+                        .filter(|w| w.connection != conn)
+                        .collect();
+                    Some((Outcome::Answer(&NO_ANSWER), why, others))
+                }
+            },
+        };
+        let Some((outcome, why, others)) = not_asked else {
+            continue;
+        };
+        log::warn!(
+            "mqtt-acl: connection {conn}: cannot ask {} ({why}); denied",
+            whom.description()
+        );
+        decide_waiters(state, others, outcome, conn, sender);
+        let Some(more) = with_session(state, conn, now, |session, env| match outcome {
+            Outcome::Answer(answer) => session.on_backend_answer(ask.id, answer, env),
+            Outcome::Shed(shed) => session.on_ask_shed(ask.id, &shed.description(), env),
+        }) else {
+            return;
+        };
+        out.forward.extend_from_slice(&more.forward);
+        pending.extend(more.asks);
+        out.decisions.extend(more.decisions);
+        if more.close.is_some() {
+            out.close = more.close;
+        }
+        out.close_after_write |= more.close_after_write;
+        if more.refusal_cluster.is_some() {
+            out.refusal_cluster = more.refusal_cluster;
+        }
+    }
+}
+
+static NO_ANSWER: BackendAnswer = BackendAnswer {
+    status: None,
+    body: Vec::new(),
+};
+
+/// Root tick: the calls whose owner closed while others wait (Envoy cancelled them with the
+/// owner's context), and the asks queued for the root ([`Sender`]), are sent by the root
+/// (for the root: answered to it). `root` is the effective context.
+fn send_root_calls(state: &Shared, root: u32) {
+    let orphans = state.borrow().shared.orphans();
+    for (request, admitted) in orphans {
+        let whom = Whom::of(&request);
+        if let Err(shed) = admitted {
+            state.borrow().metrics.inc(shed.counter());
+            let waiters = state.borrow_mut().shared.shed_orphan(&request);
+            decide_waiters(state, waiters, Outcome::Shed(shed), root, Sender::Root);
+            continue;
+        }
+        send_for_waiters(state, &request, whom, root);
+    }
+    // What these decisions ask next is queued again: a few rounds, the rest next tick.
+    for _ in 0..4 {
+        let queued = std::mem::take(&mut state.borrow_mut().queued);
+        if queued.is_empty() {
+            return;
+        }
+        for (conn, ask) in queued {
+            if !state.borrow().sessions.contains_key(&conn) {
+                continue;
+            }
+            let whom = Whom::of(&ask.request);
+            let joined = state.borrow_mut().shared.ask(conn, ask.id, &ask.request);
+            match joined {
+                Joined::Joined => state.borrow().metrics.inc("callout.joined"),
+                Joined::Send => send_for_waiters(state, &ask.request, whom, root),
+                Joined::Shed(shed) => {
+                    state.borrow().metrics.inc(shed.counter());
                     log::warn!(
-                        "mqtt-acl: connection {}: cannot ask {whom} ({why}); denied",
-                        self.id
+                        "mqtt-acl: connection {conn}: cannot ask {} ({}); denied",
+                        whom.description(),
+                        shed.description()
                     );
-                    state.borrow().metrics.inc(unavailable);
-                    let answer = BackendAnswer::none();
-                    let Some(more) = self.with_session(state, now, |session, env| {
-                        session.on_backend_answer(ask.id, &answer, env)
-                    }) else {
-                        return;
+                    let waiter = Waiter {
+                        connection: conn,
+                        ask: ask.id,
                     };
-                    out.forward.extend_from_slice(&more.forward);
-                    pending.extend(more.asks);
-                    out.decisions.extend(more.decisions);
-                    if more.close.is_some() {
-                        out.close = more.close;
-                    }
-                    out.close_after_write |= more.close_after_write;
-                    if more.refusal_cluster.is_some() {
-                        out.refusal_cluster = more.refusal_cluster;
-                    }
+                    decide_waiters(state, vec![waiter], Outcome::Shed(shed), root, Sender::Root);
                 }
             }
         }
     }
+}
 
-    /// A refused CONNECT goes to the refusal stand-in (see `on_data`).
-    fn route_refusal(&self, out: &Output) {
-        if let Some(cluster) = &out.refusal_cluster {
-            if let Err(status) = proxy_glue::filter_state::set(TCP_PROXY_CLUSTER, cluster) {
-                log::warn!(
-                    "mqtt-acl: connection {}: cannot send the refused client to cluster \
-                     {cluster:?} ({status:?}); the broker answers a harmless CONNECT",
-                    self.id
-                );
-            }
+/// The root sends `request` for the connections waiting for it; if it cannot, they are
+/// decided on no answer.
+fn send_for_waiters(state: &Shared, request: &AskRequest, whom: Whom, root: u32) {
+    match send_request(state, request) {
+        Ok(token) => {
+            let mut s = state.borrow_mut();
+            s.shared.sent(request, None, token);
+            s.metrics.inc(whom.counters().asked);
+        }
+        Err(why) => {
+            log::warn!(
+                "mqtt-acl: cannot ask {} for the connections waiting ({why}); denied",
+                whom.description()
+            );
+            let waiters = {
+                let mut s = state.borrow_mut();
+                s.metrics.inc(whom.counters().unavailable);
+                s.shared.send_failed(request)
+            };
+            decide_waiters(
+                state,
+                waiters,
+                Outcome::Answer(&NO_ANSWER),
+                root,
+                Sender::Root,
+            );
         }
     }
+}
 
-    fn close_now(&self, why: &str) -> Action {
-        log::warn!("mqtt-acl: connection {}: {why}", self.id);
-        if let Some(state) = &self.state {
-            let mut s = state.borrow_mut();
-            s.sessions.remove(&self.id);
-            s.metrics.inc("closed.internal");
+/// A refused CONNECT goes to the refusal stand-in (see `on_data`).
+fn route_refusal(conn: u32, out: &Output) {
+    if let Some(cluster) = &out.refusal_cluster {
+        if let Err(status) = proxy_glue::filter_state::set(TCP_PROXY_CLUSTER, cluster) {
+            log::warn!(
+                "mqtt-acl: connection {conn}: cannot send the refused client to cluster \
+                 {cluster:?} ({status:?}); the broker answers a harmless CONNECT"
+            );
         }
-        let _ = hostcalls::close_downstream();
+    }
+}
+
+/// Closes connection `conn` (the effective context) after an internal error.
+fn close_now(state: &Shared, conn: u32, why: &str) {
+    log::warn!("mqtt-acl: connection {conn}: {why}");
+    forget(state, conn);
+    state.borrow().metrics.inc("closed.internal");
+    let _ = hostcalls::close_downstream();
+}
+
+/// Connection `conn` is gone (or going): its session, held data and waits.
+fn forget(state: &Shared, conn: u32) {
+    let mut s = state.borrow_mut();
+    s.sessions.remove(&conn);
+    s.held.remove(&conn);
+    s.shared.connection_closed(conn);
+}
+
+impl Stream {
+    fn close_now(&self, why: &str) -> Action {
+        match &self.state {
+            Some(state) => close_now(state, self.id, why),
+            None => {
+                log::warn!("mqtt-acl: connection {}: {why}", self.id);
+                let _ = hostcalls::close_downstream();
+            }
+        }
         Action::Pause
     }
 
@@ -761,9 +957,9 @@ impl Stream {
                 return self.close_now(&format!("cannot read the data ({status:?})"));
             }
         };
-        // While the backend is asked, the front of the buffer is what was decided already.
+        // While a callout is asked, the front of the buffer is what was decided already.
         let held = if from == From::Client {
-            std::mem::take(&mut self.held)
+            state.borrow_mut().held.remove(&self.id).unwrap_or_default()
         } else {
             Vec::new()
         };
@@ -813,8 +1009,8 @@ impl Stream {
             out
         };
         let mut out = out;
-        self.send_asks(&state, now, &mut out);
-        let (waiting, undecided) = self.session_flags(&state);
+        send_asks(&state, self.id, now, &mut out, Sender::Stream(self.id));
+        let (waiting, undecided) = session_flags(&state, self.id);
         if out.close.is_some() {
             let _ = host::write_buffer(buffer, 0, size, &[]);
             let _ = hostcalls::close_downstream();
@@ -824,15 +1020,15 @@ impl Stream {
         // ON_DOWNSTREAM_DATA`), after this callback: the refused client reaches the
         // stand-in, never the broker. Without filter state the broker answers the
         // harmless CONNECT.
-        self.route_refusal(&out);
+        route_refusal(self.id, &out);
         let mut forward = held;
         forward.extend_from_slice(&out.forward);
         if let Err(status) = host::write_buffer(buffer, 0, size, &forward) {
             return self.close_now(&format!("cannot replace the data ({status:?})"));
         }
         if from == From::Client && waiting {
-            // Held back until the backend answers (on_http_call_response resumes).
-            self.held = forward;
+            // Held back until the callout is answered (`decide_ask` resumes).
+            state.borrow_mut().held.insert(self.id, forward);
             return Action::Pause;
         }
         if from == From::Client && undecided {
@@ -855,7 +1051,7 @@ impl Stream {
 
     fn forget(&self) {
         if let Some(state) = &self.state {
-            state.borrow_mut().sessions.remove(&self.id);
+            forget(state, self.id);
         }
     }
 }
@@ -913,16 +1109,8 @@ impl StreamContext for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
+        // Its waits end; calls it owned are cancelled by Envoy and sent again by the root
+        // for the connections still waiting.
         self.forget();
-        // Introspections this connection still waits for: their answers will not come here.
-        let pending = self
-            .asks
-            .values()
-            .filter(|(_, asked)| *asked == Asked::Introspection)
-            .count();
-        if let (Some(state), true) = (&self.state, pending > 0) {
-            let mut s = state.borrow_mut();
-            s.introspections = s.introspections.saturating_sub(pending);
-        }
     }
 }

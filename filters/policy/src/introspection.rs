@@ -107,7 +107,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use url::form_urlencoded;
 
-use crate::client_credentials::basic_auth;
+use crate::client_credentials::{basic_auth, ClientSecret};
 use crate::decision::DenyReason;
 use crate::identity::{Identity, IdentityKind, KeyrockJson};
 pub use crate::upstream::HttpCall;
@@ -134,7 +134,9 @@ pub enum IntrospectionKind {
 
 /// The credentials the filter presents to the IdP. `Debug` never prints the secrets.
 ///
-/// * `rfc7662`: `client_id` and `client_secret` (both required), sent as HTTP Basic.
+/// * `rfc7662`: `client_id` and the client's secret (required): `client_secret`, or
+///   `client_secret_env` naming the VM's environment variable that holds it ([`ClientSecret`],
+///   as the client-credentials grant takes it), sent as HTTP Basic.
 /// * `keyrock`: none. `pep_id` and `pep_password` (Wilma's PEP credentials) are refused:
 ///   Keyrock's `GET /user` does not authenticate the PEP (see the module documentation).
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,8 +144,8 @@ pub enum IntrospectionKind {
 pub struct IntrospectionCredentials {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_secret: Option<String>,
+    #[serde(flatten)]
+    pub secret: ClientSecret,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pep_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,7 +157,7 @@ impl fmt::Debug for IntrospectionCredentials {
         let redact = |s: &Option<String>| s.as_ref().map(|_| "<redacted>");
         f.debug_struct("IntrospectionCredentials")
             .field("client_id", &self.client_id)
-            .field("client_secret", &redact(&self.client_secret))
+            .field("secret", &self.secret)
             .field("pep_id", &self.pep_id)
             .field("pep_password", &redact(&self.pep_password))
             .finish()
@@ -254,6 +256,13 @@ pub const KEYROCK_USER_PATH: &str = "/user";
 pub struct IntrospectionConfigError(pub String);
 
 impl IntrospectionConfig {
+    /// Reads `credentials.client_secret_env` (if given) from `env`, the VM's environment: call
+    /// it once at configure time, before [`IntrospectionConfig::validate`] (which refuses a
+    /// variable unset or empty).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        self.credentials.secret.read_environment(env);
+    }
+
     /// Whether one more introspection callout may start while `in_flight` are: Err is the
     /// refusal to answer (503; the caller adds `Retry-After`).
     pub fn admit(&self, in_flight: usize) -> Result<(), DenyReason> {
@@ -312,9 +321,12 @@ impl IntrospectionConfig {
         }
         match self.kind {
             IntrospectionKind::Rfc7662 => {
-                if !field_ok(&c.client_id) || !field_ok(&c.client_secret) {
-                    return err("credentials: client_id and client_secret are required for kind rfc7662 (non-empty, no control characters)".into());
+                if !field_ok(&c.client_id) {
+                    return err("credentials.client_id: required for kind rfc7662 (non-empty, no control characters)".into());
                 }
+                c.secret
+                    .validate("credentials")
+                    .map_err(IntrospectionConfigError)?;
                 if self.app_id.is_some() || !self.trusted_apps.is_empty() {
                     return err("app_id and trusted_apps are only for kind keyrock".into());
                 }
@@ -335,8 +347,8 @@ impl IntrospectionConfig {
                 }
             }
             IntrospectionKind::Keyrock => {
-                if c.client_id.is_some() || c.client_secret.is_some() {
-                    return err("credentials: client_id and client_secret are only for kind rfc7662; Keyrock needs no credentials".into());
+                if c.client_id.is_some() || c.secret.is_given() {
+                    return err("credentials: client_id and client_secret (or client_secret_env) are only for kind rfc7662; Keyrock needs no credentials".into());
                 }
                 if !self.app_id.as_ref().is_some_and(|a| valid_app_id(a)) {
                     return err(format!("app_id: required for kind {kind}, the OAuth client id of the protected application"));
@@ -391,7 +403,7 @@ impl IntrospectionConfig {
                     .with_header("accept", "application/json")
                     .with_header("content-length", body.len().to_string());
                 if let (Some(id), Some(secret)) =
-                    (&self.credentials.client_id, &self.credentials.client_secret)
+                    (&self.credentials.client_id, self.credentials.secret.value())
                 {
                     call = call.with_header("authorization", basic_auth(id, secret));
                 }
@@ -1090,8 +1102,10 @@ mod tests {
             ("long positive ttl", rfc, |c| c.positive_ttl_s = 100_000, Some("positive_ttl_s")),
             ("long negative ttl", rfc, |c| c.negative_ttl_s = 3600, Some("negative_ttl_s")),
             ("zero positive ttl", rfc, |c| c.positive_ttl_s = 0, None),
-            ("rfc without secret", rfc, |c| c.credentials.client_secret = None, Some("client_id and client_secret are required")),
-            ("rfc empty id", rfc, |c| c.credentials.client_id = Some(String::new()), Some("client_id and client_secret are required")),
+            ("rfc without secret", rfc, |c| c.credentials.secret.client_secret = None, Some("credentials.client_secret: missing")),
+            ("rfc empty id", rfc, |c| c.credentials.client_id = Some(String::new()), Some("credentials.client_id: required")),
+            ("rfc empty secret", rfc, |c| c.credentials.secret.client_secret = Some(String::new()), Some("credentials.client_secret: must be non-empty")),
+            ("rfc secret and env", rfc, |c| c.credentials.secret.client_secret_env = Some("S".into()), Some("credentials.client_secret_env: give client_secret or client_secret_env, not both")),
             ("rfc with pep", rfc, |c| c.credentials.pep_id = Some("p".into()), Some("not supported")),
             ("rfc with app_id", rfc, |c| c.app_id = Some("a".into()), Some("only for kind keyrock")),
             ("rfc empty claim segment", rfc, |c| c.roles_claim = Some("realm_access..roles".into()), Some("roles_claim")),
@@ -1103,7 +1117,8 @@ mod tests {
             ("keyrock bad trusted app", keyrock, |c| c.trusted_apps = vec![String::new()], Some("trusted_apps")),
             ("keyrock with pep id", keyrock, |c| c.credentials.pep_id = Some("pep_proxy_1".into()), Some("pep_id and pep_password are not supported")),
             ("keyrock with pep password", keyrock, |c| c.credentials.pep_password = Some("pw".into()), Some("not supported")),
-            ("keyrock with client secret", keyrock, |c| c.credentials.client_secret = Some("x".into()), Some("only for kind rfc7662")),
+            ("keyrock with client secret", keyrock, |c| c.credentials.secret.client_secret = Some("x".into()), Some("only for kind rfc7662")),
+            ("keyrock with client secret env", keyrock, |c| c.credentials.secret.client_secret_env = Some("S".into()), Some("only for kind rfc7662")),
             ("keyrock with audience", keyrock, |c| c.audience = Some("x".into()), Some("only for kind rfc7662")),
         ];
         for (name, base, edit, want) in cases {
@@ -1140,6 +1155,69 @@ mod tests {
                 "{field} = {bad}: {refused}"
             );
         }
+    }
+
+    /// An rfc7662 configuration whose secret is named by `client_secret_env`, read from `env`.
+    fn rfc_from_env(env: &[(&str, &str)]) -> Result<IntrospectionConfig, String> {
+        let mut config: IntrospectionConfig = serde_json::from_value(json!({
+            "kind": "rfc7662", "cluster": "keycloak", "authority": "keycloak.example",
+            "path": "/introspect",
+            "credentials": {"client_id": "envoy", "client_secret_env": "PEP_SECRET"}}))
+        .map_err(|e| e.to_string())?;
+        config.read_environment(&|name: &str| {
+            env.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        });
+        config
+            .validate()
+            .map(|()| config)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_client_secret_may_come_from_the_environment() {
+        let config = rfc_from_env(&[("PEP_SECRET", "s3cret")]).unwrap();
+        // The same Basic authorization as with the secret inline (base64 "envoy:s3cret").
+        assert_eq!(
+            config.build_request("tok").header("authorization"),
+            rfc().build_request("tok").header("authorization")
+        );
+        assert_eq!(
+            config.build_request("tok").header("authorization"),
+            Some("Basic ZW52b3k6czNjcmV0")
+        );
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+        // Unset, empty, or not an environment variable name: refused, naming the field.
+        for env in [&[][..], &[("PEP_SECRET", "")], &[("OTHER", "s3cret")]] {
+            let err = rfc_from_env(env).unwrap_err();
+            assert!(
+                err.starts_with(
+                    "introspection: credentials.client_secret_env: the environment variable \
+                     PEP_SECRET is not set or is empty"
+                ),
+                "{err}"
+            );
+        }
+        let err = rfc_from_env(&[("PEP_SECRET", "a\tb")]).unwrap_err();
+        assert!(
+            err.contains("control characters") && !err.contains("a\tb"),
+            "{err}"
+        );
+        // A configuration never given the environment is refused as unset.
+        let mut unread = rfc();
+        unread.credentials.secret =
+            serde_json::from_value(json!({"client_secret_env": "S"})).unwrap();
+        assert!(unread.validate().is_err());
+        // Any other key in credentials is still refused (the secret's keys are flattened in).
+        let refused = serde_json::from_value::<IntrospectionCredentials>(
+            json!({"client_id": "x", "client_secret_env": "S", "secret_env": "S"}),
+        )
+        .unwrap_err();
+        assert!(
+            refused.to_string().contains("unknown field `secret_env`"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod identity_headers;
 pub mod introspection;
 pub mod jwt;
 pub mod log_text;
+pub mod lookups;
 pub mod mqtt;
 pub mod mqtt_acl;
 pub mod mtls;

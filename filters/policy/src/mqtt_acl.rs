@@ -13,8 +13,8 @@
 //! 2. a user name and a non-empty password: a device key (`device_keys`, user name = device id,
 //!    password = key); a device `device_keys.devices` does not list is looked up in
 //!    `device_keys.registry` (cached per VM; no usable answer is "server unavailable", never
-//!    cached; one lookup per CONNECT that misses the cache: concurrent CONNECTs of the same
-//!    unknown device each ask); such a connection is re-checked before the registry answer
+//!    cached; concurrent CONNECTs of the same unknown device share one lookup:
+//!    [`SharedAsks`]); such a connection is re-checked before the registry answer
 //!    it runs on expires, and closed once the key is no longer listed ([`RegistryRechecks`]);
 //! 3. a verified client certificate (`mtls`): the identity its CN or SAN names; the client may
 //!    send no user name or one equal to that identity (LAMPI sends its CN);
@@ -25,7 +25,10 @@
 //! unknown, is refused as "server unavailable" and the keys are fetched. With `introspection`
 //! (token-auth's schema: RFC 7662 or Keyrock), a user name no other method takes is an opaque
 //! token (the password is ignored): introspected, cached per VM ([`OpaqueTokens`]), its `exp`
-//! the connection's deadline; no usable answer is "server unavailable", never cached.
+//! the connection's deadline; no usable answer is "server unavailable", never cached;
+//! concurrent CONNECTs with the same token share one call ([`SharedAsks`], which also bounds
+//! the connections waiting: one over `max_waiting_connections` or an endpoint's
+//! `max_in_flight` is refused as "server busy", 3.1.1 0x03, 5.0 0x89).
 //! A will message is checked like a PUBLISH to its topic at CONNECT: a forbidden will refuses
 //! the CONNECT. The client id must fit `client_ids` (default `%u`, `%u-*`): nobody takes over
 //! another device's session. An accepted CONNECT goes on with the verified subject as user name
@@ -74,6 +77,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 mod backend;
 mod opaque;
 mod recheck;
+mod shared;
 mod transport;
 pub use backend::{
     BackendAnswer, BackendRequest, BackendVerdict, Check, HttpBackend, HttpBackendConfig, ACC_READ,
@@ -81,6 +85,7 @@ pub use backend::{
 };
 pub use opaque::OpaqueTokens;
 pub use recheck::{RecheckCall, RegistryRechecks};
+pub use shared::{AskKey, AskLimits, Joined, SharedAsks, Shed, Waiter, Whom};
 pub use transport::{Connection, Transport};
 
 use serde::Deserialize;
@@ -180,11 +185,23 @@ pub struct MqttAclConfig {
     /// [`transport`](self::Connection)).
     #[serde(default)]
     pub transport: Transport,
+    /// Connections that may wait for a callout at once per VM (default 1024): concurrent
+    /// CONNECTs that need the same answer share one call ([`SharedAsks`]); one more waiting
+    /// connection is refused as "server busy".
+    #[serde(default = "default_max_waiting_connections")]
+    pub max_waiting_connections: usize,
 }
 
 fn default_connect_timeout() -> u64 {
     10
 }
+
+fn default_max_waiting_connections() -> usize {
+    1024
+}
+
+/// Bound on `max_waiting_connections`.
+const MAX_MAX_WAITING_CONNECTIONS: usize = 1_000_000;
 
 fn default_client_ids() -> Vec<String> {
     vec!["%u".into(), "%u-*".into()]
@@ -497,6 +514,18 @@ pub struct MqttAcl {
     client_ids: Vec<ClientIdPattern>,
     connect_timeout_secs: u64,
     transport: Transport,
+    max_waiting_connections: usize,
+}
+
+impl MqttAclConfig {
+    /// Reads the environment variables the configuration names (`client_secret_env` of
+    /// `introspection.credentials`) from `env`, the VM's environment; call it once at configure
+    /// time, before [`MqttAcl::new`] (which refuses one unset).
+    pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(introspection) = &mut self.introspection {
+            introspection.read_environment(env);
+        }
+    }
 }
 
 impl MqttAcl {
@@ -661,6 +690,12 @@ impl MqttAcl {
                 config.max_packet_bytes
             ));
         }
+        if !(1..=MAX_MAX_WAITING_CONNECTIONS).contains(&config.max_waiting_connections) {
+            return Err(format!(
+                "max_waiting_connections {} must be between 1 and {MAX_MAX_WAITING_CONNECTIONS}",
+                config.max_waiting_connections
+            ));
+        }
         transport::check(&config)?;
         Ok(MqttAcl {
             mode: config.mode,
@@ -682,7 +717,23 @@ impl MqttAcl {
             client_ids,
             connect_timeout_secs: config.connect_timeout_secs,
             transport: config.transport,
+            max_waiting_connections: config.max_waiting_connections,
         })
+    }
+
+    /// The bounds on shared callouts: `max_waiting_connections` and each endpoint's
+    /// `max_in_flight`.
+    pub fn ask_limits(&self) -> AskLimits {
+        AskLimits {
+            max_waiting_connections: self.max_waiting_connections,
+            backend_in_flight: self.backend.as_ref().map_or(0, HttpBackend::max_in_flight),
+            introspection_in_flight: self.opaque.as_ref().map_or(0, |o| o.config().max_in_flight),
+            registry_in_flight: self
+                .device_keys
+                .as_ref()
+                .and_then(DeviceKeys::registry)
+                .map_or(0, |r| r.config().max_in_flight),
+        }
     }
 
     /// At which level allowed packets are logged.
@@ -941,6 +992,8 @@ enum Refusal {
     BadCredentials,
     NotAuthorized,
     Unavailable,
+    /// Over a bound on callouts (`max_waiting_connections`, `max_in_flight`).
+    Busy,
     BadAuthMethod,
     BadClientId,
 }
@@ -951,10 +1004,13 @@ fn refusal_code(refusal: Refusal, version: ProtocolVersion) -> u8 {
         (ProtocolVersion::V311, Refusal::NotAuthorized | Refusal::BadAuthMethod) => {
             v3_connack::NOT_AUTHORIZED
         }
-        (ProtocolVersion::V311, Refusal::Unavailable) => v3_connack::SERVER_UNAVAILABLE,
+        (ProtocolVersion::V311, Refusal::Unavailable | Refusal::Busy) => {
+            v3_connack::SERVER_UNAVAILABLE
+        }
         (ProtocolVersion::V5, Refusal::BadCredentials) => reason::BAD_USER_NAME_OR_PASSWORD,
         (ProtocolVersion::V5, Refusal::NotAuthorized) => reason::NOT_AUTHORIZED,
         (ProtocolVersion::V5, Refusal::Unavailable) => reason::SERVER_UNAVAILABLE,
+        (ProtocolVersion::V5, Refusal::Busy) => reason::SERVER_BUSY,
         (ProtocolVersion::V5, Refusal::BadAuthMethod) => reason::BAD_AUTHENTICATION_METHOD,
         (ProtocolVersion::V311, Refusal::BadClientId) => v3_connack::IDENTIFIER_REJECTED,
         (ProtocolVersion::V5, Refusal::BadClientId) => reason::CLIENT_IDENTIFIER_NOT_VALID,
@@ -1007,6 +1063,9 @@ pub struct Session {
     /// The packet waiting for the backend; nothing after it is read until it is decided.
     stalled: Option<Frame>,
     next_ask: u32,
+    /// An ask of the packet being decided was shed (over a bound), and why: a CONNECT it
+    /// leaves unavailable is refused as "server busy".
+    busy: Option<String>,
 }
 
 impl Session {
@@ -1034,6 +1093,7 @@ impl Session {
             answers: HashMap::new(),
             stalled: None,
             next_ask: 0,
+            busy: None,
         }
     }
 
@@ -1084,6 +1144,15 @@ impl Session {
             return out;
         }
         self.drain_client(env, out)
+    }
+
+    /// Ask `id` could not be asked (over a bound on callouts): decided as no answer, and a
+    /// CONNECT that leaves unavailable is refused as "server busy".
+    pub fn on_ask_shed(&mut self, id: u32, why: &str, env: &Env<'_>) -> Output {
+        if self.waiting.contains_key(&id) {
+            self.busy = Some(why.to_string());
+        }
+        self.on_backend_answer(id, &BackendAnswer::none(), env)
     }
 
     /// Sends the requests not asked yet and keeps `frame` until they are answered.
@@ -1422,13 +1491,17 @@ impl Session {
                     }
                     self.answers.clear();
                     self.introspected = None;
+                    self.busy = None;
                     if !matches!(self.phase, Phase::Open) {
                         // Refused: nothing more of what the client sent goes anywhere.
                         return out;
                     }
                 }
                 Phase::Open => match self.on_client_packet(&frame, env, &mut out) {
-                    Step::Done => self.answers.clear(),
+                    Step::Done => {
+                        self.answers.clear();
+                        self.busy = None;
+                    }
                     Step::Close(close) => return self.close_after_forward(out, close),
                     Step::Ask(missing) => {
                         self.stall(frame, missing, &mut out);
@@ -1865,12 +1938,17 @@ impl Session {
                 self.accept_connect(connect, env, out);
             }
             Err((refusal, why)) => {
+                // An answer the filter could not ask for (over a bound) left it unavailable.
+                let (refusal, why) = match (refusal, &self.busy) {
+                    (Refusal::Unavailable, Some(busy)) => (Refusal::Busy, busy.clone()),
+                    (other, _) => (other, why),
+                };
                 let reason = match refusal {
                     Refusal::BadCredentials | Refusal::BadAuthMethod => {
                         DenyReason::Unauthenticated(why)
                     }
                     Refusal::NotAuthorized | Refusal::BadClientId => DenyReason::Forbidden(why),
-                    Refusal::Unavailable => DenyReason::Unavailable(why),
+                    Refusal::Unavailable | Refusal::Busy => DenyReason::Unavailable(why),
                 };
                 let decided = self.decided(
                     policy.mode,

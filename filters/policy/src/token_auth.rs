@@ -207,10 +207,14 @@ fn bad_config(what: &str, detail: impl std::fmt::Display) -> String {
 }
 
 impl TokenAuthConfig {
-    /// Reads the environment variables the configuration names (the device registry's
-    /// `auth.client_credentials.client_secret_env`) from `env`, the VM's environment; call it
-    /// once at configure time, before [`TokenAuth::new`] (which refuses one unset).
+    /// Reads the environment variables the configuration names (`client_secret_env` of
+    /// `introspection.credentials` and of the device registry's `auth.client_credentials`) from
+    /// `env`, the VM's environment; call it once at configure time, before [`TokenAuth::new`]
+    /// (which refuses one unset).
     pub fn read_environment(&mut self, env: &dyn Fn(&str) -> Option<String>) {
+        if let Some(introspection) = &mut self.introspection {
+            introspection.read_environment(env);
+        }
         let registry = self.device_keys.as_mut().and_then(|d| d.registry.as_mut());
         if let Some(auth) = registry.and_then(|r| r.auth.as_mut()) {
             auth.client_credentials.read_environment(env);
@@ -230,9 +234,8 @@ impl TokenAuth {
             route.validate()?;
         }
         if let Some(intro) = &config.introspection {
-            intro
-                .validate()
-                .map_err(|e| bad_config("introspection", e))?;
+            // The error names `introspection` itself.
+            intro.validate().map_err(|e| e.to_string())?;
         }
         let device_keys = config
             .device_keys
@@ -1275,6 +1278,40 @@ mod tests {
             "credentials": {"client_id": "envoy", "client_secret": "s"}}});
         bad_realm["realm"] = "a\"b".into();
         assert!(err(bad_realm).contains("realm"));
+    }
+
+    #[test]
+    fn the_introspection_secret_may_come_from_the_environment() {
+        let build = |env: Option<&str>| {
+            let mut config: TokenAuthConfig = serde_json::from_value(serde_json::json!({
+                "introspection": {"kind": "rfc7662", "cluster": "idp", "authority": "idp",
+                    "path": "/introspect",
+                    "credentials": {"client_id": "envoy", "client_secret_env": "PEP_SECRET"}},
+                "realm": "orion"}))
+            .unwrap();
+            config.read_environment(&|name: &str| {
+                (name == "PEP_SECRET")
+                    .then(|| env.map(str::to_string))
+                    .flatten()
+            });
+            TokenAuth::new(config)
+        };
+        let a = build(Some("s3cret")).unwrap();
+        let intro = a.config.introspection.as_ref().unwrap();
+        assert_eq!(
+            intro.build_request("tok").header("authorization"),
+            Some("Basic ZW52b3k6czNjcmV0") // base64("envoy:s3cret")
+        );
+        for env in [None, Some("")] {
+            let refused = build(env).map(|_| ()).unwrap_err();
+            assert!(
+                refused.starts_with(
+                    "introspection: credentials.client_secret_env: the environment variable \
+                     PEP_SECRET is not set"
+                ),
+                "{refused}"
+            );
+        }
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct HttpBackendConfig {
     pub subscribe_acc: u8,
     #[serde(default)]
     pub cache: BackendCacheConfig,
+    /// Calls to the backend in flight per VM (default 64); a connection whose question would
+    /// need one more is refused as "server busy" (CONNECT) or denied (a topic).
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
 }
 
 /// One endpoint.
@@ -125,6 +129,9 @@ fn default_subscribe_acc() -> u8 {
 }
 fn default_max_entries() -> usize {
     10_000
+}
+fn default_max_in_flight() -> usize {
+    64
 }
 fn default_allow_ttl() -> u64 {
     60
@@ -210,6 +217,7 @@ pub struct HttpBackend {
     subscribe_acc: u8,
     allow_ttl_secs: u64,
     deny_ttl_secs: u64,
+    max_in_flight: usize,
     cache: RefCell<VerdictCache<bool>>,
 }
 
@@ -228,6 +236,7 @@ impl Clone for HttpBackend {
             subscribe_acc: self.subscribe_acc,
             allow_ttl_secs: self.allow_ttl_secs,
             deny_ttl_secs: self.deny_ttl_secs,
+            max_in_flight: self.max_in_flight,
             cache: RefCell::new(VerdictCache::new(self.cache.borrow().capacity())),
         }
     }
@@ -262,6 +271,13 @@ impl HttpBackend {
                 config.subscribe_acc
             ));
         }
+        let most = crate::introspection::MAX_MAX_IN_FLIGHT;
+        if !(1..=most).contains(&config.max_in_flight) {
+            return Err(format!(
+                "{at}.max_in_flight {} must be between 1 and {most}",
+                config.max_in_flight
+            ));
+        }
         let cache = &config.cache;
         if cache.max_entries > 1_000_000 {
             return Err(format!(
@@ -291,8 +307,14 @@ impl HttpBackend {
             subscribe_acc: config.subscribe_acc,
             allow_ttl_secs: cache.allow_ttl_secs,
             deny_ttl_secs: cache.deny_ttl_secs,
+            max_in_flight: config.max_in_flight,
             cache: RefCell::new(VerdictCache::new(cache.max_entries)),
         })
+    }
+
+    /// Calls in flight per VM (`max_in_flight`).
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
     }
 
     pub fn subscribe_acc(&self) -> u8 {
@@ -655,6 +677,11 @@ mod tests {
             (json!({"timeout_ms": 0}), "http_backend.timeout_ms"),
             (json!({"acl": {"path": "acl"}}), "http_backend.acl.path"),
             (json!({"subscribe_acc": 2}), "http_backend.subscribe_acc"),
+            (json!({"max_in_flight": 0}), "http_backend.max_in_flight"),
+            (
+                json!({"max_in_flight": 10_001}),
+                "http_backend.max_in_flight",
+            ),
             (
                 json!({"cache": {"allow_ttl_secs": 100000}}),
                 "http_backend.cache.allow_ttl_secs",

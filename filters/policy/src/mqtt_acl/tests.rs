@@ -2031,3 +2031,127 @@ fn a_registry_with_client_credentials_is_refused_mqtt_acl_relies_on_mtls() {
     let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
     assert!(err.contains("mTLS"), "{err}");
 }
+
+// ------------------------------------------------------------------------------------------
+// Shared callouts: bounds
+
+#[test]
+fn a_shed_lookup_refuses_the_connect_as_server_busy_saying_which_bound() {
+    let shed = Shed::Waiting(1024);
+    for (version, code) in [
+        (V3, v3_connack::SERVER_UNAVAILABLE),
+        (V5, reason::SERVER_BUSY),
+    ] {
+        let mut conn = Conn::new(registry_policy());
+        let out = conn.client(&connect_packet(
+            version,
+            "lamp-07",
+            Some("lamp-07"),
+            Some(b"k7"),
+            None,
+        ));
+        let id = lookup_ask(&out, "lamp-07");
+        let env = Env {
+            policy: &conn.policy,
+            now: NOW,
+        };
+        let out = conn.session.on_ask_shed(id, &shed.description(), &env);
+        assert!(
+            lines(&out).contains("max_waiting_connections"),
+            "{}",
+            lines(&out)
+        );
+        assert!(out.decisions.iter().all(|d| !d.is_allowed()));
+        let back = conn.broker(&encode_connack(version, 0));
+        assert_eq!(back.forward, encode_connack(version, code), "{version:?}");
+    }
+    // An ordinary failure of the same lookup is still "server unavailable" (0x88), not busy.
+    let mut conn = Conn::new(registry_policy());
+    let out = conn.client(&connect_packet(
+        V5,
+        "lamp-07",
+        Some("lamp-07"),
+        Some(b"k7"),
+        None,
+    ));
+    let id = lookup_ask(&out, "lamp-07");
+    let env = Env {
+        policy: &conn.policy,
+        now: NOW,
+    };
+    conn.session.on_backend_answer(id, &answer(0, ""), &env);
+    let back = conn.broker(&encode_connack(V5, 0));
+    assert_eq!(back.forward, encode_connack(V5, reason::SERVER_UNAVAILABLE));
+}
+
+#[test]
+fn bounds_on_shared_callouts_are_configured_and_validated_with_their_path() {
+    let policy = registry_policy();
+    let limits = policy.ask_limits();
+    assert_eq!(limits.max_waiting_connections, 1024);
+    assert_eq!(limits.registry_in_flight, 64);
+    for (key, value, path) in [
+        (
+            "max_waiting_connections",
+            json!(0),
+            "max_waiting_connections",
+        ),
+        (
+            "max_waiting_connections",
+            json!(1_000_001),
+            "max_waiting_connections",
+        ),
+    ] {
+        let mut config = base_config();
+        config[key] = value;
+        let err = MqttAcl::from_json(config.to_string().as_bytes()).unwrap_err();
+        assert!(err.contains(path), "{err}");
+    }
+    let mut config = base_config();
+    config["max_waiting_connections"] = json!(8);
+    let policy = MqttAcl::from_json(config.to_string().as_bytes()).unwrap();
+    assert_eq!(policy.ask_limits().max_waiting_connections, 8);
+}
+
+#[test]
+fn the_introspection_secret_may_come_from_the_environment() {
+    let config = with(
+        base_config(),
+        "introspection",
+        json!({"kind": "rfc7662", "cluster": "idp", "authority": "idp.example",
+               "path": "/introspect",
+               "credentials": {"client_id": "mqtt", "client_secret_env": "MQTT_PEP_SECRET"}}),
+    );
+    let build = |env: Option<&str>| {
+        let mut config: MqttAclConfig = serde_json::from_value(config.clone()).unwrap();
+        config.read_environment(&|name: &str| {
+            (name == "MQTT_PEP_SECRET")
+                .then(|| env.map(str::to_string))
+                .flatten()
+        });
+        MqttAcl::new(config)
+    };
+    // The introspection call authenticates exactly as with the secret inline.
+    let mut conn = Conn::new(build(Some("s3cret")).unwrap());
+    let out = conn.client(&connect_packet(V3, "alice-1", Some("tok-1"), None, None));
+    introspect_ask(&out);
+    let AskRequest::Introspect { call, .. } = &out.asks[0].request else {
+        panic!("not an introspection: {:?}", out.asks[0]);
+    };
+    let inline = opaque_policy().opaque_tokens().unwrap().call("tok-1");
+    assert_eq!(
+        call.header("authorization"),
+        Some("Basic bXF0dDpzM2NyZXQ=") // base64("mqtt:s3cret")
+    );
+    assert_eq!(call.header("authorization"), inline.header("authorization"));
+    for env in [None, Some("")] {
+        let err = build(env).map(|_| ()).unwrap_err();
+        assert!(
+            err.starts_with(
+                "introspection: credentials.client_secret_env: the environment variable \
+                 MQTT_PEP_SECRET is not set or is empty"
+            ),
+            "{err}"
+        );
+    }
+}

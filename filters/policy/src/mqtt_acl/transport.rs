@@ -296,6 +296,16 @@ impl Connection {
     /// read next.
     pub fn on_backend_answer(&mut self, id: u32, answer: &BackendAnswer, env: &Env<'_>) -> Output {
         let out = self.session.on_backend_answer(id, answer, env);
+        self.after_answer(out, env)
+    }
+
+    /// As [`Session::on_ask_shed`], then as [`Self::on_backend_answer`].
+    pub fn on_ask_shed(&mut self, id: u32, why: &str, env: &Env<'_>) -> Output {
+        let out = self.session.on_ask_shed(id, why, env);
+        self.after_answer(out, env)
+    }
+
+    fn after_answer(&mut self, out: Output, env: &Env<'_>) -> Output {
         match self.websocket.take() {
             None => out,
             Some(Phase::Open(mut frames)) => {

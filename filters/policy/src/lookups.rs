@@ -1,10 +1,13 @@
 //! Callout-backed lookups shared by the streams that need the same answer (a JWKS per
-//! issuer, an introspection per token digest, an ownership record per entity).
+//! issuer, an introspection per token digest, an ownership record per entity: the HTTP stages
+//! in `http-stages`; an introspection, a registry lookup or a backend question per VM for
+//! mqtt-acl's connections: [`crate::mqtt_acl::SharedAsks`]). Pure bookkeeping: the callers
+//! send the calls and resume the waiters.
 //!
 //! The stream that starts a lookup makes the call (the host routes the answer to it). If that
 //! stream goes away first, Envoy cancels its callout: [`Lookups::forget_stream`] then marks
-//! the lookup as not in flight, and the stage re-issues it from the root on its next tick
-//! ([`Lookups::orphans`]), so no waiter is left behind. The driver resumes the waiters.
+//! the lookup as not in flight, and the caller re-issues it from the root on its next tick
+//! ([`Lookups::orphans`]), so no waiter is left behind.
 
 use std::collections::HashMap;
 use std::hash::Hash;
