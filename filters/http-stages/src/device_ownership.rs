@@ -38,7 +38,7 @@ use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
-use crate::{Caller, Request, Response, Stage, Step};
+use crate::{ByStream, Caller, Request, Response, Stage, Step};
 use policy::lookups::Lookups;
 
 pub const NAME: &str = "device-ownership";
@@ -145,7 +145,7 @@ pub struct DeviceOwnershipStage {
     metrics: Metrics,
     lookups: Lookups<Lookup>,
     callouts: HashMap<u32, Purpose>,
-    streams: HashMap<u32, StreamState>,
+    streams: ByStream<StreamState>,
     last_cache: policy::cache::CacheStats,
     /// The registry's access token (client credentials): streams wait for it, and lookups
     /// are made again after a 401 as it says.
@@ -198,7 +198,7 @@ impl DeviceOwnershipStage {
             metrics: Metrics::define(),
             lookups: Lookups::default(),
             callouts: HashMap::new(),
-            streams: HashMap::new(),
+            streams: ByStream::default(),
             last_cache: Default::default(),
             registry_token,
         }

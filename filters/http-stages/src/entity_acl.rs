@@ -8,14 +8,13 @@
 //! `allow_on_headers_stop_iteration: true`, or the body never reaches it).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use policy::decision_cache::{DecisionCache, DecisionInputs};
 use policy::entity_acl::{EntityAcl, EntityAclConfig, Verdict};
 use policy::{Decision, DenyReason, Identity};
 use proxy_glue::{record_decision, Decided, DecisionMetrics, Entities};
 
-use crate::{Caller, Request, Stage, Step};
+use crate::{ByStream, Caller, Request, Stage, Step};
 
 pub const NAME: &str = "entity-acl";
 
@@ -27,7 +26,7 @@ pub struct EntityAclStage {
     metrics: DecisionMetrics,
     /// The facts of the streams waiting for their body (taken in `on_body`), so the headers
     /// are read and the identity parsed once per request.
-    waiting: HashMap<u32, Facts>,
+    waiting: ByStream<Facts>,
 }
 
 /// Who the request is from, and the headers the engine reads; kept between the headers and
@@ -77,7 +76,7 @@ impl EntityAclStage {
             acl,
             cache: DecisionCache::default(),
             metrics: DecisionMetrics::define("entity_acl"),
-            waiting: HashMap::new(),
+            waiting: ByStream::default(),
         }
     }
 

@@ -47,6 +47,7 @@ pub mod token_auth;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -57,6 +58,35 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
 pub use proxy_glue::now_millis;
+
+/// A map keyed by a stream's context id. The ids are the host's (not a client's choice), so
+/// they need no keyed hash: SipHash of a `u32` cost more than the rest of a lookup, and the
+/// driver and the stages look a stream up several times per callback.
+pub type ByStream<V> = HashMap<u32, V, BuildHasherDefault<StreamIdHasher>>;
+
+/// Spreads a context id over the hash with one multiplication (Fibonacci hashing; the map
+/// uses both the high and the low bits).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StreamIdHasher(u64);
+
+/// 2^64 divided by the golden ratio.
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(FIBONACCI);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = (self.0 ^ u64::from(id)).wrapping_mul(FIBONACCI);
+    }
+}
 pub use request::{Caller, Request};
 pub use response::Response;
 
@@ -256,7 +286,7 @@ struct ResponseFlow {
 
 struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
-    flows: HashMap<u32, Flow>,
+    flows: ByStream<Flow>,
 }
 
 type Shared = Rc<RefCell<Pipeline>>;
@@ -293,7 +323,7 @@ impl RootContext for Root {
         }
         self.pipeline = Some(Rc::new(RefCell::new(Pipeline {
             stages,
-            flows: HashMap::new(),
+            flows: ByStream::default(),
         })));
         true
     }

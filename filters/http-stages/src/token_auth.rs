@@ -34,7 +34,7 @@ use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
-use crate::{Caller, Request, Stage, Step};
+use crate::{ByStream, Caller, Request, Stage, Step};
 use policy::lookups::Lookups;
 
 pub const NAME: &str = "token-auth";
@@ -126,7 +126,7 @@ pub struct TokenAuthStage {
     /// Introspection and device registry callouts in flight (key fetches are `keys`').
     callouts: HashMap<u32, LookupKey>,
     keys: RemoteKeys,
-    settled: HashMap<u32, Settled>,
+    settled: ByStream<Settled>,
     last_cache: policy::cache::CacheStats,
     last_counters: policy::token_auth::AuthCounters,
     /// The device registry's access token (`device_keys.registry.auth`): its device lookups
@@ -173,7 +173,7 @@ impl TokenAuthStage {
             lookups: Lookups::default(),
             callouts: HashMap::new(),
             keys,
-            settled: HashMap::new(),
+            settled: ByStream::default(),
             last_cache: Default::default(),
             last_counters: Default::default(),
             registry_token,
