@@ -53,7 +53,6 @@ use std::time::Duration;
 
 use policy::DenyReason;
 use proxy_glue::host;
-use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
 
@@ -717,7 +716,7 @@ impl Pipeline {
             if !request_waits && !response_waits {
                 continue;
             }
-            if ctx != current && hostcalls::set_effective_context(ctx).is_err() {
+            if ctx != current && host::enter_context(ctx).is_err() {
                 continue;
             }
             proxy_glue::one_stream_callback(|| {
@@ -730,7 +729,7 @@ impl Pipeline {
                 }
             });
             if ctx != current {
-                let _ = hostcalls::set_effective_context(current);
+                let _ = host::enter_context(current);
             }
         }
     }
@@ -769,14 +768,14 @@ impl Pipeline {
             .map(|(ctx, _)| *ctx)
             .collect();
         for ctx in expired {
-            if hostcalls::set_effective_context(ctx).is_err() {
+            if host::enter_context(ctx).is_err() {
                 continue;
             }
             proxy_glue::one_stream_callback(|| {
                 self.resume_with(ctx, |stage, req| stage.on_body_timeout(req))
             });
         }
-        let _ = hostcalls::set_effective_context(root);
+        let _ = host::enter_context(root);
     }
 
     fn forget(&mut self, ctx: u32) {

@@ -468,7 +468,7 @@ fn count_registry_answer(metrics: &Metrics, answer: &BackendAnswer) {
 /// Closes connection `id` from outside its callbacks.
 fn close_connection(id: u32, why: &str) {
     log::info!("mqtt-acl: connection {id}: {why}");
-    let closed = hostcalls::set_effective_context(id).and_then(|()| hostcalls::close_downstream());
+    let closed = host::enter_context(id).and_then(|()| host::close_client());
     if let Err(status) = closed {
         log::warn!("mqtt-acl: connection {id}: cannot close ({status:?})");
     }
@@ -599,7 +599,7 @@ fn decide_waiters(
     }
     let now = now_secs();
     for waiter in waiters {
-        if let Err(status) = hostcalls::set_effective_context(waiter.connection) {
+        if let Err(status) = host::enter_context(waiter.connection) {
             log::warn!(
                 "mqtt-acl: connection {}: gone from the host ({status:?})",
                 waiter.connection
@@ -609,7 +609,7 @@ fn decide_waiters(
         }
         decide_ask(state, waiter, outcome, now, sender);
     }
-    let _ = hostcalls::set_effective_context(home);
+    let _ = host::enter_context(home);
 }
 
 /// Decides one connection's ask (its context is the effective one) and hands on, or keeps
@@ -636,7 +636,7 @@ fn decide_ask(
     let (waiting, _) = session_flags(state, conn);
     if out.close.is_some() {
         forget(state, conn);
-        let _ = hostcalls::close_downstream();
+        let _ = host::close_client();
         return;
     }
     route_refusal(conn, &out);
@@ -918,7 +918,7 @@ fn close_now(state: &Shared, conn: u32, why: &str) {
     log::warn!("mqtt-acl: connection {conn}: {why}");
     forget(state, conn);
     state.borrow().metrics.inc("closed.internal");
-    let _ = hostcalls::close_downstream();
+    let _ = host::close_client();
 }
 
 /// Connection `conn` is gone (or going): its session, held data and waits.
@@ -935,7 +935,7 @@ impl Stream {
             Some(state) => close_now(state, self.id, why),
             None => {
                 log::warn!("mqtt-acl: connection {}: {why}", self.id);
-                let _ = hostcalls::close_downstream();
+                let _ = host::close_client();
             }
         }
         Action::Pause
@@ -987,7 +987,7 @@ impl Stream {
                 // an internal error.
                 drop(guard);
                 let _ = host::write_buffer(buffer, 0, size, &[]);
-                let _ = hostcalls::close_downstream();
+                let _ = host::close_client();
                 return Action::Pause;
             };
             if from == From::Client && !self.peer_read {
@@ -1013,7 +1013,7 @@ impl Stream {
         let (waiting, undecided) = session_flags(&state, self.id);
         if out.close.is_some() {
             let _ = host::write_buffer(buffer, 0, size, &[]);
-            let _ = hostcalls::close_downstream();
+            let _ = host::close_client();
             return Action::Pause;
         }
         // tcp_proxy connects on the first data it gets (`upstream_connect_mode:
@@ -1089,7 +1089,7 @@ impl StreamContext for Stream {
             // The client closed its side before a complete CONNECT: tcp_proxy (held back)
             // would never close it.
             self.forget();
-            let _ = hostcalls::close_downstream();
+            let _ = host::close_client();
         }
         action
     }

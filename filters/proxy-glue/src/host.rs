@@ -87,6 +87,8 @@ extern "C" {
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_log_level(return_level: *mut u32) -> u32;
     fn proxy_continue_stream(stream_type: StreamType) -> u32;
+    fn proxy_close_stream(stream_type: StreamType) -> u32;
+    fn proxy_set_effective_context(context_id: u32) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -266,6 +268,20 @@ pub fn resume_response() -> Result<(), HostStatus> {
 pub fn resume_downstream() -> Result<(), HostStatus> {
     // SAFETY: no pointers.
     check(unsafe { proxy_continue_stream(StreamType::Downstream) })
+}
+
+/// Closes the effective context's client connection (a network filter's); Envoy flushes what
+/// was written to it first.
+pub fn close_client() -> Result<(), HostStatus> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_close_stream(StreamType::Downstream) })
+}
+
+/// Makes context `id` the one later host calls act on (BadArgument: the host has no such
+/// context, e.g. its connection is gone).
+pub fn enter_context(id: u32) -> Result<(), HostStatus> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_effective_context(id) })
 }
 
 /// Answers the current stream locally.

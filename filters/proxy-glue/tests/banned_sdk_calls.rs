@@ -49,6 +49,11 @@ const BANNED: &[(&str, &str)] = &[
         "panic! on a status other than Ok/NotFound/Serialization/InternalFailure",
     ),
     ("resume_http_request", "panic! on a status other than Ok"),
+    (
+        "set_effective_context",
+        "panic! on a status other than Ok/BadArgument",
+    ),
+    ("close_downstream", "panic! on a status other than Ok"),
     ("resume_http_response", "panic! on a status other than Ok"),
     ("send_http_response", "panic! on a status other than Ok"),
     // Context methods: the same hostcalls behind a trait.
