@@ -36,6 +36,8 @@ use policy::ownership::{
 };
 use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
+
+use crate::registry_token::{send_token_request, token_answered, TokenCounters};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
 use crate::{ByStream, Caller, Request, Response, Stage, Step};
@@ -56,26 +58,30 @@ struct Metrics {
     /// A lookup answered 2xx with something that is not the entity looked up.
     lookup_invalid: Counter,
     /// Access tokens fetched for the registry's calls (client credentials), and failed fetches.
-    token_fetched: Counter,
-    token_failed: Counter,
+    registry_token: TokenCounters,
 }
 
 impl Metrics {
     fn define() -> Self {
         let c = |name: &str| Counter::define(&format!("device_ownership.{name}"));
+        let (callouts, callout_failures) = (c("callout.sent"), c("callout.failed"));
         Metrics {
             decisions: DecisionMetrics::define("device_ownership"),
             cache_hits: c("cache.hit"),
             cache_misses: c("cache.miss"),
-            callouts: c("callout.sent"),
-            callout_failures: c("callout.failed"),
+            callouts,
+            callout_failures,
             claims: c("claim.sent"),
             lists_filtered: c("list.filtered"),
             list_removed: c("list.removed"),
             list_failed: c("list.failed"),
             lookup_invalid: c("lookup.invalid"),
-            token_fetched: c("registry_token.fetched"),
-            token_failed: c("registry_token.failed"),
+            registry_token: TokenCounters {
+                fetched: c("registry_token.fetched"),
+                failed: c("registry_token.failed"),
+                callouts,
+                callout_failures,
+            },
         }
     }
 }
@@ -434,16 +440,14 @@ impl DeviceOwnershipStage {
 
     /// Sends the registry token's request from `owner`'s context (None: the root).
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(request) = self.registry_token.as_ref().map(TokenKeeper::request) else {
+        let Some(keeper) = self.registry_token.as_mut() else {
             return false;
         };
-        let Some(sent) = self.send(&request) else {
+        let counters = self.metrics.registry_token;
+        let Some(sent) = send_token_request(NAME, keeper, owner, counters) else {
             return false;
         };
         self.callouts.insert(sent, Purpose::Token);
-        if let Some(t) = self.registry_token.as_mut() {
-            t.fetch_sent(owner);
-        }
         true
     }
 
@@ -451,23 +455,19 @@ impl DeviceOwnershipStage {
     /// they fail closed: 503).
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
         let now = now_secs().unwrap_or(0);
-        let Some(fetched) = self
-            .registry_token
-            .as_mut()
-            .map(|t| t.answered(status, body, now))
-        else {
+        let counters = self.metrics.registry_token;
+        let Some(fetched) = self.registry_token.as_mut().map(|keeper| {
+            token_answered(
+                NAME,
+                keeper,
+                (status, body),
+                now,
+                counters,
+                "ownership registry",
+            )
+        }) else {
             return Vec::new();
         };
-        match &fetched.failure {
-            None => self.metrics.token_fetched.inc(),
-            Some(why) => {
-                self.metrics.token_failed.inc();
-                log::warn!(
-                    "{NAME}: no access token for the ownership registry: {}",
-                    bounded(why)
-                );
-            }
-        }
         let mut ready = Vec::new();
         for ctx in fetched.waiters {
             let Some(st) = self.streams.get_mut(&ctx) else {

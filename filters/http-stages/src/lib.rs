@@ -41,6 +41,7 @@
 
 pub mod device_ownership;
 pub mod entity_acl;
+mod registry_token;
 mod request;
 mod response;
 pub mod token_auth;

@@ -34,6 +34,7 @@ use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
+use crate::registry_token::{send_token_request, token_answered, TokenCounters};
 use crate::{ByStream, Caller, Request, Stage, Step};
 use policy::lookups::Lookups;
 
@@ -58,13 +59,13 @@ struct Metrics {
     introspection_shed: Counter,
     registry_malformed: Counter,
     registry_shed: Counter,
-    registry_token_fetched: Counter,
-    registry_token_failed: Counter,
+    registry_token: TokenCounters,
 }
 
 impl Metrics {
     fn define() -> Self {
         let c = |name: &str| Counter::define(&format!("token_auth.{name}"));
+        let (callouts, callout_failures) = (c("callout.sent"), c("callout.failed"));
         Metrics {
             allowed: c("allowed"),
             public: c("public"),
@@ -74,8 +75,8 @@ impl Metrics {
             denied_unavailable: c("denied.unavailable"),
             cache_hits: c("cache.hit"),
             cache_misses: c("cache.miss"),
-            callouts: c("callout.sent"),
-            callout_failures: c("callout.failed"),
+            callouts,
+            callout_failures,
             jwks_fetched: c("jwks.fetched"),
             jwks_failed: c("jwks.failed"),
             jwks_stale: c("jwks.stale"),
@@ -83,8 +84,12 @@ impl Metrics {
             introspection_shed: c("introspection.shed"),
             registry_malformed: c("device_registry.malformed"),
             registry_shed: c("device_registry.shed"),
-            registry_token_fetched: c("device_registry.token.fetched"),
-            registry_token_failed: c("device_registry.token.failed"),
+            registry_token: TokenCounters {
+                fetched: c("device_registry.token.fetched"),
+                failed: c("device_registry.token.failed"),
+                callouts,
+                callout_failures,
+            },
         }
     }
 
@@ -564,16 +569,14 @@ impl TokenAuthStage {
 
     /// Sends the registry token's request from `owner`'s context (None: the root).
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(request) = self.registry_token.as_ref().map(TokenKeeper::request) else {
+        let Some(keeper) = self.registry_token.as_mut() else {
             return false;
         };
-        let Some(sent) = self.send(&request) else {
+        let counters = self.metrics.registry_token;
+        let Some(sent) = send_token_request(NAME, keeper, owner, counters) else {
             return false;
         };
         self.callouts.insert(sent, LookupKey::RegistryToken);
-        if let Some(t) = self.registry_token.as_mut() {
-            t.fetch_sent(owner);
-        }
         true
     }
 
@@ -581,23 +584,19 @@ impl TokenAuthStage {
     /// fetched it); without, they fail closed (503). Returns the streams to resume.
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
         let now = now_secs().unwrap_or(0);
-        let Some(fetched) = self
-            .registry_token
-            .as_mut()
-            .map(|t| t.answered(status, body, now))
-        else {
+        let counters = self.metrics.registry_token;
+        let Some(fetched) = self.registry_token.as_mut().map(|keeper| {
+            token_answered(
+                NAME,
+                keeper,
+                (status, body),
+                now,
+                counters,
+                "device registry",
+            )
+        }) else {
             return Vec::new();
         };
-        match &fetched.failure {
-            None => self.metrics.registry_token_fetched.inc(),
-            Some(why) => {
-                self.metrics.registry_token_failed.inc();
-                log::warn!(
-                    "{NAME}: no access token for the device registry: {}",
-                    policy::log_text::bounded(why)
-                );
-            }
-        }
         let mut ready = Vec::new();
         for device_id in fetched.waiters {
             if fetched.failure.is_some() || !self.start_device_lookup(&device_id, fetched.sent_by) {
