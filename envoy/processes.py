@@ -376,8 +376,22 @@ class EnvoyProcess:
     def pid(self):
         return self.proc.proc.pid
 
+    # Our filters count in their VMs and hand the counts to Envoy on their root's tick
+    # (proxy_glue::counters: every second for the HTTP filters, every 250 ms for mqtt-acl), so
+    # a count reaches Envoy's stats at most one tick after the request. A read of their
+    # counters waits that long first (plus a margin for a busy worker), so it sees every
+    # request sent before it.
+    COUNTER_SETTLE_S = 1.5
+
+    def settle_counters(self):
+        """Waits until what the filters counted so far is in Envoy's stats."""
+        time.sleep(self.COUNTER_SETTLE_S)
+
     def stats(self, prefix):
-        """Counters whose name starts with `prefix` (without it), as ints."""
+        """Counters whose name starts with `prefix` (without it), as ints. Our filters'
+        counters (`wasmcustom.`) are read once what they counted so far reached Envoy."""
+        if prefix.startswith("wasmcustom."):
+            self.settle_counters()
         out = {}
         for line in self.admin("/stats?filter=" + urllib.parse.quote(prefix)).body.decode().splitlines():
             name, _, value = line.partition(": ")
@@ -588,6 +602,9 @@ class MqttEnvoy(EnvoyProcess):
     def ecds_resource(self):
         """mqtt-acl's ECDS resource file (with ecds_dir)."""
         return render.ecds_path(self.ecds_dir, render.MQTT_ECDS_NAME)
+
+    # mqtt-acl's root ticks (and flushes its counters) every 250 ms.
+    COUNTER_SETTLE_S = 0.6
 
     def stats(self, prefix="wasmcustom.mqtt_acl."):
         return super().stats(prefix)

@@ -272,7 +272,8 @@ impl Chain {
         if let Some(failure) = vm.failure.clone() {
             return Ok(Err(failure));
         }
-        self.filters[index] = vm;
+        let mut old = std::mem::replace(&mut self.filters[index], vm);
+        old.root_done();
         self.pump_background();
         Ok(Ok(()))
     }
@@ -325,6 +326,13 @@ impl Chain {
 
     /// Advances the clock, stepping from tick to tick: each VM's ticks fire when due, and what
     /// a tick starts (a key refresh, say) is answered before the next tick, as in Envoy.
+    /// Every filter hands the counts it holds to the host ([`PluginVm::flush_counters`]).
+    pub fn flush_counters(&mut self) {
+        for vm in &mut self.filters {
+            let _ = vm.flush_counters();
+        }
+    }
+
     pub fn advance_clock(&mut self, millis: u64) {
         let target = self.shared.now_nanos().saturating_add(millis * 1_000_000);
         while self.tick_once(target) {

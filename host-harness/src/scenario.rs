@@ -459,9 +459,15 @@ pub struct Expect {
     pub body_json: Option<toml::Value>,
     pub callouts: Option<usize>,
     pub log_contains: Option<String>,
-    /// Counter or gauge values (a histogram compares its number of samples).
+    /// Counter or gauge values (a histogram compares its number of samples), as Envoy's stats
+    /// show them once the filters flushed what they counted (they hold counts back until their
+    /// tick; the harness asks them to flush before reading).
     #[serde(default)]
     pub metrics: BTreeMap<String, i64>,
+    /// The same, as the host holds them right now, before any flush the step did not cause:
+    /// what Envoy's stats show between two ticks.
+    #[serde(default)]
+    pub metrics_unflushed: BTreeMap<String, i64>,
     // TCP
     pub upstream_data: Option<String>,
     pub upstream_data_hex: Option<String>,
@@ -752,6 +758,10 @@ fn run(
             check_callouts(step.expect.callouts, &made, &mut failures);
         } else if !step.events.is_empty() {
             bail!("step {name}: events without connections (a single connection's events go in [step.connection])");
+        }
+        check_metrics(&step.expect.metrics_unflushed, &shared, &mut failures);
+        if !step.expect.metrics.is_empty() {
+            chain.flush_counters();
         }
         check_common(&step.expect, &shared, logs_before, &mut failures);
         reports.push(StepReport {
@@ -1126,8 +1136,9 @@ fn check_net(expect: &Expect, outcome: &NetOutcome, failures: &mut Vec<String>) 
     Ok(())
 }
 
-fn check_common(expect: &Expect, shared: &Shared, logs_before: usize, failures: &mut Vec<String>) {
-    for (name, want) in &expect.metrics {
+/// Compares metric values with what the host holds.
+fn check_metrics(want: &BTreeMap<String, i64>, shared: &Shared, failures: &mut Vec<String>) {
+    for (name, want) in want {
         let got = match shared.metric(name) {
             Some(MetricValue::Counter(v)) => v as i64,
             Some(MetricValue::Gauge(v)) => v,
@@ -1143,6 +1154,10 @@ fn check_common(expect: &Expect, shared: &Shared, logs_before: usize, failures: 
             failures.push(format!("metric {name}: expected {want}, got {got}"));
         }
     }
+}
+
+fn check_common(expect: &Expect, shared: &Shared, logs_before: usize, failures: &mut Vec<String>) {
+    check_metrics(&expect.metrics, shared, failures);
     if let Some(want) = &expect.log_contains {
         let logs = shared.logs_since(logs_before);
         if !logs.iter().any(|l| l.message.contains(want.as_str())) {

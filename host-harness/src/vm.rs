@@ -573,6 +573,28 @@ impl PluginVm {
         Ok(fired)
     }
 
+    /// Asks the filter to hand the counts it holds to the host now (our filters' export
+    /// `iot_flush_counters`; a module without it holds nothing back). Envoy never calls it:
+    /// there the root's tick flushes, at most a tick period later. Scenarios' `metrics`
+    /// expectations read the counters after it, as Envoy's stats show them once that period
+    /// passed.
+    pub fn flush_counters(&mut self) -> Result<(), String> {
+        if !self.is_serving() {
+            return Ok(());
+        }
+        let root = self.root_context_id;
+        self.with_effective(root, |vm| vm.call::<(), ()>("iot_flush_counters", ()))
+    }
+
+    /// The plugin goes away (replaced by a new configuration): Envoy's `startShutdown` calls
+    /// the root context's `proxy_on_done` (our filters flush their counters there).
+    pub fn root_done(&mut self) {
+        if self.is_serving() {
+            let root = self.root_context_id;
+            let _ = self.with_effective(root, |vm| vm.call::<u32, i32>("proxy_on_done", root));
+        }
+    }
+
     pub fn queue_ready(&mut self, root: u32, queue: u32) -> Result<(), String> {
         self.call_void(root, "proxy_on_queue_ready", &[root, queue])
     }

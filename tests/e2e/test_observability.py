@@ -103,7 +103,9 @@ def test_an_unauthenticated_request_is_token_auths_denial(chain):
 
 
 def prometheus_counter(proxy, metric, *label_names):
-    """{(label values, in label_names order): count} of `metric` on /stats/prometheus."""
+    """{(label values, in label_names order): count} of `metric` on /stats/prometheus, once
+    what the filters counted so far reached Envoy."""
+    proxy.settle_counters()
     out = {}
     for line in proxy.admin("/stats/prometheus").body.decode().splitlines():
         m = re.fullmatch(re.escape(metric) + r"\{(.*)\} (\d+)", line)

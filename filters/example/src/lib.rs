@@ -57,7 +57,13 @@ struct ExampleRoot {
     metrics: Option<Metrics>,
 }
 
-impl Context for ExampleRoot {}
+impl Context for ExampleRoot {
+    /// The plugin is going away: what the VM counted since its last tick reaches Envoy first.
+    fn on_done(&mut self) -> bool {
+        proxy_glue::flush_counters();
+        true
+    }
+}
 
 impl RootContext for ExampleRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -75,7 +81,13 @@ impl RootContext for ExampleRoot {
             allowed: Counter::define("example.allowed"),
             denied: Counter::define("example.denied"),
         });
+        // The tick hands the counters to Envoy (`proxy_glue::counters`).
+        self.set_tick_period(proxy_glue::counters::FLUSH_PERIOD);
         true
+    }
+
+    fn on_tick(&mut self) {
+        proxy_glue::flush_counters();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -50,7 +50,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
-use std::time::Duration;
 
 use policy::DenyReason;
 use proxy_glue::host;
@@ -304,6 +303,13 @@ impl Context for Root {
             pipeline.borrow_mut().on_callout(self.id, token);
         }
     }
+
+    /// The plugin is going away (removed, or replaced by a new configuration): what the VM
+    /// counted since its last tick reaches Envoy first.
+    fn on_done(&mut self) -> bool {
+        proxy_glue::flush_counters();
+        true
+    }
 }
 
 impl RootContext for Root {
@@ -315,12 +321,9 @@ impl RootContext for Root {
             log::error!("{}: configuration refused: no stage to run", self.filter);
             return false;
         }
-        if stages
-            .iter()
-            .any(|s| s.needs_ticks() || s.body_timeout_ms().is_some())
-        {
-            self.set_tick_period(Duration::from_secs(1));
-        }
+        // Every root ticks: the tick hands the counters to Envoy (`proxy_glue::counters`), and
+        // runs the stages that need it (key refreshes, orphaned callouts, body timeouts).
+        self.set_tick_period(proxy_glue::counters::FLUSH_PERIOD);
         self.pipeline = Some(Rc::new(RefCell::new(Pipeline {
             stages,
             flows: ByStream::default(),
@@ -332,6 +335,7 @@ impl RootContext for Root {
         if let Some(pipeline) = &self.pipeline {
             pipeline.borrow_mut().on_tick(self.id);
         }
+        proxy_glue::flush_counters();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

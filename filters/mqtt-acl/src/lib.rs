@@ -198,6 +198,12 @@ impl Context for Root {
             }
         }
     }
+
+    /// The plugin is going away: what the VM counted since its last tick reaches Envoy first.
+    fn on_done(&mut self) -> bool {
+        proxy_glue::flush_counters();
+        true
+    }
 }
 
 impl RootContext for Root {
@@ -321,6 +327,7 @@ impl RootContext for Root {
         for (id, why) in to_close {
             close_connection(id, &why);
         }
+        proxy_glue::flush_counters();
     }
 
     fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {

@@ -1,6 +1,7 @@
 //! The only place that talks to proxy-wasm on behalf of our filters: configuration loading,
 //! deny responses, metrics and the panic hook. Filter crates stay thin; policy stays pure.
 
+pub mod counters;
 pub mod filter_state;
 pub mod host;
 pub mod remote_keys;
@@ -20,6 +21,8 @@ use proxy_wasm::types::{BufferType, MapType, MetricType};
 /// then answers 503 for the request; a panic is never an allow.)
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        // What this VM counted is handed over before it goes.
+        counters::flush();
         let _ = hostcalls::log(
             proxy_wasm::types::LogLevel::Critical,
             &format!("filter panicked: {}", bounded(&info.to_string())),
@@ -122,20 +125,26 @@ pub fn dispatch_call(
     }
 }
 
-/// A counter that never fails the request: if the host refuses, the metric is dropped and a
-/// log line says so.
+/// A counter that never fails the request: if the host refuses to define it, nothing is
+/// counted and a log line says so. Increments are counted in guest memory and reach Envoy in
+/// batches ([`counters`]: on the root's tick, at most [`counters::FLUSH_PERIOD`] late), so
+/// counting costs a request no host call.
 #[derive(Debug, Clone, Copy)]
-pub struct Counter(Option<u32>);
+pub struct Counter(Option<usize>);
 
 impl Counter {
+    /// The counter `name`, defined with the host once per VM (a second `define` of the same
+    /// name is the same counter).
     pub fn define(name: &str) -> Self {
-        match hostcalls::define_metric(MetricType::Counter, name) {
-            Ok(id) => Counter(Some(id)),
-            Err(status) => {
-                log::warn!("cannot define metric {name}: {status:?}");
-                Counter(None)
+        Counter(counters::slot(name, || {
+            match hostcalls::define_metric(MetricType::Counter, name) {
+                Ok(id) => Some(id),
+                Err(status) => {
+                    log::warn!("cannot define metric {name}: {status:?}");
+                    None
+                }
             }
-        }
+        }))
     }
 
     pub fn inc(&self) {
@@ -143,12 +152,18 @@ impl Counter {
     }
 
     pub fn add(&self, n: u64) {
-        if let (Some(id), Ok(n)) = (self.0, i64::try_from(n)) {
+        if let Some(slot) = self.0 {
             if n > 0 {
-                let _ = hostcalls::increment_metric(id, n);
+                counters::add(slot, n);
             }
         }
     }
+}
+
+/// Hands the counts this VM holds to the host now. Every root context calls it on its tick and
+/// when it is done; see [`counters`].
+pub fn flush_counters() {
+    counters::flush();
 }
 
 /// The host clock in whole seconds since the epoch, or None if the host can't say (callers
