@@ -8,6 +8,7 @@
 //!
 //! `--verbose` prints every callback by name. The fuel column is the wasm the filters ran
 //! (about one unit per instruction, in wasmtime): their own compute, beside the crossings.
+//! `tests/host_calls.rs` holds the counts to upper bounds.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -79,7 +80,12 @@ fn chain(runtime: &Arc<Runtime>, filters: &[Filter]) -> Chain {
         Box::new(NoCallouts),
     );
     for (name, wasm, config, body) in filters {
-        let path = root().join("target/wasm32-wasip1/release").join(wasm);
+        // `$HOST_HARNESS_WASM_DIR` (as for scenarios) measures other builds, e.g. a baseline.
+        let dir = std::env::var_os("HOST_HARNESS_WASM_DIR").map_or_else(
+            || root().join("target/wasm32-wasip1/release"),
+            PathBuf::from,
+        );
+        let path = dir.join(wasm);
         assert!(path.exists(), "build the filters first: cargo wasm");
         let vm = chain
             .add_filter(PluginSpec {
@@ -149,7 +155,8 @@ fn total(counts: &[(&'static str, f64)]) -> f64 {
         .iter()
         .filter(|(name, _)| *name != FUEL)
         .map(|(_, n)| n)
-        .sum()
+        .sum::<f64>()
+        + 0.0 // an empty sum is -0.0
 }
 
 fn fuel(counts: &[(&'static str, f64)]) -> f64 {
@@ -163,8 +170,34 @@ fn short(name: &str) -> &str {
     name.trim_start_matches("proxy_")
 }
 
-fn main() {
-    let verbose = std::env::args().any(|a| a == "--verbose");
+/// One chain's figures per request.
+pub struct Row {
+    pub variant: &'static str,
+    /// Host calls by import (`proxy_...`), per request.
+    pub imports: Vec<(&'static str, f64)>,
+    /// Guest callbacks by export, per request, and the fuel under [`FUEL`].
+    pub callbacks: Vec<(&'static str, f64)>,
+    /// Fuel per request by callback.
+    pub fuel_by_callback: Vec<(&'static str, f64)>,
+}
+
+impl Row {
+    /// Host calls per request, all imports together.
+    pub fn host_calls(&self) -> f64 {
+        total(&self.imports)
+    }
+
+    /// Host calls per request to `import` (`proxy_set_property`).
+    pub fn calls_to(&self, import: &str) -> f64 {
+        self.imports
+            .iter()
+            .find(|(name, _)| *name == import)
+            .map_or(0.0, |(_, n)| *n)
+    }
+}
+
+/// Runs load-bench's request through each chain (one warm-up, then [`REQUESTS`]) and counts.
+pub fn measure() -> Vec<Row> {
     let runtime = Arc::new(Runtime::new().expect("runtime"));
     let configs = stage_configs();
     let tokens = read_json("tests/fixtures/jwt/tokens.json");
@@ -175,7 +208,7 @@ fn main() {
         "entity_acl": configs["entity_acl"],
     });
     let passthrough = serde_json::json!({"mode": "passthrough"});
-    let variants: Vec<(&str, Vec<Filter>)> = vec![
+    let variants: Vec<(&'static str, Vec<Filter>)> = vec![
         (
             "passthrough",
             vec![("example", "example.wasm", &passthrough, false)],
@@ -222,11 +255,7 @@ fn main() {
         body: b"[]".to_vec(),
         ..Default::default()
     };
-    println!(
-        "| filter chain | host calls per request | guest callbacks per request | \
-         wasm fuel per request (~instructions) | host calls by import |"
-    );
-    println!("|---|---:|---:|---:|---|");
+    let mut rows = Vec::new();
     for (variant, filters) in &variants {
         let mut chain = chain(&runtime, filters);
         let check = |outcome: &HttpOutcome| {
@@ -239,23 +268,41 @@ fn main() {
             check(&chain.http(request(token), &upstream));
         }
         let (imports_after, callbacks_after) = counts(&chain);
-        let imports = per_request(&imports_before, &imports_after);
-        let callbacks = per_request(&callbacks_before, &callbacks_after);
-        let by_import = imports
+        rows.push(Row {
+            variant,
+            imports: per_request(&imports_before, &imports_after),
+            callbacks: per_request(&callbacks_before, &callbacks_after),
+            fuel_by_callback: per_request(&fuel_before, &fuel_by_export(&chain)),
+        });
+    }
+    rows
+}
+
+fn main() {
+    let verbose = std::env::args().any(|a| a == "--verbose");
+    println!(
+        "| filter chain | host calls per request | guest callbacks per request | \
+         wasm fuel per request (~instructions) | host calls by import |"
+    );
+    println!("|---|---:|---:|---:|---|");
+    for row in measure() {
+        let by_import = row
+            .imports
             .iter()
             .map(|(name, n)| format!("{} {n}", short(name)))
             .collect::<Vec<_>>()
             .join(", ");
         println!(
-            "| {variant} | {} | {} | {:.0} | {by_import} |",
-            total(&imports),
-            total(&callbacks),
-            fuel(&callbacks)
+            "| {} | {} | {} | {:.0} | {by_import} |",
+            row.variant,
+            row.host_calls(),
+            total(&row.callbacks),
+            fuel(&row.callbacks)
         );
         if verbose {
-            let fuel = per_request(&fuel_before, &fuel_by_export(&chain));
-            for (name, n) in callbacks.iter().filter(|(name, _)| *name != FUEL) {
-                let burned = fuel
+            for (name, n) in row.callbacks.iter().filter(|(name, _)| *name != FUEL) {
+                let burned = row
+                    .fuel_by_callback
                     .iter()
                     .find(|(f, _)| f == name)
                     .map_or(0.0, |(_, f)| *f);

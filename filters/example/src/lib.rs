@@ -87,7 +87,7 @@ impl RootContext for ExampleRoot {
     }
 
     fn on_tick(&mut self) {
-        proxy_glue::flush_counters();
+        proxy_glue::on_root_tick();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -37,7 +37,8 @@
 //! separate filters always did); the driver only moves requests and responses along. Every
 //! callback on a stream runs inside `proxy_glue::one_stream_callback`, so the stages that
 //! decide in it export their filter state once (the last line's, as Envoy's filter state would
-//! keep it) and read the host's clock and log level once.
+//! keep it) and read the host's clock once. Counters and the log level cost a request no host
+//! call: the root's tick flushes the one and re-reads the other (`proxy_glue::on_root_tick`).
 
 pub mod device_ownership;
 pub mod entity_acl;
@@ -321,8 +322,9 @@ impl RootContext for Root {
             log::error!("{}: configuration refused: no stage to run", self.filter);
             return false;
         }
-        // Every root ticks: the tick hands the counters to Envoy (`proxy_glue::counters`), and
-        // runs the stages that need it (key refreshes, orphaned callouts, body timeouts).
+        // Every root ticks: the tick hands the counters to Envoy (`proxy_glue::counters`) and
+        // re-reads the log level (`proxy_glue::on_root_tick`), and runs the stages that need it
+        // (key refreshes, orphaned callouts, body timeouts).
         self.set_tick_period(proxy_glue::counters::FLUSH_PERIOD);
         self.pipeline = Some(Rc::new(RefCell::new(Pipeline {
             stages,
@@ -335,7 +337,7 @@ impl RootContext for Root {
         if let Some(pipeline) = &self.pipeline {
             pipeline.borrow_mut().on_tick(self.id);
         }
-        proxy_glue::flush_counters();
+        proxy_glue::on_root_tick();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -327,7 +327,7 @@ impl RootContext for Root {
         for (id, why) in to_close {
             close_connection(id, &why);
         }
-        proxy_glue::flush_counters();
+        proxy_glue::on_root_tick();
     }
 
     fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {

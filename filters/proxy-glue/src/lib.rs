@@ -203,15 +203,13 @@ struct Held {
     /// The filter state of the callback's last decision line (a later line replaces an
     /// earlier one in Envoy's filter state anyway: the access log shows the deciding stage).
     filter_state: Option<DecisionLine>,
-    /// The host's log level.
-    log_level: Option<Option<u32>>,
     /// The host clock.
     now: Option<Option<std::time::Duration>>,
 }
 
 /// Runs `work`, one callback's work on the current stream (the effective context), holding
 /// back the decision lines' filter state to write it once when `work` ends, and reading the
-/// host's log level and clock at most once. Every stage of a gateway decides in the same
+/// host's clock at most once. Every stage of a gateway decides in the same
 /// callback, so a request exports its facts in 6 host calls instead of 6 per stage. Callers
 /// must not switch the effective context inside `work` without a nested call of their own.
 pub fn one_stream_callback<R>(work: impl FnOnce() -> R) -> R {
@@ -231,15 +229,31 @@ fn export_filter_state(line: &DecisionLine) {
     }
 }
 
-/// Whether the host logs at `level` (asked once per [`one_stream_callback`]).
+thread_local! {
+    /// The host's log level as last read (None inside: the host did not say), read on first
+    /// use and again on every root tick ([`on_root_tick`]), not on every request.
+    static LOG_LEVEL: std::cell::Cell<Option<Option<u32>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the host logs at `level`, by the level read at the last root tick (or on first
+/// use): a change of Envoy's log level at run time (`/logging`) applies within one tick.
 fn logs_at(level: host::Level) -> bool {
-    HELD.with(|held| match held.borrow_mut().as_mut() {
-        Some(held) => held
-            .log_level
-            .get_or_insert_with(host::log_level)
-            .is_some_and(|host_level| host_level <= level as u32),
-        None => host::logs_at(level),
+    LOG_LEVEL.with(|cached| {
+        let host_level = cached.get().unwrap_or_else(|| {
+            let read = host::log_level();
+            cached.set(Some(read));
+            read
+        });
+        host_level.is_some_and(|host_level| host_level <= level as u32)
     })
+}
+
+/// What every root context does on its tick, for the glue: hands the counters to the host
+/// ([`counters`]) and reads the host's log level again (decision lines follow a change of it
+/// within one tick).
+pub fn on_root_tick() {
+    counters::flush();
+    LOG_LEVEL.with(|cached| cached.set(Some(host::log_level())));
 }
 
 /// A string property (e.g. `connection.subject_peer_certificate`); absent, unreadable or not
