@@ -27,7 +27,7 @@
 use std::collections::{HashMap, HashSet};
 
 use policy::access::RequestAccess;
-use policy::client_credentials::{TokenKeeper, TokenNeed};
+use policy::client_credentials::{Fetched, TokenKeeper, TokenNeed};
 use policy::enforcement::Mode;
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify_with_path, NgsiRequest};
@@ -40,7 +40,10 @@ use policy::ownership::{
 use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 
-use crate::registry_token::{send_token_request, token_answered, TokenCounters};
+use crate::registry_token::{
+    adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
+    TokenFetch,
+};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
 use crate::{ByStream, Caller, Request, Response, Stage, Step};
@@ -82,6 +85,7 @@ impl Metrics {
             registry_token: TokenCounters {
                 fetched: c("registry_token.fetched"),
                 failed: c("registry_token.failed"),
+                shared: c("registry_token.shared"),
                 callouts,
                 callout_failures,
             },
@@ -202,6 +206,9 @@ impl DeviceOwnershipStage {
             .registry()
             .and_then(|(source, _)| own.source_auth(source))
             .map(|grant| TokenKeeper::new(grant.clone()));
+        if let Some(keeper) = &registry_token {
+            init_shared(keeper);
+        }
         DeviceOwnershipStage {
             own,
             metrics: Metrics::define(),
@@ -424,7 +431,11 @@ impl DeviceOwnershipStage {
         if self.own.source_auth(source).is_none() {
             return TokenWait::Ready;
         }
-        let Some(need) = self.registry_token.as_mut().map(|t| t.need(ctx, now)) else {
+        let counters = self.metrics.registry_token;
+        let Some(need) = self.registry_token.as_mut().map(|t| {
+            adopt_shared(t, now, counters);
+            t.need(ctx, now)
+        }) else {
             return TokenWait::Unreachable;
         };
         match need {
@@ -441,17 +452,23 @@ impl DeviceOwnershipStage {
         TokenWait::Waiting
     }
 
-    /// Sends the registry token's request from `owner`'s context (None: the root).
+    /// Sends the registry token's request from `owner`'s context (None: the root), unless
+    /// another worker's VM is fetching it (then the streams wait for its token). False if the
+    /// request could not be sent.
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
         let Some(keeper) = self.registry_token.as_mut() else {
             return false;
         };
         let counters = self.metrics.registry_token;
-        let Some(sent) = send_token_request(NAME, keeper, owner, counters) else {
-            return false;
-        };
-        self.callouts.insert(sent, Purpose::Token);
-        true
+        let now = now_secs().unwrap_or(0);
+        match send_token_request(NAME, keeper, owner, now, counters) {
+            TokenFetch::Sent(sent) => {
+                self.callouts.insert(sent, Purpose::Token);
+                true
+            }
+            TokenFetch::Elsewhere => true,
+            TokenFetch::Failed => false,
+        }
     }
 
     /// The IdP answered the token request: release the streams that waited (without a token
@@ -471,6 +488,12 @@ impl DeviceOwnershipStage {
         }) else {
             return Vec::new();
         };
+        self.token_released(fetched)
+    }
+
+    /// The streams that waited for the token, released: they resume (without a token they
+    /// fail closed: 503).
+    fn token_released(&mut self, fetched: Fetched<u32>) -> Vec<u32> {
         let mut ready = Vec::new();
         for ctx in fetched.waiters {
             let Some(st) = self.streams.get_mut(&ctx) else {
@@ -982,12 +1005,24 @@ impl Stage for DeviceOwnershipStage {
     }
 
     fn needs_ticks(&self) -> bool {
-        self.own.can_record_owner()
+        self.own.can_record_owner() || self.registry_token.is_some()
     }
 
     fn on_tick(&mut self) -> Vec<u32> {
-        // Lookups whose owning stream went away: the root asks again for the waiters.
+        // A token another worker's VM fetched (or failed to) releases the streams that waited
+        // for it; a token nobody is fetching (its fetcher went away, or the registry refused
+        // the last one) is fetched by the root; lookups whose owning stream went away: the
+        // root asks again for the waiters.
         let mut ready = Vec::new();
+        let now = now_secs().unwrap_or(0);
+        let counters = self.metrics.registry_token;
+        if let Some(fetched) = self
+            .registry_token
+            .as_mut()
+            .and_then(|t| sync_shared(t, now, counters))
+        {
+            ready.extend(self.token_released(fetched));
+        }
         if self
             .registry_token
             .as_ref()
