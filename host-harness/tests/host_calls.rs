@@ -19,7 +19,7 @@ fn row<'a>(rows: &'a [Row], variant: &str) -> &'a Row {
 
 #[test]
 fn a_request_costs_no_counter_and_no_log_level_host_call_and_at_most_these_host_calls() {
-    let rows = host_calls::measure();
+    let rows = host_calls::measure(host_calls::path_of("list"));
     for r in &rows {
         // Counters reach Envoy in batches on the root's tick (proxy_glue::counters), and the
         // log level is read on the tick: neither costs a request a host call.

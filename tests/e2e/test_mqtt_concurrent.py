@@ -2,7 +2,10 @@
 Mosquitto): several paho clients of one registered device connect at once while the device
 registry (device_registry_standin.py) answers slowly. The registry is asked once, every client
 is admitted and publishes to a subscriber through Envoy; with the registry down, one call
-refuses them all. (filters/mqtt-acl/README.md, "Concurrent CONNECTs share callouts".)"""
+refuses them all. The same for an opaque token as the user name (the LAMPI web app's scheme):
+the real OIDC provider (tests/e2e/idp) holds its introspection answers until every CONNECT has
+joined the first one's call; it is asked once, and every client is admitted.
+(filters/mqtt-acl/README.md, "Concurrent CONNECTs share callouts".)"""
 
 import threading
 import uuid
@@ -62,9 +65,10 @@ def new_device(registry):
 class Client:
     """A paho client of `device` (client id `<device>-<n>`); connects without waiting."""
 
-    def __init__(self, port, device, key, n):
+    def __init__(self, port, device, key, n, client_id=None):
         # No reconnects: a refused client would ask again.
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{device}-{n}",
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"{device}-{n}",
                                   protocol=paho.MQTTv311, reconnect_on_failure=False)
         self.client.username_pw_set(device, key)
         self.connack = None
@@ -135,3 +139,66 @@ def test_the_registry_down_refuses_every_waiting_client_on_one_call(proxy, mosqu
         registry.set_delay(0)
         for c in clients:
             c.stop()
+
+
+# ---- an opaque token as the user name: introspection shared ----
+
+OPAQUE = "urn:orion:opaque"  # the IdP issues opaque access tokens for this resource
+
+
+def opaque_config(idp):
+    return {
+        "client_ids": ["*"],
+        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
+                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
+        "introspection": {"kind": "rfc7662", "cluster": "idp", "authority": idp.authority,
+                          "path": "/token/introspection",
+                          "credentials": {"client_id": e2e.IdP.PEP[0],
+                                          "client_secret": e2e.IdP.PEP[1]},
+                          "audience": OPAQUE, "timeout_ms": 10000},
+    }
+
+
+def test_clients_with_one_opaque_token_connecting_at_once_share_one_introspection(
+        work_dir, idp, mosquitto):
+    # One worker: one VM, so one introspection for all the CONNECTs.
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-concurrent-opaque",
+                          filter_config=opaque_config(idp), broker_port=mosquitto.port,
+                          wasm=e2e.copy_module(work_dir, e2e.MQTT_WASM), concurrency=1,
+                          http_clusters=(("idp", idp.authority),)).start()
+    token = idp.token(OPAQUE)
+    assert token.count(".") != 2, "an opaque token, not a JWT"
+    topic = f"lamps/{uuid.uuid4().hex[:8]}/state"
+    sub = e2e.MqttSubscriber(mosquitto.port, "-i", "watcher-opaque", "-t", topic)
+    clients = [Client(envoy.port, token, None, n, client_id=f"browser-{n}-{uuid.uuid4().hex[:6]}")
+               for n in range(CLIENTS)]
+    stats_before = envoy.stats("wasmcustom.mqtt_acl.")
+    before = idp.count("/token/introspection")
+    idp.hold_introspection()
+    try:
+        for c in clients:
+            c.connect()
+        # Every CONNECT waits on the first one's introspection, which the IdP holds.
+        e2e.wait_until(
+            lambda: envoy.stats("wasmcustom.mqtt_acl.").get("callout.joined", 0)
+            - stats_before.get("callout.joined", 0) >= CLIENTS - 1,
+            "every CONNECT joined the introspection in flight", timeout=10)
+        assert all(c.connack is None for c in clients)
+        idp.release_introspection()
+        e2e.wait_until(lambda: all(c.connack is not None for c in clients),
+                       "every client's CONNACK", timeout=10)
+        assert [c.connack for c in clients] == [0] * CLIENTS, [c.connack for c in clients]
+        assert idp.count("/token/introspection") - before == 1, "one introspection for all"
+        stats = envoy.stats("wasmcustom.mqtt_acl.")
+        assert stats["introspection.asked"] - stats_before.get("introspection.asked", 0) == 1
+        markers = [f"m{n}-{uuid.uuid4().hex[:6]}" for n in range(CLIENTS)]
+        for c, marker in zip(clients, markers):
+            c.client.publish(topic, marker, qos=1)
+        for marker in markers:
+            sub.wait_for(f"{topic} {marker}")
+    finally:
+        idp.release_introspection()
+        for c in clients:
+            c.stop()
+        sub.stop()
+        envoy.stop()

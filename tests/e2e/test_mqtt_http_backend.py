@@ -5,11 +5,13 @@ answers /auth and /acl and the MQTT user name is the web session's token.
 The web app is a stand-in (webapp_auth_standin.py) that records what it was asked. Mosquitto
 runs with allow_anonymous and no ACL: every refusal seen here is the filter's."""
 
+import time
 import uuid
 
 import pytest
 
 import e2e_support as e2e
+import test_mqtt_concurrent as concurrent
 from webapp_auth_standin import WebappAuth
 
 TOKEN = "tok-" + uuid.uuid4().hex  # alice's web session
@@ -137,3 +139,64 @@ def test_backend_down_refuses_connects_as_server_unavailable(work_dir, mosquitto
         assert "the auth backend gave no answer for user" in envoy.log_text()
     finally:
         envoy.stop()
+
+
+# ---- bounds on the backend's calls: server busy ----
+
+SLOW_S = 2.0  # the web app answers this late: the second CONNECT arrives while it is out
+
+
+@pytest.mark.parametrize("bound, counter", [
+    ({"http_backend": {"max_in_flight": 1}}, "backend.shed"),
+    ({"max_waiting_connections": 1}, "callout.waiting_shed"),
+])
+def test_over_a_bound_a_connect_is_refused_as_server_busy_at_once(
+        work_dir, mosquitto, mqtt_wasm, bound, counter):
+    """One CONNECT's /auth call is out at a slow web app; a CONNECT of another session would
+    need a second call (over http_backend.max_in_flight = 1) or a second waiting connection
+    (over max_waiting_connections = 1): it is refused as server busy (3.1.1 has no such code:
+    0x03 server unavailable) at once, never asked of the backend nor passed to the broker, and
+    counted; the first is admitted when its answer comes."""
+    other = "tok-" + uuid.uuid4().hex  # bob's web session
+    app = WebappAuth(sessions={TOKEN: "alice", other: "bob"}, devices=(),
+                     grants={"alice": ["lamps/7/"], "bob": ["lamps/8/"]})
+    app.start()
+    cfg = config()
+    cfg["http_backend"]["timeout_ms"] = 10000
+    for key, value in bound.items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name=f"envoy-mqtt-{counter.replace('.', '-')}",
+                          filter_config=cfg, broker_port=mosquitto.port, wasm=mqtt_wasm,
+                          concurrency=1,
+                          http_clusters=(("webapp", f"127.0.0.1:{app.port}"),)).start()
+    first = concurrent.Client(envoy.port, TOKEN, "", 0, client_id="alice-" + uuid.uuid4().hex[:6])
+    second = concurrent.Client(envoy.port, other, "", 0, client_id="bob-" + uuid.uuid4().hex[:6])
+    try:
+        before = envoy.stats()
+        accepted = mosquitto.connections_accepted()
+        app.delay_s = SLOW_S
+        first.connect()
+        e2e.wait_until(lambda: app.requests("/auth"), "the first CONNECT's /auth call",
+                       timeout=10)
+        asked_at = time.monotonic()
+        second.connect()
+        e2e.wait_until(lambda: second.connack is not None, "the second CONNACK", timeout=10)
+        assert time.monotonic() - asked_at < SLOW_S, "refused at once, not after the call"
+        assert first.connack is None, "the first still waits for its answer"
+        assert str(second.connack) == "Server unavailable", second.connack
+        e2e.wait_until(lambda: first.connack is not None, "the first CONNACK", timeout=10)
+        assert first.connack == 0, first.connack
+        stats = envoy.stats()
+        assert stats[counter] - before.get(counter, 0) == 1, stats
+        assert [q["username"] for _, q in app.requests("/auth")] == [TOKEN]
+        assert mosquitto.connections_accepted() == accepted + 1
+        assert "decision=deny" in envoy.log_text()
+    finally:
+        app.delay_s = 0
+        first.stop()
+        second.stop()
+        envoy.stop()
+        app.stop()

@@ -14,6 +14,7 @@ every registry call; the registry stand-in introspects it at the IdP (RFC 7662).
 reused until shortly before it expires, fetched again when the registry answers 401, and
 without the IdP the request fails closed (503)."""
 
+import http.client
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ import pytest
 
 import e2e_support as e2e
 import test_device_ownership as ownership_chain
+import test_recovery
 from ownership_registry_standin import OwnershipRegistry
 
 MAKE_CERTS = os.path.join(e2e.ROOT, "envoy", "make-certs.sh")
@@ -63,7 +65,7 @@ def tokens(idp):
 
 
 def gateway(work_dir, idp, broker, name, registry, owners_tls=None, ownership=OWNERSHIP,
-            http_clusters=(), concurrency=2, environment=None):
+            http_clusters=(), concurrency=2, environment=None, exact_balance=False):
     """token-auth -> device-ownership (registry source) as ngsi-gateway's stages."""
     return e2e.Envoy(environment=environment,
         work_dir=work_dir, name=name, filter_config=e2e.token_auth_config(idp),
@@ -72,7 +74,7 @@ def gateway(work_dir, idp, broker, name, registry, owners_tls=None, ownership=OW
         extra_filters=[e2e.render.chain_filter("device-ownership", ownership)],
         allow_on_headers_stop_iteration=True,
         owners_port=registry.port, owners_tls=owners_tls, http_clusters=http_clusters,
-        concurrency=concurrency,
+        concurrency=concurrency, exact_balance=exact_balance,
     ).start()
 
 
@@ -184,14 +186,74 @@ def test_registry_calls_carry_the_sidecars_token_fetched_once(
         assert get_lamp(cc_gateway, tokens, OWNER, lamp).status == 404
     calls = token_registry.calls_for(lamp)
     assert len(calls) == 5
-    # Tokens from the IdP for the sidecar's client, reused: each worker's VM keeps its own
-    # (this Envoy runs two workers), so at most two for the five calls.
+    # One token from the IdP for the sidecar's client, reused (the workers' VMs share it:
+    # test_the_workers_share_one_token).
     used = {c["token"] for c in calls}
-    assert None not in used and 1 <= len(used) <= cc_gateway.concurrency, used
+    assert None not in used and len(used) == 1, used
     for token in used:
         assert idp.introspect(token)["client_id"] == e2e.IdP.SIDECAR[0]
-    assert idp.count("/token") - fetched <= cc_gateway.concurrency
+    assert idp.count("/token") - fetched <= 1
     assert cc_gateway.stats(STATS)["registry_token.fetched"] >= 1
+
+
+SHARED_ROUND = 4  # connections per round: two per worker under exact_balance
+
+
+def concurrent_round(proxy, tokens, lamp):
+    """SHARED_ROUND connections opened at once (exact_balance spreads them over the workers),
+    a GET of `lamp` sent on each before any answer is read: [status]."""
+    test_recovery.wait_until_idle(proxy)
+    conns = [http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=e2e.HTTP_TIMEOUT)
+             for _ in range(SHARED_ROUND)]
+    try:
+        for conn in conns:
+            conn.connect()
+        for conn in conns:
+            conn.request("GET", f"/v2/entities/{lamp}",
+                         headers={"authorization": f"Bearer {tokens[OWNER]}",
+                                  "x-e2e-probe": uuid.uuid4().hex})
+        statuses = []
+        for conn in conns:
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        return statuses
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_the_workers_share_one_token(work_dir, idp, broker, token_registry, tokens):
+    """Envoy --concurrency 2, the connections spread over both workers, the first requests of
+    both at once: one worker's VM claims the fetch (shared data, compare-and-swap) and asks the
+    IdP; the other waits for that token and takes it from the shared data. The IdP's token
+    endpoint is asked once, and every registry call, from either worker, carries that token
+    (before, each worker's VM fetched its own: two token requests)."""
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc-shared", token_registry,
+                    ownership=client_credentials_ownership(idp), concurrency=2,
+                    exact_balance=True)
+    try:
+        fetched = idp.count("/token")
+        for _ in range(3):
+            # The broker stand-in knows no such entity: 404 from upstream means it passed.
+            assert concurrent_round(proxy, tokens, lamp) == [404] * SHARED_ROUND
+        workers = test_recovery.worker_connections(proxy)
+        assert len(workers) == 2 and all(n >= SHARED_ROUND for n in workers.values()), workers
+        # No lookup cache: every request needs the registry. Concurrent requests on one worker
+        # share a lookup; the workers' VMs each make their own, so at least two.
+        calls = token_registry.calls_for(lamp)
+        assert 2 <= len(calls) <= 3 * SHARED_ROUND
+        used = {c["token"] for c in calls}
+        assert None not in used and len(used) == 1, used
+        assert idp.count("/token") - fetched == 1
+        stats = proxy.stats(STATS)
+        assert stats["registry_token.fetched"] == 1, stats
+        assert stats["registry_token.shared"] >= 1, stats
+        assert e2e.IdP.SIDECAR[1] not in proxy.log_text()
+    finally:
+        proxy.stop()
 
 
 def test_a_token_the_registry_refuses_is_fetched_again_once(

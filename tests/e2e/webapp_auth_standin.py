@@ -2,10 +2,12 @@
 HTTP backend protocol of mosquitto-go-auth and mosquitto-auth-plug. POST /auth (username,
 password, clientid), /superuser (username), /acl (username, clientid, topic, acc); JSON or
 form bodies; 200 allows, 403 denies. It records every request it was asked, so a test can
-see what the filter sent and how often (the cache)."""
+see what the filter sent and how often (the cache); told a delay, it answers that late (a slow
+web app, while other CONNECTs arrive)."""
 
 import json
 import threading
+import time
 import urllib.parse
 
 from standin_server import QuietHandler, StandinServer
@@ -21,6 +23,7 @@ class WebappAuth(StandinServer):
         self.devices = set(devices)
         self.grants = {k: list(v) for k, v in grants.items()}
         self.asked = []
+        self.delay_s = 0.0
         self._lock = threading.Lock()
 
     def start(self):
@@ -37,6 +40,9 @@ class WebappAuth(StandinServer):
                         raw, keep_blank_values=True).items()}
                 with standin._lock:
                     standin.asked.append((self.path, params))
+                    delay = standin.delay_s
+                if delay:
+                    time.sleep(delay)
                 allowed = standin.decide(self.path, params)
                 self.send_response(200 if allowed else 403)
                 self.send_header("content-length", "0")

@@ -18,13 +18,16 @@
 //! Response. A list request the caller may make goes upstream with its attribute restriction
 //! widened (broker source) and its answer is held (up to `max_response_bytes`), filtered to
 //! what the caller may read (registry lookups as needed, at most `max_list_lookups`), count
-//! headers corrected; an answer that can't be filtered is replaced by 503. The cached records
-//! of entities a request created, deleted or re-owned are dropped when its answer arrives.
+//! headers corrected; an answer that can't be filtered is replaced by 503. An answer filtering
+//! leaves as it is goes as it came (no body or header written), and a list the caller may
+//! read in full (ids it may each read: `Ownership::settle_list`) is not held at all. The
+//! cached records of entities a request created, deleted or re-owned are dropped when its
+//! answer arrives.
 
 use std::collections::{HashMap, HashSet};
 
 use policy::access::RequestAccess;
-use policy::client_credentials::{TokenKeeper, TokenNeed};
+use policy::client_credentials::{Fetched, TokenKeeper, TokenNeed};
 use policy::enforcement::Mode;
 use policy::log_text::{bounded, bounded_debug};
 use policy::ngsi::{classify_with_path, NgsiRequest};
@@ -37,7 +40,10 @@ use policy::ownership::{
 use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 
-use crate::registry_token::{send_token_request, token_answered, TokenCounters};
+use crate::registry_token::{
+    adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
+    TokenFetch,
+};
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
 use crate::{ByStream, Caller, Request, Response, Stage, Step};
@@ -79,6 +85,7 @@ impl Metrics {
             registry_token: TokenCounters {
                 fetched: c("registry_token.fetched"),
                 failed: c("registry_token.failed"),
+                shared: c("registry_token.shared"),
                 callouts,
                 callout_failures,
             },
@@ -199,6 +206,9 @@ impl DeviceOwnershipStage {
             .registry()
             .and_then(|(source, _)| own.source_auth(source))
             .map(|grant| TokenKeeper::new(grant.clone()));
+        if let Some(keeper) = &registry_token {
+            init_shared(keeper);
+        }
         DeviceOwnershipStage {
             own,
             metrics: Metrics::define(),
@@ -421,7 +431,11 @@ impl DeviceOwnershipStage {
         if self.own.source_auth(source).is_none() {
             return TokenWait::Ready;
         }
-        let Some(need) = self.registry_token.as_mut().map(|t| t.need(ctx, now)) else {
+        let counters = self.metrics.registry_token;
+        let Some(need) = self.registry_token.as_mut().map(|t| {
+            adopt_shared(t, now, counters);
+            t.need(ctx, now)
+        }) else {
             return TokenWait::Unreachable;
         };
         match need {
@@ -438,17 +452,23 @@ impl DeviceOwnershipStage {
         TokenWait::Waiting
     }
 
-    /// Sends the registry token's request from `owner`'s context (None: the root).
+    /// Sends the registry token's request from `owner`'s context (None: the root), unless
+    /// another worker's VM is fetching it (then the streams wait for its token). False if the
+    /// request could not be sent.
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
         let Some(keeper) = self.registry_token.as_mut() else {
             return false;
         };
         let counters = self.metrics.registry_token;
-        let Some(sent) = send_token_request(NAME, keeper, owner, counters) else {
-            return false;
-        };
-        self.callouts.insert(sent, Purpose::Token);
-        true
+        let now = now_secs().unwrap_or(0);
+        match send_token_request(NAME, keeper, owner, now, counters) {
+            TokenFetch::Sent(sent) => {
+                self.callouts.insert(sent, Purpose::Token);
+                true
+            }
+            TokenFetch::Elsewhere => true,
+            TokenFetch::Failed => false,
+        }
     }
 
     /// The IdP answered the token request: release the streams that waited (without a token
@@ -468,6 +488,12 @@ impl DeviceOwnershipStage {
         }) else {
             return Vec::new();
         };
+        self.token_released(fetched)
+    }
+
+    /// The streams that waited for the token, released: they resume (without a token they
+    /// fail closed: 503).
+    fn token_released(&mut self, fetched: Fetched<u32>) -> Vec<u32> {
         let mut ready = Vec::new();
         for ctx in fetched.waiters {
             let Some(st) = self.streams.get_mut(&ctx) else {
@@ -524,6 +550,16 @@ impl DeviceOwnershipStage {
         if let Decision::Deny(_) = &verdict.decision {
             return self.done(req, &verdict.decision);
         }
+        // A list the caller may read in full is not filtered (its answer is not held).
+        let verdict = match (self.streams.get(&ctx), now_secs()) {
+            (Some(st), Some(now)) if verdict.filter_list => match &st.access {
+                Some(access) => self
+                    .own
+                    .settle_list(verdict, st.identity.as_ref(), access, now),
+                None => verdict,
+            },
+            _ => verdict,
+        };
         let Some((st, access, endpoint)) = self.streams.get(&ctx).and_then(|st| {
             let (access, endpoint) = (st.access.as_ref()?, st.endpoint.as_ref()?);
             Some((st, access, endpoint))
@@ -806,17 +842,17 @@ impl DeviceOwnershipStage {
             Err(e) => return self.fail_list(req, &e),
         };
         let (kept, total) = (filtered.kept, filtered.total);
-        for header in ["fiware-total-count", "ngsild-results-count"] {
-            // A count that is not text can't be a number: it is dropped like an unparsable one.
-            let Some(value) = resp.headers().first(header) else {
-                continue;
-            };
-            let value = std::str::from_utf8(value).unwrap_or("").to_string();
-            let new = wire::filtered_count(Some(&value), total, kept);
-            let _ = resp.set_header(header, new.as_deref());
+        let headers = resp.headers();
+        let edits = filtered.header_edits(|name| headers.first(name));
+        for (header, value) in edits {
+            if resp.set_header(header, value.as_deref()).is_err() {
+                return self.fail_list(req, "cannot rewrite the response headers");
+            }
         }
-        if resp.replace_body(filtered.body).is_err() {
-            return self.fail_list(req, "cannot rewrite the response");
+        if let Some(body) = filtered.body {
+            if resp.replace_body(body).is_err() {
+                return self.fail_list(req, "cannot rewrite the response");
+            }
         }
         self.metrics.lists_filtered.inc();
         self.metrics
@@ -918,10 +954,9 @@ impl Stage for DeviceOwnershipStage {
                 self.stream(ctx).plan = None;
                 Step::Next
             }
-            ListAnswer::Filter => {
-                let _ = resp.set_header("content-length", None);
-                Step::NeedBody
-            }
+            // Held whole; its headers change (content-length, counts) only if filtering
+            // changes the answer.
+            ListAnswer::Filter => Step::NeedBody,
         }
     }
 
@@ -970,12 +1005,24 @@ impl Stage for DeviceOwnershipStage {
     }
 
     fn needs_ticks(&self) -> bool {
-        self.own.can_record_owner()
+        self.own.can_record_owner() || self.registry_token.is_some()
     }
 
     fn on_tick(&mut self) -> Vec<u32> {
-        // Lookups whose owning stream went away: the root asks again for the waiters.
+        // A token another worker's VM fetched (or failed to) releases the streams that waited
+        // for it; a token nobody is fetching (its fetcher went away, or the registry refused
+        // the last one) is fetched by the root; lookups whose owning stream went away: the
+        // root asks again for the waiters.
         let mut ready = Vec::new();
+        let now = now_secs().unwrap_or(0);
+        let counters = self.metrics.registry_token;
+        if let Some(fetched) = self
+            .registry_token
+            .as_mut()
+            .and_then(|t| sync_shared(t, now, counters))
+        {
+            ready.extend(self.token_released(fetched));
+        }
         if self
             .registry_token
             .as_ref()

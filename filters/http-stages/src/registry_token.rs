@@ -1,12 +1,23 @@
 //! Sending a stage's registry-token request and reading the IdP's answer: the host side of
 //! `policy::client_credentials::TokenKeeper`, shared by token-auth (device registry) and
 //! device-ownership (ownership registry).
+//!
+//! The token is shared by the workers' VMs through Envoy shared data (one entry per grant,
+//! under `TokenKeeper::shared_key`): this moves the entry's bytes, the keeper decides. A VM
+//! claims the fetch with the entry's compare-and-swap before sending the token request; the
+//! others wait for the token it writes, read on their tick. A host that refuses shared data
+//! leaves each VM with its own token.
 
 use std::hash::Hash;
 
-use policy::client_credentials::{Fetched, TokenKeeper};
+use policy::client_credentials::{Claim, Fetched, TokenKeeper};
 use policy::log_text::bounded;
 use proxy_glue::Counter;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::Status;
+
+/// Writes tried before giving up on a compare-and-swap that other VMs keep winning.
+const CAS_ATTEMPTS: usize = 3;
 
 /// A stage's counters for its registry token and its callouts.
 #[derive(Clone, Copy)]
@@ -15,28 +26,139 @@ pub(crate) struct TokenCounters {
     pub failed: Counter,
     pub callouts: Counter,
     pub callout_failures: Counter,
+    /// Tokens taken from the shared entry (another VM fetched them).
+    pub shared: Counter,
 }
 
-/// Sends `keeper`'s token request from `owner`'s context (None: the root); the callout's
-/// token, or None when the host refused the call.
+/// What came of asking for the token request to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenFetch {
+    /// Sent: the callout's token.
+    Sent(u32),
+    /// Another VM is fetching it: wait for its token (read on the tick).
+    Elsewhere,
+    /// The host refused the call.
+    Failed,
+}
+
+/// The shared entry and its cas; None when the host has no shared data for this VM.
+fn read_shared(key: &str) -> Option<(Option<Vec<u8>>, Option<u32>)> {
+    hostcalls::get_shared_data(key).ok()
+}
+
+/// At configure time: creates the grant's shared entry if there is none, so that every claim
+/// is a compare-and-swap (Envoy writes a new key whatever cas is given).
+pub(crate) fn init_shared<W: PartialEq, C: Eq + Hash>(keeper: &TokenKeeper<W, C>) {
+    let key = keeper.shared_key();
+    if let Some((None, _)) = read_shared(&key) {
+        let _ = hostcalls::set_shared_data(&key, Some(b""), None);
+    }
+}
+
+/// Before a call needs the token at `now`: takes the one another VM shared if this VM has none
+/// usable.
+pub(crate) fn adopt_shared<W: PartialEq, C: Eq + Hash>(
+    keeper: &mut TokenKeeper<W, C>,
+    now: u64,
+    counters: TokenCounters,
+) {
+    if keeper.authorization(now).is_some() {
+        return;
+    }
+    if let Some((entry, _)) = read_shared(&keeper.shared_key()) {
+        if keeper.adopt(entry.as_deref(), now) {
+            counters.shared.inc();
+        }
+    }
+}
+
+/// The root's tick: the calls that waited for another VM's token, released (with the token,
+/// or failed), if it came.
+pub(crate) fn sync_shared<W: PartialEq, C: Eq + Hash>(
+    keeper: &mut TokenKeeper<W, C>,
+    now: u64,
+    counters: TokenCounters,
+) -> Option<Fetched<W>> {
+    let (entry, _) = read_shared(&keeper.shared_key())?;
+    let had = keeper.authorization(now).is_some();
+    let released = keeper.sync_shared(entry.as_deref(), now);
+    if !had && keeper.authorization(now).is_some() {
+        counters.shared.inc();
+    }
+    released
+}
+
+/// Claims the fetch in the shared entry, then sends `keeper`'s token request from `owner`'s
+/// context (None: the root), unless another VM holds the claim.
 pub(crate) fn send_token_request<W: PartialEq, C: Eq + Hash>(
     stage: &str,
     keeper: &mut TokenKeeper<W, C>,
     owner: Option<u32>,
+    now: u64,
     counters: TokenCounters,
-) -> Option<u32> {
-    let sent = proxy_glue::dispatch_call(
+) -> TokenFetch {
+    let key = keeper.shared_key();
+    let mut claimed = false;
+    for _ in 0..CAS_ATTEMPTS {
+        let Some((entry, cas)) = read_shared(&key) else {
+            // No shared data: this VM fetches its own.
+            keeper.unshared();
+            claimed = true;
+            break;
+        };
+        match keeper.claim(entry.as_deref(), now) {
+            Claim::Elsewhere => return TokenFetch::Elsewhere,
+            Claim::Write(bytes) => match hostcalls::set_shared_data(&key, Some(&bytes), cas) {
+                Err(Status::CasMismatch) => continue,
+                Ok(()) | Err(_) => {
+                    claimed = true;
+                    break;
+                }
+            },
+        }
+    }
+    if !claimed {
+        keeper.claim_lost(now);
+        return TokenFetch::Elsewhere;
+    }
+    match proxy_glue::dispatch_call(
         stage,
         &keeper.request(),
         counters.callouts,
         counters.callout_failures,
-    )?;
-    keeper.fetch_sent(owner);
-    Some(sent)
+    ) {
+        Some(sent) => {
+            keeper.fetch_sent(owner);
+            TokenFetch::Sent(sent)
+        }
+        None => {
+            keeper.fetch_not_sent();
+            publish(keeper);
+            TokenFetch::Failed
+        }
+    }
 }
 
-/// Hands the IdP's answer to `keeper`, counted, and logged when it gave no token (`upstream`
-/// names what the token is for).
+/// Writes what this VM's fetch gave (the token, or its failure) to the shared entry.
+fn publish<W: PartialEq, C: Eq + Hash>(keeper: &mut TokenKeeper<W, C>) {
+    let key = keeper.shared_key();
+    for _ in 0..CAS_ATTEMPTS {
+        let Some((entry, cas)) = read_shared(&key) else {
+            return;
+        };
+        let Some(bytes) = keeper.publish(entry.as_deref()) else {
+            return;
+        };
+        match hostcalls::set_shared_data(&key, Some(&bytes), cas) {
+            Err(Status::CasMismatch) => continue,
+            _ => break,
+        }
+    }
+    keeper.published();
+}
+
+/// Hands the IdP's answer to `keeper`, counted, shared with the other VMs, and logged when it
+/// gave no token (`upstream` names what the token is for).
 pub(crate) fn token_answered<W: PartialEq, C: Eq + Hash>(
     stage: &str,
     keeper: &mut TokenKeeper<W, C>,
@@ -46,6 +168,7 @@ pub(crate) fn token_answered<W: PartialEq, C: Eq + Hash>(
     upstream: &str,
 ) -> Fetched<W> {
     let fetched = keeper.answered(status, body, now);
+    publish(keeper);
     match &fetched.failure {
         None => counters.fetched.inc(),
         Some(why) => {

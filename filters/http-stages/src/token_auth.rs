@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 
 use policy::cache::{token_digest, TokenDigest};
-use policy::client_credentials::{TokenKeeper, TokenNeed};
+use policy::client_credentials::{Fetched, TokenKeeper, TokenNeed};
 use policy::decision_line::{DecisionLine, Reason};
 use policy::device_registry::LookupResult;
 use policy::enforcement::Mode;
@@ -34,7 +34,10 @@ use policy::{Decision, DenyReason};
 use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
-use crate::registry_token::{send_token_request, token_answered, TokenCounters};
+use crate::registry_token::{
+    adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
+    TokenFetch,
+};
 use crate::{ByStream, Caller, Request, Stage, Step};
 use policy::lookups::Lookups;
 
@@ -87,6 +90,7 @@ impl Metrics {
             registry_token: TokenCounters {
                 fetched: c("device_registry.token.fetched"),
                 failed: c("device_registry.token.failed"),
+                shared: c("device_registry.token.shared"),
                 callouts,
                 callout_failures,
             },
@@ -162,6 +166,9 @@ impl TokenAuthStage {
             .device_registry()
             .and_then(|r| r.config().auth.as_ref())
             .map(|a| TokenKeeper::new(a.client_credentials.clone()));
+        if let Some(keeper) = &registry_token {
+            init_shared(keeper);
+        }
         let keys = RemoteKeys::new(
             NAME,
             SHARED_KEYS_PREFIX,
@@ -534,10 +541,11 @@ impl TokenAuthStage {
     fn start_device_lookup(&mut self, device_id: &str, owner: Option<u32>) -> bool {
         let key = LookupKey::Device(device_id.to_string());
         let now = now_secs().unwrap_or(0);
-        let need = self
-            .registry_token
-            .as_mut()
-            .map(|t| t.need(device_id.to_string(), now));
+        let counters = self.metrics.registry_token;
+        let need = self.registry_token.as_mut().map(|t| {
+            adopt_shared(t, now, counters);
+            t.need(device_id.to_string(), now)
+        });
         let authorization = match need {
             None => None,
             Some(TokenNeed::Ready(authorization)) => Some(authorization),
@@ -567,17 +575,23 @@ impl TokenAuthStage {
         true
     }
 
-    /// Sends the registry token's request from `owner`'s context (None: the root).
+    /// Sends the registry token's request from `owner`'s context (None: the root), unless
+    /// another worker's VM is fetching it (then the lookups wait for its token). False if
+    /// the request could not be sent.
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
         let Some(keeper) = self.registry_token.as_mut() else {
             return false;
         };
         let counters = self.metrics.registry_token;
-        let Some(sent) = send_token_request(NAME, keeper, owner, counters) else {
-            return false;
-        };
-        self.callouts.insert(sent, LookupKey::RegistryToken);
-        true
+        let now = now_secs().unwrap_or(0);
+        match send_token_request(NAME, keeper, owner, now, counters) {
+            TokenFetch::Sent(sent) => {
+                self.callouts.insert(sent, LookupKey::RegistryToken);
+                true
+            }
+            TokenFetch::Elsewhere => true,
+            TokenFetch::Failed => false,
+        }
     }
 
     /// The IdP answered: with a token, the waiting lookups are sent (from the context that
@@ -597,6 +611,12 @@ impl TokenAuthStage {
         }) else {
             return Vec::new();
         };
+        self.token_released(fetched)
+    }
+
+    /// The lookups that waited for the token: sent with it (from the context that fetched
+    /// it), or failed closed without (503). Returns the streams to resume.
+    fn token_released(&mut self, fetched: Fetched<String>) -> Vec<u32> {
         let mut ready = Vec::new();
         for device_id in fetched.waiters {
             if fetched.failure.is_some() || !self.start_device_lookup(&device_id, fetched.sent_by) {
@@ -754,9 +774,18 @@ impl Stage for TokenAuthStage {
         for issuer in self.keys.due(&self.auth, now) {
             self.start_key_fetch(&issuer, None, now);
         }
-        // Lookups waiting for a registry token that nobody is fetching (its fetcher went away,
-        // or the registry refused the last one): the root fetches it.
+        // A token another worker's VM fetched (or failed to) releases the lookups that waited
+        // for it; then lookups waiting for a registry token that nobody is fetching (its
+        // fetcher went away, or the registry refused the last one): the root fetches it.
         let mut ready = Vec::new();
+        let counters = self.metrics.registry_token;
+        if let Some(fetched) = self
+            .registry_token
+            .as_mut()
+            .and_then(|t| sync_shared(t, now, counters))
+        {
+            ready.extend(self.token_released(fetched));
+        }
         if self
             .registry_token
             .as_ref()

@@ -44,6 +44,11 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const DEFAULT_EXPIRES_IN_S: u64 = 60;
 /// The most a token is used before it is fetched again, whatever `expires_in` says.
 pub const MAX_LIFETIME_S: u64 = 86_400;
+/// The shared-data keys of the grants' tokens start with this ([`ClientCredentials::shared_key`]).
+pub const SHARED_KEY_PREFIX: &str = "client_credentials.token:";
+/// Seconds a VM's claim to fetch the token outlives the token request's timeout: a claim whose
+/// fetcher is gone (its VM trapped, its answer lost) is void after that, and another VM claims.
+pub const CLAIM_MARGIN_S: u64 = 2;
 
 /// `auth` of an upstream endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -112,6 +117,10 @@ pub struct AccessToken {
     value: String,
     /// Seconds since the epoch from which it is fetched again.
     refresh_at: u64,
+    /// When the IdP gave it (seconds since the epoch) and for how long (`expires_in`, capped):
+    /// what another VM needs to compute its own `refresh_at` from a shared token.
+    obtained_at: u64,
+    lifetime: u64,
 }
 
 impl fmt::Debug for AccessToken {
@@ -119,6 +128,8 @@ impl fmt::Debug for AccessToken {
         f.debug_struct("AccessToken")
             .field("value", &"<redacted>")
             .field("refresh_at", &self.refresh_at)
+            .field("obtained_at", &self.obtained_at)
+            .field("lifetime", &self.lifetime)
             .finish()
     }
 }
@@ -299,11 +310,50 @@ impl ClientCredentials {
                 _ => return Err("expires_in is not a positive integer".into()),
             },
         };
+        Ok(self.token(value, now, lifetime))
+    }
+
+    /// A token obtained at `obtained_at` for `lifetime` seconds (at most [`MAX_LIFETIME_S`]),
+    /// used until `refresh_margin_s` before it expires (at most half its lifetime is given up).
+    fn token(&self, value: String, obtained_at: u64, lifetime: u64) -> AccessToken {
+        let lifetime = lifetime.min(MAX_LIFETIME_S);
         let margin = self.refresh_margin_s.min(lifetime / 2);
-        Ok(AccessToken {
+        AccessToken {
             value,
-            refresh_at: now.saturating_add(lifetime - margin),
-        })
+            refresh_at: obtained_at.saturating_add(lifetime - margin),
+            obtained_at,
+            lifetime,
+        }
+    }
+
+    /// The key of this grant's token in the data the workers' VMs share (Envoy shared data):
+    /// everything the token depends on (the token endpoint's cluster, authority and path, the
+    /// client id, the scope), so two grants that differ in any of them never share a token;
+    /// never the secret (a client at an endpoint is one identity whatever the copy of its
+    /// secret a configuration holds).
+    pub fn shared_key(&self) -> String {
+        let parts = [
+            self.token_endpoint.cluster.as_str(),
+            self.token_endpoint
+                .authority
+                .as_ref()
+                .map_or("", |a| a.as_str()),
+            self.token_endpoint.path.as_str(),
+            self.client_id.as_str(),
+            self.scope.as_deref().unwrap_or(""),
+        ];
+        // JSON: the fields are quoted and escaped, so no two grants make the same key.
+        let fields = serde_json::to_string(&parts).unwrap_or_default();
+        format!("{SHARED_KEY_PREFIX}{fields}")
+    }
+
+    /// How long a VM's claim to fetch the token holds: the request's timeout and a margin.
+    fn claim_life_s(&self) -> u64 {
+        self.token_endpoint
+            .timeout_ms
+            .millis()
+            .div_ceil(1000)
+            .saturating_add(CLAIM_MARGIN_S)
     }
 }
 
@@ -343,11 +393,21 @@ pub struct Fetched<W> {
     pub failure: Option<String>,
 }
 
+/// Where the token request is, while one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fetching {
+    /// Sent by this VM, from a stream's context (None: the root's).
+    Here(Option<u32>),
+    /// Another VM claimed fetch `seq` in the shared entry, until `until` (seconds): this one
+    /// waits for the token it shares ([`TokenKeeper::sync_shared`]).
+    Elsewhere { seq: u64, until: u64 },
+}
+
 /// The access token a stage keeps for its calls to an upstream that wants one (token-auth's
 /// device registry, device-ownership's ownership registry), sans-IO: the stage sends the calls
 /// this asks for and reports their answers.
 ///
-/// * One token per VM, used until shortly before it expires ([`AccessToken::usable`]).
+/// * One token, used until shortly before it expires ([`AccessToken::usable`]).
 /// * One token request at a time: every call needing the token while it is fetched waits for
 ///   that one request (`W` names a waiter: a device id, a stream).
 /// * A 401 from the upstream means it refused the token: the token is dropped, and the call
@@ -357,15 +417,113 @@ pub struct Fetched<W> {
 /// * The request is sent from a stream's context and Envoy cancels it when that stream ends
 ///   ([`TokenKeeper::forget_stream`]): the waiters are then [`TokenKeeper::orphaned`], and the
 ///   root sends the request again on its tick.
+///
+/// **Shared by the workers' VMs.** With Envoy `--concurrency N` each worker runs its own VM,
+/// and each would fetch its own token. The keepers of one grant share it through one entry of
+/// Envoy's shared data ([`ClientCredentials::shared_key`]; the stage moves the bytes):
+///
+/// * before a VM fetches, it claims the fetch ([`TokenKeeper::claim`]), written with the
+///   entry's compare-and-swap so that of two VMs claiming at once one wins; the other waits;
+/// * the VM that fetched writes the token (or that its fetch failed) and drops the claim
+///   ([`TokenKeeper::publish`]);
+/// * the others read the entry ([`TokenKeeper::adopt`] before they need a token,
+///   [`TokenKeeper::sync_shared`] on their tick): they use the token, computing when to fetch
+///   again with their own `refresh_margin_s`; a failed fetch fails their waiters too (closed,
+///   as when their own fetch fails);
+/// * a claim holds for the token request's timeout and [`CLAIM_MARGIN_S`]: a fetcher that is
+///   gone cannot block the others longer; its waiters keep waiting (and fail closed at their
+///   own timeout) until a VM claims again;
+/// * a token the upstream refused (401) is not taken from the entry again by the VM it was
+///   refused to: that VM claims a new fetch;
+/// * without shared data (the host refuses it), each VM fetches its own, as before.
 #[derive(Debug)]
 pub struct TokenKeeper<W, C> {
     grant: ClientCredentials,
     token: Option<AccessToken>,
-    /// While the token request is in flight: the stream that sent it (None: the root).
-    fetching: Option<Option<u32>>,
+    /// The shared fetch that gave `token` (0: none, or not shared).
+    token_seq: u64,
+    /// The shared fetch whose token the upstream refused (0: none).
+    refused_seq: u64,
+    fetching: Option<Fetching>,
+    /// The shared fetch this VM claimed last (0: none): its claim, written by [`Self::claim`].
+    claimed_seq: u64,
+    /// The outcome of this VM's fetch `claimed_seq`, until [`Self::publish`] wrote it.
+    unpublished: Option<Option<AccessToken>>,
     waiters: Vec<W>,
     /// Calls the upstream refused with 401 once, being made again with a new token.
     refused_once: HashSet<C>,
+}
+
+/// What to do before sending the token request ([`TokenKeeper::claim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Write these bytes to the shared entry with the cas it was read with; written, send the
+    /// request ([`TokenKeeper::fetch_sent`]); on a cas mismatch, read the entry and claim again.
+    Write(Vec<u8>),
+    /// Another VM is fetching: wait for its token ([`TokenKeeper::sync_shared`]).
+    Elsewhere,
+}
+
+/// The shared entry of a grant's token, as text:
+/// `v1 <seq> <claimed_until> <failed_seq> <token_seq> <obtained_at> <lifetime>\n<token>`;
+/// `seq` numbers the claims, `claimed_until` 0 is no claim, `token_seq` 0 is no token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct SharedEntry {
+    seq: u64,
+    claimed_until: u64,
+    failed_seq: u64,
+    token_seq: u64,
+    obtained_at: u64,
+    lifetime: u64,
+    token: String,
+}
+
+impl SharedEntry {
+    /// An entry that is absent or unreadable (another version's) is an empty one.
+    fn parse(bytes: Option<&[u8]>) -> SharedEntry {
+        let parsed = || {
+            let text = std::str::from_utf8(bytes?).ok()?;
+            let (head, token) = text.split_once('\n')?;
+            let mut fields = head.split(' ');
+            if fields.next()? != "v1" {
+                return None;
+            }
+            let mut next = || fields.next()?.parse::<u64>().ok();
+            let entry = SharedEntry {
+                seq: next()?,
+                claimed_until: next()?,
+                failed_seq: next()?,
+                token_seq: next()?,
+                obtained_at: next()?,
+                lifetime: next()?,
+                token: token.to_string(),
+            };
+            let sound = entry.token_seq <= entry.seq
+                && entry.failed_seq <= entry.seq
+                && (entry.token_seq == 0
+                    || (printable(&entry.token) && entry.token.len() <= MAX_TOKEN_BYTES));
+            sound.then_some(entry)
+        };
+        parsed().unwrap_or_default()
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        format!(
+            "v1 {} {} {} {} {} {}\n{}",
+            self.seq,
+            self.claimed_until,
+            self.failed_seq,
+            self.token_seq,
+            self.obtained_at,
+            self.lifetime,
+            self.token
+        )
+        .into_bytes()
+    }
+
+    fn claimed_at(&self, now: u64) -> bool {
+        now < self.claimed_until
+    }
 }
 
 impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
@@ -373,10 +531,19 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
         TokenKeeper {
             grant,
             token: None,
+            token_seq: 0,
+            refused_seq: 0,
             fetching: None,
+            claimed_seq: 0,
+            unpublished: None,
             waiters: Vec::new(),
             refused_once: HashSet::new(),
         }
+    }
+
+    /// The shared-data key of the token ([`ClientCredentials::shared_key`]).
+    pub fn shared_key(&self) -> String {
+        self.grant.shared_key()
     }
 
     /// The `Authorization` value for a call made at `now`, if a usable token is at hand.
@@ -418,9 +585,117 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
         self.grant.token_request()
     }
 
+    /// Takes the token another VM shared, read from the shared entry (`entry`, None: absent)
+    /// at `now`, when this one has none usable: a usable token this VM was not refused. True
+    /// if one was taken. The calls waiting for a token are released by
+    /// [`TokenKeeper::sync_shared`].
+    pub fn adopt(&mut self, entry: Option<&[u8]>, now: u64) -> bool {
+        if self.authorization(now).is_some() {
+            return false;
+        }
+        let shared = SharedEntry::parse(entry);
+        if shared.token_seq == 0
+            || shared.token_seq == self.refused_seq
+            || shared.token_seq < self.token_seq
+        {
+            return false;
+        }
+        let token = self
+            .grant
+            .token(shared.token, shared.obtained_at, shared.lifetime);
+        if !token.usable(now) {
+            return false;
+        }
+        self.token = Some(token);
+        self.token_seq = shared.token_seq;
+        true
+    }
+
+    /// The root's tick: reads the shared entry (`entry`) at `now`. A shared token releases the
+    /// calls waiting for one (sent from the root: `sent_by` None); the failure of the fetch
+    /// they waited for fails them; a claim that expired leaves them
+    /// [`TokenKeeper::orphaned`] (the root claims and fetches).
+    pub fn sync_shared(&mut self, entry: Option<&[u8]>, now: u64) -> Option<Fetched<W>> {
+        self.adopt(entry, now);
+        if matches!(self.fetching, Some(Fetching::Here(_))) || self.waiters.is_empty() {
+            return None;
+        }
+        if self.authorization(now).is_some() {
+            self.fetching = None;
+            return Some(Fetched {
+                waiters: std::mem::take(&mut self.waiters),
+                sent_by: None,
+                failure: None,
+            });
+        }
+        let Some(Fetching::Elsewhere { seq, until }) = self.fetching else {
+            return None;
+        };
+        let shared = SharedEntry::parse(entry);
+        if seq > 0 && shared.failed_seq >= seq {
+            self.fetching = None;
+            return Some(Fetched {
+                waiters: std::mem::take(&mut self.waiters),
+                sent_by: None,
+                failure: Some("another worker's token request got no token".into()),
+            });
+        }
+        if shared.claimed_at(now) && shared.seq >= seq {
+            self.fetching = Some(Fetching::Elsewhere {
+                seq: shared.seq,
+                until: shared.claimed_until,
+            });
+        } else if !shared.claimed_at(now) || now >= until {
+            // Its fetcher is gone (or dropped the claim without a word): claim it here.
+            self.fetching = None;
+        }
+        None
+    }
+
+    /// Before sending the token request at `now`: claims the fetch in the shared entry
+    /// (`entry`, read with its cas), unless another VM holds a live claim (then this one waits
+    /// for its token: [`Claim::Elsewhere`]).
+    pub fn claim(&mut self, entry: Option<&[u8]>, now: u64) -> Claim {
+        let mut shared = SharedEntry::parse(entry);
+        if shared.claimed_at(now) && shared.seq != self.claimed_seq {
+            self.fetching = Some(Fetching::Elsewhere {
+                seq: shared.seq,
+                until: shared.claimed_until,
+            });
+            return Claim::Elsewhere;
+        }
+        shared.seq += 1;
+        shared.claimed_until = now.saturating_add(self.grant.claim_life_s());
+        self.claimed_seq = shared.seq;
+        Claim::Write(shared.to_bytes())
+    }
+
+    /// The host has no shared data: this VM fetches its own token, unclaimed.
+    pub fn unshared(&mut self) {
+        self.claimed_seq = 0;
+    }
+
+    /// A claim could not be written (the entry kept changing under it) at `now`: wait as if
+    /// another VM fetched, until the tick reads the entry again.
+    pub fn claim_lost(&mut self, now: u64) {
+        self.claimed_seq = 0;
+        self.fetching = Some(Fetching::Elsewhere {
+            seq: 0,
+            until: now.saturating_add(self.grant.claim_life_s()),
+        });
+    }
+
     /// The token request was sent by `sent_by` (a stream; None: the root).
     pub fn fetch_sent(&mut self, sent_by: Option<u32>) {
-        self.fetching = Some(sent_by);
+        self.fetching = Some(Fetching::Here(sent_by));
+    }
+
+    /// The token request claimed in the shared entry could not be sent: the claim is to be
+    /// dropped ([`TokenKeeper::publish`]) so that the other VMs do not wait for it.
+    pub fn fetch_not_sent(&mut self) {
+        if self.claimed_seq > 0 {
+            self.unpublished = Some(None);
+        }
     }
 
     /// Calls wait for a token but no request is in flight (its stream ended, or a 401 dropped
@@ -432,7 +707,7 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
     /// Stream `ctx` ended. True if it had sent the token request, which Envoy cancels: the
     /// stage forgets that callout, and the request is [`TokenKeeper::orphaned`].
     pub fn forget_stream(&mut self, ctx: u32) -> bool {
-        if self.fetching == Some(Some(ctx)) {
+        if self.fetching == Some(Fetching::Here(Some(ctx))) {
             self.fetching = None;
             return true;
         }
@@ -441,12 +716,19 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
 
     /// The IdP answered the token request (`status` 0: no answer) at `now`.
     pub fn answered(&mut self, status: u32, body: &[u8], now: u64) -> Fetched<W> {
-        let sent_by = self.fetching.take().flatten();
+        let sent_by = match self.fetching.take() {
+            Some(Fetching::Here(sent_by)) => sent_by,
+            _ => None,
+        };
         let waiters = std::mem::take(&mut self.waiters);
         let (token, failure) = match self.grant.read_answer(status, body, now) {
             Ok(token) => (Some(token), None),
             Err(why) => (None, Some(why)),
         };
+        if self.claimed_seq > 0 {
+            self.unpublished = Some(token.clone());
+        }
+        self.token_seq = if token.is_some() { self.claimed_seq } else { 0 };
         self.token = token;
         Fetched {
             waiters,
@@ -455,10 +737,53 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
         }
     }
 
+    /// After this VM's fetch ended (or could not be sent): the shared entry to write (with the
+    /// cas it was read with; on a mismatch, read it and publish again), or None when there is
+    /// nothing to write. The token is shared and the claim dropped; a failure is written so
+    /// that the VMs waiting for this fetch fail closed too. A newer claim (this one had
+    /// expired) is kept; a newer token is not overwritten.
+    pub fn publish(&mut self, entry: Option<&[u8]>) -> Option<Vec<u8>> {
+        let outcome = self.unpublished.as_ref()?;
+        let seq = self.claimed_seq;
+        let mut shared = SharedEntry::parse(entry);
+        let ours = shared.seq == seq;
+        match outcome {
+            Some(token) if shared.token_seq < seq => {
+                shared.token_seq = seq;
+                shared.obtained_at = token.obtained_at;
+                shared.lifetime = token.lifetime;
+                shared.token = token.value.clone();
+            }
+            Some(_) if !ours => {
+                self.unpublished = None;
+                return None;
+            }
+            Some(_) => {}
+            None if !ours => {
+                self.unpublished = None;
+                return None;
+            }
+            None => shared.failed_seq = seq,
+        }
+        if ours {
+            shared.claimed_until = 0;
+        }
+        // A newer entry (another VM's claim after this one expired) keeps its number.
+        shared.seq = shared.seq.max(seq);
+        Some(shared.to_bytes())
+    }
+
+    /// The shared entry was written ([`TokenKeeper::publish`]).
+    pub fn published(&mut self) {
+        self.unpublished = None;
+    }
+
     /// The upstream refused the token (401) on a call that is not made again: the next call
-    /// waits for a new one.
+    /// waits for a new one (never the same token from the shared entry).
     pub fn refused(&mut self) {
-        self.token = None;
+        if self.token.take().is_some() && self.token_seq > 0 {
+            self.refused_seq = self.token_seq;
+        }
     }
 
     /// The upstream answered `status` to `call`, made with the token. True: it refused the
@@ -827,5 +1152,242 @@ mod tests {
         assert_eq!(k.need("a", 1000), TokenNeed::Fetch);
         k.leave(&"a");
         assert!(!k.orphaned());
+    }
+
+    // ---- one token shared by the workers' VMs ----
+
+    /// The shared entry, as the host keeps it (compare-and-swap is the host's: harness and
+    /// Envoy; here, the writes happen in turn).
+    struct Shared(Option<Vec<u8>>);
+
+    impl Shared {
+        fn new() -> Self {
+            Shared(Some(Vec::new())) // created at configure time
+        }
+        fn get(&self) -> Option<&[u8]> {
+            self.0.as_deref()
+        }
+        fn claim(&mut self, k: &mut TokenKeeper<&'static str, &'static str>, now: u64) -> bool {
+            match k.claim(self.get(), now) {
+                Claim::Write(bytes) => {
+                    self.0 = Some(bytes);
+                    true
+                }
+                Claim::Elsewhere => false,
+            }
+        }
+        fn publish(&mut self, k: &mut TokenKeeper<&'static str, &'static str>) {
+            if let Some(bytes) = k.publish(self.get()) {
+                self.0 = Some(bytes);
+            }
+            k.published();
+        }
+    }
+
+    #[test]
+    fn one_vm_fetches_and_the_others_use_its_token() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        // Both workers need the token at once: A claims the fetch, B waits for it.
+        assert_eq!(a.need("a1", 1000), TokenNeed::Fetch);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(1));
+        assert!(!b.adopt(shared.get(), 1000));
+        assert_eq!(b.need("b1", 1000), TokenNeed::Fetch);
+        assert!(!shared.claim(&mut b, 1000), "A holds the claim");
+        assert_eq!(b.need("b2", 1000), TokenNeed::Wait);
+        assert!(!b.orphaned());
+        // B's tick before the token: still waiting.
+        assert_eq!(b.sync_shared(shared.get(), 1001), None);
+        assert!(!b.orphaned());
+        // A's fetch ends; it shares the token and drops its claim.
+        let fetched = a.answered(200, TOKEN_A, 1001);
+        assert_eq!(fetched.waiters, vec!["a1"]);
+        shared.publish(&mut a);
+        // B's tick: its waiters go with A's token, sent from the root.
+        let released = b.sync_shared(shared.get(), 1001).unwrap();
+        assert_eq!(
+            released,
+            Fetched {
+                waiters: vec!["b1", "b2"],
+                sent_by: None,
+                failure: None
+            }
+        );
+        assert_eq!(b.authorization(1002).as_deref(), Some("Bearer tok-a"));
+        assert_eq!(b.need("b3", 1002), TokenNeed::Ready("Bearer tok-a".into()));
+        // A VM that starts later takes it before it needs one: no request.
+        let mut c = keeper();
+        assert!(c.adopt(shared.get(), 1100));
+        assert_eq!(c.need("c1", 1100), TokenNeed::Ready("Bearer tok-a".into()));
+        // Each VM refetches with its own margin: obtained at 1001 for 600 s.
+        let mut late = TokenKeeper::<&str, &str>::new(grant(json!({"refresh_margin_s": 100})));
+        assert!(late.adopt(shared.get(), 1100));
+        assert!(late.authorization(1500).is_some() && late.authorization(1501).is_none());
+        assert!(c.authorization(1570).is_some() && c.authorization(1571).is_none());
+        // A token past its use is not taken: the VM claims a new fetch.
+        let mut d = keeper();
+        assert!(!d.adopt(shared.get(), 1571));
+        assert_eq!(d.need("d1", 1571), TokenNeed::Fetch);
+        assert!(shared.claim(&mut d, 1571));
+    }
+
+    #[test]
+    fn a_failed_fetch_fails_the_waiters_of_every_vm_and_the_next_call_claims_again() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(None);
+        b.need("b1", 1000);
+        assert!(!shared.claim(&mut b, 1000));
+        let fetched = a.answered(503, b"", 1001);
+        assert!(fetched.failure.is_some());
+        shared.publish(&mut a);
+        let released = b.sync_shared(shared.get(), 1001).unwrap();
+        assert_eq!(released.waiters, vec!["b1"]);
+        assert!(
+            released.failure.is_some(),
+            "fail closed, as after its own fetch"
+        );
+        assert_eq!(b.authorization(1001), None);
+        // Nobody waits or fetches: the next call on either VM claims a new fetch.
+        assert!(!b.orphaned());
+        assert_eq!(b.need("b2", 1002), TokenNeed::Fetch);
+        assert!(shared.claim(&mut b, 1002));
+        // A request that could not be sent drops its claim at once.
+        b.fetch_not_sent();
+        shared.publish(&mut b);
+        a.need("a2", 1002);
+        assert!(shared.claim(&mut a, 1002), "B's claim was dropped");
+    }
+
+    #[test]
+    fn a_claim_whose_fetcher_is_gone_expires_and_another_vm_fetches() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(1));
+        b.need("b1", 1000);
+        assert!(!shared.claim(&mut b, 1000));
+        // The claim holds for the request's timeout (2 s) and CLAIM_MARGIN_S.
+        let until = 1000 + 2 + CLAIM_MARGIN_S;
+        assert_eq!(b.sync_shared(shared.get(), until - 1), None);
+        assert!(!b.orphaned(), "waits while the claim holds");
+        assert_eq!(b.authorization(until - 1), None, "fail closed meanwhile");
+        assert_eq!(b.sync_shared(shared.get(), until), None);
+        assert!(b.orphaned(), "the claim expired: B's root fetches");
+        assert!(shared.claim(&mut b, until));
+        b.fetch_sent(None);
+        // A's late answer still shares its token, keeping B's claim.
+        a.answered(200, TOKEN_A, until);
+        shared.publish(&mut a);
+        let mut c = keeper();
+        c.need("c1", until);
+        assert!(!shared.claim(&mut c, until), "B's claim holds");
+        assert!(c.adopt(shared.get(), until));
+        // B's answer replaces it and drops the claim.
+        b.answered(200, TOKEN_B, until + 1);
+        shared.publish(&mut b);
+        let mut d = keeper();
+        assert!(d.adopt(shared.get(), until + 1));
+        assert_eq!(d.authorization(until + 1).as_deref(), Some("Bearer tok-b"));
+        assert_eq!(d.need("d1", 1600), TokenNeed::Fetch);
+        assert!(shared.claim(&mut d, 1600), "no claim left behind");
+        // A VM whose request was cancelled with its stream claims again over its own claim.
+        d.fetch_sent(Some(9));
+        assert!(d.forget_stream(9));
+        assert!(d.orphaned());
+        assert!(shared.claim(&mut d, 1600));
+    }
+
+    #[test]
+    fn a_token_the_upstream_refused_is_not_taken_again_from_the_shared_entry() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(None);
+        a.answered(200, TOKEN_A, 1000);
+        shared.publish(&mut a);
+        assert!(b.adopt(shared.get(), 1001));
+        // The registry refuses it to B: B fetches a new one, not tok-a again.
+        assert!(b.retry_with_new_token("lookup", 401));
+        b.wait("lookup");
+        assert_eq!(b.sync_shared(shared.get(), 1001), None);
+        assert!(!b.adopt(shared.get(), 1001));
+        assert!(b.orphaned());
+        assert!(shared.claim(&mut b, 1001));
+        b.fetch_sent(None);
+        b.answered(200, TOKEN_B, 1002);
+        shared.publish(&mut b);
+        // A takes the newer token once its own is refused too.
+        assert!(a.retry_with_new_token("other", 401));
+        assert!(a.adopt(shared.get(), 1003));
+        assert_eq!(a.authorization(1003).as_deref(), Some("Bearer tok-b"));
+    }
+
+    #[test]
+    fn a_lost_claim_waits_for_the_tick_and_a_bad_entry_is_an_empty_one() {
+        let mut k = keeper();
+        k.need("a", 1000);
+        k.claim_lost(1000);
+        assert_eq!(k.need("b", 1000), TokenNeed::Wait);
+        // The tick reads an entry without a live claim: the root claims.
+        assert_eq!(k.sync_shared(Some(b""), 1000), None);
+        assert!(k.orphaned());
+        for junk in [
+            &b"v1 1 2"[..],
+            b"v2 1 0 0 0 0 0\ntok",
+            b"v1 1 0 0 5 0 60\ntok",
+            b"v1 1 0 0 1 0 60\nt o k",
+            b"\xff\xfe",
+        ] {
+            let mut k = keeper();
+            assert!(!k.adopt(Some(junk), 1), "{junk:?}");
+            k.need("a", 1);
+            assert!(
+                matches!(k.claim(Some(junk), 1), Claim::Write(_)),
+                "{junk:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shared_key_covers_what_the_token_depends_on_and_never_the_secret() {
+        let key = |extra: Value| grant(extra).shared_key();
+        let base = key(json!({}));
+        assert!(base.starts_with(SHARED_KEY_PREFIX), "{base}");
+        assert!(!base.contains("s3cret"), "{base}");
+        for extra in [
+            json!({"token_endpoint": {"cluster": "idp2", "authority": "idp.example",
+                                      "path": "/token"}}),
+            json!({"token_endpoint": {"cluster": "idp", "authority": "other.example",
+                                      "path": "/token"}}),
+            json!({"token_endpoint": {"cluster": "idp", "path": "/token"}}),
+            json!({"token_endpoint": {"cluster": "idp", "authority": "idp.example",
+                                      "path": "/token2"}}),
+            json!({"client_id": "another"}),
+            json!({"scope": "ownership"}),
+            json!({"scope": "ownership read"}),
+        ] {
+            assert_ne!(key(extra.clone()), base, "{extra}");
+        }
+        // Not part of the token: the secret's copy, the margin, the request's timeout.
+        for extra in [
+            json!({"client_secret": "other"}),
+            json!({"refresh_margin_s": 5}),
+            json!({"token_endpoint": {"cluster": "idp", "authority": "idp.example",
+                                      "path": "/token", "timeout_ms": 500}}),
+        ] {
+            assert_eq!(key(extra.clone()), base, "{extra}");
+        }
+        // Fields cannot run into each other.
+        assert_ne!(
+            key(json!({"client_id": "a b", "scope": "c"})),
+            key(json!({"client_id": "a", "scope": "b c"}))
+        );
+        assert!(!format!("{:?}", keeper()).contains("s3cret"));
     }
 }
