@@ -219,6 +219,11 @@ pub fn measure(path: &str) -> Vec<Row> {
         "device_ownership": configs["device_ownership"],
         "entity_acl": configs["entity_acl"],
     });
+    // Without device-ownership: what that stage adds is the difference to `gateway`.
+    let gateway_without_ownership = serde_json::json!({
+        "token_auth": configs["token_auth"],
+        "entity_acl": configs["entity_acl"],
+    });
     let passthrough = serde_json::json!({"mode": "passthrough"});
     let variants: Vec<(&'static str, Vec<Filter>)> = vec![
         (
@@ -256,6 +261,15 @@ pub fn measure(path: &str) -> Vec<Row> {
                     true,
                 ),
             ],
+        ),
+        (
+            "gateway:token_auth+entity_acl",
+            vec![(
+                "ngsi-gateway",
+                "ngsi_gateway.wasm",
+                &gateway_without_ownership,
+                true,
+            )],
         ),
         (
             "gateway",
