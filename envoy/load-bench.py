@@ -11,7 +11,14 @@ answers with Envoy's own direct_response (no upstream, so only the filters' cost
                 chains them: ownership from a static map (the list answer is filtered), a rule
                 granting the path's entities to authenticated callers
   gateway       ngsi_gateway.wasm with the same configurations under its stage keys
-                (--gateway-stages; the separate filters it replaces are `separate`)
+                (--gateway-stages; the separate filters it replaces are `separate`). Given
+                --gateway-stages more than once, one gateway per set, named by its stages
+                (`gateway:token_auth+entity_acl`), all in the same run.
+
+Requests (--paths, each measured on every variant): `list` is a Room list (GET
+/v2/entities?type=Room&limit=10: device-ownership filters its answer), `entity` a GET of one
+Room the caller owns (device-ownership decides it on the request alone); any other value is
+a path as is.
 
 For each: wrk at each of --connections, the same valid RS256 token on every request (every
 variant caches verified tokens). Rounds are interleaved (round 1 of every variant, then round
@@ -24,6 +31,7 @@ native.
     scripts/setup && apt-get install -y wrk
     .venv/bin/python envoy/load-bench.py [--seconds 10] [--rounds 3] [--concurrency 1]
         [--connections 1,16] [--variants no_filter,passthrough,native,...] [--baseline DIR]
+        [--paths list,entity] [--gateway-stages token_auth,entity_acl --gateway-stages ...]
 """
 import argparse
 import json
@@ -50,7 +58,12 @@ VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gat
 GATEWAY_STAGES = ["token_auth", "device_ownership", "entity_acl"]
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
-PATH = "/v2/entities?type=Room&limit=10"
+PATHS = {
+    # A list: device-ownership holds the answer and filters it.
+    "list": "/v2/entities?type=Room&limit=10",
+    # One Room the token's subject owns (envoy/bench-stages.json): decided on the request.
+    "entity": "/v2/entities/urn:ngsi-ld:Room:2?type=Room",
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -64,9 +77,17 @@ def stage_configs(jwks):
     return configs
 
 
+def gateway_variants(stage_sets):
+    """The gateway variants for the --gateway-stages sets: `gateway` for one set, else one
+    `gateway:STAGE+STAGE` per set."""
+    if len(stage_sets) == 1:
+        return {"gateway": stage_sets[0]}
+    return {"gateway:" + "+".join(stages): stages for stages in stage_sets}
+
+
 def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
     """The http_filters of `variant`; `NAME@baseline` is NAME with the .wasm files of
-    baseline_dir (--baseline)."""
+    baseline_dir (--baseline). gateway_stages: the stages of each gateway variant."""
     variant, _, baseline = variant.partition("@")
     wasm = {name: Path(baseline_dir) / path.name for name, path in WASM.items()} \
         if baseline else WASM
@@ -98,8 +119,8 @@ def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
                 wasm_filter("device-ownership", wasm["device_ownership"],
                             configs["device_ownership"], body=True),
                 wasm_filter("entity-acl", wasm["entity_acl"], configs["entity_acl"], body=True)]
-    if variant == "gateway":
-        config = {stage: configs[stage] for stage in gateway_stages}
+    if variant in gateway_stages:
+        config = {stage: configs[stage] for stage in gateway_stages[variant]}
         return [wasm_filter("ngsi-gateway", wasm["ngsi_gateway"], config, body=True)]
     raise ValueError(f"unknown variant {variant}")
 
@@ -141,10 +162,10 @@ def wait_ready(admin_port, proc):
     processes.wait_until(ready, "envoy /ready")
 
 
-def check(port, token):
+def check(port, token, path):
     """The token must be accepted and a missing token refused, or the run measures nothing."""
     def status(headers):
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", headers=headers)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
                 return r.status
@@ -163,10 +184,10 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def wrk(port, token, connections, seconds, pin):
+def wrk(port, token, path, connections, seconds, pin):
     threads = 1 if connections == 1 else 2
     command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-               "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{PATH}"]
+               "-H", f"Authorization: Bearer {token}", f"http://127.0.0.1:{port}{path}"]
     if pin:
         command = ["taskset", "-c", "1"] + command
     out = subprocess.run(command, check=True, capture_output=True, text=True,
@@ -211,7 +232,13 @@ def main():
     parser.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
     parser.add_argument("--connections", type=names, default=["1", "16"])
     parser.add_argument("--variants", type=names, default=VARIANTS)
-    parser.add_argument("--gateway-stages", type=names, default=GATEWAY_STAGES)
+    parser.add_argument("--gateway-stages", type=names, action="append",
+                        help="the gateway's stages (default: "
+                             f"{','.join(GATEWAY_STAGES)}); given more than once, one gateway"
+                             " variant per set")
+    parser.add_argument("--paths", type=names, default=["list"],
+                        help=f"requests to measure on every variant: {', '.join(PATHS)} or a"
+                             " path (default: list)")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure each wasm variant with the .wasm files of DIR (e.g."
                              " a copy of target/wasm32-wasip1/release before a change), as"
@@ -221,6 +248,18 @@ def main():
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}: choose from {VARIANTS}")
+    stage_sets = args.gateway_stages or [GATEWAY_STAGES]
+    for stages in stage_sets:
+        if set(stages) - set(GATEWAY_STAGES):
+            sys.exit(f"unknown gateway stages in {stages}: choose from {GATEWAY_STAGES}")
+    args.gateway_stages = gateway_variants(stage_sets)
+    if "gateway" in args.variants:
+        at = args.variants.index("gateway")
+        args.variants[at:at + 1] = list(args.gateway_stages)
+    paths = [PATHS.get(p, p) for p in args.paths]
+    for path in paths:
+        if not path.startswith("/"):
+            sys.exit(f"--paths: {path!r} is neither {' nor '.join(PATHS)} nor a path")
     if "no_filter" not in args.variants:
         args.variants.insert(0, "no_filter")   # every ratio is to it
     if args.baseline:
@@ -242,19 +281,24 @@ def main():
         try:
             for n, variant in enumerate(args.variants):
                 envoys[variant] = start_envoy(work, n, variant, jwks, args)
-                ok, missing = check(envoys[variant][1], token)
-                expected_missing = 200 if variant.split("@")[0] in ("no_filter", "passthrough") \
-                    else 401
-                if ok != 200 or missing != expected_missing:
-                    raise RuntimeError(f"{variant}: token -> {ok}, no token -> {missing}")
+                for path in paths:
+                    ok, missing = check(envoys[variant][1], token, path)
+                    expected_missing = 200 \
+                        if variant.split("@")[0] in ("no_filter", "passthrough") else 401
+                    if ok != 200 or missing != expected_missing:
+                        raise RuntimeError(
+                            f"{variant} {path}: token -> {ok}, no token -> {missing}")
             for _ in range(args.rounds):
                 for variant in args.variants:
                     proc, port = envoys[variant]
-                    for c in connections:
-                        before = cpu_seconds(proc.pid)
-                        rps, p50, p99, requests = wrk(port, token, c, args.seconds, args.pin)
-                        cpu_us = (cpu_seconds(proc.pid) - before) * 1e6 / max(requests, 1)
-                        samples.setdefault((variant, c), []).append((rps, p50, p99, cpu_us))
+                    for path in paths:
+                        for c in connections:
+                            before = cpu_seconds(proc.pid)
+                            rps, p50, p99, requests = wrk(port, token, path, c, args.seconds,
+                                                          args.pin)
+                            cpu_us = (cpu_seconds(proc.pid) - before) * 1e6 / max(requests, 1)
+                            samples.setdefault((variant, path, c), []).append(
+                                (rps, p50, p99, cpu_us))
         finally:
             for proc, _ in envoys.values():
                 proc.terminate()
@@ -264,25 +308,32 @@ def main():
     print(f"\n{time.strftime('%Y-%m-%d')}, Envoy {match.group(1) if match else '?'}, "
           f"--concurrency {args.concurrency}{' (Envoy on CPU 0, wrk on CPU 1)' if args.pin else ''}, "
           f"{os.cpu_count()} CPUs, wrk {args.seconds}s per cell, median of {args.rounds} "
-          f"interleaved rounds; gateway stages: {' -> '.join(args.gateway_stages)}; load average "
+          f"interleaved rounds; gateway stages: "
+          f"{'; '.join(' -> '.join(s) for s in args.gateway_stages.values())}; requests: "
+          f"{', '.join(paths)}; load average "
           f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (other processes share "
           f"the CPUs: the spread column is the slowest round's CPU per request over the "
           f"fastest's)\n")
-    print("| filter chain | connections | req/s | p50 | p99 | Envoy CPU per request | spread | "
-          "req/s ratio to no filter | req/s ratio to native |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for c in connections:
-        def median(variant):
-            rounds = samples[(variant, c)]
-            return tuple(statistics.median(r[i] for r in rounds) for i in range(4))
-        base = median("no_filter")[0]
-        native = median("native")[0] if "native" in args.variants else None
-        for variant in args.variants:
-            rps, p50, p99, cpu_us = median(variant)
-            cpu = [r[3] for r in samples[(variant, c)]]
-            to_native = f"{rps / native:.2f}" if native else "-"
-            print(f"| {variant} | {c} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms | {cpu_us:.1f} us "
-                  f"| {max(cpu) / min(cpu):.2f} | {rps / base:.2f} | {to_native} |")
+    request_column = len(paths) > 1
+    print("| filter chain | " + ("request | " if request_column else "") + "connections | "
+          "req/s | p50 | p99 | Envoy CPU per request | spread | req/s ratio to no filter | "
+          "req/s ratio to native |")
+    print("|---|" + ("---|" if request_column else "") + "---|---|---|---|---|---|---|---|")
+    for path in paths:
+        for c in connections:
+            def median(variant):
+                rounds = samples[(variant, path, c)]
+                return tuple(statistics.median(r[i] for r in rounds) for i in range(4))
+            base = median("no_filter")[0]
+            native = median("native")[0] if "native" in args.variants else None
+            for variant in args.variants:
+                rps, p50, p99, cpu_us = median(variant)
+                cpu = [r[3] for r in samples[(variant, path, c)]]
+                to_native = f"{rps / native:.2f}" if native else "-"
+                request = f"{path} | " if request_column else ""
+                print(f"| {variant} | {request}{c} | {rps:,.0f} | {p50:.3f} ms | {p99:.3f} ms "
+                      f"| {cpu_us:.1f} us | {max(cpu) / min(cpu):.2f} | {rps / base:.2f} "
+                      f"| {to_native} |")
 
 
 if __name__ == "__main__":

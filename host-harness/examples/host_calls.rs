@@ -4,9 +4,11 @@
 //! and ngsi-gateway. The counts are exact (they do not depend on the machine's load), so they
 //! say what a change saves even when wall-time runs are noisy.
 //!
-//!     cargo wasm && cargo run -p host-harness --example host_calls [-- --verbose]
+//!     cargo wasm && cargo run -p host-harness --example host_calls [-- --verbose] [--path P]
 //!
-//! `--verbose` prints every callback by name. The fuel column is the wasm the filters ran
+//! `--path` is the request's path as load-bench's `--paths` names it: `list` (the default, a
+//! Room list whose answer device-ownership filters), `entity` (one Room the caller owns) or a
+//! path. `--verbose` prints every callback by name. The fuel column is the wasm the filters ran
 //! (about one unit per instruction, in wasmtime): their own compute, beside the crossings.
 
 use std::collections::{BTreeMap, HashSet};
@@ -44,13 +46,22 @@ fn stage_configs() -> Value {
     configs
 }
 
+/// load-bench's requests by name (its `PATHS`), or a path as is.
+fn path_of(name: &str) -> &str {
+    match name {
+        "list" => "/v2/entities?type=Room&limit=10",
+        "entity" => "/v2/entities/urn:ngsi-ld:Room:2?type=Room",
+        path => path,
+    }
+}
+
 /// The request as Envoy hands it to the filters for wrk's GET (Envoy adds
 /// `x-forwarded-proto` and `x-request-id`).
-fn request(token: &str) -> HttpRequest {
+fn request(token: &str, path: &str) -> HttpRequest {
     let auth = format!("Bearer {token}");
     let headers = [
         (":authority", "127.0.0.1:10000"),
-        (":path", "/v2/entities?type=Room&limit=10"),
+        (":path", path),
         (":method", "GET"),
         (":scheme", "http"),
         ("authorization", auth.as_str()),
@@ -164,7 +175,15 @@ fn short(name: &str) -> &str {
 }
 
 fn main() {
-    let verbose = std::env::args().any(|a| a == "--verbose");
+    let args: Vec<String> = std::env::args().collect();
+    let verbose = args.iter().any(|a| a == "--verbose");
+    let path = args
+        .iter()
+        .position(|a| a == "--path")
+        .and_then(|i| args.get(i + 1))
+        .map_or("list", String::as_str);
+    let path = path_of(path);
+    println!("request: GET {path}\n");
     let runtime = Arc::new(Runtime::new().expect("runtime"));
     let configs = stage_configs();
     let tokens = read_json("tests/fixtures/jwt/tokens.json");
@@ -232,11 +251,11 @@ fn main() {
         let check = |outcome: &HttpOutcome| {
             assert_eq!(outcome.status, 200, "{variant}: {outcome:?}");
         };
-        check(&chain.http(request(token), &upstream));
+        check(&chain.http(request(token, path), &upstream));
         let (imports_before, callbacks_before) = counts(&chain);
         let fuel_before = fuel_by_export(&chain);
         for _ in 0..REQUESTS {
-            check(&chain.http(request(token), &upstream));
+            check(&chain.http(request(token, path), &upstream));
         }
         let (imports_after, callbacks_after) = counts(&chain);
         let imports = per_request(&imports_before, &imports_after);

@@ -458,6 +458,11 @@ pub struct Expect {
     /// Every field given must be present in the JSON body with this value.
     pub body_json: Option<toml::Value>,
     pub callouts: Option<usize>,
+    /// How often the filters called these host functions during the step (by import name,
+    /// `proxy_set_buffer_bytes`; summed over every filter): what the request cost in
+    /// crossings, or whether a filter wrote a buffer or a header at all.
+    #[serde(default)]
+    pub host_calls: BTreeMap<String, u64>,
     pub log_contains: Option<String>,
     /// Counter or gauge values (a histogram compares its number of samples).
     #[serde(default)]
@@ -692,6 +697,7 @@ fn run(
         if let Some(re) = &step.reconfigure {
             reconfigure(&mut chain, &mut specs, re, base, options, &mut failures)?;
         }
+        let host_calls_before = host_calls(&chain);
         let mut request_outcome = None;
         if let Some(req) = &step.request {
             for _ in 0..req.repeat.unwrap_or(1).max(1) {
@@ -753,6 +759,12 @@ fn run(
         } else if !step.events.is_empty() {
             bail!("step {name}: events without connections (a single connection's events go in [step.connection])");
         }
+        check_host_calls(
+            &step.expect.host_calls,
+            &host_calls_before,
+            &host_calls(&chain),
+            &mut failures,
+        );
         check_common(&step.expect, &shared, logs_before, &mut failures);
         reports.push(StepReport {
             name,
@@ -1124,6 +1136,36 @@ fn check_net(expect: &Expect, outcome: &NetOutcome, failures: &mut Vec<String>) 
         }
     }
     Ok(())
+}
+
+/// Host calls made so far by every filter of the chain, by import name.
+fn host_calls(chain: &Chain) -> BTreeMap<&'static str, u64> {
+    let mut calls = BTreeMap::new();
+    for vm in &chain.filters {
+        for (name, n) in vm.state().host_calls.borrow().iter() {
+            *calls.entry(*name).or_default() += n;
+        }
+    }
+    calls
+}
+
+fn check_host_calls(
+    want: &BTreeMap<String, u64>,
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+    failures: &mut Vec<String>,
+) {
+    for (name, want) in want {
+        let count = |calls: &BTreeMap<&'static str, u64>| calls.get(name.as_str()).copied();
+        let got = count(after)
+            .unwrap_or(0)
+            .saturating_sub(count(before).unwrap_or(0));
+        if got != *want {
+            failures.push(format!(
+                "host calls {name}: expected {want} in this step, got {got}"
+            ));
+        }
+    }
 }
 
 fn check_common(expect: &Expect, shared: &Shared, logs_before: usize, failures: &mut Vec<String>) {

@@ -122,3 +122,21 @@ def test_a_list_answer_holds_only_the_callers_entities(chain, broker, tokens):
     assert r.header("fiware-total-count") in (None, "2")
     r = call(chain, tokens, GATEWAY, "GET", f"/v2/entities?type={kind}")
     assert [e["id"] for e in r.json()] == [theirs]
+    # The rewritten answer carries its own length (set in the body callback, not removed).
+    assert r.header("content-length") == str(len(r.body))
+
+
+def test_an_answer_filtering_leaves_as_it_is_reaches_the_client_as_the_broker_sent_it(
+        chain, tokens):
+    kind = f"Meter{uuid.uuid4().hex[:6]}"
+    for _ in range(2):
+        assert call(chain, tokens, APP, "POST", "/v2/entities",
+                    {"id": new_id(kind), "type": kind}).status == 201
+    r = call(chain, tokens, APP, "GET", f"/v2/entities?type={kind}&options=count")
+    assert r.status == 200, r.body
+    assert len(r.json()) == 2
+    # The broker's own bytes (Python's json.dumps spacing), not the filter's compact
+    # re-serialization, with the broker's length and count.
+    assert r.body == json.dumps(r.json()).encode()
+    assert r.header("content-length") == str(len(r.body))
+    assert r.header("fiware-total-count") == "2"

@@ -18,8 +18,11 @@
 //! Response. A list request the caller may make goes upstream with its attribute restriction
 //! widened (broker source) and its answer is held (up to `max_response_bytes`), filtered to
 //! what the caller may read (registry lookups as needed, at most `max_list_lookups`), count
-//! headers corrected; an answer that can't be filtered is replaced by 503. The cached records
-//! of entities a request created, deleted or re-owned are dropped when its answer arrives.
+//! headers corrected; an answer that can't be filtered is replaced by 503. An answer filtering
+//! leaves as it is goes as it came (no body or header written), and a list the caller may
+//! read in full (ids it may each read: `Ownership::settle_list`) is not held at all. The
+//! cached records of entities a request created, deleted or re-owned are dropped when its
+//! answer arrives.
 
 use std::collections::{HashMap, HashSet};
 
@@ -547,6 +550,16 @@ impl DeviceOwnershipStage {
         if let Decision::Deny(_) = &verdict.decision {
             return self.done(req, &verdict.decision);
         }
+        // A list the caller may read in full is not filtered (its answer is not held).
+        let verdict = match (self.streams.get(&ctx), now_secs()) {
+            (Some(st), Some(now)) if verdict.filter_list => match &st.access {
+                Some(access) => self
+                    .own
+                    .settle_list(verdict, st.identity.as_ref(), access, now),
+                None => verdict,
+            },
+            _ => verdict,
+        };
         let Some((st, access, endpoint)) = self.streams.get(&ctx).and_then(|st| {
             let (access, endpoint) = (st.access.as_ref()?, st.endpoint.as_ref()?);
             Some((st, access, endpoint))
@@ -829,17 +842,17 @@ impl DeviceOwnershipStage {
             Err(e) => return self.fail_list(req, &e),
         };
         let (kept, total) = (filtered.kept, filtered.total);
-        for header in ["fiware-total-count", "ngsild-results-count"] {
-            // A count that is not text can't be a number: it is dropped like an unparsable one.
-            let Some(value) = resp.headers().first(header) else {
-                continue;
-            };
-            let value = std::str::from_utf8(value).unwrap_or("").to_string();
-            let new = wire::filtered_count(Some(&value), total, kept);
-            let _ = resp.set_header(header, new.as_deref());
+        let headers = resp.headers();
+        let edits = filtered.header_edits(|name| headers.first(name));
+        for (header, value) in edits {
+            if resp.set_header(header, value.as_deref()).is_err() {
+                return self.fail_list(req, "cannot rewrite the response headers");
+            }
         }
-        if resp.replace_body(filtered.body).is_err() {
-            return self.fail_list(req, "cannot rewrite the response");
+        if let Some(body) = filtered.body {
+            if resp.replace_body(body).is_err() {
+                return self.fail_list(req, "cannot rewrite the response");
+            }
         }
         self.metrics.lists_filtered.inc();
         self.metrics
@@ -941,10 +954,9 @@ impl Stage for DeviceOwnershipStage {
                 self.stream(ctx).plan = None;
                 Step::Next
             }
-            ListAnswer::Filter => {
-                let _ = resp.set_header("content-length", None);
-                Step::NeedBody
-            }
+            // Held whole; its headers change (content-length, counts) only if filtering
+            // changes the answer.
+            ListAnswer::Filter => Step::NeedBody,
         }
     }
 

@@ -3,13 +3,19 @@
 //! ([`ListFilter::parse`]), every listed entity's record is resolved (embedded in the entity
 //! with a broker source, cached, or looked up in the registry: [`ListFilter::lookups`]), and
 //! the answer is rewritten with the readable entities only ([`ListFilter::finish`]).
+//!
+//! An answer filtering leaves as it is (every entity readable, nothing to strip) is passed as
+//! it came: no new body, no header touched ([`Filtered::header_edits`]). A list request that
+//! can only return entities the caller may read is not filtered at all: its answer is not even
+//! held ([`Ownership::settle_list`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use serde_json::Value;
 
 use super::wire::{self, AttrsIn, Endpoint, ListFormat, Listed};
-use super::{EntityKey, Ownership, Record, Resolve};
+use super::{EntityKey, Ownership, Record, Resolve, Verdict};
+use crate::access::{Action, EntitySelector, RequestAccess};
 use crate::identity::Identity;
 
 /// How a list request goes upstream, and what to strip from its answer.
@@ -38,12 +44,89 @@ pub struct ListFilter {
 /// A filtered answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filtered {
-    pub body: Vec<u8>,
+    /// The new body; None: the answer goes as it came (nothing removed or stripped).
+    pub body: Option<Vec<u8>>,
     pub kept: usize,
     pub total: usize,
 }
 
+/// The count headers a list answer may carry (NGSI v2, NGSI-LD).
+pub const COUNT_HEADERS: [&str; 2] = ["fiware-total-count", "ngsild-results-count"];
+
+impl Filtered {
+    /// The response header changes the filtered answer needs (Some: set to this value, None:
+    /// remove), given the answer's `header(name)`: each count header kept true (see
+    /// [`wire::filtered_count`]), and `content-length` set to the new body's length when the
+    /// body changed (an answer without one is framed by the host). A header that keeps its
+    /// value is not named, so an untouched answer needs no change at all.
+    pub fn header_edits<'h>(
+        &self,
+        header: impl Fn(&str) -> Option<&'h [u8]>,
+    ) -> Vec<(&'static str, Option<String>)> {
+        let mut edits = Vec::new();
+        for name in COUNT_HEADERS {
+            let Some(value) = header(name) else {
+                continue;
+            };
+            // A count that is not text can't be a number: it is dropped like an unparsable one.
+            let new = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| wire::filtered_count(Some(v), self.total, self.kept));
+            if new.as_deref().map(str::as_bytes) != Some(value) {
+                edits.push((name, new));
+            }
+        }
+        if let (Some(body), Some(length)) = (&self.body, header("content-length")) {
+            let new = body.len().to_string();
+            if new.as_bytes() != length {
+                edits.push(("content-length", Some(new)));
+            }
+        }
+        edits
+    }
+}
+
 impl Ownership {
+    /// A list request's verdict as [`Ownership::evaluate`] gave it, settled: when the answer
+    /// provably holds nothing the caller may not read, the request is allowed without
+    /// filtering (the answer is not held, let alone rewritten). That is so when every access
+    /// reads entities named by id (no pattern, no "every entity": the broker returns no other
+    /// id, and a listed entity is keyed by the request's tenant and its id) and the caller
+    /// may read each of them by what is known without a callout: a cached answer of a source
+    /// or the static map, as [`Ownership::resolve`] finds them, which is what a GET of each
+    /// entity alone is decided by. Anything else (an id no known record lets the caller read,
+    /// one a source would have to be asked about, a pattern) keeps the answer filtered, as
+    /// before. `now` is the cache's clock.
+    pub fn settle_list(
+        &mut self,
+        verdict: Verdict,
+        identity: Option<&Identity>,
+        req: &RequestAccess,
+        now: u64,
+    ) -> Verdict {
+        if !verdict.filter_list || !verdict.decision.is_allowed() || req.accesses.is_empty() {
+            return verdict;
+        }
+        let mut by = BTreeSet::new();
+        for a in &req.accesses {
+            let (Action::Read, EntitySelector::Id(id)) = (a.action, &a.entity) else {
+                return verdict;
+            };
+            let key = EntityKey::new(a.tenant.service.clone(), id.clone());
+            let Resolve::Known(Some(record)) = self.resolve(&key, 0, now, false) else {
+                return verdict;
+            };
+            let Some(why) = record.read_by(identity) else {
+                return verdict;
+            };
+            by.insert(why);
+        }
+        let by = by.into_iter().collect::<Vec<_>>().join(", ");
+        Verdict::allow(format!(
+            "a list of ids the caller may each read ({by}): the answer is not filtered"
+        ))
+    }
+
     /// The plan for a list request to `endpoint` (None: not a list endpoint). With a broker
     /// source, an attribute restriction that leaves out the owner attributes is widened so
     /// they come back (and are stripped again).

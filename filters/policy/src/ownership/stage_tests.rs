@@ -246,7 +246,7 @@ fn list_answers_keep_what_the_caller_reads() {
     assert_eq!(records.len(), 3);
     let filtered = list.finish(Some(&alice()), "", &records).unwrap();
     assert_eq!((filtered.kept, filtered.total), (1, 3));
-    let v: Value = serde_json::from_slice(&filtered.body).unwrap();
+    let v: Value = serde_json::from_slice(filtered.body.as_deref().unwrap()).unwrap();
     assert_eq!(v, json!([{"id": "L1"}]));
     assert!(ListFilter::parse(&own, ListFormat::V2, Vec::new(), b"nope", false).is_err());
 }
@@ -286,4 +286,217 @@ fn list_answers_from_a_registry_need_bounded_lookups() {
         .lookups(&mut own, "city", &mut HashMap::new(), 0)
         .unwrap_err();
     assert!(err.contains("max_list_lookups 2"), "{err}");
+}
+
+#[test]
+fn an_answer_filtering_leaves_as_it_is_is_not_rewritten() {
+    let mut own = broker();
+    let mine = br#"[ {"id": "L1", "owner": "alice"},  {"id": "L2", "owner": "alice"} ]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), mine, false).unwrap();
+    let mut records = HashMap::new();
+    list.lookups(&mut own, "", &mut records, 0).unwrap();
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    // Every entity kept, nothing to strip: no new body, and no header to change.
+    assert_eq!(
+        (filtered.body.as_deref(), filtered.kept, filtered.total),
+        (None, 2, 2)
+    );
+    let headers = |name: &str| -> Option<&'static [u8]> {
+        match name {
+            "content-length" => Some(b"64"),
+            "fiware-total-count" => Some(b"2"),
+            _ => None,
+        }
+    };
+    assert_eq!(filtered.header_edits(headers), Vec::new());
+    // The empty answer too.
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), b"[]", false).unwrap();
+    let filtered = list.finish(Some(&alice()), "", &HashMap::new()).unwrap();
+    assert_eq!((filtered.body, filtered.kept, filtered.total), (None, 0, 0));
+    // A page that does not hold every match: the total is unknown even if this page is
+    // untouched (later pages may hold others' entities), so the count goes, the body stays.
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), mine, false).unwrap();
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    let paged = |name: &str| -> Option<&'static [u8]> {
+        (name == "fiware-total-count").then_some(b"40".as_slice())
+    };
+    assert_eq!(filtered.body, None);
+    assert_eq!(
+        filtered.header_edits(paged),
+        vec![("fiware-total-count", None)]
+    );
+    // Attributes added to the request (widened) and found in the answer: rewritten.
+    let list = ListFilter::parse(&own, ListFormat::V2, vec!["owner".into()], mine, false).unwrap();
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    let body = filtered.body.clone().unwrap();
+    assert_eq!(body, br#"[{"id":"L1"},{"id":"L2"}]"#);
+    assert_eq!(
+        filtered.header_edits(headers),
+        vec![("content-length", Some(body.len().to_string()))]
+    );
+    // Added attributes the answer does not hold: nothing to strip, nothing rewritten.
+    let bare = br#"[{"id": "L1"}]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, vec!["owner".into()], bare, false).unwrap();
+    let records = HashMap::from([(EntityKey::new("", "L1"), Some(Record::owned_by("alice")))]);
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    assert_eq!((filtered.body, filtered.kept), (None, 1));
+}
+
+#[test]
+fn a_filtered_answer_gets_its_length_and_counts_corrected() {
+    let mut own = broker();
+    let body = br#"[{"id": "L1", "owner": "alice"}, {"id": "L2", "owner": "bob"}]"#;
+    let list = ListFilter::parse(&own, ListFormat::V2, Vec::new(), body, false).unwrap();
+    let mut records = HashMap::new();
+    list.lookups(&mut own, "", &mut records, 0).unwrap();
+    let filtered = list.finish(Some(&alice()), "", &records).unwrap();
+    let new = filtered.body.clone().unwrap();
+    let headers = |name: &str| -> Option<&'static [u8]> {
+        match name {
+            "content-length" => Some(b"62"),
+            "ngsild-results-count" => Some(b"2"),
+            "fiware-total-count" => Some(b"\xff"),
+            _ => None,
+        }
+    };
+    assert_eq!(
+        filtered.header_edits(headers),
+        vec![
+            // Not text: dropped.
+            ("fiware-total-count", None),
+            ("ngsild-results-count", Some("1".into())),
+            ("content-length", Some(new.len().to_string())),
+        ]
+    );
+    // Without a content-length (chunked) none is added.
+    assert_eq!(
+        filtered.header_edits(|_| None),
+        Vec::<(&str, Option<String>)>::new()
+    );
+}
+
+fn static_owners() -> Ownership {
+    engine(
+        json!({"admin_roles": ["admin"], "sources": [{"kind": "static", "entities": [
+            {"id": "A", "owner": "alice"},
+            {"id": "B", "owner": "bob", "delegations": [{"user": "alice", "access": "read"}]},
+            {"id": "P", "owner": "bob", "public": true},
+            {"id": "C", "owner": "carol"},
+            {"id": "T", "service": "city", "owner": "alice"}
+        ]}]}),
+    )
+}
+
+/// `evaluate`'s verdict for a list request, then `settle_list`'s.
+fn settled(own: &mut Ownership, who: Option<&Identity>, req: &RequestAccess) -> Verdict {
+    let Eval::Done(verdict) = own.evaluate(who, req, true, &HashMap::new()) else {
+        panic!("a list request needs no record");
+    };
+    own.settle_list(verdict, who, req, 0)
+}
+
+fn list_of(path: &str, service: Option<&str>) -> RequestAccess {
+    let headers: Vec<(String, String)> = service
+        .map(|s| vec![("fiware-service".to_string(), s.to_string())])
+        .unwrap_or_default();
+    classify(&NgsiRequest {
+        broker: crate::ngsi::broker_for_path(path),
+        method: "GET",
+        path,
+        headers: &headers,
+        body: b"",
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_list_of_ids_the_caller_may_each_read_is_not_filtered() {
+    let mut own = static_owners();
+    let alice = alice();
+    // Owner, read delegate, public: every entity the query can return is readable.
+    let v = settled(
+        &mut own,
+        Some(&alice),
+        &list_of("/v2/entities?id=A,B,P", None),
+    );
+    assert!(v.decision.is_allowed() && !v.filter_list, "{v:?}");
+    assert!(
+        matches!(&v.decision, Decision::Allow(by) if by.contains("owner, public, read delegate")),
+        "{v:?}"
+    );
+    // One id she may not read (C), nobody owns (X), or another tenant's (T is city's):
+    // filtered as before.
+    for (path, service) in [
+        ("/v2/entities?id=A,C", None),
+        ("/v2/entities?id=A,X", None),
+        ("/v2/entities?id=T", None),
+        ("/v2/entities?id=A", Some("other")),
+    ] {
+        let v = settled(&mut own, Some(&alice), &list_of(path, service));
+        assert!(v.decision.is_allowed() && v.filter_list, "{path}: {v:?}");
+    }
+    let v = settled(
+        &mut own,
+        Some(&alice),
+        &list_of("/v2/entities?id=T", Some("city")),
+    );
+    assert!(!v.filter_list, "{v:?}");
+    // No ids, or a pattern: anything may come back.
+    for path in [
+        "/v2/entities?type=Room",
+        "/v2/entities?idPattern=A.*",
+        "/v2/entities",
+    ] {
+        let v = settled(&mut own, Some(&alice), &list_of(path, None));
+        assert!(v.filter_list, "{path}: {v:?}");
+    }
+    // Without identity only public entities are read in full.
+    let v = settled(&mut own, None, &list_of("/v2/entities?id=P", None));
+    assert!(!v.filter_list, "{v:?}");
+    let v = settled(&mut own, None, &list_of("/v2/entities?id=P,A", None));
+    assert!(v.filter_list, "{v:?}");
+    // NGSI-LD and a POST query name their ids the same way.
+    let v = settled(
+        &mut own,
+        Some(&alice),
+        &list_of("/ngsi-ld/v1/entities?id=A,B", None),
+    );
+    assert!(!v.filter_list, "{v:?}");
+    // A denial, or a verdict that filters nothing, is left as it is.
+    let deny = Verdict::deny(forbidden("no"));
+    let req = list_of("/v2/entities?id=A", None);
+    assert_eq!(own.settle_list(deny.clone(), Some(&alice), &req, 0), deny);
+    let plain = Verdict::allow("admin");
+    assert_eq!(own.settle_list(plain.clone(), Some(&alice), &req, 0), plain);
+}
+
+#[test]
+fn a_list_of_ids_is_read_in_full_by_cached_answers_never_by_a_callout() {
+    let mut own = registry();
+    let alice = alice();
+    let req = list_of("/v2/entities?id=L1,L2", Some("city"));
+    // Nothing known: the registry would have to be asked: filtered (no lookup now).
+    assert!(settled(&mut own, Some(&alice), &req).filter_list);
+    // Her own L1 cached, L2 cached as nobody's: still filtered.
+    own.remember(
+        &EntityKey::new("city", "L1"),
+        &Some(Record::owned_by("alice")),
+        0,
+    );
+    own.remember(&EntityKey::new("city", "L2"), &None, 0);
+    assert!(settled(&mut own, Some(&alice), &req).filter_list);
+    // Both hers: read in full until the cached answers expire (ttl 60 s by default).
+    own.remember(
+        &EntityKey::new("city", "L2"),
+        &Some(Record::owned_by("alice")),
+        0,
+    );
+    assert!(!settled(&mut own, Some(&alice), &req).filter_list);
+    let Eval::Done(v) = own.evaluate(Some(&alice), &req, true, &HashMap::new()) else {
+        panic!()
+    };
+    assert!(
+        own.settle_list(v, Some(&alice), &req, 61).filter_list,
+        "expired"
+    );
 }

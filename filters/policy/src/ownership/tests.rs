@@ -890,7 +890,7 @@ fn list_filtering_keeps_order_strips_and_counts() {
         wire::filter_list(ListFormat::V2, doc, &[true, false, true], &["owner".into()]).unwrap();
     assert_eq!(kept, 2);
     assert_eq!(
-        String::from_utf8(out).unwrap(),
+        String::from_utf8(out.unwrap()).unwrap(),
         r#"[{"id":"A","t":1},{"id":"C"}]"#
     );
     assert!(wire::list_entities(
@@ -920,7 +920,7 @@ fn list_filtering_keeps_order_strips_and_counts() {
     );
     let (out, _) = wire::filter_list(ListFormat::Ngsi10, doc, &[false, true], &[]).unwrap();
     assert_eq!(
-        String::from_utf8(out).unwrap(),
+        String::from_utf8(out.unwrap()).unwrap(),
         r#"{"contextResponses":[{"contextElement":{"entityId":{"id":"S2"}}}]}"#
     );
     assert_eq!(wire::filtered_count(Some("3"), 3, 2).as_deref(), Some("2"));

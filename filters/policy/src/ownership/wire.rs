@@ -662,22 +662,22 @@ fn item_id(format: ListFormat, item: &Value) -> Result<(String, &Value), String>
 }
 
 /// Keeps the items whose `keep` flag is true (same order as [`list_entities`]) and removes
-/// the `strip` attributes from them. Returns the new body and how many items were kept.
+/// the `strip` attributes from them. Returns the new body, or None when nothing was removed
+/// (every item kept, no attribute to strip found): the answer is then passed as it came, byte
+/// for byte, not rewritten. And how many items were kept.
 pub fn filter_list(
     format: ListFormat,
     mut v: Value,
     keep: &[bool],
     strip: &[String],
-) -> Result<(Vec<u8>, usize), String> {
+) -> Result<(Option<Vec<u8>>, usize), String> {
     let arr = match (&mut v, format) {
         (Value::Array(a), _) => a,
+        // No list of responses: nothing listed, nothing to remove.
         (Value::Object(o), ListFormat::Ngsi10) => match o.get_mut("contextResponses") {
             Some(Value::Array(a)) => a,
-            _ => {
-                return serde_json::to_vec(&v)
-                    .map(|b| (b, 0))
-                    .map_err(|e| e.to_string())
-            }
+            _ if keep.is_empty() => return Ok((None, 0)),
+            _ => return Err("list changed while filtering".into()),
         },
         _ => return Err("list response is not an array of entities".into()),
     };
@@ -689,18 +689,23 @@ pub fn filter_list(
         i += 1;
         keep[i - 1]
     });
-    for item in arr.iter_mut() {
-        strip_attrs(format, item, strip);
-    }
     let kept = arr.len();
+    let mut changed = kept != keep.len();
+    for item in arr.iter_mut() {
+        changed |= strip_attrs(format, item, strip);
+    }
+    if !changed {
+        return Ok((None, kept));
+    }
     serde_json::to_vec(&v)
-        .map(|b| (b, kept))
+        .map(|b| (Some(b), kept))
         .map_err(|e| e.to_string())
 }
 
-fn strip_attrs(format: ListFormat, item: &mut Value, strip: &[String]) {
+/// Removes the `strip` attributes from a listed item; true if it had any.
+fn strip_attrs(format: ListFormat, item: &mut Value, strip: &[String]) -> bool {
     if strip.is_empty() {
-        return;
+        return false;
     }
     match format {
         ListFormat::Ngsi10 => {
@@ -709,20 +714,26 @@ fn strip_attrs(format: ListFormat, item: &mut Value, strip: &[String]) {
             } else {
                 Some(item)
             };
-            if let Some(Value::Array(attrs)) = element.and_then(|e| e.get_mut("attributes")) {
-                attrs.retain(|a| {
-                    !a.get("name")
-                        .and_then(Value::as_str)
-                        .is_some_and(|n| strip.iter().any(|s| s == n))
-                });
-            }
+            let Some(Value::Array(attrs)) = element.and_then(|e| e.get_mut("attributes")) else {
+                return false;
+            };
+            let before = attrs.len();
+            attrs.retain(|a| {
+                !a.get("name")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| strip.iter().any(|s| s == n))
+            });
+            attrs.len() != before
         }
         _ => {
-            if let Some(obj) = item.as_object_mut() {
-                for s in strip {
-                    obj.remove(s);
-                }
+            let Some(obj) = item.as_object_mut() else {
+                return false;
+            };
+            let mut removed = false;
+            for s in strip {
+                removed |= obj.remove(s).is_some();
             }
+            removed
         }
     }
 }
