@@ -193,6 +193,11 @@ fn main() {
         "device_ownership": configs["device_ownership"],
         "entity_acl": configs["entity_acl"],
     });
+    // Without device-ownership: what that stage adds is the difference to `gateway`.
+    let gateway_without_ownership = serde_json::json!({
+        "token_auth": configs["token_auth"],
+        "entity_acl": configs["entity_acl"],
+    });
     let passthrough = serde_json::json!({"mode": "passthrough"});
     let variants: Vec<(&str, Vec<Filter>)> = vec![
         (
@@ -230,6 +235,15 @@ fn main() {
                     true,
                 ),
             ],
+        ),
+        (
+            "gateway:token_auth+entity_acl",
+            vec![(
+                "ngsi-gateway",
+                "ngsi_gateway.wasm",
+                &gateway_without_ownership,
+                true,
+            )],
         ),
         (
             "gateway",

@@ -30,7 +30,8 @@ use policy::access::RequestAccess;
 use policy::client_credentials::{Fetched, TokenKeeper, TokenNeed};
 use policy::enforcement::Mode;
 use policy::log_text::{bounded, bounded_debug};
-use policy::ngsi::{classify_with_path, NgsiRequest};
+use policy::ngsi::memo::ClassifyMemo;
+use policy::ngsi::NgsiRequest;
 use policy::ownership::config::BrokerApi;
 use policy::ownership::wire::{self, Endpoint, ListAnswer};
 use policy::ownership::{
@@ -50,6 +51,9 @@ use crate::{ByStream, Caller, Request, Response, Stage, Step};
 use policy::lookups::Lookups;
 
 pub const NAME: &str = "device-ownership";
+
+/// Bodiless requests whose classification the stage remembers (per VM).
+const CLASSIFY_MEMO_ENTRIES: usize = 1024;
 
 struct Metrics {
     decisions: DecisionMetrics,
@@ -159,6 +163,8 @@ pub struct DeviceOwnershipStage {
     lookups: Lookups<Lookup>,
     callouts: HashMap<u32, Purpose>,
     streams: ByStream<StreamState>,
+    /// Bodiless requests seen before are not classified again.
+    classified: ClassifyMemo,
     last_cache: policy::cache::CacheStats,
     /// The registry's access token (client credentials): streams wait for it, and lookups
     /// are made again after a 401 as it says.
@@ -215,6 +221,7 @@ impl DeviceOwnershipStage {
             lookups: Lookups::default(),
             callouts: HashMap::new(),
             streams: ByStream::default(),
+            classified: ClassifyMemo::new(CLASSIFY_MEMO_ENTRIES),
             last_cache: Default::default(),
             registry_token,
         }
@@ -286,7 +293,9 @@ impl DeviceOwnershipStage {
             headers,
             body: &req.body,
         };
-        let classified = classify_with_path(&ngsi)
+        let classified = self
+            .classified
+            .classify_with_path(&ngsi)
             .and_then(|(r, canon)| Endpoint::of_canonical(&st.method, &canon).map(|e| (r, e)));
         let (access, endpoint) = match classified {
             Ok(c) => c,

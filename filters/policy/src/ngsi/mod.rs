@@ -44,6 +44,7 @@
 pub mod canonical;
 pub mod fogflow;
 pub mod ld;
+pub mod memo;
 pub mod named_attrs;
 pub mod v2;
 
@@ -90,7 +91,7 @@ pub fn reads_header(name: &str) -> bool {
 /// It decides which routes exist (a route it does not serve is refused, 400, whatever the
 /// rules say) and what a classified request really does there (see [`fogflow`] for FogFlow's
 /// widening).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Broker {
     /// FIWARE Orion: `/v2/...`, the NGSIv1 `/v1/...` routes Orion still serves, `/version`.
     #[default]
