@@ -42,8 +42,8 @@ use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 
 use crate::registry_token::{
-    adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
-    TokenFetch,
+    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered,
+    TokenCounters, TokenFetch,
 };
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
@@ -1058,7 +1058,7 @@ impl Stage for DeviceOwnershipStage {
             .retain(|_, p| !matches!(p, Purpose::Claim { ctx: c, .. } if *c == ctx));
         if let Some(t) = self.registry_token.as_mut() {
             t.leave(&ctx);
-            if t.forget_stream(ctx) {
+            if registry_token::forget_stream(t, ctx) {
                 // Envoy cancels its token fetch; the root fetches again on the next tick.
                 self.callouts.retain(|_, p| !matches!(p, Purpose::Token));
             }

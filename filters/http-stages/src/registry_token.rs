@@ -139,6 +139,19 @@ pub(crate) fn send_token_request<W: PartialEq, C: Eq + Hash>(
     }
 }
 
+/// Stream `ctx` ended: true if it had sent the token request (Envoy cancels it), whose claim
+/// in the shared entry is then dropped so that the other VMs need not wait for it to expire.
+pub(crate) fn forget_stream<W: PartialEq, C: Eq + Hash>(
+    keeper: &mut TokenKeeper<W, C>,
+    ctx: u32,
+) -> bool {
+    if !keeper.forget_stream(ctx) {
+        return false;
+    }
+    publish(keeper);
+    true
+}
+
 /// Writes what this VM's fetch gave (the token, or its failure) to the shared entry.
 fn publish<W: PartialEq, C: Eq + Hash>(keeper: &mut TokenKeeper<W, C>) {
     let key = keeper.shared_key();

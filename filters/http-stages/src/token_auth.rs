@@ -35,8 +35,8 @@ use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
 use crate::registry_token::{
-    adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
-    TokenFetch,
+    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered,
+    TokenCounters, TokenFetch,
 };
 use crate::{ByStream, Caller, Request, Stage, Step};
 use policy::lookups::Lookups;
@@ -823,7 +823,7 @@ impl Stage for TokenAuthStage {
         if self
             .registry_token
             .as_mut()
-            .is_some_and(|t| t.forget_stream(ctx))
+            .is_some_and(|t| registry_token::forget_stream(t, ctx))
         {
             // Envoy cancels its token fetch; the root fetches again on the next tick.
             self.callouts.retain(|_, k| *k != LookupKey::RegistryToken);

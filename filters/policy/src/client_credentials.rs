@@ -448,10 +448,22 @@ pub struct TokenKeeper<W, C> {
     /// The shared fetch this VM claimed last (0: none): its claim, written by [`Self::claim`].
     claimed_seq: u64,
     /// The outcome of this VM's fetch `claimed_seq`, until [`Self::publish`] wrote it.
-    unpublished: Option<Option<AccessToken>>,
+    unpublished: Option<Outcome>,
     waiters: Vec<W>,
     /// Calls the upstream refused with 401 once, being made again with a new token.
     refused_once: HashSet<C>,
+}
+
+/// How this VM's claimed fetch ended, for the shared entry ([`TokenKeeper::publish`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// A token: shared.
+    Token(AccessToken),
+    /// No token from the IdP: the VMs waiting for this fetch fail closed.
+    Failed,
+    /// No answer to wait for (the request was not sent, or Envoy cancelled it with its
+    /// stream): the claim is dropped, and the VMs waiting for it claim again.
+    Released,
 }
 
 /// What to do before sending the token request ([`TokenKeeper::claim`]).
@@ -694,7 +706,7 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
     /// dropped ([`TokenKeeper::publish`]) so that the other VMs do not wait for it.
     pub fn fetch_not_sent(&mut self) {
         if self.claimed_seq > 0 {
-            self.unpublished = Some(None);
+            self.unpublished = Some(Outcome::Released);
         }
     }
 
@@ -705,10 +717,15 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
     }
 
     /// Stream `ctx` ended. True if it had sent the token request, which Envoy cancels: the
-    /// stage forgets that callout, and the request is [`TokenKeeper::orphaned`].
+    /// stage forgets that callout, the request is [`TokenKeeper::orphaned`], and its claim in
+    /// the shared entry is to be dropped ([`TokenKeeper::publish`]) so that the other VMs need
+    /// not wait for it to expire.
     pub fn forget_stream(&mut self, ctx: u32) -> bool {
         if self.fetching == Some(Fetching::Here(Some(ctx))) {
             self.fetching = None;
+            if self.claimed_seq > 0 {
+                self.unpublished = Some(Outcome::Released);
+            }
             return true;
         }
         false
@@ -726,7 +743,10 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
             Err(why) => (None, Some(why)),
         };
         if self.claimed_seq > 0 {
-            self.unpublished = Some(token.clone());
+            self.unpublished = Some(match &token {
+                Some(token) => Outcome::Token(token.clone()),
+                None => Outcome::Failed,
+            });
         }
         self.token_seq = if token.is_some() { self.claimed_seq } else { 0 };
         self.token = token;
@@ -740,30 +760,26 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
     /// After this VM's fetch ended (or could not be sent): the shared entry to write (with the
     /// cas it was read with; on a mismatch, read it and publish again), or None when there is
     /// nothing to write. The token is shared and the claim dropped; a failure is written so
-    /// that the VMs waiting for this fetch fail closed too. A newer claim (this one had
-    /// expired) is kept; a newer token is not overwritten.
+    /// that the VMs waiting for this fetch fail closed too; a released claim is only dropped.
+    /// A newer claim (this one had expired) is kept; a newer token is not overwritten.
     pub fn publish(&mut self, entry: Option<&[u8]>) -> Option<Vec<u8>> {
         let outcome = self.unpublished.as_ref()?;
         let seq = self.claimed_seq;
         let mut shared = SharedEntry::parse(entry);
         let ours = shared.seq == seq;
         match outcome {
-            Some(token) if shared.token_seq < seq => {
+            Outcome::Token(token) if shared.token_seq < seq => {
                 shared.token_seq = seq;
                 shared.obtained_at = token.obtained_at;
                 shared.lifetime = token.lifetime;
                 shared.token = token.value.clone();
             }
-            Some(_) if !ours => {
+            _ if !ours => {
                 self.unpublished = None;
                 return None;
             }
-            Some(_) => {}
-            None if !ours => {
-                self.unpublished = None;
-                return None;
-            }
-            None => shared.failed_seq = seq,
+            Outcome::Token(_) | Outcome::Released => {}
+            Outcome::Failed => shared.failed_seq = seq,
         }
         if ours {
             shared.claimed_until = 0;
@@ -1300,6 +1316,29 @@ mod tests {
         assert!(d.forget_stream(9));
         assert!(d.orphaned());
         assert!(shared.claim(&mut d, 1600));
+    }
+
+    #[test]
+    fn a_request_cancelled_with_its_stream_drops_the_claim_without_failing_the_others() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(5));
+        b.need("b1", 1000);
+        assert!(!shared.claim(&mut b, 1000));
+        // A's stream ends: Envoy cancels its request; A drops its claim at once.
+        a.leave(&"a1");
+        assert!(a.forget_stream(5));
+        shared.publish(&mut a);
+        // B's next tick (long before the claim would have expired): not a failure; B claims.
+        assert_eq!(b.sync_shared(shared.get(), 1001), None);
+        assert!(b.orphaned(), "B fetches");
+        assert!(shared.claim(&mut b, 1001));
+        b.fetch_sent(None);
+        assert!(b.answered(200, TOKEN_A, 1001).failure.is_none());
+        shared.publish(&mut b);
+        assert!(a.adopt(shared.get(), 1002));
     }
 
     #[test]
