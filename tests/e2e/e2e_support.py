@@ -185,6 +185,27 @@ def hs256_jwt(claims, secret):
     return f"{header}.{payload}.{b64url(signature)}"
 
 
+# The IdP issues opaque access tokens (introspected, never a JWT) for this resource.
+MQTT_OPAQUE_AUDIENCE = "urn:orion:opaque"
+
+
+def mqtt_opaque_config(idp, audience=MQTT_OPAQUE_AUDIENCE, timeout_ms=None):
+    """mqtt-acl taking an opaque token as the MQTT user name, introspected (RFC 7662) at the e2e
+    IdP by the PEP client; every authenticated client may use lamps/#."""
+    introspection = {"kind": "rfc7662", "cluster": "idp", "authority": idp.authority,
+                     "path": "/token/introspection",
+                     "credentials": {"client_id": IdP.PEP[0], "client_secret": IdP.PEP[1]},
+                     "audience": audience}
+    if timeout_ms is not None:
+        introspection["timeout_ms"] = timeout_ms
+    return {
+        "client_ids": ["*"],
+        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
+                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
+        "introspection": introspection,
+    }
+
+
 def mqtt_run(tool, port, *args, timeout=15):
     """Runs mosquitto_pub/mosquitto_sub against 127.0.0.1:port; returns CompletedProcess."""
     exe = MOSQUITTO_PUB if tool == "pub" else MOSQUITTO_SUB

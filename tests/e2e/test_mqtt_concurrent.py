@@ -143,27 +143,14 @@ def test_the_registry_down_refuses_every_waiting_client_on_one_call(proxy, mosqu
 
 # ---- an opaque token as the user name: introspection shared ----
 
-OPAQUE = "urn:orion:opaque"  # the IdP issues opaque access tokens for this resource
-
-
-def opaque_config(idp):
-    return {
-        "client_ids": ["*"],
-        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
-                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
-        "introspection": {"kind": "rfc7662", "cluster": "idp", "authority": idp.authority,
-                          "path": "/token/introspection",
-                          "credentials": {"client_id": e2e.IdP.PEP[0],
-                                          "client_secret": e2e.IdP.PEP[1]},
-                          "audience": OPAQUE, "timeout_ms": 10000},
-    }
+OPAQUE = e2e.MQTT_OPAQUE_AUDIENCE
 
 
 def test_clients_with_one_opaque_token_connecting_at_once_share_one_introspection(
         work_dir, idp, mosquitto):
     # One worker: one VM, so one introspection for all the CONNECTs.
     envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-concurrent-opaque",
-                          filter_config=opaque_config(idp), broker_port=mosquitto.port,
+                          filter_config=e2e.mqtt_opaque_config(idp, timeout_ms=10000), broker_port=mosquitto.port,
                           wasm=e2e.copy_module(work_dir, e2e.MQTT_WASM), concurrency=1,
                           http_clusters=(("idp", idp.authority),)).start()
     token = idp.token(OPAQUE)

@@ -11,24 +11,12 @@ import pytest
 
 import e2e_support as e2e
 
-OPAQUE = "urn:orion:opaque"  # the IdP issues opaque access tokens for this resource
-
+OPAQUE = e2e.MQTT_OPAQUE_AUDIENCE
 
 # The introspection client's secret, from Envoy's environment (client_secret_env).
 SECRET_ENV = "E2E_MQTT_PEP_CLIENT_SECRET"
 
-
-def config(idp, audience=OPAQUE):
-    return {
-        "client_ids": ["*"],
-        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
-                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
-        "introspection": {"kind": "rfc7662", "cluster": "idp", "authority": idp.authority,
-                          "path": "/token/introspection",
-                          "credentials": {"client_id": e2e.IdP.PEP[0],
-                                          "client_secret": e2e.IdP.PEP[1]},
-                          "audience": audience},
-    }
+config = e2e.mqtt_opaque_config
 
 
 @pytest.fixture(scope="module")
