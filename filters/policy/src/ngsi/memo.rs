@@ -14,6 +14,13 @@ use crate::decision::DenyReason;
 /// the key (a duplicate is refused, so it must not hit the entry of a single one).
 const READ_HEADERS: [&str; 3] = ["fiware-service", "fiware-servicepath", "ngsild-tenant"];
 
+/// Only small requests are remembered. Every request a client sends can differ, so the size of
+/// an entry is bounded as well as their number: its key (method, path, tenant headers) and the
+/// accesses it holds. At these bounds an entry stays within a few KB, the whole memo within a
+/// few MB per VM; the requests worth remembering (a device polling its entity) are far smaller.
+const MAX_KEY_BYTES: usize = 256;
+const MAX_ACCESSES: usize = 4;
+
 /// What a classification answered (refusals too: they are as pure).
 pub type Classified = Result<(RequestAccess, CanonicalPath), DenyReason>;
 
@@ -57,14 +64,27 @@ impl ClassifyMemo {
         if !req.body.is_empty() || self.capacity == 0 {
             return classify_with_path(req);
         }
+        let tenant: Vec<(&String, &String)> = req
+            .headers
+            .iter()
+            .filter(|(name, _)| READ_HEADERS.iter().any(|r| name.eq_ignore_ascii_case(r)))
+            .map(|(name, value)| (name, value))
+            .collect();
+        let key_bytes = req.method.len()
+            + req.path.len()
+            + tenant
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>();
+        if key_bytes > MAX_KEY_BYTES {
+            return classify_with_path(req);
+        }
         let key = Key {
             broker: req.broker,
             method: req.method.to_string(),
             path: req.path.to_string(),
-            tenant: req
-                .headers
-                .iter()
-                .filter(|(name, _)| READ_HEADERS.iter().any(|r| name.eq_ignore_ascii_case(r)))
+            tenant: tenant
+                .into_iter()
                 .map(|(name, value)| (name.to_ascii_lowercase(), value.clone()))
                 .collect(),
         };
@@ -72,6 +92,9 @@ impl ClassifyMemo {
             return known.clone();
         }
         let classified = classify_with_path(req);
+        if matches!(&classified, Ok((access, _)) if access.accesses.len() > MAX_ACCESSES) {
+            return classified;
+        }
         if self.entries.len() >= self.capacity {
             self.entries.clear();
         }
@@ -155,6 +178,26 @@ mod tests {
             assert_eq!(memo.classify_with_path(&req), classify_with_path(&req));
             assert!(memo.len() <= 2);
         }
+        // Big requests are not remembered (a client could fill the memo with them): a long
+        // path, long tenant headers, or many accesses.
+        let mut memo = ClassifyMemo::new(64);
+        let long_path = format!("/v2/entities/{}", "A".repeat(MAX_KEY_BYTES));
+        let long_tenant = pairs(&[("fiware-servicepath", &format!("/{}", "a".repeat(250)))]);
+        let many = format!("/v2/entities?id={}", ["A", "B", "C", "D", "E"].join(","));
+        for (path, headers) in [
+            (long_path.as_str(), &none),
+            ("/v2/entities/A", &long_tenant),
+            (many.as_str(), &none),
+        ] {
+            let req = request("GET", path, headers, b"");
+            assert_eq!(memo.classify_with_path(&req), classify_with_path(&req));
+            assert!(memo.is_empty(), "{path} {headers:?} remembered");
+        }
+        let four = request("GET", "/v2/entities?id=A,B,C,D", &none, b"");
+        assert!(matches!(classify_with_path(&four), Ok((a, _)) if a.accesses.len() == 4));
+        assert_eq!(memo.classify_with_path(&four), classify_with_path(&four));
+        assert_eq!(memo.len(), 1);
+
         let mut off = ClassifyMemo::new(0);
         let req = request("GET", "/v2/entities/A", &none, b"");
         assert_eq!(off.classify_with_path(&req), classify_with_path(&req));
