@@ -42,8 +42,7 @@ use policy::upstream::HttpCall;
 use policy::{Decision, DenyReason, Identity};
 
 use crate::registry_token::{
-    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered,
-    TokenCounters, TokenFetch,
+    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
 };
 use proxy_glue::{now_secs, record_decision, Counter, Decided, DecisionMetrics, Entities};
 
@@ -465,39 +464,26 @@ impl DeviceOwnershipStage {
     /// another worker's VM is fetching it (then the streams wait for its token). False if the
     /// request could not be sent.
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(keeper) = self.registry_token.as_mut() else {
-            return false;
-        };
         let counters = self.metrics.registry_token;
-        let now = now_secs().unwrap_or(0);
-        match send_token_request(NAME, keeper, owner, now, counters) {
-            TokenFetch::Sent(sent) => {
-                self.callouts.insert(sent, Purpose::Token);
-                true
-            }
-            TokenFetch::Elsewhere => true,
-            TokenFetch::Failed => false,
-        }
+        send_token_request(NAME, self.registry_token.as_mut(), owner, counters).recorded(|sent| {
+            self.callouts.insert(sent, Purpose::Token);
+        })
     }
 
     /// The IdP answered the token request: release the streams that waited (without a token
     /// they fail closed: 503).
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
-        let now = now_secs().unwrap_or(0);
         let counters = self.metrics.registry_token;
-        let Some(fetched) = self.registry_token.as_mut().map(|keeper| {
-            token_answered(
-                NAME,
-                keeper,
-                (status, body),
-                now,
-                counters,
-                "ownership registry",
-            )
-        }) else {
-            return Vec::new();
-        };
-        self.token_released(fetched)
+        match token_answered(
+            NAME,
+            self.registry_token.as_mut(),
+            (status, body),
+            counters,
+            "ownership registry",
+        ) {
+            Some(fetched) => self.token_released(fetched),
+            None => Vec::new(),
+        }
     }
 
     /// The streams that waited for the token, released: they resume (without a token they

@@ -12,7 +12,7 @@ use std::hash::Hash;
 
 use policy::client_credentials::{Claim, Fetched, TokenKeeper};
 use policy::log_text::bounded;
-use proxy_glue::Counter;
+use proxy_glue::{now_secs, Counter};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
@@ -37,8 +37,23 @@ pub(crate) enum TokenFetch {
     Sent(u32),
     /// Another VM is fetching it: wait for its token (read on the tick).
     Elsewhere,
-    /// The host refused the call.
+    /// The host refused the call, or the stage has no registry token.
     Failed,
+}
+
+impl TokenFetch {
+    /// Whether the token is on its way (fetched here or elsewhere); a request sent from this VM
+    /// is handed to `record` first, so the stage knows its answer when it comes.
+    pub(crate) fn recorded(self, record: impl FnOnce(u32)) -> bool {
+        match self {
+            TokenFetch::Sent(sent) => {
+                record(sent);
+                true
+            }
+            TokenFetch::Elsewhere => true,
+            TokenFetch::Failed => false,
+        }
+    }
 }
 
 /// The shared entry and its cas; None when the host has no shared data for this VM.
@@ -89,14 +104,18 @@ pub(crate) fn sync_shared<W: PartialEq, C: Eq + Hash>(
 }
 
 /// Claims the fetch in the shared entry, then sends `keeper`'s token request from `owner`'s
-/// context (None: the root), unless another VM holds the claim.
+/// context (None: the root), unless another VM holds the claim. A stage without a registry
+/// token (`keeper` None) cannot fetch one.
 pub(crate) fn send_token_request<W: PartialEq, C: Eq + Hash>(
     stage: &str,
-    keeper: &mut TokenKeeper<W, C>,
+    keeper: Option<&mut TokenKeeper<W, C>>,
     owner: Option<u32>,
-    now: u64,
     counters: TokenCounters,
 ) -> TokenFetch {
+    let Some(keeper) = keeper else {
+        return TokenFetch::Failed;
+    };
+    let now = now_secs().unwrap_or(0);
     let key = keeper.shared_key();
     let mut claimed = false;
     for _ in 0..CAS_ATTEMPTS {
@@ -171,16 +190,17 @@ fn publish<W: PartialEq, C: Eq + Hash>(keeper: &mut TokenKeeper<W, C>) {
 }
 
 /// Hands the IdP's answer to `keeper`, counted, shared with the other VMs, and logged when it
-/// gave no token (`upstream` names what the token is for).
+/// gave no token (`upstream` names what the token is for). None: the stage has no registry
+/// token.
 pub(crate) fn token_answered<W: PartialEq, C: Eq + Hash>(
     stage: &str,
-    keeper: &mut TokenKeeper<W, C>,
+    keeper: Option<&mut TokenKeeper<W, C>>,
     (status, body): (u32, &[u8]),
-    now: u64,
     counters: TokenCounters,
     upstream: &str,
-) -> Fetched<W> {
-    let fetched = keeper.answered(status, body, now);
+) -> Option<Fetched<W>> {
+    let keeper = keeper?;
+    let fetched = keeper.answered(status, body, now_secs().unwrap_or(0));
     publish(keeper);
     match &fetched.failure {
         None => counters.fetched.inc(),
@@ -192,5 +212,5 @@ pub(crate) fn token_answered<W: PartialEq, C: Eq + Hash>(
             );
         }
     }
-    fetched
+    Some(fetched)
 }

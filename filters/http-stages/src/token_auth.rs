@@ -35,8 +35,7 @@ use proxy_glue::remote_keys::{KeyMetrics, Progress, RemoteKeys};
 use proxy_glue::{now_secs, string_property, Counter};
 
 use crate::registry_token::{
-    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered,
-    TokenCounters, TokenFetch,
+    self, adopt_shared, init_shared, send_token_request, sync_shared, token_answered, TokenCounters,
 };
 use crate::{ByStream, Caller, Request, Stage, Step};
 use policy::lookups::Lookups;
@@ -579,39 +578,26 @@ impl TokenAuthStage {
     /// another worker's VM is fetching it (then the lookups wait for its token). False if
     /// the request could not be sent.
     fn start_token_fetch(&mut self, owner: Option<u32>) -> bool {
-        let Some(keeper) = self.registry_token.as_mut() else {
-            return false;
-        };
         let counters = self.metrics.registry_token;
-        let now = now_secs().unwrap_or(0);
-        match send_token_request(NAME, keeper, owner, now, counters) {
-            TokenFetch::Sent(sent) => {
-                self.callouts.insert(sent, LookupKey::RegistryToken);
-                true
-            }
-            TokenFetch::Elsewhere => true,
-            TokenFetch::Failed => false,
-        }
+        send_token_request(NAME, self.registry_token.as_mut(), owner, counters).recorded(|sent| {
+            self.callouts.insert(sent, LookupKey::RegistryToken);
+        })
     }
 
     /// The IdP answered: with a token, the waiting lookups are sent (from the context that
     /// fetched it); without, they fail closed (503). Returns the streams to resume.
     fn token_answered(&mut self, status: u32, body: &[u8]) -> Vec<u32> {
-        let now = now_secs().unwrap_or(0);
         let counters = self.metrics.registry_token;
-        let Some(fetched) = self.registry_token.as_mut().map(|keeper| {
-            token_answered(
-                NAME,
-                keeper,
-                (status, body),
-                now,
-                counters,
-                "device registry",
-            )
-        }) else {
-            return Vec::new();
-        };
-        self.token_released(fetched)
+        match token_answered(
+            NAME,
+            self.registry_token.as_mut(),
+            (status, body),
+            counters,
+            "device registry",
+        ) {
+            Some(fetched) => self.token_released(fetched),
+            None => Vec::new(),
+        }
     }
 
     /// The lookups that waited for the token: sent with it (from the context that fetched
