@@ -128,7 +128,10 @@ pub(crate) fn send_token_request<W: PartialEq, C: Eq + Hash>(
         match keeper.claim(entry.as_deref(), now) {
             Claim::Elsewhere => return TokenFetch::Elsewhere,
             Claim::Write(bytes) => match hostcalls::set_shared_data(&key, Some(&bytes), cas) {
-                Err(Status::CasMismatch) => continue,
+                Err(Status::CasMismatch) => {
+                    keeper.claim_refused();
+                    continue;
+                }
                 Ok(()) | Err(_) => {
                     claimed = true;
                     break;

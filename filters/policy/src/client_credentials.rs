@@ -682,6 +682,13 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
         Claim::Write(shared.to_bytes())
     }
 
+    /// The claim [`TokenKeeper::claim`] returned was not written: another VM wrote the entry
+    /// first (compare-and-swap mismatch). That VM's claim may carry the very seq this one
+    /// would have, so it must not be taken for this VM's own when the entry is read again.
+    pub fn claim_refused(&mut self) {
+        self.claimed_seq = 0;
+    }
+
     /// The host has no shared data: this VM fetches its own token, unclaimed.
     pub fn unshared(&mut self) {
         self.claimed_seq = 0;
@@ -1198,6 +1205,23 @@ mod tests {
             }
             k.published();
         }
+    }
+
+    #[test]
+    fn a_vm_that_lost_the_race_to_claim_does_not_take_the_winners_claim_for_its_own() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        assert_eq!(a.need("a1", 1000), TokenNeed::Fetch);
+        assert_eq!(b.need("b1", 1000), TokenNeed::Fetch);
+        // Both read the entry at once; A's write lands, B's loses the compare-and-swap.
+        let seen = shared.0.clone();
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(1));
+        assert!(matches!(b.claim(seen.as_deref(), 1000), Claim::Write(_)));
+        b.claim_refused();
+        // B reads the entry again: A's claim (the same seq B tried to write) is not B's.
+        assert!(!shared.claim(&mut b, 1000), "A holds the claim");
+        assert_eq!(b.need("b2", 1000), TokenNeed::Wait);
     }
 
     #[test]
