@@ -575,7 +575,15 @@ impl Chain {
                 self.start_upstream_response(run, upstream);
                 continue;
             }
-            if self.answer_one_callout(runs) || self.tick_once(deadline) {
+            if self.answer_one_callout(runs) {
+                continue;
+            }
+            if self.tick_once(deadline) {
+                // What the ticks did to streams (resumed them, answered them) reaches them.
+                for i in 0..self.filters.len() {
+                    let actions = self.filters[i].take_deferred();
+                    self.route_actions(runs, i, actions);
+                }
                 continue;
             }
             break;

@@ -122,6 +122,10 @@ pub struct HostState {
     pub in_configure: bool,
     pub in_vm_start: bool,
     pub tick_period_ms: u32,
+    /// When the root's timer was last (re)armed by `proxy_set_tick_period_milliseconds`: Envoy
+    /// (`Wasm::setTimerPeriod`) disables the timer and starts a new one on every call, so the
+    /// next tick comes one period after the call, whatever the old period's phase was.
+    pub tick_armed_nanos: Option<u64>,
     pub deferred: Vec<(u32, Deferred)>,
     pub pending_calls: Vec<PendingCall>,
     pub call_response: Option<CallResponse>,
@@ -407,7 +411,10 @@ pub fn add_proxy_imports(linker: &mut Linker<HostState>) -> Result<()> {
         "proxy_set_tick_period_milliseconds",
         |mut caller: Caller<'_, HostState>, period: u32| -> Result<i32> {
             count_call(&caller, "proxy_set_tick_period_milliseconds");
-            caller.data_mut().tick_period_ms = period;
+            let now = caller.data().shared.now_nanos();
+            let state = caller.data_mut();
+            state.tick_period_ms = period;
+            state.tick_armed_nanos = Some(now);
             status(Status::Ok)
         },
     )?;

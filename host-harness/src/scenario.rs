@@ -458,6 +458,10 @@ pub struct Expect {
     /// Every field given must be present in the JSON body with this value.
     pub body_json: Option<toml::Value>,
     pub callouts: Option<usize>,
+    /// The most test-clock time (ms) the step's requests or connections may take, from after
+    /// `advance_clock_ms`: time passes only when nothing else moves (to the next tick, or by a
+    /// callout's `delay_ms`), so this bounds how long a waiting request waited for a tick.
+    pub elapsed_ms_at_most: Option<u64>,
     /// How often the filters called these host functions during the step (by import name,
     /// `proxy_set_buffer_bytes`; summed over every filter): what the request cost in
     /// crossings, or whether a filter wrote a buffer or a header at all.
@@ -704,6 +708,7 @@ fn run(
             reconfigure(&mut chain, &mut specs, re, base, options, &mut failures)?;
         }
         let host_calls_before = host_calls(&chain);
+        let started_nanos = shared.now_nanos();
         let mut request_outcome = None;
         if let Some(req) = &step.request {
             for _ in 0..req.repeat.unwrap_or(1).max(1) {
@@ -764,6 +769,14 @@ fn run(
             check_callouts(step.expect.callouts, &made, &mut failures);
         } else if !step.events.is_empty() {
             bail!("step {name}: events without connections (a single connection's events go in [step.connection])");
+        }
+        if let Some(most) = step.expect.elapsed_ms_at_most {
+            let took = shared.now_nanos().saturating_sub(started_nanos) / 1_000_000;
+            if took > most {
+                failures.push(format!(
+                    "the step took {took} ms of test-clock time, expected at most {most} ms"
+                ));
+            }
         }
         // Host calls first: the flush below is the harness's, not the step's.
         check_host_calls(

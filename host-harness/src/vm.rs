@@ -109,6 +109,7 @@ fn dummy_state() -> HostState {
         in_configure: false,
         in_vm_start: false,
         tick_period_ms: 0,
+        tick_armed_nanos: None,
         deferred: Vec::new(),
         pending_calls: Vec::new(),
         call_response: None,
@@ -552,25 +553,33 @@ impl PluginVm {
 
     /// When this VM's next tick is due (ns), if it asked for ticks and is serving.
     pub fn next_tick_nanos(&self) -> Option<u64> {
-        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
-        (period > 0 && self.is_serving()).then(|| self.last_tick_nanos + period)
+        let state = self.store.data();
+        let period = state.tick_period_ms as u64 * 1_000_000;
+        let last = state.tick_armed_nanos.unwrap_or(self.last_tick_nanos);
+        (period > 0 && self.is_serving()).then(|| last + period)
     }
 
-    /// Fires `proxy_on_tick` for every tick period the clock has crossed (at most `max`).
+    /// Fires `proxy_on_tick` for every tick period the clock has crossed (at most `max`). A
+    /// period set again (even from a tick) restarts the count from when it was set.
     pub fn fire_ticks(&mut self, now_nanos: u64, max: u32) -> Result<u32, String> {
-        let period = self.store.data().tick_period_ms as u64 * 1_000_000;
-        if period == 0 || !self.is_serving() {
-            self.last_tick_nanos = now_nanos;
-            return Ok(0);
-        }
         let mut fired = 0;
-        while self.last_tick_nanos + period <= now_nanos && fired < max {
+        loop {
+            if let Some(armed) = self.store.data_mut().tick_armed_nanos.take() {
+                self.last_tick_nanos = armed;
+            }
+            let period = self.store.data().tick_period_ms as u64 * 1_000_000;
+            if period == 0 || !self.is_serving() {
+                self.last_tick_nanos = now_nanos;
+                return Ok(fired);
+            }
+            if self.last_tick_nanos + period > now_nanos || fired >= max {
+                return Ok(fired);
+            }
             self.last_tick_nanos += period;
             let root = self.root_context_id;
             self.call_void(root, "proxy_on_tick", &[root])?;
             fired += 1;
         }
-        Ok(fired)
     }
 
     /// Asks the filter to hand the counts it holds to the host now (our filters' export
