@@ -1003,6 +1003,10 @@ impl Stage for DeviceOwnershipStage {
         self.own.can_record_owner() || self.registry_token.is_some()
     }
 
+    fn prompt_tick_ms(&self) -> Option<u64> {
+        registry_token::prompt_tick_ms(self.registry_token.as_ref())
+    }
+
     fn on_tick(&mut self) -> Vec<u32> {
         // A token another worker's VM fetched (or failed to) releases the streams that waited
         // for it; a token nobody is fetching (its fetcher went away, or the registry refused

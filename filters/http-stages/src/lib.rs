@@ -205,6 +205,14 @@ pub trait Stage {
         false
     }
 
+    /// A shorter tick period (milliseconds) the stage needs right now, None when the
+    /// once-a-second tick will do: calls wait for something only its tick can see (another
+    /// VM's registry token, `TokenKeeper::wants_prompt_tick`). Asked after every callback; the
+    /// driver sets the root's period when the shortest wanted changes.
+    fn prompt_tick_ms(&self) -> Option<u64> {
+        None
+    }
+
     /// The tick (the root is the effective context); returns the streams it settled (in either
     /// phase).
     fn on_tick(&mut self) -> Vec<u32> {
@@ -287,7 +295,12 @@ struct ResponseFlow {
 struct Pipeline {
     stages: Vec<Box<dyn Stage>>,
     flows: ByStream<Flow>,
+    /// The root's tick period as last set (ms).
+    tick_ms: u64,
 }
+
+/// The root's tick period when no stage wants a shorter one.
+const TICK_MS: u64 = proxy_glue::counters::FLUSH_PERIOD.as_millis() as u64;
 
 type Shared = Rc<RefCell<Pipeline>>;
 
@@ -301,7 +314,7 @@ struct Root {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
         if let Some(pipeline) = &self.pipeline {
-            pipeline.borrow_mut().on_callout(self.id, token);
+            pipeline.borrow_mut().run(|p| p.on_callout(self.id, token));
         }
     }
 
@@ -329,13 +342,14 @@ impl RootContext for Root {
         self.pipeline = Some(Rc::new(RefCell::new(Pipeline {
             stages,
             flows: ByStream::default(),
+            tick_ms: TICK_MS,
         })));
         true
     }
 
     fn on_tick(&mut self) {
         if let Some(pipeline) = &self.pipeline {
-            pipeline.borrow_mut().on_tick(self.id);
+            pipeline.borrow_mut().run(|p| p.on_tick(self.id));
         }
         proxy_glue::on_root_tick();
     }
@@ -360,13 +374,13 @@ struct Stream {
 impl Context for Stream {
     fn on_http_call_response(&mut self, token: u32, _: usize, _: usize, _: usize) {
         if let Some(pipeline) = &self.pipeline {
-            pipeline.borrow_mut().on_callout(self.id, token);
+            pipeline.borrow_mut().run(|p| p.on_callout(self.id, token));
         }
     }
 
     fn on_done(&mut self) -> bool {
         if let Some(pipeline) = &self.pipeline {
-            pipeline.borrow_mut().forget(self.id);
+            pipeline.borrow_mut().run(|p| p.forget(self.id));
         }
         true
     }
@@ -384,7 +398,7 @@ impl HttpContext for Stream {
         proxy_glue::one_stream_callback(|| {
             pipeline
                 .borrow_mut()
-                .on_request_headers(self.id, end_of_stream)
+                .run(|p| p.on_request_headers(self.id, end_of_stream))
         })
     }
 
@@ -392,7 +406,7 @@ impl HttpContext for Stream {
         match &self.pipeline {
             Some(p) => proxy_glue::one_stream_callback(|| {
                 p.borrow_mut()
-                    .on_request_body(self.id, Some(body_size), end_of_stream)
+                    .run(|p| p.on_request_body(self.id, Some(body_size), end_of_stream))
             }),
             None => Action::Pause,
         }
@@ -402,7 +416,8 @@ impl HttpContext for Stream {
         match &self.pipeline {
             // The body (if any) ended without end_of_stream: trailers close the request.
             Some(p) => proxy_glue::one_stream_callback(|| {
-                p.borrow_mut().on_request_body(self.id, None, true)
+                p.borrow_mut()
+                    .run(|p| p.on_request_body(self.id, None, true))
             }),
             None => Action::Pause,
         }
@@ -411,7 +426,8 @@ impl HttpContext for Stream {
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         match &self.pipeline {
             Some(p) => proxy_glue::one_stream_callback(|| {
-                p.borrow_mut().on_response_headers(self.id, end_of_stream)
+                p.borrow_mut()
+                    .run(|p| p.on_response_headers(self.id, end_of_stream))
             }),
             None => Action::Continue,
         }
@@ -421,7 +437,7 @@ impl HttpContext for Stream {
         match &self.pipeline {
             Some(p) => proxy_glue::one_stream_callback(|| {
                 p.borrow_mut()
-                    .on_response_body(self.id, Some(body_size), end_of_stream)
+                    .run(|p| p.on_response_body(self.id, Some(body_size), end_of_stream))
             }),
             None => Action::Continue,
         }
@@ -432,7 +448,8 @@ impl HttpContext for Stream {
             // A response body that ends with trailers is complete at them (a held body must
             // not slip out unchecked with the trailers).
             Some(p) => proxy_glue::one_stream_callback(|| {
-                p.borrow_mut().on_response_body(self.id, None, true)
+                p.borrow_mut()
+                    .run(|p| p.on_response_body(self.id, None, true))
             }),
             None => Action::Continue,
         }
@@ -440,6 +457,28 @@ impl HttpContext for Stream {
 }
 
 impl Pipeline {
+    /// Runs one callback's work, then sets the root's tick period if the shortest any stage
+    /// wants changed ([`Stage::prompt_tick_ms`]; once a second otherwise).
+    fn run<R>(&mut self, callback: impl FnOnce(&mut Self) -> R) -> R {
+        let result = callback(self);
+        let wanted = self
+            .stages
+            .iter()
+            .filter_map(|s| s.prompt_tick_ms())
+            .fold(TICK_MS, u64::min)
+            .max(1);
+        if wanted != self.tick_ms {
+            match host::set_tick_period(u32::try_from(wanted).unwrap_or(u32::MAX)) {
+                Ok(()) => self.tick_ms = wanted,
+                Err(status) => log::warn!(
+                    "{}: cannot set the tick period to {wanted} ms: {status}",
+                    self.stages.first().map_or("-", |s| s.name())
+                ),
+            }
+        }
+        result
+    }
+
     fn on_request_headers(&mut self, ctx: u32, end_of_stream: bool) -> Action {
         let (headers, unreadable) = match host::header_map(MapType::HttpRequestHeaders) {
             Ok(headers) => (headers, None),

@@ -5,12 +5,13 @@
 //! The token is shared by the workers' VMs through Envoy shared data (one entry per grant,
 //! under `TokenKeeper::shared_key`): this moves the entry's bytes, the keeper decides. A VM
 //! claims the fetch with the entry's compare-and-swap before sending the token request; the
-//! others wait for the token it writes, read on their tick. A host that refuses shared data
+//! others wait for the token it writes, read on their tick, which comes every
+//! `PROMPT_TICK_MS` while they wait ([`prompt_tick_ms`]). A host that refuses shared data
 //! leaves each VM with its own token.
 
 use std::hash::Hash;
 
-use policy::client_credentials::{Claim, Fetched, TokenKeeper};
+use policy::client_credentials::{Claim, Fetched, TokenKeeper, PROMPT_TICK_MS};
 use policy::log_text::bounded;
 use proxy_glue::{now_secs, Counter};
 use proxy_wasm::hostcalls;
@@ -35,7 +36,8 @@ pub(crate) struct TokenCounters {
 pub(crate) enum TokenFetch {
     /// Sent: the callout's token.
     Sent(u32),
-    /// Another VM is fetching it: wait for its token (read on the tick).
+    /// Another VM is fetching it: wait for its token (read on the tick, which comes promptly
+    /// while calls wait: [`prompt_tick_ms`]).
     Elsewhere,
     /// The host refused the call, or the stage has no registry token.
     Failed,
@@ -101,6 +103,16 @@ pub(crate) fn sync_shared<W: PartialEq, C: Eq + Hash>(
         counters.shared.inc();
     }
     released
+}
+
+/// The stage's `Stage::prompt_tick_ms`: while calls wait for a token that no request of this
+/// VM's own will bring (another VM's, read on the tick; or the root's, sent on the tick).
+pub(crate) fn prompt_tick_ms<W: PartialEq, C: Eq + Hash>(
+    keeper: Option<&TokenKeeper<W, C>>,
+) -> Option<u64> {
+    keeper
+        .is_some_and(TokenKeeper::wants_prompt_tick)
+        .then_some(PROMPT_TICK_MS)
 }
 
 /// Claims the fetch in the shared entry, then sends `keeper`'s token request from `owner`'s

@@ -752,6 +752,10 @@ impl Stage for TokenAuthStage {
             || self.auth.providers().iter().any(|p| p.remote().is_some())
     }
 
+    fn prompt_tick_ms(&self) -> Option<u64> {
+        registry_token::prompt_tick_ms(self.registry_token.as_ref())
+    }
+
     fn on_tick(&mut self) -> Vec<u32> {
         let Some(now) = now_secs() else {
             return Vec::new();

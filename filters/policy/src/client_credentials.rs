@@ -49,6 +49,9 @@ pub const SHARED_KEY_PREFIX: &str = "client_credentials.token:";
 /// Seconds a VM's claim to fetch the token outlives the token request's timeout: a claim whose
 /// fetcher is gone (its VM trapped, its answer lost) is void after that, and another VM claims.
 pub const CLAIM_MARGIN_S: u64 = 2;
+/// The root's tick period (milliseconds) while calls wait for a token that no request of this
+/// VM's own will bring ([`TokenKeeper::wants_prompt_tick`]); once a second otherwise.
+pub const PROMPT_TICK_MS: u64 = 20;
 
 /// `auth` of an upstream endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -429,7 +432,10 @@ enum Fetching {
 /// * the others read the entry ([`TokenKeeper::adopt`] before they need a token,
 ///   [`TokenKeeper::sync_shared`] on their tick): they use the token, computing when to fetch
 ///   again with their own `refresh_margin_s`; a failed fetch fails their waiters too (closed,
-///   as when their own fetch fails);
+///   as when their own fetch fails). A VM with calls waiting for another VM's fetch has its
+///   root tick every [`PROMPT_TICK_MS`] until they are released
+///   ([`TokenKeeper::wants_prompt_tick`]), so they go within that much of the token (or the
+///   failure) being written, not up to a second later;
 /// * a claim holds for the token request's timeout and [`CLAIM_MARGIN_S`]: a fetcher that is
 ///   gone cannot block the others longer; its waiters keep waiting (and fail closed at their
 ///   own timeout) until a VM claims again;
@@ -721,6 +727,16 @@ impl<W: PartialEq, C: Eq + Hash> TokenKeeper<W, C> {
     /// the token): the root is to send it.
     pub fn orphaned(&self) -> bool {
         self.fetching.is_none() && !self.waiters.is_empty()
+    }
+
+    /// Whether the root is to tick promptly (every [`PROMPT_TICK_MS`]) rather than once a
+    /// second: calls wait for a token and no request of this VM's own will answer them. Either
+    /// another VM is fetching it, and its token (or its failure) reaches this VM only when the
+    /// tick reads the shared entry ([`TokenKeeper::sync_shared`]: Envoy tells a VM nothing when
+    /// another writes shared data), or nobody is, and the root sends the request on its tick
+    /// ([`TokenKeeper::orphaned`]). Once they are released (or gone), once a second again.
+    pub fn wants_prompt_tick(&self) -> bool {
+        !self.waiters.is_empty() && !matches!(self.fetching, Some(Fetching::Here(_)))
     }
 
     /// Stream `ctx` ended. True if it had sent the token request, which Envoy cancels: the
@@ -1270,6 +1286,83 @@ mod tests {
         assert!(!d.adopt(shared.get(), 1571));
         assert_eq!(d.need("d1", 1571), TokenNeed::Fetch);
         assert!(shared.claim(&mut d, 1571));
+    }
+
+    #[test]
+    fn a_vm_waiting_for_another_vms_fetch_wants_a_prompt_tick_until_its_calls_are_released() {
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        assert!(
+            !a.wants_prompt_tick() && !b.wants_prompt_tick(),
+            "nothing waits"
+        );
+        // A fetches: its own answer releases its waiters, no tick needed.
+        assert_eq!(a.need("a1", 1000), TokenNeed::Fetch);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(1));
+        assert_eq!(a.need("a2", 1000), TokenNeed::Wait);
+        assert!(!a.wants_prompt_tick());
+        // B's call waits for A's token, which only B's tick can read.
+        assert_eq!(b.need("b1", 1000), TokenNeed::Fetch);
+        assert!(!shared.claim(&mut b, 1000));
+        assert!(b.wants_prompt_tick());
+        assert_eq!(b.sync_shared(shared.get(), 1000), None);
+        assert!(b.wants_prompt_tick(), "still waiting");
+        a.answered(200, TOKEN_A, 1000);
+        shared.publish(&mut a);
+        assert!(!a.wants_prompt_tick());
+        assert!(b.sync_shared(shared.get(), 1000).is_some());
+        assert!(!b.wants_prompt_tick(), "released: once a second again");
+        // The failure of A's fetch releases B's waiters (closed) just as well.
+        let (mut a, mut b) = (keeper(), keeper());
+        let mut shared = Shared::new();
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(None);
+        b.need("b1", 1000);
+        assert!(!shared.claim(&mut b, 1000));
+        assert!(b.wants_prompt_tick());
+        a.answered(503, b"", 1000);
+        shared.publish(&mut a);
+        let released = b.sync_shared(shared.get(), 1000).unwrap();
+        assert!(released.failure.is_some());
+        assert!(!b.wants_prompt_tick());
+        // A waiter that leaves (its stream ended) leaves nothing to tick for.
+        let mut c = keeper();
+        c.need("c1", 1000);
+        c.claim_lost(1000);
+        assert!(c.wants_prompt_tick());
+        c.leave(&"c1");
+        assert!(!c.wants_prompt_tick());
+    }
+
+    #[test]
+    fn calls_that_wait_for_the_roots_request_want_a_prompt_tick_until_it_is_sent() {
+        // The stream that sent the request ended: the root sends it again on its tick.
+        let mut k = keeper();
+        k.need("a", 1000);
+        k.fetch_sent(Some(5));
+        k.need("b", 1000);
+        assert!(k.forget_stream(5));
+        assert!(k.orphaned() && k.wants_prompt_tick());
+        k.fetch_sent(None);
+        assert!(!k.wants_prompt_tick(), "the root's request is in flight");
+        k.answered(200, TOKEN_A, 1000);
+        assert!(!k.wants_prompt_tick());
+        // The upstream refused the token (401): the call waits for the root's new request.
+        assert!(k.retry_with_new_token("lookup a", 401));
+        k.wait("a");
+        assert!(k.orphaned() && k.wants_prompt_tick());
+        // Another VM's claim expired: this VM's root claims on its tick.
+        let mut shared = Shared::new();
+        let (mut a, mut b) = (keeper(), keeper());
+        a.need("a1", 1000);
+        assert!(shared.claim(&mut a, 1000));
+        a.fetch_sent(Some(1));
+        b.need("b1", 1000);
+        assert!(!shared.claim(&mut b, 1000));
+        assert_eq!(b.sync_shared(shared.get(), 1000 + 2 + CLAIM_MARGIN_S), None);
+        assert!(b.orphaned() && b.wants_prompt_tick());
     }
 
     #[test]

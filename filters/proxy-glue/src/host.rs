@@ -89,6 +89,7 @@ extern "C" {
     fn proxy_continue_stream(stream_type: StreamType) -> u32;
     fn proxy_close_stream(stream_type: StreamType) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
     fn proxy_send_local_response(
         status_code: u32,
         status_code_details_data: *const u8,
@@ -282,6 +283,14 @@ pub fn close_client() -> Result<(), HostStatus> {
 pub fn enter_context(id: u32) -> Result<(), HostStatus> {
     // SAFETY: no pointers.
     check(unsafe { proxy_set_effective_context(id) })
+}
+
+/// Sets the root context's tick period (from a stream's callback too: Envoy applies it to the
+/// stream's root). Envoy restarts the root's timer on every call, even with the period it
+/// already has: call it when the period changes, not on every request.
+pub fn set_tick_period(millis: u32) -> Result<(), HostStatus> {
+    // SAFETY: no pointers.
+    check(unsafe { proxy_set_tick_period_milliseconds(millis) })
 }
 
 /// Answers the current stream locally.
