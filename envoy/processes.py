@@ -248,6 +248,14 @@ class IdP:
         """Answers the parked introspection requests; later ones are answered at once."""
         assert request(self.port, "POST", "/_e2e/introspection-release", body=b"").status == 204
 
+    def hold_token(self):
+        """Later token requests (/token) are parked, unanswered, until release_token()."""
+        assert request(self.port, "POST", "/_e2e/token-hold", body=b"").status == 204
+
+    def release_token(self):
+        """Answers the parked token requests; later ones are answered at once."""
+        assert request(self.port, "POST", "/_e2e/token-release", body=b"").status == 204
+
     def stop(self):
         self.proc.stop()
 

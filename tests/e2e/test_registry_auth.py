@@ -18,6 +18,9 @@ import http.client
 import os
 import re
 import subprocess
+import threading
+import time
+import urllib.parse
 import uuid
 
 import pytest
@@ -253,6 +256,96 @@ def test_the_workers_share_one_token(work_dir, idp, broker, token_registry, toke
         assert stats["registry_token.shared"] >= 1, stats
         assert e2e.IdP.SIDECAR[1] not in proxy.log_text()
     finally:
+        proxy.stop()
+
+
+def flushed_counter(proxy, name):
+    """A counter as Envoy's stats show it right now (what the VMs flushed on their ticks so
+    far; `proxy.stats` waits for the flushes first)."""
+    body = proxy.admin("/stats?filter=" + urllib.parse.quote(f"^{re.escape(name)}$")).body
+    for line in body.decode().splitlines():
+        key, _, value = line.partition(": ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def test_a_request_waiting_for_the_other_workers_token_goes_on_with_it(
+        work_dir, idp, broker, token_registry, tokens):
+    """Envoy --concurrency 2, the IdP's token endpoint held: a request on one worker claims the
+    token fetch (its VM asks the IdP); a request on the other worker waits for that token.
+    Its VM reads the shared token on its root's tick, which comes every 20 ms while a call waits
+    (before: once a second). The token is released right after the waiting worker's tick was
+    seen (the tick flushes the VM's counters: its count of the waiting request appearing in
+    Envoy's stats is that tick), so a once-a-second tick would let the waiting request go
+    almost a second after the fetching worker's; here they go together (asserted: within half
+    a second of each other, both answers starting from the same token answer)."""
+    lamp = ownership_chain.new_id("Lamp")
+    token_registry.owners[("", lamp)] = OWNER
+    proxy = gateway(work_dir, idp, broker, "envoy-registry-cc-wake", token_registry,
+                    ownership=client_credentials_ownership(idp), concurrency=2,
+                    exact_balance=True)
+    allowed = "wasmcustom.token_auth.allowed"
+    conns = []
+    try:
+        test_recovery.wait_until_idle(proxy)
+        workers_before = test_recovery.worker_connections(proxy)
+        fetched = idp.count("/token")
+        idp.hold_token()
+        done = {}
+
+        def send(name):
+            # exact_balance: a connection goes to the worker with the fewest open ones.
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=e2e.HTTP_TIMEOUT)
+            conns.append(conn)
+            conn.request("GET", f"/v2/entities/{lamp}",
+                         headers={"authorization": f"Bearer {tokens[OWNER]}",
+                                  "x-e2e-probe": uuid.uuid4().hex})
+
+            def read():
+                resp = conn.getresponse()
+                resp.read()
+                done[name] = (resp.status, time.monotonic())
+            thread = threading.Thread(target=read, daemon=True)
+            thread.start()
+            return thread
+
+        def until(what, check, bound_s=10):
+            deadline = time.monotonic() + bound_s
+            while not check():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                time.sleep(0.01)
+
+        base = flushed_counter(proxy, allowed)
+        fetching = send("fetching")
+        until("the first worker's token request", lambda: idp.count("/token") == fetched + 1)
+        until("the first worker's tick", lambda: flushed_counter(proxy, allowed) == base + 1)
+        waiting = send("waiting")
+        # The second worker passed token-auth and, in the same callback, device-ownership's
+        # lookup began to wait for the token: its tick handed that count to Envoy just now.
+        until("the second worker's tick", lambda: flushed_counter(proxy, allowed) == base + 2)
+        idp.release_token()
+        fetching.join(e2e.HTTP_TIMEOUT)
+        waiting.join(e2e.HTTP_TIMEOUT)
+        assert done["fetching"][0] == 404 and done["waiting"][0] == 404, done  # both passed
+        gap = done["waiting"][1] - done["fetching"][1]
+        print(f"the waiting request went {gap * 1000:.0f} ms after the fetching one")
+        assert gap < 0.5, f"the waiting request went {gap:.3f} s after the fetching one"
+        workers = test_recovery.worker_connections(proxy)
+        assert all(workers[w] - workers_before.get(w, 0) == 1 for w in workers), \
+            (workers_before, workers)
+        # One token request; the second worker took that token from the shared data.
+        assert idp.count("/token") - fetched == 1
+        stats = proxy.stats(STATS)
+        assert stats["registry_token.fetched"] == 1, stats
+        assert stats["registry_token.shared"] >= 1, stats
+        used = {c["token"] for c in token_registry.calls_for(lamp)}
+        assert len(token_registry.calls_for(lamp)) == 2 and None not in used \
+            and len(used) == 1, used
+    finally:
+        idp.release_token()
+        for conn in conns:
+            conn.close()
         proxy.stop()
 
 

@@ -27,7 +27,8 @@
 // Test aids (not OIDC): GET /_e2e/requests answers the counts of the requests received, by
 // path; POST /_e2e/introspection-hold parks every later introspection request unanswered, and
 // POST /_e2e/introspection-release answers the parked ones and stops parking, so tests can
-// check what Envoy does while the filter waits for the IdP.
+// check what Envoy does while the filter waits for the IdP; /_e2e/token-hold and
+// /_e2e/token-release do the same for the token endpoint (/token).
 // SIGTERM/SIGINT close it.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
@@ -82,8 +83,8 @@ function signingKey() {
 }
 
 const counts = new Map();
-let holdIntrospection = false;
-const parked = [];
+// Parked requests by held path: [answer thunk].
+const held = { '/token/introspection': null, '/token': null };
 
 const server = http.createServer();
 server.listen(Number(args.port), args.host, () => {
@@ -171,14 +172,14 @@ server.listen(Number(args.port), args.host, () => {
       res.end(JSON.stringify(Object.fromEntries(counts)));
       return;
     }
-    if (req.method === 'POST' && path === '/_e2e/introspection-hold') {
-      holdIntrospection = true;
-      res.writeHead(204).end();
-      return;
-    }
-    if (req.method === 'POST' && path === '/_e2e/introspection-release') {
-      holdIntrospection = false;
-      parked.splice(0).forEach((answer) => answer());
+    const aid = /^\/_e2e\/(introspection|token)-(hold|release)$/.exec(path);
+    if (req.method === 'POST' && aid) {
+      const heldPath = aid[1] === 'token' ? '/token' : '/token/introspection';
+      const parked = held[heldPath];
+      held[heldPath] = aid[2] === 'hold' ? parked || [] : null;
+      if (aid[2] === 'release' && parked) {
+        parked.forEach((answer) => answer());
+      }
       res.writeHead(204).end();
       return;
     }
@@ -186,8 +187,8 @@ server.listen(Number(args.port), args.host, () => {
     res.on('finish', () => {
       console.error(`idp: ${req.method} ${req.url} -> ${res.statusCode}`);
     });
-    if (path === '/token/introspection' && holdIntrospection) {
-      parked.push(() => handle(req, res));
+    if (held[path]) {
+      held[path].push(() => handle(req, res));
     } else {
       handle(req, res);
     }
