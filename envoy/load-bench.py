@@ -247,7 +247,8 @@ def main():
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure each wasm variant with the .wasm files of DIR (e.g."
                              " a copy of target/wasm32-wasip1/release before a change), as"
-                             " VARIANT@baseline, in the same run")
+                             " VARIANT@baseline, in the same run (not `floor`: it measures"
+                             " the host, not our filters)")
     args = parser.parse_args()
     args.pin = args.concurrency == 1 and (os.cpu_count() or 1) >= 2 and bool(shutil.which("taskset"))
     unknown = set(args.variants) - set(VARIANTS)
@@ -269,7 +270,7 @@ def main():
         args.variants.insert(0, "no_filter")   # every ratio is to it
     if args.baseline:
         args.variants += [f"{v}@baseline" for v in args.variants
-                          if v not in ("no_filter", "native")]
+                          if v not in ("no_filter", "native", "floor")]
     baseline = [Path(args.baseline) / w.name for w in WASM.values()] if args.baseline else []
     for needed in [ENVOY] + list(WASM.values()) + baseline:
         if not needed.exists():
