@@ -140,3 +140,24 @@ def test_an_answer_filtering_leaves_as_it_is_reaches_the_client_as_the_broker_se
     assert r.body == json.dumps(r.json()).encode()
     assert r.header("content-length") == str(len(r.body))
     assert r.header("fiware-total-count") == "2"
+
+
+def test_a_list_answer_over_the_buffer_limit_is_refused_by_the_filter_not_by_envoy(
+        chain, broker, tokens):
+    """A list answer larger than Envoy's buffer limit (1 MiB by default): the filter's 503 with
+    its NGSI error, not Envoy's own 500 (with a max_response_bytes over the limit, Envoy's
+    buffer overflowed first)."""
+    kind = f"Bulky{uuid.uuid4().hex[:6]}"
+    ids = [new_id(kind) for _ in range(3)]
+    try:
+        for entity in ids:  # ~400 KB each: under every request limit, 1.2 MB as a list
+            assert call(chain, tokens, APP, "POST", "/v2/entities",
+                        {"id": entity, "type": kind,
+                         "data": {"type": "Text", "value": "x" * 400_000}}).status == 201
+        r = call(chain, tokens, APP, "GET", f"/v2/entities?type={kind}")
+        assert r.status == 503, (r.status, r.body[:200])
+        assert r.json()["error"] == "ServiceUnavailable", r.body[:200]
+    finally:
+        # Straight to the stand-in: nothing this large stays for later tests' list answers.
+        for entity in ids:
+            e2e.request(broker.port, "DELETE", f"/v2/entities/{entity}", timeout=5)
