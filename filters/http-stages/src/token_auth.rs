@@ -454,7 +454,7 @@ impl TokenAuthStage {
             } => {
                 remove_credentials(req, &strip_headers, new_path.as_deref());
                 for (name, value) in self.auth.render_identity(&identity) {
-                    if req.set_header(&name, Some(&value)).is_err() {
+                    if req.set_header_text(name, value).is_err() {
                         // Without its identity headers the request must not go on.
                         return self.execute(
                             req,
