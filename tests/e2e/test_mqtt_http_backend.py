@@ -65,8 +65,25 @@ def acl_asks(webapp, client_id):
     return [q for _, q in webapp.requests("/acl") if q.get("clientid") == client_id]
 
 
+def publish_qos1(proxy, client_id, topic, payload):
+    # QoS 1: the client waits for the PUBACK (a plain one for a refused PUBLISH in 3.1.1), so
+    # the /acl answer is in (and cached, or not) before it disconnects.
+    done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", client_id, "-q", "1",
+                        "-t", topic, "-m", payload)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def spy(mosquitto):
+    """What reaches the broker: mosquitto_sub on its own listener (behind Envoy's back),
+    subscribed to '#'."""
+    sub = e2e.MqttSubscriber(mosquitto.port, "-t", "#", "-i", "spy-" + uuid.uuid4().hex[:6])
+    yield sub
+    sub.stop()
+
+
 def test_the_web_app_decides_and_only_what_it_allows_reaches_the_subscriber(
-        proxy, webapp, mosquitto):
+        proxy, webapp, mosquitto, spy):
     marker = "on-" + uuid.uuid4().hex[:6]
     sub = e2e.MqttSubscriber(proxy.port, "-u", TOKEN, "-i", "alice-sub", "-t", "lamps/7/#",
                              "-t", "lamps/8/#")
@@ -76,13 +93,20 @@ def test_the_web_app_decides_and_only_what_it_allows_reaches_the_subscriber(
         for topic, payload in (("lamps/8/set", "refused-by-webapp"),
                                ("other/x", "refused-locally"),
                                ("lamps/7/set", marker)):
-            done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", "alice-pub",
-                                "-t", topic, "-m", payload)
-            assert done.returncode == 0, done.stderr
+            # QoS 1: each client waits for its PUBACK (a plain one when refused, as Mosquitto
+            # answers a denied PUBLISH), so its /acl answer is in before it disconnects; at
+            # QoS 0 a client gone first has Envoy cancel the call, and nothing is forwarded
+            # whatever the answer.
+            publish_qos1(proxy, "alice-pub", topic, payload)
         sub.wait_for(f"lamps/7/set {marker}")
+        # The refused PUBLISHes were sent (and their clients gone) before the allowed one: had
+        # the broker got them, the spy would have them before the marker.
+        spy.wait_for(f"lamps/7/set {marker}")
     finally:
         lines = sub.stop()
     assert "refused" not in lines, lines
+    reached = "\n".join(spy.lines)
+    assert "refused-by-webapp" not in reached and "refused-locally" not in reached, reached
     # What the web app was asked, in go-auth's form parameters.
     auth = [q for _, q in webapp.requests("/auth") if q["clientid"] == "alice-pub"]
     assert auth and auth[0] == {"username": TOKEN, "password": "", "clientid": "alice-pub"}
