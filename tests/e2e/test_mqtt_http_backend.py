@@ -137,6 +137,38 @@ def test_the_cache_answers_a_second_time_within_its_ttl(proxy, webapp):
     assert len(acl_asks(webapp, client_id)) == 1
 
 
+@pytest.mark.parametrize("failure", [503, "reset"])
+def test_a_failing_acl_answer_refuses_the_topic_and_is_not_cached(proxy, webapp, spy, failure):
+    """The web app fails on /acl (5xx, or a reset with no answer): the PUBLISH never reaches
+    the broker and the SUBSCRIBE gets SUBACK 0x80 (fail-closed); the failure is not cached,
+    so once the web app is back the same topic is asked again and allowed."""
+    client_id = "alice-" + uuid.uuid4().hex[:6]
+    topic = f"lamps/7/{client_id}"
+    before = proxy.stats()
+    webapp.acl_failure = failure
+    try:
+        publish_qos1(proxy, client_id, topic, f"failed-{failure}")
+        sub = e2e.MqttSubscriber(proxy.port, "-u", TOKEN, "-i", client_id + "-sub",
+                                 "-t", topic)
+        try:
+            assert any("Subscribed (mid: 1): 128" in line for line in sub.lines), sub.lines
+        finally:
+            sub.stop()
+    finally:
+        webapp.acl_failure = None
+    marker = "back-" + uuid.uuid4().hex[:6]
+    publish_qos1(proxy, client_id, topic, marker)
+    spy.wait_for(f"{topic} {marker}")
+    assert f"failed-{failure}" not in "\n".join(spy.lines), spy.lines
+    # Asked about the PUBLISH twice (the failure was not cached), and about the SUBSCRIBE.
+    pub_asks = [q["acc"] for q in acl_asks(webapp, client_id)]
+    assert pub_asks == ["2", "2"], pub_asks
+    assert [q["acc"] for q in acl_asks(webapp, client_id + "-sub")] == ["4"]
+    e2e.wait_until(lambda: proxy.stats().get("backend.unavailable", 0)
+                   - before.get("backend.unavailable", 0) == 2,
+                   "two unavailable answers counted")
+
+
 def test_an_unknown_session_is_a_bad_user_name_or_password(proxy, webapp, mosquitto):
     accepted = mosquitto.connections_accepted()
     done = e2e.mqtt_run("pub", proxy.port, "-u", "tok-stolen", "-i", "mallory",
