@@ -15,6 +15,8 @@ import test_mqtt_concurrent as concurrent
 from webapp_auth_standin import WebappAuth
 
 TOKEN = "tok-" + uuid.uuid4().hex  # alice's web session
+ALLOW_TTL_S = 300
+DENY_TTL_S = 5  # short, to see a denial asked again while an allow is still cached
 
 
 def config():
@@ -26,8 +28,8 @@ def config():
         "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
                          "timeout_ms": 1000, "params_mode": "form",
                          "user": {"path": "/auth"}, "acl": {"path": "/acl"},
-                         "cache": {"max_entries": 1000, "allow_ttl_secs": 300,
-                                   "deny_ttl_secs": 300}},
+                         "cache": {"max_entries": 1000, "allow_ttl_secs": ALLOW_TTL_S,
+                                   "deny_ttl_secs": DENY_TTL_S}},
     }
 
 
@@ -135,6 +137,25 @@ def test_the_cache_answers_a_second_time_within_its_ttl(proxy, webapp):
     # Three connections and three PUBLISHes; the web app was asked once about each.
     assert len([q for _, q in webapp.requests("/auth") if q["clientid"] == client_id]) == 1
     assert len(acl_asks(webapp, client_id)) == 1
+
+
+def test_allows_and_denials_are_cached_for_their_own_ttls(proxy, webapp):
+    """allow_ttl_secs 300, deny_ttl_secs 5: within 5 s both answers come from the cache; after
+    it the denial is asked again, the allow is not."""
+    client_id = "alice-" + uuid.uuid4().hex[:6]
+    started = time.monotonic()
+    for i in range(2):
+        publish_qos1(proxy, client_id, "lamps/8/ttl", f"denied-{i}")
+        publish_qos1(proxy, client_id, "lamps/7/ttl", f"allowed-{i}")
+    assert time.monotonic() - started < DENY_TTL_S, "too slow to see the cached denial"
+    asks = [q["topic"] for q in acl_asks(webapp, client_id)]
+    assert sorted(asks) == ["lamps/7/ttl", "lamps/8/ttl"], asks
+    # The filter's clock counts whole seconds: one more than the TTL is past it for sure.
+    time.sleep(max(0.0, started + DENY_TTL_S + 1.5 - time.monotonic()))
+    publish_qos1(proxy, client_id, "lamps/8/ttl", "denied-late")
+    publish_qos1(proxy, client_id, "lamps/7/ttl", "allowed-late")
+    asks = [q["topic"] for q in acl_asks(webapp, client_id)]
+    assert sorted(asks) == ["lamps/7/ttl", "lamps/8/ttl", "lamps/8/ttl"], asks
 
 
 @pytest.mark.parametrize("failure", [503, "reset"])
