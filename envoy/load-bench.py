@@ -5,6 +5,9 @@ answers with Envoy's own direct_response (no upstream, so only the filters' cost
 
   no_filter     router only
   passthrough   example.wasm in pass-through mode: what one wasm module costs before deciding
+  floor         example.wasm in identity_floor mode: token-auth's host calls on an allowed
+                request (headers read, clock, credential removed, four identity headers set)
+                and no decision: the least a wasm filter that forwards identity costs
   native        Envoy's jwt_authn (same JWKS, issuer, audience, token cache) + rbac (a path rule)
   token_auth    token_auth.wasm (V8) with the same keys, issuer and audience
   separate      token_auth.wasm -> device_ownership.wasm -> entity_acl.wasm, as sidecar.yaml
@@ -54,7 +57,7 @@ ENVOY = ROOT / ".venv/bin/envoy"
 RELEASE = ROOT / "target/wasm32-wasip1/release"
 WASM = {name: RELEASE / f"{name}.wasm" for name in
         ("token_auth", "device_ownership", "entity_acl", "ngsi_gateway", "example")}
-VARIANTS = ["no_filter", "passthrough", "native", "token_auth", "separate", "gateway"]
+VARIANTS = ["no_filter", "passthrough", "floor", "native", "token_auth", "separate", "gateway"]
 GATEWAY_STAGES = ["token_auth", "device_ownership", "entity_acl"]
 FIXTURES = ROOT / "tests/fixtures/jwt"
 ISS = "https://idp.example/realms/city"
@@ -96,6 +99,8 @@ def http_filters(variant, jwks, gateway_stages, baseline_dir=None):
         return []
     if variant == "passthrough":
         return [wasm_filter("example", wasm["example"], {"mode": "passthrough"})]
+    if variant == "floor":
+        return [wasm_filter("example", wasm["example"], {"mode": "identity_floor"})]
     if variant == "native":
         return [
             {"name": "envoy.filters.http.jwt_authn", "typed_config": {
@@ -242,7 +247,8 @@ def main():
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure each wasm variant with the .wasm files of DIR (e.g."
                              " a copy of target/wasm32-wasip1/release before a change), as"
-                             " VARIANT@baseline, in the same run")
+                             " VARIANT@baseline, in the same run (not `floor`: it measures"
+                             " the host, not our filters)")
     args = parser.parse_args()
     args.pin = args.concurrency == 1 and (os.cpu_count() or 1) >= 2 and bool(shutil.which("taskset"))
     unknown = set(args.variants) - set(VARIANTS)
@@ -264,7 +270,7 @@ def main():
         args.variants.insert(0, "no_filter")   # every ratio is to it
     if args.baseline:
         args.variants += [f"{v}@baseline" for v in args.variants
-                          if v not in ("no_filter", "native")]
+                          if v not in ("no_filter", "native", "floor")]
     baseline = [Path(args.baseline) / w.name for w in WASM.values()] if args.baseline else []
     for needed in [ENVOY] + list(WASM.values()) + baseline:
         if not needed.exists():
@@ -284,7 +290,7 @@ def main():
                 for path in paths:
                     ok, missing = check(envoys[variant][1], token, path)
                     expected_missing = 200 \
-                        if variant.split("@")[0] in ("no_filter", "passthrough") else 401
+                        if variant.split("@")[0] in ("no_filter", "passthrough", "floor") else 401
                     if ok != 200 or missing != expected_missing:
                         raise RuntimeError(
                             f"{variant} {path}: token -> {ok}, no token -> {missing}")

@@ -225,11 +225,14 @@ pub fn measure(path: &str) -> Vec<Row> {
         "entity_acl": configs["entity_acl"],
     });
     let passthrough = serde_json::json!({"mode": "passthrough"});
+    // token-auth's host calls on an allowed request with no decision (load-bench's `floor`).
+    let floor = serde_json::json!({"mode": "identity_floor"});
     let variants: Vec<(&'static str, Vec<Filter>)> = vec![
         (
             "passthrough",
             vec![("example", "example.wasm", &passthrough, false)],
         ),
+        ("floor", vec![("example", "example.wasm", &floor, false)]),
         (
             "token_auth",
             vec![(

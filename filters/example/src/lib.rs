@@ -27,6 +27,11 @@ const IDENTITY_HEADERS: [&str; 2] = ["x-nick-name", "x-roles"];
 enum Config {
     /// Forward everything untouched.
     Passthrough,
+    /// The least a filter that forwards identity does, deciding nothing: read the request
+    /// headers once and the clock, remove the credential (`authorization`), set four identity
+    /// headers to fixed values. Every request passes. load-bench's `floor` variant: what the
+    /// Proxy-Wasm calls under token-auth cost with no compute at all (BENCHMARKS.md).
+    IdentityFloor,
     /// Require a known `X-Auth-Token`.
     TokenList {
         tokens: BTreeMap<String, TokenUser>,
@@ -138,6 +143,33 @@ impl HttpContext for ExampleHttp {
     }
 }
 
+/// The fixed identity [`Config::IdentityFloor`] forwards, under token-auth's header names.
+const FLOOR_IDENTITY: [(&str, &str); 4] = [
+    ("x-auth-subject", "floor-subject"),
+    ("x-auth-kind", "jwt"),
+    ("x-nick-name", "floor-subject"),
+    ("x-roles", "reader"),
+];
+
+/// [`Config::IdentityFloor`]: token-auth's host calls on an allowed request, nothing else.
+fn identity_floor() -> Result<(), DenyReason> {
+    let unavailable = |what: &str| DenyReason::Unavailable(format!("identity floor: {what}"));
+    let headers = host::header_map(MapType::HttpRequestHeaders)
+        .map_err(|_| unavailable("cannot read the request headers"))?;
+    if proxy_glue::now_secs().is_none() {
+        return Err(unavailable("no clock"));
+    }
+    if headers.first("authorization").is_some() {
+        host::set_header(MapType::HttpRequestHeaders, "authorization", None)
+            .map_err(|_| unavailable("cannot remove the credential"))?;
+    }
+    for (name, value) in FLOOR_IDENTITY {
+        host::set_header(MapType::HttpRequestHeaders, name, Some(value))
+            .map_err(|_| unavailable("cannot set identity"))?;
+    }
+    Ok(())
+}
+
 /// The request headers the token list reads (they must be text; the rest pass untouched).
 fn reads_header(name: &str) -> bool {
     policy::header_pairs::is_pseudo(name) || name == "fiware-service" || name == "x-auth-token"
@@ -145,13 +177,14 @@ fn reads_header(name: &str) -> bool {
 
 impl ExampleHttp {
     fn check(&self, config: &Config) -> Result<(), DenyReason> {
-        let Config::TokenList {
-            tokens,
-            public_paths,
-            require_service_header,
-        } = config
-        else {
-            return Ok(());
+        let (tokens, public_paths, require_service_header) = match config {
+            Config::Passthrough => return Ok(()),
+            Config::IdentityFloor => return identity_floor(),
+            Config::TokenList {
+                tokens,
+                public_paths,
+                require_service_header,
+            } => (tokens, public_paths, require_service_header),
         };
         for name in IDENTITY_HEADERS {
             let _ = host::set_header(MapType::HttpRequestHeaders, name, None);

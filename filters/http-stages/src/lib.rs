@@ -467,89 +467,39 @@ impl Pipeline {
             (None, Some(stage)) => stage.on_request(&mut flow.request),
             (_, None) => Step::Next,
         };
-        let action = self.advance(&mut flow, step);
+        let action = advance(&mut self.stages, &mut flow, step);
         self.flows.insert(ctx, flow);
         action
     }
 
     /// A body chunk (`Some(total buffered)`) or the trailers (None) arrived.
     fn on_request_body(&mut self, ctx: u32, body_size: Option<usize>, end: bool) -> Action {
-        let Some(mut flow) = self.flows.remove(&ctx) else {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
             return Action::Continue;
         };
         if let Some(size) = body_size {
             flow.body_size = size;
         }
         flow.body_complete |= end;
-        let action = match flow.phase {
+        match flow.phase {
             Phase::Passed => Action::Continue,
             // Still deciding, or denied (the local reply is on its way): nothing goes on.
             Phase::Waiting | Phase::Stopped | Phase::Running => Action::Pause,
-            Phase::AwaitingBody { .. } => self.advance(&mut flow, Step::NeedBody),
-        };
-        self.flows.insert(ctx, flow);
-        action
-    }
-
-    /// Executes `step` of the stage at the cursor, and runs the later stages while they pass.
-    fn advance(&mut self, flow: &mut Flow, mut step: Step) -> Action {
-        loop {
-            let Some(stage) = self.stages.get_mut(flow.cursor) else {
-                flow.phase = Phase::Passed;
-                return Action::Continue;
-            };
-            flow.phase = Phase::Running;
-            step = match step {
-                Step::Next => {
-                    flow.cursor += 1;
-                    match self.stages.get_mut(flow.cursor) {
-                        Some(next) => next.on_request(&mut flow.request),
-                        None => {
-                            flow.phase = Phase::Passed;
-                            return Action::Continue;
-                        }
-                    }
-                }
-                Step::NeedBody => {
-                    if flow.body_size > stage.body_limit() {
-                        stage.on_body_too_large(&mut flow.request)
-                    } else if !flow.body_complete {
-                        flow.phase = Phase::AwaitingBody {
-                            since_ms: now_millis().unwrap_or(0),
-                        };
-                        return Action::Pause;
-                    } else if let Err(reason) = read_body(flow, stage.name()) {
-                        stage.refuse(&mut flow.request, reason)
-                    } else {
-                        stage.on_body(&mut flow.request)
-                    }
-                }
-                Step::Wait => {
-                    flow.phase = Phase::Waiting;
-                    return Action::Pause;
-                }
-                Step::Deny { reason, headers } => {
-                    let headers: Vec<(&str, &str)> =
-                        headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                    proxy_glue::send_deny(&reason, &headers);
-                    flow.phase = Phase::Stopped;
-                    return Action::Pause;
-                }
-            };
+            Phase::AwaitingBody { .. } => advance(&mut self.stages, flow, Step::NeedBody),
         }
     }
 
     /// Resumes a held stream (the effective context) with `step` of the stage at its cursor;
     /// lets the request go on when every stage passed.
     fn resume_with(&mut self, ctx: u32, step: impl FnOnce(&mut dyn Stage, &mut Request) -> Step) {
-        let Some(mut flow) = self.flows.remove(&ctx) else {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
             return;
         };
         let first = match self.stages.get_mut(flow.cursor) {
             Some(stage) => step(stage.as_mut(), &mut flow.request),
             None => Step::Next,
         };
-        let action = self.advance(&mut flow, first);
+        let action = advance(&mut self.stages, flow, first);
         let name = self
             .stages
             .get(flow.cursor.min(self.stages.len().saturating_sub(1)));
@@ -561,16 +511,15 @@ impl Pipeline {
                 );
             }
         }
-        self.flows.insert(ctx, flow);
     }
 
     /// The response headers arrived. The stages see them (last stage first) only when the
     /// request went on; a response to a request this module denied is its own local response.
     fn on_response_headers(&mut self, ctx: u32, end_of_stream: bool) -> Action {
-        let Some(mut flow) = self.flows.remove(&ctx) else {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
             return Action::Continue;
         };
-        let action = if flow.phase != Phase::Passed || flow.response.is_some() {
+        if flow.phase != Phase::Passed || flow.response.is_some() {
             // Not ours to check, or a second set of headers: the local response a stage sent
             // in place of the first (the response flow ends; it passes untouched).
             flow.response = None;
@@ -588,20 +537,18 @@ impl Pipeline {
                 Some(stage) => stage.on_response(&flow.request, &mut resp.response),
                 None => Step::Next,
             };
-            let action = self.advance_response(&flow.request, &mut resp, step);
+            let action = advance_response(&mut self.stages, &flow.request, &mut resp, step);
             flow.response = Some(resp);
             action
-        };
-        self.flows.insert(ctx, flow);
-        action
+        }
     }
 
     /// A response body chunk (`Some(total buffered)`) or the trailers (None) arrived.
     fn on_response_body(&mut self, ctx: u32, body_size: Option<usize>, end: bool) -> Action {
-        let Some(mut flow) = self.flows.remove(&ctx) else {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
             return Action::Continue;
         };
-        let action = match flow.response.as_mut() {
+        match flow.response.as_mut() {
             None => Action::Continue,
             Some(resp) => {
                 if let Some(size) = body_size {
@@ -613,68 +560,10 @@ impl Pipeline {
                     // Still checking, or replaced by a local response: nothing goes on.
                     Phase::Waiting | Phase::Stopped | Phase::Running => Action::Pause,
                     Phase::AwaitingBody { .. } => {
-                        self.advance_response(&flow.request, resp, Step::NeedBody)
+                        advance_response(&mut self.stages, &flow.request, resp, Step::NeedBody)
                     }
                 }
             }
-        };
-        self.flows.insert(ctx, flow);
-        action
-    }
-
-    /// Executes `step` of the response stage at `resp.left - 1`, and runs the earlier stages
-    /// while they pass.
-    fn advance_response(
-        &mut self,
-        request: &Request,
-        resp: &mut ResponseFlow,
-        mut step: Step,
-    ) -> Action {
-        loop {
-            let Some(index) = resp.left.checked_sub(1) else {
-                resp.phase = Phase::Passed;
-                return Action::Continue;
-            };
-            let Some(stage) = self.stages.get_mut(index) else {
-                resp.phase = Phase::Passed;
-                return Action::Continue;
-            };
-            resp.phase = Phase::Running;
-            step = match step {
-                Step::Next => {
-                    resp.left = index;
-                    match index.checked_sub(1).and_then(|i| self.stages.get_mut(i)) {
-                        Some(earlier) => earlier.on_response(request, &mut resp.response),
-                        None => {
-                            resp.phase = Phase::Passed;
-                            return Action::Continue;
-                        }
-                    }
-                }
-                Step::NeedBody => {
-                    if resp.body_size > stage.response_body_limit() {
-                        stage.on_response_body_too_large(request, &mut resp.response)
-                    } else if !resp.body_complete {
-                        resp.phase = Phase::AwaitingBody { since_ms: 0 };
-                        return Action::Pause;
-                    } else if let Err(reason) = read_response_body(resp, stage.name()) {
-                        Step::deny(reason)
-                    } else {
-                        stage.on_response_body(request, &mut resp.response)
-                    }
-                }
-                Step::Wait => {
-                    resp.phase = Phase::Waiting;
-                    return Action::Pause;
-                }
-                Step::Deny { reason, headers } => {
-                    let headers: Vec<(&str, &str)> =
-                        headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                    proxy_glue::send_deny(&reason, &headers);
-                    resp.phase = Phase::Stopped;
-                    return Action::Pause;
-                }
-            };
         }
     }
 
@@ -685,7 +574,7 @@ impl Pipeline {
         ctx: u32,
         step: impl FnOnce(&mut dyn Stage, &Request, &mut Response) -> Step,
     ) {
-        let Some(mut flow) = self.flows.remove(&ctx) else {
+        let Some(flow) = self.flows.get_mut(&ctx) else {
             return;
         };
         if let Some(resp) = flow.response.as_mut() {
@@ -697,14 +586,13 @@ impl Pipeline {
             let name = index
                 .and_then(|i| self.stages.get(i))
                 .map_or("-", |s| s.name());
-            let action = self.advance_response(&flow.request, resp, first);
+            let action = advance_response(&mut self.stages, &flow.request, resp, first);
             if action == Action::Continue {
                 if let Err(status) = host::resume_response() {
                     log::warn!("{name}: ctx={ctx} cannot resume the response: {status}");
                 }
             }
         }
-        self.flows.insert(ctx, flow);
     }
 
     /// Resumes the settled waiters `ready` of stage `index` (in whichever phase they wait),
@@ -790,6 +678,110 @@ impl Pipeline {
         for stage in &mut self.stages {
             stage.forget(ctx);
         }
+    }
+}
+
+/// Executes `step` of the stage at the cursor, and runs the later stages while they pass.
+fn advance(stages: &mut [Box<dyn Stage>], flow: &mut Flow, mut step: Step) -> Action {
+    loop {
+        let Some(stage) = stages.get_mut(flow.cursor) else {
+            flow.phase = Phase::Passed;
+            return Action::Continue;
+        };
+        flow.phase = Phase::Running;
+        step = match step {
+            Step::Next => {
+                flow.cursor += 1;
+                match stages.get_mut(flow.cursor) {
+                    Some(next) => next.on_request(&mut flow.request),
+                    None => {
+                        flow.phase = Phase::Passed;
+                        return Action::Continue;
+                    }
+                }
+            }
+            Step::NeedBody => {
+                if flow.body_size > stage.body_limit() {
+                    stage.on_body_too_large(&mut flow.request)
+                } else if !flow.body_complete {
+                    flow.phase = Phase::AwaitingBody {
+                        since_ms: now_millis().unwrap_or(0),
+                    };
+                    return Action::Pause;
+                } else if let Err(reason) = read_body(flow, stage.name()) {
+                    stage.refuse(&mut flow.request, reason)
+                } else {
+                    stage.on_body(&mut flow.request)
+                }
+            }
+            Step::Wait => {
+                flow.phase = Phase::Waiting;
+                return Action::Pause;
+            }
+            Step::Deny { reason, headers } => {
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                proxy_glue::send_deny(&reason, &headers);
+                flow.phase = Phase::Stopped;
+                return Action::Pause;
+            }
+        };
+    }
+}
+
+/// Executes `step` of the response stage at `resp.left - 1`, and runs the earlier stages
+/// while they pass.
+fn advance_response(
+    stages: &mut [Box<dyn Stage>],
+    request: &Request,
+    resp: &mut ResponseFlow,
+    mut step: Step,
+) -> Action {
+    loop {
+        let Some(index) = resp.left.checked_sub(1) else {
+            resp.phase = Phase::Passed;
+            return Action::Continue;
+        };
+        let Some(stage) = stages.get_mut(index) else {
+            resp.phase = Phase::Passed;
+            return Action::Continue;
+        };
+        resp.phase = Phase::Running;
+        step = match step {
+            Step::Next => {
+                resp.left = index;
+                match index.checked_sub(1).and_then(|i| stages.get_mut(i)) {
+                    Some(earlier) => earlier.on_response(request, &mut resp.response),
+                    None => {
+                        resp.phase = Phase::Passed;
+                        return Action::Continue;
+                    }
+                }
+            }
+            Step::NeedBody => {
+                if resp.body_size > stage.response_body_limit() {
+                    stage.on_response_body_too_large(request, &mut resp.response)
+                } else if !resp.body_complete {
+                    resp.phase = Phase::AwaitingBody { since_ms: 0 };
+                    return Action::Pause;
+                } else if let Err(reason) = read_response_body(resp, stage.name()) {
+                    Step::deny(reason)
+                } else {
+                    stage.on_response_body(request, &mut resp.response)
+                }
+            }
+            Step::Wait => {
+                resp.phase = Phase::Waiting;
+                return Action::Pause;
+            }
+            Step::Deny { reason, headers } => {
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                proxy_glue::send_deny(&reason, &headers);
+                resp.phase = Phase::Stopped;
+                return Action::Pause;
+            }
+        };
     }
 }
 

@@ -69,6 +69,13 @@ impl Request {
         done
     }
 
+    /// [`Request::set_header`] of a text value, which this copy keeps without copying it.
+    pub fn set_header_text(&mut self, name: String, value: String) -> Result<(), HostStatus> {
+        let done = host::set_header(MapType::HttpRequestHeaders, &name, Some(&value));
+        self.headers.set_text(name, value);
+        done
+    }
+
     /// Replaces the whole request body (after `NeedBody`, while the driver holds it), upstream
     /// and in this copy; a `content-length` the request carries is set to the new length.
     pub fn replace_body(&mut self, body: Vec<u8>) -> Result<(), HostStatus> {

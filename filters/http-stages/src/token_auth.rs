@@ -202,19 +202,21 @@ impl TokenAuthStage {
     /// stage sets them (by name: a copy is removed whatever its bytes).
     ///
     /// Only names present in the request as read are removed (one host call each): the copy
-    /// holds every header the client sent, and names are compared ignoring ASCII case.
+    /// holds every header the client sent. Its names are lowercase, as the identity header
+    /// names are (sorted: each request header is looked up once, not every name in every
+    /// header).
     fn strip_client_identity(&self, req: &mut Request) {
-        let sent = |name: &str| {
-            req.headers()
-                .iter()
-                .any(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-        };
-        let mut names: Vec<String> = self
-            .auth
-            .identity_header_names()
+        let listed = self.auth.identity_header_names();
+        let mut sent: Vec<usize> = req
+            .headers()
             .iter()
-            .filter(|name| sent(name))
-            .cloned()
+            .filter_map(|(n, _)| listed.binary_search_by(|l| l.as_bytes().cmp(n)).ok())
+            .collect();
+        sent.sort_unstable();
+        sent.dedup();
+        let mut names: Vec<String> = sent
+            .into_iter()
+            .filter_map(|i| listed.get(i).cloned())
             .collect();
         names.extend(
             req.headers()
@@ -452,7 +454,7 @@ impl TokenAuthStage {
             } => {
                 remove_credentials(req, &strip_headers, new_path.as_deref());
                 for (name, value) in self.auth.render_identity(&identity) {
-                    if req.set_header(&name, Some(&value)).is_err() {
+                    if req.set_header_text(name, value).is_err() {
                         // Without its identity headers the request must not go on.
                         return self.execute(
                             req,

@@ -130,21 +130,23 @@ impl<V: Clone> VerdictCache<V> {
     /// Like [`VerdictCache::get`], with the entry's expiry (to copy it to shared data).
     pub fn get_with_expiry(&mut self, token: &str, now: u64) -> Option<(V, u64)> {
         let key = token_digest(token);
-        let Some(expires_at) = self.entries.get(&key).map(|e| e.expires_at) else {
+        // One lookup of the entry for a hit (its recency is updated in place).
+        let Some(entry) = self.entries.get_mut(&key) else {
             self.stats.misses += 1;
             return None;
         };
-        if now >= expires_at {
+        if now >= entry.expires_at {
             self.remove_key(&key);
             self.stats.expirations += 1;
             self.stats.misses += 1;
             return None;
         }
-        self.touch(&key);
+        self.clock += 1;
+        self.by_use.remove(&entry.used);
+        entry.used = self.clock;
+        self.by_use.insert(entry.used, key);
         self.stats.hits += 1;
-        self.entries
-            .get(&key)
-            .map(|e| (e.value.clone(), e.expires_at))
+        Some((entry.value.clone(), entry.expires_at))
     }
 
     /// Caches `value` for `token` until [`entry_expiry`]`(now, ttl_s, token_exp)`, replacing any
@@ -228,16 +230,6 @@ impl<V: Clone> VerdictCache<V> {
         } else {
             // Unreachable while the indexes agree; never loop forever if they don't.
             self.clear();
-        }
-    }
-
-    fn touch(&mut self, key: &TokenDigest) {
-        self.clock += 1;
-        let now_used = self.clock;
-        if let Some(entry) = self.entries.get_mut(key) {
-            self.by_use.remove(&entry.used);
-            entry.used = now_used;
-            self.by_use.insert(now_used, *key);
         }
     }
 

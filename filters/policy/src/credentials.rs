@@ -500,6 +500,17 @@ fn raw_query(path: &str) -> &str {
     }
 }
 
+/// Where a credential was looked for, as error messages name it (`x-auth-token header`):
+/// formatted only into an error, so a request that has its credential allocates nothing for it.
+#[derive(Clone, Copy)]
+struct Place<'a>(&'a str, &'static str);
+
+impl fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
 /// Reads one source: `Ok(None)` if it is absent.
 fn read_source(
     source: &TokenSource,
@@ -507,39 +518,39 @@ fn read_source(
 ) -> Result<Option<Credential>, DenyReason> {
     match source {
         TokenSource::Bearer => {
-            let Some(value) = single(req.header_values("authorization"), "Authorization header")?
-            else {
+            let what = Place("Authorization", "header");
+            let Some(value) = single(req.header_values("authorization"), what)? else {
                 return Ok(None);
             };
             let token = bearer_token(value)?;
-            check_token(token, "Authorization header")?;
+            check_token(token, what)?;
             Ok(Some(Credential::Token(token.to_string())))
         }
         TokenSource::Header { name } => {
-            let what = format!("{name} header");
-            let Some(value) = single(req.header_values(name), &what)? else {
+            let what = Place(name, "header");
+            let Some(value) = single(req.header_values(name), what)? else {
                 return Ok(None);
             };
-            check_token(value, &what)?;
+            check_token(value, what)?;
             Ok(Some(Credential::Token(value.to_string())))
         }
         TokenSource::Query { name } => {
-            let what = format!("{name} query parameter");
-            let Some(value) = single(req.query_values(name), &what)? else {
+            let what = Place(name, "query parameter");
+            let Some(value) = single(req.query_values(name), what)? else {
                 return Ok(None);
             };
-            check_token(&value, &what)?;
+            check_token(&value, what)?;
             Ok(Some(Credential::Token(value)))
         }
         TokenSource::DeviceKey { location, id, key } => {
             let (id_value, key_value) = match location {
                 KeyLocation::Header => (
-                    single(req.header_values(id), &format!("{id} header"))?.map(str::to_string),
-                    single(req.header_values(key), &format!("{key} header"))?.map(str::to_string),
+                    single(req.header_values(id), Place(id, "header"))?.map(str::to_string),
+                    single(req.header_values(key), Place(key, "header"))?.map(str::to_string),
                 ),
                 KeyLocation::Query => (
-                    single(req.query_values(id), &format!("{id} query parameter"))?,
-                    single(req.query_values(key), &format!("{key} query parameter"))?,
+                    single(req.query_values(id), Place(id, "query parameter"))?,
+                    single(req.query_values(key), Place(key, "query parameter"))?,
                 ),
             };
             match (id_value, key_value) {
@@ -558,7 +569,7 @@ fn read_source(
 }
 
 /// At most one value: two are ambiguous.
-fn single<T>(mut values: Vec<T>, what: &str) -> Result<Option<T>, DenyReason> {
+fn single<T>(mut values: Vec<T>, what: Place) -> Result<Option<T>, DenyReason> {
     if values.len() > 1 {
         return Err(DenyReason::BadRequest(format!("{what} repeated")));
     }
@@ -604,7 +615,7 @@ const B64TOKEN_CHAR: [bool; 256] = {
     table
 };
 
-fn check_token(token: &str, what: &str) -> Result<(), DenyReason> {
+fn check_token(token: &str, what: Place) -> Result<(), DenyReason> {
     if token.is_empty() {
         return Err(DenyReason::BadRequest(format!("empty token in {what}")));
     }
@@ -639,6 +650,9 @@ fn check_device_field(value: &str, name: &str) -> Result<(), DenyReason> {
 /// loses its `?`; a path with none of the parameters is returned unchanged. Names are compared
 /// after decoding, so `access%5Ftoken=...` goes too.
 pub fn strip_query_params(path: &str, names: &[&str]) -> String {
+    if names.is_empty() {
+        return path.to_string();
+    }
     let (before_fragment, fragment) = match path.find('#') {
         Some(i) => (&path[..i], &path[i..]),
         None => (path, ""),

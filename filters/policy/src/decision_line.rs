@@ -249,21 +249,27 @@ impl DecisionLine {
     /// rules may), e.g. `iot_rule_decisions.filter.entity_acl.rule.no-vault.decision.deny`;
     /// none when no rule decided or for a name [`metric_safe_rule`] refuses.
     pub fn rule_metric_names(&self) -> Vec<String> {
-        if self.rule.is_none() {
-            return Vec::new();
-        }
-        let filter = self.filter.replace('-', "_");
+        self.metric_rules()
+            .map(|rule| self.rule_metric_name(rule))
+            .collect()
+    }
+
+    /// The rules that decided and have a per-rule counter (names [`metric_safe_rule`] takes).
+    pub fn metric_rules(&self) -> impl Iterator<Item = &str> {
         self.rule
             .iter()
             .flat_map(|rules| rules.split(','))
             .filter(|name| metric_safe_rule(name))
-            .map(|name| {
-                format!(
-                    "{RULE_DECISIONS_METRIC}.filter.{filter}.rule.{name}.decision.{}",
-                    self.kind.as_str()
-                )
-            })
-            .collect()
+    }
+
+    /// The per-rule counter of `rule` (one of [`DecisionLine::metric_rules`]) for this
+    /// decision.
+    pub fn rule_metric_name(&self, rule: &str) -> String {
+        format!(
+            "{RULE_DECISIONS_METRIC}.filter.{}.rule.{rule}.decision.{}",
+            self.filter.replace('-', "_"),
+            self.kind.as_str()
+        )
     }
 
     /// What Envoy's access log gets, as (property name, value): the values unquoted but

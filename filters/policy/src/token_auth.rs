@@ -724,7 +724,7 @@ impl TokenAuth {
     }
 
     /// Every identity header name to strip from what the client sent: the configured ones and
-    /// the defaults. A later filter left with the default names (entity-acl, device-ownership)
+    /// the defaults, lowercase (as configured names must be), sorted, without repeats. A later filter left with the default names (entity-acl, device-ownership)
     /// then never reads a client's `x-auth-subject` as an identity: it sees an anonymous caller.
     pub fn identity_header_names(&self) -> &[String] {
         &self.identity_header_names

@@ -550,8 +550,8 @@ fn log_level_of(line: &DecisionLine, log_allows: LogAllows) -> Option<host::Leve
 /// line is held (its filter state rendered once, for the callback's last line).
 fn export_and_count(line: DecisionLine) {
     labelled_counter(&line).inc();
-    for name in line.rule_metric_names() {
-        decision_counter(&name).inc();
+    for rule in line.metric_rules() {
+        rule_counter(&line, rule).inc();
     }
     let unheld = HELD.with(|held| match held.borrow_mut().as_mut() {
         Some(held) => {
@@ -586,6 +586,38 @@ fn labelled_counter(line: &DecisionLine) -> Counter {
         }
         let counter = decision_counter(&line.metric_name());
         counters.push((key, counter));
+        counter
+    })
+}
+
+thread_local! {
+    /// The per-rule counter of each (filter, decision, rule) seen, found without building its
+    /// name (and hashing it) on every request: the rules are the configuration's, so a short
+    /// list holds the ones that decide; past [`REMEMBERED_RULE_COUNTERS`] the others are found
+    /// by name.
+    static RULE_COUNTERS: RefCell<Vec<(RuleKey, Counter)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What names a per-rule decision counter: (filter, decision, rule).
+type RuleKey = (&'static str, DecisionKind, String);
+
+/// Per-rule counters found by their key; a policy with more rules finds the rest by name.
+const REMEMBERED_RULE_COUNTERS: usize = 64;
+
+/// `line`'s per-rule counter of `rule`, defined on first use.
+fn rule_counter(line: &DecisionLine, rule: &str) -> Counter {
+    RULE_COUNTERS.with(|counters| {
+        let mut counters = counters.borrow_mut();
+        let known = counters.iter().find(|((filter, kind, r), _)| {
+            *filter == line.filter && *kind == line.kind && r == rule
+        });
+        if let Some((_, counter)) = known {
+            return *counter;
+        }
+        let counter = decision_counter(&line.rule_metric_name(rule));
+        if counters.len() < REMEMBERED_RULE_COUNTERS {
+            counters.push(((line.filter, line.kind, rule.to_string()), counter));
+        }
         counter
     })
 }

@@ -613,18 +613,26 @@ impl Ownership {
         record: Option<&Record>,
         actions: &BTreeSet<Action>,
     ) -> Result<Check, DenyReason> {
-        let who = identity.map_or("anonymous".to_string(), |i| format!("{:?}", i.subject));
+        // Who asks, as a denial names them: rendered only into a denial (an allowed request,
+        // nearly every one, never formats it).
+        let who = || identity.map_or("anonymous".to_string(), |i| format!("{:?}", i.subject));
         let Some(r) = record else {
             if actions.contains(&Action::Create) {
                 return Ok(Check::Creates);
             }
             return Err(forbidden(format!(
-                "{key} has no owner: {who} may not {:?} it",
+                "{key} has no owner: {} may not {:?} it",
+                who(),
                 a.action
             )));
         };
-        let denied =
-            |what: &str| forbidden(format!("{who} may not {what} {key} (owner {:?})", r.owner));
+        let denied = |what: &str| {
+            forbidden(format!(
+                "{} may not {what} {key} (owner {:?})",
+                who(),
+                r.owner
+            ))
+        };
         let owner_only = |what: &str| {
             if r.is_owner(identity) {
                 Ok(Check::Allowed("owner"))
