@@ -14,6 +14,8 @@ Broker port (what Envoy's `broker` cluster points at), answers shaped like Orion
                                      422 if it exists, 400 on bad JSON
     GET  /v2/entities/<id>           the entity, or 404 NotFound
     anything else                    400 BadRequest (Orion's answer to unknown v2 paths)
+    a body over 1 MiB                413 RequestEntityTooLarge, nothing stored (Orion's
+                                     default -inReqPayloadMaxSize); the request is recorded
 
 Control port (for tests; never put behind Envoy):
 
@@ -42,6 +44,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 MAX_BODY = 8 * 1024 * 1024
+# Orion's -inReqPayloadMaxSize default: a larger request is recorded (it reached the broker)
+# but refused with 413 and not stored, as Orion does.
+ORION_MAX_PAYLOAD = 1024 * 1024
 
 
 class State:
@@ -157,6 +162,11 @@ class Handler(BaseHTTPRequestHandler):
             entry["body"] = body.decode("utf-8", errors="replace")
             entry["body_b64"] = base64.b64encode(body).decode()
             entry["complete"] = True
+        if len(body) > ORION_MAX_PAYLOAD:
+            self.send_json(413, {"error": "RequestEntityTooLarge",
+                                 "description": f"payload size: {len(body)}, max size "
+                                                f"supported: {ORION_MAX_PAYLOAD}"})
+            return
         self.orion(body)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = handle_any

@@ -229,8 +229,12 @@ fn default_device_entity_id() -> String {
 fn default_max_body() -> usize {
     1 << 20
 }
+/// 768 KiB: under Envoy's default buffer limit (`per_connection_buffer_limit_bytes`, 1 MiB) by
+/// a read's worth. Envoy answers a held response over its limit with its own 500, and the body
+/// size it tells the filter leaves out the chunk being delivered, so the stage's own limit
+/// (503 with its log line) must be reached a chunk before Envoy's.
 fn default_max_response() -> usize {
-    4 << 20
+    768 << 10
 }
 fn default_max_list_lookups() -> usize {
     100
