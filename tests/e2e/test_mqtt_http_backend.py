@@ -15,6 +15,8 @@ import test_mqtt_concurrent as concurrent
 from webapp_auth_standin import WebappAuth
 
 TOKEN = "tok-" + uuid.uuid4().hex  # alice's web session
+ALLOW_TTL_S = 300
+DENY_TTL_S = 5  # short, to see a denial asked again while an allow is still cached
 
 
 def config():
@@ -26,8 +28,8 @@ def config():
         "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
                          "timeout_ms": 1000, "params_mode": "form",
                          "user": {"path": "/auth"}, "acl": {"path": "/acl"},
-                         "cache": {"max_entries": 1000, "allow_ttl_secs": 300,
-                                   "deny_ttl_secs": 300}},
+                         "cache": {"max_entries": 1000, "allow_ttl_secs": ALLOW_TTL_S,
+                                   "deny_ttl_secs": DENY_TTL_S}},
     }
 
 
@@ -65,8 +67,25 @@ def acl_asks(webapp, client_id):
     return [q for _, q in webapp.requests("/acl") if q.get("clientid") == client_id]
 
 
+def publish_qos1(proxy, client_id, topic, payload):
+    # QoS 1: the client waits for the PUBACK (a plain one for a refused PUBLISH in 3.1.1), so
+    # the /acl answer is in (and cached, or not) before it disconnects.
+    done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", client_id, "-q", "1",
+                        "-t", topic, "-m", payload)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def spy(mosquitto):
+    """What reaches the broker: mosquitto_sub on its own listener (behind Envoy's back),
+    subscribed to '#'."""
+    sub = e2e.MqttSubscriber(mosquitto.port, "-t", "#", "-i", "spy-" + uuid.uuid4().hex[:6])
+    yield sub
+    sub.stop()
+
+
 def test_the_web_app_decides_and_only_what_it_allows_reaches_the_subscriber(
-        proxy, webapp, mosquitto):
+        proxy, webapp, mosquitto, spy):
     marker = "on-" + uuid.uuid4().hex[:6]
     sub = e2e.MqttSubscriber(proxy.port, "-u", TOKEN, "-i", "alice-sub", "-t", "lamps/7/#",
                              "-t", "lamps/8/#")
@@ -76,13 +95,20 @@ def test_the_web_app_decides_and_only_what_it_allows_reaches_the_subscriber(
         for topic, payload in (("lamps/8/set", "refused-by-webapp"),
                                ("other/x", "refused-locally"),
                                ("lamps/7/set", marker)):
-            done = e2e.mqtt_run("pub", proxy.port, "-u", TOKEN, "-i", "alice-pub",
-                                "-t", topic, "-m", payload)
-            assert done.returncode == 0, done.stderr
+            # QoS 1: each client waits for its PUBACK (a plain one when refused, as Mosquitto
+            # answers a denied PUBLISH), so its /acl answer is in before it disconnects; at
+            # QoS 0 a client gone first has Envoy cancel the call, and nothing is forwarded
+            # whatever the answer.
+            publish_qos1(proxy, "alice-pub", topic, payload)
         sub.wait_for(f"lamps/7/set {marker}")
+        # The refused PUBLISHes were sent (and their clients gone) before the allowed one: had
+        # the broker got them, the spy would have them before the marker.
+        spy.wait_for(f"lamps/7/set {marker}")
     finally:
         lines = sub.stop()
     assert "refused" not in lines, lines
+    reached = "\n".join(spy.lines)
+    assert "refused-by-webapp" not in reached and "refused-locally" not in reached, reached
     # What the web app was asked, in go-auth's form parameters.
     auth = [q for _, q in webapp.requests("/auth") if q["clientid"] == "alice-pub"]
     assert auth and auth[0] == {"username": TOKEN, "password": "", "clientid": "alice-pub"}
@@ -111,6 +137,57 @@ def test_the_cache_answers_a_second_time_within_its_ttl(proxy, webapp):
     # Three connections and three PUBLISHes; the web app was asked once about each.
     assert len([q for _, q in webapp.requests("/auth") if q["clientid"] == client_id]) == 1
     assert len(acl_asks(webapp, client_id)) == 1
+
+
+def test_allows_and_denials_are_cached_for_their_own_ttls(proxy, webapp):
+    """allow_ttl_secs 300, deny_ttl_secs 5: within 5 s both answers come from the cache; after
+    it the denial is asked again, the allow is not."""
+    client_id = "alice-" + uuid.uuid4().hex[:6]
+    started = time.monotonic()
+    for i in range(2):
+        publish_qos1(proxy, client_id, "lamps/8/ttl", f"denied-{i}")
+        publish_qos1(proxy, client_id, "lamps/7/ttl", f"allowed-{i}")
+    assert time.monotonic() - started < DENY_TTL_S, "too slow to see the cached denial"
+    asks = [q["topic"] for q in acl_asks(webapp, client_id)]
+    assert sorted(asks) == ["lamps/7/ttl", "lamps/8/ttl"], asks
+    # The filter's clock counts whole seconds: one more than the TTL is past it for sure.
+    time.sleep(max(0.0, started + DENY_TTL_S + 1.5 - time.monotonic()))
+    publish_qos1(proxy, client_id, "lamps/8/ttl", "denied-late")
+    publish_qos1(proxy, client_id, "lamps/7/ttl", "allowed-late")
+    asks = [q["topic"] for q in acl_asks(webapp, client_id)]
+    assert sorted(asks) == ["lamps/7/ttl", "lamps/8/ttl", "lamps/8/ttl"], asks
+
+
+@pytest.mark.parametrize("failure", [503, "reset"])
+def test_a_failing_acl_answer_refuses_the_topic_and_is_not_cached(proxy, webapp, spy, failure):
+    """The web app fails on /acl (5xx, or a reset with no answer): the PUBLISH never reaches
+    the broker and the SUBSCRIBE gets SUBACK 0x80 (fail-closed); the failure is not cached,
+    so once the web app is back the same topic is asked again and allowed."""
+    client_id = "alice-" + uuid.uuid4().hex[:6]
+    topic = f"lamps/7/{client_id}"
+    before = proxy.stats()
+    webapp.acl_failure = failure
+    try:
+        publish_qos1(proxy, client_id, topic, f"failed-{failure}")
+        sub = e2e.MqttSubscriber(proxy.port, "-u", TOKEN, "-i", client_id + "-sub",
+                                 "-t", topic)
+        try:
+            assert any("Subscribed (mid: 1): 128" in line for line in sub.lines), sub.lines
+        finally:
+            sub.stop()
+    finally:
+        webapp.acl_failure = None
+    marker = "back-" + uuid.uuid4().hex[:6]
+    publish_qos1(proxy, client_id, topic, marker)
+    spy.wait_for(f"{topic} {marker}")
+    assert f"failed-{failure}" not in "\n".join(spy.lines), spy.lines
+    # Asked about the PUBLISH twice (the failure was not cached), and about the SUBSCRIBE.
+    pub_asks = [q["acc"] for q in acl_asks(webapp, client_id)]
+    assert pub_asks == ["2", "2"], pub_asks
+    assert [q["acc"] for q in acl_asks(webapp, client_id + "-sub")] == ["4"]
+    e2e.wait_until(lambda: proxy.stats().get("backend.unavailable", 0)
+                   - before.get("backend.unavailable", 0) == 2,
+                   "two unavailable answers counted")
 
 
 def test_an_unknown_session_is_a_bad_user_name_or_password(proxy, webapp, mosquitto):

@@ -20,6 +20,7 @@ import paho.mqtt.client as paho  # tests/e2e/requirements.txt
 import pytest
 
 import e2e_support as e2e
+from webapp_auth_standin import WebappAuth
 
 ISSUER = "https://idp.e2e.example"
 SECRET = os.urandom(32)
@@ -135,7 +136,10 @@ class PahoWs:
     def publish(self, topic, message, qos=1):
         info = self.client.publish(topic, message, qos=qos)
         if qos:
+            # paho 2 returns silently on a timeout: the PUBACK (a plain one for a refused
+            # PUBLISH) must have come back in a frame.
             info.wait_for_publish(timeout=10)
+            assert info.is_published(), f"no PUBACK for {topic}"
         return info
 
     def stop(self):
@@ -277,3 +281,87 @@ def test_wss_through_envoy_tls(tls_proxy, certs, spy):
     assert {"event": "connect", "code": 0} in events, events
     spy.wait_for("devices/lamp-ws/state on-wss-js")
     assert "forged-wss" not in "\n".join(spy.lines)
+
+
+# ---- the seed's browser deployment: WebSockets, the web app's session token, its auth backend ----
+
+SESSION = "tok-" + uuid.uuid4().hex  # alice's web session, the MQTT user name
+
+
+@pytest.fixture(scope="module")
+def webapp():
+    app = WebappAuth(sessions={SESSION: "alice"}, devices=(), grants={"alice": ["lamps/7/"]})
+    app.start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def backend_proxy(work_dir, broker, mqtt_wasm, webapp):
+    config = {
+        "client_ids": ["*"],
+        "acl": {"rules": [{"name": "lamps", "effect": "allow", "subjects": ["authenticated"],
+                           "actions": ["*"], "mqtt": {"topic": "lamps/#"}}]},
+        "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
+                         "timeout_ms": 2000, "params_mode": "form",
+                         "user": {"path": "/auth"}, "acl": {"path": "/acl"}},
+    }
+    envoy = e2e.MqttEnvoy(work_dir=work_dir, name="envoy-mqtt-ws-backend", filter_config=config,
+                          broker_port=broker.ws_port, wasm=mqtt_wasm, websocket=True,
+                          http_clusters=(("webapp", f"127.0.0.1:{webapp.port}"),)).start()
+    yield envoy
+    envoy.stop()
+
+
+def test_a_browser_with_its_session_token_the_web_app_decides_over_websockets(
+        backend_proxy, webapp, spy):
+    """MQTT.js over ws:// with the session token as user name: its frames wait while /auth and
+    /acl are out. Admitted; lamps/7 (allowed by the app) reaches the broker and comes back to
+    its subscription; lamps/8 (refused by the app) and other/x (refused by the local rules)
+    never reach the broker; the app's refused subscription gets a failure."""
+    client_id = "alice-js-" + uuid.uuid4().hex[:6]
+    marker = "on-" + uuid.uuid4().hex[:6]
+    events = mqttjs({"url": f"ws://127.0.0.1:{backend_proxy.port}/mqtt", "username": SESSION,
+                     "clientId": client_id, "subscribe": ["lamps/7/#", "lamps/8/#"],
+                     # QoS 1: each waits for its PUBACK (plain when refused), so the refused
+                     # ones were decided before the marker was sent.
+                     "publish": [{"topic": "lamps/8/set", "message": "refused-by-webapp",
+                                  "qos": 1},
+                                 {"topic": "other/x", "message": "refused-locally", "qos": 1},
+                                 {"topic": "lamps/7/set", "message": marker, "qos": 1}],
+                     "stay_ms": 1000})
+    assert {"event": "connect", "code": 0} in events, events
+    assert [e["granted"] for e in events if e["event"] == "suback"] == [[1]], events
+    assert [e["topic"] for e in events if e["event"] == "suback-refused"] == ["lamps/8/#"]
+    assert [e["topic"] for e in events if e["event"] == "published"] == [
+        "lamps/8/set", "other/x", "lamps/7/set"], events
+    assert {"event": "message", "topic": "lamps/7/set", "payload": marker} in events, events
+    spy.wait_for(f"lamps/7/set {marker}")
+    reached = "\n".join(spy.lines)
+    assert "refused-by-webapp" not in reached and "refused-locally" not in reached, reached
+    assert not any(e.get("payload", "").startswith("refused") for e in events)
+    # What the web app was asked: the session (blank password), then each topic but other/x.
+    assert ("/auth", {"username": SESSION, "password": "", "clientid": client_id}) \
+        in webapp.requests()
+    acl = {(q["topic"], q["acc"]) for _, q in webapp.requests("/acl")
+           if q["clientid"] == client_id}
+    assert acl == {("lamps/7/#", "4"), ("lamps/8/#", "4"), ("lamps/8/set", "2"),
+                   ("lamps/7/set", "2")}, acl
+
+
+def test_a_browser_with_a_bad_session_token_gets_a_refusing_connack_frame_and_a_close(
+        backend_proxy, webapp, broker):
+    events = mqttjs({"url": f"ws://127.0.0.1:{backend_proxy.port}/mqtt",
+                     "username": "tok-stolen", "clientId": "mallory-js"})
+    errors = [e for e in events if e["event"] == "error"]
+    assert errors and errors[0]["code"] == 4, events
+    assert not any(e["event"] == "connect" for e in events)
+    assert {"event": "close"} in events, events
+    client = PahoWs(backend_proxy.port, "tok-stolen", client_id="mallory-paho")
+    try:
+        assert str(client.connack) == "Bad user name or password", client.connack
+    finally:
+        client.stop()
+    assert [q["clientid"] for _, q in webapp.requests("/auth")
+            if q["username"] == "tok-stolen"] == ["mallory-js", "mallory-paho"]
+    assert "tok-stolen" not in broker.log_text()

@@ -3,9 +3,13 @@ HTTP backend protocol of mosquitto-go-auth and mosquitto-auth-plug. POST /auth (
 password, clientid), /superuser (username), /acl (username, clientid, topic, acc); JSON or
 form bodies; 200 allows, 403 denies. It records every request it was asked, so a test can
 see what the filter sent and how often (the cache); told a delay, it answers that late (a slow
-web app, while other CONNECTs arrive)."""
+web app, while other CONNECTs arrive); told an `acl_failure` (a status such as 503, or "reset"),
+it answers /acl with that status, or resets the connection without an answer (a web app that
+fails on topic checks only)."""
 
 import json
+import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -24,6 +28,7 @@ class WebappAuth(StandinServer):
         self.grants = {k: list(v) for k, v in grants.items()}
         self.asked = []
         self.delay_s = 0.0
+        self.acl_failure = None
         self._lock = threading.Lock()
 
     def start(self):
@@ -41,8 +46,20 @@ class WebappAuth(StandinServer):
                 with standin._lock:
                     standin.asked.append((self.path, params))
                     delay = standin.delay_s
+                    failure = standin.acl_failure if self.path == "/acl" else None
                 if delay:
                     time.sleep(delay)
+                if failure == "reset":
+                    # RST at once, no answer: SO_LINGER 0 makes the close a reset.
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if failure is not None:
+                    self.send_response(failure)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 allowed = standin.decide(self.path, params)
                 self.send_response(200 if allowed else 403)
                 self.send_header("content-length", "0")

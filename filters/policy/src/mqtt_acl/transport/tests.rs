@@ -471,3 +471,132 @@ fn the_connection_counts_its_denials_across_packets() {
         "unchanged by an allow"
     );
 }
+
+/// WebSockets with the HTTP auth backend (the browser with the web app's session token).
+fn backend_policy() -> MqttAcl {
+    let config = json!({
+        "transport": "websocket",
+        "refusal_cluster": "refusal",
+        "client_ids": ["*"],
+        "http_backend": {"cluster": "webapp", "authority": "webapp.internal",
+                         "user": {"path": "/auth"}, "acl": {"path": "/acl"},
+                         "cache": {"allow_ttl_secs": 60, "deny_ttl_secs": 5}}
+    });
+    MqttAcl::from_json(config.to_string().as_bytes()).unwrap()
+}
+
+fn asked(ask: &super::super::Ask) -> (String, Value) {
+    let super::super::AskRequest::Backend(request) = &ask.request else {
+        panic!("not a backend request: {ask:?}")
+    };
+    (
+        request.path.clone(),
+        serde_json::from_slice(&request.body).unwrap(),
+    )
+}
+
+fn answered(status: Option<u32>) -> BackendAnswer {
+    BackendAnswer {
+        status,
+        body: Vec::new(),
+    }
+}
+
+#[test]
+fn frames_wait_for_the_backend_and_go_on_in_order_after_its_answers() {
+    let policy = backend_policy();
+    let env = env(&policy);
+    let mut connection = open(&policy);
+    let connect = connect("3f2a9c-session", b"");
+    let out = connection.on_client_bytes(&to_broker(&connect), &env);
+    assert!(
+        out.forward.is_empty() && out.decisions.is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(out.asks.len(), 1);
+    assert_eq!(asked(&out.asks[0]).0, "/auth");
+    let auth = out.asks[0].id;
+    // The client does not wait for the CONNACK: its PUBLISHes arrive while /auth is out and are
+    // held, not read.
+    let allowed = publish("lamps/7/set", QoS::AtMostOnce, None);
+    let forbidden = publish("lamps/8/set", QoS::AtMostOnce, None);
+    let out = connection.on_client_bytes(&to_broker(&[allowed.clone(), forbidden].concat()), &env);
+    assert!(out.forward.is_empty() && out.asks.is_empty(), "{out:?}");
+    assert!(connection.waiting_for_backend());
+
+    // /auth allows: the CONNECT goes on in a frame masked with the client's key, and the held
+    // frame is read next: its first PUBLISH waits for /acl.
+    let out = connection.on_backend_answer(auth, &answered(Some(200)), &env);
+    assert_eq!(&out.forward[2..6], &MASK);
+    let (mqtt, _) = read(Sender::Client, &out.forward);
+    let Ok(Packet::Connect(sent)) = crate::mqtt::decode_packet(&mqtt, V3) else {
+        panic!("not a CONNECT: {mqtt:?}")
+    };
+    // As for raw MQTT: the session as user name, no password.
+    assert_eq!(
+        (sent.username.as_deref(), sent.password),
+        (Some("3f2a9c-session"), None)
+    );
+    assert_eq!(out.asks.len(), 1);
+    let (path, body) = asked(&out.asks[0]);
+    assert_eq!(
+        (path.as_str(), &body["topic"]),
+        ("/acl", &json!("lamps/7/set"))
+    );
+    let acl7 = out.asks[0].id;
+    let connack = encode_connack(V3, v3_connack::ACCEPTED);
+    assert_eq!(
+        connection
+            .on_broker_bytes(&to_client(&connack), &env)
+            .forward,
+        to_client(&connack)
+    );
+
+    let out = connection.on_backend_answer(acl7, &answered(Some(200)), &env);
+    let (mqtt, _) = read(Sender::Client, &out.forward);
+    assert_eq!(mqtt, allowed);
+    assert_eq!(asked(&out.asks[0]).1["topic"], "lamps/8/set");
+    let out = connection.on_backend_answer(out.asks[0].id, &answered(Some(403)), &env);
+    assert!(
+        out.forward.is_empty(),
+        "the denied PUBLISH is dropped: {out:?}"
+    );
+    assert!(!out.decisions[0].is_allowed());
+    assert_eq!(out.close, None);
+    assert!(!connection.waiting_for_backend());
+}
+
+#[test]
+fn a_failed_or_shed_backend_call_refuses_the_connect_in_a_frame_then_a_close_frame() {
+    let policy = backend_policy();
+    let env = env(&policy);
+    for shed in [false, true] {
+        let mut connection = open(&policy);
+        let out = connection.on_client_bytes(&to_broker(&connect("3f2a9c-session", b"")), &env);
+        let id = out.asks[0].id;
+        let out = if shed {
+            connection.on_ask_shed(id, "over http_backend.max_in_flight", &env)
+        } else {
+            connection.on_backend_answer(id, &answered(None), &env)
+        };
+        assert!(!out.decisions[0].is_allowed(), "shed {shed}");
+        // The WebSocket to the broker is open: the harmless CONNECT goes there, in a frame.
+        let (mqtt, _) = read(Sender::Client, &out.forward);
+        assert!(String::from_utf8_lossy(&mqtt).contains("mqtt-acl-refused-7"));
+        assert!(!String::from_utf8_lossy(&mqtt).contains("3f2a9c-session"));
+
+        let accepted = encode_connack(V3, v3_connack::ACCEPTED);
+        let out = connection.on_broker_bytes(&to_client(&accepted), &env);
+        assert!(out.close_after_write);
+        let (mqtt, controls) = read(Sender::Server, &out.forward);
+        // 3.1.1 has no "server busy": both are "server unavailable".
+        assert_eq!(
+            mqtt,
+            encode_connack(V3, v3_connack::SERVER_UNAVAILABLE),
+            "shed {shed}"
+        );
+        assert_eq!(controls.len(), 1);
+        assert_eq!(controls[0].close_code(), Some(close_code::POLICY_VIOLATION));
+        assert_eq!(connection.closing(), Some(&CloseReason::Refused));
+    }
+}
