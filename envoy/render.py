@@ -10,12 +10,14 @@
         [--ecds DIR]
         [--device-ownership-config FILE [--device-ownership-wasm W]] [--owners HOST:PORT]
         [--entity-acl-config FILE [--entity-acl-wasm W]]
+        [--http-cluster NAME=HOST:PORT ...]
         [--failure-policy reload|fail-closed] [--no-validate] [--separate]
 
     python3 envoy/render.py --mqtt --filter-config mqtt-acl.json [--out mqtt-sidecar.yaml]
         [--listen 127.0.0.1:1883] [--admin 127.0.0.1:9902] [--broker 127.0.0.1:11883]
         [--wasm target/wasm32-wasip1/release/mqtt_acl.wasm] [--node-id iot-mqtt-sidecar]
         [--tls-cert ... --tls-key ... [--client-ca ...]] [--ecds DIR]
+        [--http-cluster NAME=HOST:PORT ...] [--websocket]
         [--failure-policy reload|fail-closed] [--no-validate]
 
 --filter-config is the token-auth configuration (JSON, see filters/policy/src/token_auth.rs);
@@ -31,7 +33,10 @@ a certificate signed by that CA (mTLS; token-auth's "mtls" section then names th
 --device-ownership-config and --entity-acl-config add those policies after token-auth, in the
 order token-auth -> device-ownership -> entity-acl, each with its JSON configuration (see
 filters/device-ownership/README.md and README.md, "entity-acl"); --owners adds the cluster
-"owners" for device-ownership's registry source.
+"owners" for device-ownership's registry source. --http-cluster NAME=HOST:PORT (repeatable, both
+sidecars) adds a plain HTTP cluster NAME the filters' configuration names: a device registry,
+mqtt-acl's http_backend web app, an introspection endpoint (over TLS: render()/render_mqtt()'s
+http_clusters from Python).
 
 By default the chain runs as ngsi-gateway (ngsi_gateway.wasm, or --wasm): one filter, one
 module, one pass, its configuration {"token_auth": ..., "device_ownership": ..., "entity_acl":
@@ -631,6 +636,24 @@ def upstream_tls_socket(tls, what):
     return lines
 
 
+_CLUSTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+# Clusters the templates define themselves (an --http-cluster may not take their names).
+_TEMPLATE_CLUSTERS = ("broker", "idp", "owners", "mosquitto", "mqtt_acl_refusal")
+
+
+def parse_http_cluster(value):
+    """--http-cluster NAME=HOST:PORT -> (NAME, "HOST:PORT"), checked; ValueError says what is
+    wrong."""
+    name, sep, address = value.partition("=")
+    if not sep or not _CLUSTER_NAME.fullmatch(name):
+        raise ValueError(f"--http-cluster {value!r}: expected NAME=HOST:PORT, NAME of letters, "
+                         "digits, '_', '.' or '-'")
+    if name in _TEMPLATE_CLUSTERS:
+        raise ValueError(f"--http-cluster {value!r}: {name} is a cluster of the template itself")
+    split_host_port(address, f"--http-cluster {name}")
+    return name, address
+
+
 def plain_cluster(name, address, comment, tls=None):
     """A plain HTTP/1.1 cluster `name` at host:port, YAML lines at the clusters list's
     indentation (e.g. the web app an mqtt-acl http_backend asks); with `tls`
@@ -826,6 +849,10 @@ def main(argv=None):
                         help="verify the registry's certificate against this CA")
     parser.add_argument("--owners-tls-server-name", metavar="NAME",
                         help="SNI, and the name (DNS or IP) the registry's certificate must carry")
+    parser.add_argument("--http-cluster", metavar="NAME=HOST:PORT", action="append", default=[],
+                        help="an HTTP service the filters ask, as a plain cluster NAME (a device"
+                             " registry, an http_backend's web app, an introspection endpoint);"
+                             " repeatable; HTTP and --mqtt sidecars")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip the offline check (host-harness validate) of each filter's"
                              " configuration against its .wasm")
@@ -859,6 +886,7 @@ def main(argv=None):
                 raise ValueError(f"--{option.replace('_', '-')}: {value} does not exist")
         if args.ecds and not os.path.isdir(args.ecds):
             raise ValueError(f"--ecds: {args.ecds} is not a directory")
+        http_clusters = [parse_http_cluster(value) for value in args.http_cluster]
         owners_tls = {option: getattr(args, f"owners_tls_{option}")
                       for option in ("cert", "key", "ca", "server_name")
                       if getattr(args, f"owners_tls_{option}")}
@@ -907,6 +935,7 @@ def main(argv=None):
             owners_tls=owners_tls,
             failure_policy=args.failure_policy,
             separate=args.separate,
+            http_clusters=http_clusters,
         )
         if args.ecds:
             write_ecds_resources(args.ecds, config, args.wasm, extra_filters,
@@ -1064,7 +1093,8 @@ def _main_mqtt(parser, args):
         text = render_mqtt(config, listen=args.listen, admin=args.admin, broker=args.broker,
                            wasm=args.wasm, node_id=args.node_id, tls_cert=args.tls_cert,
                            tls_key=args.tls_key, client_ca=args.client_ca,
-                           failure_policy=args.failure_policy, ecds_dir=args.ecds)
+                           failure_policy=args.failure_policy, ecds_dir=args.ecds,
+                           http_clusters=[parse_http_cluster(v) for v in args.http_cluster])
         written = (write_mqtt_ecds_resource(args.ecds, config, args.wasm, args.failure_policy)
                    if args.ecds else None)
     except (OSError, ValueError) as e:

@@ -355,3 +355,36 @@ def test_render_py_mqtt_refuses_http_only_options(tmp_path):
         assert done.returncode == 2, (extra, done.stderr)
         assert f"--mqtt: {extra[0]} only apply to the HTTP sidecar" in done.stderr
         assert done.stdout == ""
+
+
+def test_render_py_http_cluster_adds_the_http_services_the_filters_ask(tmp_path):
+    """--http-cluster NAME=HOST:PORT (repeatable): the plain HTTP clusters an mqtt-acl
+    http_backend, a device registry or an introspection endpoint needs, on the command line as
+    render_mqtt(http_clusters=...) renders them (test_mqtt_http_backend.py runs that sidecar),
+    and Envoy accepts the result; a template's own cluster name or a malformed value is refused."""
+    config = dict(POLICY_A, http_backend={"cluster": "webapp", "authority": "webapp.internal",
+                                          "user": {"path": "/auth"}, "acl": {"path": "/acl"}})
+    config_path = tmp_path / "mqtt-acl.json"
+    config_path.write_text(json.dumps(config))
+    clusters = [("webapp", "127.0.0.1:8081"), ("registry", "registry.internal:8443")]
+    done = subprocess.run(
+        [sys.executable, RENDER, "--mqtt", "--filter-config", str(config_path), "--no-validate",
+         *[arg for name, address in clusters for arg in ("--http-cluster", f"{name}={address}")]],
+        capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == e2e.render.render_mqtt(config, http_clusters=clusters)
+    assert "  - name: webapp\n" in done.stdout and "  - name: registry\n" in done.stdout
+    rendered = tmp_path / "mqtt-sidecar.yaml"
+    rendered.write_text(done.stdout)
+    valid = subprocess.run([e2e.ENVOY, "--mode", "validate", "-c", str(rendered)],
+                           capture_output=True, text=True, timeout=60)
+    assert valid.returncode == 0, valid.stdout + valid.stderr
+    for value, message in (("mosquitto=127.0.0.1:1", "mosquitto is a cluster of the template"),
+                           ("webapp", "expected NAME=HOST:PORT"),
+                           ("web app=127.0.0.1:1", "expected NAME=HOST:PORT"),
+                           ("webapp=nowhere", "--http-cluster webapp")):
+        done = subprocess.run([sys.executable, RENDER, "--mqtt", "--filter-config",
+                               str(config_path), "--no-validate", "--http-cluster", value],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and message in done.stderr, (value, done.stderr)
+        assert done.stdout == ""
