@@ -758,9 +758,7 @@ fn advance(stages: &mut [Box<dyn Stage>], flow: &mut Flow, mut step: Step) -> Ac
                 return Action::Pause;
             }
             Step::Deny { reason, headers } => {
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                proxy_glue::send_deny(&reason, &headers);
+                send_step_deny(&reason, &headers);
                 flow.phase = Phase::Stopped;
                 return Action::Pause;
             }
@@ -814,14 +812,18 @@ fn advance_response(
                 return Action::Pause;
             }
             Step::Deny { reason, headers } => {
-                let headers: Vec<(&str, &str)> =
-                    headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                proxy_glue::send_deny(&reason, &headers);
+                send_step_deny(&reason, &headers);
                 resp.phase = Phase::Stopped;
                 return Action::Pause;
             }
         };
     }
+}
+
+/// A stage's denial as the local reply (its extra headers, e.g. `www-authenticate`).
+fn send_step_deny(reason: &DenyReason, headers: &[(&'static str, String)]) {
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    proxy_glue::send_deny(reason, &headers);
 }
 
 /// Reads the whole buffered body once (copying it per chunk would be quadratic).
